@@ -1,0 +1,9 @@
+"""gaugenet: the gauge symmetries of neural networks, as something to compute with."""
+
+from ._errors import GaugeError as GaugeError
+from ._errors import NotLiftableError as NotLiftableError
+from ._errors import UnsupportedModelError as UnsupportedModelError
+from ._invariance import assert_invariant as assert_invariant
+from ._invariance import invariance_error as invariance_error
+
+__version__ = "0.1.0"

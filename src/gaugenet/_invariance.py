@@ -1,0 +1,106 @@
+"""Public verification helpers: how far two models are from computing the same function."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._errors import GaugeError
+
+__all__ = ["DEFAULT_TOLERANCES", "assert_invariant", "invariance_error", "relative_error"]
+
+#: Relative tolerances used by `assert_invariant` when none is given.
+DEFAULT_TOLERANCES: dict[torch.dtype, float] = {
+    torch.float64: 1e-10,
+    torch.float32: 1e-5,
+    torch.float16: 1e-2,
+    torch.bfloat16: 5e-2,
+}
+
+
+def _flat_outputs(out: Any) -> list[Tensor]:
+    if isinstance(out, Tensor):
+        return [out]
+    if isinstance(out, dict) or hasattr(out, "items"):
+        return [t for _, v in out.items() for t in _flat_outputs(v)]
+    if isinstance(out, (list, tuple)):
+        return [t for v in out for t in _flat_outputs(v)]
+    return []
+
+
+def relative_error(a: Tensor, b: Tensor) -> float:
+    """`max|a - b| / max(max|b|, tiny)`, computed in float64."""
+    if a.shape != b.shape:
+        raise GaugeError(f"output shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
+    a64, b64 = a.detach().double(), b.detach().double()
+    scale = b64.abs().max().clamp_min(1e-300) if b64.numel() else torch.tensor(1.0)
+    return float((a64 - b64).abs().max() / scale) if a64.numel() else 0.0
+
+
+def _as_tuple(inputs: Any) -> tuple[Any, ...]:
+    return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+
+
+def _cast(x: Any, dtype: torch.dtype | None) -> Any:
+    if dtype is not None and isinstance(x, Tensor) and x.is_floating_point():
+        return x.to(dtype)
+    if isinstance(x, dict):
+        return {k: _cast(v, dtype) for k, v in x.items()}
+    return x
+
+
+def _run(model: nn.Module, inputs: Sequence[Any], dtype: torch.dtype | None) -> list[Tensor]:
+    if dtype is not None:
+        model = copy.deepcopy(model).to(dtype)
+    args = [_cast(x, dtype) for x in inputs]
+    with torch.no_grad():
+        if len(args) == 1 and isinstance(args[0], dict):
+            out = model(**args[0])
+        else:
+            out = model(*args)
+    return _flat_outputs(out)
+
+
+def invariance_error(
+    model_a: nn.Module, model_b: nn.Module, inputs: Any, *, dtype: torch.dtype | None = torch.float64
+) -> float:
+    """The largest relative output difference between two models on `inputs`.
+
+    **Arguments:**
+
+    - `model_a`, `model_b`: the two models; neither is modified (float64 copies are run).
+    - `inputs`: one input tensor, a tuple of positional inputs, or a dict of keyword inputs.
+    - `dtype`: the precision to compare in (`None`: the models' own).
+
+    **Returns:** `max over outputs of max|out_a - out_b| / max|out_b|`.
+    """
+    args = _as_tuple(inputs)
+    outs_a, outs_b = _run(model_a, args, dtype), _run(model_b, args, dtype)
+    if len(outs_a) != len(outs_b):
+        raise GaugeError(f"models return {len(outs_a)} and {len(outs_b)} tensors")
+    if not outs_a:
+        raise GaugeError("the models returned no tensor outputs to compare")
+    return max(relative_error(a, b) for a, b in zip(outs_a, outs_b))
+
+
+def assert_invariant(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    inputs: Any,
+    *,
+    dtype: torch.dtype = torch.float64,
+    tol: float | None = None,
+) -> float:
+    """Raise `AssertionError` unless `invariance_error(...) <= tol`.
+
+    The default `tol` depends on `dtype` (see `DEFAULT_TOLERANCES`). Returns the error.
+    """
+    tol = DEFAULT_TOLERANCES[dtype] if tol is None else tol
+    err = invariance_error(model_a, model_b, inputs, dtype=dtype)
+    if not err <= tol:
+        raise AssertionError(f"relative output difference {err:.3e} exceeds {tol:.1e} ({dtype})")
+    return err

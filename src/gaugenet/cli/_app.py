@@ -1,0 +1,22 @@
+"""The typer application; each command lives in its own module and registers here."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    name="gaugenet",
+    help="Gauge symmetries of neural networks: find, verify, fix and use them.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+def _register() -> None:
+    # Imported for their side effect of adding commands to `app`.
+    from . import _reproduce  # noqa: F401
+
+
+def main() -> None:
+    _register()
+    app()

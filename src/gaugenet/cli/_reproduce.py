@@ -1,0 +1,58 @@
+"""`gaugenet reproduce`: measure every registered claim of the paper."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ..reproduce import all_claims, run_claims, write_report
+from ._app import app
+
+
+@app.command()
+def reproduce(
+    out: Path = typer.Option(Path("report"), "--out", help="Folder for report.md and figures."),
+    only: str = typer.Option(None, "--only", help="Glob over claim ids, e.g. 'ode.*'."),
+    seed: int = typer.Option(0, "--seed", help="Seed of every claim's random numbers."),
+    list_: bool = typer.Option(False, "--list", help="List the claims and exit."),
+) -> None:
+    """Measure the paper's claims, print a table, write OUT/report.md; exit 1 if any fails."""
+    console = Console()
+    if list_:
+        for c in all_claims():
+            console.print(f"[bold]{c.id}[/bold]  ({c.reference})  {c.statement}")
+        return
+    n = len([c for c in all_claims() if only is None or __import__("fnmatch").fnmatch(c.id, only)])
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as progress:
+        task = progress.add_task("measuring claims", total=n)
+
+        def done(o) -> None:
+            progress.update(task, advance=1, description=f"{o.claim.id}")
+
+        outcomes = run_claims(out, only=only, seed=seed, on_done=done)
+    table = Table(title="gaugenet reproduce")
+    for col in ("id", "paper", "measured", "value", "criterion", "result"):
+        table.add_column(col)
+    for o in outcomes:
+        value = "error" if o.measurement is None else f"{o.measurement.value:.3e}"
+        result = "[green]PASS[/green]" if o.passed else "[red]FAIL[/red]"
+        table.add_row(
+            o.claim.id, o.claim.reference, o.claim.measured, value, o.claim.criterion(), result
+        )
+    console.print(table)
+    path = write_report(outcomes, out)
+    n_fail = sum(not o.passed for o in outcomes)
+    console.print(f"{len(outcomes) - n_fail}/{len(outcomes)} claims pass; report: {path}")
+    if n_fail or not outcomes:
+        raise typer.Exit(code=1)

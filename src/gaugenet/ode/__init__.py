@@ -1,0 +1,1 @@
+"""Neural ODEs, their diffeomorphism gauge symmetries, Wilson lines and linear neural ODEs."""

@@ -1,0 +1,110 @@
+"""The registry of the paper's claims that `gaugenet reproduce` measures.
+
+A claim is a function that measures one number and returns it as a `Measurement`;
+the `claim` decorator registers it with its paper reference and its acceptance test.
+Claim modules live in `gaugenet.reproduce.claims` and are imported on demand.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+__all__ = ["Claim", "Context", "Measurement", "all_claims", "claim"]
+
+Compare = Literal["max", "min", "near"]
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a claim may use: `out_dir` for figures, `seed` for its random numbers."""
+
+    out_dir: Path
+    seed: int = 0
+
+
+@dataclass
+class Measurement:
+    """The measured figure of a claim.
+
+    - `value`: the number compared with the claim's tolerance.
+    - `detail`: one line saying what else was seen (counts, other figures).
+    - `figures`: image files written under `Context.out_dir`.
+    """
+
+    value: float
+    detail: str = ""
+    figures: list[Path] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One registered claim.
+
+    `compare` says how `value` is judged against `tolerance`:
+    `"max"`: `value <= tolerance`; `"min"`: `value >= tolerance`;
+    `"near"`: `|value - target| <= tolerance`.
+    """
+
+    id: str
+    reference: str
+    statement: str
+    measured: str
+    tolerance: float
+    compare: Compare
+    target: float
+    fn: Callable[[Context], Measurement]
+
+    def passed(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.compare == "max":
+            return value <= self.tolerance
+        if self.compare == "min":
+            return value >= self.tolerance
+        return abs(value - self.target) <= self.tolerance
+
+    def criterion(self) -> str:
+        if self.compare == "max":
+            return f"<= {self.tolerance:.1e}"
+        if self.compare == "min":
+            return f">= {self.tolerance:g}"
+        return f"{self.target:g} ± {self.tolerance:g}"
+
+
+_REGISTRY: dict[str, Claim] = {}
+
+
+def claim(
+    id: str,
+    *,
+    reference: str,
+    statement: str,
+    measured: str,
+    tolerance: float,
+    compare: Compare = "max",
+    target: float = 0.0,
+) -> Callable[[Callable[[Context], Measurement]], Callable[[Context], Measurement]]:
+    """Register a claim measured by the decorated function `fn(ctx) -> Measurement`."""
+
+    def register(fn: Callable[[Context], Measurement]) -> Callable[[Context], Measurement]:
+        if id in _REGISTRY and _REGISTRY[id].fn.__qualname__ != fn.__qualname__:
+            raise ValueError(f"claim id {id!r} registered twice")
+        _REGISTRY[id] = Claim(id, reference, statement, measured, tolerance, compare, target, fn)
+        return fn
+
+    return register
+
+
+def all_claims() -> list[Claim]:
+    """Import every claim module and return the claims in registration order."""
+    from . import claims as package
+
+    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
+        importlib.import_module(f"{package.__name__}.{info.name}")
+    return list(_REGISTRY.values())
