@@ -12,6 +12,11 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def _root() -> None:
+    """Gauge symmetries of neural networks: find, verify, fix and use them."""
+
+
 def _register() -> None:
     # Imported for their side effect of adding commands to `app`.
     from . import _reproduce  # noqa: F401
