@@ -7,3 +7,5 @@ from ._invariance import assert_invariant as assert_invariant
 from ._invariance import invariance_error as invariance_error
 
 __version__ = "0.1.0"
+from .discovery import symmetries as symmetries
+from .groups import GaugeGroup as GaugeGroup

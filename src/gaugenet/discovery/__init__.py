@@ -1,0 +1,6 @@
+"""Discovering the gauge symmetries of a model from its computation graph."""
+
+from ._symmetries import register_analyzer as register_analyzer
+from ._symmetries import register_model_analyzer as register_model_analyzer
+from ._symmetries import symmetries as symmetries
+from ._trace import register_atomic as register_atomic

@@ -1,0 +1,165 @@
+"""Turning propagated labels into gauge factors."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import Tensor, nn
+
+from ..groups import BatchNormShift, Breaker, PermTerm, PermutationFactor, RescalingFactor, Scale
+from ._labels import FIXED, ZERO, Labels
+
+__all__ = ["build_factors"]
+
+
+def _module_of(param: str) -> str:
+    return param.rpartition(".")[0]
+
+
+def _fix_shared(L: Labels) -> None:
+    """A parameter used by several operations (tied weights) must transform the same way for
+    each use; the analysis does not solve for that and drops every symmetry touching it."""
+    for uses in L.param_users.values():
+        nodes = sorted({node for _, node in uses})
+        if len(nodes) < 2:
+            continue
+        names = {name for name, _ in uses}
+        reason = f"weight shared by {', '.join(nodes)} (tied weights)"
+        for rec in L.scale_terms:
+            if rec[0] in names:
+                L.fix_scales(rec[1], nodes[0], reason)
+            elif rec[0] == "bnshift" and f"{rec[1]}.weight" in names:
+                L.fix_scales(rec[3], nodes[0], reason)
+        for q, _, ids in L.perm_terms:
+            if q in names:
+                L.fix_perms(ids, nodes[0], reason)
+
+
+def _scale_factors(L: Labels, model: nn.Module) -> tuple[list[RescalingFactor], dict[int, tuple[str, int]]]:
+    n_ids = len(L.parent)
+    roots = [L.find(i) for i in range(n_ids)]
+    # components: blocks linked by a shared free scale class
+    comp = list(range(len(L.blocks)))
+
+    def cfind(b: int) -> int:
+        while comp[b] != b:
+            comp[b] = comp[comp[b]]
+            b = comp[b]
+        return b
+
+    first_block: dict[int, int] = {}
+    for i in range(1, n_ids):
+        r = roots[i]
+        if r == FIXED:
+            continue
+        b = L.block_of[i]
+        if r in first_block:
+            comp[cfind(b)] = cfind(first_block[r])
+        else:
+            first_block[r] = b
+    classes: dict[int, list[int]] = defaultdict(list)  # component -> roots
+    for r in sorted(first_block):
+        classes[cfind(first_block[r])].append(r)
+    factors, where = [], {}
+    for c, class_roots in classes.items():
+        n = len(class_roots)
+        lut = torch.full((n_ids + 1,), n, dtype=torch.long)  # index n_ids is ZERO (-1)
+        for k, r in enumerate(class_roots):
+            where[r] = (len(factors), k)
+        root_t = torch.tensor(roots + [FIXED])
+        local = torch.full((n_ids + 1,), n, dtype=torch.long)
+        for k, r in enumerate(class_roots):
+            local[root_t == r] = k
+        lut = local
+        terms = []
+        for rec in L.scale_terms:
+            if rec[0] == "bnshift":
+                _, bn, eps, ids = rec
+                idx = lut[ids]
+                if (idx < n).any():
+                    terms.append(BatchNormShift(f"{bn}.weight", f"{bn}.bias", f"{bn}.running_mean",
+                                                f"{bn}.running_var", eps, idx))
+                continue
+            param, ids, power = rec
+            idx = lut[ids]
+            if (idx < n).any():
+                terms.append(Scale(param, idx, power))
+        blocks = sorted({L.block_of[i] for r in class_roots for i in range(1, n_ids) if roots[i] == r})
+        name = "scale:" + "+".join(dict.fromkeys(L.blocks[b][2] for b in blocks))
+        modules = tuple(dict.fromkeys(
+            _module_of(t.param if isinstance(t, Scale) else t.weight) for t in terms))
+        labels = tuple(f"{name}[{k}]" for k in range(n))
+        factors.append(RescalingFactor(name, n, terms=tuple(terms), modules=modules, labels=labels))
+    return factors, where
+
+
+def _perm_factors(
+    L: Labels, scale_factors: list[RescalingFactor], where: dict[int, tuple[str, int]]
+) -> list[PermutationFactor]:
+    spaces = sorted({L.bfind(b) for b in range(len(L.blocks))})
+    out = []
+    for R in spaces:
+        if L.block_fixed[R]:
+            continue
+        n = L.blocks[R][1]
+        name = "perm:" + "+".join(
+            dict.fromkeys(L.blocks[b][2] for b in range(len(L.blocks)) if L.bfind(b) == R))
+        terms, ok = [], True
+        for param, axis, ids in L.perm_terms:
+            chan = torch.full(ids.shape, -1, dtype=torch.long)
+            for j, v in enumerate(ids.tolist()):
+                if v > 0:
+                    r, c = L.space(v)
+                    if r == R:
+                        chan[j] = c
+            if (chan < 0).all():
+                continue
+            counts = torch.bincount(chan[chan >= 0], minlength=n)
+            if not (counts == counts[0]).all():
+                ok = False
+                break
+            order = torch.argsort(chan * len(chan) + torch.arange(len(chan)))
+            entries = order[(chan[order] >= 0)].reshape(n, -1)
+            terms.append(PermTerm(param, axis, entries))
+        if not ok:
+            continue
+        # conjugation with rescaling factors: item c owns scale entry m[c]
+        maps: dict[int, dict[int, int]] = defaultdict(dict)
+        fixed_items = set()
+        for sids, pids in L.links:
+            for v, q in zip(sids.reshape(-1).tolist(), pids.reshape(-1).tolist()):
+                if q <= 0:
+                    continue
+                r, c = L.space(q)
+                if r != R:
+                    continue
+                root = L.find(v)
+                if root == FIXED:
+                    fixed_items.add(c)
+                    continue
+                f, k = where[root]
+                if maps[f].get(c, k) != k:
+                    ok = False
+                maps[f][c] = k
+        conjugates = []
+        for f, mp in maps.items():
+            if len(mp) != n or len(set(mp.values())) != n or fixed_items:
+                ok = False
+                break
+            conjugates.append((scale_factors[f].name, torch.tensor([mp[c] for c in range(n)])))
+        if not ok or not terms:
+            continue
+        modules = tuple(dict.fromkeys(_module_of(t.param) for t in terms))
+        out.append(PermutationFactor(name, n, terms=tuple(terms), conjugates=tuple(conjugates),
+                                     modules=modules))
+    return out
+
+
+def build_factors(L: Labels, model: nn.Module) -> tuple[list, list[Breaker]]:
+    _fix_shared(L)
+    scale, where = _scale_factors(L, model)
+    perms = _perm_factors(L, scale, where)
+    breakers = list(dict.fromkeys(L.breakers))
+    return [*scale, *perms], breakers
+

@@ -1,0 +1,135 @@
+"""Label bookkeeping for symmetry discovery.
+
+Every floating tensor in the traced graph carries two integer label maps of its own shape:
+
+- a *scale* label: the id of the positive scale variable that entry is multiplied by under
+  a rescaling (0: never scaled, -1: the entry is zero, any scale fits);
+- a *perm* label: the id of the channel the entry belongs to under permutations
+  (0: not permutable, -1: zero entry).
+
+Sources (linear, conv, normalization layers) create blocks of fresh ids, one per output
+channel. Scale ids are merged by union-find when an operation needs two scales to agree;
+perm ids live in blocks ("channel spaces") that are merged only channel-for-channel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..groups import Breaker
+
+__all__ = ["FIXED", "ZERO", "Labels"]
+
+FIXED = 0
+ZERO = -1
+
+
+@dataclass
+class Labels:
+    """Union-find over scale ids, blocks of perm ids, recorded terms and breakers."""
+
+    parent: list[int] = field(default_factory=lambda: [0])
+    block_of: list[int] = field(default_factory=lambda: [-1])  # id -> block index
+    blocks: list[tuple[int, int, str]] = field(default_factory=list)  # (base, size, node)
+    block_parent: list[int] = field(default_factory=list)
+    block_fixed: list[bool] = field(default_factory=list)
+    breakers: list[Breaker] = field(default_factory=list)
+    scale_terms: list[tuple] = field(default_factory=list)
+    perm_terms: list[tuple] = field(default_factory=list)
+    links: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # (scale ids, perm ids)
+    param_users: dict[int, list[tuple[str, str]]] = field(default_factory=dict)
+
+    # -- ids ----------------------------------------------------------------------------
+    def fresh(self, n: int, node: str) -> Tensor:
+        base = len(self.parent)
+        self.parent.extend(range(base, base + n))
+        b = len(self.blocks)
+        self.blocks.append((base, n, node))
+        self.block_parent.append(b)
+        self.block_fixed.append(False)
+        self.block_of.extend([b] * n)
+        return torch.arange(base, base + n)
+
+    def find(self, i: int) -> int:
+        root = i
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[i] != root:
+            self.parent[i], i = root, self.parent[i]
+        return root
+
+    def union(self, a: int, b: int) -> None:
+        if a == ZERO or b == ZERO:
+            return
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return
+        if rb == FIXED:
+            ra, rb = rb, ra
+        self.parent[rb] = ra  # FIXED stays a root
+
+    def union_all(self, ids: Tensor) -> int:
+        """Merge all scale ids in `ids` (ignoring ZERO); return one representative or ZERO."""
+        vals = [int(v) for v in torch.unique(ids) if int(v) != ZERO]
+        for v in vals[1:]:
+            self.union(vals[0], v)
+        return vals[0] if vals else ZERO
+
+    def fix_scales(self, ids: Tensor, node: str, reason: str, *, quiet: bool = False) -> None:
+        vals = [int(v) for v in torch.unique(ids) if int(v) > 0]
+        free = [v for v in vals if self.find(v) != FIXED]
+        for v in vals:
+            self.union(FIXED, v)
+        if free and not quiet:
+            self.breakers.append(Breaker(node, reason))
+
+    # -- perm blocks --------------------------------------------------------------------
+    def bfind(self, b: int) -> int:
+        while self.block_parent[b] != b:
+            self.block_parent[b] = self.block_parent[self.block_parent[b]]
+            b = self.block_parent[b]
+        return b
+
+    def space(self, pid: int) -> tuple[int, int]:
+        """`(root block, channel index)` of a perm id > 0."""
+        b = self.block_of[pid]
+        return self.bfind(b), pid - self.blocks[b][0]
+
+    def fix_perms(self, ids: Tensor, node: str, reason: str, *, quiet: bool = False) -> None:
+        roots = {self.bfind(self.block_of[int(v)]) for v in torch.unique(ids) if int(v) > 0}
+        newly = [r for r in roots if not self.block_fixed[r]]
+        for r in roots:
+            self.block_fixed[r] = True
+        if newly and not quiet:
+            self.breakers.append(Breaker(node, f"permutations: {reason}"))
+
+    def align(self, a: Tensor, b: Tensor, node: str) -> None:
+        """Two perm label maps meet elementwise (an addition): their channel spaces must agree
+        channel for channel, else both lose their permutation symmetry."""
+        mask = (a > 0) & (b > 0)
+        pairs = torch.unique(torch.stack([a[mask], b[mask]], -1), dim=0) if mask.any() else []
+        ok, merges = True, set()
+        for pa, pb in (tuple(int(v) for v in row) for row in pairs):
+            (ra, ia), (rb, ib) = self.space(pa), self.space(pb)
+            if ia != ib or self.blocks[ra][1] != self.blocks[rb][1]:
+                ok = False
+                break
+            merges.add((ra, rb))
+        mixed = ((a > 0) & (b == FIXED)) | ((a == FIXED) & (b > 0))
+        if not ok or mixed.any():
+            self.fix_perms(torch.cat([a.reshape(-1), b.reshape(-1)]), node,
+                           "channels of the two operands do not correspond")
+            return
+        for ra, rb in merges:
+            ra, rb = self.bfind(ra), self.bfind(rb)
+            if ra != rb:
+                self.block_parent[rb] = ra
+                self.block_fixed[ra] = self.block_fixed[ra] or self.block_fixed[rb]
+
+    def per_channel(self, ids: Tensor, axis: int) -> list[Tensor]:
+        """Distinct non-ZERO ids for each index along `axis`."""
+        moved = ids.movedim(axis, 0).reshape(ids.shape[axis], -1)
+        return [torch.unique(row[row != ZERO]) for row in moved]

@@ -1,0 +1,87 @@
+"""How each operation treats scales and channels: the classification tables of discovery."""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "HOMOGENEOUS_FUNCS", "HOMOGENEOUS_MODULES", "NONHOMOGENEOUS", "POOL_FUNCS", "POOL_MODULES",
+    "VIEW_FUNCS", "VIEW_METHODS", "nonhomogeneous_reason",
+]
+
+#: Elementwise and positively homogeneous of degree 1: `f(α x) = α f(x)` for `α > 0`.
+HOMOGENEOUS_MODULES = (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.Identity, nn.Dropout, nn.Dropout1d,
+                       nn.Dropout2d)
+HOMOGENEOUS_FUNCS = {F.relu, torch.relu, F.leaky_relu, F.dropout, F.prelu, torch.nn.functional.relu_,
+                     F.dropout1d, F.dropout2d}
+
+POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.LPPool1d, nn.LPPool2d,
+                nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d,
+                nn.AdaptiveMaxPool2d)
+POOL_FUNCS = {F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.lp_pool1d, F.lp_pool2d,
+              F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_max_pool1d,
+              F.adaptive_max_pool2d, torch.max_pool1d, torch.max_pool2d, torch.avg_pool1d}
+
+VIEW_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "squeeze", "unsqueeze",
+                "contiguous", "t", "unflatten", "view_as", "reshape_as", "movedim"}
+VIEW_FUNCS = {torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze,
+              torch.unsqueeze, torch.t, torch.movedim, torch.unflatten}
+
+_REASONS = {
+    nn.Tanh: "Tanh is not positively homogeneous",
+    nn.GELU: "GELU is not positively homogeneous",
+    nn.Sigmoid: "Sigmoid is not positively homogeneous",
+    nn.ReLU6: "ReLU6 clips at 6, so it is not positively homogeneous",
+    nn.Hardtanh: "Hardtanh clips, so it is not positively homogeneous",
+    nn.SiLU: "SiLU is not positively homogeneous",
+    nn.ELU: "ELU is not positively homogeneous",
+    nn.SELU: "SELU is not positively homogeneous",
+    nn.CELU: "CELU is not positively homogeneous",
+    nn.Softplus: "Softplus is not positively homogeneous",
+    nn.Mish: "Mish is not positively homogeneous",
+    nn.Hardswish: "Hardswish is not positively homogeneous",
+    nn.Hardsigmoid: "Hardsigmoid is not positively homogeneous",
+    nn.Softsign: "Softsign is not positively homogeneous",
+    nn.Tanhshrink: "Tanhshrink is not positively homogeneous",
+    nn.Softmax: "softmax is not positively homogeneous",
+    nn.LogSoftmax: "log-softmax is not positively homogeneous",
+    torch.tanh: "tanh is not positively homogeneous",
+    F.tanh: "tanh is not positively homogeneous",
+    torch.sigmoid: "sigmoid is not positively homogeneous",
+    F.sigmoid: "sigmoid is not positively homogeneous",
+    F.gelu: "GELU is not positively homogeneous",
+    F.silu: "SiLU is not positively homogeneous",
+    F.relu6: "ReLU6 clips at 6, so it is not positively homogeneous",
+    F.hardtanh: "Hardtanh clips, so it is not positively homogeneous",
+    F.elu: "ELU is not positively homogeneous",
+    F.softplus: "Softplus is not positively homogeneous",
+    F.softmax: "softmax is not positively homogeneous",
+    torch.softmax: "softmax is not positively homogeneous",
+    F.log_softmax: "log-softmax is not positively homogeneous",
+    torch.exp: "exp is not positively homogeneous",
+    torch.erf: "erf is not positively homogeneous",
+    F.mish: "Mish is not positively homogeneous",
+    F.hardswish: "Hardswish is not positively homogeneous",
+    torch.abs: "abs is homogeneous but not a pass-through for permutations of sign",
+}
+#: Elementwise functions that keep channel structure but break positive rescaling.
+NONHOMOGENEOUS = tuple(k for k in _REASONS if isinstance(k, type))
+NONHOMOGENEOUS_FUNCS = {k for k in _REASONS if not isinstance(k, type)}
+
+ADD_OPS = {operator.add, torch.add, operator.iadd, operator.sub, torch.sub, operator.isub}
+MUL_OPS = {operator.mul, torch.mul, operator.imul, operator.truediv, torch.div, operator.itruediv}
+NONHOMOGENEOUS_METHODS = {"tanh": "tanh is not positively homogeneous",
+                          "sigmoid": "sigmoid is not positively homogeneous",
+                          "softmax": "softmax is not positively homogeneous",
+                          "exp": "exp is not positively homogeneous"}
+
+
+def nonhomogeneous_reason(op) -> str | None:
+    if isinstance(op, type):
+        return next((r for k, r in _REASONS.items() if isinstance(k, type) and issubclass(op, k)),
+                    None)
+    return _REASONS.get(op)

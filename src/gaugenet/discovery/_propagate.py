@@ -1,0 +1,448 @@
+"""Propagating scale and channel labels through a traced graph (the rules of discovery).
+
+The interpreter runs the graph on example inputs, so every shape is concrete, and beside
+each value computes its two label maps (see `_labels.py`). Each rule says how one kind of
+operation maps input labels to output labels and which parameters transform how.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+
+from ._labels import FIXED, ZERO, Labels
+from ._ops import (
+    ADD_OPS, HOMOGENEOUS_FUNCS, HOMOGENEOUS_MODULES, MUL_OPS, NONHOMOGENEOUS_FUNCS,
+    NONHOMOGENEOUS_METHODS, POOL_FUNCS, POOL_MODULES, VIEW_FUNCS, VIEW_METHODS,
+    nonhomogeneous_reason,
+)
+
+__all__ = ["Propagator"]
+
+Pair = tuple[Tensor, Tensor]  # (scale labels, perm labels)
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _fixed(v: Tensor) -> Pair:
+    z = torch.zeros(v.shape, dtype=torch.long)
+    return z, z.clone()
+
+
+def _is_float(v: Any) -> bool:
+    return isinstance(v, Tensor) and v.is_floating_point()
+
+
+class Propagator(fx.Interpreter):
+    """Runs `gm` on example inputs and fills `self.labels` (a `Labels`)."""
+
+    def __init__(self, gm: fx.GraphModule, root: nn.Module) -> None:
+        super().__init__(gm)
+        self.root = root
+        self.L = Labels()
+        self.env_labels: dict[fx.Node, Any] = {}
+        self.param_ids = {id(p): n for n, p in root.named_parameters(remove_duplicate=False)}
+
+    # -- plumbing -------------------------------------------------------------------------
+    def lab(self, a: Any) -> Pair | None:
+        if isinstance(a, fx.Node):
+            return self.env_labels.get(a)
+        return None
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        try:
+            self.env_labels[n] = self.rule(n, out)
+        except _Unsupported as exc:
+            self.env_labels[n] = self.break_all(n, out, str(exc))
+        return out
+
+    def break_all(self, n: fx.Node, out: Any, reason: str) -> Pair | None:
+        for a in n.all_input_nodes:
+            lab = self.env_labels.get(a)
+            if isinstance(lab, tuple) and isinstance(lab[0], Tensor):
+                self.L.fix_scales(lab[0], n.name, reason)
+                self.L.fix_perms(lab[1], n.name, reason)
+        return _fixed(out) if _is_float(out) else None
+
+    def use_param(self, name: str, node: str) -> None:
+        p = self.root.get_parameter(name)
+        self.L.param_users.setdefault(id(p), []).append((name, node))
+
+    # -- dispatch -------------------------------------------------------------------------
+    def rule(self, n: fx.Node, out: Any) -> Any:
+        if n.op == "placeholder" or n.op == "get_attr":
+            return _fixed(out) if _is_float(out) else None
+        if n.op == "output":
+            for lab in _flatten_labels(self.lab_tree(n.args[0])):
+                self.L.fix_scales(lab[0], "output", "the output is fixed", quiet=True)
+                self.L.fix_perms(lab[1], "output", "the output is not allowed to change", quiet=True)
+            return None
+        if not _is_float(out):
+            if isinstance(out, (tuple, list)) and n.op == "call_module":
+                raise _Unsupported(f"module {type(self.root.get_submodule(n.target)).__name__} "
+                                   "returns several tensors")
+            return None
+        if n.op == "call_module":
+            return self.module_rule(n, self.root.get_submodule(n.target), out)
+        if n.op == "call_method":
+            return self.method_rule(n, out)
+        return self.function_rule(n, out)
+
+    def lab_tree(self, a: Any) -> Any:
+        if isinstance(a, fx.Node):
+            return self.env_labels.get(a)
+        if isinstance(a, (tuple, list)):
+            return [self.lab_tree(x) for x in a]
+        if isinstance(a, dict):
+            return [self.lab_tree(x) for x in a.values()]
+        return None
+
+    def first(self, n: fx.Node) -> tuple[fx.Node, Pair]:
+        a = n.args[0]
+        lab = self.lab(a)
+        if lab is None:
+            raise _Unsupported(f"{n.target}: input carries no labels")
+        return a, lab
+
+    # -- modules --------------------------------------------------------------------------
+    def module_rule(self, n: fx.Node, m: nn.Module, out: Tensor) -> Pair:
+        name = str(n.target)
+        _, (s, p) = self.first(n)
+        if isinstance(m, (nn.Linear, *_CONV)):
+            return self.affine_layer(name, m, s, p, out)
+        if isinstance(m, _BN):
+            return self.batchnorm(name, m, s, p, out)
+        if isinstance(m, nn.LayerNorm):
+            return self.layernorm(name, m, s, p, out)
+        if isinstance(m, nn.Embedding):
+            raise _Unsupported("embedding input is not a float tensor")
+        if isinstance(m, HOMOGENEOUS_MODULES):
+            if isinstance(m, nn.PReLU) and m.num_parameters > 1:
+                self.carrier(name, [f"{name}.weight"], p, axis=1)
+            return s, p
+        if isinstance(m, POOL_MODULES):
+            return self.pool(name, s, p, out)
+        if isinstance(m, (nn.Flatten, nn.Unflatten)):
+            return m(s), m(p)
+        reason = nonhomogeneous_reason(type(m))
+        if reason is not None:
+            self.L.fix_scales(s, name, reason)
+            return torch.zeros_like(s), p
+        raise _Unsupported(f"module {type(m).__name__} is not analyzed")
+
+    def affine_layer(self, name: str, m: nn.Module, s: Tensor, p: Tensor, out: Tensor) -> Pair:
+        conv = isinstance(m, _CONV)
+        axis = 1 if conv else -1
+        groups = m.groups if conv else 1
+        self.use_param(f"{name}.weight", name)
+        # sink: each input channel's scale divides its weight column
+        cols = self.L.per_channel(s, axis)
+        reps = torch.tensor([self.L.union_all(c) if len(c) else ZERO for c in cols])
+        w = m.weight
+        ipg, opg = w.shape[1], w.shape[0] // groups
+        col_index = reps.reshape(groups, ipg).repeat_interleave(opg, 0)  # (out, in/groups)
+        col_index = col_index.reshape(*col_index.shape, *([1] * (w.ndim - 2)))
+        self.L.scale_terms.append((f"{name}.weight", col_index, -1))
+        pcols = self.L.per_channel(p, axis)
+        if groups == 1 and all(len(c) <= 1 for c in pcols):
+            ids = torch.tensor([int(c[0]) if len(c) else ZERO for c in pcols])
+            self.L.perm_terms.append((f"{name}.weight", 1, ids))
+        else:
+            self.L.fix_perms(p, name, "grouped convolution or mixed channels")
+        # source: fresh ids per output channel
+        fresh = self.L.fresh(w.shape[0], name)
+        self.L.scale_terms.append((f"{name}.weight", fresh.reshape(-1, *([1] * (w.ndim - 1))), 1))
+        self.L.perm_terms.append((f"{name}.weight", 0, fresh))
+        self.L.links.append((fresh, fresh))
+        if m.bias is not None:
+            self.use_param(f"{name}.bias", name)
+            self.L.scale_terms.append((f"{name}.bias", fresh, 1))
+            self.L.perm_terms.append((f"{name}.bias", 0, fresh))
+        lab = _broadcast_channels(fresh, out.shape, axis)
+        return lab, lab.clone()
+
+    def batchnorm(self, name: str, m: nn.Module, s: Tensor, p: Tensor, out: Tensor) -> Pair:
+        uses_batch_stats = m.training or not m.track_running_stats
+        reps = torch.tensor([self.L.union_all(c) if len(c) else ZERO
+                             for c in self.L.per_channel(s, 1)])
+        if uses_batch_stats:
+            self.L.fix_scales(s, name, "BatchNorm in training mode normalizes with batch statistics")
+        elif not m.affine:
+            self.L.fix_scales(s, name, "BatchNorm without affine parameters cannot absorb a scale")
+        else:
+            self.L.scale_terms.append(("bnshift", name, float(m.eps), reps))
+        pcols = self.L.per_channel(p, 1)
+        perm_ok = all(len(c) <= 1 for c in pcols)
+        pids = torch.tensor([int(c[0]) if len(c) else ZERO for c in pcols])
+        if not perm_ok:
+            self.L.fix_perms(p, name, "channels mixed before BatchNorm")
+        else:
+            names = [f"{name}.running_mean", f"{name}.running_var"] if m.track_running_stats else []
+            if m.affine:
+                names += [f"{name}.weight", f"{name}.bias"]
+            for q in names:
+                self.L.perm_terms.append((q, 0, pids))
+        if not m.affine:
+            return torch.zeros_like(s), p
+        self.use_param(f"{name}.weight", name)
+        self.use_param(f"{name}.bias", name)
+        fresh = self.L.fresh(m.num_features, name + ":out")
+        self.L.scale_terms.append((f"{name}.weight", fresh, 1))
+        self.L.scale_terms.append((f"{name}.bias", fresh, 1))
+        if perm_ok:
+            self.L.links.append((fresh, pids))
+        return _broadcast_channels(fresh, out.shape, 1), p
+
+    def layernorm(self, name: str, m: nn.LayerNorm, s: Tensor, p: Tensor, out: Tensor) -> Pair:
+        self.L.fix_scales(s, name, "LayerNorm subtracts the mean over its features")
+        k = len(m.normalized_shape)
+        if k == 1:
+            pcols = self.L.per_channel(p, -1)
+            pids = torch.tensor([int(c[0]) if len(c) == 1 else ZERO for c in pcols])
+            if any(len(c) > 1 for c in pcols):
+                self.L.fix_perms(p, name, "channels mixed before LayerNorm")
+        else:
+            self.L.fix_perms(p, name, "LayerNorm over several dimensions")
+            pids = None
+        if not m.elementwise_affine:
+            return torch.zeros_like(s), p
+        self.use_param(f"{name}.weight", name)
+        fresh = self.L.fresh(m.weight.numel(), name + ":out").reshape(m.weight.shape)
+        self.L.scale_terms.append((f"{name}.weight", fresh, 1))
+        if m.bias is not None:
+            self.use_param(f"{name}.bias", name)
+            self.L.scale_terms.append((f"{name}.bias", fresh, 1))
+        if pids is not None:
+            for q in [f"{name}.weight"] + ([f"{name}.bias"] if m.bias is not None else []):
+                self.L.perm_terms.append((q, 0, pids))
+            self.L.links.append((fresh.reshape(-1), pids))
+        return fresh.expand(out.shape).clone(), p
+
+    def carrier(self, node: str, names: list[str], p: Tensor, axis: int) -> None:
+        """Per-channel parameters that must be permuted along with their channels."""
+        pcols = self.L.per_channel(p, axis)
+        if any(len(c) > 1 for c in pcols):
+            self.L.fix_perms(p, node, "channels mixed before a per-channel layer")
+            return
+        pids = torch.tensor([int(c[0]) if len(c) else ZERO for c in pcols])
+        for q in names:
+            self.L.perm_terms.append((q, 0, pids))
+
+    def pool(self, node: str, s: Tensor, p: Tensor, out: Tensor) -> Pair:
+        """Pooling mixes positions within a channel: their scales must agree."""
+        reps = torch.tensor([self.L.union_all(c) if len(c) else ZERO
+                             for c in self.L.per_channel(s, 1)])
+        pcols = self.L.per_channel(p, 1)
+        if any(len(c) > 1 for c in pcols):
+            self.L.fix_perms(p, node, "pooling over mixed channels")
+        pids = torch.tensor([int(c[0]) if len(c) == 1 else FIXED for c in pcols])
+        return _broadcast_channels(reps, out.shape, 1), _broadcast_channels(pids, out.shape, 1)
+
+    # -- functions and methods -----------------------------------------------------------
+    def method_rule(self, n: fx.Node, out: Tensor) -> Pair:
+        _, (s, p) = self.first(n)
+        if n.target in VIEW_METHODS:
+            args = [self.env[a] if isinstance(a, fx.Node) else a for a in n.args[1:]]
+            kwargs = {k: self.env[v] if isinstance(v, fx.Node) else v for k, v in n.kwargs.items()}
+            return getattr(s, n.target)(*args, **kwargs), getattr(p, n.target)(*args, **kwargs)
+        if n.target in ("relu", "relu_"):
+            return s, p
+        if n.target in NONHOMOGENEOUS_METHODS:
+            self.L.fix_scales(s, n.name, NONHOMOGENEOUS_METHODS[n.target])
+            return torch.zeros_like(s), p
+        if n.target in ("__getitem__",):
+            return self.getitem(n, s, p)
+        if n.target in ("mean", "sum"):
+            return self.reduce(n, s, p, out)
+        raise _Unsupported(f"method .{n.target}() is not analyzed")
+
+    def function_rule(self, n: fx.Node, out: Tensor) -> Pair:
+        f = n.target
+        if f in HOMOGENEOUS_FUNCS:
+            _, (s, p) = self.first(n)
+            return s, p
+        if f in NONHOMOGENEOUS_FUNCS:
+            _, (s, p) = self.first(n)
+            self.L.fix_scales(s, n.name, nonhomogeneous_reason(f))
+            return torch.zeros_like(s), p
+        if f in POOL_FUNCS:
+            _, (s, p) = self.first(n)
+            return self.pool(n.name, s, p, out)
+        if f in VIEW_FUNCS:
+            _, (s, p) = self.first(n)
+            args = [self.env[a] if isinstance(a, fx.Node) else a for a in n.args[1:]]
+            return f(s, *args, **n.kwargs), f(p, *args, **n.kwargs)
+        if f is operator.getitem:
+            _, (s, p) = self.first(n)
+            return self.getitem(n, s, p)
+        if f is F.pad:
+            return self.pad(n)
+        if f in ADD_OPS:
+            return self.add(n, out)
+        if f in MUL_OPS:
+            return self.mul(n, out)
+        if f is torch.cat:
+            return self.cat(n, out)
+        if f in (torch.matmul, operator.matmul):
+            return self.matmul(n, out)
+        if f in (torch.mean, torch.sum):
+            _, (s, p) = self.first(n)
+            return self.reduce(n, s, p, out)
+        raise _Unsupported(f"operation {getattr(f, '__name__', f)} is not analyzed")
+
+    def getitem(self, n: fx.Node, s: Tensor, p: Tensor) -> Pair:
+        idx = n.args[1]
+        idx = self.env[idx] if isinstance(idx, fx.Node) else idx
+        return s[idx], p[idx]
+
+    def pad(self, n: fx.Node) -> Pair:
+        _, (s, p) = self.first(n)
+        pad = n.args[1] if len(n.args) > 1 else n.kwargs["pad"]
+        mode = n.kwargs.get("mode", n.args[2] if len(n.args) > 2 else "constant")
+        value = n.kwargs.get("value", n.args[3] if len(n.args) > 3 else None)
+        if mode != "constant":
+            raise _Unsupported(f"padding mode {mode!r} is not analyzed")
+        if value not in (None, 0, 0.0):
+            self.L.fix_scales(s, n.name, f"padding with the constant {value} is not homogeneous")
+        return F.pad(s, pad, value=ZERO), F.pad(p, pad, value=ZERO)
+
+    def reduce(self, n: fx.Node, s: Tensor, p: Tensor, out: Tensor) -> Pair:
+        dims = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+        if dims is None:
+            raise _Unsupported("reduction over all dimensions")
+        dims = [dims] if isinstance(dims, int) else list(dims)
+        keep = n.kwargs.get("keepdim", n.args[2] if len(n.args) > 2 else False)
+        dims = sorted(d % s.ndim for d in dims)
+        rest = [d for d in range(s.ndim) if d not in dims]
+        sm = s.permute(*rest, *dims).reshape(*[s.shape[d] for d in rest], -1)
+        pm = p.permute(*rest, *dims).reshape(*[s.shape[d] for d in rest], -1)
+        s_out = torch.tensor([self.L.union_all(r) for r in sm.reshape(-1, sm.shape[-1])])
+        p_uniq = [torch.unique(r[r != ZERO]) for r in pm.reshape(-1, pm.shape[-1])]
+        p_out = torch.tensor([int(u[0]) if len(u) == 1 else FIXED for u in p_uniq])
+        s_out, p_out = s_out.reshape(sm.shape[:-1]), p_out.reshape(sm.shape[:-1])
+        if keep:
+            for d in dims:
+                s_out, p_out = s_out.unsqueeze(d), p_out.unsqueeze(d)
+        return s_out.reshape(out.shape), p_out.reshape(out.shape)
+
+    def _param_name(self, a: Any) -> str | None:
+        if isinstance(a, fx.Node) and a.op == "get_attr":
+            v = self.env[a]
+            return self.param_ids.get(id(v))
+        return None
+
+    def add(self, n: fx.Node, out: Tensor) -> Pair:
+        a, b = n.args[0], n.args[1]
+        la, lb = self.lab(a), self.lab(b)
+        pa, pb = self._param_name(a), self._param_name(b)
+        if la is not None and lb is not None and pa is None and pb is None:
+            sa, sb = (x.expand(out.shape) for x in (la[0], lb[0]))
+            qa, qb = (x.expand(out.shape) for x in (la[1], lb[1]))
+            both = (sa != ZERO) & (sb != ZERO)
+            for x, y in torch.unique(torch.stack([sa[both], sb[both]], -1), dim=0).tolist():
+                self.L.union(x, y)
+            self.L.align(qa, qb, n.name)
+            return torch.where(sa != ZERO, sa, sb).clone(), torch.where(qa != ZERO, qa, qb).clone()
+        if (la is not None) and (pb is not None or pa is not None):
+            (s, p), pname = (la, pb) if pb is not None else (lb, pa)
+            return self.bias_add(n, s, p, pname, out)
+        lab = la if la is not None else lb
+        other = b if la is not None else a
+        if lab is None:
+            raise _Unsupported("addition of unlabeled values")
+        if isinstance(other, (int, float)) and other == 0:
+            return lab
+        self.L.fix_scales(lab[0], n.name, "adding a constant is not homogeneous")
+        if isinstance(other, (int, float)):
+            return torch.zeros_like(lab[0]), lab[1]
+        self.L.fix_perms(lab[1], n.name, "adding a constant tensor")
+        return _fixed(out)
+
+    def bias_add(self, n: fx.Node, s: Tensor, p: Tensor, pname: str, out: Tensor) -> Pair:
+        """`x + b` with `b` a parameter: `b` is scaled and permuted with `x`'s channels."""
+        self.use_param(pname, n.name)
+        b = self.root.get_parameter(pname)
+        if b.ndim != 1:
+            raise _Unsupported(f"adding the {b.ndim}-d parameter {pname}")
+        reps = torch.tensor([self.L.union_all(c) if len(c) else ZERO
+                             for c in self.L.per_channel(s.expand(out.shape), -1)])
+        self.L.scale_terms.append((pname, reps, 1))
+        self.carrier(n.name, [pname], p.expand(out.shape), axis=-1)
+        return _broadcast_channels(reps, out.shape, -1), p.expand(out.shape).clone()
+
+    def mul(self, n: fx.Node, out: Tensor) -> Pair:
+        a, b = n.args[0], n.args[1]
+        la, lb = self.lab(a), self.lab(b)
+        div = n.target in (operator.truediv, torch.div, operator.itruediv)
+        if la is not None and lb is None and isinstance(b, (int, float)):
+            return la
+        if la is None and lb is not None and isinstance(a, (int, float)) and not div:
+            return lb
+        if la is not None and lb is not None:
+            pa, pb = self._param_name(a), self._param_name(b)
+            if pb is not None and not div:
+                self.use_param(pb, n.name)
+                self.carrier(n.name, [pb], la[1].expand(out.shape), axis=-1)
+                return la[0].expand(out.shape).clone(), la[1].expand(out.shape).clone()
+            a_fixed = not bool((la[0] > 0).any()) and pa is None
+            b_fixed = not bool((lb[0] > 0).any()) and pb is None
+            if b_fixed and not bool((lb[1] > 0).any()):
+                self.L.fix_perms(la[1], n.name, "multiplied by an unpermuted tensor")
+                return la[0].expand(out.shape).clone(), torch.zeros(out.shape, dtype=torch.long)
+            if a_fixed and not div and not bool((la[1] > 0).any()):
+                self.L.fix_perms(lb[1], n.name, "multiplied by an unpermuted tensor")
+                return lb[0].expand(out.shape).clone(), torch.zeros(out.shape, dtype=torch.long)
+        raise _Unsupported("product of two tensors that both carry scales")
+
+    def cat(self, n: fx.Node, out: Tensor) -> Pair:
+        parts = n.args[0]
+        dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
+        labs = []
+        for a in parts:
+            lab = self.lab(a)
+            if lab is None:
+                lab = _fixed(self.env[a])
+            labs.append(lab)
+        return torch.cat([x[0] for x in labs], dim), torch.cat([x[1] for x in labs], dim)
+
+    def matmul(self, n: fx.Node, out: Tensor) -> Pair:
+        a, b = n.args[0], n.args[1]
+        la, lb = self.lab(a), self.lab(b)
+        const_a = la is not None and not bool((la[0] > 0).any() or (la[1] > 0).any())
+        if const_a and lb is not None and self._param_name(a) is None and lb[0].ndim >= 2:
+            # A @ X with A constant mixes rows of X: each column keeps one scale and channel
+            s, p = lb
+            reps = torch.tensor([self.L.union_all(c) if len(c) else ZERO
+                                 for c in self.L.per_channel(s, -1)])
+            pcols = self.L.per_channel(p, -1)
+            if any(len(c) > 1 for c in pcols):
+                self.L.fix_perms(p, n.name, "matmul over mixed channels")
+            pids = torch.tensor([int(c[0]) if len(c) == 1 else FIXED for c in pcols])
+            return _broadcast_channels(reps, out.shape, -1), _broadcast_channels(pids, out.shape, -1)
+        raise _Unsupported("matmul of two tensors that carry scales or channels")
+
+
+class _Unsupported(Exception):
+    pass
+
+
+def _broadcast_channels(ids: Tensor, shape: torch.Size, axis: int) -> Tensor:
+    view = [1] * len(shape)
+    view[axis] = -1
+    return ids.reshape(view).expand(shape).clone()
+
+
+def _flatten_labels(tree: Any) -> list[Pair]:
+    if tree is None:
+        return []
+    if isinstance(tree, tuple) and len(tree) == 2 and isinstance(tree[0], Tensor):
+        return [tree]
+    out = []
+    for t in tree:
+        out += _flatten_labels(t)
+    return out

@@ -1,0 +1,100 @@
+"""`symmetries(model, example_inputs)`: the gauge group of a PyTorch model."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._errors import GaugeError, UnsupportedModelError
+from ..groups import Breaker, GaugeGroup
+from ._build import build_factors
+from ._propagate import Propagator
+from ._trace import default_inputs, is_atomic, trace
+
+__all__ = ["register_analyzer", "symmetries"]
+
+#: Analyzers for atomic module types: `fn(module, prefix) -> (factors, breakers)`.
+_ANALYZERS: list[tuple[type[nn.Module], Callable[[nn.Module, str], tuple[list, list]]]] = []
+#: Whole-model analyzers tried first: `fn(model, example_inputs) -> GaugeGroup | None`.
+_MODEL_ANALYZERS: list[Callable[[nn.Module, Any], GaugeGroup | None]] = []
+
+
+def register_analyzer(cls: type[nn.Module], fn: Callable[[nn.Module, str], tuple[list, list]]) -> None:
+    """Teach `symmetries` the internal factors of an atomic module type."""
+    _ANALYZERS.append((cls, fn))
+
+
+def register_model_analyzer(fn: Callable[[nn.Module, Any], GaugeGroup | None]) -> None:
+    """A whole-model analyzer (e.g. for Hugging Face models); returns `None` to pass."""
+    _MODEL_ANALYZERS.append(fn)
+
+
+def _check_finite(model: nn.Module) -> None:
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise GaugeError(f"parameter {name} has non-finite entries (NaN or inf)")
+
+
+def _atom_factors(model: nn.Module) -> tuple[list, list]:
+    factors, breakers = [], []
+    for name, m in model.named_modules():
+        if hasattr(m, "gauge_factors"):
+            f, b = m.gauge_factors(name)
+        else:
+            fn = next((fn for cls, fn in _ANALYZERS if isinstance(m, cls)), None)
+            if fn is None:
+                continue
+            f, b = fn(m, name)
+        factors += f
+        breakers += b
+    return factors, breakers
+
+
+def symmetries(model: nn.Module, example_inputs: Any = None) -> GaugeGroup:
+    """The gauge group of `model`: its continuous and discrete symmetries.
+
+    **Arguments:**
+
+    - `model`: any module `torch.fx` can capture; atomic layers (`Linear`, `Conv*`,
+      `BatchNorm*`, activations, poolings, attention, ...) are analyzed by rules, and
+      modules with a `gauge_factors(prefix)` method describe themselves.
+    - `example_inputs`: a tensor or tuple of tensors the model accepts; only shapes matter.
+      Optional for models that start with `nn.Linear`.
+
+    **Returns:** a `GaugeGroup` with `factors` and `breakers` (the operations that break
+    a would-be symmetry, with reasons).
+
+    Raises `GaugeError` for non-finite weights, `UnsupportedModelError` when the model
+    cannot be captured.
+    """
+    _check_finite(model)
+    names = tuple(n for n, _ in model.named_parameters())
+    for fn in _MODEL_ANALYZERS:
+        group = fn(model, example_inputs)
+        if group is not None:
+            return group
+    if is_atomic(model) and hasattr(model, "gauge_factors"):
+        factors, breakers = model.gauge_factors("")
+        return GaugeGroup(tuple(factors), tuple(breakers), names)
+    if example_inputs is None:
+        example_inputs = default_inputs(model)
+    inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    gm = trace(model, len(inputs))
+    prop = Propagator(gm, model)
+    try:
+        with torch.no_grad():
+            prop.run(*inputs)
+    except UnsupportedModelError:
+        raise
+    except Exception as exc:
+        raise UnsupportedModelError(
+            f"running {type(model).__name__} on the example inputs failed: {exc}") from exc
+    factors, breakers = build_factors(prop.L, model)
+    f2, b2 = _atom_factors(model)
+    return GaugeGroup(tuple(factors + f2), tuple(dict.fromkeys(breakers + b2)), names)
+
+
+_ = Breaker

@@ -1,0 +1,89 @@
+"""Capturing a model as a `torch.fx` graph, with the modules the analysis treats as atoms."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from .._errors import UnsupportedModelError
+
+__all__ = ["ATOMIC_MODULES", "trace", "register_atomic"]
+
+#: Module types never traced into: the rules of `_rules.py` know what they do.
+ATOMIC_MODULES: tuple[type[nn.Module], ...] = (
+    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
+    nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.Embedding,
+    nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
+    nn.Flatten, nn.Unflatten, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d,
+    nn.LPPool1d, nn.LPPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d, nn.Tanh, nn.GELU, nn.Sigmoid, nn.ReLU6, nn.Hardtanh, nn.SiLU, nn.ELU,
+    nn.Softplus, nn.Softmax, nn.LogSoftmax, nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.SELU,
+    nn.CELU, nn.Softsign, nn.Tanhshrink, nn.MultiheadAttention,
+)
+
+_EXTRA_ATOMS: list[type[nn.Module]] = []
+
+
+def register_atomic(cls: type[nn.Module]) -> type[nn.Module]:
+    """Declare a module type atomic (analyzed as a whole by its own analyzer)."""
+    if cls not in _EXTRA_ATOMS:
+        _EXTRA_ATOMS.append(cls)
+    return cls
+
+
+def is_atomic(m: nn.Module) -> bool:
+    return isinstance(m, ATOMIC_MODULES) or isinstance(m, tuple(_EXTRA_ATOMS)) or hasattr(
+        m, "gauge_factors"
+    )
+
+
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return is_atomic(m) or super().is_leaf_module(m, module_qualified_name)
+
+
+def _concrete_args(model: nn.Module, n_given: int) -> dict[str, Any] | None:
+    """Defaults of `forward` parameters beyond the inputs given, fixed for tracing."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    out = {}
+    for p in params[n_given:]:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if p.default is not inspect.Parameter.empty:
+            out[p.name] = p.default
+    return out or None
+
+
+def trace(model: nn.Module, n_inputs: int) -> fx.GraphModule:
+    """`model` as an `fx.GraphModule` whose atoms are `ATOMIC_MODULES` and registered types.
+
+    Raises `UnsupportedModelError` naming the cause when the model cannot be captured.
+    """
+    tracer = _Tracer()
+    try:
+        graph = tracer.trace(model, concrete_args=_concrete_args(model, n_inputs))
+    except Exception as exc:  # fx raises many types; all mean "cannot capture"
+        raise UnsupportedModelError(
+            f"cannot capture {type(model).__name__} as a graph with torch.fx: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    return fx.GraphModule(tracer.root, graph)
+
+
+def default_inputs(model: nn.Module) -> tuple[torch.Tensor, ...]:
+    """Example inputs inferred from the first layer, for models that allow it."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            return (torch.randn(2, m.in_features, dtype=m.weight.dtype),)
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.LayerNorm)):
+            break
+    raise UnsupportedModelError(
+        f"{type(model).__name__}: pass example_inputs; shapes cannot be inferred for a model "
+        "that does not start with nn.Linear"
+    )

@@ -1,0 +1,20 @@
+"""Gauge groups: factors (rescaling, GL, affine, translation, permutation) and their product."""
+
+from ._base import AbstractFactor as AbstractFactor
+from ._base import Breaker as Breaker
+from ._group import Element as Element
+from ._group import GaugeGroup as GaugeGroup
+from ._group import load_state as load_state
+from ._group import model_state as model_state
+from ._matrix import AffineFactor as AffineFactor
+from ._matrix import AffineTerm as AffineTerm
+from ._matrix import GLFactor as GLFactor
+from ._matrix import MatTerm as MatTerm
+from ._matrix import random_gl as random_gl
+from ._permutation import PermTerm as PermTerm
+from ._permutation import PermutationFactor as PermutationFactor
+from ._rescaling import BatchNormShift as BatchNormShift
+from ._rescaling import RescalingFactor as RescalingFactor
+from ._rescaling import Scale as Scale
+from ._translation import Shift as Shift
+from ._translation import TranslationFactor as TranslationFactor

@@ -1,0 +1,227 @@
+"""`GaugeGroup`: the gauge group of one model, a product of factors.
+
+An element is a `dict[str, Tensor]` from factor names to factor elements; a missing factor
+means its identity. The action applies every continuous factor, then every discrete one.
+Permutations may re-index continuous factors (a semidirect product); `compose` and
+`inverse` account for that, so that `act(act(m, g), h) == act(m, compose(g, h))`.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .._errors import GaugeError
+from ._base import AbstractFactor, Breaker, State
+from ._permutation import PermutationFactor
+
+__all__ = ["Element", "GaugeGroup", "model_state"]
+
+Element = dict[str, Tensor]
+
+
+def model_state(model: nn.Module) -> State:
+    """Parameters and buffers of `model` by name (detached)."""
+    state = {k: v.detach() for k, v in model.named_parameters(remove_duplicate=False)}
+    state.update({k: v.detach() for k, v in model.named_buffers(remove_duplicate=False)})
+    return state
+
+
+def load_state(model: nn.Module, state: Mapping[str, Tensor]) -> None:
+    """Write `state` into `model`'s parameters and buffers in place (same shapes)."""
+    with torch.no_grad():
+        for name, value in state.items():
+            owner, _, attr = name.rpartition(".")
+            mod = model.get_submodule(owner) if owner else model
+            target = getattr(mod, attr)
+            if target.shape != value.shape:
+                raise GaugeError(f"{name}: shape {tuple(value.shape)} != {tuple(target.shape)}")
+            target.copy_(value)
+
+
+@dataclass(eq=False)
+class GaugeGroup:
+    """The gauge group of a model.
+
+    - `factors`: the named parts, continuous and discrete.
+    - `breakers`: operations that break would-be symmetries, with reasons.
+    - `param_names`: the model's parameter names in `model.parameters()` order (for `tangent`).
+    """
+
+    factors: tuple[AbstractFactor, ...]
+    breakers: tuple[Breaker, ...] = ()
+    param_names: tuple[str, ...] = field(default=(), repr=False)
+
+    def __post_init__(self) -> None:
+        names = [f.name for f in self.factors]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise GaugeError(f"factor names must be unique, repeated: {sorted(dup)}")
+        self._by_name = {f.name: f for f in self.factors}
+
+    # -- description --------------------------------------------------------------
+    @property
+    def dim(self) -> int:
+        """Dimension of the Lie algebra (discrete factors count 0)."""
+        return sum(f.dim for f in self.factors)
+
+    def factor(self, name: str) -> AbstractFactor:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise GaugeError(f"no factor named {name!r}; factors: {list(self._by_name)}") from None
+
+    def of_kind(self, kind: str) -> list[AbstractFactor]:
+        return [f for f in self.factors if f.kind == kind]
+
+    @property
+    def continuous(self) -> list[AbstractFactor]:
+        return [f for f in self.factors if not f.discrete]
+
+    @property
+    def discrete(self) -> list[AbstractFactor]:
+        return [f for f in self.factors if f.discrete]
+
+    def summary(self) -> list[tuple[str, str, int, tuple[str, ...]]]:
+        """Rows `(name, kind, dim, modules)`; permutations show their size in the name."""
+        return [(f.name, f.kind, f.dim, f.modules) for f in self.factors]
+
+    def __repr__(self) -> str:
+        kinds: dict[str, int] = {}
+        for f in self.factors:
+            kinds[f.kind] = kinds.get(f.kind, 0) + 1
+        return f"GaugeGroup(dim={self.dim}, factors={kinds}, breakers={len(self.breakers)})"
+
+    # -- group structure ----------------------------------------------------------
+    def _full(self, g: Mapping[str, Tensor], dtype: torch.dtype) -> Element:
+        unknown = set(g) - set(self._by_name)
+        if unknown:
+            raise GaugeError(f"element names unknown factors {sorted(unknown)}")
+        return {f.name: g[f.name] if f.name in g else f.identity(dtype) for f in self.factors}
+
+    def identity(self, dtype: torch.dtype = torch.float64) -> Element:
+        return {f.name: f.identity(dtype) for f in self.factors}
+
+    def sample(
+        self,
+        generator: torch.Generator | None = None,
+        *,
+        dtype: torch.dtype = torch.float64,
+        scale: float = 0.5,
+        discrete: bool = True,
+    ) -> Element:
+        """A random element; `discrete=False` leaves permutations at the identity."""
+        return {
+            f.name: f.sample(generator, dtype, scale) if discrete or not f.discrete else f.identity()
+            for f in self.factors
+        }
+
+    def validate(self, g: Mapping[str, Tensor]) -> None:
+        """Raise `GaugeError` naming the factor and entry of the first invalid part."""
+        for name, a in g.items():
+            self.factor(name).validate(a)
+
+    def _conjugate(self, cont: Element, perms: Element, inverse: bool = False) -> Element:
+        """Move the permutations `perms` past the continuous parts `cont`: returns `cont'`
+        with `perm ∘ cont == cont' ∘ perm` (read as actions applied left to right)."""
+        out = dict(cont)
+        for f in self.discrete:
+            if not isinstance(f, PermutationFactor) or f.name not in perms:
+                continue
+            p = perms[f.name]
+            for target, m in f.conjugates:
+                src = out[target]
+                new = src.clone()
+                new[m[p]] = src[m]
+                out[target] = new
+        return out
+
+    def compose(self, g: Mapping[str, Tensor], h: Mapping[str, Tensor]) -> Element:
+        """The element acting as `g` first, then `h`."""
+        dtype = next((v.dtype for v in g.values() if v.is_floating_point()), torch.float64)
+        g, h = self._full(g, dtype), self._full(h, dtype)
+        self.validate(g)
+        self.validate(h)
+        perms_g = {f.name: g[f.name] for f in self.discrete}
+        h_cont = self._conjugate({f.name: h[f.name] for f in self.continuous}, perms_g)
+        out = {f.name: f.compose(g[f.name], h_cont[f.name]) for f in self.continuous}
+        out.update({f.name: f.compose(g[f.name], h[f.name]) for f in self.discrete})
+        return {f.name: out[f.name] for f in self.factors}
+
+    def inverse(self, g: Mapping[str, Tensor]) -> Element:
+        dtype = next((v.dtype for v in g.values() if v.is_floating_point()), torch.float64)
+        g = self._full(g, dtype)
+        self.validate(g)
+        perms_inv = {f.name: f.inverse(g[f.name]) for f in self.discrete}
+        cont_inv = {f.name: f.inverse(g[f.name]) for f in self.continuous}
+        out = self._conjugate(cont_inv, perms_inv)
+        out.update(perms_inv)
+        return {f.name: out[f.name] for f in self.factors}
+
+    def exp(self, xi: Tensor) -> Element:
+        """Algebra coordinates `(dim,)`, factors in order, to an element (permutations: id)."""
+        if xi.shape != (self.dim,):
+            raise GaugeError(f"expected algebra coordinates of shape ({self.dim},), got {tuple(xi.shape)}")
+        out, k = {}, 0
+        for f in self.factors:
+            if f.discrete:
+                out[f.name] = f.identity(xi.dtype)
+            else:
+                out[f.name] = f.exp(xi[k : k + f.dim])
+                k += f.dim
+        return out
+
+    # -- actions ------------------------------------------------------------------
+    def act_state(self, state: Mapping[str, Tensor], g: Mapping[str, Tensor], *,
+                  validate: bool = True) -> State:
+        """The pure action on a state dict (parameters and buffers by name)."""
+        if validate:
+            self.validate(g)
+        new = dict(state)
+        for f in self.continuous + self.discrete:
+            if f.name in g:
+                new = f.apply(new, g[f.name])
+        return new
+
+    def act(self, model: nn.Module, g: Mapping[str, Tensor]) -> nn.Module:
+        """A new model transformed by `g`; `model` itself is never modified."""
+        new_state = self.act_state(model_state(model), g)
+        out = copy.deepcopy(model)
+        load_state(out, {k: v for k, v in new_state.items() if k in self._touched()})
+        return out
+
+    def _touched(self) -> set[str]:
+        return {p for f in self.factors for p in f.params()}
+
+    def tangent(self, model: nn.Module) -> Tensor:
+        """Orbit tangent vectors at `model`'s parameters: `(dim, n_params)`.
+
+        Row `k` is `d/ds act(model, exp(s e_k))|_{s=0}` flattened in `model.parameters()`
+        order (computed with `torch.func.jacfwd`).
+        """
+        state = model_state(model)
+        names = [n for n, _ in model.named_parameters()]
+        dtype = next(iter(state.values())).dtype if state else torch.float64
+
+        def flat(xi: Tensor) -> Tensor:
+            new = self.act_state(state, self.exp(xi), validate=False)
+            return torch.cat([new[n].reshape(-1) for n in names])
+
+        if self.dim == 0:
+            return torch.zeros(0, sum(state[n].numel() for n in names), dtype=dtype)
+        jac = torch.func.jacfwd(flat)(torch.zeros(self.dim, dtype=dtype))
+        return jac.T.contiguous()
+
+    # -- combining -----------------------------------------------------------------
+    @staticmethod
+    def product(groups: Iterable[GaugeGroup], param_names: tuple[str, ...] = ()) -> GaugeGroup:
+        groups = list(groups)
+        return GaugeGroup(
+            tuple(f for g in groups for f in g.factors),
+            tuple(b for g in groups for b in g.breakers),
+            param_names,
+        )

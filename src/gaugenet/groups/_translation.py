@@ -1,0 +1,70 @@
+"""Additive shifts of parameters that change nothing (e.g. the key bias of softmax attention)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ._base import AbstractFactor, State
+
+__all__ = ["Shift", "TranslationFactor"]
+
+
+@dataclass(frozen=True)
+class Shift:
+    """`state[param][offset : offset + n] += v` (along axis 0)."""
+
+    param: str
+    offset: int
+
+    def __call__(self, new: State, v: Tensor) -> None:
+        p = new[self.param]
+        n = v.shape[0]
+        new[self.param] = torch.cat([p[: self.offset], p[self.offset : self.offset + n] + v.to(p.dtype),
+                                     p[self.offset + n :]])
+
+
+@dataclass(eq=False)
+class TranslationFactor(AbstractFactor):
+    """The additive group `R^n`. Element: `(n,)`."""
+
+    n: int = 0
+    terms: tuple[Shift, ...] = field(default=(), kw_only=True)
+
+    def __post_init__(self) -> None:
+        self.kind = "translation"
+
+    @property
+    def dim(self) -> int:
+        return self.n
+
+    def identity(self, dtype=torch.float64) -> Tensor:
+        return torch.zeros(self.n, dtype=dtype)
+
+    def sample(self, generator=None, dtype=torch.float64, scale=0.5) -> Tensor:
+        return (scale * torch.randn(self.n, generator=generator, dtype=torch.float64)).to(dtype)
+
+    def compose(self, a: Tensor, b: Tensor) -> Tensor:
+        return a + b
+
+    def inverse(self, a: Tensor) -> Tensor:
+        return -a
+
+    def exp(self, xi: Tensor) -> Tensor:
+        return xi
+
+    def validate(self, a: Tensor) -> None:
+        if a.shape != (self.n,):
+            raise self._fail(f"expected shape ({self.n},), got {tuple(a.shape)}")
+        self._check_finite(a)
+
+    def apply(self, state: State, a: Tensor) -> State:
+        new = dict(state)
+        for term in self.terms:
+            term(new, a)
+        return new
+
+    def params(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(t.param for t in self.terms))

@@ -1,0 +1,105 @@
+"""Numerical building blocks of the diffeomorphisms: fixed-step flows and Jacobians.
+
+Everything here is pure tensor code, so that `torch.func` transforms (jvp, vmap) pass
+through it: adaptive solvers branch on the data and cannot be differentiated that way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from torch.func import jvp, vmap
+
+__all__ = ["fix_ends", "rk4_flow", "rowwise", "spacetime_jacobian"]
+
+RowMap = Callable[[Tensor, Tensor], Tensor]
+
+
+def rk4_flow(f: RowMap, x: Tensor, t0: Tensor, t1: Tensor, n_steps: int) -> Tensor:
+    """Integrate `ẋ = f(t, x)` from `t0` to `t1` with `n_steps` classical Runge-Kutta steps.
+
+    For fixed `n_steps` the result is a smooth function of `(t0, t1, x)`, so its
+    derivatives (by `torch.func`) are the exact derivatives of the map it computes.
+
+    **Arguments:**
+
+    - `f`: field `f(t, x)`, `t` scalar tensor, `x` of shape `(batch, d)`.
+    - `x`: initial state `(batch, d)`; `t0`, `t1`: scalar tensors.
+
+    **Returns:** the state at `t1`, shape `(batch, d)`.
+    """
+    h = (t1 - t0) / n_steps
+    t = t0
+    for _ in range(n_steps):
+        k1 = f(t, x)
+        k2 = f(t + h / 2, x + (h / 2) * k1)
+        k3 = f(t + h / 2, x + (h / 2) * k2)
+        k4 = f(t + h, x + h * k3)
+        x = x + (h / 6) * (k1 + 2 * k2 + 2 * k3 + k4)
+        t = t + h
+    return x
+
+
+def spacetime_jacobian(fn: RowMap, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Value, time derivative and spatial Jacobian of a sample-wise map `fn(t, x)`.
+
+    `fn` acts on each row of `x` separately, so one forward-mode jvp per coordinate
+    direction (all `d + 1` of them vmapped together) gives every row's Jacobian at once.
+
+    **Arguments:**
+
+    - `fn`: map `(t, x) -> y`, `t` scalar tensor, `x` and `y` of shape `(batch, d)`.
+    - `t`: scalar tensor; `x`: shape `(batch, d)`.
+
+    **Returns:** `y` `(batch, d)`, `∂_t y` `(batch, d)` and `D_x y` `(batch, d, d)`.
+    """
+    batch, d = x.shape
+    eye = torch.eye(d, dtype=x.dtype, device=x.device)
+    tangent_x = torch.cat([eye[:, None, :].expand(d, batch, d), x.new_zeros(1, batch, d)])
+    tangent_t = torch.cat([t.new_zeros(d), t.new_ones(1)]).to(x.dtype)
+
+    def one(dt: Tensor, dx: Tensor) -> tuple[Tensor, Tensor]:
+        return jvp(fn, (t, x), (dt.to(t.dtype), dx))
+
+    y, dy = vmap(one, out_dims=(None, 0))(tangent_t, tangent_x)
+    return y, dy[d], dy[:d].permute(1, 2, 0)
+
+
+def rowwise(fn: RowMap) -> Callable[[Tensor, Tensor], Tensor]:
+    """Evaluate `fn(t, x)` with a different time in each row: `t` `(batch,)`, `x` `(batch, d)`."""
+
+    def single(ti: Tensor, xi: Tensor) -> Tensor:
+        return fn(ti, xi[None])[0]
+
+    return vmap(single)
+
+
+def fix_ends(fn: Callable[[Tensor, Tensor], Tensor], T: float) -> Callable[[Tensor, Tensor], Tensor]:
+    r"""Force a function of `(t, x)` to vanish at `t = 0` and `t = T`.
+
+    $\tilde f(t, x) = f(t, x) - (1 - t/T) f(0, x) - (t/T) f(T, x)$: a function that
+    already vanishes at both ends is returned unchanged.
+    """
+
+    def fixed(t: Tensor, x: Tensor) -> Tensor:
+        s = t / T
+        zero = torch.zeros_like(t)
+        return fn(t, x) - (1 - s) * fn(zero, x) - s * fn(zero + T, x)
+
+    return fixed
+
+
+def bisect_increasing(
+    g: Callable[[Tensor], Tensor], target: Tensor, lo: float, hi: float, n_iter: int = 60
+) -> Tensor:
+    """Solve `g(s) = target` elementwise for an increasing `g` on `[lo, hi]` by bisection."""
+    a = torch.full_like(target, lo)
+    b = torch.full_like(target, hi)
+    for _ in range(n_iter):
+        m = (a + b) / 2
+        below = g(m) < target
+        a = torch.where(below, m, a)
+        b = torch.where(below, b, m)
+    return (a + b) / 2
