@@ -9,3 +9,6 @@ from ._invariance import invariance_error as invariance_error
 __version__ = "0.1.0"
 from .discovery import symmetries as symmetries
 from .groups import GaugeGroup as GaugeGroup
+from ._canonical import align as align
+from ._canonical import canonical_element as canonical_element
+from ._canonical import canonicalize as canonicalize

@@ -18,3 +18,5 @@ from ._rescaling import RescalingFactor as RescalingFactor
 from ._rescaling import Scale as Scale
 from ._translation import Shift as Shift
 from ._translation import TranslationFactor as TranslationFactor
+from ._canonical_hooks import canonicalizer_for as canonicalizer_for
+from ._canonical_hooks import register_canonicalizer as register_canonicalizer

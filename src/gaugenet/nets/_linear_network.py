@@ -94,6 +94,21 @@ class LinearNetwork(nn.Module):
             out = w @ out
         return out
 
+    def gauge_factors(self, prefix: str = "") -> tuple[list, list]:
+        """The affine factors `GA(d)` of eq. (33), one per interior layer `n = 1..N-1`."""
+        from ..groups import AffineFactor, AffineTerm
+
+        pre = f"{prefix}." if prefix else ""
+        factors = []
+        for n in range(1, self.depth):
+            terms = (
+                AffineTerm(f"{pre}weights.{n - 1}", f"{pre}biases.{n - 1}", "left"),
+                AffineTerm(f"{pre}weights.{n}", f"{pre}biases.{n}", "right"),
+            )
+            factors.append(AffineFactor(f"{pre}affine:{n}", self.d, terms=terms,
+                                        modules=(prefix or "",)))
+        return factors, []
+
     def gauge_transform(self, Gs: Sequence[Tensor], cs: Sequence[Tensor]) -> LinearNetwork:
         """The transformed network of eq. (33) for `G_0..G_N`, `c_0..c_N` (project convention,
         old `x(n) = G_n x'(n) + c_n`): `w̄_n ↦ G_{n+1}⁻¹ w̄_n G_n`,

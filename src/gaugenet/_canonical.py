@@ -1,0 +1,232 @@
+"""Gauge fixing: canonical representatives of gauge orbits, and aligning two models.
+
+`canonical_element(model)` returns the element `g` with `act(model, g)` canonical:
+
+- rescalings, `gauge="balanced"`: the minimum of the total squared norm of the parameters
+  the rescalings touch, i.e. every unit's incoming and outgoing norms are equal. When the
+  units decouple (one hidden layer, say) the minimizer is the closed form
+  `α = (‖w_out‖² / ‖w_in‖²)^{1/4}`; a deep chain couples neighbouring units and has no
+  closed form, so that closed form is the starting point of a Newton solve of the (convex
+  in log-scales) problem to machine precision;
+- rescalings, `gauge="unit_in"`: every unit's incoming norm is 1, one sweep in graph order
+  (closed form);
+- other continuous factors: their registered canonicalizers (`register_canonicalizer`);
+- permutations: items sorted by decreasing norm of their (canonical) parameters.
+
+The canonical form is idempotent and the same for every point of an orbit (for generic
+weights: distinct unit norms, no dead units).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from ._errors import GaugeError
+from .discovery import symmetries
+from .groups import (
+    AffineFactor, Element, GaugeGroup, PermutationFactor, RescalingFactor, Scale,
+    canonicalizer_for, model_state, register_canonicalizer,
+)
+from .groups._base import State
+
+__all__ = ["align", "canonical_element", "canonicalize"]
+
+Gauge = Literal["balanced", "unit_in"]
+
+
+def _scale_norms(f: RescalingFactor, state: State) -> tuple[Tensor, Tensor]:
+    """Per unit: squared norm of the entries it multiplies (`in`) and divides (`out`)."""
+    n_in = torch.zeros(f.n + 1, dtype=torch.float64)
+    n_out = torch.zeros(f.n + 1, dtype=torch.float64)
+    for t in f.terms:
+        if isinstance(t, Scale):
+            p = state[t.param].double()
+            idx = t.index.expand(p.shape).reshape(-1)
+            target = n_in if t.power > 0 else n_out
+            target.index_add_(0, idx, p.reshape(-1) ** 2)
+    return n_in[: f.n], n_out[: f.n]
+
+
+def _rescalings(group: GaugeGroup) -> list[RescalingFactor]:
+    return [f for f in group.factors if isinstance(f, RescalingFactor)]
+
+
+def _unit_in(group: GaugeGroup, state: State) -> Element:
+    out, current = {}, dict(state)
+    for f in _rescalings(group):
+        n_in, _ = _scale_norms(f, current)
+        if (n_in <= 0).any():
+            k = int((n_in <= 0).nonzero()[0])
+            raise GaugeError(f"factor {f.name!r}: unit {k} has zero incoming weights")
+        a = (1 / n_in.sqrt()).to(next(iter(state.values())).dtype)
+        out[f.name] = a
+        current = f.apply(current, a)
+    return out
+
+
+def _balanced(group: GaugeGroup, state: State, params: set[str]) -> Element:
+    factors = _rescalings(group)
+    if not factors:
+        return {}
+    dtype = torch.float64
+    st = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    touched = sorted({p for f in factors for p in f.params()} & params)
+    sizes = [f.n for f in factors]
+
+    def split(u: Tensor) -> list[Tensor]:
+        return list(torch.split(u, sizes))
+
+    def objective(u: Tensor) -> Tensor:
+        cur = st
+        for f, uf in zip(factors, split(u)):
+            cur = f.apply(cur, torch.exp(uf))
+        return sum((cur[p] ** 2).sum() for p in touched)
+
+    # closed form per unit (exact when units decouple), as the starting point
+    u0 = []
+    for f in factors:
+        n_in, n_out = _scale_norms(f, st)
+        ok = (n_in > 0) & (n_out > 0)
+        u0.append(torch.where(ok, 0.25 * (n_out.clamp_min(1e-300).log()
+                                          - n_in.clamp_min(1e-300).log()), torch.zeros_like(n_in)))
+    u = torch.cat(u0)
+    grad_fn = torch.func.grad(objective)
+    hess_fn = torch.func.hessian(objective)
+    f_u = objective(u)
+    for _ in range(100):
+        g = grad_fn(u)
+        if g.abs().max() <= 1e-15 * max(float(f_u), 1e-300):
+            break
+        H = hess_fn(u)
+        H = H + 1e-12 * H.diagonal().abs().max().clamp_min(1e-300) * torch.eye(len(u), dtype=dtype)
+        step = torch.linalg.solve(H, -g)
+        t = 1.0
+        while t > 1e-10:
+            trial = objective(u + t * step)
+            if trial <= f_u + 1e-4 * t * float(g @ step):
+                break
+            t *= 0.5
+        u, f_u = u + t * step, objective(u + t * step)
+    out_dtype = next(v.dtype for v in state.values() if v.is_floating_point())
+    return {f.name: torch.exp(uf).to(out_dtype) for f, uf in zip(factors, split(u))}
+
+
+def _sort_permutations(group: GaugeGroup, state: State) -> Element:
+    out = {}
+    for f in group.factors:
+        if not isinstance(f, PermutationFactor):
+            continue
+        key2 = torch.zeros(f.n, dtype=torch.float64)
+        key3 = torch.zeros(f.n, dtype=torch.float64)
+        for t in f.terms:
+            x = state[t.param].double().movedim(t.axis, 0)
+            vals = x[t.entries.reshape(-1)].reshape(f.n, -1)
+            key2 += (vals**2).sum(1)
+            key3 += (vals**3).sum(1)
+        # lexicographic: norm first, then the third moment for (measure-zero) ties
+        order = sorted(range(f.n), key=lambda c: (-round(float(key2[c]), 10), -float(key3[c])))
+        out[f.name] = torch.tensor(order)
+    return out
+
+
+def canonical_element(
+    model: nn.Module,
+    group: GaugeGroup | None = None,
+    *,
+    gauge: Gauge = "balanced",
+    example_inputs: Any = None,
+) -> Element:
+    """The element `g` such that `group.act(model, g)` is the canonical representative."""
+    group = symmetries(model, example_inputs) if group is None else group
+    state = model_state(model)
+    params = {n for n, _ in model.named_parameters()}
+    if gauge == "balanced":
+        g = _balanced(group, state, params)
+    elif gauge == "unit_in":
+        g = _unit_in(group, state)
+    else:
+        raise GaugeError(f"unknown gauge {gauge!r}; use 'balanced' or 'unit_in'")
+    current = group.act_state(state, g)
+    for f in group.continuous:
+        if isinstance(f, RescalingFactor):
+            continue
+        fn = canonicalizer_for(f)
+        if fn is None:
+            continue
+        g[f.name] = fn(f, current)
+        current = f.apply(current, g[f.name])
+    g.update(_sort_permutations(group, current))
+    return g
+
+
+def canonicalize(
+    model: nn.Module,
+    gauge: Gauge = "balanced",
+    *,
+    example_inputs: Any = None,
+    group: GaugeGroup | None = None,
+) -> nn.Module:
+    """The canonical representative of `model`'s gauge orbit (a new model).
+
+    **Arguments:**
+
+    - `gauge`: `"balanced"` (minimal total squared norm: equal incoming and outgoing norms
+      per unit) or `"unit_in"` (incoming norm 1 per unit).
+    - `example_inputs`, `group`: passed to / instead of `symmetries`.
+    """
+    group = symmetries(model, example_inputs) if group is None else group
+    return group.act(model, canonical_element(model, group, gauge=gauge))
+
+
+def align(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    *,
+    example_inputs: Any = None,
+    group: GaugeGroup | None = None,
+    rtol: float = 1e-7,
+) -> Element:
+    """The element `g` with `act(model_a, g) == model_b`.
+
+    Both models are brought to the canonical form; `g = g_a · g_b⁻¹`. Raises `GaugeError`
+    with the residual when the canonical forms differ, i.e. the models are not
+    gauge-equivalent (relative tolerance `rtol`).
+    """
+    group = symmetries(model_a, example_inputs) if group is None else group
+    ga = canonical_element(model_a, group)
+    gb = canonical_element(model_b, group)
+    ca = group.act_state(model_state(model_a), ga)
+    cb = group.act_state(model_state(model_b), gb)
+    residual = 0.0
+    for name, _ in model_a.named_parameters():
+        a, b = ca[name].double(), cb[name].double()
+        if a.shape != b.shape:
+            raise GaugeError(f"{name}: shapes {tuple(a.shape)} and {tuple(b.shape)} differ")
+        scale = max(float(b.abs().max()), 1e-300)
+        residual = max(residual, float((a - b).abs().max()) / scale)
+    if residual > rtol:
+        raise GaugeError(
+            f"the models are not gauge-equivalent: canonical forms differ by {residual:.3e} "
+            f"(relative, tolerance {rtol:.1e})"
+        )
+    return group.compose(ga, group.inverse(gb))
+
+
+def _affine_identity_gauge(f: AffineFactor, state: State) -> Tensor:
+    """Linear networks: the gauge making the layer before each interior state the identity
+    with zero bias (`G_n = w̄_{n-1}`, `c_n = b̄_{n-1}` after the earlier layers are fixed)."""
+    left = next(t for t in f.terms if t.side == "left")
+    w = state[left.weight]
+    b = state[left.bias] if left.bias else torch.zeros(f.d, dtype=w.dtype)
+    if w.shape != (f.d, f.d):
+        raise GaugeError(f"factor {f.name!r}: the identity gauge needs a square layer before it")
+    g = torch.eye(f.d + 1, dtype=w.dtype)
+    g[: f.d, : f.d] = w
+    g[: f.d, f.d] = b
+    return g
+
+
+register_canonicalizer(AffineFactor, _affine_identity_gauge)
