@@ -27,8 +27,15 @@ from torch import Tensor, nn
 from ._errors import GaugeError
 from .discovery import symmetries
 from .groups import (
-    AffineFactor, Element, GaugeGroup, PermutationFactor, RescalingFactor, Scale,
-    canonicalizer_for, model_state, register_canonicalizer,
+    AffineFactor,
+    Element,
+    GaugeGroup,
+    PermutationFactor,
+    RescalingFactor,
+    Scale,
+    canonicalizer_for,
+    model_state,
+    register_canonicalizer,
 )
 from .groups._base import State
 
@@ -90,8 +97,13 @@ def _balanced(group: GaugeGroup, state: State, params: set[str]) -> Element:
     for f in factors:
         n_in, n_out = _scale_norms(f, st)
         ok = (n_in > 0) & (n_out > 0)
-        u0.append(torch.where(ok, 0.25 * (n_out.clamp_min(1e-300).log()
-                                          - n_in.clamp_min(1e-300).log()), torch.zeros_like(n_in)))
+        u0.append(
+            torch.where(
+                ok,
+                0.25 * (n_out.clamp_min(1e-300).log() - n_in.clamp_min(1e-300).log()),
+                torch.zeros_like(n_in),
+            )
+        )
     u = torch.cat(u0)
     grad_fn = torch.func.grad(objective)
     hess_fn = torch.func.hessian(objective)

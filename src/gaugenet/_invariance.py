@@ -66,7 +66,11 @@ def _run(model: nn.Module, inputs: Sequence[Any], dtype: torch.dtype | None) -> 
 
 
 def invariance_error(
-    model_a: nn.Module, model_b: nn.Module, inputs: Any, *, dtype: torch.dtype | None = torch.float64
+    model_a: nn.Module,
+    model_b: nn.Module,
+    inputs: Any,
+    *,
+    dtype: torch.dtype | None = torch.float64,
 ) -> float:
     """The largest relative output difference between two models on `inputs`.
 

@@ -19,7 +19,11 @@ def _root() -> None:
 
 def _register() -> None:
     # Imported for their side effect of adding commands to `app`.
-    from . import _reproduce  # noqa: F401
+    from . import (
+        _canonicalize,  # noqa: F401
+        _inspect,  # noqa: F401
+        _reproduce,  # noqa: F401
+    )
 
 
 def main() -> None:

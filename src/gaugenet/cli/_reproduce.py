@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 from pathlib import Path
 
 import typer
@@ -26,7 +27,7 @@ def reproduce(
         for c in all_claims():
             console.print(f"[bold]{c.id}[/bold]  ({c.reference})  {c.statement}")
         return
-    n = len([c for c in all_claims() if only is None or __import__("fnmatch").fnmatch(c.id, only)])
+    n = len([c for c in all_claims() if only is None or fnmatch.fnmatch(c.id, only)])
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -42,14 +43,13 @@ def reproduce(
 
         outcomes = run_claims(out, only=only, seed=seed, on_done=done)
     table = Table(title="gaugenet reproduce")
-    for col in ("id", "paper", "measured", "value", "criterion", "result"):
-        table.add_column(col)
+    table.add_column("id", no_wrap=True)
+    for col in ("paper", "value", "criterion", "result"):
+        table.add_column(col, no_wrap=col != "paper")
     for o in outcomes:
         value = "error" if o.measurement is None else f"{o.measurement.value:.3e}"
         result = "[green]PASS[/green]" if o.passed else "[red]FAIL[/red]"
-        table.add_row(
-            o.claim.id, o.claim.reference, o.claim.measured, value, o.claim.criterion(), result
-        )
+        table.add_row(o.claim.id, o.claim.reference, value, o.claim.criterion(), result)
     console.print(table)
     path = write_report(outcomes, out)
     n_fail = sum(not o.passed for o in outcomes)

@@ -2,6 +2,8 @@
 
 from ._base import AbstractFactor as AbstractFactor
 from ._base import Breaker as Breaker
+from ._canonical_hooks import canonicalizer_for as canonicalizer_for
+from ._canonical_hooks import register_canonicalizer as register_canonicalizer
 from ._group import Element as Element
 from ._group import GaugeGroup as GaugeGroup
 from ._group import load_state as load_state
@@ -18,5 +20,3 @@ from ._rescaling import RescalingFactor as RescalingFactor
 from ._rescaling import Scale as Scale
 from ._translation import Shift as Shift
 from ._translation import TranslationFactor as TranslationFactor
-from ._canonical_hooks import canonicalizer_for as canonicalizer_for
-from ._canonical_hooks import register_canonicalizer as register_canonicalizer

@@ -62,7 +62,9 @@ class AbstractFactor(abc.ABC):
 
     @abc.abstractmethod
     def sample(
-        self, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float64,
+        self,
+        generator: torch.Generator | None = None,
+        dtype: torch.dtype = torch.float64,
         scale: float = 0.5,
     ) -> Tensor: ...
 

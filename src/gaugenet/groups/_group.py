@@ -116,7 +116,9 @@ class GaugeGroup:
     ) -> Element:
         """A random element; `discrete=False` leaves permutations at the identity."""
         return {
-            f.name: f.sample(generator, dtype, scale) if discrete or not f.discrete else f.identity()
+            f.name: f.sample(generator, dtype, scale)
+            if discrete or not f.discrete
+            else f.identity()
             for f in self.factors
         }
 
@@ -165,7 +167,9 @@ class GaugeGroup:
     def exp(self, xi: Tensor) -> Element:
         """Algebra coordinates `(dim,)`, factors in order, to an element (permutations: id)."""
         if xi.shape != (self.dim,):
-            raise GaugeError(f"expected algebra coordinates of shape ({self.dim},), got {tuple(xi.shape)}")
+            raise GaugeError(
+                f"expected algebra coordinates of shape ({self.dim},), got {tuple(xi.shape)}"
+            )
         out, k = {}, 0
         for f in self.factors:
             if f.discrete:
@@ -176,8 +180,9 @@ class GaugeGroup:
         return out
 
     # -- actions ------------------------------------------------------------------
-    def act_state(self, state: Mapping[str, Tensor], g: Mapping[str, Tensor], *,
-                  validate: bool = True) -> State:
+    def act_state(
+        self, state: Mapping[str, Tensor], g: Mapping[str, Tensor], *, validate: bool = True
+    ) -> State:
         """The pure action on a state dict (parameters and buffers by name)."""
         if validate:
             self.validate(g)

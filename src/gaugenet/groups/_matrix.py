@@ -54,7 +54,11 @@ class MatTerm:
     def __call__(self, new: State, g: Tensor) -> None:
         b, d = g.shape[0], g.shape[-1]
         p = new[self.param].movedim(self.axis, 0)
-        head, block, tail = p[: self.offset], p[self.offset : self.offset + b * d], p[self.offset + b * d :]
+        head, block, tail = (
+            p[: self.offset],
+            p[self.offset : self.offset + b * d],
+            p[self.offset + b * d :],
+        )
         rest = block.shape[1:]
         m = _mode_matrix(g.to(p.dtype), self.mode)
         block = (m @ block.reshape(b, d, -1)).reshape(b * d, *rest)
@@ -187,8 +191,9 @@ class AffineFactor(AbstractFactor):
     def validate(self, a: Tensor) -> None:
         d = self.d
         if a.shape != (d + 1, d + 1):
-            raise self._fail(f"expected an augmented matrix of shape ({d + 1}, {d + 1}), got "
-                             f"{tuple(a.shape)}")
+            raise self._fail(
+                f"expected an augmented matrix of shape ({d + 1}, {d + 1}), got {tuple(a.shape)}"
+            )
         self._check_finite(a)
         last = a[d].detach().double()
         want = torch.zeros(d + 1, dtype=torch.float64)
@@ -197,7 +202,9 @@ class AffineFactor(AbstractFactor):
             raise self._fail(f"last row must be (0, ..., 0, 1), got {last.tolist()}")
         s = torch.linalg.svdvals(a[:d, :d].detach().double())
         if s[-1] < 1e-13 * s[0]:
-            raise self._fail(f"linear part is singular (smallest singular value {float(s[-1]):.3e})")
+            raise self._fail(
+                f"linear part is singular (smallest singular value {float(s[-1]):.3e})"
+            )
 
     def apply(self, state: State, a: Tensor) -> State:
         new = dict(state)

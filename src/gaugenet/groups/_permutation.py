@@ -71,8 +71,9 @@ class PermutationFactor(AbstractFactor):
 
     def validate(self, a: Tensor) -> None:
         if a.shape != (self.n,) or a.dtype not in (torch.int64, torch.int32):
-            raise self._fail(f"expected a long tensor of shape ({self.n},), got {a.dtype} "
-                             f"{tuple(a.shape)}")
+            raise self._fail(
+                f"expected a long tensor of shape ({self.n},), got {a.dtype} {tuple(a.shape)}"
+            )
         if not torch.equal(torch.sort(a).values, torch.arange(self.n, dtype=a.dtype)):
             raise self._fail(f"{a.tolist()} is not a permutation of 0..{self.n - 1}")
 

@@ -22,8 +22,13 @@ class Shift:
     def __call__(self, new: State, v: Tensor) -> None:
         p = new[self.param]
         n = v.shape[0]
-        new[self.param] = torch.cat([p[: self.offset], p[self.offset : self.offset + n] + v.to(p.dtype),
-                                     p[self.offset + n :]])
+        new[self.param] = torch.cat(
+            [
+                p[: self.offset],
+                p[self.offset : self.offset + n] + v.to(p.dtype),
+                p[self.offset + n :],
+            ]
+        )
 
 
 @dataclass(eq=False)

@@ -12,13 +12,21 @@ from ._graph_conv import GraphConv, normalized_adjacency
 __all__ = ["example_cnn", "example_gcn", "mlp"]
 
 _ACTIVATIONS = {
-    "relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(0.1), "tanh": nn.Tanh, "gelu": nn.GELU,
-    "sigmoid": nn.Sigmoid, "relu6": nn.ReLU6, "identity": nn.Identity,
+    "relu": nn.ReLU,
+    "leaky_relu": lambda: nn.LeakyReLU(0.1),
+    "tanh": nn.Tanh,
+    "gelu": nn.GELU,
+    "sigmoid": nn.Sigmoid,
+    "relu6": nn.ReLU6,
+    "identity": nn.Identity,
 }
 
 
 def mlp(
-    widths: Sequence[int], activation: str = "relu", *, dtype: torch.dtype = torch.float64,
+    widths: Sequence[int],
+    activation: str = "relu",
+    *,
+    dtype: torch.dtype = torch.float64,
     seed: int = 0,
 ) -> nn.Sequential:
     """`Linear -> act -> ... -> Linear` with the given widths; `activation` is one of
@@ -28,7 +36,9 @@ def mlp(
     for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
         layers.append(nn.Linear(a, b))
         if i < len(widths) - 2:
-            layers.append(nn.PReLU(b, init=0.2) if activation == "prelu" else _ACTIVATIONS[activation]())
+            layers.append(
+                nn.PReLU(b, init=0.2) if activation == "prelu" else _ACTIVATIONS[activation]()
+            )
     return nn.Sequential(*layers).to(dtype)
 
 
@@ -38,10 +48,21 @@ def example_cnn(*, dtype: torch.dtype = torch.float64, seed: int = 0) -> nn.Sequ
     affine parameters are randomized so that they matter."""
     torch.manual_seed(seed)
     net = nn.Sequential(
-        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(6, 8, 3), nn.LeakyReLU(0.1), nn.AvgPool2d(2),
-        nn.Conv2d(8, 7, 1), nn.PReLU(7, init=0.3), nn.LPPool2d(2, 2),
-        nn.Flatten(), nn.Linear(7, 9), nn.ReLU(), nn.Dropout(0.3), nn.Linear(9, 5),
+        nn.Conv2d(3, 6, 3, padding=1),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(6, 8, 3),
+        nn.LeakyReLU(0.1),
+        nn.AvgPool2d(2),
+        nn.Conv2d(8, 7, 1),
+        nn.PReLU(7, init=0.3),
+        nn.LPPool2d(2, 2),
+        nn.Flatten(),
+        nn.Linear(7, 9),
+        nn.ReLU(),
+        nn.Dropout(0.3),
+        nn.Linear(9, 5),
     ).to(dtype)
     for m in net.modules():
         if isinstance(m, nn.BatchNorm2d):
@@ -54,7 +75,10 @@ def example_cnn(*, dtype: torch.dtype = torch.float64, seed: int = 0) -> nn.Sequ
 
 
 def example_gcn(
-    n_nodes: int = 9, widths: Sequence[int] = (4, 6, 5, 3), *, dtype: torch.dtype = torch.float64,
+    n_nodes: int = 9,
+    widths: Sequence[int] = (4, 6, 5, 3),
+    *,
+    dtype: torch.dtype = torch.float64,
     seed: int = 0,
 ) -> nn.Sequential:
     """`GraphConv -> ReLU -> ... -> GraphConv` on a random symmetric graph."""

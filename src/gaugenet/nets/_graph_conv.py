@@ -36,8 +36,9 @@ class GraphConv(nn.Module):
     rescaling symmetry as eq. (29) and (52).
     """
 
-    def __init__(self, in_features: int, out_features: int, adjacency: Tensor, *,
-                 bias: bool = True) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, adjacency: Tensor, *, bias: bool = True
+    ) -> None:
         super().__init__()
         self.lin = nn.Linear(in_features, out_features, bias=False)
         self.register_buffer("adjacency", adjacency.clone())

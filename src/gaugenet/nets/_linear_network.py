@@ -105,8 +105,9 @@ class LinearNetwork(nn.Module):
                 AffineTerm(f"{pre}weights.{n - 1}", f"{pre}biases.{n - 1}", "left"),
                 AffineTerm(f"{pre}weights.{n}", f"{pre}biases.{n}", "right"),
             )
-            factors.append(AffineFactor(f"{pre}affine:{n}", self.d, terms=terms,
-                                        modules=(prefix or "",)))
+            factors.append(
+                AffineFactor(f"{pre}affine:{n}", self.d, terms=terms, modules=(prefix or "",))
+            )
         return factors, []
 
     def gauge_transform(self, Gs: Sequence[Tensor], cs: Sequence[Tensor]) -> LinearNetwork:
@@ -119,7 +120,9 @@ class LinearNetwork(nn.Module):
         """
         n_layers, d = self.depth, self.d
         if len(Gs) != n_layers + 1 or len(cs) != n_layers + 1:
-            raise GaugeError(f"need N + 1 = {n_layers + 1} matrices and shifts, got {len(Gs)}, {len(cs)}")
+            raise GaugeError(
+                f"need N + 1 = {n_layers + 1} matrices and shifts, got {len(Gs)}, {len(cs)}"
+            )
         ref = self.weights[0]
         Gs = [torch.as_tensor(G, dtype=ref.dtype) for G in Gs]
         cs = [torch.as_tensor(c, dtype=ref.dtype) for c in cs]
@@ -127,10 +130,14 @@ class LinearNetwork(nn.Module):
         for end in (0, n_layers):
             dev = float((Gs[end] - eye).abs().max())
             if dev > 1e-12:
-                raise GaugeError(f"boundary condition violated: G_{end} differs from 1 by {dev:.3e}")
+                raise GaugeError(
+                    f"boundary condition violated: G_{end} differs from 1 by {dev:.3e}"
+                )
             dev = float(cs[end].abs().max())
             if dev > 1e-12:
-                raise GaugeError(f"boundary condition violated: c_{end} differs from 0 by {dev:.3e}")
+                raise GaugeError(
+                    f"boundary condition violated: c_{end} differs from 0 by {dev:.3e}"
+                )
         for n, G in enumerate(Gs):
             _check_invertible(G, f"G_{n}")
         ws, bs = [], []
@@ -148,4 +155,6 @@ def _check_invertible(G: Tensor, where: str) -> None:
         raise GaugeError(f"{where}: matrix has non-finite entries")
     s = torch.linalg.svdvals(G.double())
     if s[-1] <= s[0] * 1e-13 or s[0] == 0:
-        raise GaugeError(f"{where}: matrix is singular (smallest singular value {float(s[-1]):.3e})")
+        raise GaugeError(
+            f"{where}: matrix is singular (smallest singular value {float(s[-1]):.3e})"
+        )
