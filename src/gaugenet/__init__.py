@@ -12,3 +12,6 @@ from .groups import GaugeGroup as GaugeGroup
 from ._canonical import align as align
 from ._canonical import canonical_element as canonical_element
 from ._canonical import canonicalize as canonicalize
+from . import attention as attention
+from .certify import certify as certify
+from .certify import functional_dimension as functional_dimension

@@ -155,15 +155,23 @@ def canonical_element(
     group = symmetries(model, example_inputs) if group is None else group
     state = model_state(model)
     params = {n for n, _ in model.named_parameters()}
+    # bias shifts first: the balanced norms depend on the biases they move
+    shifts = {f.name: f.canonical(state) for f in group.continuous if hasattr(f, "canonical")}
+    shifted = dict(state)
+    for name, v in shifts.items():
+        shifted = group.factor(name).apply(shifted, v)
     if gauge == "balanced":
-        g = _balanced(group, state, params)
+        g = _balanced(group, shifted, params)
     elif gauge == "unit_in":
-        g = _unit_in(group, state)
+        g = _unit_in(group, shifted)
     else:
         raise GaugeError(f"unknown gauge {gauge!r}; use 'balanced' or 'unit_in'")
+    # in the group's order (rescalings act first) a shift is rescaled, see `scaled_by`
+    for name, v in shifts.items():
+        g[name] = GaugeGroup._rescale_shift(group.factor(name), v, g)
     current = group.act_state(state, g)
     for f in group.continuous:
-        if isinstance(f, RescalingFactor):
+        if isinstance(f, RescalingFactor) or f.name in shifts:
             continue
         fn = canonicalizer_for(f)
         if fn is None:

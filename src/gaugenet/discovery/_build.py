@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections import defaultdict
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from ..groups import BatchNormShift, Breaker, PermTerm, PermutationFactor, RescalingFactor, Scale
-from ._labels import FIXED, ZERO, Labels
+from ._labels import FIXED, Labels
 
 __all__ = ["build_factors"]
 
@@ -36,7 +36,9 @@ def _fix_shared(L: Labels) -> None:
                 L.fix_perms(ids, nodes[0], reason)
 
 
-def _scale_factors(L: Labels, model: nn.Module) -> tuple[list[RescalingFactor], dict[int, tuple[str, int]]]:
+def _scale_factors(
+    L: Labels, model: nn.Module
+) -> tuple[list[RescalingFactor], dict[int, tuple[str, int]]]:
     n_ids = len(L.parent)
     roots = [L.find(i) for i in range(n_ids)]
     # components: blocks linked by a shared free scale class
@@ -78,17 +80,28 @@ def _scale_factors(L: Labels, model: nn.Module) -> tuple[list[RescalingFactor], 
                 _, bn, eps, ids = rec
                 idx = lut[ids]
                 if (idx < n).any():
-                    terms.append(BatchNormShift(f"{bn}.weight", f"{bn}.bias", f"{bn}.running_mean",
-                                                f"{bn}.running_var", eps, idx))
+                    terms.append(
+                        BatchNormShift(
+                            f"{bn}.weight",
+                            f"{bn}.bias",
+                            f"{bn}.running_mean",
+                            f"{bn}.running_var",
+                            eps,
+                            idx,
+                        )
+                    )
                 continue
             param, ids, power = rec
             idx = lut[ids]
             if (idx < n).any():
                 terms.append(Scale(param, idx, power))
-        blocks = sorted({L.block_of[i] for r in class_roots for i in range(1, n_ids) if roots[i] == r})
+        blocks = sorted(
+            {L.block_of[i] for r in class_roots for i in range(1, n_ids) if roots[i] == r}
+        )
         name = "scale:" + "+".join(dict.fromkeys(L.blocks[b][2] for b in blocks))
-        modules = tuple(dict.fromkeys(
-            _module_of(t.param if isinstance(t, Scale) else t.weight) for t in terms))
+        modules = tuple(
+            dict.fromkeys(_module_of(t.param if isinstance(t, Scale) else t.weight) for t in terms)
+        )
         labels = tuple(f"{name}[{k}]" for k in range(n))
         factors.append(RescalingFactor(name, n, terms=tuple(terms), modules=modules, labels=labels))
     return factors, where
@@ -104,7 +117,8 @@ def _perm_factors(
             continue
         n = L.blocks[R][1]
         name = "perm:" + "+".join(
-            dict.fromkeys(L.blocks[b][2] for b in range(len(L.blocks)) if L.bfind(b) == R))
+            dict.fromkeys(L.blocks[b][2] for b in range(len(L.blocks)) if L.bfind(b) == R)
+        )
         terms, ok = [], True
         for param, axis, ids in L.perm_terms:
             chan = torch.full(ids.shape, -1, dtype=torch.long)
@@ -151,15 +165,60 @@ def _perm_factors(
         if not ok or not terms:
             continue
         modules = tuple(dict.fromkeys(_module_of(t.param) for t in terms))
-        out.append(PermutationFactor(name, n, terms=tuple(terms), conjugates=tuple(conjugates),
-                                     modules=modules))
+        out.append(
+            PermutationFactor(
+                name, n, terms=tuple(terms), conjugates=tuple(conjugates), modules=modules
+            )
+        )
     return out
+
+
+def _conjugate_shifts(perms: list[PermutationFactor], shifts: list) -> list[PermutationFactor]:
+    """Permuting a layer's channels re-indexes the bias shift of that layer too."""
+    out = []
+    for f in perms:
+        extra = []
+        for sh in shifts:
+            bias = sh.terms[0].param
+            t = next((t for t in f.terms if t.param == bias and t.axis == 0), None)
+            if t is not None and t.entries.shape[1] == 1:
+                extra.append((sh.name, t.entries[:, 0]))
+        if extra:
+            f = PermutationFactor(
+                f.name,
+                f.n,
+                terms=f.terms,
+                conjugates=tuple(f.conjugates) + tuple(extra),
+                modules=f.modules,
+            )
+        out.append(f)
+    return out
+
+
+def _scale_shifts(shifts: list, scale: list[RescalingFactor]) -> None:
+    """A bias shift and the rescaling of the same channels do not commute: record which
+    rescaling scales each shift, so that the group composes them correctly."""
+    for sh in shifts:
+        bias = sh.terms[0].param
+        for f in scale:
+            t = next((t for t in f.terms if isinstance(t, Scale) and t.param == bias), None)
+            if t is not None and t.power == 1:
+                sh.scaled_by = (*sh.scaled_by, (f.name, t.index.reshape(-1)))
 
 
 def build_factors(L: Labels, model: nn.Module) -> tuple[list, list[Breaker]]:
     _fix_shared(L)
+    tied = {
+        name
+        for uses in L.param_users.values()
+        if len({nd for _, nd in uses}) > 1
+        for name, _ in uses
+    }
+    extra = [f for f in L.extra if not tied & set(f.params())]
     scale, where = _scale_factors(L, model)
     perms = _perm_factors(L, scale, where)
+    shifts = [f for f in extra if f.kind == "translation"]
+    _scale_shifts(shifts, scale)
+    perms = _conjugate_shifts(perms, shifts)
     breakers = list(dict.fromkeys(L.breakers))
-    return [*scale, *perms], breakers
-
+    return [*scale, *extra, *perms], breakers

@@ -41,6 +41,8 @@ class Labels:
     perm_terms: list[tuple] = field(default_factory=list)
     links: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # (scale ids, perm ids)
     param_users: dict[int, list[tuple[str, str]]] = field(default_factory=dict)
+    #: factors found directly from the graph (GL between linears, absorbed bias shifts)
+    extra: list = field(default_factory=list)
 
     # -- ids ----------------------------------------------------------------------------
     def fresh(self, n: int, node: str) -> Tensor:
@@ -120,8 +122,11 @@ class Labels:
             merges.add((ra, rb))
         mixed = ((a > 0) & (b == FIXED)) | ((a == FIXED) & (b > 0))
         if not ok or mixed.any():
-            self.fix_perms(torch.cat([a.reshape(-1), b.reshape(-1)]), node,
-                           "channels of the two operands do not correspond")
+            self.fix_perms(
+                torch.cat([a.reshape(-1), b.reshape(-1)]),
+                node,
+                "channels of the two operands do not correspond",
+            )
             return
         for ra, rb in merges:
             ra, rb = self.bfind(ra), self.bfind(rb)

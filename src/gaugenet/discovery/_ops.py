@@ -9,27 +9,91 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "HOMOGENEOUS_FUNCS", "HOMOGENEOUS_MODULES", "NONHOMOGENEOUS", "POOL_FUNCS", "POOL_MODULES",
-    "VIEW_FUNCS", "VIEW_METHODS", "nonhomogeneous_reason",
+    "HOMOGENEOUS_FUNCS",
+    "HOMOGENEOUS_MODULES",
+    "NONHOMOGENEOUS",
+    "POOL_FUNCS",
+    "POOL_MODULES",
+    "VIEW_FUNCS",
+    "VIEW_METHODS",
+    "nonhomogeneous_reason",
 ]
 
 #: Elementwise and positively homogeneous of degree 1: `f(α x) = α f(x)` for `α > 0`.
-HOMOGENEOUS_MODULES = (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.Identity, nn.Dropout, nn.Dropout1d,
-                       nn.Dropout2d)
-HOMOGENEOUS_FUNCS = {F.relu, torch.relu, F.leaky_relu, F.dropout, F.prelu, torch.nn.functional.relu_,
-                     F.dropout1d, F.dropout2d}
+HOMOGENEOUS_MODULES = (
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+)
+HOMOGENEOUS_FUNCS = {
+    F.relu,
+    torch.relu,
+    F.leaky_relu,
+    F.dropout,
+    F.prelu,
+    torch.nn.functional.relu_,
+    F.dropout1d,
+    F.dropout2d,
+}
 
-POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.LPPool1d, nn.LPPool2d,
-                nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d,
-                nn.AdaptiveMaxPool2d)
-POOL_FUNCS = {F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.lp_pool1d, F.lp_pool2d,
-              F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_max_pool1d,
-              F.adaptive_max_pool2d, torch.max_pool1d, torch.max_pool2d, torch.avg_pool1d}
+POOL_MODULES = (
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.LPPool1d,
+    nn.LPPool2d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+)
+POOL_FUNCS = {
+    F.max_pool1d,
+    F.max_pool2d,
+    F.avg_pool1d,
+    F.avg_pool2d,
+    F.lp_pool1d,
+    F.lp_pool2d,
+    F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_max_pool1d,
+    F.adaptive_max_pool2d,
+    torch.max_pool1d,
+    torch.max_pool2d,
+    torch.avg_pool1d,
+}
 
-VIEW_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "squeeze", "unsqueeze",
-                "contiguous", "t", "unflatten", "view_as", "reshape_as", "movedim"}
-VIEW_FUNCS = {torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze,
-              torch.unsqueeze, torch.t, torch.movedim, torch.unflatten}
+VIEW_METHODS = {
+    "view",
+    "reshape",
+    "flatten",
+    "permute",
+    "transpose",
+    "squeeze",
+    "unsqueeze",
+    "contiguous",
+    "t",
+    "unflatten",
+    "view_as",
+    "reshape_as",
+    "movedim",
+}
+VIEW_FUNCS = {
+    torch.flatten,
+    torch.reshape,
+    torch.permute,
+    torch.transpose,
+    torch.squeeze,
+    torch.unsqueeze,
+    torch.t,
+    torch.movedim,
+    torch.unflatten,
+}
 
 _REASONS = {
     nn.Tanh: "Tanh is not positively homogeneous",
@@ -74,14 +138,17 @@ NONHOMOGENEOUS_FUNCS = {k for k in _REASONS if not isinstance(k, type)}
 
 ADD_OPS = {operator.add, torch.add, operator.iadd, operator.sub, torch.sub, operator.isub}
 MUL_OPS = {operator.mul, torch.mul, operator.imul, operator.truediv, torch.div, operator.itruediv}
-NONHOMOGENEOUS_METHODS = {"tanh": "tanh is not positively homogeneous",
-                          "sigmoid": "sigmoid is not positively homogeneous",
-                          "softmax": "softmax is not positively homogeneous",
-                          "exp": "exp is not positively homogeneous"}
+NONHOMOGENEOUS_METHODS = {
+    "tanh": "tanh is not positively homogeneous",
+    "sigmoid": "sigmoid is not positively homogeneous",
+    "softmax": "softmax is not positively homogeneous",
+    "exp": "exp is not positively homogeneous",
+}
 
 
 def nonhomogeneous_reason(op) -> str | None:
     if isinstance(op, type):
-        return next((r for k, r in _REASONS.items() if isinstance(k, type) and issubclass(op, k)),
-                    None)
+        return next(
+            (r for k, r in _REASONS.items() if isinstance(k, type) and issubclass(op, k)), None
+        )
     return _REASONS.get(op)

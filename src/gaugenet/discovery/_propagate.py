@@ -14,12 +14,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from ..groups import AffineFactor, AffineTerm, GLFactor, MatTerm
 from ._labels import FIXED, ZERO, Labels
 from ._ops import (
-    ADD_OPS, HOMOGENEOUS_FUNCS, HOMOGENEOUS_MODULES, MUL_OPS, NONHOMOGENEOUS_FUNCS,
-    NONHOMOGENEOUS_METHODS, POOL_FUNCS, POOL_MODULES, VIEW_FUNCS, VIEW_METHODS,
+    ADD_OPS,
+    HOMOGENEOUS_FUNCS,
+    HOMOGENEOUS_MODULES,
+    MUL_OPS,
+    NONHOMOGENEOUS_FUNCS,
+    NONHOMOGENEOUS_METHODS,
+    POOL_FUNCS,
+    POOL_MODULES,
+    VIEW_FUNCS,
+    VIEW_METHODS,
     nonhomogeneous_reason,
 )
+from ._shifts import AbsorbedShiftFactor, IntoBatchNorm
 
 __all__ = ["Propagator"]
 
@@ -80,12 +90,16 @@ class Propagator(fx.Interpreter):
         if n.op == "output":
             for lab in _flatten_labels(self.lab_tree(n.args[0])):
                 self.L.fix_scales(lab[0], "output", "the output is fixed", quiet=True)
-                self.L.fix_perms(lab[1], "output", "the output is not allowed to change", quiet=True)
+                self.L.fix_perms(
+                    lab[1], "output", "the output is not allowed to change", quiet=True
+                )
             return None
         if not _is_float(out):
             if isinstance(out, (tuple, list)) and n.op == "call_module":
-                raise _Unsupported(f"module {type(self.root.get_submodule(n.target)).__name__} "
-                                   "returns several tensors")
+                raise _Unsupported(
+                    f"module {type(self.root.get_submodule(n.target)).__name__} "
+                    "returns several tensors"
+                )
             return None
         if n.op == "call_module":
             return self.module_rule(n, self.root.get_submodule(n.target), out)
@@ -114,9 +128,14 @@ class Propagator(fx.Interpreter):
         name = str(n.target)
         _, (s, p) = self.first(n)
         if isinstance(m, (nn.Linear, *_CONV)):
-            return self.affine_layer(name, m, s, p, out)
+            lab = self.affine_layer(name, m, s, p, out)
+            if isinstance(m, nn.Linear):
+                self.consecutive_linear(n, m)
+            return lab
         if isinstance(m, _BN):
-            return self.batchnorm(name, m, s, p, out)
+            lab = self.batchnorm(name, m, s, p, out)
+            self.bias_before_bn(n, m)
+            return lab
         if isinstance(m, nn.LayerNorm):
             return self.layernorm(name, m, s, p, out)
         if isinstance(m, nn.Embedding):
@@ -166,12 +185,71 @@ class Propagator(fx.Interpreter):
         lab = _broadcast_channels(fresh, out.shape, axis)
         return lab, lab.clone()
 
+    def _sole_producer(self, n: fx.Node, types: tuple[type, ...]) -> tuple[str, nn.Module] | None:
+        """The layer of one of `types` whose output only `n` reads, if `n`'s input is one."""
+        src = n.args[0] if n.args else None
+        if not isinstance(src, fx.Node) or src.op != "call_module" or len(src.users) != 1:
+            return None
+        m = self.root.get_submodule(str(src.target))
+        return (str(src.target), m) if isinstance(m, types) else None
+
+    def bias_before_bn(self, n: fx.Node, bn: nn.Module) -> None:
+        """A bias right before eval-mode affine BatchNorm is absorbed by its shift `β`."""
+        prod = self._sole_producer(n, (nn.Linear, *_CONV))
+        if prod is None or bn.training or not bn.track_running_stats or not bn.affine:
+            return
+        name, m = prod
+        if m.bias is None or (isinstance(m, _CONV) and m.weight.shape[0] != bn.num_features):
+            return
+        term = IntoBatchNorm(f"{name}.bias", str(n.target), float(bn.eps))
+        self.L.extra.append(
+            AbsorbedShiftFactor(
+                f"shift:{name}", bn.num_features, terms=(term,), modules=(name, str(n.target))
+            )
+        )
+
+    def consecutive_linear(self, n: fx.Node, m: nn.Linear) -> None:
+        """`B(A x)` with nothing between: `A ↦ G⁻¹A`, `B ↦ B G` for any invertible `G`. This
+        contains the rescaling and permutations of `A`'s outputs, which are dropped."""
+        prod = self._sole_producer(n, (nn.Linear,))
+        if prod is None:
+            return
+        a_name, a = prod
+        b_name = str(n.target)
+        r = a.out_features
+        ids = [
+            v
+            for v, blk in enumerate(self.L.block_of)
+            if blk >= 0 and self.L.blocks[blk][2] == a_name
+        ]
+        self.L.fix_scales(torch.tensor(ids), b_name, "", quiet=True)
+        self.L.fix_perms(torch.tensor(ids), b_name, "", quiet=True)
+        if a.bias is not None and m.bias is not None:
+            # with both biases the states may also be shifted: the affine group GA(r)
+            terms = (
+                AffineTerm(f"{a_name}.weight", f"{a_name}.bias", "left"),
+                AffineTerm(f"{b_name}.weight", f"{b_name}.bias", "right"),
+            )
+            self.L.extra.append(
+                AffineFactor(f"affine:{a_name}+{b_name}", r, terms=terms, modules=(a_name, b_name))
+            )
+            return
+        terms = [MatTerm(f"{a_name}.weight", 0, 0, "inv"), MatTerm(f"{b_name}.weight", 1, 0, "T")]
+        if a.bias is not None:
+            terms.insert(1, MatTerm(f"{a_name}.bias", 0, 0, "inv"))
+        self.L.extra.append(
+            GLFactor(f"gl:{a_name}+{b_name}", r, 1, terms=tuple(terms), modules=(a_name, b_name))
+        )
+
     def batchnorm(self, name: str, m: nn.Module, s: Tensor, p: Tensor, out: Tensor) -> Pair:
         uses_batch_stats = m.training or not m.track_running_stats
-        reps = torch.tensor([self.L.union_all(c) if len(c) else ZERO
-                             for c in self.L.per_channel(s, 1)])
+        reps = torch.tensor(
+            [self.L.union_all(c) if len(c) else ZERO for c in self.L.per_channel(s, 1)]
+        )
         if uses_batch_stats:
-            self.L.fix_scales(s, name, "BatchNorm in training mode normalizes with batch statistics")
+            self.L.fix_scales(
+                s, name, "BatchNorm in training mode normalizes with batch statistics"
+            )
         elif not m.affine:
             self.L.fix_scales(s, name, "BatchNorm without affine parameters cannot absorb a scale")
         else:
@@ -235,8 +313,9 @@ class Propagator(fx.Interpreter):
 
     def pool(self, node: str, s: Tensor, p: Tensor, out: Tensor) -> Pair:
         """Pooling mixes positions within a channel: their scales must agree."""
-        reps = torch.tensor([self.L.union_all(c) if len(c) else ZERO
-                             for c in self.L.per_channel(s, 1)])
+        reps = torch.tensor(
+            [self.L.union_all(c) if len(c) else ZERO for c in self.L.per_channel(s, 1)]
+        )
         pcols = self.L.per_channel(p, 1)
         if any(len(c) > 1 for c in pcols):
             self.L.fix_perms(p, node, "pooling over mixed channels")
@@ -369,8 +448,12 @@ class Propagator(fx.Interpreter):
         b = self.root.get_parameter(pname)
         if b.ndim != 1:
             raise _Unsupported(f"adding the {b.ndim}-d parameter {pname}")
-        reps = torch.tensor([self.L.union_all(c) if len(c) else ZERO
-                             for c in self.L.per_channel(s.expand(out.shape), -1)])
+        reps = torch.tensor(
+            [
+                self.L.union_all(c) if len(c) else ZERO
+                for c in self.L.per_channel(s.expand(out.shape), -1)
+            ]
+        )
         self.L.scale_terms.append((pname, reps, 1))
         self.carrier(n.name, [pname], p.expand(out.shape), axis=-1)
         return _broadcast_channels(reps, out.shape, -1), p.expand(out.shape).clone()
@@ -417,13 +500,16 @@ class Propagator(fx.Interpreter):
         if const_a and lb is not None and self._param_name(a) is None and lb[0].ndim >= 2:
             # A @ X with A constant mixes rows of X: each column keeps one scale and channel
             s, p = lb
-            reps = torch.tensor([self.L.union_all(c) if len(c) else ZERO
-                                 for c in self.L.per_channel(s, -1)])
+            reps = torch.tensor(
+                [self.L.union_all(c) if len(c) else ZERO for c in self.L.per_channel(s, -1)]
+            )
             pcols = self.L.per_channel(p, -1)
             if any(len(c) > 1 for c in pcols):
                 self.L.fix_perms(p, n.name, "matmul over mixed channels")
             pids = torch.tensor([int(c[0]) if len(c) == 1 else FIXED for c in pcols])
-            return _broadcast_channels(reps, out.shape, -1), _broadcast_channels(pids, out.shape, -1)
+            return _broadcast_channels(reps, out.shape, -1), _broadcast_channels(
+                pids, out.shape, -1
+            )
         raise _Unsupported("matmul of two tensors that carry scales or channels")
 
 

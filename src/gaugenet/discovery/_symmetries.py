@@ -22,7 +22,9 @@ _ANALYZERS: list[tuple[type[nn.Module], Callable[[nn.Module, str], tuple[list, l
 _MODEL_ANALYZERS: list[Callable[[nn.Module, Any], GaugeGroup | None]] = []
 
 
-def register_analyzer(cls: type[nn.Module], fn: Callable[[nn.Module, str], tuple[list, list]]) -> None:
+def register_analyzer(
+    cls: type[nn.Module], fn: Callable[[nn.Module, str], tuple[list, list]]
+) -> None:
     """Teach `symmetries` the internal factors of an atomic module type."""
     _ANALYZERS.append((cls, fn))
 
@@ -91,7 +93,8 @@ def symmetries(model: nn.Module, example_inputs: Any = None) -> GaugeGroup:
         raise
     except Exception as exc:
         raise UnsupportedModelError(
-            f"running {type(model).__name__} on the example inputs failed: {exc}") from exc
+            f"running {type(model).__name__} on the example inputs failed: {exc}"
+        ) from exc
     factors, breakers = build_factors(prop.L, model)
     f2, b2 = _atom_factors(model)
     return GaugeGroup(tuple(factors + f2), tuple(dict.fromkeys(breakers + b2)), names)

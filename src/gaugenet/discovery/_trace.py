@@ -10,18 +10,59 @@ from torch import fx, nn
 
 from .._errors import UnsupportedModelError
 
-__all__ = ["ATOMIC_MODULES", "trace", "register_atomic"]
+__all__ = ["ATOMIC_MODULES", "register_atomic", "trace"]
 
 #: Module types never traced into: the rules of `_rules.py` know what they do.
 ATOMIC_MODULES: tuple[type[nn.Module], ...] = (
-    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
-    nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.Embedding,
-    nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
-    nn.Flatten, nn.Unflatten, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d,
-    nn.LPPool1d, nn.LPPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d, nn.Tanh, nn.GELU, nn.Sigmoid, nn.ReLU6, nn.Hardtanh, nn.SiLU, nn.ELU,
-    nn.Softplus, nn.Softmax, nn.LogSoftmax, nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.SELU,
-    nn.CELU, nn.Softsign, nn.Tanhshrink, nn.MultiheadAttention,
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.Embedding,
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Flatten,
+    nn.Unflatten,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.LPPool1d,
+    nn.LPPool2d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.Tanh,
+    nn.GELU,
+    nn.Sigmoid,
+    nn.ReLU6,
+    nn.Hardtanh,
+    nn.SiLU,
+    nn.ELU,
+    nn.Softplus,
+    nn.Softmax,
+    nn.LogSoftmax,
+    nn.Mish,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.SELU,
+    nn.CELU,
+    nn.Softsign,
+    nn.Tanhshrink,
+    nn.MultiheadAttention,
 )
 
 _EXTRA_ATOMS: list[type[nn.Module]] = []
@@ -35,8 +76,10 @@ def register_atomic(cls: type[nn.Module]) -> type[nn.Module]:
 
 
 def is_atomic(m: nn.Module) -> bool:
-    return isinstance(m, ATOMIC_MODULES) or isinstance(m, tuple(_EXTRA_ATOMS)) or hasattr(
-        m, "gauge_factors"
+    return (
+        isinstance(m, ATOMIC_MODULES)
+        or isinstance(m, tuple(_EXTRA_ATOMS))
+        or hasattr(m, "gauge_factors")
     )
 
 

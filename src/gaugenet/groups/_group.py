@@ -18,6 +18,8 @@ from torch import Tensor, nn
 from .._errors import GaugeError
 from ._base import AbstractFactor, Breaker, State
 from ._permutation import PermutationFactor
+from ._rescaling import RescalingFactor
+from ._translation import TranslationFactor
 
 __all__ = ["Element", "GaugeGroup", "model_state"]
 
@@ -80,7 +82,11 @@ class GaugeGroup:
 
     @property
     def continuous(self) -> list[AbstractFactor]:
-        return [f for f in self.factors if not f.discrete]
+        """Continuous factors in the order they act: rescalings first."""
+        cont = [f for f in self.factors if not f.discrete]
+        return [f for f in cont if isinstance(f, RescalingFactor)] + [
+            f for f in cont if not isinstance(f, RescalingFactor)
+        ]
 
     @property
     def discrete(self) -> list[AbstractFactor]:
@@ -151,6 +157,9 @@ class GaugeGroup:
         perms_g = {f.name: g[f.name] for f in self.discrete}
         h_cont = self._conjugate({f.name: h[f.name] for f in self.continuous}, perms_g)
         out = {f.name: f.compose(g[f.name], h_cont[f.name]) for f in self.continuous}
+        for f in self.continuous:  # a shift of g moved past the rescalings of h is rescaled
+            if isinstance(f, TranslationFactor) and f.scaled_by:
+                out[f.name] = self._rescale_shift(f, g[f.name], h_cont) + h_cont[f.name]
         out.update({f.name: f.compose(g[f.name], h[f.name]) for f in self.discrete})
         return {f.name: out[f.name] for f in self.factors}
 
@@ -160,9 +169,20 @@ class GaugeGroup:
         self.validate(g)
         perms_inv = {f.name: f.inverse(g[f.name]) for f in self.discrete}
         cont_inv = {f.name: f.inverse(g[f.name]) for f in self.continuous}
+        for f in self.continuous:
+            if isinstance(f, TranslationFactor) and f.scaled_by:
+                cont_inv[f.name] = self._rescale_shift(f, -g[f.name], cont_inv)
         out = self._conjugate(cont_inv, perms_inv)
         out.update(perms_inv)
         return {f.name: out[f.name] for f in self.factors}
+
+    @staticmethod
+    def _rescale_shift(f: TranslationFactor, v: Tensor, scales: Mapping[str, Tensor]) -> Tensor:
+        for name, m in f.scaled_by:
+            a = scales[name]
+            ext = torch.cat([a, torch.ones(1, dtype=a.dtype)])
+            v = v * ext[m].to(v.dtype)
+        return v
 
     def exp(self, xi: Tensor) -> Element:
         """Algebra coordinates `(dim,)`, factors in order, to an element (permutations: id)."""

@@ -33,10 +33,18 @@ class Shift:
 
 @dataclass(eq=False)
 class TranslationFactor(AbstractFactor):
-    """The additive group `R^n`. Element: `(n,)`."""
+    """The additive group `R^n`. Element: `(n,)`.
+
+    `scaled_by` declares rescaling factors that do not commute with this translation:
+    `(factor_name, m)` says that acting by the shift `v` and then by the rescaling `α` equals
+    acting by `α` and then by the shift `v * α[m]` (entry `m[c] == n_factor` means unscaled).
+    The group applies rescalings before translations and composes accordingly (a
+    semidirect product), see `GaugeGroup.compose`.
+    """
 
     n: int = 0
     terms: tuple[Shift, ...] = field(default=(), kw_only=True)
+    scaled_by: tuple[tuple[str, Tensor], ...] = field(default=(), kw_only=True)
 
     def __post_init__(self) -> None:
         self.kind = "translation"

@@ -1,0 +1,57 @@
+"""Explaining hidden redundancy: ReLU units that are dead or always active on the inputs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._jacobian import as_tuple
+
+__all__ = ["relu_causes"]
+
+_RELUS = (nn.ReLU, nn.LeakyReLU, nn.PReLU)
+
+
+def _per_unit(x: Tensor) -> tuple[Tensor, Tensor]:
+    """`(never_positive, always_positive)` per unit: channel axis 1 for ≥ 3-d tensors
+    (convolutions), the last axis otherwise."""
+    if x.ndim >= 3:
+        x = x.movedim(1, -1)
+    flat = x.reshape(-1, x.shape[-1])
+    return (flat <= 0).all(0), (flat > 0).all(0)
+
+
+def relu_causes(model: nn.Module, inputs: Any) -> list[str]:
+    """One line per ReLU-like module with units that are dead (never positive on the
+    inputs: their incoming weights do not matter) or always active (the unit is linear on
+    the inputs, so more than rescalings leave the outputs unchanged)."""
+    found: dict[str, tuple[Tensor, Tensor]] = {}
+    hooks = []
+    for name, m in model.named_modules():
+        if isinstance(m, _RELUS):
+
+            def hook(mod: nn.Module, args: tuple, out: Any, name: str = name) -> None:
+                dead, alive = _per_unit(args[0].detach())
+                if name in found:  # a module used twice: combine both uses
+                    d0, a0 = found[name]
+                    dead, alive = (d0 & dead, a0 & alive) if d0.shape == dead.shape else (d0, a0)
+                found[name] = (dead, alive)
+
+            hooks.append(m.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(*as_tuple(inputs))
+    finally:
+        for h in hooks:
+            h.remove()
+    lines = []
+    for name, (dead, alive) in found.items():
+        if dead.any():
+            idx = dead.nonzero().reshape(-1).tolist()
+            lines.append(f"{name}: {len(idx)} unit(s) dead on the inputs (e.g. {idx[:5]})")
+        if alive.any():
+            idx = alive.nonzero().reshape(-1).tolist()
+            lines.append(f"{name}: {len(idx)} unit(s) always active on the inputs (e.g. {idx[:5]})")
+    return lines

@@ -1,0 +1,102 @@
+"""`certify(model, inputs)`: do the discovered symmetries explain every redundancy?"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from torch import nn
+
+from .._errors import GaugeError
+from ..groups import GaugeGroup
+from ._causes import relu_causes
+from ._functional_dimension import functional_dimension
+from ._matrix_free import matrix_free_certificate
+
+__all__ = ["CertifyReport", "certify"]
+
+
+@dataclass(frozen=True)
+class CertifyReport:
+    """The outcome of `certify`.
+
+    - `n_params`, `functional_dimension`, `symmetry_dim`.
+    - `unexplained = n_params − functional_dimension − symmetry_dim`: 0 when the symmetries
+      explain every redundancy, > 0 for hidden redundancy (see `causes`), < 0 is a bug.
+    - `method`: `"exact"` (rank of the Jacobian) or `"matrix-free"` (Lanczos on the
+      complement of the orbit tangents; there `functional_dimension` is
+      `n_params − symmetry_dim` when `sigma_min` is above the tolerance).
+    - `gap`: the singular-value gap at the rank (exact) or `sigma_min / sigma_max`.
+    - `causes`: explanations found for hidden redundancy (dead or always-active units).
+    """
+
+    n_params: int
+    functional_dimension: int
+    symmetry_dim: int
+    unexplained: int
+    method: str
+    gap: float
+    sigma_min: float | None = None
+    causes: tuple[str, ...] = field(default=())
+
+    @property
+    def ok(self) -> bool:
+        return self.unexplained == 0
+
+    def lines(self) -> list[str]:
+        out = [
+            f"parameters            {self.n_params}",
+            f"functional dimension  {self.functional_dimension} ({self.method})",
+            f"symmetry dimension    {self.symmetry_dim}",
+            f"unexplained           {self.unexplained}",
+            f"singular-value gap    {self.gap:.3e}",
+        ]
+        if self.unexplained > 0:
+            out.append("hidden redundancy: " + ("; ".join(self.causes) or "cause not found"))
+        elif self.unexplained < 0:
+            out.append("negative: the symmetry count exceeds the redundancy (a bug)")
+        return out
+
+
+def certify(
+    model: nn.Module,
+    inputs: Any,
+    *,
+    group: GaugeGroup | None = None,
+    method: Literal["auto", "exact", "matrix-free"] = "auto",
+    rtol: float = 1e-9,
+    max_iter: int = 300,
+) -> CertifyReport:
+    """Compare the functional dimension of `model` on `inputs` with its symmetries.
+
+    **Arguments:**
+
+    - `model`, `inputs`: as for `functional_dimension` (enough inputs that the outputs
+      outnumber the parameters).
+    - `group`: the symmetries; default `gaugenet.symmetries(model, inputs)`.
+    - `method`: `"exact"` materializes the Jacobian; `"matrix-free"` runs the Lanczos
+      certificate; `"auto"` is exact up to 20 000 parameters.
+    - `rtol`: relative threshold for a zero singular value.
+    - `max_iter`: Lanczos steps for the matrix-free certificate.
+
+    **Returns:** a `CertifyReport`.
+    """
+    if group is None:
+        from ..discovery import symmetries
+
+        group = symmetries(model, inputs)
+    n_params = sum(p.numel() for p in model.parameters())
+    if method == "auto":
+        method = "exact" if n_params <= 20_000 else "matrix-free"
+    if method == "exact":
+        fd = functional_dimension(model, inputs, rtol=rtol)
+        rank, gap, smin = fd.rank, fd.gap, None
+    elif method == "matrix-free":
+        mf = matrix_free_certificate(model, inputs, group, max_iter=max_iter)
+        smin, gap = mf.sigma_min, mf.sigma_min / mf.sigma_max
+        rank = n_params - group.dim if gap > rtol**0.5 else n_params - group.dim - 1
+    else:
+        raise GaugeError(f"method must be 'auto', 'exact' or 'matrix-free', not {method!r}")
+    unexplained = n_params - rank - group.dim
+    causes = tuple(relu_causes(model, inputs)) if unexplained > 0 else ()
+    return CertifyReport(n_params, rank, group.dim, unexplained, method, gap, smin, causes)

@@ -1,0 +1,55 @@
+"""Bias shifts that a following layer absorbs: translations found in the graph.
+
+- A bias right before eval-mode BatchNorm: `BN(x + v) = BN(x) + γ v / s` with
+  `s = sqrt(var + eps)`, so `b ↦ b + v`, `β ↦ β − γ v / s` changes nothing.
+
+The element `v` has one entry per channel of the first layer's output. A shift does not
+commute with the rescaling of the same channels (shift then scale = scale then a scaled
+shift); the factor declares that rescaling in `scaled_by` and `GaugeGroup` composes the
+semidirect product exactly. Two linear maps in a row get the affine group `GA(r)` instead
+(`AffineFactor`), which contains both their GL and their shift.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..groups import TranslationFactor
+from ..groups._base import State
+
+__all__ = ["AbsorbedShiftFactor", "IntoBatchNorm"]
+
+
+@dataclass(frozen=True)
+class IntoBatchNorm:
+    """`bias += v`, `bn.bias −= bn.weight · v / sqrt(bn.running_var + eps)`."""
+
+    param: str
+    bn: str
+    eps: float
+
+    def __call__(self, new: State, v: Tensor) -> None:
+        gamma = new[f"{self.bn}.weight"]
+        s = torch.sqrt(new[f"{self.bn}.running_var"].to(gamma.dtype) + self.eps)
+        new[self.param] = new[self.param] + v.to(gamma.dtype)
+        new[f"{self.bn}.bias"] = new[f"{self.bn}.bias"] - gamma * v.to(gamma.dtype) / s
+
+    def touched(self) -> tuple[str, ...]:
+        return (self.param, f"{self.bn}.bias")
+
+
+class AbsorbedShiftFactor(TranslationFactor):
+    """A `TranslationFactor` whose terms move a bias into the next layer."""
+
+    def params(self) -> tuple[str, ...]:
+        out: list[str] = []
+        for t in self.terms:
+            out += [*t.touched(), f"{t.bn}.weight", f"{t.bn}.running_var"]
+        return tuple(dict.fromkeys(out))
+
+    def canonical(self, state: State) -> Tensor:
+        """The shift that zeroes the bias (BatchNorm's `β` absorbs it): the canonical gauge."""
+        return -state[self.terms[0].param]
