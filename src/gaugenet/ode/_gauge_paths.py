@@ -20,7 +20,13 @@ from .._errors import GaugeError
 if TYPE_CHECKING:
     from ._linear_node import LinearNODE
 
-__all__ = ["TimePath", "as_path", "random_gauge_path", "time_reparametrization"]
+__all__ = [
+    "TimePath",
+    "as_path",
+    "check_gauge_path",
+    "random_gauge_path",
+    "time_reparametrization",
+]
 
 
 class TimePath:
@@ -49,22 +55,23 @@ class TimePath:
         self.fn, self.derivative, self.vectorized = fn, derivative, vectorized
         self.breakpoints = breakpoints
 
-    def _call(self, f: Callable[[Tensor], Tensor], t: Tensor) -> Tensor:
+    @staticmethod
+    def _call(f: Callable[[Tensor], Tensor], t: Tensor, vectorized: bool) -> Tensor:
         t = torch.as_tensor(t)
         flat = t.reshape(-1)
-        out = f(flat) if self.vectorized else vmap(f)(flat)
+        out = f(flat) if vectorized else vmap(f)(flat)
         return out.reshape(*t.shape, *out.shape[1:])
 
     def __call__(self, t: Tensor) -> Tensor:
-        return self._call(self.fn, t)
+        return self._call(self.fn, t, self.vectorized)
 
     def dot(self, t: Tensor) -> Tensor:
         """The time derivative at `t`."""
         if self.derivative is not None:
-            return self._call(self.derivative, t)
+            return self._call(self.derivative, t, self.vectorized)
         if self.vectorized:
-            return self._call(jacfwd(lambda s: self.fn(s.reshape(1))[0]), t)
-        return self._call(jacfwd(self.fn), t)
+            return self._call(jacfwd(lambda s: self.fn(s.reshape(1))[0]), t, False)
+        return self._call(jacfwd(self.fn), t, False)
 
 
 def as_path(p: TimePath | Callable[[Tensor], Tensor], derivative=None) -> TimePath:
@@ -72,6 +79,38 @@ def as_path(p: TimePath | Callable[[Tensor], Tensor], derivative=None) -> TimePa
     if isinstance(p, TimePath):
         return p if derivative is None else TimePath(p.fn, derivative, vectorized=p.vectorized)
     return TimePath(p, derivative)
+
+
+def check_gauge_path(G: TimePath, c: TimePath, T: float, d: int, dtype: torch.dtype) -> None:
+    """Raise `GaugeError` unless `G(0) = G(T) = 1`, `c(0) = c(T) = 0` (to 1e-10) and `G(t)`
+    stays in GL⁺(d) on a grid of 257 times."""
+    ends = torch.tensor([0.0, T], dtype=dtype)
+    eye = torch.eye(d, dtype=dtype)
+    G_end, c_end = G(ends).detach(), c(ends).detach()
+    if G_end.shape != (2, d, d) or c_end.shape != (2, d):
+        raise GaugeError(
+            f"gauge path: G(t), c(t) must be ({d}, {d}) and ({d},), got "
+            f"{tuple(G_end.shape[1:])} and {tuple(c_end.shape[1:])}"
+        )
+    for k, name in enumerate(("0", "T")):
+        dev = float((G_end[k] - eye).abs().max())
+        if dev > 1e-10:
+            raise GaugeError(f"boundary condition violated: G({name}) differs from 1 by {dev:.3e}")
+        dev = float(c_end[k].abs().max())
+        if dev > 1e-10:
+            raise GaugeError(f"boundary condition violated: c({name}) differs from 0 by {dev:.3e}")
+    grid = torch.linspace(0.0, T, 257, dtype=dtype)
+    Gs = G(grid).detach()
+    if not bool(torch.isfinite(Gs).all()):
+        raise GaugeError("gauge path: G(t) has non-finite entries")
+    s = torch.linalg.svdvals(Gs)
+    sign, _ = torch.linalg.slogdet(Gs)
+    bad = (s[:, -1] <= 1e-12 * s[:, 0]) | (sign <= 0)
+    if bool(bad.any()):
+        t_bad = float(grid[bad][0])
+        raise GaugeError(
+            f"gauge path: G(t) leaves GL⁺(d) (singular or det <= 0) at t = {t_bad:.4g}"
+        )
 
 
 def random_gauge_path(
@@ -84,18 +123,34 @@ def random_gauge_path(
 ) -> tuple[TimePath, TimePath]:
     """A random smooth gauge path with `G(0) = G(T) = 1`, `c(0) = c(T) = 0`, `G(t) ∈ GL⁺(d)`:
     `G(t) = exp(sin(πt/T) (A₀ + (t/T) A₁))`, `c(t) = sin(πt/T) (c₀ + (t/T) c₁)`.
-    Derivatives come from autograd."""
+    Both carry their exact time derivatives."""
     A = scale * torch.randn(2, d, d, dtype=dtype, generator=generator) / math.sqrt(d)
     c = scale * torch.randn(2, d, dtype=dtype, generator=generator)
 
+    def X(t: Tensor) -> tuple[Tensor, Tensor]:
+        s, r = torch.sin(math.pi * t / T)[:, None, None], (t / T)[:, None, None]
+        ds = (math.pi / T) * torch.cos(math.pi * t / T)[:, None, None]
+        return s * (A[0] + r * A[1]), ds * (A[0] + r * A[1]) + s * A[1] / T
+
     def G(t: Tensor) -> Tensor:
-        s = torch.sin(math.pi * t / T)[:, None, None]
-        return torch.linalg.matrix_exp(s * (A[0] + (t / T)[:, None, None] * A[1]))
+        return torch.linalg.matrix_exp(X(t)[0])
+
+    def G_dot(t: Tensor) -> Tensor:
+        # d/dt exp(X) is the top-right block of exp([[X, Ẋ], [0, X]]).
+        x, xd = X(t)
+        big = torch.cat([torch.cat([x, xd], -1), torch.cat([torch.zeros_like(x), x], -1)], -2)
+        return torch.linalg.matrix_exp(big)[:, :d, d:]
 
     def cpath(t: Tensor) -> Tensor:
         return torch.sin(math.pi * t / T)[:, None] * (c[0] + (t / T)[:, None] * c[1])
 
-    return TimePath(G, vectorized=True), TimePath(cpath, vectorized=True)
+    def c_dot(t: Tensor) -> Tensor:
+        ds = (math.pi / T) * torch.cos(math.pi * t / T)[:, None]
+        return (
+            ds * (c[0] + (t / T)[:, None] * c[1]) + torch.sin(math.pi * t / T)[:, None] * c[1] / T
+        )
+
+    return TimePath(G, G_dot, vectorized=True), TimePath(cpath, c_dot, vectorized=True)
 
 
 def time_reparametrization(

@@ -157,17 +157,23 @@ def lift_equivalence(
     GL⁺(d)), naming those layers and the weights of `NN_B` whose determinant turned negative.
     """
     if len(Gs) != N + 1 or len(cs) != N + 1:
-        raise GaugeError(f"lift_equivalence: need N + 1 = {N + 1} G_n and c_n, got {len(Gs)}, {len(cs)}")
+        raise GaugeError(
+            f"lift_equivalence: need N + 1 = {N + 1} G_n and c_n, got {len(Gs)}, {len(cs)}"
+        )
     Gs = torch.stack([torch.as_tensor(G, dtype=node_a.dtype) for G in Gs])
     cs = torch.stack([torch.as_tensor(c, dtype=node_a.dtype) for c in cs])
     if Gs.shape[1:] != (node_a.d, node_a.d) or cs.shape[1:] != (node_a.d,):
-        raise GaugeError(f"lift_equivalence: G_n must be ({node_a.d}, {node_a.d}), c_n ({node_a.d},)")
+        raise GaugeError(
+            f"lift_equivalence: G_n must be ({node_a.d}, {node_a.d}), c_n ({node_a.d},)"
+        )
     _check_ends(Gs, cs)
     sign, _ = torch.linalg.slogdet(Gs)
     bad = [n for n in range(N + 1) if sign[n] <= 0]
     if bad:
         net_b = node_a.discretize(N).gauge_transform(list(Gs), list(cs))
-        flipped = [n for n, w in enumerate(net_b.weights) if float(torch.linalg.det(w)) < 0]
+        flipped = [
+            n for n, w in enumerate(net_b.weights) if float(torch.linalg.det(w.detach())) < 0
+        ]
         raise NotLiftableError(
             f"det G_n <= 0 at layers n = {bad}: such G_n lie outside GL⁺(d), so no continuous "
             f"G(t) with G(0) = 1 reaches them. NN_B's weights w̄'_n at n = {flipped} have negative "
@@ -199,7 +205,10 @@ def lift_network(net: LinearNetwork, T: float = 1.0) -> LinearNODE:
             f"layers {bad} have det w̄_n <= 0 ({dets}); every Wilson line has det > 0, so this "
             "network is the discretization of no linear neural ODE."
         )
-    augs = [torch.cat([torch.cat([w, b[:, None]], 1), torch.eye(d + 1, dtype=dtype)[-1:]]) for w, b in zip(ws, bs)]
+    augs = [
+        torch.cat([torch.cat([w, b[:, None]], 1), torch.eye(d + 1, dtype=dtype)[-1:]])
+        for w, b in zip(ws, bs)
+    ]
     logs = [principal_log(A) for A in augs]
     if all(L is not None for L in logs):
         gens = torch.stack(logs) / (T / N)

@@ -16,8 +16,8 @@ from torch import Tensor, nn
 
 from .._errors import GaugeError
 from ..nets import LinearNetwork
-from ._gauge_paths import TimePath, as_path
-from ._wilson import MagnusMethod, ordered_product, wilson_line
+from ._gauge_paths import TimePath, as_path, check_gauge_path
+from ._wilson import MagnusMethod, ordered_product, prefix_products, wilson_line
 
 __all__ = ["LinearNODE"]
 
@@ -96,7 +96,9 @@ class LinearNODE(nn.Module):
         with torch.no_grad():
             probe = w(torch.zeros(1, dtype=torch.float64 if _dtype_of(w) is None else _dtype_of(w)))
         if probe.ndim != 3 or probe.shape[-1] != probe.shape[-2]:
-            raise GaugeError(f"LinearNODE: w(t) must have shape (m, d, d), got {tuple(probe.shape)}")
+            raise GaugeError(
+                f"LinearNODE: w(t) must have shape (m, d, d), got {tuple(probe.shape)}"
+            )
         self.d, self.dtype = probe.shape[-1], probe.dtype
         self.w = w
         self.b = _Zero(self.d, self.dtype) if b is None else b
@@ -106,6 +108,12 @@ class LinearNODE(nn.Module):
     def augmented(self, t: Tensor) -> Tensor:
         """`M̂(t) = [[w(t), b(t)], [0, 0]]`, shape `(m, d + 1, d + 1)`."""
         t = torch.as_tensor(t, dtype=self.dtype)
+        if (
+            isinstance(self.w, _Block)
+            and isinstance(self.b, _Block)
+            and self.b.field is self.w.field
+        ):
+            return self.w.field(t)  # one evaluation of a transformed generator, not two
         wt, bt = self.w(t), self.b(t)
         top = torch.cat([wt, bt[..., None]], dim=-1)
         return torch.cat([top, torch.zeros_like(top[:, :1, :])], dim=-2)
@@ -146,7 +154,7 @@ class LinearNODE(nn.Module):
             return self._wl(t1, t0)
         # Jumps: prefix products on the merged grid, then Â_{t1:t0} = P(t1) P(t0)⁻¹.
         grid = torch.unique(torch.cat([t1.reshape(-1), t0.reshape(-1), self.breakpoints()]))
-        P = _prefix_products(self._wl(grid[1:], grid[:-1]))
+        P = prefix_products(self._wl(grid[1:], grid[:-1]))
         P1 = P[torch.searchsorted(grid, t1.reshape(-1))]
         P0 = P[torch.searchsorted(grid, t0.reshape(-1))]
         out = torch.linalg.solve(P0, P1, left=False)
@@ -166,6 +174,12 @@ class LinearNODE(nn.Module):
         return self.interval_flows(edges)[0]
 
     # --- solutions ---------------------------------------------------------------------------
+    def vector_field(self, t: Tensor, x: Tensor) -> Tensor:
+        """`F(t, x) = w(t) x + b(t)` for a scalar `t` and `x` `(batch, d)` (as `NeuralODE`
+        takes a field)."""
+        t1 = torch.as_tensor(t, dtype=self.dtype).reshape(1)
+        return x @ self.w(t1)[0].T + self.b(t1)[0]
+
     def forward(self, x0: Tensor) -> Tensor:
         """`x(T)` for `x0` of shape `(batch, d)` by eq. (22)."""
         A = self.affine_holonomy()
@@ -222,12 +236,15 @@ class LinearNODE(nn.Module):
         G = as_path(G, G_dot)
         if c is None:
             zero = torch.zeros(self.d, dtype=self.dtype)
-            c = TimePath(lambda t: zero.expand(t.shape[0], -1), lambda t: zero.expand(t.shape[0], -1),
-                         vectorized=True)
+            c = TimePath(
+                lambda t: zero.expand(t.shape[0], -1),
+                lambda t: zero.expand(t.shape[0], -1),
+                vectorized=True,
+            )
         else:
             c = as_path(c, c_dot)
         if check:
-            _check_path(G, c, self.T, self.d, self.dtype)
+            check_gauge_path(G, c, self.T, self.d, self.dtype)
         extra = [self.breakpoints()] + [p.breakpoints for p in (G, c) if p.breakpoints is not None]
         field = _Gauged(self, G, c)
         return LinearNODE(
@@ -264,39 +281,3 @@ def _dtype_of(f: Field) -> torch.dtype | None:
         for p in f.parameters():
             return p.dtype
     return None
-
-
-def _prefix_products(F: Tensor) -> Tensor:
-    """`P[0] = 1`, `P[k] = F[k-1] ⋯ F[0]`: a Hillis-Steele scan in log-depth batched matmuls."""
-    P, k = F, 1
-    while k < P.shape[0]:
-        P = torch.cat([P[:k], P[k:] @ P[:-k]])
-        k *= 2
-    eye = torch.eye(F.shape[-1], dtype=F.dtype, device=F.device)
-    return torch.cat([eye[None], P])
-
-
-def _check_path(G: TimePath, c: TimePath, T: float, d: int, dtype: torch.dtype) -> None:
-    ends = torch.tensor([0.0, T], dtype=dtype)
-    eye = torch.eye(d, dtype=dtype)
-    G_end, c_end = G(ends).detach(), c(ends).detach()
-    if G_end.shape != (2, d, d) or c_end.shape != (2, d):
-        raise GaugeError(f"gauge path: G(t), c(t) must be ({d}, {d}) and ({d},), got "
-                         f"{tuple(G_end.shape[1:])} and {tuple(c_end.shape[1:])}")
-    for k, name in enumerate(("0", "T")):
-        dev = float((G_end[k] - eye).abs().max())
-        if dev > 1e-10:
-            raise GaugeError(f"boundary condition violated: G({name}) differs from 1 by {dev:.3e}")
-        dev = float(c_end[k].abs().max())
-        if dev > 1e-10:
-            raise GaugeError(f"boundary condition violated: c({name}) differs from 0 by {dev:.3e}")
-    grid = torch.linspace(0.0, T, 257, dtype=dtype)
-    Gs = G(grid).detach()
-    if not bool(torch.isfinite(Gs).all()):
-        raise GaugeError("gauge path: G(t) has non-finite entries")
-    s = torch.linalg.svdvals(Gs)
-    sign, _ = torch.linalg.slogdet(Gs)
-    bad = (s[:, -1] <= 1e-12 * s[:, 0]) | (sign <= 0)
-    if bool(bad.any()):
-        t_bad = float(grid[bad][0])
-        raise GaugeError(f"gauge path: G(t) leaves GL⁺(d) (singular or det <= 0) at t = {t_bad:.4g}")

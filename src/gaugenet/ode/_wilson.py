@@ -18,7 +18,14 @@ from torch import Tensor
 
 from .._errors import GaugeError
 
-__all__ = ["Magnus4", "Magnus6", "MagnusMethod", "ordered_product", "wilson_line"]
+__all__ = [
+    "Magnus4",
+    "Magnus6",
+    "MagnusMethod",
+    "ordered_product",
+    "prefix_products",
+    "wilson_line",
+]
 
 MatrixField = Callable[[Tensor], Tensor]
 
@@ -80,6 +87,16 @@ def ordered_product(mats: Tensor) -> Tensor:
     return mats[..., 0, :, :]
 
 
+def prefix_products(F: Tensor) -> Tensor:
+    """`P[0] = 1`, `P[k] = F[k-1] ⋯ F[0]`: a Hillis-Steele scan in log-depth batched matmuls."""
+    P, k = F, 1
+    while k < P.shape[0]:
+        P = torch.cat([P[:k], P[k:] @ P[:-k]])
+        k *= 2
+    eye = torch.eye(F.shape[-1], dtype=F.dtype, device=F.device)
+    return torch.cat([eye[None], P])
+
+
 def _fixed_steps(w: MatrixField, t1: Tensor, t0: Tensor, n: int, method: MagnusMethod) -> Tensor:
     """Wilson lines over the flat intervals `t0 -> t1` (shape `(B,)`) with `n` equal steps."""
     B = t0.shape[0]
@@ -127,12 +144,14 @@ def wilson_line(
     - `t1`, `t0`: end and start times, numbers or broadcastable tensors of any shape `S`.
     - `steps`: Magnus steps per interval (all intervals get the same number). With `rtol`
       unset, exactly `steps` steps are taken.
-    - `rtol`: relative accuracy to reach. Step doubling (`n` against `2n` steps, the gap
-      divided by `2^p - 1`) estimates the error; the step count is raised until the estimate
-      is below `rtol` for every interval. Default, when neither is given: `1e-12` in float64,
+    - `rtol`: relative accuracy to reach. The error at `m` steps is estimated from the gap to
+      the result at `n < m` steps, divided by `(m/n)^p - 1` (step doubling first, then the
+      step count the estimate predicts); steps are added until the estimate is below `rtol`
+      for every interval. Default, when neither is given: `1e-12` in float64,
       `1e-6` otherwise.
     - `method`: a `MagnusMethod`; default `Magnus6()`.
-    - `return_error`: also return the error estimate (needs step doubling, even with `steps`).
+    - `return_error`: also return the error estimate (needs a second result, even with
+      `steps`: the first is then taken at `steps`).
     - `max_steps`: the cap on steps per interval.
 
     **Returns:** `W` of shape `S + (..., d, d)`; with `return_error`, `(W, error_estimate)`.
@@ -157,19 +176,26 @@ def wilson_line(
         W = _fixed_steps(w, t1f, t0f, steps, method)
         return W.reshape(*shape, *W.shape[1:])
 
-    # Step doubling; rounding puts a floor under the estimate that no step count can beat.
+    # Step-count refinement: the gap between results at n and m > n steps, divided by
+    # (m/n)^p − 1, estimates the error at m steps. Start with the pair (n0, 2 n0), then jump
+    # straight to the step count the estimate predicts and check it against the last result.
+    # Rounding puts a floor under the estimate that no step count can beat.
     rtol_eff = max(rtol if rtol is not None else math.inf, 20 * torch.finfo(dtype).eps)
-    n = steps if steps is not None else 2
-    factor = 2**method.order - 1
-    while True:
-        with torch.no_grad():
-            coarse = _fixed_steps(w, t1f, t0f, n, method)
-        fine = _fixed_steps(w, t1f, t0f, 2 * n, method)
-        err = _relative_gap(coarse, fine) / factor
-        if err <= rtol_eff or 2 * n >= max_steps or not math.isfinite(err):
-            break
-        # Error of the fine result scales as n^{-p}: aim at half the tolerance.
-        grow = (err / (0.5 * rtol_eff)) ** (1.0 / method.order)
-        n = min(max(math.ceil(2 * n * grow / 2), n + 1), max_steps // 2)
+    p = method.order
+    # Intermediate results only need a graph when w carries one (training).
+    track = torch.is_grad_enabled() and w(t0f[:1]).requires_grad
+    with torch.set_grad_enabled(track):
+        n = steps if steps is not None else 4
+        prev = _fixed_steps(w, t1f, t0f, n, method)
+        m = 2 * n
+        fine = _fixed_steps(w, t1f, t0f, m, method)
+        err = _relative_gap(prev, fine) / (2**p - 1)
+        while err > rtol_eff and m < max_steps and math.isfinite(err):
+            # Aim below the tolerance: estimates from few steps are often optimistic.
+            grow = max(1.25, (err / (0.3 * rtol_eff)) ** (1.0 / p))
+            new_m = min(math.ceil(m * grow), max_steps)
+            new = _fixed_steps(w, t1f, t0f, new_m, method)
+            err = _relative_gap(fine, new) / ((new_m / m) ** p - 1)
+            fine, m = new, new_m
     W = fine.reshape(*shape, *fine.shape[1:])
     return (W, err) if return_error else W
