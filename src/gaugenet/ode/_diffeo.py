@@ -122,10 +122,10 @@ class SpatialDiffeo(AbstractDiffeo):
     ) -> SpatialDiffeo:
         r"""`φ_t` = time-1 flow of the generator field `x ↦ ε(t, x)` at frozen `t`.
 
-        The generator is forced to vanish at both ends,
-        $\varepsilon(t,x) - (1-t/T)\,\varepsilon(0,x) - (t/T)\,\varepsilon(T,x)$,
-        so `φ_0 = φ_T = id` exactly (a generator that already vanishes there is
-        unchanged). To first order `φ_t = id + ε` (eq. 13).
+        The generator is forced to vanish at both ends: it is multiplied by the window
+        `4 (t/T)(1 − t/T)`, so `φ_0 = φ_T = id` exactly (the generator actually used,
+        `phi.generator`, is the one to pass to `lie_derivative`). To first order
+        `φ_t = id + phi.generator` (eq. 13).
 
         **Arguments:**
 

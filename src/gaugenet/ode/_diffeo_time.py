@@ -7,11 +7,11 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
-from torch.func import jvp
+from torch.func import grad
 
 from .._errors import GaugeError
 from ._diffeo import AbstractDiffeo
-from ._diffeo_tools import bisect_increasing, fix_ends, rowwise
+from ._diffeo_tools import bisect_increasing, fix_ends, rowwise, scalar_gradients
 from ._neural_ode import Field, as_field_module
 
 __all__ = ["TimeReparam", "TimeShift"]
@@ -67,19 +67,22 @@ class TimeReparam(AbstractDiffeo):
                 )
 
     def forward(self, t: Tensor) -> Tensor:
-        return self.tau(t) if t.ndim == 0 else torch.stack([self.tau(s) for s in t.flatten()]).view(t.shape)
+        return (
+            self.tau(t)
+            if t.ndim == 0
+            else torch.stack([self.tau(s) for s in t.flatten()]).view(t.shape)
+        )
 
     def rate(self, t: Tensor) -> Tensor:
-        """`τ'(t)` at a scalar tensor `t`."""
-        return jvp(self.tau, (t,), (torch.ones_like(t),))[1]
+        """`τ'(t)` at a scalar tensor `t` (reverse mode: one scalar input, one output)."""
+        return grad(self.tau)(t)
 
     def inverse(self, t: Tensor) -> Tensor:
         """`τ⁻¹(t)` elementwise, by bisection on `[0, T]`."""
         return bisect_increasing(self, t, 0.0, self.T)
 
     def _pull(self, field: Field, t: Tensor, x: Tensor) -> Tensor:
-        s, rate = jvp(self.tau, (t,), (torch.ones_like(t),))
-        return rate * field(s, x)
+        return self.rate(t) * field(self.tau(t), x)
 
     def spacetime(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
         return self.tau(t), x
@@ -106,8 +109,9 @@ class TimeShift(AbstractDiffeo):
         `SpatialDiffeo.from_generator` does); `False` keeps it as given.
     """
 
-    def __init__(self, eps0: Callable[[Tensor, Tensor], Tensor], T: float = 1.0, *,
-                 fix_boundary: bool = True) -> None:
+    def __init__(
+        self, eps0: Callable[[Tensor, Tensor], Tensor], T: float = 1.0, *, fix_boundary: bool = True
+    ) -> None:
         super().__init__()
         if not T > 0:
             raise GaugeError(f"TimeShift: T must be positive, got {T}")
@@ -116,10 +120,9 @@ class TimeShift(AbstractDiffeo):
         self.shift = fix_ends(self.raw_shift, self.T) if fix_boundary else self.raw_shift
 
     def _pull(self, field: Field, t: Tensor, x: Tensor) -> Tensor:
-        e0, e0_t = jvp(lambda s: self.shift(s, x), (t,), (torch.ones_like(t),))
+        e0, e0_t, grad_e0 = scalar_gradients(self.shift, t, x)
         f = rowwise(field)(t + e0, x)
-        _, grad_dot_f = jvp(lambda y: self.shift(t, y), (x,), (f,))
-        return ((1 + e0_t) / (1 - grad_dot_f))[:, None] * f
+        return ((1 + e0_t) / (1 - (grad_e0 * f).sum(-1)))[:, None] * f
 
     def spacetime(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
         return t + self.shift(t, x), x

@@ -1,6 +1,6 @@
 """Numerical building blocks of the diffeomorphisms: fixed-step flows and Jacobians.
 
-Everything here is pure tensor code, so that `torch.func` transforms (jvp, vmap) pass
+Everything here is pure tensor code, so that `torch.func` transforms (vjp, vmap) pass
 through it: adaptive solvers branch on the data and cannot be differentiated that way.
 """
 
@@ -10,11 +10,19 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
-from torch.func import jvp, vmap
+from torch.func import vjp, vmap
 
-__all__ = ["fix_ends", "rk4_flow", "rowwise", "spacetime_jacobian"]
+__all__ = [
+    "bisect_increasing",
+    "fix_ends",
+    "rk4_flow",
+    "rowwise",
+    "scalar_gradients",
+    "spacetime_jacobian",
+]
 
 RowMap = Callable[[Tensor, Tensor], Tensor]
+ScalarMap = Callable[[Tensor, Tensor], Tensor]
 
 
 def rk4_flow(f: RowMap, x: Tensor, t0: Tensor, t1: Tensor, n_steps: int) -> Tensor:
@@ -45,8 +53,11 @@ def rk4_flow(f: RowMap, x: Tensor, t0: Tensor, t1: Tensor, n_steps: int) -> Tens
 def spacetime_jacobian(fn: RowMap, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Value, time derivative and spatial Jacobian of a sample-wise map `fn(t, x)`.
 
-    `fn` acts on each row of `x` separately, so one forward-mode jvp per coordinate
-    direction (all `d + 1` of them vmapped together) gives every row's Jacobian at once.
+    `fn` acts on each row of `x` separately, so one reverse-mode vjp per output
+    coordinate (the `d` of them vmapped together) gives every row's Jacobian at once.
+    The time is shared by all rows; its per-row derivative is the transpose of the
+    (linear) map `u ↦ Σ_b u_b · ∂_t y_b`, one more vjp. Reverse mode is used because
+    forward-mode products with constant tensors are slow in torch.
 
     **Arguments:**
 
@@ -56,15 +67,28 @@ def spacetime_jacobian(fn: RowMap, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor
     **Returns:** `y` `(batch, d)`, `∂_t y` `(batch, d)` and `D_x y` `(batch, d, d)`.
     """
     batch, d = x.shape
-    eye = torch.eye(d, dtype=x.dtype, device=x.device)
-    tangent_x = torch.cat([eye[:, None, :].expand(d, batch, d), x.new_zeros(1, batch, d)])
-    tangent_t = torch.cat([t.new_zeros(d), t.new_ones(1)]).to(x.dtype)
+    y, vjp_fn = vjp(fn, t, x)
+    eye = torch.eye(d, dtype=y.dtype, device=y.device)
+    rows = vmap(lambda u: vjp_fn(u)[1])(eye[:, None, :].expand(d, batch, d))
+    _, transpose = vjp(lambda u: vjp_fn(u)[0], torch.zeros_like(y))
+    (dy_dt,) = transpose(torch.ones_like(t))
+    return y, dy_dt, rows.transpose(0, 1)
 
-    def one(dt: Tensor, dx: Tensor) -> tuple[Tensor, Tensor]:
-        return jvp(fn, (t, x), (dt.to(t.dtype), dx))
 
-    y, dy = vmap(one, out_dims=(None, 0))(tangent_t, tangent_x)
-    return y, dy[d], dy[:d].permute(1, 2, 0)
+def scalar_gradients(fn: ScalarMap, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Value, time derivative and gradient of a sample-wise scalar function `fn(t, x)`.
+
+    **Arguments:**
+
+    - `fn`: map `(t, x) -> e`, `t` scalar tensor, `x` `(batch, d)`, `e` `(batch,)`.
+
+    **Returns:** `e` `(batch,)`, `∂_t e` `(batch,)` and `∇_x e` `(batch, d)`.
+    """
+    e, vjp_fn = vjp(fn, t, x)
+    (grad_x,) = vjp_fn(torch.ones_like(e))[1:]
+    _, transpose = vjp(lambda u: vjp_fn(u)[0], torch.zeros_like(e))
+    (de_dt,) = transpose(torch.ones_like(t))
+    return e, de_dt, grad_x
 
 
 def rowwise(fn: RowMap) -> Callable[[Tensor, Tensor], Tensor]:
@@ -76,17 +100,18 @@ def rowwise(fn: RowMap) -> Callable[[Tensor, Tensor], Tensor]:
     return vmap(single)
 
 
-def fix_ends(fn: Callable[[Tensor, Tensor], Tensor], T: float) -> Callable[[Tensor, Tensor], Tensor]:
+def fix_ends(
+    fn: Callable[[Tensor, Tensor], Tensor], T: float
+) -> Callable[[Tensor, Tensor], Tensor]:
     r"""Force a function of `(t, x)` to vanish at `t = 0` and `t = T`.
 
-    $\tilde f(t, x) = f(t, x) - (1 - t/T) f(0, x) - (t/T) f(T, x)$: a function that
-    already vanishes at both ends is returned unchanged.
+    Multiplies it by the window $4\,(t/T)(1 - t/T)$, which is exactly zero in floating
+    point at both ends (unlike $\sin(\pi t/T)$ at $t = T$) and one at $t = T/2$.
     """
 
     def fixed(t: Tensor, x: Tensor) -> Tensor:
         s = t / T
-        zero = torch.zeros_like(t)
-        return fn(t, x) - (1 - s) * fn(zero, x) - s * fn(zero + T, x)
+        return (4 * s * (1 - s)) * fn(t, x)
 
     return fixed
 

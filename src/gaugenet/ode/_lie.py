@@ -43,9 +43,11 @@ class _TimeShiftDerivative(nn.Module):
 def lie_derivative(field: Field, eps: Field) -> nn.Module:
     r"""The first-order change of `F` under the spatial map `x_old = x_new + ε(t, x_new)`.
 
-    Eq. (16): $\delta F^i = F^i_{,j}\,\varepsilon^j - \varepsilon^i_{,j}\,F^j - \partial_t \varepsilon^i$,
+    Eq. (16):
+    $\delta F^i = F^i_{,j}\,\varepsilon^j - \varepsilon^i_{,j}\,F^j - \partial_t \varepsilon^i$,
     so that the pullback by `φ_t = id + s ε` is `F + s δF + O(s²)`. Computed with three
-    forward-mode jvps (no Jacobian matrices).
+    forward-mode jvps (no Jacobian matrices); meant for evaluation at points, not inside
+    a solve (forward mode through constant products is slow in torch).
 
     **Arguments:**
 
@@ -61,8 +63,9 @@ def lie_derivative(field: Field, eps: Field) -> nn.Module:
 def time_shift_derivative(field: Field, eps0: Callable[[Tensor, Tensor], Tensor]) -> nn.Module:
     r"""The first-order change of `F` under the time shift `t_old = t_new + ε⁰(t_new, x)`.
 
-    $\delta F = \varepsilon^0\,\partial_t F + (\partial_t \varepsilon^0 + F\cdot\nabla\varepsilon^0)\,F$;
-    for `ε⁰` independent of `x` this is eq. (20), $F\,\dot\varepsilon^0 + \partial_t F\,\varepsilon^0$.
+    $\delta F = \varepsilon^0\,\partial_t F
+    + (\partial_t \varepsilon^0 + F\cdot\nabla\varepsilon^0)\,F$; for `ε⁰` independent of `x`
+    this is eq. (20), $F\,\dot\varepsilon^0 + \partial_t F\,\varepsilon^0$.
 
     **Arguments:**
 

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 __all__ = ["Field", "MLPField", "NeuralODE", "as_field_module"]
 
 Field = Callable[[Tensor, Tensor], Tensor]
-"""A vector field `F(t, x)`: `t` a scalar tensor, `x` of shape `(batch, d)`, returns `(batch, d)`."""
+"""A vector field `F(t, x)`: `t` a scalar tensor, `x` `(batch, d)`, returns `(batch, d)`."""
 
 
 class _CallableField(nn.Module):

@@ -13,8 +13,10 @@ from ._neural_ode import NeuralODE
 __all__ = ["relating_diffeo"]
 
 
-def relating_diffeo(node_a: NeuralODE, node_b: NeuralODE, *, n_steps: int = 128) -> SpatialDiffeo:
-    r"""The spatial diffeomorphism $\varphi_t = \Phi^A_{t\leftarrow 0}\circ(\Phi^B_{t\leftarrow 0})^{-1}$.
+def relating_diffeo(node_a: NeuralODE, node_b: NeuralODE, *, n_steps: int = 64) -> SpatialDiffeo:
+    r"""The gauge transformation relating two equivalent neural ODEs.
+
+    $\varphi_t = \Phi^A_{t\leftarrow 0}\circ(\Phi^B_{t\leftarrow 0})^{-1}$.
 
     If `node_a` (old) and `node_b` (new) have the same input-output map, then
     `φ_0 = id`, `φ_T = id` on the outputs, and `node_a.pullback(φ)` has the field of

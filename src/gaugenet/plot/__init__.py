@@ -1,0 +1,3 @@
+"""Figures of gauge transformations."""
+
+from ._diffeomorphism import diffeomorphism as diffeomorphism
