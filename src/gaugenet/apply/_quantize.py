@@ -1,0 +1,106 @@
+"""Symmetric round-to-nearest weight quantization, to measure what a gauge choice buys."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+
+from .._errors import GaugeError
+
+__all__ = [
+    "GRANULARITIES",
+    "quantize_dynamic_int8",
+    "quantize_tensor",
+    "quantize_weights",
+    "quantized_params",
+]
+
+GRANULARITIES = ("per-tensor", "per-channel")
+
+# The layers whose weight matrices a deployment stores in low precision; biases, norms and
+# embeddings stay in float (as in the usual weight-only and int8 integer pipelines).
+_QUANTIZED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _check(bits: int, granularity: str) -> None:
+    if not isinstance(bits, int) or not 2 <= bits <= 16:
+        raise GaugeError(f"bits must be an integer in [2, 16], got {bits!r}")
+    if granularity not in GRANULARITIES:
+        raise GaugeError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+
+
+def quantize_tensor(w: Tensor, bits: int, granularity: str = "per-tensor") -> Tensor:
+    """Symmetric round-to-nearest fake quantization of one tensor.
+
+    The step is `max|w| / (2^(bits-1) - 1)` over the whole tensor (`"per-tensor"`) or over
+    each slice `w[o]` along axis 0 (`"per-channel"`, one step per output channel).
+
+    **Arguments:**
+
+    - `w`: any shape `(out, ...)`.
+    - `bits`: integer width, 2 to 16.
+    - `granularity`: `"per-tensor"` or `"per-channel"`.
+
+    **Returns:** a tensor of `w`'s shape and dtype whose entries are integers times the step.
+    """
+    _check(bits, granularity)
+    qmax = 2 ** (bits - 1) - 1
+    a = w.detach().abs()
+    if granularity == "per-tensor" or w.dim() == 0:
+        r = a.max()
+    else:
+        r = a.reshape(a.shape[0], -1).amax(1).reshape(-1, *([1] * (w.dim() - 1)))
+    step = torch.where(r > 0, r / qmax, torch.ones_like(r))
+    return torch.clamp(torch.round(w.detach() / step), -qmax, qmax) * step
+
+
+def quantized_params(model: nn.Module) -> list[str]:
+    """Names of the parameters `quantize_weights` rounds: the weights of Linear and Conv layers."""
+    return [
+        f"{name}.weight" if name else "weight"
+        for name, m in model.named_modules()
+        if isinstance(m, _QUANTIZED_LAYERS)
+    ]
+
+
+def quantize_weights(model: nn.Module, bits: int, granularity: str = "per-tensor") -> nn.Module:
+    """A copy of `model` with every Linear/Conv weight fake-quantized (`quantize_tensor`).
+
+    **Arguments:**
+
+    - `model`: any module; it is not modified.
+    - `bits`: integer width, 2 to 16.
+    - `granularity`: `"per-tensor"` or `"per-channel"` (one step per output channel).
+
+    **Returns:** the quantized copy, in the model's own dtype (float arithmetic on rounded
+    weights, so the output error is the weight-rounding error alone).
+    """
+    _check(bits, granularity)
+    out = copy.deepcopy(model)
+    names = quantized_params(out)
+    if not names:
+        raise GaugeError(f"{type(model).__name__} has no Linear or Conv layer to quantize")
+    with torch.no_grad():
+        for name in names:
+            p = out.get_parameter(name)
+            p.copy_(quantize_tensor(p, bits, granularity))
+    return out
+
+
+def quantize_dynamic_int8(model: nn.Module) -> nn.Module:
+    """Integer quantization with `torch.ao` where it applies: int8 dynamic quantization of the
+    `nn.Linear` layers (per-tensor symmetric weights, activations quantized on the fly).
+
+    **Returns:** a quantized copy (float32, CPU); the model itself is not modified.
+    """
+    if not any(isinstance(m, nn.Linear) for m in model.modules()):
+        raise GaugeError(
+            f"{type(model).__name__} has no nn.Linear layer: torch.ao dynamic "
+            "quantization does not apply"
+        )
+    from torch.ao.quantization import quantize_dynamic
+
+    m = copy.deepcopy(model).float().eval()
+    return quantize_dynamic(m, {nn.Linear}, dtype=torch.qint8)
