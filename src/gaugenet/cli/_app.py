@@ -21,6 +21,7 @@ def _register() -> None:
     # Imported for their side effect of adding commands to `app`.
     from . import (
         _canonicalize,  # noqa: F401
+        _equalize,  # noqa: F401
         _inspect,  # noqa: F401
         _reproduce,  # noqa: F401
     )
