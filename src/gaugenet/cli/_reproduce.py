@@ -20,8 +20,14 @@ def reproduce(
     only: str = typer.Option(None, "--only", help="Glob over claim ids, e.g. 'ode.*'."),
     seed: int = typer.Option(0, "--seed", help="Seed of every claim's random numbers."),
     list_: bool = typer.Option(False, "--list", help="List the claims and exit."),
+    threads: int = typer.Option(
+        1, "--threads", help="Torch CPU threads; the claims are small-matrix work."
+    ),
 ) -> None:
     """Measure the paper's claims, print a table, write OUT/report.md; exit 1 if any fails."""
+    import torch
+
+    torch.set_num_threads(threads)
     console = Console()
     if list_:
         for c in all_claims():

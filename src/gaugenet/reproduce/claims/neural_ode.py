@@ -15,6 +15,7 @@ from gaugenet.ode import (
     NeuralODE,
     SpacetimeDiffeo,
     SpatialDiffeo,
+    TimeReparam,
     TimeShift,
     lie_derivative,
     random_generator,
@@ -266,7 +267,8 @@ def _figures(ctx: Context) -> Measurement:
     gen = _gen(ctx, 90)
     node = NeuralODE(MLPField(1, 16, scale=1.5, generator=gen), 1.0)
     spatial = SpatialDiffeo.from_generator(random_generator(1, scale=1.5, generator=gen), 1.0)
-    time = random_time_reparam(scale=0.4, generator=gen)
+    # a visibly non-uniform clock (τ' = 1 + 0.4 (1 − 2t) > 0), as in the paper's Figure 3(c)
+    time = TimeReparam(lambda t: t + 0.4 * t * (1 - t), 1.0)
     shift = random_time_shift(1, scale=0.25, generator=gen)
     general = SpacetimeDiffeo(spatial, shift)
     x0 = torch.linspace(-1.5, 1.5, 4, dtype=F64)[:, None]
