@@ -1,0 +1,157 @@
+"""Noether charges of gradient flow: one conserved quantity per continuous gauge direction.
+
+If a loss is invariant under a linear action `θ ↦ exp(s A) θ`, then `⟨A θ, ∇L(θ)⟩ = 0`, and
+under gradient flow `θ̇ = −∇L` the quadratic form `Q = ½ θᵀ A θ` is conserved whenever `A` is
+symmetric (`Q̇ = −θᵀ A ∇L = 0`). Every charge below is of this kind, read off the factor's
+terms, so it exists for every group `gaugenet.symmetries` finds:
+
+- `RescalingFactor`, `Scale(param, index, power)`: unit `k` scales its entries by `α_k^power`,
+  so `Q_k = Σ_terms power · Σ_{index = k} θ²` (per hidden unit of a ReLU MLP:
+  `‖w_in‖² + b² − ‖w_out‖²`). A `BatchNormShift` term contributes `−γ_k²`; its action on the
+  shift `β` is affine in `γ` (not symmetric), so the charge of such a channel is conserved
+  only when its running mean vanishes.
+- `GLFactor`, `MatTerm(param, axis, offset, mode)`: the block `W` (`d` rows after moving
+  `axis` first) moves as `W ↦ M(g) W`; the tangent is `±ξ W` (modes `G`, `inv`) or `±ξᵀ W`
+  (`T`, `invT`). Invariance for every `ξ` says `Σ_terms ± ∇W Wᵀ = 0` (transposed for the
+  `T` modes), so `Q = Σ_terms ± W Wᵀ` (`+` for `G`, `T`; `−` for `inv`, `invT`) is a
+  conserved symmetric `(b, d, d)` matrix. For attention: `W_q ↦ G⁻ᵀ`-type and
+  `W_k ↦ G`-type terms give `W_qᵀ W_q − W_kᵀ W_k` in the usual layout; value-output gives
+  `W_o-block W_o-blockᵀ − W_v W_vᵀ`-type matrices.
+- `AffineFactor`: the `GL(d)` part gives `Σ_right wᵀ w − Σ_left [w b][w b]ᵀ` (`(d, d)`);
+  the translation part has no conserved quantity (its tangent field is not a gradient).
+- `TranslationFactor`: the shifted entries move by a constant, so their sum is conserved
+  (a linear charge).
+
+With weight decay `λ` (`θ̇ = −∇L − λ θ`) the quadratic charges decay as `exp(−2 λ t)` and
+the linear ones as `exp(−λ t)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from ..groups import (
+    AffineFactor,
+    BatchNormShift,
+    GaugeGroup,
+    GLFactor,
+    RescalingFactor,
+    Scale,
+    TranslationFactor,
+)
+from ..groups import model_state as _model_state
+
+__all__ = ["NoetherRecorder", "noether_charges"]
+
+State = Mapping[str, Tensor]
+
+
+def _state(model: nn.Module | State) -> State:
+    if isinstance(model, nn.Module):
+        return dict(model.named_parameters()) | dict(model.named_buffers())
+    return model
+
+
+def _rescaling(f: RescalingFactor, s: State) -> Tensor:
+    dtype = next(iter(s.values())).dtype
+    q = torch.zeros(f.n + 1, dtype=dtype)  # slot n collects entries not scaled by f
+    for term in f.terms:
+        if isinstance(term, Scale):
+            p = s[term.param]
+            idx = term.index.expand_as(p).reshape(-1)
+            q = q.index_add(0, idx, term.power * p.reshape(-1) ** 2)
+        elif isinstance(term, BatchNormShift):
+            q = q.index_add(0, term.index, -(s[term.weight] ** 2))
+    return q[: f.n]
+
+
+def _gl(f: GLFactor, s: State) -> Tensor:
+    q = torch.zeros(f.b, f.d, f.d, dtype=next(iter(s.values())).dtype)
+    for t in f.terms:
+        p = s[t.param].movedim(t.axis, 0)
+        W = p[t.offset : t.offset + f.b * f.d].reshape(f.b, f.d, -1)
+        sign = 1.0 if t.mode in ("G", "T") else -1.0
+        q = q + sign * W @ W.transpose(-1, -2)
+    return q
+
+
+def _affine(f: AffineFactor, s: State) -> Tensor:
+    q = torch.zeros(f.d, f.d, dtype=next(iter(s.values())).dtype)
+    for t in f.terms:
+        w = s[t.weight]
+        if t.side == "left":
+            wb = w if t.bias is None else torch.cat([w, s[t.bias][:, None]], 1)
+            q = q - wb @ wb.T
+        else:
+            q = q + w.T @ w
+    return q
+
+
+def _translation(f: TranslationFactor, s: State) -> Tensor:
+    return sum(s[t.param][t.offset : t.offset + f.n] for t in f.terms)
+
+
+def noether_charges(model: nn.Module | State, group: GaugeGroup) -> dict[str, Tensor]:
+    """The conserved quantity of every continuous factor of `group` at `model`.
+
+    **Arguments:**
+
+    - `model`: an `nn.Module` or a state dict (parameters and buffers by name); the result
+      is differentiable with respect to it.
+    - `group`: its gauge group (e.g. from `gaugenet.symmetries`).
+
+    **Returns:** `{factor_name: charge}` with shapes `(n,)` for rescalings, `(b, d, d)` for
+    `GLFactor`, `(d, d)` for `AffineFactor`, `(n, ...)` for translations. Discrete factors
+    have none and are left out. See the module docstring for the derivations.
+    """
+    s = _state(model)
+    out: dict[str, Tensor] = {}
+    for f in group.continuous:
+        if isinstance(f, RescalingFactor):
+            out[f.name] = _rescaling(f, s)
+        elif isinstance(f, GLFactor):
+            out[f.name] = _gl(f, s)
+        elif isinstance(f, AffineFactor):
+            out[f.name] = _affine(f, s)
+        elif isinstance(f, TranslationFactor):
+            out[f.name] = _translation(f, s)
+    return out
+
+
+class NoetherRecorder:
+    """A training callback recording the Noether charges: call it with the model after each
+    step (or every few steps).
+
+    **Arguments:** `group`: the model's gauge group.
+
+    `recorder(model)` appends the charges; `recorder.history[name]` is `(n_calls, *shape)`;
+    `recorder.drift()` is the largest change of each factor's charge from the first call,
+    relative to the largest charge entry at the first call.
+    """
+
+    def __init__(self, group: GaugeGroup) -> None:
+        self.group = group
+        self._rows: list[dict[str, Tensor]] = []
+
+    def __call__(self, model: nn.Module | State) -> None:
+        state = _model_state(model) if isinstance(model, nn.Module) else model
+        with torch.no_grad():
+            self._rows.append(
+                {k: v.detach().clone() for k, v in noether_charges(state, self.group).items()}
+            )
+
+    @property
+    def history(self) -> dict[str, Tensor]:
+        if not self._rows:
+            return {}
+        return {k: torch.stack([r[k] for r in self._rows]) for k in self._rows[0]}
+
+    def drift(self) -> dict[str, float]:
+        out = {}
+        for k, h in self.history.items():
+            scale = float(h[0].abs().max().clamp_min(1e-300))
+            out[k] = float((h - h[0]).abs().max()) / scale
+        return out
