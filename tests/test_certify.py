@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -65,6 +67,11 @@ def test_matrix_free_agrees_with_exact(gen) -> None:
     exact = gaugenet.certify(model, x, group=group, method="exact")
     mf = gaugenet.certify(model, x, group=group, method="matrix-free")
     assert exact.unexplained == mf.unexplained == 0
+    assert mf.converged and mf.ok
+    # negative: three Lanczos steps do not converge, and the report says so
+    short = gaugenet.certify(model, x, group=group, method="matrix-free", max_iter=3)
+    assert not short.converged and not short.ok
+    assert any("did not converge" in line for line in short.lines())
     # reference: the smallest singular value of J on the complement of the orbit
     from gaugenet.certify._functional_dimension import jacobian
 
@@ -77,3 +84,118 @@ def test_matrix_free_agrees_with_exact(gen) -> None:
     empty = gaugenet.GaugeGroup((), (), group.param_names)
     res = matrix_free_certificate(model, x, empty)
     assert res.sigma_min < 1e-6 * res.sigma_max
+
+
+def test_tied_weights_hidden_redundancy_and_its_cause() -> None:
+    """The tied zoo model keeps one joint rescaling that discovery does not find:
+    `W ↦ cW, b1 ↦ c b1, b2 ↦ c² b2, out.weight ↦ out.weight / c²`. `certify` reports exactly
+    one unexplained direction and names the tied weight as the cause."""
+    entry = next(e for e in ZOO if e.name == "tied")
+    model, x = entry.build(), entry.inputs(torch.Generator().manual_seed(0))
+    report = gaugenet.certify(model, x)
+    assert report.unexplained == 1 and report.symmetry_dim == 0
+    assert any("tied" in c for c in report.causes)
+    t = model[0]
+
+    def rescaled(c: float, power_b2: int) -> nn.Module:
+        new = copy.deepcopy(model)
+        n = new[0]
+        with torch.no_grad():
+            n.l1.weight.mul_(c)  # shared with l2
+            n.l1.bias.mul_(c)
+            n.l2.bias.mul_(c**power_b2)
+            n.out.weight.div_(c**2)
+        return new
+
+    assert t.l1.weight is t.l2.weight
+    assert gaugenet.invariance_error(model, rescaled(1.7, 2), x) < 1e-12
+    # negative: the second bias scaled like the first breaks it
+    assert gaugenet.invariance_error(model, rescaled(1.7, 1), x) > 1e-3
+
+
+def _directions(model: nn.Module, pre_norm: bool) -> list[torch.Tensor]:
+    """Exact kernel directions of the transformer zoo blocks that discovery does not yet
+    produce, derived by hand (d = 4, 2 heads, hidden 5; LayerNorm `y = γ ⊙ n + β`, `n ⊥ 1`):
+
+    - value bias: `b_v += u`, `b_o −= W_o u` (softmax rows sum to one), 4;
+    - a LayerNorm feeding only a linear `W, b`: shift `β += u`, `b −= W u` (4) and the
+      mean-subtraction kernel `W += a (1/γ)ᵀ`, `b −= a Σ β/γ` (one per output of the linear);
+      pre-norm also the per-coordinate scale of `ln1` into `in_proj` (4);
+    - anything along `1` added right before a LayerNorm: `W += 1 aᵀ`, `b += t 1`;
+    - pre-norm: `b_o += t 1`, `fc2.bias −= t 1` (ln2 removes it, the residual output keeps it), 1;
+    - post-norm: `ln1.bias += u` with `fc1.bias −= W₁ u`, `fc2.bias −= u`, 4.
+    """
+    P = {k: v.detach() for k, v in model.named_parameters()}
+    sizes = {k: v.numel() for k, v in P.items()}
+    keys = list(P)
+
+    def vec(d: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([d[k].reshape(-1) if k in d else torch.zeros(sizes[k]) for k in keys])
+
+    z, e = torch.zeros_like, torch.eye(12, dtype=torch.float64)
+    out = [
+        vec({"attn.in_proj_bias": e[8 + j], "attn.out_proj.bias": -P["attn.out_proj.weight"][:, j]})
+        for j in range(4)
+    ]
+
+    def into(ln: str, w: str, b: str, shift: bool, scale: bool) -> list[torch.Tensor]:
+        g, beta, W = P[f"{ln}.weight"], P[f"{ln}.bias"], P[w]
+        res = []
+        for i in range(W.shape[0]):
+            dw, db = z(W), z(P[b])
+            dw[i], db[i] = 1 / g, -(beta / g).sum()
+            res.append(vec({w: dw, b: db}))
+        for j in range(4):
+            if shift:
+                res.append(vec({f"{ln}.bias": e[j, :4], b: -W[:, j]}))
+            if scale:
+                dw = z(W)
+                dw[:, j] = -W[:, j]
+                res.append(
+                    vec({f"{ln}.weight": g * e[j, :4], f"{ln}.bias": beta * e[j, :4], w: dw})
+                )
+        return res
+
+    def before(w: str, b: str) -> list[torch.Tensor]:
+        res = []
+        for j in range(P[w].shape[1]):
+            dw = z(P[w])
+            dw[:, j] = 1
+            res.append(vec({w: dw}))
+        return [*res, vec({b: torch.ones_like(P[b])})]
+
+    one = torch.ones(4, dtype=torch.float64)
+    if pre_norm:
+        out += into("ln1", "attn.in_proj_weight", "attn.in_proj_bias", True, True)
+        out += into("ln2", "fc1.weight", "fc1.bias", True, False)
+        out.append(vec({"attn.out_proj.bias": one, "fc2.bias": -one}))
+    else:
+        out += before("attn.out_proj.weight", "attn.out_proj.bias") + before(
+            "fc2.weight", "fc2.bias"
+        )
+        out += into("ln1", "fc1.weight", "fc1.bias", False, False)
+        out += [
+            vec({"ln1.bias": e[j, :4], "fc1.bias": -P["fc1.weight"][:, j], "fc2.bias": -e[j, :4]})
+            for j in range(4)
+        ]
+    return out
+
+
+@pytest.mark.parametrize(("name", "missing"), [("prenorm", 34), ("postnorm", 24)])
+def test_transformer_blocks_redundancy_accounted(name: str, missing: int) -> None:
+    """The transformer zoo blocks: what `certify` leaves unexplained is exactly spanned (with
+    the discovered tangents) by the hand-derived directions of `_directions`."""
+    from gaugenet.certify._functional_dimension import jacobian
+
+    entry = next(e for e in ZOO if e.name == name)
+    model, x = entry.build(), entry.inputs(torch.Generator().manual_seed(0))
+    group = gaugenet.symmetries(model, x)
+    assert gaugenet.certify(model, x, group=group).unexplained == missing
+    extra = torch.stack(_directions(model, name == "prenorm"))
+    jac = jacobian(model, x)
+    assert float((jac @ extra.T).abs().max()) < 1e-12 * float(jac.abs().max())  # in the kernel
+    s = torch.linalg.svdvals(jac)
+    null = int((s <= 1e-9 * s[0]).sum()) + jac.shape[1] - len(s)
+    both = torch.cat([group.tangent(model), extra])
+    assert torch.linalg.matrix_rank(both).item() == null  # together they span it
+    assert torch.linalg.matrix_rank(group.tangent(model)).item() == null - missing

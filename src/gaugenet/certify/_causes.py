@@ -1,4 +1,5 @@
-"""Explaining hidden redundancy: ReLU units that are dead or always active on the inputs."""
+"""Explaining hidden redundancy: ReLU units that are dead or always active on the inputs, and
+weights tied between layers."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from torch import Tensor, nn
 
 from ._jacobian import as_tuple
 
-__all__ = ["relu_causes"]
+__all__ = ["relu_causes", "tied_causes"]
 
 _RELUS = (nn.ReLU, nn.LeakyReLU, nn.PReLU)
 
@@ -55,3 +56,18 @@ def relu_causes(model: nn.Module, inputs: Any) -> list[str]:
             idx = alive.nonzero().reshape(-1).tolist()
             lines.append(f"{name}: {len(idx)} unit(s) always active on the inputs (e.g. {idx[:5]})")
     return lines
+
+
+def tied_causes(model: nn.Module) -> list[str]:
+    """One line per parameter shared by several layers. Discovery drops every symmetry that
+    touches a tied weight, yet some survive jointly: two layers `W` in a ReLU chain keep
+    `W ↦ cW` with the biases and the next layer rescaled by powers of `c`."""
+    users: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        users.setdefault(id(p), []).append(name)
+    return [
+        f"{' = '.join(names)}: one weight tied across layers; symmetries that rescale the "
+        "tied layers jointly are not discovered"
+        for names in users.values()
+        if len(names) > 1
+    ]

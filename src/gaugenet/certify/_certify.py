@@ -9,7 +9,7 @@ from torch import nn
 
 from .._errors import GaugeError
 from ..groups import GaugeGroup
-from ._causes import relu_causes
+from ._causes import relu_causes, tied_causes
 from ._functional_dimension import functional_dimension
 from ._matrix_free import matrix_free_certificate
 
@@ -27,7 +27,8 @@ class CertifyReport:
       complement of the orbit tangents; there `functional_dimension` is
       `n_params − symmetry_dim` when `sigma_min` is above the tolerance).
     - `gap`: the singular-value gap at the rank (exact) or `sigma_min / sigma_max`.
-    - `causes`: explanations found for hidden redundancy (dead or always-active units).
+    - `causes`: explanations found for hidden redundancy (dead or always-active units, tied
+      weights).
     """
 
     n_params: int
@@ -38,10 +39,13 @@ class CertifyReport:
     gap: float
     sigma_min: float | None = None
     causes: tuple[str, ...] = field(default=())
+    #: matrix-free only: whether the smallest Ritz value converged (its residual below
+    #: itself); when not, `sigma_min` is only an upper bound and the outcome is inconclusive
+    converged: bool = True
 
     @property
     def ok(self) -> bool:
-        return self.unexplained == 0
+        return self.unexplained == 0 and self.converged
 
     def lines(self) -> list[str]:
         out = [
@@ -51,6 +55,11 @@ class CertifyReport:
             f"unexplained           {self.unexplained}",
             f"singular-value gap    {self.gap:.3e}",
         ]
+        if not self.converged:
+            out.append(
+                "Lanczos did not converge: sigma_min is only an upper bound, the certificate "
+                "is inconclusive (raise max_iter)"
+            )
         if self.unexplained > 0:
             out.append("hidden redundancy: " + ("; ".join(self.causes) or "cause not found"))
         elif self.unexplained < 0:
@@ -90,13 +99,18 @@ def certify(
         method = "exact" if n_params <= 20_000 else "matrix-free"
     if method == "exact":
         fd = functional_dimension(model, inputs, rtol=rtol)
-        rank, gap, smin = fd.rank, fd.gap, None
+        rank, gap, smin, converged = fd.rank, fd.gap, None, True
     elif method == "matrix-free":
         mf = matrix_free_certificate(model, inputs, group, max_iter=max_iter)
         smin, gap = mf.sigma_min, mf.sigma_min / mf.sigma_max
         rank = n_params - group.dim if gap > rtol**0.5 else n_params - group.dim - 1
+        # an eigenvalue of P JᵀJ P lies within `residual` of sigma_min²: zero is excluded
+        # only when the residual is below it
+        converged = mf.residual < smin**2
     else:
         raise GaugeError(f"method must be 'auto', 'exact' or 'matrix-free', not {method!r}")
     unexplained = n_params - rank - group.dim
-    causes = tuple(relu_causes(model, inputs)) if unexplained > 0 else ()
-    return CertifyReport(n_params, rank, group.dim, unexplained, method, gap, smin, causes)
+    causes = tuple(relu_causes(model, inputs) + tied_causes(model)) if unexplained > 0 else ()
+    return CertifyReport(
+        n_params, rank, group.dim, unexplained, method, gap, smin, causes, converged
+    )

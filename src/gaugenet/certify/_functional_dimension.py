@@ -82,6 +82,9 @@ def functional_dimension(
             f"(at least {n_params // max(1, n_out // max(1, _batch(inputs))) + 1} samples)"
         )
     jac = jacobian(model, inputs)
+    if jac.shape[0] > jac.shape[1]:
+        # same singular values from the square triangular factor: the SVD works on n x n
+        jac = torch.linalg.qr(jac, mode="r").R
     s = torch.linalg.svdvals(jac)
     rank = int((s > rtol * s[0]).sum()) if s.numel() and s[0] > 0 else 0
     last = float(s[rank - 1]) if rank else 0.0

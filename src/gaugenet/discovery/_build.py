@@ -64,16 +64,15 @@ def _scale_factors(
     for r in sorted(first_block):
         classes[cfind(first_block[r])].append(r)
     factors, where = [], {}
-    for c, class_roots in classes.items():
+    for class_roots in classes.values():
         n = len(class_roots)
-        lut = torch.full((n_ids + 1,), n, dtype=torch.long)  # index n_ids is ZERO (-1)
         for k, r in enumerate(class_roots):
             where[r] = (len(factors), k)
-        root_t = torch.tensor(roots + [FIXED])
-        local = torch.full((n_ids + 1,), n, dtype=torch.long)
+        # id -> entry of this factor (n: not in it); the last index is ZERO (-1)
+        root_t = torch.tensor([*roots, FIXED])
+        lut = torch.full((n_ids + 1,), n, dtype=torch.long)
         for k, r in enumerate(class_roots):
-            local[root_t == r] = k
-        lut = local
+            lut[root_t == r] = k
         terms = []
         for rec in L.scale_terms:
             if rec[0] == "bnshift":

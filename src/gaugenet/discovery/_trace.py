@@ -76,11 +76,7 @@ def register_atomic(cls: type[nn.Module]) -> type[nn.Module]:
 
 
 def is_atomic(m: nn.Module) -> bool:
-    return (
-        isinstance(m, ATOMIC_MODULES)
-        or isinstance(m, tuple(_EXTRA_ATOMS))
-        or hasattr(m, "gauge_factors")
-    )
+    return isinstance(m, (*ATOMIC_MODULES, *_EXTRA_ATOMS)) or hasattr(m, "gauge_factors")
 
 
 class _Tracer(fx.Tracer):

