@@ -230,3 +230,43 @@ def test_attention_gl_charges(gen):
         big = q0[name].abs() > 0.2 * q0[name].abs().max()
         ratio = (decayed[name] / q0[name].detach())[big]
         torch.testing.assert_close(ratio, torch.full_like(ratio, torch.e**-0.6), rtol=0.03, atol=0)
+
+
+def test_teleport_objectives(gen):
+    m = _mlp(gen)
+    x, y = _data(gen)
+    group = gaugenet.symmetries(m, x[:2])
+
+    def stats(mm):
+        value = F.cross_entropy(mm(x), y)
+        grads = torch.autograd.grad(value, list(mm.parameters()))
+        sq = float(sum((g**2).sum() for g in grads))
+        norm = float(sum((p**2).sum() for p in mm.parameters()))
+        return float(value), sq, norm
+
+    def after_sgd(mm, lr):
+        value = F.cross_entropy(mm(x), y)
+        grads = torch.autograd.grad(value, list(mm.parameters()))
+        with torch.no_grad():
+            for p, g in zip(mm.parameters(), grads):
+                p -= lr * g
+        return float(F.cross_entropy(mm(x), y))
+
+    l0, g0, n0 = stats(m)
+    capped = teleport(m, group, F.cross_entropy, (x, y), steps=20, lr=1.0, max_gain=1.5)
+    l1, g1, _ = stats(capped)
+    assert abs(l1 - l0) < 1e-10 and g1 > g0
+    free = teleport(m, group, F.cross_entropy, (x, y), steps=20, lr=1.0)
+    assert g1 < stats(free)[1]  # the cap stops the ascent early
+    balanced = teleport(m, group, F.cross_entropy, (x, y), steps=10, lr=1.0, objective="norm")
+    l2, _, n2 = stats(balanced)
+    assert abs(l2 - l0) < 1e-10 and n2 < n0
+    ahead = teleport(
+        m, group, F.cross_entropy, (x, y), steps=5, lr=1.0, objective="lookahead", sgd_lr=0.5
+    )
+    assert abs(stats(ahead)[0] - l0) < 1e-10
+    assert after_sgd(copy.deepcopy(ahead), 0.5) < after_sgd(copy.deepcopy(m), 0.5)
+    with pytest.raises(gaugenet.GaugeError):
+        teleport(m, group, F.cross_entropy, (x, y), objective="lookahead")
+    with pytest.raises(gaugenet.GaugeError):
+        teleport(m, group, F.cross_entropy, (x, y), objective="hessian")

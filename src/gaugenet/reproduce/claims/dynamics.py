@@ -162,60 +162,94 @@ def _orthogonality(ctx: Context) -> Measurement:
     return Measurement(worst, "groups (tangent count): " + ", ".join(names))
 
 
+# plain SGD's best step size on this race: final loss after 500 full-batch steps, mean over
+# seeds (0-2 for 0.1, 0.2, 1.0; 0-4 for the others): 0.1 -> 0.17, 0.2 -> 0.081, 0.3 -> 0.047,
+# 0.5 -> 0.021, 0.7 -> 0.014, 0.85 -> 0.18 (seed 2 stalls at 0.81), 1.0 -> 0.43 (seed 1 at 1.27)
+RACE_LR = 0.7
+
+
+def _first_reach(m, x, y, opt, target, limit, before=None) -> int | float:
+    for k in range(limit):
+        if before is not None:
+            before(k)
+        opt.zero_grad()
+        loss = F.cross_entropy(m(x), y)
+        if float(loss.detach()) <= target:
+            return k
+        loss.backward()
+        opt.step()
+    return math.inf
+
+
 def teleport_race(
     seed: int,
     *,
     steps: int = 500,
-    lr: float = 0.1,
+    lr: float = RACE_LR,
     every: int | None = None,
     tele_steps: int = 10,
     tele_lr: float = 1.0,
+    control: float | None = None,
+    **options,
 ) -> dict[str, float]:
-    """Plain SGD for `steps` steps on the digits MLP (2 hidden layers), then SGD with
-    teleportation every `every` steps (default: once, at the start) until it reaches plain
-    SGD's final loss.
+    """Plain SGD (step size `lr`) for `steps` steps on the digits MLP (2 hidden layers), then
+    SGD of the same step size with teleportation every `every` steps (default: once, at the
+    start) until it reaches plain SGD's final loss.
 
-    **Returns:** `{"plain_steps", "plain_time", "tele_steps", "tele_time", "target"}`
-    (`tele_steps = inf` if it never gets there within `2 steps`).
+    `options` go to `teleport` (`objective`, `max_gain`, `unroll`, ...; `"lookahead"` uses
+    `sgd_lr = lr`). `control = σ`: instead of teleporting, move to a *random* orbit point
+    `exp(ξ)`, `ξ ~ N(0, σ²)` (the null model: any perturbation of a chaotic run changes the
+    step count).
+
+    **Returns:** `{"plain_steps", "plain_time", "tele_steps", "tele_time", "target"}`;
+    `plain_steps` is the first step at which plain SGD reaches its own final loss (the same
+    first-hit count as `tele_steps`), `plain_time` the time of the `steps` steps, `tele_time`
+    the time to `tele_steps` including the teleports (`tele_steps = inf` if it never gets
+    there within `2 steps`).
     """
     import gaugenet
-    from gaugenet.dynamics import Teleporting
+    from gaugenet.dynamics import teleport
+    from gaugenet.groups import load_state
 
     x, y = _digits()
     m = _mlp(seed)
     t0 = time.perf_counter()
     opt = torch.optim.SGD(m.parameters(), lr=lr)
+    losses = []
     for _ in range(steps):
         opt.zero_grad()
         loss = F.cross_entropy(m(x), y)
+        losses.append(float(loss.detach()))
         loss.backward()
         opt.step()
     target = float(F.cross_entropy(m(x), y).detach())
     plain_time = time.perf_counter() - t0
+    plain_steps = next((k for k, v in enumerate(losses) if v <= target), steps)
     m = _mlp(seed)
     group = gaugenet.symmetries(m, x[:2])
-    t0 = time.perf_counter()
+    if "objective" in options and options["objective"] == "lookahead":
+        options.setdefault("sgd_lr", lr)
+    gen = torch.Generator().manual_seed(10_000 + seed)
     every = 2 * steps if every is None else every
-    opt = Teleporting(
-        torch.optim.SGD(m.parameters(), lr=lr),
-        every,
-        model=m,
-        group=group,
-        loss_fn=F.cross_entropy,
-        steps=tele_steps,
-        lr=tele_lr,
-    )
-    reached = math.inf
-    for k in range(2 * steps):
-        opt.zero_grad()
-        loss = F.cross_entropy(m(x), y)
-        if float(loss.detach()) <= target:
-            reached = k
-            break
-        loss.backward()
-        opt.step((x, y))
+    t0 = time.perf_counter()
+    opt = torch.optim.SGD(m.parameters(), lr=lr)
+
+    def move(k: int) -> None:
+        if k % every:
+            return
+        if control is None:
+            moved = teleport(
+                m, group, F.cross_entropy, (x, y), steps=tele_steps, lr=tele_lr, **options
+            )
+        else:
+            xi = control * torch.randn(group.dim, generator=gen, dtype=D64)
+            with torch.no_grad():
+                moved = group.act(m, group.exp(xi))
+        load_state(m, {n: p.detach() for n, p in moved.named_parameters()})
+
+    reached = _first_reach(m, x, y, opt, target, 2 * steps, before=move)
     return {
-        "plain_steps": steps,
+        "plain_steps": plain_steps,
         "plain_time": plain_time,
         "tele_steps": reached,
         "tele_time": time.perf_counter() - t0,
@@ -252,20 +286,28 @@ def _teleport_loss(ctx: Context) -> Measurement:
     )
 
 
+# the race's teleport: once at the start, Zhao et al.'s ascent on ‖∇L‖² capped at a 2× gain
+# (unbounded, it raises ‖∇L‖² ~500× and SGD at the tuned step size overshoots)
+RACE_TELEPORT = {"max_gain": 2.0}
+
+
 @claim(
     "dyn.teleport-speedup",
     reference="Sec. 5 (symmetry teleportation)",
     statement="teleporting SGD reaches plain SGD's final loss in ≥20% fewer steps",
-    measured="steps with teleportation / plain steps (digits MLP, 1 seed, 200-step race; "
-    "500 steps and 5 seeds in benchmarks/teleport.py)",
+    measured="steps with teleportation / plain steps (digits MLP, SGD η=0.7 tuned for plain "
+    "SGD, 1 seed, 500-step race; 5 seeds and a random-orbit-move control in "
+    "benchmarks/teleport.py)",
     tolerance=0.8,
 )
 def _teleport_speedup(ctx: Context) -> Measurement:
-    r = teleport_race(ctx.seed, steps=200)
+    r = teleport_race(ctx.seed, steps=500, **RACE_TELEPORT)
+    c = teleport_race(ctx.seed, steps=500, control=0.2)
     return Measurement(
         r["tele_steps"] / r["plain_steps"],
-        f"{r['tele_steps']} vs {r['plain_steps']} steps; wall {r['tele_time']:.2f}s "
-        f"vs {r['plain_time']:.2f}s; target loss {r['target']:.4f}",
+        f"teleport {r['tele_steps']} steps in {r['tele_time']:.2f}s vs plain "
+        f"{r['plain_steps']} steps in {r['plain_time']:.2f}s; random orbit move (σ=0.2) "
+        f"{c['tele_steps']} steps; target loss {r['target']:.4f}",
     )
 
 
