@@ -18,6 +18,8 @@ from typing import Literal
 __all__ = ["Claim", "Context", "Measurement", "all_claims", "claim"]
 
 Compare = Literal["max", "min", "near"]
+#: Whether a registered item is a claim (pass/fail) or a reported figure with a target.
+Kind = Literal["claim", "figure"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,10 @@ class Claim:
     `compare` says how `value` is judged against `tolerance`:
     `"max"`: `value <= tolerance`; `"min"`: `value >= tolerance`;
     `"near"`: `|value - target| <= tolerance`.
+
+    `kind="figure"` marks an engineering target rather than a statement of the paper (a
+    speed-up, say): its figure is measured and compared with the target the same way, the
+    report says whether the target was met, and a miss does not fail the run.
     """
 
     id: str
@@ -59,6 +65,7 @@ class Claim:
     compare: Compare
     target: float
     fn: Callable[[Context], Measurement]
+    kind: Kind = "claim"
 
     def passed(self, value: float) -> bool:
         if not math.isfinite(value):
@@ -89,13 +96,16 @@ def claim(
     tolerance: float,
     compare: Compare = "max",
     target: float = 0.0,
+    kind: Kind = "claim",
 ) -> Callable[[Callable[[Context], Measurement]], Callable[[Context], Measurement]]:
     """Register a claim measured by the decorated function `fn(ctx) -> Measurement`."""
 
     def register(fn: Callable[[Context], Measurement]) -> Callable[[Context], Measurement]:
         if id in _REGISTRY and _REGISTRY[id].fn.__qualname__ != fn.__qualname__:
             raise ValueError(f"claim id {id!r} registered twice")
-        _REGISTRY[id] = Claim(id, reference, statement, measured, tolerance, compare, target, fn)
+        _REGISTRY[id] = Claim(
+            id, reference, statement, measured, tolerance, compare, target, fn, kind
+        )
         return fn
 
     return register
