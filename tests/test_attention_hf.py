@@ -14,7 +14,6 @@ import gaugenet
 from gaugenet.attention import QKFactor, VOFactor, align_attention, canonicalize_attention
 from gaugenet.groups import model_state
 
-
 SENTENCES = [
     "The cat sat on the mat.",
     "Gauge symmetries leave the function a network computes unchanged.",

@@ -111,8 +111,14 @@ def test_cnn_factors_and_batchnorm():
     names = {f.name: f.dim for f in group.factors if f.dim}
     # conv0 scale absorbed by BatchNorm, BatchNorm output against conv4, conv4, conv7, linear11,
     # and conv0's bias, which BatchNorm's shift absorbs
-    assert names == {"scale:0": 6, "scale:1:out": 6, "scale:4": 8, "scale:7": 7, "scale:11": 9,
-                     "shift:0": 6}
+    assert names == {
+        "scale:0": 6,
+        "scale:1:out": 6,
+        "scale:4": 8,
+        "scale:7": 7,
+        "scale:11": 9,
+        "shift:0": 6,
+    }
     assert group.breakers == ()
 
 

@@ -7,11 +7,11 @@ from ._invariance import assert_invariant as assert_invariant
 from ._invariance import invariance_error as invariance_error
 
 __version__ = "0.1.0"
-from .discovery import symmetries as symmetries
-from .groups import GaugeGroup as GaugeGroup
+from . import attention as attention
 from ._canonical import align as align
 from ._canonical import canonical_element as canonical_element
 from ._canonical import canonicalize as canonicalize
-from . import attention as attention
 from .certify import certify as certify
 from .certify import functional_dimension as functional_dimension
+from .discovery import symmetries as symmetries
+from .groups import GaugeGroup as GaugeGroup

