@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -32,6 +34,20 @@ def test_torchcrepe_per_channel_symmetries(crepe):
     bad = group.act(crepe, g)
     bad.conv1_BN.bias.data.copy_(crepe.conv1_BN.bias.data)
     assert gaugenet.invariance_error(crepe, bad, x, dtype=torch.float32) > 1e-3
+
+
+def test_torchcrepe_canonical_form(crepe):
+    """The balanced gauge with BatchNorm shifts: output kept, one form per orbit."""
+    x = torch.randn(3, 1024, generator=torch.Generator().manual_seed(0))
+    canon = gaugenet.canonicalize(crepe, example_inputs=x)
+    assert gaugenet.invariance_error(crepe, canon, x, dtype=torch.float32) <= 1e-5
+    model = copy.deepcopy(crepe).double()
+    group = gaugenet.symmetries(model, x.double())
+    moved = group.act(model, group.sample(torch.Generator().manual_seed(2)))
+    a = gaugenet.canonicalize(model, group=group)
+    b = gaugenet.canonicalize(moved, group=group)
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert (p - q).abs().max() <= 1e-8 * p.abs().max(), name
 
 
 def test_mtcnn_onet_prelu_symmetries():

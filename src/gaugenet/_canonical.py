@@ -24,6 +24,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from ._balance import balanced_scales as _balanced
+from ._balance import scale_norms as _scale_norms
 from ._errors import GaugeError
 from .discovery import symmetries
 from .groups import (
@@ -32,7 +34,6 @@ from .groups import (
     GaugeGroup,
     PermutationFactor,
     RescalingFactor,
-    Scale,
     canonicalizer_for,
     model_state,
     register_canonicalizer,
@@ -42,19 +43,6 @@ from .groups._base import State
 __all__ = ["align", "canonical_element", "canonicalize"]
 
 Gauge = Literal["balanced", "unit_in"]
-
-
-def _scale_norms(f: RescalingFactor, state: State) -> tuple[Tensor, Tensor]:
-    """Per unit: squared norm of the entries it multiplies (`in`) and divides (`out`)."""
-    n_in = torch.zeros(f.n + 1, dtype=torch.float64)
-    n_out = torch.zeros(f.n + 1, dtype=torch.float64)
-    for t in f.terms:
-        if isinstance(t, Scale):
-            p = state[t.param].double()
-            idx = t.index.expand(p.shape).reshape(-1)
-            target = n_in if t.power > 0 else n_out
-            target.index_add_(0, idx, p.reshape(-1) ** 2)
-    return n_in[: f.n], n_out[: f.n]
 
 
 def _rescalings(group: GaugeGroup) -> list[RescalingFactor]:
@@ -72,58 +60,6 @@ def _unit_in(group: GaugeGroup, state: State) -> Element:
         out[f.name] = a
         current = f.apply(current, a)
     return out
-
-
-def _balanced(group: GaugeGroup, state: State, params: set[str]) -> Element:
-    factors = _rescalings(group)
-    if not factors:
-        return {}
-    dtype = torch.float64
-    st = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    touched = sorted({p for f in factors for p in f.params()} & params)
-    sizes = [f.n for f in factors]
-
-    def split(u: Tensor) -> list[Tensor]:
-        return list(torch.split(u, sizes))
-
-    def objective(u: Tensor) -> Tensor:
-        cur = st
-        for f, uf in zip(factors, split(u)):
-            cur = f.apply(cur, torch.exp(uf))
-        return sum((cur[p] ** 2).sum() for p in touched)
-
-    # closed form per unit (exact when units decouple), as the starting point
-    u0 = []
-    for f in factors:
-        n_in, n_out = _scale_norms(f, st)
-        ok = (n_in > 0) & (n_out > 0)
-        u0.append(
-            torch.where(
-                ok,
-                0.25 * (n_out.clamp_min(1e-300).log() - n_in.clamp_min(1e-300).log()),
-                torch.zeros_like(n_in),
-            )
-        )
-    u = torch.cat(u0)
-    grad_fn = torch.func.grad(objective)
-    hess_fn = torch.func.hessian(objective)
-    f_u = objective(u)
-    for _ in range(100):
-        g = grad_fn(u)
-        if g.abs().max() <= 1e-15 * max(float(f_u), 1e-300):
-            break
-        H = hess_fn(u)
-        H = H + 1e-12 * H.diagonal().abs().max().clamp_min(1e-300) * torch.eye(len(u), dtype=dtype)
-        step = torch.linalg.solve(H, -g)
-        t = 1.0
-        while t > 1e-10:
-            trial = objective(u + t * step)
-            if trial <= f_u + 1e-4 * t * float(g @ step):
-                break
-            t *= 0.5
-        u, f_u = u + t * step, objective(u + t * step)
-    out_dtype = next(v.dtype for v in state.values() if v.is_floating_point())
-    return {f.name: torch.exp(uf).to(out_dtype) for f, uf in zip(factors, split(u))}
 
 
 def _sort_permutations(group: GaugeGroup, state: State) -> Element:
