@@ -75,3 +75,41 @@ def test_untraceable_model_error(tmp_path) -> None:
     _setup(tmp_path)
     r = CliRunner().invoke(app, ["inspect", f"{tmp_path / 'arch.py'}:untraceable"])
     assert r.exit_code == 2 and "cannot capture" in r.output
+
+
+CNN_ARCH = """
+import torch
+from torch import nn
+def cnn():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 3, 3), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(3 * 4 * 4, 2))
+    with torch.no_grad():  # badly balanced channels: equalization has work to do
+        net[0].weight.mul_(torch.tensor([8.0, 0.1, 1.0, 3.0])[:, None, None, None])
+        net[0].bias.mul_(torch.tensor([8.0, 0.1, 1.0, 3.0]))
+    return net
+"""
+
+
+def test_equalize_command(tmp_path) -> None:
+    (tmp_path / "cnn.py").write_text(CNN_ARCH)
+    spec = f"{tmp_path / 'cnn.py'}:cnn"
+    out = tmp_path / "eq.safetensors"
+    r = CliRunner().invoke(
+        app, ["equalize", spec, "--bits", "4", "--input-shape", "1,8,8", "--out", str(out)]
+    )
+    assert r.exit_code == 0, r.output
+    assert "SQNR" in r.output
+    from gaugenet.io import load_model
+
+    before = load_model(spec)
+    after = load_model(spec)
+    after.load_state_dict(load_file(str(out)))
+    x = torch.randn(16, 1, 8, 8)
+    assert torch.allclose(before(x), after(x), atol=1e-5 * float(before(x).abs().max()))
+    assert not torch.allclose(before[0].weight, after[0].weight)
+    # an existing output is refused without --force
+    r = CliRunner().invoke(
+        app, ["equalize", spec, "--bits", "4", "--input-shape", "1,8,8", "--out", str(out)]
+    )
+    assert r.exit_code == 2 and "already exists" in r.output

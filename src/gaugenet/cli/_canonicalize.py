@@ -12,7 +12,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from .._errors import GaugeError
 from ..io import load_model, save_safetensors_atomic
 from ._app import app
-from ._model_args import sample_inputs
+from ._model_args import INPUT_SHAPE_HELP, parse_shape, sample_inputs
 
 
 def _outputs(model: torch.nn.Module, x) -> torch.Tensor:
@@ -28,6 +28,7 @@ def canonicalize(
     model: str = typer.Argument(..., help="HF folder, weights file (+ --arch) or module:factory."),
     out: Path = typer.Option(..., "--out", help="The safetensors file to write."),
     arch: str = typer.Option(None, "--arch", help="module:factory for a weights file."),
+    input_shape: str = typer.Option(None, "--input-shape", help=INPUT_SHAPE_HELP),
     gauge: str = typer.Option("balanced", "--gauge", help="balanced or unit_in."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUT, even the input file."),
 ) -> None:
@@ -49,7 +50,7 @@ def canonicalize(
         ) as progress:
             task = progress.add_task("loading the model", total=None)
             net = load_model(model, arch)
-            x = sample_inputs(net, 16)
+            x = sample_inputs(net, 16, shape=parse_shape(input_shape))
             progress.update(task, description="canonicalizing")
             new = canon(net, gauge, example_inputs=x)
             progress.update(task, description="measuring the drift")

@@ -11,7 +11,7 @@ from rich.console import Console
 from .._errors import GaugeError
 from ..io import load_model, save_safetensors_atomic
 from ._app import app
-from ._model_args import sample_inputs
+from ._model_args import INPUT_SHAPE_HELP, parse_shape, sample_inputs
 
 
 @app.command()
@@ -23,6 +23,7 @@ def equalize(
         "per-tensor", "--granularity", help="per-tensor or per-channel."
     ),
     arch: str = typer.Option(None, "--arch", help="module:factory for a weights file."),
+    input_shape: str = typer.Option(None, "--input-shape", help=INPUT_SHAPE_HELP),
     force: bool = typer.Option(False, "--force", help="Overwrite OUT, even the input file."),
 ) -> None:
     """Equalize MODEL for BITS-bit weights, write OUT, and print the SQNR before and after."""
@@ -37,7 +38,7 @@ def equalize(
         if out.exists() and not force:
             raise GaugeError(f"{out} already exists; refusing to overwrite it (use --force)")
         net = load_model(model, arch).eval()
-        x = sample_inputs(net, 16)
+        x = sample_inputs(net, 16, shape=parse_shape(input_shape))
         new = eq(net, x, bits=bits, granularity=granularity)
         y = first_tensor(net, x)
         before = sqnr_db(y, first_tensor(quantize_weights(net, bits, granularity), x))

@@ -10,13 +10,14 @@ from rich.table import Table
 from .._errors import GaugeError
 from ..io import load_model
 from ._app import app
-from ._model_args import sample_inputs
+from ._model_args import INPUT_SHAPE_HELP, parse_shape, sample_inputs
 
 
 @app.command()
 def inspect(
     model: str = typer.Argument(..., help="HF folder, weights file (+ --arch) or module:factory."),
     arch: str = typer.Option(None, "--arch", help="module:factory for a weights file."),
+    input_shape: str = typer.Option(None, "--input-shape", help=INPUT_SHAPE_HELP),
     certify_: bool = typer.Option(False, "--certify", help="Compare with the Jacobian's rank."),
     n_inputs: int = typer.Option(256, "--inputs", help="Sample inputs for --certify."),
 ) -> None:
@@ -34,13 +35,17 @@ def inspect(
         ) as progress:
             task = progress.add_task("loading the model", total=None)
             net = load_model(model, arch)
-            x = sample_inputs(net, 4)
+            x = sample_inputs(net, 4, shape=parse_shape(input_shape))
             progress.update(task, description="discovering symmetries")
             group = symmetries(net, x)
             report = None
             if certify_:
                 progress.update(task, description="certifying (Jacobian rank)")
-                report = certify(net.double(), sample_inputs(net.double(), n_inputs), group=group)
+                report = certify(
+                    net.double(),
+                    sample_inputs(net.double(), n_inputs, shape=parse_shape(input_shape)),
+                    group=group,
+                )
     except GaugeError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(code=2) from None
