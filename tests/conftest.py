@@ -15,6 +15,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _seed_global_rng() -> None:
+    """Every test starts from the same global random state, whatever ran before it in the
+    same worker (layers draw their initial weights from it)."""
+    torch.manual_seed(0)
+
+
 @pytest.fixture
 def gen() -> torch.Generator:
     """A seeded generator, so every test draws the same random numbers."""

@@ -72,14 +72,15 @@ def test_invariance_50_elements(kind, gen):
 @pytest.mark.parametrize(
     "kind,expected",
     [
-        # qk + vo: 2 heads x 2 x 4^2; alpha: 2 heads; key shift: 2 heads x 4
+        # qk + vo: 2 heads x 2 x 4^2; alpha: 2 heads; key shift and value shift (softmax
+        # with biases): 2 heads x 4 each
         ("sa-relu", 64 + 2),
         ("sa-identity", 64 + 2),
-        ("sa-softmax", 64 + 8),
+        ("sa-softmax", 64 + 8 + 8),
         ("sa-softmax-nobias", 64),
-        ("mha", 64 + 8),
-        ("tel", 64 + 8 + 16),
-        ("enc", 2 * (64 + 8 + 16)),
+        ("mha", 64 + 8 + 8),
+        ("tel", 64 + 8 + 8 + 16),
+        ("enc", 2 * (64 + 8 + 8 + 16)),
     ],
 )
 def test_dim(kind, expected, gen):
@@ -262,3 +263,18 @@ def test_rotary_detected():
     model.rotary_emb = Rotary()
     assert "rotary" in rotary_reason(model)
     assert rotary_reason(nn.Linear(2, 2)) is None
+
+
+def test_value_shift_needs_softmax(gen):
+    """The value-bias shift is absorbed by the output bias only because a query's softmax
+    weights sum to one: the same parameter change moves a ReLU attention's output."""
+    soft = SelfAttention(8, 2, activation="softmax", dtype=F64, generator=gen)
+    x = torch.randn(3, 5, 8, dtype=F64, generator=gen)
+    group = gaugenet.symmetries(soft)
+    shift = next(f for f in group.factors if f.name.endswith("value_shift"))
+    u = {shift.name: torch.randn(shift.n, dtype=F64, generator=gen)}
+    assert gaugenet.invariance_error(soft, group.act(soft, u), x) < 1e-12
+    relu = SelfAttention(8, 2, activation="relu", dtype=F64, generator=gen)
+    relu.load_state_dict(soft.state_dict())
+    assert not any(f.name.endswith("value_shift") for f in gaugenet.symmetries(relu).factors)
+    assert gaugenet.invariance_error(relu, group.act(relu, u), x) > 1e-3

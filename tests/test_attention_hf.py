@@ -57,8 +57,9 @@ def test_factors(minilm):
     assert len(qk) == len(vo) == 6
     assert all(f.b == 12 and f.d == 32 for f in qk + vo)  # 72 heads, each with both factors
     assert sum(f.dim for f in qk + vo) == 6 * 12 * 2 * 32**2
-    # plus the softmax key-bias shifts (6 x 384); no rescaling survives GELU and LayerNorm
-    assert group.dim == 6 * 12 * 2 * 32**2 + 6 * 384
+    # plus the softmax key-bias and value-bias shifts (2 x 6 x 384); no rescaling survives
+    # GELU and LayerNorm
+    assert group.dim == 6 * 12 * 2 * 32**2 + 2 * 6 * 384
     assert not group.of_kind("rescaling")
     assert len(group.of_kind("permutation")) == 6
 

@@ -16,7 +16,8 @@ Hand counts:
   rescaling factors and 5 permutation factors; the softmax of the first head is a breaker.
 - all-MiniLM-L6-v2: 6 layers of 12 heads of size 32. Per layer: the query-key and the
   value-output `GL(32)` of every head, `2 · 12 · 32² = 24576`, and the softmax key-bias
-  shift, 384; one head permutation. Total `6 · (24576 + 384) = 149760`.
+  shift, 384; the value-bias shift (absorbed by the output bias), 384; one head
+  permutation. Total `6 · (24576 + 2 · 384) = 152064`.
 """
 
 from __future__ import annotations
@@ -101,9 +102,9 @@ def test_all_minilm_l6_v2_counts(gen) -> None:
     group = gaugenet.symmetries(model)
     gl = group.of_kind("gl")
     assert len(gl) == 12 and all(f.dim == 12 * 32**2 for f in gl)
-    assert [f.dim for f in group.of_kind("translation")] == [384] * 6
+    assert [f.dim for f in group.of_kind("translation")] == [384] * 12
     assert len(group.of_kind("permutation")) == 6
-    assert group.dim == 6 * (2 * 12 * 32**2 + 384) == 149760
+    assert group.dim == 6 * (2 * 12 * 32**2 + 2 * 384) == 152064
     assert any("GELU" in b.reason for b in group.breakers)
     ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=gen)
     x = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}

@@ -17,6 +17,7 @@ from ._factors import AlphaFactor as AlphaFactor
 from ._factors import HeadPermFactor as HeadPermFactor
 from ._factors import KeyShiftFactor as KeyShiftFactor
 from ._factors import QKFactor as QKFactor
+from ._factors import ValueShiftFactor as ValueShiftFactor
 from ._factors import VOFactor as VOFactor
 from ._factors import attention_factors as attention_factors
 from ._hf import bert_group as bert_group

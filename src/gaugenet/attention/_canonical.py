@@ -21,7 +21,14 @@ from torch import Tensor
 from ..groups import GaugeGroup, register_canonicalizer
 from ..groups._base import State
 from ..groups._group import Element
-from ._factors import AlphaFactor, HeadPermFactor, KeyShiftFactor, QKFactor, VOFactor
+from ._factors import (
+    AlphaFactor,
+    HeadPermFactor,
+    KeyShiftFactor,
+    QKFactor,
+    ValueShiftFactor,
+    VOFactor,
+)
 from ._layout import HeadLayout
 
 __all__ = ["canonical_attention_element"]
@@ -77,6 +84,12 @@ def _shift_element(f: KeyShiftFactor, state: State) -> Tensor:
     return -f.layout.bias(state, "k").double().reshape(-1)
 
 
+def _value_shift_element(f: ValueShiftFactor, state: State) -> Tensor:
+    """Zero value bias (the output bias absorbs it); `state` must already carry the `vo`
+    element, which acts first."""
+    return -f.layout.bias(state, "v").double().reshape(-1)
+
+
 def _perm_element(f: HeadPermFactor, state: State) -> Tensor:
     lay = f.layout
     key = torch.linalg.matrix_norm(lay.qk(state).double()) * torch.linalg.matrix_norm(
@@ -90,6 +103,7 @@ for _t, _fn in (
     (VOFactor, _vo_element),
     (AlphaFactor, _alpha_element),
     (KeyShiftFactor, _shift_element),
+    (ValueShiftFactor, _value_shift_element),
     (HeadPermFactor, _perm_element),
 ):
     register_canonicalizer(_t, _fn)
@@ -99,6 +113,7 @@ _CANON = {
     VOFactor: _vo_element,
     AlphaFactor: _alpha_element,
     KeyShiftFactor: _shift_element,
+    ValueShiftFactor: _value_shift_element,
     HeadPermFactor: _perm_element,
 }
 
@@ -107,8 +122,11 @@ def canonical_attention_element(group: GaugeGroup, state: State) -> Element:
     """The element of `group`'s attention factors that brings `state` to canonical form
     (other factors: identity). Elements are float64."""
     out = {}
-    for f in group.factors:
+    # in the order the group acts (the value shift reads the state after `vo`)
+    for f in [*group.continuous, *group.discrete]:
         fn = _CANON.get(type(f))
         if fn is not None:
             out[f.name] = fn(f, state)
+            if not f.discrete:
+                state = f.apply(state, out[f.name].to(next(iter(state.values())).dtype))
     return out

@@ -10,6 +10,10 @@ Per head `h`, with tokens as rows (`q = x W_q + b_q`, scores `φ(q kᵀ)`):
 - `alpha` (positively homogeneous `φ` only): `W_k, b_k ↦ α W_k, α b_k` and
   `W_v, b_v ↦ α⁻¹ W_v, α⁻¹ b_v` (`B = α A⁻¹` in eq. 37).
 - `key_shift` (softmax with a key bias): `b_k ↦ b_k + c`, `c ∈ R^{heads·d_head}`.
+- `value_shift` (softmax with value and output biases): `b_v ↦ b_v + u`, `b_o ↦ b_o − u W_o`
+  (`u ∈ R^{heads·d_v}`): the attention weights of a query sum to one, so a shift of every
+  value reaches the output as the constant `u W_o`, which the output bias takes back. It
+  acts after `vo` (`u` moves as `b_v` does, `moved_by`).
 - `heads`: permutations of the heads, conjugating all of the above.
 """
 
@@ -18,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from torch import Tensor
 
 from ..groups import (
     AbstractFactor,
@@ -38,6 +43,7 @@ __all__ = [
     "KeyShiftFactor",
     "QKFactor",
     "VOFactor",
+    "ValueShiftFactor",
     "attention_factors",
 ]
 
@@ -93,6 +99,39 @@ class KeyShiftFactor(TranslationFactor):
     """The key-bias shift of softmax attention."""
 
     layout: HeadLayout | None = field(default=None, kw_only=True)
+
+
+@dataclass(frozen=True)
+class ValueBiasShift:
+    """`param[offset : offset + n] += u` (the value bias) and `bias −= W_o u`, where `W_o` is
+    the block `weight_offset : weight_offset + n` of `weight` along `axis` (its value side)."""
+
+    param: str
+    offset: int
+    weight: str
+    axis: int
+    weight_offset: int
+    bias: str
+
+    def __call__(self, new: dict[str, Tensor], u: Tensor) -> None:
+        p = new[self.param]
+        n = u.shape[0]
+        u = u.to(p.dtype)
+        new[self.param] = torch.cat(
+            [p[: self.offset], p[self.offset : self.offset + n] + u, p[self.offset + n :]]
+        )
+        w = new[self.weight].narrow(self.axis, self.weight_offset, n)
+        new[self.bias] = new[self.bias] - torch.tensordot(w, u, dims=([self.axis], [0]))
+
+
+@dataclass(eq=False)
+class ValueShiftFactor(TranslationFactor):
+    """The value-bias shift of softmax attention, absorbed by the output bias."""
+
+    layout: HeadLayout | None = field(default=None, kw_only=True)
+
+    def params(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(p for t in self.terms for p in (t.param, t.weight, t.bias)))
 
 
 @dataclass(eq=False)
@@ -201,6 +240,17 @@ def attention_factors(
         )
         factors.append(shift)
         conj.append((shift.name, torch.arange(H * dh).reshape(H, dh)))
+    if softmax and v.bias is not None and o.bias is not None:
+        vshift = ValueShiftFactor(
+            lay.name("value_shift"),
+            H * dv,
+            terms=(ValueBiasShift(v.bias, v.bias_offset, o.weight, oax, o.offset, o.bias),),
+            moved_by=((vo.name, "T"),),
+            modules=modules,
+            layout=lay,
+        )
+        factors.append(vshift)
+        conj.append((vshift.name, torch.arange(H * dv).reshape(H, dv)))
 
     perm_terms = []
     for slot, size in ((q, dh), (k, dh), (v, dv)):

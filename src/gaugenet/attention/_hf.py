@@ -85,7 +85,7 @@ def bert_group(model: nn.Module, example_inputs: Any = None) -> GaugeGroup | Non
             Slot(f"{p}self.query.weight", 0, _bias(sa.query, f"{p}self.query.bias")),
             Slot(f"{p}self.key.weight", 0, _bias(sa.key, f"{p}self.key.bias")),
             Slot(f"{p}self.value.weight", 0, _bias(sa.value, f"{p}self.value.bias")),
-            Slot(f"{p}output.dense.weight", 0),
+            Slot(f"{p}output.dense.weight", 0, _bias(dense, f"{p}output.dense.bias")),
             "torch",
         )
         shapes = {n: tuple(t.shape) for n, t in model.named_parameters() if n.startswith(p)}

