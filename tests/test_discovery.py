@@ -34,3 +34,21 @@ def test_lowrank_has_gl_and_resnet_has_shifts() -> None:
         "shift:0.block.conv1",
         "shift:0.block.conv2",
     ]
+
+
+def _state_diff(a, b) -> float:
+    sa, sb = a.state_dict(), b.state_dict()
+    return max(float((sa[k].double() - sb[k].double()).abs().max()) for k in sa)
+
+
+@pytest.mark.parametrize("entry", ZOO, ids=[e.name for e in ZOO])
+def test_group_axioms_on_the_zoo(entry, gen) -> None:
+    """Composition and inverses are exact on every zoo model, including factors that do not
+    commute (bias shifts against rescalings and GL factors)."""
+    model, x = entry.build(), entry.inputs(gen)
+    group = gaugenet.symmetries(model, x)
+    for _ in range(3):
+        g, h = group.sample(gen), group.sample(gen)
+        both = group.act(model, group.compose(g, h))
+        assert _state_diff(group.act(group.act(model, g), h), both) < 1e-10
+        assert _state_diff(group.act(group.act(model, g), group.inverse(g)), model) < 1e-10

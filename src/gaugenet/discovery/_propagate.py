@@ -29,7 +29,7 @@ from ._ops import (
     VIEW_METHODS,
     nonhomogeneous_reason,
 )
-from ._shifts import AbsorbedShiftFactor, IntoBatchNorm
+from ._shifts import AbsorbedShiftFactor, IntoBatchNorm, IntoLinears
 
 __all__ = ["Propagator"]
 
@@ -137,6 +137,7 @@ class Propagator(fx.Interpreter):
             self.bias_before_bn(n, m)
             return lab
         if isinstance(m, nn.LayerNorm):
+            self.layernorm_shift(n, m)
             return self.layernorm(name, m, s, p, out)
         if isinstance(m, nn.Embedding):
             raise _Unsupported("embedding input is not a float tensor")
@@ -205,6 +206,42 @@ class Propagator(fx.Interpreter):
         self.L.extra.append(
             AbsorbedShiftFactor(
                 f"shift:{name}", bn.num_features, terms=(term,), modules=(name, str(n.target))
+            )
+        )
+
+    def layernorm_shift(self, n: fx.Node, ln: nn.LayerNorm) -> None:
+        """A LayerNorm whose output only affine layers read: its `β` may move into their
+        biases. Readers: `nn.Linear` with a bias, or `nn.MultiheadAttention` reading it as
+        query, key and value through a packed, biased input projection. There only the
+        query and value biases compensate: a shift of every key changes no softmax, and
+        leaving the key bias alone keeps this factor commuting with the query-key GL."""
+        if ln.bias is None or len(ln.normalized_shape) != 1 or not n.users:
+            return
+        consumers = []
+        for u in n.users:
+            if u.op != "call_module":
+                return
+            mod, t = self.root.get_submodule(str(u.target)), str(u.target)
+            if isinstance(mod, nn.Linear) and mod.bias is not None and u.args[:1] == (n,):
+                consumers.append((f"{t}.weight", f"{t}.bias", None))
+            elif (
+                isinstance(mod, nn.MultiheadAttention)
+                and mod._qkv_same_embed_dim
+                and mod.in_proj_bias is not None
+                and mod.bias_k is None
+                and tuple(u.args[:3]) == (n, n, n)
+            ):
+                E = mod.embed_dim
+                consumers.append((f"{t}.in_proj_weight", f"{t}.in_proj_bias", (0, E)))
+                consumers.append((f"{t}.in_proj_weight", f"{t}.in_proj_bias", (2 * E, 3 * E)))
+            else:
+                return
+        name = str(n.target)
+        term = IntoLinears(f"{name}.bias", tuple(consumers))
+        mods = tuple(dict.fromkeys((name, *(w.rpartition(".")[0] for w, _, _ in consumers))))
+        self.L.extra.append(
+            AbsorbedShiftFactor(
+                f"shift:{name}", ln.normalized_shape[0], terms=(term,), modules=mods
             )
         )
 

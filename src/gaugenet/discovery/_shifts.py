@@ -2,6 +2,8 @@
 
 - A bias right before eval-mode BatchNorm: `BN(x + v) = BN(x) + γ v / s` with
   `s = sqrt(var + eps)`, so `b ↦ b + v`, `β ↦ β − γ v / s` changes nothing.
+- A LayerNorm's shift `β` read only by affine layers: `β ↦ β + v` with every reader's
+  bias `b ↦ b − W v` changes nothing.
 
 The element `v` has one entry per channel of the first layer's output. A shift does not
 commute with the rescaling of the same channels (shift then scale = scale then a scaled
@@ -20,7 +22,7 @@ from torch import Tensor
 from ..groups import TranslationFactor
 from ..groups._base import State
 
-__all__ = ["AbsorbedShiftFactor", "IntoBatchNorm"]
+__all__ = ["AbsorbedShiftFactor", "IntoBatchNorm", "IntoLinears"]
 
 
 @dataclass(frozen=True)
@@ -41,13 +43,39 @@ class IntoBatchNorm:
         return (self.param, f"{self.bn}.bias")
 
 
+@dataclass(frozen=True)
+class IntoLinears:
+    """`param += v` (a LayerNorm's `β`) and `bias[rows] −= weight[rows] @ v` for every layer
+    reading the LayerNorm's output: `consumers` holds `(weight, bias, rows)`, `rows` a
+    `(start, stop)` range or `None` for all rows."""
+
+    param: str
+    consumers: tuple[tuple[str, str, tuple[int, int] | None], ...]
+
+    def __call__(self, new: State, v: Tensor) -> None:
+        v = v.to(new[self.param].dtype)
+        new[self.param] = new[self.param] + v
+        for weight, bias, rows in self.consumers:
+            change = new[weight] @ v
+            if rows is not None:
+                keep = torch.zeros_like(change)
+                keep[rows[0] : rows[1]] = 1
+                change = change * keep
+            new[bias] = new[bias] - change
+
+    def touched(self) -> tuple[str, ...]:
+        return (self.param, *(p for w, b, _ in self.consumers for p in (w, b)))
+
+
 class AbsorbedShiftFactor(TranslationFactor):
     """A `TranslationFactor` whose terms move a bias into the next layer."""
 
     def params(self) -> tuple[str, ...]:
         out: list[str] = []
         for t in self.terms:
-            out += [*t.touched(), f"{t.bn}.weight", f"{t.bn}.running_var"]
+            out += list(t.touched())
+            if isinstance(t, IntoBatchNorm):
+                out += [f"{t.bn}.weight", f"{t.bn}.running_var"]
         return tuple(dict.fromkeys(out))
 
     def canonical(self, state: State) -> Tensor:
