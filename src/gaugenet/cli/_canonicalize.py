@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from .._errors import GaugeError
-from ..io import load_model, save_safetensors_atomic
+from ..io import check_writable, load_model, save_safetensors_atomic
 from ._app import app
 from ._model_args import INPUT_SHAPE_HELP, parse_shape, sample_inputs
 
@@ -37,10 +37,7 @@ def canonicalize(
 
     console = Console()
     try:
-        if Path(model).exists() and out.resolve() == Path(model).resolve() and not force:
-            raise GaugeError(f"{out} is the input file; refusing to overwrite it (use --force)")
-        if out.exists() and not force:
-            raise GaugeError(f"{out} already exists; refusing to overwrite it (use --force)")
+        check_writable(out, force=force, source=model)
         with Progress(
             SpinnerColumn(),
             TextColumn("{task.description}"),

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 
 from .._errors import GaugeError
-from ..io import load_model, save_safetensors_atomic
+from ..io import check_writable, load_model, save_safetensors_atomic
 from ._app import app
 from ._model_args import INPUT_SHAPE_HELP, parse_shape, sample_inputs
 
@@ -33,10 +33,7 @@ def equalize(
 
     console = Console()
     try:
-        if Path(model).exists() and out.resolve() == Path(model).resolve() and not force:
-            raise GaugeError(f"{out} is the input file; refusing to overwrite it (use --force)")
-        if out.exists() and not force:
-            raise GaugeError(f"{out} already exists; refusing to overwrite it (use --force)")
+        check_writable(out, force=force, source=model)
         net = load_model(model, arch).eval()
         x = sample_inputs(net, 16, shape=parse_shape(input_shape))
         new = eq(net, x, bits=bits, granularity=granularity)

@@ -11,7 +11,31 @@ from torch import Tensor
 
 from .._errors import GaugeError
 
-__all__ = ["save_safetensors_atomic"]
+__all__ = ["check_writable", "save_safetensors_atomic"]
+
+
+def check_writable(
+    path: str | Path, *, force: bool = False, source: str | Path | None = None
+) -> Path:
+    """Raise `GaugeError` unless `path` may be written: not the input `source` and not an
+    existing file (unless `force`), not a folder, in an existing folder. Commands call it
+    before their work, so that a refusal comes at once."""
+    path = Path(path)
+    if (
+        source is not None
+        and Path(source).exists()
+        and path.exists()
+        and (path.resolve() == Path(source).resolve())
+        and not force
+    ):
+        raise GaugeError(f"{path} is the input file; refusing to overwrite it (use --force)")
+    if path.exists() and not force:
+        raise GaugeError(f"{path} already exists; refusing to overwrite it (use --force)")
+    if path.is_dir():
+        raise GaugeError(f"{path} is a folder, not a file")
+    if not path.parent.is_dir():
+        raise GaugeError(f"the folder {path.parent} does not exist")
+    return path
 
 
 def save_safetensors_atomic(
@@ -35,21 +59,7 @@ def save_safetensors_atomic(
     """
     from safetensors.torch import save_file
 
-    path = Path(path)
-    if (
-        source is not None
-        and Path(source).exists()
-        and path.exists()
-        and (path.resolve() == Path(source).resolve())
-        and not force
-    ):
-        raise GaugeError(f"{path} is the input file; refusing to overwrite it (use --force)")
-    if path.exists() and not force:
-        raise GaugeError(f"{path} already exists; refusing to overwrite it (use --force)")
-    if path.is_dir():
-        raise GaugeError(f"{path} is a folder, not a file")
-    if not path.parent.is_dir():
-        raise GaugeError(f"the folder {path.parent} does not exist")
+    path = check_writable(path, force=force, source=source)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
