@@ -9,10 +9,12 @@ import torch
 from torch import fx, nn
 
 from .._errors import UnsupportedModelError
+from ._ops import HOMOGENEOUS_MODULES, NONHOMOGENEOUS, POOL_MODULES
 
 __all__ = ["ATOMIC_MODULES", "register_atomic", "trace"]
 
-#: Module types never traced into: the rules of `_rules.py` know what they do.
+#: Module types never traced into: the rules of `_propagate.py` know what they do (the
+#: elementwise and pooling ones are classified in `_ops.py`).
 ATOMIC_MODULES: tuple[type[nn.Module], ...] = (
     nn.Linear,
     nn.Conv1d,
@@ -26,43 +28,12 @@ ATOMIC_MODULES: tuple[type[nn.Module], ...] = (
     nn.InstanceNorm1d,
     nn.InstanceNorm2d,
     nn.Embedding,
-    nn.ReLU,
-    nn.LeakyReLU,
-    nn.PReLU,
-    nn.Identity,
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
     nn.Flatten,
     nn.Unflatten,
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.AvgPool1d,
-    nn.AvgPool2d,
-    nn.LPPool1d,
-    nn.LPPool2d,
-    nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d,
-    nn.Tanh,
-    nn.GELU,
-    nn.Sigmoid,
-    nn.ReLU6,
-    nn.Hardtanh,
-    nn.SiLU,
-    nn.ELU,
-    nn.Softplus,
-    nn.Softmax,
-    nn.LogSoftmax,
-    nn.Mish,
-    nn.Hardswish,
-    nn.Hardsigmoid,
-    nn.SELU,
-    nn.CELU,
-    nn.Softsign,
-    nn.Tanhshrink,
     nn.MultiheadAttention,
+    *HOMOGENEOUS_MODULES,
+    *POOL_MODULES,
+    *NONHOMOGENEOUS,
 )
 
 _EXTRA_ATOMS: list[type[nn.Module]] = []
