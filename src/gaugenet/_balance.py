@@ -147,9 +147,8 @@ def balanced_scales(group: GaugeGroup, state: State, params: set[str]) -> Elemen
         cur = dict(small)
         for ts, uf in zip(coupled_terms, torch.split(u, sizes)):
             alpha_ext = torch.cat([torch.exp(uf), uf.new_ones(1)])
-            old = dict(cur)
             for t in ts:
-                t(cur, old, alpha_ext)
+                t(cur, alpha_ext)
         return sum(((cur[p] ** 2).sum() for p in summed), u.new_zeros(()))
 
     coupled_grad = torch.func.grad(coupled_value)

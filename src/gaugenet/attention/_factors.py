@@ -90,7 +90,7 @@ class AlphaFactor(AbstractFactor):
     inverse = RescalingFactor.inverse
     exp = RescalingFactor.exp
     validate = RescalingFactor.validate
-    apply = RescalingFactor.apply
+    _term_input = RescalingFactor._term_input
     params = RescalingFactor.params
 
 

@@ -78,9 +78,18 @@ class AbstractFactor(abc.ABC):
     def validate(self, a: Tensor) -> None:
         """Raise `GaugeError` naming the factor and the entry if `a` is no element."""
 
-    @abc.abstractmethod
     def apply(self, state: State, a: Tensor) -> State:
-        """The action on a state: a new dict; tensors not touched are shared."""
+        """The action on a state: a new dict; tensors not touched are shared. Each of the
+        factor's `terms` updates the dict in turn, given `_term_input(a)`."""
+        new = dict(state)
+        arg = self._term_input(a)
+        for term in getattr(self, "terms", ()):
+            term(new, arg)
+        return new
+
+    def _term_input(self, a: Tensor) -> Tensor:
+        """What the terms receive: the element itself, unless a factor says otherwise."""
+        return a
 
     def exp(self, xi: Tensor) -> Tensor:
         """Algebra coordinates `(dim,)` to a group element."""

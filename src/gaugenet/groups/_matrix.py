@@ -112,12 +112,6 @@ class GLFactor(AbstractFactor):
                 f"{float(s[k, -1]):.3e})"
             )
 
-    def apply(self, state: State, a: Tensor) -> State:
-        new = dict(state)
-        for term in self.terms:
-            term(new, a)
-        return new
-
     def params(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(t.param for t in self.terms))
 
@@ -205,12 +199,6 @@ class AffineFactor(AbstractFactor):
             raise self._fail(
                 f"linear part is singular (smallest singular value {float(s[-1]):.3e})"
             )
-
-    def apply(self, state: State, a: Tensor) -> State:
-        new = dict(state)
-        for term in self.terms:
-            term(new, a)
-        return new
 
     def params(self) -> tuple[str, ...]:
         out = [t.weight for t in self.terms] + [t.bias for t in self.terms if t.bias]

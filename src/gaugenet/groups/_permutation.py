@@ -77,11 +77,5 @@ class PermutationFactor(AbstractFactor):
         if not torch.equal(torch.sort(a).values, torch.arange(self.n, dtype=a.dtype)):
             raise self._fail(f"{a.tolist()} is not a permutation of 0..{self.n - 1}")
 
-    def apply(self, state: State, a: Tensor) -> State:
-        new = dict(state)
-        for term in self.terms:
-            term(new, a)
-        return new
-
     def params(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(t.param for t in self.terms))

@@ -24,7 +24,7 @@ class Scale:
     index: Tensor
     power: int
 
-    def __call__(self, new: State, old: State, alpha_ext: Tensor) -> None:
+    def __call__(self, new: State, alpha_ext: Tensor) -> None:
         new[self.param] = new[self.param] * alpha_ext[self.index] ** self.power
 
 
@@ -44,7 +44,7 @@ class BatchNormShift:
     eps: float
     index: Tensor
 
-    def __call__(self, new: State, old: State, alpha_ext: Tensor) -> None:
+    def __call__(self, new: State, alpha_ext: Tensor) -> None:
         a = alpha_ext[self.index]
         gamma = new[self.weight]
         s = torch.sqrt(new[self.var].to(gamma.dtype) + self.eps)
@@ -96,12 +96,9 @@ class RescalingFactor(AbstractFactor):
             where = self.labels[i] if self.labels else f"index {i}"
             raise self._fail(f"scale at {where} is {float(a[i]):.6g}; scales must be positive")
 
-    def apply(self, state: State, a: Tensor) -> State:
-        new = dict(state)
-        alpha_ext = torch.cat([a, torch.ones(1, dtype=a.dtype, device=a.device)])
-        for term in self.terms:
-            term(new, state, alpha_ext)
-        return new
+    def _term_input(self, a: Tensor) -> Tensor:
+        # the terms index with `n` for "unscaled": append a scale of one
+        return torch.cat([a, torch.ones(1, dtype=a.dtype, device=a.device)])
 
     def params(self) -> tuple[str, ...]:
         out: list[str] = []

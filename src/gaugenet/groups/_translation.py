@@ -77,11 +77,5 @@ class TranslationFactor(AbstractFactor):
             raise self._fail(f"expected shape ({self.n},), got {tuple(a.shape)}")
         self._check_finite(a)
 
-    def apply(self, state: State, a: Tensor) -> State:
-        new = dict(state)
-        for term in self.terms:
-            term(new, a)
-        return new
-
     def params(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(t.param for t in self.terms))
