@@ -7,12 +7,11 @@ from pathlib import Path
 import torch
 import typer
 from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from .._errors import GaugeError
 from ..io import check_writable, load_model, save_safetensors_atomic
 from ._app import app
-from ._model_args import INPUT_SHAPE_HELP, parse_shape, sample_inputs
+from ._model_args import INPUT_SHAPE_HELP, parse_shape, sample_inputs, spinner
 
 
 def _outputs(model: torch.nn.Module, x) -> torch.Tensor:
@@ -38,13 +37,7 @@ def canonicalize(
     console = Console()
     try:
         check_writable(out, force=force, source=model)
-        with Progress(
-            SpinnerColumn(),
-            TextColumn("{task.description}"),
-            TimeElapsedColumn(),
-            console=console,
-            transient=True,
-        ) as progress:
+        with spinner(console) as progress:
             task = progress.add_task("loading the model", total=None)
             net = load_model(model, arch)
             x = sample_inputs(net, 16, shape=parse_shape(input_shape))

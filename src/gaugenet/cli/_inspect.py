@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import typer
 from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from .._errors import GaugeError
 from ..io import load_model
 from ._app import app
-from ._model_args import INPUT_SHAPE_HELP, parse_shape, sample_inputs
+from ._model_args import INPUT_SHAPE_HELP, parse_shape, sample_inputs, spinner
 
 
 @app.command()
@@ -26,13 +25,7 @@ def inspect(
 
     console = Console()
     try:
-        with Progress(
-            SpinnerColumn(),
-            TextColumn("{task.description}"),
-            TimeElapsedColumn(),
-            console=console,
-            transient=True,
-        ) as progress:
+        with spinner(console) as progress:
             task = progress.add_task("loading the model", total=None)
             net = load_model(model, arch)
             x = sample_inputs(net, 4, shape=parse_shape(input_shape))

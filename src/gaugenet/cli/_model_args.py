@@ -5,11 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from torch import nn
 
 from .._errors import GaugeError
 
-__all__ = ["INPUT_SHAPE_HELP", "parse_shape", "sample_inputs"]
+__all__ = ["INPUT_SHAPE_HELP", "parse_shape", "sample_inputs", "spinner"]
 
 INPUT_SHAPE_HELP = "Shape of one input without the batch, e.g. 1,28,28 (default: inferred)."
 
@@ -54,4 +56,15 @@ def sample_inputs(
     raise GaugeError(
         f"cannot infer inputs for {type(model).__name__}: give the model an "
         "`example_inputs(n)` method"
+    )
+
+
+def spinner(console: Console) -> Progress:
+    """A transient spinner with the current step's description and the elapsed time."""
+    return Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
     )
