@@ -11,6 +11,7 @@ from torchdiffeq import odeint
 
 from gaugenet import GaugeError
 from gaugenet.ode import Magnus4, Magnus6, ordered_product, wilson_line
+from gaugenet.ode._expm import expm
 
 F64 = torch.float64
 METHODS = (Magnus4(), Magnus6())
@@ -141,3 +142,24 @@ def test_bad_input():
         wilson_line(lambda t: torch.zeros(t.shape[0], 2, 2, dtype=F64), 1.0, 0.0, steps=0)
     with pytest.raises(GaugeError, match="finite"):
         wilson_line(lambda t: torch.zeros(t.shape[0], 2, 2, dtype=F64), float("nan"), 0.0)
+
+
+@pytest.mark.parametrize("scale", [0.0, 1e-3, 0.3, 2.0, 40.0])
+def test_batched_expm_matches_torch(scale, gen):
+    X = scale * torch.randn(7, 12, 12, dtype=F64, generator=gen) / math.sqrt(12)
+    assert rel(expm(X), torch.linalg.matrix_exp(X)) < 1e-13
+    # The negative check: a one-term truncation (1 + X) is visibly different.
+    if scale >= 0.3:
+        assert rel(torch.eye(12, dtype=F64) + X, torch.linalg.matrix_exp(X)) > 1e-3
+
+
+def test_batched_expm_gradient(gen):
+    X = torch.randn(2, 4, 4, dtype=F64, generator=gen, requires_grad=True)
+    assert torch.autograd.gradcheck(expm, (X,))
+
+
+def test_rtol_result_is_extrapolated_beyond_the_estimate(gen):
+    w, _ = smooth_field(6, gen)
+    ref = wilson_line(w, 1.0, 0.0, steps=1024)
+    W, estimate = wilson_line(w, 1.0, 0.0, rtol=1e-7, return_error=True)
+    assert rel(W, ref) < estimate
