@@ -104,7 +104,7 @@ def canonical_element(
         raise GaugeError(f"unknown gauge {gauge!r}; use 'balanced' or 'unit_in'")
     # in the group's order (rescalings act first) a shift is rescaled, see `scaled_by`
     for name, v in shifts.items():
-        g[name] = GaugeGroup._rescale_shift(group.factor(name), v, g)
+        g[name] = GaugeGroup._rescale_shift(group.factor(name), v, g, moved=False)
     current = group.act_state(state, g)
     for f in group.continuous:
         if isinstance(f, RescalingFactor) or f.name in shifts:
@@ -114,6 +114,9 @@ def canonical_element(
             continue
         g[f.name] = fn(f, current)
         current = f.apply(current, g[f.name])
+    # the matrix factors were fixed after the shifts, but act before them in the group
+    for name in shifts:
+        g[name] = GaugeGroup._rescale_shift(group.factor(name), g[name], g, scaled=False)
     g.update(_sort_permutations(group, current))
     return g
 

@@ -216,7 +216,8 @@ def build_factors(L: Labels, model: nn.Module) -> tuple[list, list[Breaker]]:
     extra = [f for f in L.extra if not tied & set(f.params())]
     scale, where = _scale_factors(L, model)
     perms = _perm_factors(L, scale, where)
-    shifts = [f for f in extra if f.kind == "translation"]
+    # bias shifts (the LayerNorm kernels are linked to the whole group later: link_kernels)
+    shifts = [f for f in extra if f.kind == "translation" and hasattr(f.terms[0], "param")]
     _scale_shifts(shifts, scale)
     perms = _conjugate_shifts(perms, shifts)
     breakers = list(dict.fromkeys(L.breakers))

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from ..groups import AffineFactor, AffineTerm, GLFactor, MatTerm
+from ._kernel import LayerNormKernelFactor, MeanKernel, ReaderSlot
 from ._labels import FIXED, ZERO, Labels
 from ._ops import (
     ADD_OPS,
@@ -138,6 +139,7 @@ class Propagator(fx.Interpreter):
             return lab
         if isinstance(m, nn.LayerNorm):
             self.layernorm_shift(n, m)
+            self.layernorm_kernel(n, m)
             return self.layernorm(name, m, s, p, out)
         if isinstance(m, nn.Embedding):
             raise _Unsupported("embedding input is not a float tensor")
@@ -242,6 +244,47 @@ class Propagator(fx.Interpreter):
         self.L.extra.append(
             AbsorbedShiftFactor(
                 f"shift:{name}", ln.normalized_shape[0], terms=(term,), modules=mods
+            )
+        )
+
+    def layernorm_kernel(self, n: fx.Node, ln: nn.LayerNorm) -> None:
+        """The direction `1/γ` no linear reader of a LayerNorm sees (see `_kernel.py`):
+        every `nn.Linear` reading it, and each of the query, key and value inputs of a
+        packed `nn.MultiheadAttention` that it is, contributes its rows."""
+        if len(ln.normalized_shape) != 1:
+            return
+        E = ln.normalized_shape[0]
+        slots = []
+        for u in n.users:
+            if u.op != "call_module":
+                continue
+            mod, t = self.root.get_submodule(str(u.target)), str(u.target)
+            if isinstance(mod, nn.Linear) and u.args[:1] == (n,) and mod.in_features == E:
+                b = f"{t}.bias" if mod.bias is not None else None
+                slots.append(ReaderSlot(f"{t}.weight", b, 0, mod.out_features))
+            elif (
+                isinstance(mod, nn.MultiheadAttention)
+                and mod._qkv_same_embed_dim
+                and mod.embed_dim == E
+                and mod.bias_k is None
+            ):
+                # Keys need no bias compensation: `W_k += a uᵀ` adds the same vector
+                # `a Σ β/γ` to every key, which softmax ignores; leaving `b_k` alone keeps
+                # the factor commuting with the query-key GL and the LayerNorm shift.
+                b = f"{t}.in_proj_bias" if mod.in_proj_bias is not None else None
+                slots += [
+                    ReaderSlot(f"{t}.in_proj_weight", None if i == 1 else b, i * E, (i + 1) * E)
+                    for i, a in enumerate(u.args[:3])
+                    if a is n
+                ]
+        if not slots:
+            return
+        name = str(n.target)
+        term = MeanKernel(name, E, ln.weight is not None, ln.bias is not None, tuple(slots))
+        mods = tuple(dict.fromkeys((name, *(s.weight.rpartition(".")[0] for s in slots))))
+        self.L.extra.append(
+            LayerNormKernelFactor(
+                f"ln_kernel:{name}", sum(s.size for s in slots), terms=(term,), modules=mods
             )
         )
 

@@ -178,16 +178,26 @@ class GaugeGroup:
         return {f.name: out[f.name] for f in self.factors}
 
     @staticmethod
-    def _rescale_shift(f: TranslationFactor, v: Tensor, scales: Mapping[str, Tensor]) -> Tensor:
-        for name, m in f.scaled_by:
+    def _rescale_shift(
+        f: TranslationFactor,
+        v: Tensor,
+        scales: Mapping[str, Tensor],
+        *,
+        scaled: bool = True,
+        moved: bool = True,
+    ) -> Tensor:
+        """The shift `v'` with `shift(v) ∘ others == others ∘ shift(v')` (read as actions,
+        left first), for the rescalings (`scaled`) and matrix factors (`moved`) in `scales`."""
+        for name, m, *power in f.scaled_by if scaled else ():
             a = scales[name]
             ext = torch.cat([a, torch.ones(1, dtype=a.dtype)])
-            v = v * ext[m].to(v.dtype)
-        for name, mode in f.moved_by:
+            v = v * ext[m].to(v.dtype) ** (power[0] if power else 1)
+        for name, mode, *offset in f.moved_by if moved else ():
             g = scales[name]
-            b, d = g.shape[0], g.shape[-1]
-            moved = (_mode_matrix(g.to(v.dtype), mode) @ v[: b * d].reshape(b, d, 1)).reshape(-1)
-            v = torch.cat([moved, v[b * d :]])
+            b, d, o = g.shape[0], g.shape[-1], (offset[0] if offset else 0)
+            blk = v[o : o + b * d].reshape(b, d, 1)
+            moved = (_mode_matrix(g.to(v.dtype), mode) @ blk).reshape(-1)
+            v = torch.cat([v[:o], moved, v[o + b * d :]])
         return v
 
     def exp(self, xi: Tensor) -> Element:

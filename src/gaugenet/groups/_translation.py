@@ -42,13 +42,15 @@ class TranslationFactor(AbstractFactor):
     `v` followed by the `GLFactor` element `g` (`(b, d, d)`) equals `g` followed by the shift
     whose `k`-th block of `d` entries is `M(g_k) v_k`, `M` as in `MatTerm` (`mode`). The
     group applies rescalings first and translations last, and composes accordingly (a
-    semidirect product), see `GaugeGroup.compose`.
+    semidirect product), see `GaugeGroup.compose`. Either declaration may carry a third
+    entry: a `power` for `scaled_by` (the shift is scaled by `α[m] ** power`) and an
+    `offset` for `moved_by` (the blocks start at entry `offset` of the shift, not at 0).
     """
 
     n: int = 0
     terms: tuple[Shift, ...] = field(default=(), kw_only=True)
-    scaled_by: tuple[tuple[str, Tensor], ...] = field(default=(), kw_only=True)
-    moved_by: tuple[tuple[str, str], ...] = field(default=(), kw_only=True)
+    scaled_by: tuple[tuple, ...] = field(default=(), kw_only=True)
+    moved_by: tuple[tuple, ...] = field(default=(), kw_only=True)
 
     def __post_init__(self) -> None:
         self.kind = "translation"

@@ -1,0 +1,254 @@
+"""The kernel of a LayerNorm's mean subtraction, seen by the layers that read its output.
+
+A LayerNorm over the last axis returns `y = γ ⊙ n + β` with `n` of zero mean, so every
+output satisfies `Σ_j (y_j − β_j) / γ_j = 0`. A linear layer reading `y` therefore cannot
+see the direction `u = 1/γ` in any of its rows: for every row `i`,
+
+    W[i] ↦ W[i] + a_i u,    b[i] ↦ b[i] − a_i Σ_j β_j / γ_j
+
+changes no output (`(W[i] + a_i u) · y = W[i] · y + a_i Σ β/γ`). It holds whatever else
+reads `y` (a residual branch, say), one dimension per row of every reader.
+
+The group `R^rows` acts additively. It commutes with the LayerNorm's own rescalings (they
+rescale `γ` and the readers' columns together, so `u` moves along) and with the other
+shifts, but not with transformations of the readers' rows: a row rescaling `D` or a
+row-block `GL` element `M` maps the shift `a` to `D a` or `M a`. `link_kernels` finds those
+factors once the whole group is known and declares them in `scaled_by` / `moved_by`; it
+also makes the permutations of rows (units, heads) carry the shift's entries along.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..groups import AffineFactor, GLFactor, PermutationFactor, TranslationFactor
+from ..groups._base import AbstractFactor, State
+
+__all__ = ["LayerNormKernelFactor", "MeanKernel", "ReaderSlot", "link_kernels"]
+
+
+@dataclass(frozen=True)
+class ReaderSlot:
+    """Rows `[start, stop)` of `weight` (a `(rows, features)` matrix reading the LayerNorm)
+    and the same entries of `bias` (or no bias)."""
+
+    weight: str
+    bias: str | None
+    start: int
+    stop: int
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+
+def _pad_rows(delta: Tensor, start: int, total: int) -> Tensor:
+    """`delta` placed at rows `start:` of a zero tensor with `total` rows (no in-place ops,
+    so that `torch.func` transforms go through)."""
+    shape = delta.shape[1:]
+    before = delta.new_zeros(start, *shape)
+    after = delta.new_zeros(total - start - delta.shape[0], *shape)
+    return torch.cat([before, delta, after])
+
+
+@dataclass(frozen=True)
+class MeanKernel:
+    """`W[rows] += a ⊗ (1/γ)`, `b[rows] −= a Σ β/γ` for every reader slot, in turn.
+
+    `ln` is the LayerNorm's module name; `weight` / `bias` say whether it has `γ` / `β`
+    (absent means `γ = 1`, `β = 0`)."""
+
+    ln: str
+    features: int
+    weight: bool
+    bias: bool
+    slots: tuple[ReaderSlot, ...]
+
+    def direction(self, state: State, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """`u = 1/γ` `(features,)` and `Σ β/γ` (a scalar tensor)."""
+        gamma = (
+            state[f"{self.ln}.weight"].to(dtype)
+            if self.weight
+            else torch.ones(self.features, dtype=dtype)
+        )
+        u = 1 / gamma
+        c = (state[f"{self.ln}.bias"].to(dtype) * u).sum() if self.bias else u.new_zeros(())
+        return u, c
+
+    def __call__(self, new: State, a: Tensor) -> None:
+        dtype = new[self.slots[0].weight].dtype
+        u, c = self.direction(new, dtype)
+        a = a.to(dtype)
+        k = 0
+        for s in self.slots:
+            ak = a[k : k + s.size]
+            k += s.size
+            W = new[s.weight]
+            new[s.weight] = W + _pad_rows(ak[:, None] * u[None, :], s.start, W.shape[0])
+            if s.bias is not None:
+                b = new[s.bias]
+                new[s.bias] = b - _pad_rows(ak * c, s.start, b.shape[0])
+
+    def touched(self) -> tuple[str, ...]:
+        out = [p for s in self.slots for p in (s.weight, s.bias) if p is not None]
+        if self.weight:
+            out.append(f"{self.ln}.weight")
+        if self.bias:
+            out.append(f"{self.ln}.bias")
+        return tuple(dict.fromkeys(out))
+
+
+class LayerNormKernelFactor(TranslationFactor):
+    """`R^rows`: the mean-subtraction kernel of one LayerNorm in every reader's rows."""
+
+    @property
+    def kernel(self) -> MeanKernel:
+        return self.terms[0]
+
+    def params(self) -> tuple[str, ...]:
+        return self.kernel.touched()
+
+    def canonical(self, state: State) -> Tensor:
+        """The shift giving every reader row `W[i] · γ = 0`: the row's weights on the
+        normalized features `n` (`W[i] ⊙ γ`) have zero mean, the part `n ⊥ 1` never sees.
+
+        It is the canonical gauge because the condition survives every other factor: row
+        transformations are linear, and the LayerNorm's rescalings (one scalar, or one per
+        feature) divide `W`'s columns by what they multiply `γ` by."""
+        k = self.kernel
+        dtype = state[k.slots[0].weight].dtype
+        u, _ = k.direction(state, dtype)
+        gamma = 1 / u
+        rows = [state[s.weight][s.start : s.stop] @ gamma for s in k.slots]
+        return -torch.cat(rows) / (u @ gamma)
+
+
+# -- linking with the rest of the group ---------------------------------------------------
+
+
+def _row_scaling(
+    f: AbstractFactor, slot: ReaderSlot, ln: str, features: int
+) -> tuple[Tensor, int] | None:
+    """How `f` (a factor with `Scale` terms) rescales the rows of `slot`: `(index, power)`
+    per row, or `None` when it does not (or rescales columns together with `γ`, which
+    moves `1/γ` along and commutes with the kernel)."""
+    if any(getattr(t, "param", None) == f"{ln}.weight" for t in f.terms):
+        return None
+    for t in f.terms:
+        if getattr(t, "param", None) != slot.weight or not hasattr(t, "power"):
+            continue
+        idx = t.index
+        rows = int(idx.shape[0]) if idx.ndim == 2 and idx.shape[0] > 1 else slot.stop
+        idx = torch.broadcast_to(idx, (rows, features))[slot.start : slot.stop]
+        if not bool((idx == idx[:, :1]).all()):
+            raise _Unsupported
+        return idx[:, 0].reshape(-1), int(t.power)
+    return None
+
+
+class _Unsupported(Exception):
+    """A factor transforms a reader in a way the kernel's composition rules do not cover."""
+
+
+def _link_one(k: LayerNormKernelFactor, factors: list) -> LayerNormKernelFactor | None:
+    kern = k.kernel
+    offsets, o = [], 0
+    for s in kern.slots:
+        offsets.append(o)
+        o += s.size
+    scaled, moved = [], []
+    for f in factors:
+        if f is k or isinstance(f, (TranslationFactor, PermutationFactor)):
+            continue
+        touched = set(f.params())
+        if not touched & {s.weight for s in kern.slots}:
+            continue
+        if isinstance(f, AffineFactor):
+            return None
+        if isinstance(f, GLFactor):
+            for t in f.terms:
+                mine = [(s, off) for s, off in zip(kern.slots, offsets) if s.weight == t.param]
+                if not mine:
+                    continue
+                if t.axis != 0:
+                    return None
+                end = t.offset + f.b * f.d
+                inside = [(s, off) for s, off in mine if s.start <= t.offset and end <= s.stop]
+                if not inside:
+                    return None
+                s, off = inside[0]
+                moved.append((f.name, t.mode, off + t.offset - s.start))
+            continue
+        if not hasattr(f, "terms"):
+            return None
+        m = torch.full((k.n,), _n_of(f), dtype=torch.long)
+        power = None
+        try:
+            for s, off in zip(kern.slots, offsets):
+                got = _row_scaling(f, s, kern.ln, kern.features)
+                if got is None:
+                    continue
+                idx, p = got
+                if power not in (None, p):
+                    return None
+                power = p
+                m[off : off + s.size] = idx
+        except _Unsupported:
+            return None
+        if power is not None:
+            scaled.append((f.name, m, power))
+    return dataclasses.replace(k, scaled_by=tuple(scaled), moved_by=tuple(moved))
+
+
+def _n_of(f: AbstractFactor) -> int:
+    """The 'not scaled' index of a rescaling factor (its number of scales)."""
+    return int(f.dim) if not f.discrete else 0
+
+
+def _conjugate(p: PermutationFactor, kernels: list[LayerNormKernelFactor]) -> PermutationFactor:
+    extra = []
+    for k in kernels:
+        offsets, o = [], 0
+        for s in k.kernel.slots:
+            offsets.append(o)
+            o += s.size
+        parts = []
+        for t in p.terms:
+            for s, off in zip(k.kernel.slots, offsets):
+                if t.param != s.weight or t.axis != 0:
+                    continue
+                e = t.entries
+                if bool(((e >= s.start) & (e < s.stop)).all()):
+                    parts.append(e - s.start + off)
+        if parts:
+            extra.append((k.name, torch.cat(parts, dim=1)))
+    if not extra:
+        return p
+    return dataclasses.replace(p, conjugates=(*p.conjugates, *extra))
+
+
+def link_kernels(factors: list) -> list:
+    """Declare, for every `LayerNormKernelFactor` in `factors`, the factors that transform
+    its readers' rows (rescalings: `scaled_by`; row-block `GL`: `moved_by`) and add it to
+    the conjugates of the permutations of those rows. A kernel whose readers are changed
+    in a way these rules do not cover (an affine factor, say) is dropped: the group then
+    misses those directions, which `certify` reports, rather than acting wrongly."""
+    kernels = [f for f in factors if isinstance(f, LayerNormKernelFactor)]
+    if not kernels:
+        return factors
+    linked = {k.name: _link_one(k, factors) for k in kernels}
+    kept = [k for k in linked.values() if k is not None]
+    out = []
+    for f in factors:
+        if isinstance(f, LayerNormKernelFactor):
+            if linked[f.name] is not None:
+                out.append(linked[f.name])
+        elif isinstance(f, PermutationFactor):
+            out.append(_conjugate(f, kept))
+        else:
+            out.append(f)
+    return out

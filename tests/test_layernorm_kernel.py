@@ -1,0 +1,83 @@
+"""The mean-subtraction kernel of LayerNorm in its readers' rows (discovery/_kernel.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gaugenet
+from gaugenet.discovery._kernel import LayerNormKernelFactor
+from zoo import ZOO
+
+
+def _entry(name: str):
+    e = next(e for e in ZOO if e.name == name)
+    return e.build(), e.inputs(torch.Generator().manual_seed(0))
+
+
+def _kernels(group) -> dict[str, LayerNormKernelFactor]:
+    return {f.name: f for f in group.factors if isinstance(f, LayerNormKernelFactor)}
+
+
+def test_found_with_their_composition_rules() -> None:
+    model, x = _entry("prenorm")
+    k = _kernels(gaugenet.symmetries(model, x))
+    assert {n: f.dim for n, f in k.items()} == {"ln_kernel:ln1": 12, "ln_kernel:ln2": 5}
+    # query and key rows move with the query-key GL, value rows with the value-output GL
+    assert k["ln_kernel:ln1"].moved_by == (
+        ("attn.qk", "T", 0),
+        ("attn.qk", "inv", 4),
+        ("attn.vo", "T", 8),
+    )
+    assert [s[0] for s in k["ln_kernel:ln2"].scaled_by] == ["scale:fc1"]
+    model, x = _entry("postnorm")  # ln1 feeds fc1 and the residual branch; ln2 nothing
+    assert {n: f.dim for n, f in _kernels(gaugenet.symmetries(model, x)).items()} == {
+        "ln_kernel:ln1": 5
+    }
+
+
+@pytest.mark.parametrize("name", ["prenorm", "postnorm"])
+def test_large_kernel_shifts_keep_outputs(name: str, gen) -> None:
+    model, x = _entry(name)
+    group = gaugenet.symmetries(model, x)
+    for f in _kernels(group).values():
+        a = 3.0 * torch.randn(f.dim, generator=gen, dtype=torch.float64)
+        assert gaugenet.invariance_error(model, group.act(model, {f.name: a}), x) < 1e-12
+
+
+def test_negative_wrong_direction_or_no_compensation(gen) -> None:
+    """Along a direction other than `1/γ`, or without the bias compensation, outputs move."""
+    model, x = _entry("postnorm")
+    gamma, beta = model.ln1.weight.detach(), model.ln1.bias.detach()
+    a = torch.randn(5, generator=gen, dtype=torch.float64)
+
+    def moved(direction: torch.Tensor, compensate: bool) -> float:
+        other = gaugenet.symmetries(model, x).act(model, {})
+        with torch.no_grad():
+            other.fc1.weight.add_(a[:, None] * direction[None, :])
+            if compensate:
+                other.fc1.bias.sub_(a * (beta / gamma).sum())
+        return gaugenet.invariance_error(model, other, x)
+
+    assert moved(1 / gamma, True) < 1e-12
+    assert moved(1 / gamma, False) > 1e-3
+    assert moved(torch.ones(4, dtype=torch.float64), True) > 1e-3
+
+
+@pytest.mark.parametrize("name", ["prenorm", "postnorm"])
+def test_canonical_form_is_orbit_independent(name: str, gen) -> None:
+    model, x = _entry(name)
+    group = gaugenet.symmetries(model, x)
+    ref = gaugenet.canonicalize(model, group=group)
+    for f in _kernels(group).values():  # the gauge: reader rows orthogonal to γ
+        ln = f.kernel.ln
+        g = getattr(ref, ln).weight.detach()
+        for s in f.kernel.slots:
+            W = ref.get_parameter(s.weight).detach()[s.start : s.stop]
+            assert float((W @ g).abs().max()) < 1e-12
+    for _ in range(3):
+        other = group.act(model, group.sample(gen))
+        can = gaugenet.canonicalize(other, group=group)
+        diff = max(float((p - q).abs().max()) for p, q in zip(ref.parameters(), can.parameters()))
+        assert diff < 1e-9
+        assert gaugenet.invariance_error(model, can, x) < 1e-12
