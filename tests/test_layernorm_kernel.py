@@ -81,3 +81,30 @@ def test_canonical_form_is_orbit_independent(name: str, gen) -> None:
         diff = max(float((p - q).abs().max()) for p, q in zip(ref.parameters(), can.parameters()))
         assert diff < 1e-9
         assert gaugenet.invariance_error(model, can, x) < 1e-12
+
+
+def test_centered_outputs_and_residual_shift(gen) -> None:
+    """Post-norm: out_proj and fc2 feed LayerNorms through residual sums (their outputs along
+    `1` are free), and ln1's β moves into fc1's bias and, through the residual sum, into
+    fc2's bias."""
+    model, x = _entry("postnorm")
+    group = gaugenet.symmetries(model, x)
+    dims = {f.name: f.dim for f in group.of_kind("translation")}
+    assert dims["center:attn.out_proj"] == 5 and dims["center:fc2"] == 6
+    assert dims["shift:ln1"] == 4
+    # the value shift's compensation is projected off 1, so it commutes with the centering
+    vs = group.factor("attn.value_shift")
+    assert all(t.center for t in vs.terms)
+    for name in ("center:attn.out_proj", "center:fc2", "shift:ln1"):
+        v = 2.0 * torch.randn(dims[name], generator=gen, dtype=torch.float64)
+        assert gaugenet.invariance_error(model, group.act(model, {name: v}), x) < 1e-12
+    # negative: along a direction other than 1 the output moves
+    other = group.act(model, {})
+    with torch.no_grad():
+        other.fc2.bias.add_(torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=torch.float64))
+    assert gaugenet.invariance_error(model, other, x) > 1e-3
+    # pre-norm: the residual stream after the attention also feeds the block output, so
+    # nothing there is centered
+    model, x = _entry("prenorm")
+    names = [f.name for f in gaugenet.symmetries(model, x).factors]
+    assert not [n for n in names if n.startswith("center:")]

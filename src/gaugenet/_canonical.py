@@ -80,6 +80,30 @@ def _sort_permutations(group: GaugeGroup, state: State) -> Element:
     return out
 
 
+def _canonical_shifts(group: GaugeGroup, state: State, passes: int = 4) -> tuple[Element, State]:
+    """The shifts (translation factors with a `canonical` gauge) that bring `state` to every
+    shift's gauge at once, and the shifted state.
+
+    Shifts commute, but one shift's gauge condition can read what another moves (a
+    LayerNorm shift changes the bias that a centering condition reads), so the gauges are
+    imposed in turn, each on the state the previous ones left, until none moves (the
+    dependencies run one way, so this takes a few passes)."""
+    factors = [f for f in group.continuous if hasattr(f, "canonical")]
+    total = {f.name: f.identity(next(iter(state.values())).dtype) for f in factors}
+    shifted = dict(state)
+    for _ in range(passes):
+        moved = 0.0
+        for f in factors:
+            v = f.canonical(shifted)
+            shifted = f.apply(shifted, v)
+            total[f.name] = total[f.name] + v.to(total[f.name].dtype)
+            scale = max(1.0, float(total[f.name].abs().max()))
+            moved = max(moved, float(v.abs().max()) / scale)
+        if moved <= 1e-13:
+            break
+    return total, shifted
+
+
 def canonical_element(
     model: nn.Module,
     group: GaugeGroup | None = None,
@@ -92,10 +116,7 @@ def canonical_element(
     state = model_state(model)
     params = {n for n, _ in model.named_parameters()}
     # bias shifts first: the balanced norms depend on the biases they move
-    shifts = {f.name: f.canonical(state) for f in group.continuous if hasattr(f, "canonical")}
-    shifted = dict(state)
-    for name, v in shifts.items():
-        shifted = group.factor(name).apply(shifted, v)
+    shifts, shifted = _canonical_shifts(group, state)
     if gauge == "balanced":
         g = _balanced(group, shifted, params)
     elif gauge == "unit_in":

@@ -104,7 +104,9 @@ class KeyShiftFactor(TranslationFactor):
 @dataclass(frozen=True)
 class ValueBiasShift:
     """`param[offset : offset + n] += u` (the value bias) and `bias −= W_o u`, where `W_o` is
-    the block `weight_offset : weight_offset + n` of `weight` along `axis` (its value side)."""
+    the block `weight_offset : weight_offset + n` of `weight` along `axis` (its value side).
+    With `center`, the compensation is projected off `1` over the outputs (for an output a
+    LayerNorm normalizes, which removes that part itself; see `discovery/_centering.py`)."""
 
     param: str
     offset: int
@@ -112,6 +114,7 @@ class ValueBiasShift:
     axis: int
     weight_offset: int
     bias: str
+    center: bool = False
 
     def __call__(self, new: dict[str, Tensor], u: Tensor) -> None:
         p = new[self.param]
@@ -121,7 +124,10 @@ class ValueBiasShift:
             [p[: self.offset], p[self.offset : self.offset + n] + u, p[self.offset + n :]]
         )
         w = new[self.weight].narrow(self.axis, self.weight_offset, n)
-        new[self.bias] = new[self.bias] - torch.tensordot(w, u, dims=([self.axis], [0]))
+        change = torch.tensordot(w, u, dims=([self.axis], [0]))
+        if self.center:
+            change = change - change.mean()
+        new[self.bias] = new[self.bias] - change
 
 
 @dataclass(eq=False)

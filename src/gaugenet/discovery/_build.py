@@ -9,6 +9,11 @@ from torch import nn
 
 from ..groups import BatchNormShift, Breaker, PermTerm, PermutationFactor, RescalingFactor, Scale
 from ._labels import FIXED, Labels
+from ._shifts import IntoBatchNorm, IntoLinears
+
+#: shifts of one layer's bias (the LayerNorm kernels and centered outputs are linked to the
+#: whole group later, see `_kernel.py` and `_centering.py`)
+_BIAS_SHIFTS = (IntoBatchNorm, IntoLinears)
 
 __all__ = ["build_factors"]
 
@@ -216,8 +221,7 @@ def build_factors(L: Labels, model: nn.Module) -> tuple[list, list[Breaker]]:
     extra = [f for f in L.extra if not tied & set(f.params())]
     scale, where = _scale_factors(L, model)
     perms = _perm_factors(L, scale, where)
-    # bias shifts (the LayerNorm kernels are linked to the whole group later: link_kernels)
-    shifts = [f for f in extra if f.kind == "translation" and hasattr(f.terms[0], "param")]
+    shifts = [f for f in extra if f.kind == "translation" and isinstance(f.terms[0], _BIAS_SHIFTS)]
     _scale_shifts(shifts, scale)
     perms = _conjugate_shifts(perms, shifts)
     breakers = list(dict.fromkeys(L.breakers))

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from ..groups import AffineFactor, AffineTerm, GLFactor, MatTerm
+from ._centering import CenteredOutputFactor, OnesShift
 from ._kernel import LayerNormKernelFactor, MeanKernel, ReaderSlot
 from ._labels import FIXED, ZERO, Labels
 from ._ops import (
@@ -140,6 +141,7 @@ class Propagator(fx.Interpreter):
         if isinstance(m, nn.LayerNorm):
             self.layernorm_shift(n, m)
             self.layernorm_kernel(n, m)
+            self.centered_inputs(n, m)
             return self.layernorm(name, m, s, p, out)
         if isinstance(m, nn.Embedding):
             raise _Unsupported("embedding input is not a float tensor")
@@ -219,8 +221,14 @@ class Propagator(fx.Interpreter):
         leaving the key bias alone keeps this factor commuting with the query-key GL."""
         if ln.bias is None or len(ln.normalized_shape) != 1 or not n.users:
             return
-        consumers = []
+        consumers, residual = [], []
         for u in n.users:
+            if u.op == "call_function" and u.target in (operator.add, torch.add):
+                bias = self._residual_bias(u, n, ln.normalized_shape[0])
+                if bias is None:
+                    return
+                residual.append(bias)
+                continue
             if u.op != "call_module":
                 return
             mod, t = self.root.get_submodule(str(u.target)), str(u.target)
@@ -239,13 +247,28 @@ class Propagator(fx.Interpreter):
             else:
                 return
         name = str(n.target)
-        term = IntoLinears(f"{name}.bias", tuple(consumers))
+        if not consumers:
+            return
+        term = IntoLinears(f"{name}.bias", tuple(consumers), tuple(residual))
         mods = tuple(dict.fromkeys((name, *(w.rpartition(".")[0] for w, _, _ in consumers))))
         self.L.extra.append(
             AbsorbedShiftFactor(
                 f"shift:{name}", ln.normalized_shape[0], terms=(term,), modules=mods
             )
         )
+
+    def _residual_bias(self, add: fx.Node, n: fx.Node, E: int) -> str | None:
+        """In `n + other` (`add`), the bias of a linear layer among `other`'s summands that
+        can take back a shift of `n`: it must have `E` outputs and nothing else reads it."""
+        if len(add.args) != 2 or add.kwargs or add.args.count(n) != 1:
+            return None
+        other = add.args[1] if add.args[0] is n else add.args[0]
+        for s in self._summands(other):
+            if isinstance(s, fx.Node) and s.op == "call_module" and len(s.users) == 1:
+                mod = self.root.get_submodule(str(s.target))
+                if isinstance(mod, nn.Linear) and mod.bias is not None and mod.out_features == E:
+                    return f"{s.target}.bias"
+        return None
 
     def layernorm_kernel(self, n: fx.Node, ln: nn.LayerNorm) -> None:
         """The direction `1/γ` no linear reader of a LayerNorm sees (see `_kernel.py`):
@@ -287,6 +310,55 @@ class Propagator(fx.Interpreter):
                 f"ln_kernel:{name}", sum(s.size for s in slots), terms=(term,), modules=mods
             )
         )
+
+    def _summands(self, node: Any) -> list[Any]:
+        """The terms of a sum that only its parent reads, through additions, subtractions
+        and dropouts (identity in eval mode)."""
+        if not isinstance(node, fx.Node) or len(node.users) != 1:
+            return [node]
+        if node.op == "call_function" and node.target in ADD_OPS:
+            return [t for a in node.args[:2] for t in self._summands(a)]
+        if node.op == "call_module":
+            mod = self.root.get_submodule(str(node.target))
+            if isinstance(mod, nn.Dropout) and not mod.training:
+                return self._summands(node.args[0])
+        return [node]
+
+    def centered_inputs(self, n: fx.Node, ln: nn.LayerNorm) -> None:
+        """Linear layers whose output only this LayerNorm reads (through additions): their
+        output along `1` is removed (see `_centering.py`)."""
+        src = n.args[0] if n.args else None
+        if len(ln.normalized_shape) != 1 or not isinstance(src, fx.Node):
+            return
+        E = ln.normalized_shape[0]
+        for s in self._summands(src):
+            if not isinstance(s, fx.Node) or len(s.users) != 1:
+                continue
+            if s.op == "call_module":
+                mod, t = self.root.get_submodule(str(s.target)), str(s.target)
+                if not isinstance(mod, nn.Linear) or mod.out_features != E:
+                    continue
+                weight, bias, cols = f"{t}.weight", mod.bias, mod.in_features
+            elif s.op == "call_function" and s.target is operator.getitem and s.args[1] == 0:
+                att = s.args[0]
+                if not (isinstance(att, fx.Node) and att.op == "call_module"):
+                    continue
+                mod, t = self.root.get_submodule(str(att.target)), str(att.target)
+                if not isinstance(mod, nn.MultiheadAttention) or len(att.users) != 1:
+                    continue
+                if mod.embed_dim != E:
+                    continue
+                t, mod = f"{t}.out_proj", mod.out_proj
+                weight, bias, cols = f"{t}.weight", mod.bias, mod.in_features
+            else:
+                continue
+            b = f"{t}.bias" if bias is not None else None
+            term = OnesShift(weight, b, E, cols)
+            self.L.extra.append(
+                CenteredOutputFactor(
+                    f"center:{t}", cols + (b is not None), terms=(term,), modules=(t,)
+                )
+            )
 
     def consecutive_linear(self, n: fx.Node, m: nn.Linear) -> None:
         """`B(A x)` with nothing between: `A ↦ G⁻¹A`, `B ↦ B G` for any invertible `G`. This

@@ -3,7 +3,8 @@
 - A bias right before eval-mode BatchNorm: `BN(x + v) = BN(x) + γ v / s` with
   `s = sqrt(var + eps)`, so `b ↦ b + v`, `β ↦ β − γ v / s` changes nothing.
 - A LayerNorm's shift `β` read only by affine layers: `β ↦ β + v` with every reader's
-  bias `b ↦ b − W v` changes nothing.
+  bias `b ↦ b − W v` changes nothing. A residual sum `LN(x) + L(h)` may read it too, when
+  the linear layer `L` has a bias that takes `−v` back.
 
 The element `v` has one entry per channel of the first layer's output. A shift does not
 commute with the rescaling of the same channels (shift then scale = scale then a scaled
@@ -51,10 +52,14 @@ class IntoLinears:
 
     param: str
     consumers: tuple[tuple[str, str, tuple[int, int] | None], ...]
+    #: biases of linear layers added to the LayerNorm's output (a residual sum): `bias −= v`
+    residual: tuple[str, ...] = ()
 
     def __call__(self, new: State, v: Tensor) -> None:
         v = v.to(new[self.param].dtype)
         new[self.param] = new[self.param] + v
+        for bias in self.residual:
+            new[bias] = new[bias] - v
         for weight, bias, rows in self.consumers:
             change = new[weight] @ v
             if rows is not None:
@@ -64,7 +69,7 @@ class IntoLinears:
             new[bias] = new[bias] - change
 
     def touched(self) -> tuple[str, ...]:
-        return (self.param, *(p for w, b, _ in self.consumers for p in (w, b)))
+        return (self.param, *(p for w, b, _ in self.consumers for p in (w, b)), *self.residual)
 
 
 class AbsorbedShiftFactor(TranslationFactor):

@@ -11,6 +11,7 @@ from torch import nn
 from .._errors import GaugeError, UnsupportedModelError
 from ..groups import Breaker, GaugeGroup
 from ._build import build_factors
+from ._centering import link_centered
 from ._kernel import link_kernels
 from ._propagate import Propagator
 from ._trace import default_inputs, is_atomic, trace
@@ -98,7 +99,7 @@ def symmetries(model: nn.Module, example_inputs: Any = None) -> GaugeGroup:
         ) from exc
     factors, breakers = build_factors(prop.L, model)
     f2, b2 = _atom_factors(model)
-    factors = link_kernels(factors + f2)
+    factors = link_centered(link_kernels(factors + f2))
     return GaugeGroup(tuple(factors), tuple(dict.fromkeys(breakers + b2)), names)
 
 

@@ -213,7 +213,10 @@ ZOO: tuple[Entry, ...] = (
     Entry("gcn", lambda: _init(example_gcn(9, (4, 4, 3), seed=1), 1), _x(100, 9, 4), dim=4),
     Entry("lowrank", lambda: _seq(LowRank()), _x(300, 5), dim=4 + 4),
     Entry("prenorm", _block(True), _x(30, 3, 4), known=False),
-    Entry("postnorm", _block(False), _x(30, 3, 4), known=False),
+    # post-norm (d = 4, 2 heads of 2, hidden 5): query-key GL 2·2², value-output GL 2·2²,
+    # key shift 4, value shift 4, fc1 rescaling 5, ln1's mean-subtraction kernel in fc1's
+    # rows 5, out_proj and fc2 outputs along 1 (4 + 1, 5 + 1), ln1's β shift 4
+    Entry("postnorm", _block(False), _x(30, 3, 4), dim=8 + 8 + 4 + 4 + 5 + 5 + 5 + 6 + 4),
     Entry("gelu", _mlp((4, 6, 2), nn.GELU), _x(60, 4), breakers=("GELU",), dim=0),
     Entry("tanh", _mlp((4, 6, 2), nn.Tanh), _x(60, 4), breakers=("tanh",), dim=0),
     Entry(

@@ -1,0 +1,160 @@
+"""Outputs along `1` that a LayerNorm removes: the linear layers feeding it.
+
+A LayerNorm subtracts the mean over its features, so `LN(x + c 1) = LN(x)` for every `c`.
+When a linear layer's output reaches a LayerNorm through additions only (a residual sum,
+say, and an eval-mode dropout) and nothing else reads that sum, anything the layer adds
+along `1` disappears:
+
+    W ↦ W + 1 aᵀ,    b ↦ b + t 1        (a ∈ R^in, t ∈ R)
+
+changes no output. The element is `(a, t)` (`t` only with a bias). Column transformations
+of `W` move `a` (`W ↦ W C` maps it to `Cᵀ a`), so the factor declares them in `scaled_by`
+/ `moved_by`, and permutations of the columns carry its entries along; transformations of
+the rows keep `1` only up to scale and are not allowed (the factor is then dropped).
+
+The value-bias shift of softmax attention (`b_o ↦ b_o − W_o u`) reads the output weight
+that this factor changes. When the attention output is centered like this, the shift's
+compensation is projected off `1` (the LayerNorm removes that part anyway), which makes the
+two factors commute.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..groups import AffineFactor, GLFactor, PermutationFactor, TranslationFactor
+from ..groups._base import State
+
+__all__ = ["CenteredOutputFactor", "OnesShift", "link_centered"]
+
+
+@dataclass(frozen=True)
+class OnesShift:
+    """`weight += 1 aᵀ` (`weight`: `(rows, cols)`, `a = v[:cols]`) and `bias += v[cols]`."""
+
+    weight: str
+    bias: str | None
+    rows: int
+    cols: int
+
+    def __call__(self, new: State, v: Tensor) -> None:
+        W = new[self.weight]
+        v = v.to(W.dtype)
+        new[self.weight] = W + v[None, : self.cols].expand(self.rows, self.cols)
+        if self.bias is not None:
+            new[self.bias] = new[self.bias] + v[self.cols]
+
+
+class CenteredOutputFactor(TranslationFactor):
+    """`R^(in + 1)` (or `R^in` without bias): the part along `1` of a layer's output that a
+    LayerNorm removes."""
+
+    @property
+    def shift(self) -> OnesShift:
+        return self.terms[0]
+
+    def params(self) -> tuple[str, ...]:
+        s = self.shift
+        return (s.weight,) if s.bias is None else (s.weight, s.bias)
+
+    def canonical(self, state: State) -> Tensor:
+        """The shift that centers every column of `W` and the bias (mean zero over the
+        outputs): column transformations keep it, so it is the canonical gauge."""
+        s = self.shift
+        W = state[s.weight]
+        parts = [-W.mean(0)]
+        if s.bias is not None:
+            parts.append(-state[s.bias].mean().reshape(1))
+        return torch.cat(parts)
+
+
+def _link_one(f: CenteredOutputFactor, factors: list) -> CenteredOutputFactor | None:
+    s = f.shift
+    scaled, moved = [], []
+    for g in factors:
+        if g is f or isinstance(g, PermutationFactor):
+            continue
+        touched = set(g.params())
+        if not touched & set(f.params()):
+            continue
+        if isinstance(g, TranslationFactor):
+            # other shifts commute unless they read the weight this factor changes
+            if s.weight not in touched or _is_value_shift_into(g, s):
+                continue
+            return None
+        if isinstance(g, AffineFactor):
+            return None
+        if isinstance(g, GLFactor):
+            for t in g.terms:
+                if t.param == s.bias:
+                    return None
+                if t.param == s.weight:
+                    if t.axis != 1:
+                        return None
+                    moved.append((g.name, t.mode, t.offset))
+            continue
+        if not hasattr(g, "terms"):
+            return None
+        for t in g.terms:
+            if getattr(t, "param", None) == s.bias:
+                return None
+            if getattr(t, "param", None) != s.weight or not hasattr(t, "power"):
+                continue
+            idx = torch.broadcast_to(t.index, (s.rows, s.cols))
+            if not bool((idx == idx[:1]).all()):
+                return None  # rows rescaled differently: `1` is not kept
+            m = torch.full((f.n,), int(g.dim), dtype=torch.long)
+            m[: s.cols] = idx[0]
+            scaled.append((g.name, m, int(t.power)))
+    return dataclasses.replace(f, scaled_by=tuple(scaled), moved_by=tuple(moved))
+
+
+def _is_value_shift_into(g: TranslationFactor, s: OnesShift) -> bool:
+    return all(
+        getattr(t, "weight", None) == s.weight and getattr(t, "bias", None) == s.bias
+        for t in g.terms
+    ) and all(hasattr(t, "center") for t in g.terms)
+
+
+def _conjugate(p: PermutationFactor, centered: list[CenteredOutputFactor]) -> PermutationFactor:
+    extra = [
+        (f.name, t.entries)
+        for f in centered
+        for t in p.terms
+        if t.param == f.shift.weight and t.axis == 1
+    ]
+    return dataclasses.replace(p, conjugates=(*p.conjugates, *extra)) if extra else p
+
+
+def link_centered(factors: list) -> list:
+    """Declare the column transformations of every `CenteredOutputFactor`'s layer, let the
+    column permutations carry it, and center the value-bias shifts of attention outputs it
+    covers. A factor whose layer is transformed otherwise is dropped (its directions then
+    show up as unexplained in `certify`, never as a wrong action)."""
+    found = [f for f in factors if isinstance(f, CenteredOutputFactor)]
+    if not found:
+        return factors
+    linked = {f.name: _link_one(f, factors) for f in found}
+    kept = [f for f in linked.values() if f is not None]
+    centered_layers = {(f.shift.weight, f.shift.bias) for f in kept}
+    out = []
+    for g in factors:
+        if isinstance(g, CenteredOutputFactor):
+            if linked[g.name] is not None:
+                out.append(linked[g.name])
+        elif isinstance(g, PermutationFactor):
+            out.append(_conjugate(g, kept))
+        elif isinstance(g, TranslationFactor) and any(
+            (getattr(t, "weight", None), getattr(t, "bias", None)) in centered_layers
+            and hasattr(t, "center")
+            for t in g.terms
+        ):
+            terms = tuple(dataclasses.replace(t, center=True) for t in g.terms)
+            out.append(dataclasses.replace(g, terms=terms))
+        else:
+            out.append(g)
+    return out
