@@ -1,8 +1,9 @@
 """Hugging Face BERT-style encoders: the attention gauge group of every layer.
 
 A BERT attention block is `attention.self` (`query`, `key`, `value` `Linear`s, softmax over
-keys) followed by `attention.output.dense`; the value-output pair spans the two. Nothing else
-of BERT is a symmetry (GELU, LayerNorm, embeddings); those are listed as breakers.
+keys) followed by `attention.output.dense`; the value-output pair spans the two. The
+LayerNorms add the shifts and kernels of `_hf_norms.py`; GELU and the LayerNorms' scales
+break everything else (listed as breakers).
 
 Position information that enters the scores between `W_q` and `W_k` (rotary embeddings,
 relative-position terms) restricts `A`; such layers keep their value-output factor and report
@@ -15,8 +16,11 @@ from typing import Any
 
 from torch import nn
 
+from ..discovery._centering import link_centered
+from ..discovery._kernel import link_kernels
 from ..groups import Breaker, GaugeGroup
 from ._factors import attention_factors
+from ._hf_norms import bert_norm_factors
 from ._layout import HeadLayout, Slot
 
 __all__ = ["bert_group", "rotary_reason"]
@@ -101,9 +105,18 @@ def bert_group(model: nn.Module, example_inputs: Any = None) -> GaugeGroup | Non
             breakers.append(Breaker(f"{p}self", reason))
             fs = [f for f in fs if f.name == lay.name("vo")]
         factors += fs
+    layers = [name.rpartition(".")[0] for name, _, _ in blocks if name.endswith(".attention")]
+    if len(layers) == len(blocks):
+        norms, broken = bert_norm_factors(model, layers)
+        factors = link_centered(link_kernels(factors + norms))
+        breakers += broken
     breakers += [
         Breaker("intermediate.intermediate_act_fn", "GELU is not positively homogeneous"),
-        Breaker("LayerNorm", "LayerNorm fixes the scale and the basis of the residual stream"),
+        Breaker(
+            "LayerNorm",
+            "LayerNorm fixes the scale and the basis of the residual stream (only its mean "
+            "subtraction and shifts leave directions free)",
+        ),
     ]
     names = tuple(n for n, _ in model.named_parameters())
     return GaugeGroup(tuple(factors), tuple(breakers), names)

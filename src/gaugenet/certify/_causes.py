@@ -1,5 +1,6 @@
-"""Explaining hidden redundancy: ReLU units that are dead or always active on the inputs, and
-weights tied between layers."""
+"""Explaining hidden redundancy: ReLU units that are dead or always active on the inputs,
+weights tied between layers, and LayerNorms whose `eps` is too small to break the scaling of
+their inputs at the rank tolerance."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from torch import Tensor, nn
 
 from ._jacobian import as_tuple
 
-__all__ = ["relu_causes", "tied_causes"]
+__all__ = ["layernorm_causes", "relu_causes", "tied_causes"]
 
 _RELUS = (nn.ReLU, nn.LeakyReLU, nn.PReLU)
 
@@ -71,3 +72,36 @@ def tied_causes(model: nn.Module) -> list[str]:
         for names in users.values()
         if len(names) > 1
     ]
+
+
+def layernorm_causes(model: nn.Module, inputs: Any, rtol: float) -> list[str]:
+    """One line per LayerNorm whose `eps` is below `rtol` times the smallest variance of its
+    inputs. `LN(c x) = LN(x)` up to `eps`, so scaling everything that feeds such a
+    LayerNorm (every branch of its residual sum) moves the outputs by about `eps / σ²`
+    relative, under the rank tolerance: a near-symmetry, which discovery does not offer."""
+    found: dict[str, float] = {}
+    hooks = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.LayerNorm):
+
+            def hook(mod: nn.Module, args: tuple, out: Any, name: str = name) -> None:
+                dims = tuple(range(-len(mod.normalized_shape), 0))
+                var = float(args[0].detach().double().var(dim=dims, unbiased=False).min())
+                found[name] = min(found.get(name, var), var)
+
+            hooks.append(m.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(*as_tuple(inputs))
+    finally:
+        for h in hooks:
+            h.remove()
+    lines = []
+    for name, var in found.items():
+        eps = float(model.get_submodule(name).eps)
+        if eps < rtol * var:
+            lines.append(
+                f"{name}: eps = {eps:.0e} is below {rtol:.0e} of its inputs' variance (min "
+                f"{var:.1e}): scaling all that feeds it is a symmetry up to eps, not offered"
+            )
+    return lines

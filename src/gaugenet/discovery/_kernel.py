@@ -28,7 +28,29 @@ from torch import Tensor
 from ..groups import AffineFactor, GLFactor, PermutationFactor, TranslationFactor
 from ..groups._base import AbstractFactor, State
 
-__all__ = ["LayerNormKernelFactor", "MeanKernel", "ReaderSlot", "link_kernels"]
+__all__ = ["LayerNormKernelFactor", "MeanKernel", "ReaderSlot", "ill_conditioned", "link_kernels"]
+
+#: `min |γ| / max |γ|` below which the direction `1/γ` is not offered
+GAMMA_RATIO = 1e-6
+
+
+def ill_conditioned(gamma: Tensor | None) -> str | None:
+    """Why the kernel direction `1/γ` of a LayerNorm is not offered, or `None`.
+
+    With a (near-)zero `γ_j` the direction is dominated by `1/γ_j` and acting along it
+    moves weights by `a/γ_j`, which rounding destroys. Such a feature is (nearly) the
+    constant `β_j`, a redundancy of its own that no factor here describes."""
+    if gamma is None:
+        return None
+    g = gamma.detach().abs()
+    if float(g.min()) < GAMMA_RATIO * float(g.max()):
+        k = int(g.argmin())
+        return (
+            f"γ[{k}] = {float(gamma.detach()[k]):.1e} (of max |γ| {float(g.max()):.1e}): the "
+            "mean-subtraction kernel 1/γ is ill-conditioned and not offered; features with "
+            "γ ≈ 0 are constant, a redundancy left unexplained"
+        )
+    return None
 
 
 @dataclass(frozen=True)

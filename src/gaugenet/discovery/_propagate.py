@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from ..groups import AffineFactor, AffineTerm, GLFactor, MatTerm
+from ..groups import AffineFactor, AffineTerm, Breaker, GLFactor, MatTerm
 from ._centering import CenteredOutputFactor, OnesShift
-from ._kernel import LayerNormKernelFactor, MeanKernel, ReaderSlot
+from ._kernel import LayerNormKernelFactor, MeanKernel, ReaderSlot, ill_conditioned
 from ._labels import FIXED, ZERO, Labels
 from ._ops import (
     ADD_OPS,
@@ -275,6 +275,10 @@ class Propagator(fx.Interpreter):
         every `nn.Linear` reading it, and each of the query, key and value inputs of a
         packed `nn.MultiheadAttention` that it is, contributes its rows."""
         if len(ln.normalized_shape) != 1:
+            return
+        reason = ill_conditioned(ln.weight)
+        if reason is not None:
+            self.L.breakers.append(Breaker(str(n.target), reason))
             return
         E = ln.normalized_shape[0]
         slots = []
