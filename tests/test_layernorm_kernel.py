@@ -103,8 +103,36 @@ def test_centered_outputs_and_residual_shift(gen) -> None:
     with torch.no_grad():
         other.fc2.bias.add_(torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=torch.float64))
     assert gaugenet.invariance_error(model, other, x) > 1e-3
-    # pre-norm: the residual stream after the attention also feeds the block output, so
-    # nothing there is centered
+    # pre-norm: the residual stream after the attention also feeds the block output, so only
+    # out_proj's bias along 1 is free, taken back by fc2's bias in the second residual sum
     model, x = _entry("prenorm")
-    names = [f.name for f in gaugenet.symmetries(model, x).factors]
+    group = gaugenet.symmetries(model, x)
+    names = [f.name for f in group.factors]
     assert not [n for n in names if n.startswith("center:")]
+    f = group.factor("center_bias:attn.out_proj")
+    assert f.dim == 1 and f.terms[0].compensate == ("fc2.bias",)
+    assert gaugenet.invariance_error(model, group.act(model, {f.name: torch.ones(1)}), x) < 1e-12
+    other = group.act(model, {})
+    with torch.no_grad():  # negative: without fc2 taking it back the output moves
+        other.attn.out_proj.bias.add_(1.0)
+    assert gaugenet.invariance_error(model, other, x) > 1e-3
+
+
+def test_feature_scales_after_prenorm_into_attention(gen) -> None:
+    """Pre-norm: ln1's per-feature scale passes into in_proj's columns; its canonical gauge is
+    pinned at |γ| = 1 (in_proj's norms change under the attention's GL factors)."""
+    model, x = _entry("prenorm")
+    group = gaugenet.symmetries(model, x)
+    f = group.factor("scale:ln1:out")
+    assert f.dim == 4 and "attn.in_proj_weight" in f.params()
+    a = torch.exp(torch.randn(4, generator=gen, dtype=torch.float64))
+    assert gaugenet.invariance_error(model, group.act(model, {f.name: a}), x) < 1e-12
+    can = gaugenet.canonicalize(model, group=group)
+    assert float((can.ln1.weight.detach().abs() - 1).abs().max()) < 1e-12
+    # negative: scaling in_proj's columns the other way moves the output
+    other = group.act(model, {})
+    with torch.no_grad():
+        other.attn.in_proj_weight.mul_(a[None, :])
+        other.ln1.weight.mul_(a)
+        other.ln1.bias.mul_(a)
+    assert gaugenet.invariance_error(model, other, x) > 1e-3

@@ -34,6 +34,8 @@ from .groups import (
     GaugeGroup,
     PermutationFactor,
     RescalingFactor,
+    Scale,
+    TranslationFactor,
     canonicalizer_for,
     model_state,
     register_canonicalizer,
@@ -80,6 +82,46 @@ def _sort_permutations(group: GaugeGroup, state: State) -> Element:
     return out
 
 
+def _matrix_coupled(group: GaugeGroup) -> list[RescalingFactor]:
+    """Rescalings of parameters that a matrix factor (GL, attention) also transforms.
+
+    Norms of those parameters change under the matrix factor, so balancing them would tie
+    the rescaling's gauge to the matrix factor's (canonical forms would then depend on the
+    point of the orbit). They are pinned from an anchor no matrix factor touches instead."""
+    matrix = {
+        p
+        for f in group.continuous
+        if not isinstance(f, (RescalingFactor, TranslationFactor))
+        for p in f.params()
+    }
+    return [
+        f
+        for f in _rescalings(group)
+        if any(isinstance(t, Scale) and t.param in matrix for t in f.terms)
+    ]
+
+
+def _unit_anchor(f: RescalingFactor, state: State) -> Tensor:
+    """The scales making the anchor entries `±1`: the anchor is a term scaling a parameter
+    no matrix factor touches with power 1, one entry per scale (a LayerNorm's `γ`, say)."""
+    for t in f.terms:
+        if not isinstance(t, Scale) or t.power != 1:
+            continue
+        idx = t.index.expand(state[t.param].shape).reshape(-1)
+        if sorted(idx.tolist()) != list(range(f.n)):
+            continue
+        vals = state[t.param].reshape(-1).double()
+        a = torch.empty(f.n, dtype=torch.float64)
+        a[idx] = 1 / vals.abs()
+        if not torch.isfinite(a).all():
+            raise GaugeError(f"factor {f.name!r}: a zero entry of {t.param} cannot be scaled to 1")
+        return a.to(state[t.param].dtype)
+    raise GaugeError(
+        f"factor {f.name!r} rescales parameters of a matrix factor and has no anchor term "
+        "to fix its gauge from"
+    )
+
+
 def _canonical_shifts(group: GaugeGroup, state: State, passes: int = 4) -> tuple[Element, State]:
     """The shifts (translation factors with a `canonical` gauge) that bring `state` to every
     shift's gauge at once, and the shifted state.
@@ -117,12 +159,19 @@ def canonical_element(
     params = {n for n, _ in model.named_parameters()}
     # bias shifts first: the balanced norms depend on the biases they move
     shifts, shifted = _canonical_shifts(group, state)
+    pinned = {f.name: _unit_anchor(f, shifted) for f in _matrix_coupled(group)}
+    for name, a in pinned.items():
+        shifted = group.factor(name).apply(shifted, a)
+    rest = GaugeGroup(
+        tuple(f for f in group.factors if f.name not in pinned), group.breakers, group.param_names
+    )
     if gauge == "balanced":
-        g = _balanced(group, shifted, params)
+        g = _balanced(rest, shifted, params)
     elif gauge == "unit_in":
-        g = _unit_in(group, shifted)
+        g = _unit_in(rest, shifted)
     else:
         raise GaugeError(f"unknown gauge {gauge!r}; use 'balanced' or 'unit_in'")
+    g.update(pinned)
     # in the group's order (rescalings act first) a shift is rescaled, see `scaled_by`
     for name, v in shifts.items():
         g[name] = GaugeGroup._rescale_shift(group.factor(name), v, g, moved=False)

@@ -27,9 +27,15 @@ import torch
 from torch import Tensor
 
 from ..groups import AffineFactor, GLFactor, PermutationFactor, TranslationFactor
-from ..groups._base import State
+from ..groups._base import AbstractFactor, State
 
-__all__ = ["CenteredOutputFactor", "OnesShift", "link_centered"]
+__all__ = [
+    "BiasAlongOne",
+    "CenteredBiasFactor",
+    "CenteredOutputFactor",
+    "OnesShift",
+    "link_centered",
+]
 
 
 @dataclass(frozen=True)
@@ -70,6 +76,45 @@ class CenteredOutputFactor(TranslationFactor):
         if s.bias is not None:
             parts.append(-state[s.bias].mean().reshape(1))
         return torch.cat(parts)
+
+
+@dataclass(frozen=True)
+class BiasAlongOne:
+    """`bias += t 1` and `c −= t 1` for every bias `c` in `compensate`: a layer's output
+    reaches a LayerNorm, which removes `t 1`, and residual sums, where the linear layers
+    owning `compensate` take it back."""
+
+    bias: str
+    compensate: tuple[str, ...]
+    #: for an attention output projection: `(weight, value bias, offset)`, so that the
+    #: canonical gauge reads `b + W b_v`, which the value-bias shift leaves alone
+    value: tuple[str, str, int] | None = None
+
+    def __call__(self, new: State, v: Tensor) -> None:
+        b = new[self.bias]
+        new[self.bias] = b + v.to(b.dtype)
+        for c in self.compensate:
+            new[c] = new[c] - v.to(new[c].dtype)
+
+
+class CenteredBiasFactor(TranslationFactor):
+    """`R`: a bias shift along `1` removed by a LayerNorm and taken back in residual sums."""
+
+    def params(self) -> tuple[str, ...]:
+        t = self.terms[0]
+        return (t.bias, *t.compensate)
+
+    def canonical(self, state: State) -> Tensor:
+        """The shift giving the bias zero mean; for an attention output, the bias the
+        output would have with a zero value bias (`b + W b_v`, unchanged by the value
+        shift and the value-output GL), so that the gauge does not depend on them."""
+        t = self.terms[0]
+        b = state[t.bias]
+        if t.value is not None:
+            weight, vb, off = t.value
+            W = state[weight]
+            b = b + W @ state[vb][off : off + W.shape[1]]
+        return -b.mean().reshape(1)
 
 
 def _link_one(f: CenteredOutputFactor, factors: list) -> CenteredOutputFactor | None:
@@ -130,11 +175,24 @@ def _conjugate(p: PermutationFactor, centered: list[CenteredOutputFactor]) -> Pe
     return dataclasses.replace(p, conjugates=(*p.conjugates, *extra)) if extra else p
 
 
+def _bias_moved(f: AbstractFactor, factors: list) -> bool:
+    """A `CenteredBiasFactor` whose biases another (non-shift) factor transforms: `t 1`
+    would not stay along `1`, so the factor is dropped."""
+    if not isinstance(f, CenteredBiasFactor):
+        return False
+    mine = set(f.params())
+    return any(
+        not isinstance(g, (TranslationFactor, PermutationFactor)) and mine & set(g.params())
+        for g in factors
+    )
+
+
 def link_centered(factors: list) -> list:
     """Declare the column transformations of every `CenteredOutputFactor`'s layer, let the
     column permutations carry it, and center the value-bias shifts of attention outputs it
     covers. A factor whose layer is transformed otherwise is dropped (its directions then
     show up as unexplained in `certify`, never as a wrong action)."""
+    factors = [f for f in factors if not _bias_moved(f, factors)]
     found = [f for f in factors if isinstance(f, CenteredOutputFactor)]
     if not found:
         return factors

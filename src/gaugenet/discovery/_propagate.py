@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from ..groups import AffineFactor, AffineTerm, Breaker, GLFactor, MatTerm
-from ._centering import CenteredOutputFactor, OnesShift
+from ._centering import BiasAlongOne, CenteredBiasFactor, CenteredOutputFactor, OnesShift
 from ._kernel import LayerNormKernelFactor, MeanKernel, ReaderSlot, ill_conditioned
 from ._labels import FIXED, ZERO, Labels
 from ._ops import (
@@ -96,6 +96,10 @@ class Propagator(fx.Interpreter):
                     lab[1], "output", "the output is not allowed to change", quiet=True
                 )
             return None
+        if n.op == "call_module" and isinstance(
+            self.root.get_submodule(n.target), nn.MultiheadAttention
+        ):
+            return self.attention_inputs(n, self.root.get_submodule(n.target), out)
         if not _is_float(out):
             if isinstance(out, (tuple, list)) and n.op == "call_module":
                 raise _Unsupported(
@@ -328,40 +332,109 @@ class Propagator(fx.Interpreter):
                 return self._summands(node.args[0])
         return [node]
 
+    def attention_inputs(self, n: fx.Node, m: nn.MultiheadAttention, out: Any) -> Pair:
+        """`nn.MultiheadAttention` (its own factors come from its analyzer): a per-feature
+        scale of the query, key or value input passes into the matching columns of the
+        packed input projection (`in_proj_weight[:, j] ↦ in_proj_weight[:, j] / s_j`), which
+        commutes with the attention's own factors (they act on rows). The output is fixed.
+        Returns labels for `(attn_output, attn_weights)`."""
+        if not m._qkv_same_embed_dim or len(n.args) < 3 or m.bias_k is not None:
+            raise _Unsupported("attention without a packed input projection")
+        E = m.embed_dim
+        idx = torch.full((3 * E, E), FIXED, dtype=torch.long)
+        for i, a in enumerate(n.args[:3]):
+            lab = self.lab(a)
+            if lab is None:
+                continue
+            s, p = lab
+            self.L.fix_perms(p, n.name, "attention mixes its input features")
+            cols = self.L.per_channel(s, -1)
+            if s.shape[-1] != E or any(len(c) != 1 for c in cols):
+                self.L.fix_scales(s, n.name, "attention input scales vary across tokens")
+                continue
+            idx[i * E : (i + 1) * E] = torch.tensor([int(c[0]) for c in cols])[None, :]
+        name = str(n.target)
+        self.use_param(f"{name}.in_proj_weight", name)
+        self.L.scale_terms.append((f"{name}.in_proj_weight", idx, -1))
+        first = _fixed(out[0]) if _is_float(out[0]) else None
+        second = _fixed(out[1]) if len(out) > 1 and _is_float(out[1]) else None
+        return [first[0] if first else None, second[0] if second else None], [
+            first[1] if first else None,
+            second[1] if second else None,
+        ]
+
+    def _output_layer(self, s: Any, E: int) -> tuple[str, nn.Linear] | None:
+        """`(name, layer)` when `s` is the output of a width-`E` linear layer (or of an
+        `nn.MultiheadAttention`'s output projection) that only one node reads."""
+        if not isinstance(s, fx.Node) or len(s.users) != 1:
+            return None
+        if s.op == "call_module":
+            mod = self.root.get_submodule(str(s.target))
+            ok = isinstance(mod, nn.Linear) and mod.out_features == E
+            return (str(s.target), mod) if ok else None
+        if s.op == "call_function" and s.target is operator.getitem and s.args[1] == 0:
+            att = s.args[0]
+            if not (isinstance(att, fx.Node) and att.op == "call_module") or len(att.users) != 1:
+                return None
+            mod = self.root.get_submodule(str(att.target))
+            if isinstance(mod, nn.MultiheadAttention) and mod.embed_dim == E:
+                return f"{att.target}.out_proj", mod.out_proj
+        return None
+
     def centered_inputs(self, n: fx.Node, ln: nn.LayerNorm) -> None:
-        """Linear layers whose output only this LayerNorm reads (through additions): their
-        output along `1` is removed (see `_centering.py`)."""
+        """Linear layers whose output a LayerNorm reads through additions: what they add
+        along `1` is removed (see `_centering.py`). When only LayerNorms read the sum, the
+        whole output along `1` is free (`W += 1 aᵀ`, `b += t 1`); when residual sums read it
+        too, a bias shift `t 1` is, if a linear layer in each of them takes it back."""
         src = n.args[0] if n.args else None
         if len(ln.normalized_shape) != 1 or not isinstance(src, fx.Node):
             return
         E = ln.normalized_shape[0]
-        for s in self._summands(src):
-            if not isinstance(s, fx.Node) or len(s.users) != 1:
-                continue
-            if s.op == "call_module":
-                mod, t = self.root.get_submodule(str(s.target)), str(s.target)
-                if not isinstance(mod, nn.Linear) or mod.out_features != E:
+        if len(src.users) == 1:
+            for s in self._summands(src):
+                found = self._output_layer(s, E)
+                if found is None:
                     continue
-                weight, bias, cols = f"{t}.weight", mod.bias, mod.in_features
-            elif s.op == "call_function" and s.target is operator.getitem and s.args[1] == 0:
-                att = s.args[0]
-                if not (isinstance(att, fx.Node) and att.op == "call_module"):
-                    continue
-                mod, t = self.root.get_submodule(str(att.target)), str(att.target)
-                if not isinstance(mod, nn.MultiheadAttention) or len(att.users) != 1:
-                    continue
-                if mod.embed_dim != E:
-                    continue
-                t, mod = f"{t}.out_proj", mod.out_proj
-                weight, bias, cols = f"{t}.weight", mod.bias, mod.in_features
-            else:
-                continue
-            b = f"{t}.bias" if bias is not None else None
-            term = OnesShift(weight, b, E, cols)
-            self.L.extra.append(
-                CenteredOutputFactor(
-                    f"center:{t}", cols + (b is not None), terms=(term,), modules=(t,)
+                t, mod = found
+                b = f"{t}.bias" if mod.bias is not None else None
+                term = OnesShift(f"{t}.weight", b, E, mod.in_features)
+                self.L.extra.append(
+                    CenteredOutputFactor(
+                        f"center:{t}",
+                        mod.in_features + (b is not None),
+                        terms=(term,),
+                        modules=(t,),
+                    )
                 )
+            return
+        # several readers: once per sum (at its first LayerNorm reader)
+        if next(iter(src.users)) is not n or not (
+            src.op == "call_function" and src.target in ADD_OPS
+        ):
+            return
+        compensate = []
+        for u in src.users:
+            if u.op == "call_module" and isinstance(
+                self.root.get_submodule(str(u.target)), nn.LayerNorm
+            ):
+                if self.root.get_submodule(str(u.target)).normalized_shape != ln.normalized_shape:
+                    return
+                continue
+            bias = self._residual_bias(u, src, E) if u.op == "call_function" else None
+            if bias is None:
+                return
+            compensate.append(bias)
+        for s in (t for a in src.args[:2] for t in self._summands(a)):
+            found = self._output_layer(s, E)
+            if found is None or found[1].bias is None:
+                continue
+            t, value = found[0], None
+            att = self.root.get_submodule(t.rpartition(".")[0]) if "." in t else None
+            if isinstance(att, nn.MultiheadAttention) and att.in_proj_bias is not None:
+                value = (f"{t}.weight", f"{t.rpartition('.')[0]}.in_proj_bias", 2 * E)
+            term = BiasAlongOne(f"{t}.bias", tuple(compensate), value)
+            self.L.extra.append(
+                CenteredBiasFactor(f"center_bias:{t}", 1, terms=(term,), modules=(t,))
             )
 
     def consecutive_linear(self, n: fx.Node, m: nn.Linear) -> None:

@@ -212,7 +212,16 @@ ZOO: tuple[Entry, ...] = (
     Entry("concat_cnn", lambda: _seq(ConcatCNN()), _x(300, 2, 4, 4), dim=3 + 2 + 3),
     Entry("gcn", lambda: _init(example_gcn(9, (4, 4, 3), seed=1), 1), _x(100, 9, 4), dim=4),
     Entry("lowrank", lambda: _seq(LowRank()), _x(300, 5), dim=4 + 4),
-    Entry("prenorm", _block(True), _x(30, 3, 4), known=False),
+    # pre-norm (d = 4, 2 heads of 2, hidden 5): per-feature scales after ln1 (into in_proj)
+    # and ln2 (into fc1) 4 + 4, fc1 rescaling 5, β shifts of ln1 and ln2 4 + 4, their
+    # mean-subtraction kernels 12 + 5, out_proj's bias along 1 (taken back by fc2) 1,
+    # query-key and value-output GL 8 + 8, key and value shifts 4 + 4
+    Entry(
+        "prenorm",
+        _block(True),
+        _x(30, 3, 4),
+        dim=4 + 4 + 5 + 4 + 4 + 12 + 5 + 1 + 8 + 8 + 4 + 4,
+    ),
     # post-norm (d = 4, 2 heads of 2, hidden 5): query-key GL 2·2², value-output GL 2·2²,
     # key shift 4, value shift 4, fc1 rescaling 5, ln1's mean-subtraction kernel in fc1's
     # rows 5, out_proj and fc2 outputs along 1 (4 + 1, 5 + 1), ln1's β shift 4
