@@ -18,39 +18,17 @@ import torch
 
 import gaugenet
 from gaugenet.certify._causes import layernorm_causes
+from gaugenet.nets import tiny_bert, tiny_bert_inputs
 
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
 
 
 def _bert(eps: float) -> torch.nn.Module:
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(
-        vocab_size=12,
-        hidden_size=8,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=12,
-        max_position_embeddings=6,
-        type_vocab_size=2,
-        layer_norm_eps=eps,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    model = transformers.BertModel(cfg).double().eval()
-    with torch.no_grad():  # non-trivial norms, biases and embeddings, so that they matter
-        for name, p in model.named_parameters():
-            if "LayerNorm" in name or name.endswith("bias"):
-                p.add_(0.3 * torch.randn_like(p))
-            elif "embeddings" in name:
-                p.normal_(0, 0.5)
-    return model
+    return tiny_bert(eps)
 
 
 def _inputs() -> tuple:
-    gen = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, 12, (40, 6), generator=gen)
-    types = torch.randint(0, 2, (40, 6), generator=gen)
-    return ids, None, types  # BertModel(input_ids, attention_mask, token_type_ids)
+    return tiny_bert_inputs()
 
 
 def _diff(a, b) -> float:

@@ -1,6 +1,8 @@
 """Network families of the paper, with their gauge groups built in."""
 
 from ._attention import SelfAttention as SelfAttention
+from ._bert import tiny_bert as tiny_bert
+from ._bert import tiny_bert_inputs as tiny_bert_inputs
 from ._examples import example_cnn as example_cnn
 from ._examples import example_gcn as example_gcn
 from ._examples import mlp as mlp
