@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -86,14 +87,25 @@ def test_matrix_free_agrees_with_exact(gen) -> None:
     assert res.sigma_min < 1e-6 * res.sigma_max
 
 
-def test_tied_weights_hidden_redundancy_and_its_cause() -> None:
-    """The tied zoo model keeps one joint rescaling that discovery does not find:
-    `W ↦ cW, b1 ↦ c b1, b2 ↦ c² b2, out.weight ↦ out.weight / c²`. `certify` reports exactly
-    one unexplained direction and names the tied weight as the cause."""
+def test_tied_weights_joint_rescaling() -> None:
+    """The tied zoo model keeps one joint rescaling, which discovery solves from the tie:
+    `W ↦ cW, b1 ↦ c b1, b2 ↦ c² b2, out.weight ↦ out.weight / c²`. With it `certify` leaves
+    nothing unexplained; without it the one direction shows up, with the tie as its cause."""
     entry = next(e for e in ZOO if e.name == "tied")
     model, x = entry.build(), entry.inputs(torch.Generator().manual_seed(0))
-    report = gaugenet.certify(model, x)
-    assert report.unexplained == 1 and report.symmetry_dim == 0
+    group = gaugenet.symmetries(model, x)
+    (joint,) = group.factors
+    assert joint.dim == 1
+    alpha = joint.scales(torch.tensor([math.log(1.7)], dtype=torch.float64))
+    # the hidden scales of the two uses: c and c² (up to the basis' normalization)
+    assert torch.allclose(alpha[4:], alpha[:4] ** 2) and torch.allclose(alpha[:4], alpha[0])
+    assert gaugenet.certify(model, x, group=group).unexplained == 0
+    moved = group.act(model, {joint.name: torch.tensor([0.8], dtype=torch.float64)})
+    assert moved[0].l1.weight is moved[0].l2.weight  # still tied
+    assert gaugenet.invariance_error(model, moved, x) < 1e-12
+    empty = gaugenet.GaugeGroup((), group.breakers, group.param_names)
+    report = gaugenet.certify(model, x, group=empty)
+    assert report.unexplained == 1
     assert any("tied" in c for c in report.causes)
     t = model[0]
 

@@ -10,6 +10,7 @@ from torch import nn
 from ..groups import BatchNormShift, Breaker, PermTerm, PermutationFactor, RescalingFactor, Scale
 from ._labels import FIXED, Labels
 from ._shifts import IntoBatchNorm, IntoLinears
+from ._tied import tied_rescalings
 
 #: shifts of one layer's bias (the LayerNorm kernels and centered outputs are linked to the
 #: whole group later, see `_kernel.py` and `_centering.py`)
@@ -211,6 +212,7 @@ def _scale_shifts(shifts: list, scale: list[RescalingFactor]) -> None:
 
 
 def build_factors(L: Labels, model: nn.Module) -> tuple[list, list[Breaker]]:
+    joint = tied_rescalings(L, model)  # before the ties fix their labels
     _fix_shared(L)
     tied = {
         name
@@ -225,4 +227,4 @@ def build_factors(L: Labels, model: nn.Module) -> tuple[list, list[Breaker]]:
     _scale_shifts(shifts, scale)
     perms = _conjugate_shifts(perms, shifts)
     breakers = list(dict.fromkeys(L.breakers))
-    return [*scale, *extra, *perms], breakers
+    return [*scale, *joint, *extra, *perms], breakers

@@ -133,9 +133,9 @@ class LowRank(nn.Module):
 class Tied(nn.Module):
     """Two layers sharing one weight matrix `W`.
 
-    Tying leaves one joint rescaling that discovery does not find: `W ↦ cW`, `b1 ↦ c b1`,
-    `b2 ↦ c² b2`, `out.weight ↦ out.weight / c²` (`c > 0`). It is the one redundancy
-    `certify` reports as unexplained, with the tied weight as its cause.
+    Tying breaks the per-unit rescalings of both layers but leaves one joint rescaling,
+    which discovery solves from the tie: `W ↦ cW`, `b1 ↦ c b1`, `b2 ↦ c² b2`,
+    `out.weight ↦ out.weight / c²` (`c > 0`).
     """
 
     def __init__(self) -> None:
@@ -235,7 +235,5 @@ ZOO: tuple[Entry, ...] = (
         breakers=("ReLU6",),
         dim=0,
     ),
-    Entry(
-        "tied", lambda: _centered(_seq(Tied(), seed=1)), _x(300, 4), known=False, breakers=("tied",)
-    ),
+    Entry("tied", lambda: _centered(_seq(Tied(), seed=1)), _x(300, 4), breakers=("tied",), dim=1),
 )
