@@ -4,6 +4,7 @@ their inputs at the rank tolerance."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -25,21 +26,20 @@ def _per_unit(x: Tensor) -> tuple[Tensor, Tensor]:
     return (flat <= 0).all(0), (flat > 0).all(0)
 
 
-def relu_causes(model: nn.Module, inputs: Any) -> list[str]:
-    """One line per ReLU-like module with units that are dead (never positive on the
-    inputs: their incoming weights do not matter) or always active (the unit is linear on
-    the inputs, so more than rescalings leave the outputs unchanged)."""
-    found: dict[str, tuple[Tensor, Tensor]] = {}
+def _watch_inputs(
+    model: nn.Module,
+    inputs: Any,
+    types: tuple[type, ...],
+    record: Callable[[str, nn.Module, Tensor], None],
+) -> None:
+    """Run `model` on `inputs`, calling `record(name, module, first_input)` for every
+    module of one of `types` each time it runs."""
     hooks = []
     for name, m in model.named_modules():
-        if isinstance(m, _RELUS):
+        if isinstance(m, types):
 
             def hook(mod: nn.Module, args: tuple, out: Any, name: str = name) -> None:
-                dead, alive = _per_unit(args[0].detach())
-                if name in found:  # a module used twice: combine both uses
-                    d0, a0 = found[name]
-                    dead, alive = (d0 & dead, a0 & alive) if d0.shape == dead.shape else (d0, a0)
-                found[name] = (dead, alive)
+                record(name, mod, args[0].detach())
 
             hooks.append(m.register_forward_hook(hook))
     try:
@@ -48,6 +48,22 @@ def relu_causes(model: nn.Module, inputs: Any) -> list[str]:
     finally:
         for h in hooks:
             h.remove()
+
+
+def relu_causes(model: nn.Module, inputs: Any) -> list[str]:
+    """One line per ReLU-like module with units that are dead (never positive on the
+    inputs: their incoming weights do not matter) or always active (the unit is linear on
+    the inputs, so more than rescalings leave the outputs unchanged)."""
+    found: dict[str, tuple[Tensor, Tensor]] = {}
+
+    def record(name: str, mod: nn.Module, x: Tensor) -> None:
+        dead, alive = _per_unit(x)
+        if name in found:  # a module used twice: combine both uses
+            d0, a0 = found[name]
+            dead, alive = (d0 & dead, a0 & alive) if d0.shape == dead.shape else (d0, a0)
+        found[name] = (dead, alive)
+
+    _watch_inputs(model, inputs, _RELUS, record)
     lines = []
     for name, (dead, alive) in found.items():
         if dead.any():
@@ -80,22 +96,13 @@ def layernorm_causes(model: nn.Module, inputs: Any, rtol: float) -> list[str]:
     LayerNorm (every branch of its residual sum) moves the outputs by about `eps / σ²`
     relative, under the rank tolerance: a near-symmetry, which discovery does not offer."""
     found: dict[str, float] = {}
-    hooks = []
-    for name, m in model.named_modules():
-        if isinstance(m, nn.LayerNorm):
 
-            def hook(mod: nn.Module, args: tuple, out: Any, name: str = name) -> None:
-                dims = tuple(range(-len(mod.normalized_shape), 0))
-                var = float(args[0].detach().double().var(dim=dims, unbiased=False).min())
-                found[name] = min(found.get(name, var), var)
+    def record(name: str, mod: nn.Module, x: Tensor) -> None:
+        dims = tuple(range(-len(mod.normalized_shape), 0))
+        var = float(x.double().var(dim=dims, unbiased=False).min())
+        found[name] = min(found.get(name, var), var)
 
-            hooks.append(m.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            model(*as_tuple(inputs))
-    finally:
-        for h in hooks:
-            h.remove()
+    _watch_inputs(model, inputs, (nn.LayerNorm,), record)
     lines = []
     for name, var in found.items():
         eps = float(model.get_submodule(name).eps)

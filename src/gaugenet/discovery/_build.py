@@ -7,8 +7,8 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-from ..groups import BatchNormShift, Breaker, PermTerm, PermutationFactor, RescalingFactor, Scale
-from ._labels import FIXED, Labels
+from ..groups import Breaker, PermTerm, PermutationFactor, RescalingFactor, Scale
+from ._labels import FIXED, Labels, terms_of
 from ._shifts import IntoBatchNorm, IntoLinears
 from ._tied import tied_rescalings
 
@@ -79,27 +79,7 @@ def _scale_factors(
         lut = torch.full((n_ids + 1,), n, dtype=torch.long)
         for k, r in enumerate(class_roots):
             lut[root_t == r] = k
-        terms = []
-        for rec in L.scale_terms:
-            if rec[0] == "bnshift":
-                _, bn, eps, ids = rec
-                idx = lut[ids]
-                if (idx < n).any():
-                    terms.append(
-                        BatchNormShift(
-                            f"{bn}.weight",
-                            f"{bn}.bias",
-                            f"{bn}.running_mean",
-                            f"{bn}.running_var",
-                            eps,
-                            idx,
-                        )
-                    )
-                continue
-            param, ids, power = rec
-            idx = lut[ids]
-            if (idx < n).any():
-                terms.append(Scale(param, idx, power))
+        terms = terms_of(L.scale_terms, lut, n)
         blocks = sorted(
             {L.block_of[i] for r in class_roots for i in range(1, n_ids) if roots[i] == r}
         )

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..groups import Breaker
+from ..groups import BatchNormShift, Breaker, Scale
 
-__all__ = ["FIXED", "ZERO", "Labels"]
+__all__ = ["FIXED", "ZERO", "Labels", "terms_of"]
 
 FIXED = 0
 ZERO = -1
@@ -138,3 +138,26 @@ class Labels:
         """Distinct non-ZERO ids for each index along `axis`."""
         moved = ids.movedim(axis, 0).reshape(ids.shape[axis], -1)
         return [torch.unique(row[row != ZERO]) for row in moved]
+
+
+def terms_of(records: list[tuple], lut: Tensor, n: int, skip: set[str] = frozenset()) -> list:
+    """The `Scale` / `BatchNormShift` terms of a factor with `n` scales, from the recorded
+    scale terms: `lut` maps a label id to the factor's scale index (`n`: not in it; index
+    `-1`, the `ZERO` label, maps to the last entry). Records of parameters in `skip` are
+    left out (a tied weight written through another name)."""
+    terms: list = []
+    for rec in records:
+        if rec[0] == "bnshift":
+            _, bn, eps, ids = rec
+            idx = lut[ids]
+            if (idx < n).any():
+                names = (f"{bn}.{x}" for x in ("weight", "bias", "running_mean", "running_var"))
+                terms.append(BatchNormShift(*names, eps, idx))
+            continue
+        param, ids, power = rec
+        if param in skip:
+            continue
+        idx = lut[ids]
+        if (idx < n).any():
+            terms.append(Scale(param, idx, power))
+    return terms

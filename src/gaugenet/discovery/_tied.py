@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..groups import AbstractFactor, BatchNormShift, Scale, register_canonicalizer
+from ..groups import Scale, register_canonicalizer
 from ..groups._base import State
-from ._labels import FIXED, ZERO, Labels
+from ..groups._translation import AdditiveFactor
+from ._labels import FIXED, ZERO, Labels, terms_of
 
 __all__ = ["JointRescalingFactor", "tied_rescalings"]
 
@@ -42,7 +43,7 @@ class Alias:
 
 
 @dataclass(eq=False)
-class JointRescalingFactor(AbstractFactor):
+class JointRescalingFactor(AdditiveFactor):
     """`R^k`: rescalings `α = exp(B z)` of `m` scale classes constrained by weight ties.
     Element: `z`, `(k,)`; `basis` is `B`, `(m, k)`. `terms` index `α` extended by a one
     (index `m`: unscaled), as in `RescalingFactor`."""
@@ -56,26 +57,6 @@ class JointRescalingFactor(AbstractFactor):
     @property
     def dim(self) -> int:
         return int(self.basis.shape[1])
-
-    def identity(self, dtype=torch.float64) -> Tensor:
-        return torch.zeros(self.dim, dtype=dtype)
-
-    def sample(self, generator=None, dtype=torch.float64, scale=0.5) -> Tensor:
-        return (scale * torch.randn(self.dim, generator=generator, dtype=torch.float64)).to(dtype)
-
-    def compose(self, a: Tensor, b: Tensor) -> Tensor:
-        return a + b
-
-    def inverse(self, a: Tensor) -> Tensor:
-        return -a
-
-    def exp(self, xi: Tensor) -> Tensor:
-        return xi
-
-    def validate(self, a: Tensor) -> None:
-        if a.shape != (self.dim,):
-            raise self._fail(f"expected log-scales of shape ({self.dim},), got {tuple(a.shape)}")
-        self._check_finite(a)
 
     def scales(self, z: Tensor) -> Tensor:
         """`α = exp(B z)`, `(m,)`."""
@@ -196,29 +177,7 @@ def tied_rescalings(L: Labels, model: nn.Module) -> list[JointRescalingFactor]:
         lut[find == r] = k
     lut[len(L.parent)] = len(col)  # ZERO: unscaled
     secondary = {n for names in ties for n in names[1:]}
-    terms: list = []
-    for rec in L.scale_terms:
-        if rec[0] == "bnshift":
-            _, bn, eps, ids = rec
-            idx = lut[torch.where(ids == ZERO, len(L.parent), ids)]
-            if (idx < len(col)).any():
-                terms.append(
-                    BatchNormShift(
-                        f"{bn}.weight",
-                        f"{bn}.bias",
-                        f"{bn}.running_mean",
-                        f"{bn}.running_var",
-                        eps,
-                        idx,
-                    )
-                )
-            continue
-        param, ids, power = rec
-        if param in secondary:
-            continue
-        idx = lut[torch.where(ids == ZERO, len(L.parent), ids)]
-        if (idx < len(col)).any():
-            terms.append(Scale(param, idx, power))
+    terms = terms_of(L.scale_terms, lut, len(col), skip=secondary)
     terms += [Alias(names[0], a) for names in ties for a in names[1:]]
     scaled = [t.param for t in terms if isinstance(t, Scale)]
     modules = tuple(dict.fromkeys(p.rpartition(".")[0] for p in scaled))

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ._base import AbstractFactor, State
 
-__all__ = ["Shift", "TranslationFactor"]
+__all__ = ["AdditiveFactor", "Shift", "TranslationFactor"]
 
 
 @dataclass(frozen=True)
@@ -31,8 +31,32 @@ class Shift:
         )
 
 
+class AdditiveFactor(AbstractFactor):
+    """A factor whose group is `R^dim` under addition (elements are vectors of `dim`)."""
+
+    def identity(self, dtype=torch.float64) -> Tensor:
+        return torch.zeros(self.dim, dtype=dtype)
+
+    def sample(self, generator=None, dtype=torch.float64, scale=0.5) -> Tensor:
+        return (scale * torch.randn(self.dim, generator=generator, dtype=torch.float64)).to(dtype)
+
+    def compose(self, a: Tensor, b: Tensor) -> Tensor:
+        return a + b
+
+    def inverse(self, a: Tensor) -> Tensor:
+        return -a
+
+    def exp(self, xi: Tensor) -> Tensor:
+        return xi
+
+    def validate(self, a: Tensor) -> None:
+        if a.shape != (self.dim,):
+            raise self._fail(f"expected shape ({self.dim},), got {tuple(a.shape)}")
+        self._check_finite(a)
+
+
 @dataclass(eq=False)
-class TranslationFactor(AbstractFactor):
+class TranslationFactor(AdditiveFactor):
     """The additive group `R^n`. Element: `(n,)`.
 
     `scaled_by` declares rescaling factors that do not commute with this translation:
@@ -58,26 +82,6 @@ class TranslationFactor(AbstractFactor):
     @property
     def dim(self) -> int:
         return self.n
-
-    def identity(self, dtype=torch.float64) -> Tensor:
-        return torch.zeros(self.n, dtype=dtype)
-
-    def sample(self, generator=None, dtype=torch.float64, scale=0.5) -> Tensor:
-        return (scale * torch.randn(self.n, generator=generator, dtype=torch.float64)).to(dtype)
-
-    def compose(self, a: Tensor, b: Tensor) -> Tensor:
-        return a + b
-
-    def inverse(self, a: Tensor) -> Tensor:
-        return -a
-
-    def exp(self, xi: Tensor) -> Tensor:
-        return xi
-
-    def validate(self, a: Tensor) -> None:
-        if a.shape != (self.n,):
-            raise self._fail(f"expected shape ({self.n},), got {tuple(a.shape)}")
-        self._check_finite(a)
 
     def params(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(t.param for t in self.terms))
