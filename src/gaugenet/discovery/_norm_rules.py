@@ -215,5 +215,10 @@ class NormRules:
                 value = (f"{t}.weight", f"{t.rpartition('.')[0]}.in_proj_bias", 2 * E)
             term = BiasAlongOne(f"{t}.bias", tuple(compensate), value)
             self.L.extra.append(
-                CenteredBiasFactor(f"center_bias:{t}", 1, terms=(term,), modules=(t,))
+                CenteredBiasFactor(
+                    f"center_bias:{t}",
+                    1,
+                    terms=(term,),
+                    modules=(t, *(c.rpartition(".")[0] for c in compensate)),
+                )
             )
