@@ -79,6 +79,7 @@ def test_tiny_layernorm_eps_is_a_near_symmetry_named_as_cause() -> None:
     x = _inputs()
     report = gaugenet.certify(model, x)
     assert report.unexplained == 5
+    assert sum("eps = 1e-12" in c for c in report.causes) == 5
     lines = layernorm_causes(model, x, 1e-9)
     assert len(lines) == 5 and all("eps = 1e-12" in line for line in lines)
     assert layernorm_causes(_bert(1e-3), x, 1e-9) == []  # negative: a visible eps

@@ -9,7 +9,7 @@ from torch import nn
 
 from .._errors import GaugeError
 from ..groups import GaugeGroup
-from ._causes import relu_causes, tied_causes
+from ._causes import layernorm_causes, relu_causes, tied_causes
 from ._functional_dimension import functional_dimension
 from ._matrix_free import matrix_free_certificate
 
@@ -23,12 +23,14 @@ class CertifyReport:
     - `n_params`, `functional_dimension`, `symmetry_dim`.
     - `unexplained = n_params − functional_dimension − symmetry_dim`: 0 when the symmetries
       explain every redundancy, > 0 for hidden redundancy (see `causes`), < 0 is a bug.
-    - `method`: `"exact"` (rank of the Jacobian) or `"matrix-free"` (Lanczos on the
-      complement of the orbit tangents; there `functional_dimension` is
-      `n_params − symmetry_dim` when `sigma_min` is above the tolerance).
+    - `method`: `"exact"` (rank of the Jacobian) or `"matrix-free"` (preconditioned
+      Davidson on the complement of the orbit tangents, see `matrix_free_certificate`;
+      there `functional_dimension` is `n_params − rank(tangents)` when
+      `sigma_min / sigma_max > max(rtol, 10⁻⁶)`, one less otherwise, which then only
+      means "at least one more null direction").
     - `gap`: the singular-value gap at the rank (exact) or `sigma_min / sigma_max`.
-    - `causes`: explanations found for hidden redundancy (dead or always-active units, tied
-      weights).
+    - `causes`: explanations found for hidden redundancy (dead or always-active units,
+      LayerNorms whose `eps` is below the rank tolerance, tied weights).
     """
 
     n_params: int
@@ -39,8 +41,9 @@ class CertifyReport:
     gap: float
     sigma_min: float | None = None
     causes: tuple[str, ...] = field(default=())
-    #: matrix-free only: whether the smallest Ritz value converged (its residual below
-    #: itself); when not, `sigma_min` is only an upper bound and the outcome is inconclusive
+    #: matrix-free only: whether the smallest Ritz pair converged (its residual below `tol`
+    #: times the Ritz value, or the Ritz value itself numerically zero); when not,
+    #: `sigma_min` is only an upper bound and the outcome is inconclusive
     converged: bool = True
 
     @property
@@ -57,8 +60,8 @@ class CertifyReport:
         ]
         if not self.converged:
             out.append(
-                "Lanczos did not converge: sigma_min is only an upper bound, the certificate "
-                "is inconclusive (raise max_iter)"
+                "the eigensolver did not converge: sigma_min is only an upper bound, the "
+                "certificate is inconclusive (raise max_iter)"
             )
         if self.unexplained > 0:
             out.append("hidden redundancy: " + ("; ".join(self.causes) or "cause not found"))
@@ -74,7 +77,8 @@ def certify(
     group: GaugeGroup | None = None,
     method: Literal["auto", "exact", "matrix-free"] = "auto",
     rtol: float = 1e-9,
-    max_iter: int = 300,
+    max_iter: int = 2000,
+    tol: float = 1e-2,
 ) -> CertifyReport:
     """Compare the functional dimension of `model` on `inputs` with its symmetries.
 
@@ -83,10 +87,13 @@ def certify(
     - `model`, `inputs`: as for `functional_dimension` (enough inputs that the outputs
       outnumber the parameters).
     - `group`: the symmetries; default `gaugenet.symmetries(model, inputs)`.
-    - `method`: `"exact"` materializes the Jacobian; `"matrix-free"` runs the Lanczos
-      certificate; `"auto"` is exact up to 20 000 parameters.
-    - `rtol`: relative threshold for a zero singular value.
-    - `max_iter`: Lanczos steps for the matrix-free certificate.
+    - `method`: `"exact"` materializes the Jacobian; `"matrix-free"` runs
+      `matrix_free_certificate`; `"auto"` is exact up to 20 000 parameters.
+    - `rtol`: relative threshold for a zero singular value (matrix-free: `max(rtol, 10⁻⁶)`
+      for `sigma_min / sigma_max`: it works with `JᵀJ`, whose rounding hides singular
+      values under about `10⁻⁷ σ_max`).
+    - `max_iter`, `tol`: products with `JᵀJ` allowed, and the convergence fraction, for
+      the matrix-free certificate.
 
     **Returns:** a `CertifyReport`.
     """
@@ -101,16 +108,21 @@ def certify(
         fd = functional_dimension(model, inputs, rtol=rtol)
         rank, gap, smin, converged = fd.rank, fd.gap, None, True
     elif method == "matrix-free":
-        mf = matrix_free_certificate(model, inputs, group, max_iter=max_iter)
+        floor = max(rtol, 1e-6)
+        mf = matrix_free_certificate(
+            model, inputs, group, max_iter=max_iter, tol=tol, zero_tol=floor
+        )
         smin, gap = mf.sigma_min, mf.sigma_min / mf.sigma_max
-        rank = n_params - group.dim if gap > rtol**0.5 else n_params - group.dim - 1
-        # an eigenvalue of P JᵀJ P lies within `residual` of sigma_min²: zero is excluded
-        # only when the residual is below it
-        converged = mf.residual < smin**2
+        off_orbit = n_params - mf.orbit_rank  # the rank if J is injective off the orbit
+        rank = off_orbit if gap > floor else off_orbit - 1
+        converged = mf.converged
     else:
         raise GaugeError(f"method must be 'auto', 'exact' or 'matrix-free', not {method!r}")
     unexplained = n_params - rank - group.dim
-    causes = tuple(relu_causes(model, inputs) + tied_causes(model)) if unexplained > 0 else ()
+    causes = ()
+    if unexplained > 0:
+        found = relu_causes(model, inputs) + tied_causes(model)
+        causes = tuple(found + layernorm_causes(model, inputs, rtol))
     return CertifyReport(
         n_params, rank, group.dim, unexplained, method, gap, smin, causes, converged
     )

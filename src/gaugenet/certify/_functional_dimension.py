@@ -15,9 +15,10 @@ import torch
 from torch import Tensor, nn
 
 from .._errors import GaugeError
-from ._jacobian import as_flat_function
+from ._gram import Algorithm, singular_values
+from ._jacobian import flat_model, jacobian, jacobian_of
 
-__all__ = ["FunctionalDimension", "functional_dimension", "jacobian"]
+__all__ = ["FunctionalDimension", "functional_dimension", "jacobian", "singular_values"]
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class FunctionalDimension:
     - `gap`: `sigma_last / sigma_next` (`inf` when nothing is dropped); a large gap means the
       rank does not depend on the tolerance.
     - `singular_values`: all of them, descending.
+    - `algorithm`: how they were computed, `"gram"` or `"svd"` (see `singular_values`).
     """
 
     rank: int
@@ -40,23 +42,11 @@ class FunctionalDimension:
     gap: float
     rtol: float
     singular_values: Tensor
-
-
-def jacobian(model: nn.Module, inputs: Any) -> Tensor:
-    """`(n_outputs, n_params)` Jacobian of all outputs on `inputs` (float64, reverse mode
-    vectorized with `vmap`, or forward mode when parameters are fewer than outputs)."""
-    f, theta, _ = as_flat_function(model, inputs)
-    n_out = f(theta).numel()
-    if theta.numel() < n_out:
-        try:
-            return torch.func.jacfwd(f)(theta)
-        except NotImplementedError:  # an operation without forward-mode derivative
-            pass
-    return torch.func.jacrev(f)(theta)
+    algorithm: str = "svd"
 
 
 def functional_dimension(
-    model: nn.Module, inputs: Any, *, rtol: float = 1e-9
+    model: nn.Module, inputs: Any, *, rtol: float = 1e-9, algorithm: Algorithm = "auto"
 ) -> FunctionalDimension:
     """The functional dimension of `model` on `inputs`.
 
@@ -68,29 +58,29 @@ def functional_dimension(
       least the parameters, else the rank cannot reach `n_params − dim(symmetries)` and a
       `GaugeError` says how many inputs are needed.
     - `rtol`: singular values below `rtol · σ_max` count as zero.
+    - `algorithm`: how the singular values are computed (see `singular_values`): `"svd"`,
+      `"gram"` (two-stage, faster for large Jacobians, same accuracy class), `"auto"`.
 
     **Returns:** a `FunctionalDimension` with the rank and the singular-value gap.
     """
-    f, theta, _ = as_flat_function(model, inputs)
-    n_params = theta.numel()
+    if not rtol > 0:
+        raise GaugeError(f"rtol must be positive, got {rtol}")
+    fm = flat_model(model, inputs)
+    n_params = fm.theta.numel()
     with torch.no_grad():
-        n_out = f(theta).numel()
+        n_out = fm.f(fm.theta).numel()
     if n_out <= n_params:
         raise GaugeError(
             f"the outputs on these inputs number {n_out}, not more than the {n_params} "
             "parameters: the Jacobian's rank is capped by the outputs; pass more inputs "
             f"(at least {n_params // max(1, n_out // max(1, _batch(inputs))) + 1} samples)"
         )
-    jac = jacobian(model, inputs)
-    if jac.shape[0] > jac.shape[1]:
-        # same singular values from the square triangular factor: the SVD works on n x n
-        jac = torch.linalg.qr(jac, mode="r").R
-    s = torch.linalg.svdvals(jac)
+    s, used = singular_values(jacobian_of(fm), algorithm=algorithm)
     rank = int((s > rtol * s[0]).sum()) if s.numel() and s[0] > 0 else 0
     last = float(s[rank - 1]) if rank else 0.0
     nxt = float(s[rank]) if rank < s.numel() else 0.0
     gap = last / nxt if nxt > 0 else float("inf")
-    return FunctionalDimension(rank, n_params, n_out, last, nxt, gap, rtol, s)
+    return FunctionalDimension(rank, n_params, n_out, last, nxt, gap, rtol, s, used)
 
 
 def _batch(inputs: Any) -> int:

@@ -1,29 +1,111 @@
-"""The model as a function of a flat float64 parameter vector (shared by both certifiers)."""
+"""The model as a function of a flat float64 parameter vector (shared by both certifiers),
+and its Jacobian."""
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-__all__ = ["as_flat_function", "as_tuple"]
+__all__ = [
+    "FlatModel",
+    "as_flat_function",
+    "as_tuple",
+    "flat_model",
+    "flatten_out",
+    "jacobian",
+    "jacobian_of",
+]
 
 
 def as_tuple(inputs: Any) -> tuple:
     return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
 
 
-def _flatten_out(out: Any) -> Tensor:
+def flatten_out(out: Any) -> Tensor:
+    """Every tensor in a model's output (a tensor, a tuple, a dict), flattened and joined."""
     if isinstance(out, Tensor):
         return out.reshape(-1)
     if isinstance(out, dict) or hasattr(out, "values"):
         out = [v for v in out.values() if isinstance(v, Tensor)]
-    parts = [_flatten_out(o) for o in out if o is not None]
+    parts = [flatten_out(o) for o in out if o is not None]
     return torch.cat(parts) if parts else torch.zeros(0)
+
+
+@contextmanager
+def _composite_attention() -> Iterator[None]:
+    """The fused attention kernels have no forward-mode derivative: use the composite path."""
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
+
+
+@dataclass(frozen=True)
+class FlatModel:
+    """A float64 copy of a model with its parameters as one flat vector.
+
+    - `model`: the float64 copy (its mode kept); `args`: the inputs, floating ones in float64.
+    - `theta`: `(n_params,)` the parameters in `named_parameters()` order.
+    - `names`, `shapes`, `sizes`: per parameter tensor, in that order.
+    """
+
+    model: nn.Module
+    args: tuple
+    theta: Tensor
+    names: list[str]
+    shapes: list[torch.Size]
+    sizes: list[int]
+
+    def params(self, th: Tensor) -> dict[str, Tensor]:
+        """The parameters by name, as views of the flat `(n_params,)` vector `th`."""
+        return {n: t.reshape(s) for n, t, s in zip(self.names, th.split(self.sizes), self.shapes)}
+
+    def call(self, th: Tensor, args: tuple) -> Tensor:
+        """Every output of the model with parameters `th` on `args`, flattened."""
+        buffers = dict(self.model.named_buffers())
+        with _composite_attention():
+            out = torch.func.functional_call(self.model, {**self.params(th), **buffers}, args)
+        return flatten_out(out)
+
+    def f(self, th: Tensor) -> Tensor:
+        """`(n_outputs,)`: every output on the inputs, flattened."""
+        return self.call(th, self.args)
+
+    def offsets(self) -> dict[str, int]:
+        """Where each parameter tensor starts in the flat vector."""
+        starts = torch.tensor([0, *self.sizes]).cumsum(0).tolist()
+        return dict(zip(self.names, starts))
+
+
+def flat_model(model: nn.Module, inputs: Any) -> FlatModel:
+    """A `FlatModel` of `model` on `inputs`. Floating inputs and buffers are cast to float64
+    so that the Jacobian's rank is meaningful."""
+    model = copy.deepcopy(model).double()
+    args = tuple(
+        a.double() if isinstance(a, Tensor) and a.is_floating_point() else a
+        for a in as_tuple(inputs)
+    )
+    named = list(model.named_parameters())
+    theta = torch.cat([p.detach().reshape(-1) for _, p in named]) if named else torch.zeros(0)
+    return FlatModel(
+        model,
+        args,
+        theta.double(),
+        [n for n, _ in named],
+        [p.shape for _, p in named],
+        [p.numel() for _, p in named],
+    )
 
 
 def as_flat_function(
@@ -32,27 +114,76 @@ def as_flat_function(
     """`(f, theta, names)`: `f(theta)` is every output on `inputs`, flattened, with the
     parameters set from the flat float64 vector `theta` (in `named_parameters()` order).
     Floating inputs and buffers are cast to float64 so the Jacobian's rank is meaningful."""
-    model = copy.deepcopy(model).double()
-    args = tuple(
-        a.double() if isinstance(a, Tensor) and a.is_floating_point() else a
-        for a in as_tuple(inputs)
-    )
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for _, p in model.named_parameters()]
-    sizes = [p.numel() for _, p in model.named_parameters()]
-    buffers = dict(model.named_buffers())
-    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    fm = flat_model(model, inputs)
+    return fm.f, fm.theta, fm.names
 
-    def f(th: Tensor) -> Tensor:
-        params = {n: t.reshape(s) for n, t, s in zip(names, th.split(sizes), shapes)}
-        # the fused attention kernel has no forward-mode derivative: use the composite path
-        fast = torch.backends.mha.get_fastpath_enabled()
-        torch.backends.mha.set_fastpath_enabled(False)
+
+def _batch_size(args: tuple) -> int | None:
+    """The common leading size of the tensor inputs (`None` when there is none)."""
+    sizes = {a.shape[0] for a in args if isinstance(a, Tensor) and a.ndim}
+    tensors = [a for a in args if isinstance(a, Tensor)]
+    if len(sizes) != 1 or any(a.ndim == 0 for a in tensors):
+        return None
+    return sizes.pop()
+
+
+def _per_sample_jacobian(fm: FlatModel) -> Tensor | None:
+    """The Jacobian assembled from per-sample Jacobians, when the model treats the samples
+    (the leading axis of the inputs) independently; `None` when it cannot be computed so.
+
+    Each sample's rows come from reverse mode on that sample alone (`vmap` over samples), so
+    the work is that of one backward pass per output instead of one per output *and*
+    sample. The result is checked against the whole-batch function with a random
+    vector-Jacobian product; any difference (batch statistics, outputs not ordered by
+    sample, a leading axis that is not the batch) means `None`, and the caller falls back
+    to the whole-batch Jacobian.
+    """
+    n_batch = _batch_size(fm.args)
+    if n_batch is None or n_batch < 2:
+        return None
+    dims = tuple(0 if isinstance(a, Tensor) else None for a in fm.args)
+
+    def one(th: Tensor, *sample: Any) -> Tensor:
+        return fm.call(th, tuple(a.unsqueeze(0) if isinstance(a, Tensor) else a for a in sample))
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rows = torch.func.vmap(torch.func.jacrev(one), in_dims=(None, *dims))(
+                fm.theta, *fm.args
+            )
+            jac = rows.reshape(-1, fm.theta.numel())
+            out, vjp_fn = torch.func.vjp(fm.f, fm.theta)
+    except Exception:  # an operation vmap cannot batch, data-dependent control flow, ...
+        return None
+    if jac.shape[0] != out.numel():
+        return None
+    u = torch.randn(out.numel(), generator=torch.Generator().manual_seed(0), dtype=out.dtype)
+    ref = vjp_fn(u)[0]
+    err = float((jac.T @ u - ref).norm())
+    scale = max(float(ref.norm()), float(jac.abs().max()), 1e-300)
+    return jac if err <= 1e-8 * scale else None
+
+
+def jacobian(model: nn.Module, inputs: Any) -> Tensor:
+    """`(n_outputs, n_params)` Jacobian of all outputs on `inputs`, in float64.
+
+    Per sample when the model treats the samples independently (checked, see
+    `_per_sample_jacobian`); otherwise reverse mode vectorized with `vmap`, or forward mode
+    when parameters are fewer than outputs."""
+    return jacobian_of(flat_model(model, inputs))
+
+
+def jacobian_of(fm: FlatModel) -> Tensor:
+    """`jacobian` of a `FlatModel`."""
+    jac = _per_sample_jacobian(fm)
+    if jac is not None:
+        return jac
+    with torch.no_grad():
+        n_out = fm.f(fm.theta).numel()
+    if fm.theta.numel() < n_out:
         try:
-            with sdpa_kernel(SDPBackend.MATH):
-                out = torch.func.functional_call(model, {**params, **buffers}, args)
-        finally:
-            torch.backends.mha.set_fastpath_enabled(fast)
-        return _flatten_out(out)
-
-    return f, theta, names
+            return torch.func.jacfwd(fm.f)(fm.theta)
+        except NotImplementedError:  # an operation without forward-mode derivative
+            pass
+    return torch.func.jacrev(fm.f)(fm.theta)
