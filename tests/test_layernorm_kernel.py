@@ -64,14 +64,14 @@ def test_negative_wrong_direction_or_no_compensation(gen) -> None:
     assert moved(torch.ones(4, dtype=torch.float64), True) > 1e-3
 
 
-@pytest.mark.parametrize("name", ["prenorm", "postnorm"])
+@pytest.mark.parametrize("name", ["prenorm", "postnorm", "prenorm2", "postnorm2"])
 def test_canonical_form_is_orbit_independent(name: str, gen) -> None:
     model, x = _entry(name)
     group = gaugenet.symmetries(model, x)
     ref = gaugenet.canonicalize(model, group=group)
     for f in _kernels(group).values():  # the gauge: reader rows orthogonal to γ
         ln = f.kernel.ln
-        g = getattr(ref, ln).weight.detach()
+        g = ref.get_submodule(ln).weight.detach()
         for s in f.kernel.slots:
             W = ref.get_parameter(s.weight).detach()[s.start : s.stop]
             assert float((W @ g).abs().max()) < 1e-12
@@ -136,3 +136,22 @@ def test_feature_scales_after_prenorm_into_attention(gen) -> None:
         other.ln1.weight.mul_(a)
         other.ln1.bias.mul_(a)
     assert gaugenet.invariance_error(model, other, x) > 1e-3
+
+
+def test_residual_streams_read_only_by_layernorms() -> None:
+    """Two blocks, a final LayerNorm and a head: every path from the blocks' output layers
+    ends in a LayerNorm, so their whole outputs along 1 are free (pre-norm: all four; post-
+    norm: all four), and block 2's last LayerNorm in post-norm only feeds the final one (its
+    β along 1). Negative: the single pre-norm block's stream reaches the output, so there
+    only a compensated bias shift exists."""
+    for name, expected in (
+        ("prenorm2", {"b1.attn.out_proj", "b1.fc2", "b2.attn.out_proj", "b2.fc2"}),
+        ("postnorm2", {"b1.attn.out_proj", "b1.fc2", "b2.attn.out_proj", "b2.fc2"}),
+    ):
+        model, x = _entry(name)
+        names = [f.name for f in gaugenet.symmetries(model, x).factors]
+        assert {n.split(":", 1)[1] for n in names if n.startswith("center:")} == expected
+    model, x = _entry("postnorm2")
+    assert "center_bias:b2.ln2" in [f.name for f in gaugenet.symmetries(model, x).factors]
+    model, x = _entry("prenorm")
+    assert not [f for f in gaugenet.symmetries(model, x).factors if f.name.startswith("center:")]

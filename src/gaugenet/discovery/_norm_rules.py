@@ -80,10 +80,9 @@ class NormRules:
             return None
         other = add.args[1] if add.args[0] is n else add.args[0]
         for s in self._summands(other):
-            if isinstance(s, fx.Node) and s.op == "call_module" and len(s.users) == 1:
-                mod = self.root.get_submodule(str(s.target))
-                if isinstance(mod, nn.Linear) and mod.bias is not None and mod.out_features == E:
-                    return f"{s.target}.bias"
+            found = self._output_layer(s, E)
+            if found is not None and found[1].bias is not None:
+                return f"{found[0]}.bias"
         return None
 
     def layernorm_kernel(self, n: fx.Node, ln: nn.LayerNorm) -> None:
@@ -162,31 +161,80 @@ class NormRules:
                 return f"{att.target}.out_proj", mod.out_proj
         return None
 
+    def _upstream(self, node: Any) -> list[Any]:
+        """The terms summed into `node` through additions and eval-mode dropouts, whoever
+        else reads the partial sums (a residual stream)."""
+        if not isinstance(node, fx.Node):
+            return [node]
+        if node.op == "call_function" and node.target in ADD_OPS:
+            return [t for a in node.args[:2] for t in self._upstream(a)]
+        if node.op == "call_module":
+            mod = self.root.get_submodule(str(node.target))
+            if isinstance(mod, nn.Dropout) and not mod.training:
+                return self._upstream(node.args[0])
+        return [node]
+
+    def _removed(self, node: fx.Node, E: int, memo: dict) -> bool:
+        """Whether every path from `node` ends in a LayerNorm over its `E` last features,
+        through additions and eval-mode dropouts only: then anything `node` carries along
+        `1` changes no output."""
+        if node in memo:
+            return memo[node]
+        memo[node] = False  # no cycles in a graph, but stay safe
+        ok = bool(node.users)
+        for u in node.users:
+            if u.op == "call_module":
+                mod = self.root.get_submodule(str(u.target))
+                if isinstance(mod, nn.LayerNorm) and tuple(mod.normalized_shape) == (E,):
+                    ok = ok and u.args[0] is node
+                    continue
+                if isinstance(mod, nn.Dropout) and not mod.training:
+                    ok = ok and self._removed(u, E, memo)
+                    continue
+            elif u.op == "call_function" and u.target in ADD_OPS:
+                ok = ok and self._removed(u, E, memo)
+                continue
+            ok = False
+        memo[node] = ok
+        return ok
+
     def centered_inputs(self, n: fx.Node, ln: nn.LayerNorm) -> None:
         """Linear layers whose output a LayerNorm reads through additions: what they add
-        along `1` is removed (see `_centering.py`). When only LayerNorms read the sum, the
-        whole output along `1` is free (`W += 1 aᵀ`, `b += t 1`); when residual sums read it
+        along `1` is removed (see `_centering.py`). When every path from the layer ends in a
+        LayerNorm (a residual stream read only by LayerNorms), its whole output along `1` is
+        free (`W += 1 aᵀ`, `b += t 1`); when residual sums that reach the output read it
         too, a bias shift `t 1` is, if a linear layer in each of them takes it back."""
         src = n.args[0] if n.args else None
         if len(ln.normalized_shape) != 1 or not isinstance(src, fx.Node):
             return
         E = ln.normalized_shape[0]
-        if len(src.users) == 1:
-            for s in self._summands(src):
-                found = self._output_layer(s, E)
-                if found is None:
-                    continue
-                t, mod = found
-                b = f"{t}.bias" if mod.bias is not None else None
-                term = OnesShift(f"{t}.weight", b, E, mod.in_features)
-                self.L.extra.append(
-                    CenteredOutputFactor(
-                        f"center:{t}",
-                        mod.in_features + (b is not None),
-                        terms=(term,),
-                        modules=(t,),
-                    )
+        done = self.__dict__.setdefault("_centered", set())
+        memo = self.__dict__.setdefault("_killed", {})
+        if ln.bias is not None and self._removed(n, E, memo):
+            # this LayerNorm's own output only reaches LayerNorms: β along 1 is free
+            term = BiasAlongOne(f"{n.target}.bias", ())
+            self.L.extra.append(
+                CenteredBiasFactor(
+                    f"center_bias:{n.target}", 1, terms=(term,), modules=(str(n.target),)
                 )
+            )
+        for s in self._upstream(src):
+            found = self._output_layer(s, E)
+            if found is None or found[0] in done or not self._removed(s, E, memo):
+                continue
+            t, mod = found
+            done.add(t)
+            b = f"{t}.bias" if mod.bias is not None else None
+            term = OnesShift(f"{t}.weight", b, E, mod.in_features)
+            self.L.extra.append(
+                CenteredOutputFactor(
+                    f"center:{t}",
+                    mod.in_features + (b is not None),
+                    terms=(term,),
+                    modules=(t,),
+                )
+            )
+        if self._removed(src, E, memo):
             return
         # several readers: once per sum (at its first LayerNorm reader)
         if next(iter(src.users)) is not n or not (
@@ -201,6 +249,8 @@ class NormRules:
                 if self.root.get_submodule(str(u.target)).normalized_shape != ln.normalized_shape:
                     return
                 continue
+            if u.op == "call_function" and u.target in ADD_OPS and self._removed(u, E, memo):
+                continue  # that sum only reaches LayerNorms: nothing to take back
             bias = self._residual_bias(u, src, E) if u.op == "call_function" else None
             if bias is None:
                 return

@@ -184,6 +184,49 @@ def _block(pre_norm: bool) -> Callable:
     return build
 
 
+class Stack(nn.Module):
+    """Two transformer blocks, a final LayerNorm and a linear head: residual streams that
+    only LayerNorms read."""
+
+    def __init__(self, *, pre_norm: bool) -> None:
+        super().__init__()
+        self.b1, self.b2 = Block(pre_norm=pre_norm), Block(pre_norm=pre_norm)
+        self.ln, self.head = nn.LayerNorm(4), nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.ln(self.b2(self.b1(x))))
+
+
+def _stack(pre_norm: bool) -> Callable:
+    def build() -> nn.Module:
+        torch.manual_seed(5)
+        m = Stack(pre_norm=pre_norm).double().eval()
+        for ln in m.modules():
+            if isinstance(ln, nn.LayerNorm):
+                # post-norm: scaling all that feeds block 2's LayerNorms is broken by eps
+                # alone; a visible eps keeps that off the rank tolerance
+                ln.eps = 0.1
+        with torch.no_grad():  # non-trivial norm parameters and biases, so that they matter
+            for p in m.parameters():
+                if p.ndim == 1:
+                    p.add_(0.3 * torch.randn_like(p))
+            # each hidden ReLU unit active on about half of the tokens (a unit active on
+            # few tokens has redundant incoming weights of its own)
+            x = torch.randn(200, 3, 4, generator=torch.Generator().manual_seed(7)).double()
+            for blk in (m.b1, m.b2):
+                if blk.pre_norm:
+                    h = blk.ln1(x)
+                    h = blk.ln2(x + blk.attn(h, h, h)[0])
+                else:
+                    h = blk.ln1(x + blk.attn(x, x, x)[0])
+                pre = blk.fc1(h).reshape(-1, blk.fc1.out_features)
+                blk.fc1.bias.sub_(pre.median(0).values)
+                x = blk(x)
+        return m
+
+    return build
+
+
 def _centered(model: nn.Module) -> nn.Module:
     """Second-layer biases of `Tied` set to minus the median pre-activation on a standard
     normal batch: every unit is active on about half of the inputs (none dead or always
@@ -226,6 +269,15 @@ ZOO: tuple[Entry, ...] = (
     # key shift 4, value shift 4, fc1 rescaling 5, ln1's mean-subtraction kernel in fc1's
     # rows 5, out_proj and fc2 outputs along 1 (4 + 1, 5 + 1), ln1's β shift 4
     Entry("postnorm", _block(False), _x(30, 3, 4), dim=8 + 8 + 4 + 4 + 5 + 5 + 5 + 6 + 4),
+    # two pre-norm blocks, final LayerNorm, head: per block 62 as above without the centered
+    # bias; the residual stream only reaches LayerNorms, so out_proj and fc2 of both blocks
+    # are free along 1 (2 · (4 + 1 + 5 + 1)); the final LayerNorm's feature scale, shift
+    # and kernel in the head's 3 rows (4 + 4 + 3)
+    Entry("prenorm2", _stack(True), _x(60, 3, 4), dim=2 * 62 + 2 * (5 + 6) + 4 + 4 + 3),
+    # two post-norm blocks: 2 · 49 as above; block 1's ln2 feeds block 2 (its β shift 4, its
+    # kernel in block 2's query, key and value rows 12); block 2's ln2 only feeds the final
+    # LayerNorm (its β along 1, 1); the final LayerNorm into the head (4 + 4 + 3)
+    Entry("postnorm2", _stack(False), _x(60, 3, 4), dim=2 * 49 + 4 + 12 + 1 + 4 + 4 + 3),
     Entry("gelu", _mlp((4, 6, 2), nn.GELU), _x(60, 4), breakers=("GELU",), dim=0),
     Entry("tanh", _mlp((4, 6, 2), nn.Tanh), _x(60, 4), breakers=("tanh",), dim=0),
     Entry(
