@@ -213,3 +213,20 @@ def test_transformer_blocks_redundancy_accounted(name: str, missing: int) -> Non
     both = torch.cat([group.tangent(model), extra])
     assert torch.linalg.matrix_rank(both).item() == null  # together they span it
     assert torch.linalg.matrix_rank(group.tangent(model)).item() == null - missing
+
+
+def test_dead_unit_behind_a_functional_relu_is_named() -> None:
+    """Forward hooks cannot see `F.relu`; the causes trace the model to find its inputs. A
+    two-block stack whose feed-forward biases are left random has a dead unit in block 2."""
+    from gaugenet.discovery._zoo import Stack
+
+    torch.manual_seed(5)
+    model = Stack(pre_norm=True).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(0.3 * torch.randn_like(p))
+    x = torch.randn(60, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    report = gaugenet.certify(model, x)
+    assert report.unexplained > 0
+    assert any("dead" in c and c.startswith("relu") for c in report.causes), report.causes

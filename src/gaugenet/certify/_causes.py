@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from ._jacobian import as_tuple
 
@@ -17,10 +18,10 @@ __all__ = ["layernorm_causes", "relu_causes", "tied_causes"]
 _RELUS = (nn.ReLU, nn.LeakyReLU, nn.PReLU)
 
 
-def _per_unit(x: Tensor) -> tuple[Tensor, Tensor]:
+def _per_unit(x: Tensor, last: bool = False) -> tuple[Tensor, Tensor]:
     """`(never_positive, always_positive)` per unit: channel axis 1 for ≥ 3-d tensors
-    (convolutions), the last axis otherwise."""
-    if x.ndim >= 3:
+    (convolutions) unless `last`, the last axis otherwise (linear layers)."""
+    if x.ndim >= 3 and not last:
         x = x.movedim(1, -1)
     flat = x.reshape(-1, x.shape[-1])
     return (flat <= 0).all(0), (flat > 0).all(0)
@@ -56,14 +57,16 @@ def relu_causes(model: nn.Module, inputs: Any) -> list[str]:
     the inputs, so more than rescalings leave the outputs unchanged)."""
     found: dict[str, tuple[Tensor, Tensor]] = {}
 
-    def record(name: str, mod: nn.Module, x: Tensor) -> None:
-        dead, alive = _per_unit(x)
+    def record(name: str, mod: nn.Module, x: Tensor, last: bool = False) -> None:
+        dead, alive = _per_unit(x, last)
         if name in found:  # a module used twice: combine both uses
             d0, a0 = found[name]
             dead, alive = (d0 & dead, a0 & alive) if d0.shape == dead.shape else (d0, a0)
         found[name] = (dead, alive)
 
     _watch_inputs(model, inputs, _RELUS, record)
+    for name, x, last in _functional_relu_inputs(model, inputs):
+        record(name, model, x, last)
     lines = []
     for name, (dead, alive) in found.items():
         if dead.any():
@@ -73,6 +76,46 @@ def relu_causes(model: nn.Module, inputs: Any) -> list[str]:
             idx = alive.nonzero().reshape(-1).tolist()
             lines.append(f"{name}: {len(idx)} unit(s) always active on the inputs (e.g. {idx[:5]})")
     return lines
+
+
+_RELU_FUNCS = {F.relu, torch.relu, F.leaky_relu, F.relu_, F.prelu}
+
+
+def _functional_relu_inputs(model: nn.Module, inputs: Any) -> list[tuple[str, Tensor, bool]]:
+    """The inputs of ReLU-like *functions* (`F.relu`, `x.relu()`, ...), which forward hooks
+    cannot see: `model` traced with `torch.fx` and interpreted, `(node name, input, units
+    on the last axis)` per call (the last axis when a linear layer produced the input).
+    Models that cannot be traced give none."""
+    from ..discovery._trace import trace
+
+    args = as_tuple(inputs)
+    try:
+        gm = trace(model, len(args))
+    except Exception:  # untraceable: module hooks are all there is
+        return []
+    seen: list[tuple[str, Tensor, bool]] = []
+
+    class _Watch(torch.fx.Interpreter):
+        def run_node(self, n: torch.fx.Node) -> Any:
+            relu = (n.op == "call_function" and n.target in _RELU_FUNCS) or (
+                n.op == "call_method" and n.target in ("relu", "relu_")
+            )
+            if relu:
+                src = n.args[0]
+                x = self.env[src] if isinstance(src, torch.fx.Node) else None
+                if isinstance(x, Tensor):
+                    last = src.op == "call_module" and isinstance(
+                        gm.get_submodule(str(src.target)), nn.Linear
+                    )
+                    seen.append((n.name, x.detach(), last))
+            return super().run_node(n)
+
+    try:
+        with torch.no_grad():
+            _Watch(gm).run(*args)
+    except Exception:
+        return []
+    return seen
 
 
 def tied_causes(model: nn.Module) -> list[str]:
