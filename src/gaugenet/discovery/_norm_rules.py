@@ -28,6 +28,10 @@ class NormRules:
 
     root: nn.Module
     L: Labels
+    #: layers already given their centering factor (reachable from several LayerNorms)
+    centered_layers: set[str]
+    #: `_removed` results per node
+    removed_memo: dict[fx.Node, bool]
 
     def layernorm_shift(self, n: fx.Node, ln: nn.LayerNorm) -> None:
         """A LayerNorm whose output only affine layers read: its `β` may move into their
@@ -208,8 +212,7 @@ class NormRules:
         if len(ln.normalized_shape) != 1 or not isinstance(src, fx.Node):
             return
         E = ln.normalized_shape[0]
-        done = self.__dict__.setdefault("_centered", set())
-        memo = self.__dict__.setdefault("_killed", {})
+        done, memo = self.centered_layers, self.removed_memo
         if ln.bias is not None and self._removed(n, E, memo):
             # this LayerNorm's own output only reaches LayerNorms: β along 1 is free
             term = BiasAlongOne(f"{n.target}.bias", ())

@@ -57,6 +57,8 @@ class Propagator(NormRules, fx.Interpreter):
         self.L = Labels()
         self.env_labels: dict[fx.Node, Any] = {}
         self.param_ids = {id(p): n for n, p in root.named_parameters(remove_duplicate=False)}
+        self.centered_layers: set[str] = set()
+        self.removed_memo: dict[fx.Node, bool] = {}
 
     # -- plumbing -------------------------------------------------------------------------
     def lab(self, a: Any) -> Pair | None:
