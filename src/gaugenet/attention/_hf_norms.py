@@ -31,9 +31,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..discovery._centering import CenteredOutputFactor, OnesShift
-from ..discovery._kernel import LayerNormKernelFactor, MeanKernel, ReaderSlot, ill_conditioned
-from ..discovery._shifts import AbsorbedShiftFactor, IntoLinears
+from ..discovery._centering import CenteredOutputFactor, centered_output
+from ..discovery._kernel import LayerNormKernelFactor, ReaderSlot, ill_conditioned, kernel_factor
+from ..discovery._shifts import AbsorbedShiftFactor, layernorm_shift
 from ..groups import Breaker, TranslationFactor
 from ..groups._base import State
 
@@ -64,14 +64,7 @@ def _kernel(
     if reason is not None:
         breakers.append(Breaker(name, reason))
         return []
-    E = ln.normalized_shape[0]
-    term = MeanKernel(name, E, ln.weight is not None, ln.bias is not None, tuple(slots))
-    mods = tuple(dict.fromkeys((name, *(s.weight.rpartition(".")[0] for s in slots))))
-    return [
-        LayerNormKernelFactor(
-            f"ln_kernel:{name}", sum(s.size for s in slots), terms=(term,), modules=mods
-        )
-    ]
+    return [kernel_factor(name, ln, slots)]
 
 
 def _slot(model: nn.Module, name: str, *, bias: bool = True) -> ReaderSlot:
@@ -81,24 +74,14 @@ def _slot(model: nn.Module, name: str, *, bias: bool = True) -> ReaderSlot:
 
 
 def _centered(model: nn.Module, name: str) -> CenteredOutputFactor:
-    lin = _lin(model, name)
-    b = f"{name}.bias" if lin.bias is not None else None
-    term = OnesShift(f"{name}.weight", b, lin.out_features, lin.in_features)
-    return CenteredOutputFactor(
-        f"center:{name}", lin.in_features + (b is not None), terms=(term,), modules=(name,)
-    )
+    return centered_output(name, _lin(model, name))
 
 
 def _shift(
     name: str, E: int, readers: list[tuple[str, str]], residual: str | None
 ) -> AbsorbedShiftFactor:
-    term = IntoLinears(
-        f"{name}.bias",
-        tuple((w, b, None) for w, b in readers),
-        (residual,) if residual else (),
-    )
-    mods = tuple(dict.fromkeys((name, *(w.rpartition(".")[0] for w, _ in readers))))
-    return AbsorbedShiftFactor(f"shift:{name}", E, terms=(term,), modules=mods)
+    consumers = [(w, b, None) for w, b in readers]
+    return layernorm_shift(name, E, consumers, [residual] if residual else [])
 
 
 def bert_norm_factors(model: nn.Module, layers: list[str]) -> tuple[list, list[Breaker]]:

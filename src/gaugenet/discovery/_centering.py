@@ -24,7 +24,7 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..groups import AffineFactor, GLFactor, PermutationFactor, TranslationFactor
 from ..groups._base import AbstractFactor, State
@@ -34,6 +34,7 @@ __all__ = [
     "CenteredBiasFactor",
     "CenteredOutputFactor",
     "OnesShift",
+    "centered_output",
     "link_centered",
 ]
 
@@ -76,6 +77,15 @@ class CenteredOutputFactor(TranslationFactor):
         if s.bias is not None:
             parts.append(-state[s.bias].mean().reshape(1))
         return torch.cat(parts)
+
+
+def centered_output(name: str, layer: nn.Linear) -> CenteredOutputFactor:
+    """The factor of the linear layer `name` whose output along `1` is removed."""
+    b = f"{name}.bias" if layer.bias is not None else None
+    term = OnesShift(f"{name}.weight", b, layer.out_features, layer.in_features)
+    return CenteredOutputFactor(
+        f"center:{name}", layer.in_features + (b is not None), terms=(term,), modules=(name,)
+    )
 
 
 @dataclass(frozen=True)

@@ -23,12 +23,19 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..groups import AffineFactor, GLFactor, PermutationFactor, TranslationFactor
 from ..groups._base import AbstractFactor, State
 
-__all__ = ["LayerNormKernelFactor", "MeanKernel", "ReaderSlot", "ill_conditioned", "link_kernels"]
+__all__ = [
+    "LayerNormKernelFactor",
+    "MeanKernel",
+    "ReaderSlot",
+    "ill_conditioned",
+    "kernel_factor",
+    "link_kernels",
+]
 
 #: `min |γ| / max |γ|` below which the direction `1/γ` is not offered
 GAMMA_RATIO = 1e-6
@@ -115,6 +122,12 @@ class MeanKernel:
                 b = new[s.bias]
                 new[s.bias] = b - _pad_rows(ak * c, s.start, b.shape[0])
 
+    @property
+    def offsets(self) -> list[int]:
+        """Where each slot's rows start in the element."""
+        sizes = [s.size for s in self.slots]
+        return [sum(sizes[:i]) for i in range(len(sizes))]
+
     def touched(self) -> tuple[str, ...]:
         out = [p for s in self.slots for p in (s.weight, s.bias) if p is not None]
         if self.weight:
@@ -149,6 +162,16 @@ class LayerNormKernelFactor(TranslationFactor):
         return -torch.cat(rows) / (u @ gamma)
 
 
+def kernel_factor(name: str, ln: nn.LayerNorm, slots: list[ReaderSlot]) -> LayerNormKernelFactor:
+    """The kernel factor of the LayerNorm `name` (`ln`) in the rows of `slots`."""
+    E = ln.normalized_shape[0]
+    term = MeanKernel(name, E, ln.weight is not None, ln.bias is not None, tuple(slots))
+    mods = tuple(dict.fromkeys((name, *(s.weight.rpartition(".")[0] for s in slots))))
+    return LayerNormKernelFactor(
+        f"ln_kernel:{name}", sum(s.size for s in slots), terms=(term,), modules=mods
+    )
+
+
 # -- linking with the rest of the group ---------------------------------------------------
 
 
@@ -178,10 +201,7 @@ class _Unsupported(Exception):
 
 def _link_one(k: LayerNormKernelFactor, factors: list) -> LayerNormKernelFactor | None:
     kern = k.kernel
-    offsets, o = [], 0
-    for s in kern.slots:
-        offsets.append(o)
-        o += s.size
+    offsets = kern.offsets
     scaled, moved = [], []
     for f in factors:
         if f is k or isinstance(f, (TranslationFactor, PermutationFactor)):
@@ -207,7 +227,7 @@ def _link_one(k: LayerNormKernelFactor, factors: list) -> LayerNormKernelFactor 
             continue
         if not hasattr(f, "terms"):
             return None
-        m = torch.full((k.n,), _n_of(f), dtype=torch.long)
+        m = torch.full((k.n,), int(f.dim), dtype=torch.long)  # index dim: not scaled
         power = None
         try:
             for s, off in zip(kern.slots, offsets):
@@ -226,21 +246,12 @@ def _link_one(k: LayerNormKernelFactor, factors: list) -> LayerNormKernelFactor 
     return dataclasses.replace(k, scaled_by=tuple(scaled), moved_by=tuple(moved))
 
 
-def _n_of(f: AbstractFactor) -> int:
-    """The 'not scaled' index of a rescaling factor (its number of scales)."""
-    return int(f.dim) if not f.discrete else 0
-
-
 def _conjugate(p: PermutationFactor, kernels: list[LayerNormKernelFactor]) -> PermutationFactor:
     extra = []
     for k in kernels:
-        offsets, o = [], 0
-        for s in k.kernel.slots:
-            offsets.append(o)
-            o += s.size
         parts = []
         for t in p.terms:
-            for s, off in zip(k.kernel.slots, offsets):
+            for s, off in zip(k.kernel.slots, k.kernel.offsets):
                 if t.param != s.weight or t.axis != 0:
                     continue
                 e = t.entries

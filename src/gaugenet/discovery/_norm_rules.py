@@ -14,11 +14,11 @@ import torch
 from torch import fx, nn
 
 from ..groups import Breaker
-from ._centering import BiasAlongOne, CenteredBiasFactor, CenteredOutputFactor, OnesShift
-from ._kernel import LayerNormKernelFactor, MeanKernel, ReaderSlot, ill_conditioned
+from ._centering import BiasAlongOne, CenteredBiasFactor, centered_output
+from ._kernel import ReaderSlot, ill_conditioned, kernel_factor
 from ._labels import Labels
 from ._ops import ADD_OPS
-from ._shifts import AbsorbedShiftFactor, IntoLinears
+from ._shifts import layernorm_shift
 
 __all__ = ["NormRules"]
 
@@ -66,16 +66,9 @@ class NormRules:
                 consumers.append((f"{t}.in_proj_weight", f"{t}.in_proj_bias", (2 * E, 3 * E)))
             else:
                 return
-        name = str(n.target)
-        if not consumers:
-            return
-        term = IntoLinears(f"{name}.bias", tuple(consumers), tuple(residual))
-        mods = tuple(dict.fromkeys((name, *(w.rpartition(".")[0] for w, _, _ in consumers))))
-        self.L.extra.append(
-            AbsorbedShiftFactor(
-                f"shift:{name}", ln.normalized_shape[0], terms=(term,), modules=mods
-            )
-        )
+        if consumers:
+            E = ln.normalized_shape[0]
+            self.L.extra.append(layernorm_shift(str(n.target), E, consumers, residual))
 
     def _residual_bias(self, add: fx.Node, n: fx.Node, E: int) -> str | None:
         """In `n + other` (`add`), the bias of a linear layer among `other`'s summands that
@@ -123,16 +116,8 @@ class NormRules:
                     for i, a in enumerate(u.args[:3])
                     if a is n
                 ]
-        if not slots:
-            return
-        name = str(n.target)
-        term = MeanKernel(name, E, ln.weight is not None, ln.bias is not None, tuple(slots))
-        mods = tuple(dict.fromkeys((name, *(s.weight.rpartition(".")[0] for s in slots))))
-        self.L.extra.append(
-            LayerNormKernelFactor(
-                f"ln_kernel:{name}", sum(s.size for s in slots), terms=(term,), modules=mods
-            )
-        )
+        if slots:
+            self.L.extra.append(kernel_factor(str(n.target), ln, slots))
 
     def _summands(self, node: Any) -> list[Any]:
         """The terms of a sum that only its parent reads, through additions, subtractions
@@ -225,18 +210,8 @@ class NormRules:
             found = self._output_layer(s, E)
             if found is None or found[0] in done or not self._removed(s, E, memo):
                 continue
-            t, mod = found
-            done.add(t)
-            b = f"{t}.bias" if mod.bias is not None else None
-            term = OnesShift(f"{t}.weight", b, E, mod.in_features)
-            self.L.extra.append(
-                CenteredOutputFactor(
-                    f"center:{t}",
-                    mod.in_features + (b is not None),
-                    terms=(term,),
-                    modules=(t,),
-                )
-            )
+            done.add(found[0])
+            self.L.extra.append(centered_output(*found))
         if self._removed(src, E, memo):
             return
         # several readers: once per sum (at its first LayerNorm reader)

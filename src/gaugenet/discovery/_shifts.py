@@ -23,7 +23,7 @@ from torch import Tensor
 from ..groups import TranslationFactor
 from ..groups._base import State
 
-__all__ = ["AbsorbedShiftFactor", "IntoBatchNorm", "IntoLinears"]
+__all__ = ["AbsorbedShiftFactor", "IntoBatchNorm", "IntoLinears", "layernorm_shift"]
 
 
 @dataclass(frozen=True)
@@ -86,3 +86,16 @@ class AbsorbedShiftFactor(TranslationFactor):
     def canonical(self, state: State) -> Tensor:
         """The shift that zeroes the bias (BatchNorm's `β` absorbs it): the canonical gauge."""
         return -state[self.terms[0].param]
+
+
+def layernorm_shift(
+    name: str,
+    features: int,
+    consumers: list[tuple[str, str, tuple[int, int] | None]],
+    residual: list[str],
+) -> AbsorbedShiftFactor:
+    """The shift of the LayerNorm `name`'s `β`, taken back by the `consumers` (see
+    `IntoLinears`) and by the `residual` biases."""
+    term = IntoLinears(f"{name}.bias", tuple(consumers), tuple(residual))
+    mods = tuple(dict.fromkeys((name, *(w.rpartition(".")[0] for w, _, _ in consumers))))
+    return AbsorbedShiftFactor(f"shift:{name}", features, terms=(term,), modules=mods)
