@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ..groups import Scale, register_canonicalizer
 from ..groups._base import State
 from ..groups._translation import AdditiveFactor
-from ._labels import FIXED, ZERO, Labels, terms_of
+from ._labels import FIXED, Labels, terms_of
 
 __all__ = ["JointRescalingFactor", "tied_rescalings"]
 
@@ -129,10 +129,11 @@ def tied_rescalings(L: Labels, model: nn.Module) -> list[JointRescalingFactor]:
     aliases: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(p), []).append(name)
+    # the root of every label; the extra last entry is what the ZERO label (-1) indexes
     find = torch.tensor([L.find(i) for i in range(len(L.parent))] + [FIXED])
 
     def roots(ids: Tensor) -> Tensor:
-        return find[torch.where(ids == ZERO, len(L.parent), ids)]
+        return find[ids]
 
     ties = [
         names
@@ -175,7 +176,6 @@ def tied_rescalings(L: Labels, model: nn.Module) -> list[JointRescalingFactor]:
     lut = torch.full((len(L.parent) + 1,), len(col), dtype=torch.long)
     for r, k in col.items():
         lut[find == r] = k
-    lut[len(L.parent)] = len(col)  # ZERO: unscaled
     secondary = {n for names in ties for n in names[1:]}
     terms = terms_of(L.scale_terms, lut, len(col), skip=secondary)
     terms += [Alias(names[0], a) for names in ties for a in names[1:]]
