@@ -1,7 +1,8 @@
 """Work-precision benchmark of Wilson lines: Magnus integrators against general ODE solvers.
 
 The Wilson line `W_{1:0}` of `w(t) = A₀ + sin(3t) A₁ + cos(5t) A₂` (float64, `A_i` Gaussian
-over `√d`) is computed by
+over `√d`; `w` evaluates any number of times as one product of the basis values with the
+stacked `A_i`, and every method calls the same `w`) is computed by
 
 - `wilson_line` (Magnus6, Magnus4) at a range of `rtol` (step-count search, then Richardson
   extrapolation), and Magnus6 at fixed step counts (`magnus6-steps`),
@@ -13,6 +14,14 @@ and each run's relative error (max-abs, against a 2048-step Magnus6 reference th
 compared with DOP853 at `1e-13`) is put beside its wall time. The time each method needs for
 relative error `1e-10` is interpolated log-log and divided by Magnus6's. Times are the
 fastest of `--repeats` runs, single-threaded by default (`--threads`).
+
+Each dimension also gets Magnus6's arithmetic floor: the steps it needs for `1e-10` (from
+the fixed-step rows and its order) times the 12 `d × d` products of one step (six for the
+three commutators, five for the exponential, one for the ordered product), each timed as
+part of a batched product on this machine. Time spent on anything else only adds to it, so
+`dopri5`'s time over the floor bounds the speed-up any implementation of the method can
+reach here (one Richardson extrapolation, as the `rtol` path does, lowers the floor by at
+most about 15%: 22 steps instead of 26 at d = 64).
 
 Run: `.venv/bin/python benchmarks/wilson_lines.py [--dims 16 64] [--out table.md]`.
 """
@@ -32,18 +41,22 @@ from torchdiffeq import odeint
 from gaugenet.ode import Magnus4, Magnus6, wilson_line
 
 TARGET = 1e-10
+#: `d × d` products of one Magnus6 step: 3 commutators, the degree-12 exponential, the product
+PRODUCTS_PER_STEP = 12
 #: the issue's target: at least this many times faster than dopri5 at `TARGET`
 SPEEDUP_TARGET = 20.0
 
 
 def field(d: int, seed: int = 0):
+    """The coefficient matrices `A` and `w`, vectorized over times as one product of the
+    basis `(1, sin 3t, cos 5t)` with the stacked `A` (every method calls the same `w`)."""
     gen = torch.Generator().manual_seed(seed)
     A = torch.randn(3, d, d, dtype=torch.float64, generator=gen) / math.sqrt(d)
+    flat = A.reshape(3, d * d)
 
     def w(t: torch.Tensor) -> torch.Tensor:
-        return (
-            A[0] + torch.sin(3 * t)[:, None, None] * A[1] + torch.cos(5 * t)[:, None, None] * A[2]
-        )
+        basis = torch.stack([torch.ones_like(t), torch.sin(3 * t), torch.cos(5 * t)], dim=-1)
+        return (basis @ flat).unflatten(-1, (d, d))
 
     return A, w
 
@@ -139,6 +152,21 @@ def runs(d: int, repeats: int) -> tuple[list[tuple[str, str, float, float]], flo
     return rows, ref_gap
 
 
+def product_seconds(d: int, batch: int = 24, repeats: int = 50) -> float:
+    """Time of one `d × d` float64 product inside a batched product of `batch` of them."""
+    a = torch.randn(batch, d, d, dtype=torch.float64)
+    seconds, _ = timed(lambda: (a @ a).numpy(), repeats)
+    return seconds / batch
+
+
+def steps_at(rows, order: int = 6, target: float = TARGET) -> float:
+    """Fixed Magnus steps for `target`: from the step count whose error is nearest to it,
+    scaled by the method's order (`error ∝ n^-order`)."""
+    pts = [(int(s.split("=")[1]), e) for n, s, e, _ in rows if n == "magnus6-steps" and e > 0]
+    n, e = min(pts, key=lambda p: abs(math.log(p[1] / target)))
+    return n * (e / target) ** (1.0 / order)
+
+
 def time_at(rows, name: str, target: float = TARGET) -> float:
     """Log-log interpolation of time against error at `target` (nan outside the range)."""
     pts = sorted((e, s) for n, _, e, s in rows if n == name and e > 0)
@@ -186,6 +214,14 @@ def main() -> None:
             t = time_at(rows, name)
             lines.append(f"| {name} | {1e3 * t:.2f} | {t / base:.1f}x |")
         dopri = time_at(rows, "dopri5")
+        steps, product = steps_at(rows), product_seconds(d)
+        floor = steps * PRODUCTS_PER_STEP * product
+        lines.append(
+            f"\narithmetic floor of magnus6 at {TARGET:.0e}: {steps:.1f} steps x "
+            f"{PRODUCTS_PER_STEP} products x {1e6 * product:.1f} us = {1e3 * floor:.2f} ms; "
+            f"dopri5 / floor = {dopri / floor:.1f} (the most any implementation of the "
+            "method reaches here)"
+        )
         for name in ("magnus6", "magnus6-steps"):
             ratio = dopri / time_at(rows, name)
             verdict = "met" if ratio >= SPEEDUP_TARGET else "missed"

@@ -153,6 +153,28 @@ def test_batched_expm_matches_torch(scale, gen):
         assert rel(torch.eye(12, dtype=F64) + X, torch.linalg.matrix_exp(X)) > 1e-3
 
 
+def test_expm_float32_with_many_squarings(gen):
+    # ‖X‖ ≈ 10⁴ in float32: about thirteen squarings, with the scaling carried by the
+    # polynomial's coefficients. X is skew-symmetric, so exp(X) is orthogonal.
+    G = torch.randn(3, 5, 5, dtype=F64, generator=gen)
+    X = (2000.0 * (G - G.mT)).float()
+    got = expm(X).double()
+    assert rel(got, torch.linalg.matrix_exp(X.double())) < 1e-2
+    eye = torch.eye(5, dtype=F64)
+    assert float((got.mT @ got - eye).abs().max()) < 1e-2
+    assert rel(got, eye.expand_as(got)) > 0.5  # far from the identity: a real rotation
+
+
+@pytest.mark.parametrize("method", METHODS, ids=lambda m: type(m).__name__)
+def test_omega_gradient(method, gen):
+    # The step exponent fuses products and updates intermediates in place: its gradient
+    # with respect to the node values and the step must still be exact.
+    s = len(method.nodes)
+    A = torch.randn(2, s, 3, 3, dtype=F64, generator=gen, requires_grad=True)
+    h = torch.tensor([[[0.3]], [[0.7]]], dtype=F64, requires_grad=True)
+    assert torch.autograd.gradcheck(method.omega, (A, h))
+
+
 def test_batched_expm_gradient(gen):
     X = torch.randn(2, 4, 4, dtype=F64, generator=gen, requires_grad=True)
     assert torch.autograd.gradcheck(expm, (X,))

@@ -4,9 +4,10 @@
 which costs several copies and more products than the small-norm exponents of Magnus steps
 need. Here the whole batch shares one evaluation: the degree-12 Taylor polynomial by the
 Paterson-Stockmeyer scheme (5 matrix products), with the scaling `2^-s` chosen from
-`α = max(‖X³‖₁^{1/3}, ‖X⁴‖₁^{1/4})` (Al-Mohy and Higham's bound of the truncated series by
-the powers' norms, which is much tighter than `‖X‖₁` for non-normal matrices), then `s`
-squarings. The powers are computed once: scaling `X` by `2^-s` scales `X^k` by `2^-sk`.
+`α = max(‖X³‖^{1/3}, ‖X⁴‖^{1/4})` in the ∞-norm (Al-Mohy and Higham's bound of the
+truncated series by the powers' norms, valid in any submultiplicative norm and much tighter
+than `‖X‖` for non-normal matrices), then `s` squarings. The powers are computed once:
+the scaling only changes the polynomial's coefficients, since `(2^-s X)^k = 2^-sk X^k`.
 """
 
 from __future__ import annotations
@@ -42,38 +43,41 @@ def expm(X: Tensor) -> Tensor:
 
     The relative truncation error of every matrix is below the dtype's unit roundoff before
     squaring (as in scaling-and-squaring methods, `s` squarings can amplify rounding).
+    Besides the five products the evaluation is a few whole-batch kernels: the three degree-3
+    blocks come from one product of the stacked `X, X², X³` with a `3 × 3` coefficient matrix
+    (which also carries the scaling `2^-s`, exactly: it is a power of two), their identity
+    terms added on the diagonal in place.
     """
     d = X.shape[-1]
     if X.numel() == 0:
         return X.clone()
-    eye = torch.eye(d, dtype=X.dtype, device=X.device)
+    shape = X.shape
+    X = X.reshape(-1, d, d)
     X2 = X @ X
     X3 = X2 @ X
     X4 = X2 @ X2
     with torch.no_grad():
-        n3 = float(torch.linalg.matrix_norm(X3, 1).max()) ** (1 / 3)
-        n4 = float(torch.linalg.matrix_norm(X4, 1).max()) ** (1 / 4)
-    alpha = max(n3, n4)
+        # ∞-norms (largest absolute row sum: a contiguous fused reduction), one host sync.
+        norms = [torch.linalg.vector_norm(P, 1, dim=-1).amax() for P in (X3, X4)]
+        n3, n4 = torch.stack(norms).tolist()
+    alpha = max(n3 ** (1 / 3), n4 ** (1 / 4))
     if not math.isfinite(alpha):
-        return torch.linalg.matrix_exp(X)  # let torch report or propagate non-finite input
+        return torch.linalg.matrix_exp(X).reshape(shape)  # torch reports or propagates it
     theta = _theta(torch.finfo(X.dtype).eps)
     s = max(0, math.ceil(math.log2(alpha / theta))) if alpha > 0 else 0
-    if s:
-        f = 2.0**-s
-        X, X2, X3, X4 = X * f, X2 * f**2, X3 * f**3, X4 * f**4
+    f = 2.0**-s
     c = [1.0 / math.factorial(k) for k in range(_DEGREE + 1)]
-    powers = torch.stack([X, X2, X3], dim=0)
-
-    def block(j: int) -> Tensor:
-        k = _BLOCK * j
-        coef = torch.tensor(c[k + 1 : k + _BLOCK], dtype=X.dtype, device=X.device)
-        return torch.tensordot(coef, powers, dims=1) + c[k] * eye
-
-    # p(X) = B0 + X⁴ (B1 + X⁴ (B2 + c12 X⁴)), with B_j the degree-3 blocks.
-    R = block(2) + c[_DEGREE] * X4
-    R = torch.baddbmm(block(1).reshape(-1, d, d), R.reshape(-1, d, d), X4.reshape(-1, d, d))
-    R = torch.baddbmm(block(0).reshape(-1, d, d), R, X4.reshape(-1, d, d))
-    R = R.reshape(X.shape)
+    # With Y = (fX)⁴: p = B0 + Y (B1 + Y (B2 + c12 Y)), B_j = Σ_{i<4} c[4j+i] (fX)^i; the
+    # factors f^i of the block terms go into their coefficients (powers of two: exact).
+    coef = [[c[_BLOCK * j + i] * f**i for i in range(1, _BLOCK)] for j in range(3)]
+    coef_t = torch.tensor(coef, dtype=X.dtype, device=X.device)
+    blocks = (coef_t @ torch.stack([X, X2, X3], dim=1).flatten(-2)).unflatten(-1, (d, d))
+    ident = torch.tensor([c[0], c[_BLOCK], c[2 * _BLOCK]], dtype=X.dtype, device=X.device)
+    blocks.diagonal(dim1=-2, dim2=-1).add_(ident[:, None])
+    Y = X4 * f**4 if s else X4
+    R = torch.add(blocks[:, 2], Y, alpha=c[_DEGREE])
+    R = torch.baddbmm(blocks[:, 1], R, Y)
+    R = torch.baddbmm(blocks[:, 0], R, Y)
     for _ in range(s):
         R = R @ R
-    return R
+    return R.reshape(shape)

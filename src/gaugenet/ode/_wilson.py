@@ -11,7 +11,7 @@ with `-h`: `W_{t0:t1} = W_{t1:t0}⁻¹` holds to rounding.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -37,25 +37,38 @@ class MagnusMethod:
     order: int
     nodes: tuple[float, ...]
 
-    def omega(self, A: list[Tensor], h: Tensor) -> Tensor:
-        """The step exponent `Ω` from `A[j] = w(t + nodes[j] h)`, each `(..., d, d)`;
-        `h` broadcasts against them as `(..., 1, 1)`."""
+    def omega(self, A: Tensor, h: Tensor) -> Tensor:
+        """The step exponent `Ω` from `A[..., j, :, :] = w(t + nodes[j] h)`, of shape
+        `(..., s, d, d)` for `s` nodes; `h` broadcasts against `(..., d, d)` as `(..., 1, 1)`.
+        Returns `(..., d, d)`."""
         raise NotImplementedError
 
 
-def _comm(a: Tensor, b: Tensor) -> Tensor:
-    return a @ b - b @ a
+def _moments(A: Tensor, h: Tensor, M: Sequence[Sequence[float]]) -> tuple[Tensor, ...]:
+    """`h Σ_j M[k][j] A[..., j, :, :]` for each row `k` of `M`, flattened to `(N, d, d)`
+    batches: one product over the node axis for all of them."""
+    d = A.shape[-1]
+    Mt = torch.tensor(M, dtype=A.dtype, device=A.device)
+    h = h.unsqueeze(-3) if h.dim() >= 2 else h  # (..., 1, 1) -> (..., 1, 1, 1)
+    al = (Mt @ A.flatten(-2)).unflatten(-1, (d, d)) * h
+    return tuple(al.reshape(-1, len(M), d, d).unbind(1))
 
 
 class Magnus4(MagnusMethod):
-    """Fourth-order Magnus method at the two Gauss-Legendre nodes `1/2 ∓ √3/6`."""
+    """Fourth-order Magnus method at the two Gauss-Legendre nodes `1/2 ∓ √3/6`:
+    `Ω = h (a₁ + a₂)/2 + (√3/12) h² [a₂, a₁]`."""
 
     order = 4
     nodes = (0.5 - math.sqrt(3) / 6, 0.5 + math.sqrt(3) / 6)
 
-    def omega(self, A: list[Tensor], h: Tensor) -> Tensor:
-        a1, a2 = A
-        return 0.5 * h * (a1 + a2) + (math.sqrt(3) / 12) * h * h * _comm(a2, a1)
+    def omega(self, A: Tensor, h: Tensor) -> Tensor:
+        shape = torch.broadcast_shapes(A.shape[:-3] + A.shape[-2:], h.shape)
+        # The mean and the scaled difference of the two node values.
+        r = math.sqrt(3) / 12
+        mean, diff = _moments(A, h, ((0.5, 0.5), (-r, r)))
+        # (√3/12) h² [a₂, a₁] = [(√3/12) h (a₂ - a₁), h (a₁ + a₂)/2] = [diff, mean].
+        out = torch.baddbmm(mean, diff, mean)
+        return torch.baddbmm(out, mean, diff, alpha=-1.0).reshape(shape)
 
 
 class Magnus6(MagnusMethod):
@@ -64,24 +77,23 @@ class Magnus6(MagnusMethod):
 
     order = 6
     nodes = (0.5 - math.sqrt(15) / 10, 0.5, 0.5 + math.sqrt(15) / 10)
+    # Legendre moments of w about the step midpoint (before the factor h).
+    _MOMENTS = (
+        (0.0, 1.0, 0.0),
+        (-math.sqrt(15) / 3, 0.0, math.sqrt(15) / 3),
+        (10.0 / 3.0, -20.0 / 3.0, 10.0 / 3.0),
+    )
 
-    def omega(self, A: list[Tensor], h: Tensor) -> Tensor:
-        a1, a2, a3 = A
-        shape, d = torch.broadcast_shapes(a1.shape, h.shape), a1.shape[-1]
-
-        def flat(x: Tensor) -> Tensor:
-            return x.expand(shape).reshape(-1, d, d)
-
-        # Legendre moments of w about the step midpoint, scaled by h.
-        al1 = flat(h * a2)
-        al2 = flat(((math.sqrt(15) / 3) * h) * (a3 - a1))
-        al3 = flat(((10.0 / 3.0) * h) * (a3 - 2 * a2 + a1))
-        # Fused products (baddbmm computes beta*x + alpha*a@b in one pass).
+    def omega(self, A: Tensor, h: Tensor) -> Tensor:
+        shape = torch.broadcast_shapes(A.shape[:-3] + A.shape[-2:], h.shape)
+        al1, al2, al3 = _moments(A, h, self._MOMENTS)
+        # Fused products (baddbmm computes beta*x + alpha*a@b in one pass); the in-place
+        # updates touch only results that no backward pass reads.
         c1 = torch.baddbmm(al1 @ al2, al2, al1, alpha=-1.0)  # [al1, al2]
         y = torch.add(c1, al3, alpha=2.0)
         c2 = torch.baddbmm(al1 @ y, y, al1, beta=-1.0 / 60, alpha=1.0 / 60)  # -[al1, y]/60
-        u = torch.add(c1, al1, alpha=-20.0) - al3
-        v = al2 + c2
+        u = c1.sub_(al1, alpha=20.0).sub_(al3)  # [al1, al2] - 20 al1 - al3
+        v = c2.add_(al2)
         out = torch.add(al1, al3, alpha=1.0 / 12)
         out = torch.baddbmm(out, u, v, alpha=1.0 / 240)
         out = torch.baddbmm(out, v, u, alpha=-1.0 / 240)
@@ -120,9 +132,9 @@ def _fixed_steps(w: MatrixField, t1: Tensor, t0: Tensor, n: int, method: MagnusM
     A = w(times.reshape(-1))
     d = A.shape[-1]
     extra = A.shape[1:-2]
-    A = A.reshape(B, n, len(method.nodes), *extra, d, d)
+    A = A.reshape(B, n, len(method.nodes), *extra, d, d).movedim(2, -3)
     hb = h.reshape(B, 1, *([1] * len(extra)), 1, 1)
-    omega = method.omega([A[:, :, j] for j in range(len(method.nodes))], hb)
+    omega = method.omega(A, hb)
     steps = expm(omega)  # (B, n, *extra, d, d): all steps in one call
     steps = steps.movedim(1, -3)  # step axis next to the matrix axes
     return ordered_product(steps)
