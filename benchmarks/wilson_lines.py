@@ -23,12 +23,16 @@ part of a batched product on this machine. Time spent on anything else only adds
 reach here (one Richardson extrapolation, as the `rtol` path does, lowers the floor by at
 most about 15%: 22 steps instead of 26 at d = 64).
 
-Run: `.venv/bin/python benchmarks/wilson_lines.py [--dims 16 64] [--out table.md]`.
+Run: `.venv/bin/python benchmarks/wilson_lines.py [--dims 16 64] [--threads 2] [--keep-heap]
+[--out table.md]`. `--keep-heap` keeps freed memory in the process, as a caching allocator
+would; without it, glibc returns the batched temporaries to the system after every call and
+each call pays page faults for them again (on this virtual machine about 1-3 ms at d = 64).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import math
 import time
 from collections.abc import Callable
@@ -177,17 +181,37 @@ def time_at(rows, name: str, target: float = TARGET) -> float:
     return math.nan
 
 
+def keep_heap() -> bool:
+    """Ask glibc to keep freed memory (no trimming, large blocks from the heap), as a caching
+    allocator such as jemalloc or tcmalloc would: then a batched method does not pay page
+    faults for its large temporaries on every call. It applies to every method in this
+    process alike. Returns whether the setting took (glibc only)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    ok = libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 1 << 30)
+    return bool(ok)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dims", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--out", type=str, default=None, help="write a markdown table here")
+    parser.add_argument(
+        "--keep-heap",
+        action="store_true",
+        help="keep freed memory in the process (glibc mallopt), as a caching allocator does",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    heap = "kept (mallopt)" if args.keep_heap and keep_heap() else "glibc default"
     lines = [
         f"# Wilson lines: work-precision (float64, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads)",
+        f"{torch.get_num_threads()} threads, heap {heap})",
         "",
     ]
     for d in args.dims:

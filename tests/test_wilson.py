@@ -119,12 +119,16 @@ def test_rtol_is_honoured(rtol, gen):
     assert rel(W, ref) < 3 * rtol
 
 
-def test_ordered_product_order(gen):
-    mats = torch.randn(7, 3, 3, dtype=F64, generator=gen)
-    expected = mats[0]
-    for m in mats[1:]:
-        expected = m @ expected
+@pytest.mark.parametrize("s", [1, 2, 3, 5, 6, 7, 11, 13, 24])
+def test_ordered_product_order(s, gen):
+    # Odd counts at several tree levels set factors aside; a leading batch axis rides along.
+    mats = torch.randn(2, s, 3, 3, dtype=F64, generator=gen)
+    expected = mats[:, 0]
+    for k in range(1, s):
+        expected = mats[:, k] @ expected
     assert rel(ordered_product(mats), expected) < 1e-13
+    if s > 1:  # the negative check: the reversed order is a different matrix
+        assert rel(ordered_product(mats.flip(1)), expected) > 1e-2
 
 
 def test_gradients_flow(gen):

@@ -4,7 +4,7 @@
 which costs several copies and more products than the small-norm exponents of Magnus steps
 need. Here the whole batch shares one evaluation: the degree-12 Taylor polynomial by the
 Paterson-Stockmeyer scheme (5 matrix products), with the scaling `2^-s` chosen from
-`α = max(‖X³‖^{1/3}, ‖X⁴‖^{1/4})` in the ∞-norm (Al-Mohy and Higham's bound of the
+`α = max(‖X³‖^{1/3}, ‖X⁴‖^{1/4})` in the Frobenius norm (Al-Mohy and Higham's bound of the
 truncated series by the powers' norms, valid in any submultiplicative norm and much tighter
 than `‖X‖` for non-normal matrices), then `s` squarings. The powers are computed once:
 the scaling only changes the polynomial's coefficients, since `(2^-s X)^k = 2^-sk X^k`.
@@ -43,10 +43,9 @@ def expm(X: Tensor) -> Tensor:
 
     The relative truncation error of every matrix is below the dtype's unit roundoff before
     squaring (as in scaling-and-squaring methods, `s` squarings can amplify rounding).
-    Besides the five products the evaluation is a few whole-batch kernels: the three degree-3
-    blocks come from one product of the stacked `X, X², X³` with a `3 × 3` coefficient matrix
-    (which also carries the scaling `2^-s`, exactly: it is a power of two), their identity
-    terms added on the diagonal in place.
+    Besides the five products the evaluation is a few whole-batch kernels with few
+    temporaries: the three degree-3 blocks are accumulated in place (their coefficients carry
+    the scaling `2^-s`, exactly: it is a power of two).
     """
     d = X.shape[-1]
     if X.numel() == 0:
@@ -57,8 +56,8 @@ def expm(X: Tensor) -> Tensor:
     X3 = X2 @ X
     X4 = X2 @ X2
     with torch.no_grad():
-        # ∞-norms (largest absolute row sum: a contiguous fused reduction), one host sync.
-        norms = [torch.linalg.vector_norm(P, 1, dim=-1).amax() for P in (X3, X4)]
+        # Frobenius norms: submultiplicative, one fused reduction each, one host sync.
+        norms = [torch.linalg.matrix_norm(P).amax() for P in (X3, X4)]
         n3, n4 = torch.stack(norms).tolist()
     alpha = max(n3 ** (1 / 3), n4 ** (1 / 4))
     if not math.isfinite(alpha):
@@ -69,15 +68,18 @@ def expm(X: Tensor) -> Tensor:
     c = [1.0 / math.factorial(k) for k in range(_DEGREE + 1)]
     # With Y = (fX)⁴: p = B0 + Y (B1 + Y (B2 + c12 Y)), B_j = Σ_{i<4} c[4j+i] (fX)^i; the
     # factors f^i of the block terms go into their coefficients (powers of two: exact).
-    coef = [[c[_BLOCK * j + i] * f**i for i in range(1, _BLOCK)] for j in range(3)]
-    coef_t = torch.tensor(coef, dtype=X.dtype, device=X.device)
-    blocks = (coef_t @ torch.stack([X, X2, X3], dim=1).flatten(-2)).unflatten(-1, (d, d))
-    ident = torch.tensor([c[0], c[_BLOCK], c[2 * _BLOCK]], dtype=X.dtype, device=X.device)
-    blocks.diagonal(dim1=-2, dim2=-1).add_(ident[:, None])
+    # Each block is one new tensor, accumulated in place.
+    blocks = []
+    for j in range(3):
+        k = _BLOCK * j
+        B = X3 * (c[k + 3] * f**3)
+        B.add_(X2, alpha=c[k + 2] * f**2).add_(X, alpha=c[k + 1] * f)
+        B.diagonal(dim1=-2, dim2=-1).add_(c[k])
+        blocks.append(B)
     Y = X4 * f**4 if s else X4
-    R = torch.add(blocks[:, 2], Y, alpha=c[_DEGREE])
-    R = torch.baddbmm(blocks[:, 1], R, Y)
-    R = torch.baddbmm(blocks[:, 0], R, Y)
+    R = blocks[2].add_(Y, alpha=c[_DEGREE])
+    R = blocks[1].baddbmm_(R, Y)  # in place into the fresh block: no copy
+    R = blocks[0].baddbmm_(R, Y)
     for _ in range(s):
         R = R @ R
     return R.reshape(shape)

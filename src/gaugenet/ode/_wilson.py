@@ -46,12 +46,19 @@ class MagnusMethod:
 
 def _moments(A: Tensor, h: Tensor, M: Sequence[Sequence[float]]) -> tuple[Tensor, ...]:
     """`h Σ_j M[k][j] A[..., j, :, :]` for each row `k` of `M`, flattened to `(N, d, d)`
-    batches: one product over the node axis for all of them."""
+    batches; `h` broadcasts as `(..., 1, 1)`. Each moment is one new tensor, accumulated in
+    place (few whole-batch temporaries)."""
     d = A.shape[-1]
-    Mt = torch.tensor(M, dtype=A.dtype, device=A.device)
-    h = h.unsqueeze(-3) if h.dim() >= 2 else h  # (..., 1, 1) -> (..., 1, 1, 1)
-    al = (Mt @ A.flatten(-2)).unflatten(-1, (d, d)) * h
-    return tuple(al.reshape(-1, len(M), d, d).unbind(1))
+    nodes = A.unbind(-3)
+    out = []
+    for row in M:
+        terms = [(c, a) for c, a in zip(row, nodes) if c != 0.0]
+        c0, a0 = terms[0]
+        acc = a0 * (c0 * h)
+        for c, a in terms[1:]:
+            acc.addcmul_(a, h, value=c)
+        out.append(acc.reshape(-1, d, d))
+    return tuple(out)
 
 
 class Magnus4(MagnusMethod):
@@ -67,8 +74,8 @@ class Magnus4(MagnusMethod):
         r = math.sqrt(3) / 12
         mean, diff = _moments(A, h, ((0.5, 0.5), (-r, r)))
         # (√3/12) h² [a₂, a₁] = [(√3/12) h (a₂ - a₁), h (a₁ + a₂)/2] = [diff, mean].
-        out = torch.baddbmm(mean, diff, mean)
-        return torch.baddbmm(out, mean, diff, alpha=-1.0).reshape(shape)
+        out = (diff @ mean).baddbmm_(mean, diff, alpha=-1.0).add_(mean)
+        return out.reshape(shape)
 
 
 class Magnus6(MagnusMethod):
@@ -87,29 +94,33 @@ class Magnus6(MagnusMethod):
     def omega(self, A: Tensor, h: Tensor) -> Tensor:
         shape = torch.broadcast_shapes(A.shape[:-3] + A.shape[-2:], h.shape)
         al1, al2, al3 = _moments(A, h, self._MOMENTS)
-        # Fused products (baddbmm computes beta*x + alpha*a@b in one pass); the in-place
-        # updates touch only results that no backward pass reads.
-        c1 = torch.baddbmm(al1 @ al2, al2, al1, alpha=-1.0)  # [al1, al2]
+        # Fused products accumulate into fresh results in place (baddbmm_ computes
+        # beta*x + alpha*a@b without copying x); no backward pass reads what they overwrite.
+        c1 = (al1 @ al2).baddbmm_(al2, al1, alpha=-1.0)  # [al1, al2]
         y = torch.add(c1, al3, alpha=2.0)
-        c2 = torch.baddbmm(al1 @ y, y, al1, beta=-1.0 / 60, alpha=1.0 / 60)  # -[al1, y]/60
+        c2 = (al1 @ y).baddbmm_(y, al1, beta=-1.0 / 60, alpha=1.0 / 60)  # -[al1, y]/60
         u = c1.sub_(al1, alpha=20.0).sub_(al3)  # [al1, al2] - 20 al1 - al3
         v = c2.add_(al2)
-        out = torch.add(al1, al3, alpha=1.0 / 12)
-        out = torch.baddbmm(out, u, v, alpha=1.0 / 240)
-        out = torch.baddbmm(out, v, u, alpha=-1.0 / 240)
+        out = (u @ v).baddbmm_(v, u, alpha=-1.0)  # [u, v]
+        out = out.mul_(1.0 / 240).add_(al1).add_(al3, alpha=1.0 / 12)
         return out.reshape(shape)
 
 
 def ordered_product(mats: Tensor) -> Tensor:
     """`mats[..., s-1, :, :] @ ... @ mats[..., 0, :, :]` (later factors on the left), as a
-    balanced tree of batched matmuls. `mats`: `(..., s, d, d)` → `(..., d, d)`."""
+    balanced tree of batched matmuls. `mats`: `(..., s, d, d)` with `s >= 1` → `(..., d, d)`.
+
+    At a level with an odd count the last (latest) factor is set aside; the factors set aside
+    are later than everything that remains, so they multiply the result from the left."""
+    left = None
     while mats.shape[-3] > 1:
         if mats.shape[-3] % 2:
-            eye = torch.eye(mats.shape[-1], dtype=mats.dtype, device=mats.device)
-            pad = eye.expand(*mats.shape[:-3], 1, *mats.shape[-2:])
-            mats = torch.cat([mats, pad], dim=-3)
+            last = mats[..., -1, :, :]
+            left = last if left is None else left @ last
+            mats = mats[..., :-1, :, :]
         mats = mats[..., 1::2, :, :] @ mats[..., 0::2, :, :]
-    return mats[..., 0, :, :]
+    out = mats[..., 0, :, :]
+    return out if left is None else left @ out
 
 
 def prefix_products(F: Tensor) -> Tensor:
