@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from ..groups import AffineFactor, GLFactor, PermutationFactor, TranslationFactor
 from ..groups._base import AbstractFactor, State
+from ._relink import relink
 
 __all__ = [
     "BiasAlongOne",
@@ -197,32 +198,23 @@ def _bias_moved(f: AbstractFactor, factors: list) -> bool:
     )
 
 
+def _center_value_shift(g: object, kept: list[CenteredOutputFactor]) -> object:
+    """A value-bias shift into a centered layer, with its compensation projected off `1`."""
+    layers = {(f.shift.weight, f.shift.bias) for f in kept}
+    if isinstance(g, TranslationFactor) and any(
+        (getattr(t, "weight", None), getattr(t, "bias", None)) in layers and hasattr(t, "center")
+        for t in g.terms
+    ):
+        return dataclasses.replace(
+            g, terms=tuple(dataclasses.replace(t, center=True) for t in g.terms)
+        )
+    return g
+
+
 def link_centered(factors: list) -> list:
     """Declare the column transformations of every `CenteredOutputFactor`'s layer, let the
     column permutations carry it, and center the value-bias shifts of attention outputs it
     covers. A factor whose layer is transformed otherwise is dropped (its directions then
     show up as unexplained in `certify`, never as a wrong action)."""
     factors = [f for f in factors if not _bias_moved(f, factors)]
-    found = [f for f in factors if isinstance(f, CenteredOutputFactor)]
-    if not found:
-        return factors
-    linked = {f.name: _link_one(f, factors) for f in found}
-    kept = [f for f in linked.values() if f is not None]
-    centered_layers = {(f.shift.weight, f.shift.bias) for f in kept}
-    out = []
-    for g in factors:
-        if isinstance(g, CenteredOutputFactor):
-            if linked[g.name] is not None:
-                out.append(linked[g.name])
-        elif isinstance(g, PermutationFactor):
-            out.append(_conjugate(g, kept))
-        elif isinstance(g, TranslationFactor) and any(
-            (getattr(t, "weight", None), getattr(t, "bias", None)) in centered_layers
-            and hasattr(t, "center")
-            for t in g.terms
-        ):
-            terms = tuple(dataclasses.replace(t, center=True) for t in g.terms)
-            out.append(dataclasses.replace(g, terms=terms))
-        else:
-            out.append(g)
-    return out
+    return relink(factors, CenteredOutputFactor, _link_one, _conjugate, _center_value_shift)

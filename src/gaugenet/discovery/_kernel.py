@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from ..groups import AffineFactor, GLFactor, PermutationFactor, TranslationFactor
 from ..groups._base import AbstractFactor, State
+from ._relink import relink
 
 __all__ = [
     "LayerNormKernelFactor",
@@ -270,18 +271,4 @@ def link_kernels(factors: list) -> list:
     the conjugates of the permutations of those rows. A kernel whose readers are changed
     in a way these rules do not cover (an affine factor, say) is dropped: the group then
     misses those directions, which `certify` reports, rather than acting wrongly."""
-    kernels = [f for f in factors if isinstance(f, LayerNormKernelFactor)]
-    if not kernels:
-        return factors
-    linked = {k.name: _link_one(k, factors) for k in kernels}
-    kept = [k for k in linked.values() if k is not None]
-    out = []
-    for f in factors:
-        if isinstance(f, LayerNormKernelFactor):
-            if linked[f.name] is not None:
-                out.append(linked[f.name])
-        elif isinstance(f, PermutationFactor):
-            out.append(_conjugate(f, kept))
-        else:
-            out.append(f)
-    return out
+    return relink(factors, LayerNormKernelFactor, _link_one, _conjugate)
