@@ -8,15 +8,15 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from .._errors import GaugeError
-from .._invariance import _as_tuple, invariance_error
+from .._invariance import invariance_error
 from ..discovery import symmetries
 from ..groups import Element, GaugeGroup, GLFactor, RescalingFactor, model_state
 from ..groups._base import State
 from ._quantize import GRANULARITIES, quantize_tensor, quantized_params
 from ._ranges import balance, factor_ranges
+from ._search import forward_fn, local_search, noise_model_scales, sensitivities
 
 __all__ = ["equalize", "equalizing_element", "weight_quantization_error"]
 
@@ -54,23 +54,17 @@ def _output_noise(
     model: nn.Module, inputs: Any, names: list[str], bits: int, granularity: str
 ) -> Callable[[State], float]:
     """`state ↦ Σ (y − y_q)²`: the output noise of `model` with `state`'s weights rounded, on
-    `inputs` (the example inputs; the score that picks among closed-form candidates)."""
+    `inputs` (the example inputs; the score that picks among candidates)."""
     dtype = next(p.dtype for p in model.parameters())
-    args, kwargs = ((), inputs) if isinstance(inputs, dict) else (_as_tuple(inputs), {})
-
-    def run(state: State) -> Tensor:
-        with torch.no_grad():
-            out = functional_call(model, state, args, kwargs)
-        while not isinstance(out, Tensor):
-            out = out[0] if isinstance(out, (tuple, list)) else next(iter(out.values()))
-        return out.double()
-
-    y = run(model_state(model))
+    run = forward_fn(model, inputs)
+    with torch.no_grad():
+        y = run(model_state(model))
 
     def noise(state: State) -> float:
         st = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         st.update({n: quantize_tensor(st[n], bits, granularity) for n in names})
-        return float(((run(st) - y) ** 2).sum())
+        with torch.no_grad():
+            return float(((run(st) - y) ** 2).sum())
 
     return noise
 
@@ -94,6 +88,7 @@ def equalizing_element(
     sweeps: int = 20,
     rotations: bool = True,
     group: GaugeGroup | None = None,
+    search: int = 300,
 ) -> tuple[GaugeGroup, Element]:
     """The element of `model`'s gauge group that `equalize` applies.
 
@@ -106,6 +101,13 @@ def equalizing_element(
     sequence wins. With `rotations`, each GL factor whose block size
     is a power of two then tries the normalized Hadamard rotation, kept where it lowers the
     error further (it spreads outlier entries over the block).
+
+    With `objective="output"` two data-driven candidates join the closed-form sweeps (see
+    `_search`): the minimizer of a first-order model of the rounding noise, weighted by each
+    weight's output sensitivity on `example_inputs`, and then `search` steps of a local
+    search on the realized output noise. Range balancing treats every channel as equally
+    important; these do not. Every candidate is kept only where it lowers the objective, so
+    the result is never worse than the input on it.
 
     **Returns:** `(group, element)`.
     """
@@ -148,6 +150,10 @@ def equalizing_element(
                 break
         if e < best[0]:
             best = (e, dict(elem), state)
+    if objective == "output":
+        best = _data_driven(
+            model, example_inputs, factors, names, best, err, bits, per_channel, search
+        )
     e_best, elem, state = best
     for f in factors if rotations else ():
         h = _hadamard(f.d) if isinstance(f, GLFactor) else None
@@ -172,6 +178,7 @@ def equalize(
     rotations: bool = True,
     group: GaugeGroup | None = None,
     tol: float | None = None,
+    search: int = 300,
 ) -> nn.Module:
     """A copy of `model`, moved within its gauge group to where round-to-nearest weight
     quantization loses least; it computes the same function.
@@ -190,6 +197,8 @@ def equalize(
       `weight_quantization_error`) or `"output"` (output noise on `example_inputs`).
     - `sweeps`: coordinate sweeps over coupled factors.
     - `group`: the gauge group, when already known.
+    - `search`: with `objective="output"`, the number of local-search steps on the realized
+      output noise (0: none).
     - `tol`: largest allowed relative output change on `example_inputs` (float64 evaluation);
       default `1e-5` for models with float32 (or lower) weights, `1e-9` for float64.
 
@@ -205,6 +214,7 @@ def equalize(
         sweeps=sweeps,
         rotations=rotations,
         group=group,
+        search=search,
     )
     dtype = next((p.dtype for p in model.parameters()), torch.float64)
     new = group.act(model, elem)
@@ -216,3 +226,48 @@ def equalize(
             f"{moved:.2e} (> {tol:.0e}); a gauge factor does not hold for it"
         )
     return new
+
+
+def _to_float64(x: Any) -> Any:
+    if isinstance(x, Tensor):
+        return x.double() if x.is_floating_point() else x
+    if isinstance(x, dict):
+        return {k: _to_float64(v) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(_to_float64(v) for v in x)
+    return x
+
+
+def _data_driven(
+    model: nn.Module,
+    inputs: Any,
+    factors: list,
+    names: list[str],
+    best: tuple[float, dict, State],
+    err: Callable[[State], float],
+    bits: int,
+    per_channel: bool,
+    search: int,
+) -> tuple[float, dict, State]:
+    """The sensitivity-weighted noise-model optimum (kept if it beats `best`), then a local
+    search on `err` from the better of the two; returns the new `(err, element, state)`."""
+    scales = [f for f in factors if isinstance(f, RescalingFactor)]
+    if not scales:
+        return best
+    e_best, elem, state = best
+    start = {k: v.double() if v.is_floating_point() else v for k, v in model_state(model).items()}
+    sens = sensitivities(model, _to_float64(inputs), start, names)
+    alphas = noise_model_scales(scales, start, names, sens, bits=bits, per_channel=per_channel)
+    trial = start
+    for f, a in zip(scales, alphas):
+        trial = f.apply(trial, a)
+    e = err(trial)
+    if e < e_best:
+        ident = {f.name: f.identity(torch.float64) for f in factors}
+        e_best, state = e, trial
+        elem = {**ident, **{f.name: a for f, a in zip(scales, alphas)}}
+    moves, state, e_best = local_search(scales, state, err, budget=search)
+    elem = dict(elem)
+    for f, a in zip(scales, moves):
+        elem[f.name] = f.compose(elem[f.name], a)
+    return e_best, elem, state

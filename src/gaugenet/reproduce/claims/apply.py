@@ -60,7 +60,7 @@ def _crepe(seed: int) -> tuple[nn.Module, nn.Module, torch.Tensor]:
     return model, equalize(model, calib, bits=4, sweeps=8, objective="output"), x
 
 
-@lru_cache(maxsize=2)
+@lru_cache(maxsize=4)
 def _digits_cnn(seed: int):
     xtr, ytr, xte, yte = digits()
     torch.manual_seed(seed)
@@ -122,22 +122,31 @@ def _crepe_gain(ctx: Context) -> Measurement:
     "apply.digits-4bit-gain",
     reference="issue 8 target",
     statement="equalization raises 4-bit output SQNR of a BN ReLU CNN on digits by >= 3 dB",
-    measured="SQNR(equalized) - SQNR(plain), dB, BatchNorm kept in float, test set",
+    measured="min over three CNNs trained from seeds s, s+1, s+2 of SQNR(equalized) - "
+    "SQNR(plain), dB, BatchNorm kept in float, test set",
     tolerance=3.0,
     compare="min",
 )
 @_one_thread
 def _digits_gain(ctx: Context) -> Measurement:
-    cnn, xte, yte, calib = _digits_cnn(ctx.seed)
-    eq = equalize(cnn, calib, bits=4, objective="output")
-    q0, q1 = quantize_weights(cnn, 4), quantize_weights(eq, 4)
-    s0, s1 = _sqnr(cnn, q0, xte), _sqnr(cnn, q1, xte)
-    with torch.no_grad():
-        a = [accuracy(m(xte), yte) for m in (cnn, q0, q1)]
-    return Measurement(
-        s1 - s0,
-        f"SQNR {s0:.2f} -> {s1:.2f} dB; accuracy float {a[0]:.3f}, 4-bit {a[1]:.3f} -> {a[2]:.3f}",
-    )
+    # One trained model is a lottery: how much equalization gains depends on how unbalanced
+    # its channels happen to be, and float rounding on another CPU trains another model (seed
+    # 0 gained 7.2 dB here and 2.15 dB elsewhere, seeds 1 and 2 about 0.5 dB with range
+    # balancing alone). The minimum over three models is the stricter, portable criterion.
+    gains, parts = [], []
+    for seed in (ctx.seed, ctx.seed + 1, ctx.seed + 2):
+        cnn, xte, yte, calib = _digits_cnn(seed)
+        eq = equalize(cnn, calib, bits=4, objective="output")
+        q0, q1 = quantize_weights(cnn, 4), quantize_weights(eq, 4)
+        s0, s1 = _sqnr(cnn, q0, xte), _sqnr(cnn, q1, xte)
+        with torch.no_grad():
+            a = [accuracy(m(xte), yte) for m in (cnn, q0, q1)]
+        gains.append(s1 - s0)
+        parts.append(
+            f"seed {seed}: SQNR {s0:.2f} -> {s1:.2f} dB, accuracy float {a[0]:.3f}, "
+            f"4-bit {a[1]:.3f} -> {a[2]:.3f}"
+        )
+    return Measurement(min(gains), "; ".join(parts))
 
 
 @claim(
