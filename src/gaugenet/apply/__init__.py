@@ -15,3 +15,7 @@ from ._quantize import quantize_dynamic_int8 as quantize_dynamic_int8
 from ._quantize import quantize_tensor as quantize_tensor
 from ._quantize import quantize_weights as quantize_weights
 from ._quantize import quantized_params as quantized_params
+from ._schemes import QuantScheme as QuantScheme
+from ._schemes import quantize as quantize
+from ._schemes import quantize_grouped as quantize_grouped
+from ._schemes import quantize_per_token as quantize_per_token

@@ -23,6 +23,7 @@ def _register() -> None:
         _canonicalize,  # noqa: F401
         _equalize,  # noqa: F401
         _inspect,  # noqa: F401
+        _quantize,  # noqa: F401
         _reproduce,  # noqa: F401
     )
 

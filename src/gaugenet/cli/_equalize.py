@@ -36,10 +36,15 @@ def equalize(
         check_writable(out, force=force, source=model)
         net = load_model(model, arch).eval()
         x = sample_inputs(net, 16, shape=parse_shape(input_shape))
-        new = eq(net, x, bits=bits, granularity=granularity)
+        new = eq(net, x, bits=bits, granularity=granularity, objective="output")
         y = first_tensor(net, x)
         before = sqnr_db(y, first_tensor(quantize_weights(net, bits, granularity), x))
         after = sqnr_db(y, first_tensor(quantize_weights(new, bits, granularity), x))
+        if after < before:
+            raise GaugeError(
+                f"equalization lowered the output SQNR ({before:.2f} -> {after:.2f} dB); "
+                "nothing written"
+            )
         save_safetensors_atomic(
             new.state_dict(), out, force=force, source=model if Path(model).exists() else None
         )

@@ -1,0 +1,132 @@
+"""Quantization schemes: weight-only (per-tensor, per-channel, per-group) and weight plus
+per-token activation fake quantization (W8A8, W4A8), as deployments simulate them."""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .._errors import GaugeError
+from ._quantize import _QUANTIZED_LAYERS, quantized_params
+
+__all__ = ["QuantScheme", "quantize", "quantize_grouped", "quantize_per_token"]
+
+_SCHEME = re.compile(r"^w(\d+)(t|g(\d+))?(a(\d+))?$")
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """How a model is rounded: symmetric round-to-nearest weights of `weight_bits`, one step
+    per tensor, per output channel or per group of `group_size` input entries of each
+    output channel; with `act_bits`, the inputs of every Linear/Conv layer are rounded too,
+    one step per token (per feature vector).
+
+    `QuantScheme.parse("w4g128a8")`: `w<bits>` then optionally `t` (per tensor) or
+    `g<size>` (per group; default per channel), then optionally `a<bits>`.
+    """
+
+    weight_bits: int
+    granularity: str = "per-channel"
+    group_size: int | None = None
+    act_bits: int | None = None
+
+    def __post_init__(self) -> None:
+        for what, b in (("weight", self.weight_bits), ("activation", self.act_bits)):
+            if b is not None and (not isinstance(b, int) or not 2 <= b <= 16):
+                raise GaugeError(f"{what} bits must be an integer in [2, 16], got {b!r}")
+        if self.granularity not in ("per-tensor", "per-channel", "per-group"):
+            raise GaugeError(
+                f"granularity must be per-tensor, per-channel or per-group, "
+                f"got {self.granularity!r}"
+            )
+        if (self.granularity == "per-group") != (self.group_size is not None):
+            raise GaugeError("a group size is given exactly when the granularity is per-group")
+        if self.group_size is not None and self.group_size < 1:
+            raise GaugeError(f"group size must be positive, got {self.group_size}")
+
+    @classmethod
+    def parse(cls, text: str) -> QuantScheme:
+        m = _SCHEME.match(text.strip().lower())
+        if m is None:
+            raise GaugeError(
+                f"scheme {text!r}: expected w<bits>[t|g<size>][a<bits>], e.g. w4, w4t, w4g128, "
+                "w8a8, w4a8"
+            )
+        wb, gran, gsize, _, ab = m.groups()
+        granularity = "per-tensor" if gran == "t" else "per-group" if gsize else "per-channel"
+        return cls(int(wb), granularity, int(gsize) if gsize else None, int(ab) if ab else None)
+
+    def __str__(self) -> str:
+        g = {"per-tensor": "t", "per-channel": ""}.get(self.granularity, f"g{self.group_size}")
+        return f"w{self.weight_bits}{g}" + (f"a{self.act_bits}" if self.act_bits else "")
+
+
+def quantize_grouped(w: Tensor, bits: int, group_size: int) -> Tensor:
+    """Symmetric round-to-nearest with one step per group of `group_size` consecutive input
+    entries of each output channel (`w` flattened to `(out, in)`; `in` must be a multiple).
+
+    **Returns:** a tensor of `w`'s shape and dtype.
+    """
+    qmax = 2 ** (bits - 1) - 1
+    flat = w.detach().reshape(w.shape[0], -1)
+    if flat.shape[1] % group_size:
+        raise GaugeError(
+            f"a weight of shape {tuple(w.shape)} has {flat.shape[1]} inputs per channel, "
+            f"not a multiple of the group size {group_size}"
+        )
+    g = flat.reshape(flat.shape[0], -1, group_size)
+    r = g.abs().amax(-1, keepdim=True)
+    step = torch.where(r > 0, r / qmax, torch.ones_like(r))
+    return (torch.clamp(torch.round(g / step), -qmax, qmax) * step).reshape(w.shape)
+
+
+def quantize_per_token(x: Tensor, bits: int, dim: int = -1) -> Tensor:
+    """Symmetric round-to-nearest of activations with one step per token: the maximum of
+    `|x|` along the feature axis `dim` (the last for Linear inputs, 1 for Conv inputs)."""
+    qmax = 2 ** (bits - 1) - 1
+    r = x.abs().amax(dim, keepdim=True)
+    step = torch.where(r > 0, r / qmax, torch.ones_like(r))
+    return torch.clamp(torch.round(x / step), -qmax, qmax) * step
+
+
+def _round_weight(w: Tensor, scheme: QuantScheme) -> Tensor:
+    from ._quantize import quantize_tensor
+
+    if scheme.granularity == "per-group":
+        return quantize_grouped(w, scheme.weight_bits, scheme.group_size)
+    return quantize_tensor(w, scheme.weight_bits, scheme.granularity)
+
+
+def quantize(model: nn.Module, scheme: QuantScheme | str) -> nn.Module:
+    """A fake-quantized copy of `model` under `scheme`: every Linear/Conv weight rounded and,
+    for weight-and-activation schemes, a forward pre-hook on each of those layers that
+    rounds its input per token. Biases, norms and embeddings stay in float.
+
+    **Arguments:** `model` (not modified); `scheme` a `QuantScheme` or its string form.
+
+    **Returns:** the quantized copy (hooks included), in the model's own dtype.
+    """
+    scheme = QuantScheme.parse(scheme) if isinstance(scheme, str) else scheme
+    out = copy.deepcopy(model)
+    names = quantized_params(out)
+    if not names:
+        raise GaugeError(f"{type(model).__name__} has no Linear or Conv layer to quantize")
+    with torch.no_grad():
+        for name in names:
+            p = out.get_parameter(name)
+            p.copy_(_round_weight(p, scheme))
+    if scheme.act_bits is not None:
+        bits = scheme.act_bits
+        for m in out.modules():
+            if isinstance(m, _QUANTIZED_LAYERS):
+                dim = -1 if isinstance(m, nn.Linear) else 1
+
+                def hook(_mod, args, dim=dim):
+                    return (quantize_per_token(args[0], bits, dim), *args[1:])
+
+                m.register_forward_pre_hook(hook)
+    return out

@@ -1,0 +1,118 @@
+"""Quantization schemes: per-group weights, per-token activations, the `quantize` command."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from typer.testing import CliRunner
+
+from gaugenet import GaugeError
+from gaugenet.apply import (
+    QuantScheme,
+    quantize,
+    quantize_grouped,
+    quantize_per_token,
+    quantize_tensor,
+    sqnr_db,
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "expect"),
+    [
+        ("w4", QuantScheme(4)),
+        ("w4t", QuantScheme(4, "per-tensor")),
+        ("w4g128", QuantScheme(4, "per-group", 128)),
+        ("w8a8", QuantScheme(8, act_bits=8)),
+        ("W4G32A8", QuantScheme(4, "per-group", 32, 8)),
+    ],
+)
+def test_scheme_round_trip(text: str, expect: QuantScheme) -> None:
+    assert QuantScheme.parse(text) == expect
+    assert QuantScheme.parse(str(expect)) == expect
+
+
+@pytest.mark.parametrize("bad", ["x4", "w1", "w4g0", "w4a17", "w", "w4g", ""])
+def test_bad_schemes_are_refused(bad: str) -> None:
+    with pytest.raises(GaugeError):
+        QuantScheme.parse(bad)
+
+
+def test_grouped_rounding_has_one_step_per_group(gen: torch.Generator) -> None:
+    w = torch.randn(3, 8, generator=gen, dtype=torch.float64)
+    w[0, :4] *= 100  # a loud group must not coarsen its quiet neighbour
+    q = quantize_grouped(w, 4, 4)
+    for i in range(3):
+        for j in range(2):
+            blk, qb = w[i, 4 * j : 4 * j + 4], q[i, 4 * j : 4 * j + 4]
+            step = blk.abs().max() / 7
+            k = qb / step
+            torch.testing.assert_close(k, k.round(), rtol=0, atol=1e-9)
+            assert float((qb - blk).abs().max()) <= float(step) / 2 + 1e-12
+    # negative: the per-channel step of row 0 is set by the loud group, so the quiet one
+    # is rounded much more coarsely than with groups
+    e_group = float((q[0, 4:] - w[0, 4:]).abs().max())
+    e_chan = float((quantize_tensor(w, 4, "per-channel")[0, 4:] - w[0, 4:]).abs().max())
+    assert e_chan > 10 * e_group
+    with pytest.raises(GaugeError, match="multiple of the group size"):
+        quantize_grouped(torch.randn(2, 6, dtype=torch.float64), 4, 4)
+
+
+def test_per_token_activation_rounding(gen: torch.Generator) -> None:
+    x = torch.randn(2, 5, 16, generator=gen, dtype=torch.float64)
+    x[0, 0] *= 1000  # one outlier token keeps its own step
+    q = quantize_per_token(x, 8)
+    step = x.abs().amax(-1, keepdim=True) / 127
+    torch.testing.assert_close(q / step, (q / step).round(), rtol=0, atol=1e-9)
+    assert float(((q - x).abs() / step).max()) <= 0.5 + 1e-9
+    assert float((q[1] - x[1]).abs().max()) < float(x[1].abs().max()) / 100
+
+
+def test_quantize_applies_weights_and_activations(gen: torch.Generator) -> None:
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 5)).double()
+    x = torch.randn(8, 1, 8, 8, generator=gen, dtype=torch.float64)
+    y = m(x)
+    w_only = quantize(m, "w8")
+    wa = quantize(m, "w8a8")
+    wa4 = quantize(m, "w8a4")
+    # same weights; activation rounding adds noise on top, more at 4 bits than at 8
+    for a, b in zip(w_only.parameters(), wa.parameters()):
+        assert torch.equal(a, b)
+    s_w, s_wa, s_wa4 = (sqnr_db(y, q(x)) for q in (w_only, wa, wa4))
+    assert s_w > s_wa > s_wa4
+    # the input model is untouched, and has no hooks
+    assert not m[0]._forward_pre_hooks
+    torch.testing.assert_close(m(x), y, rtol=0, atol=0)
+
+
+def test_quantize_command(tmp_path) -> None:
+    from gaugenet.cli._app import _register, app
+
+    _register()
+    runner = CliRunner()
+    out = tmp_path / "q.safetensors"
+    res = runner.invoke(
+        app, ["quantize", "gaugenet.nets:example_cnn", "--scheme", "w4", "--equalize", "--out",
+              str(out)],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "with equalization" in res.output
+    state = load_file(str(out))
+    w = state["0.weight"]
+    steps = w.reshape(w.shape[0], -1).abs().amax(1) / 7
+    k = w.reshape(w.shape[0], -1) / steps[:, None]
+    torch.testing.assert_close(k, k.round(), rtol=0, atol=1e-4)
+    again = runner.invoke(
+        app, ["quantize", "gaugenet.nets:example_cnn", "--out", str(out)]
+    )  # refuses to overwrite without --force
+    assert again.exit_code != 0
+    bad = runner.invoke(
+        app, ["quantize", "gaugenet.nets:example_cnn", "--scheme", "w4g5", "--out",
+              str(tmp_path / "b.safetensors")],
+    )  # fmt: skip
+    assert bad.exit_code == 2
+    assert "group size" in bad.output
+    assert not (tmp_path / "b.safetensors").exists()
