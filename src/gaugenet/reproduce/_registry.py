@@ -55,6 +55,9 @@ class Claim:
     `kind="figure"` marks an engineering target rather than a statement of the paper (a
     speed-up, say): its figure is measured and compared with the target the same way, the
     report says whether the target was met, and a miss does not fail the run.
+
+    `loose` (non-empty) marks a claim that measures a place where the paper is loose: what the
+    paper says and what holds instead; the report lists these in a section of their own.
     """
 
     id: str
@@ -66,6 +69,7 @@ class Claim:
     target: float
     fn: Callable[[Context], Measurement]
     kind: Kind = "claim"
+    loose: str = ""
 
     def passed(self, value: float) -> bool:
         if not math.isfinite(value):
@@ -97,6 +101,7 @@ def claim(
     compare: Compare = "max",
     target: float = 0.0,
     kind: Kind = "claim",
+    loose: str = "",
 ) -> Callable[[Callable[[Context], Measurement]], Callable[[Context], Measurement]]:
     """Register a claim measured by the decorated function `fn(ctx) -> Measurement`."""
 
@@ -104,7 +109,7 @@ def claim(
         if id in _REGISTRY and _REGISTRY[id].fn.__qualname__ != fn.__qualname__:
             raise ValueError(f"claim id {id!r} registered twice")
         _REGISTRY[id] = Claim(
-            id, reference, statement, measured, tolerance, compare, target, fn, kind
+            id, reference, statement, measured, tolerance, compare, target, fn, kind, loose
         )
         return fn
 

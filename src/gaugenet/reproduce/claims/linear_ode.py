@@ -232,6 +232,8 @@ def _diagram(ctx: Context) -> Measurement:
     reference="Theorem 3.1, footnote 9",
     statement="with G_n = diag(−1,1,1) inside, NN_B has a weight of det < 0 and lifts to no NODE",
     measured="most negative det w̄'_n of NN_B (d = 3, N = 4); nan unless NotLiftableError is raised",
+    loose="Theorem 3.1 needs every G_n in GL⁺(d) (det > 0), which the paper does not say: "
+    "with det G_n < 0 inside, NN_B is the discretization of no linear neural ODE",
     tolerance=0.0,
 )
 def _counterexample(ctx: Context) -> Measurement:
