@@ -24,10 +24,13 @@ Kind = Literal["claim", "figure"]
 
 @dataclass(frozen=True)
 class Context:
-    """What a claim may use: `out_dir` for figures, `seed` for its random numbers."""
+    """What a claim may use: `out_dir` for figures, `seed` for its random numbers, and
+    `quick`: measure on the smallest cases that still decide the criterion (no figures drawn),
+    as the mutation tests do."""
 
     out_dir: Path
     seed: int = 0
+    quick: bool = False
 
 
 @dataclass

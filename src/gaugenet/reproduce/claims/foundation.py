@@ -182,16 +182,16 @@ def _align(ctx: Context) -> Measurement:
 
     gen = torch.Generator().manual_seed(ctx.seed)
     worst, orbit, output, moved = 0.0, 0.0, 0.0, math.inf
-    for model, x in [
-        (mlp([6, 12, 9, 4]), torch.randn(4, 6, dtype=torch.float64)),
-        (example_cnn(), torch.randn(4, 3, 12, 12, dtype=torch.float64)),
-    ]:
+    cases = [(mlp([6, 12, 9, 4]), torch.randn(4, 6, dtype=torch.float64))]
+    if not ctx.quick:
+        cases.append((example_cnn(), torch.randn(4, 3, 12, 12, dtype=torch.float64)))
+    for model, x in cases:
         group = symmetries(model, x)
         canon = _canonical.canonicalize(model, group=group)
         params = dict(canon.named_parameters())
         output = max(output, invariance_error(model, canon, x))
         moved = min(moved, _param_gap(dict(model.named_parameters()), params))
-        for _ in range(5):
+        for _ in range(2 if ctx.quick else 5):
             g = group.sample(gen)
             other = group.act(model, g)
             h = _canonical.align(model, other, group=group)
