@@ -62,3 +62,21 @@ def test_cli_exits_nonzero_on_a_failing_claim(tmp_path, monkeypatch):
     assert result.exit_code == 1
     assert (tmp_path / "report.md").exists()
     assert "test.claim.2.0" not in _REGISTRY
+
+
+def test_every_loose_place_of_the_paper_is_a_claim():
+    refs = " | ".join(c.reference for c in all_claims() if c.loose)
+    for place in ("Theorem 3.1", "(22)", "(24)-(25)", "(26)-(27)", "footnote 9", "App. C"):
+        assert place in refs, place
+
+
+def test_loose_places_are_listed_in_the_report(tmp_path, monkeypatch):
+    loose = Claim(
+        "test.loose", "eq. (99)", "s", "m", 1.0, "max", 0.0, lambda c: Measurement(0.5), loose="L"
+    )
+    monkeypatch.setattr(
+        "gaugenet.reproduce._report.all_claims", lambda: [loose, _fake("claim", 0.5)]
+    )
+    text = write_report(run_claims(tmp_path), tmp_path).read_text()
+    assert "## Where the paper is loose" in text
+    assert "- **eq. (99)** (test.loose, PASS): L" in text

@@ -31,6 +31,7 @@ class _PulledBackField(nn.Module):
         self.diffeo = diffeo
 
     def forward(self, t: Tensor, x: Tensor) -> Tensor:
+        self.diffeo.check_boundary(x)
         return self.diffeo._pull(self.field, t, x)
 
 
@@ -47,6 +48,11 @@ class AbstractDiffeo(nn.Module):
     def pullback_field(self, field: Field) -> nn.Module:
         """The new vector field `F'` whose solutions are the old ones in new coordinates."""
         return _PulledBackField(field, self)
+
+    def check_boundary(self, x: Tensor) -> None:
+        """Raise `GaugeError` if the map is not the identity at `t = 0` and `t = T`, checked
+        once per state dimension and dtype at the points `x` `(batch, d)` and at random
+        points. Time reparametrizations check their ends when built: nothing to do here."""
 
     @abc.abstractmethod
     def _pull(self, field: Field, t: Tensor, x: Tensor) -> Tensor:
@@ -72,18 +78,69 @@ class SpatialDiffeo(AbstractDiffeo):
     - `phi_inverse`: its inverse at each `t`.
     - `T`: the final time.
 
-    The constructors `from_generator` and `linear` build boundary-fixing families
-    (`φ_0 = φ_T = id`); this general form does not check it (see `boundary_error`).
-    `phi(t, x)` and `phi.inverse(t, x)` evaluate the map and its inverse.
+    - `d`: the state dimension, if known: then the boundary condition is checked at once.
+    - `check_boundary`: check Theorem 2.1's boundary condition `φ_0 = φ_T = id`, at
+        random points and at the states the pulled-back field first sees (relative tolerance
+        `1000 ε` of the dtype); `False` applies a map that breaks it as given (the
+        input-output map then changes, as the necessity half of the theorem says).
+
+    Without `d` the check runs when the pulled-back field is first evaluated (the first
+    states are the inputs `x(0)`). The constructors `from_generator` and `linear` build
+    boundary-fixing families. `phi(t, x)` and `phi.inverse(t, x)` evaluate the map and its
+    inverse; `boundary_error(x)` measures the boundary condition at given points.
+
+    **Raises:** `GaugeError` saying which end, by how much and at which point, when the
+    boundary condition fails.
     """
 
-    def __init__(self, phi: RowMap, phi_inverse: RowMap, T: float = 1.0) -> None:
+    def __init__(
+        self,
+        phi: RowMap,
+        phi_inverse: RowMap,
+        T: float = 1.0,
+        *,
+        d: int | None = None,
+        check_boundary: bool = True,
+    ) -> None:
         super().__init__()
         if not T > 0:
             raise GaugeError(f"SpatialDiffeo: T must be positive, got {T}")
         self.phi = phi
         self.phi_inverse = phi_inverse
         self.T = float(T)
+        self._check_ends = check_boundary
+        self._checked: set[tuple[int, torch.dtype]] = set()
+        if d is not None:
+            self.check_boundary(torch.zeros(4, d, dtype=torch.float64))
+
+    def check_boundary(self, x: Tensor) -> None:
+        if not self._check_ends or (x.shape[-1], x.dtype) in self._checked:
+            return
+        d, dtype = x.shape[-1], x.dtype
+        x = x.detach().reshape(-1, d)
+        gen = torch.Generator().manual_seed(0)
+        # the states themselves and random points of the same shape (maps may act row-wise,
+        # one map per row), at several scales
+        n = max(x.shape[0], 1)
+        sets = [x] if x.shape[0] else []
+        sets += [s * torch.randn(n, d, dtype=dtype, generator=gen).to(x.device) for s in (1, 3)]
+        tol = 1e3 * torch.finfo(dtype).eps
+        with torch.no_grad():
+            for name, end in (("t = 0", 0.0), (f"t = T = {self.T:g}", self.T)):
+                t = torch.tensor(end, dtype=dtype, device=x.device)
+                for points in sets:
+                    moved = (self(t, points) - points).abs().amax(-1)
+                    scale = 1 + points.abs().amax(-1)
+                    k = int((moved / scale).argmax())
+                    if not bool(moved[k] <= tol * scale[k]):
+                        raise GaugeError(
+                            f"SpatialDiffeo: φ must be the identity at {name} (Theorem 2.1's "
+                            f"boundary condition); it moves x = {points[k].tolist()} by "
+                            f"{float(moved[k]):.3e} (tolerance {tol:.1e} (1 + |x|)). "
+                            "check_boundary=False applies it anyway, changing the "
+                            "input-output map"
+                        )
+        self._checked.add((d, dtype))
 
     def forward(self, t: Tensor, x: Tensor) -> Tensor:
         return self.phi(t, x)
@@ -150,7 +207,7 @@ class SpatialDiffeo(AbstractDiffeo):
         G_dot: Callable[[Tensor], Tensor] | None = None,
         c_dot: Callable[[Tensor], Tensor] | None = None,
         atol: float | None = None,
-        n_check: int = 201,
+        n_check: int = 513,
     ) -> SpatialDiffeo:
         """The affine family `φ_t(x) = G(t) x + c(t)` (the gauge group of eq. 24-25).
 
@@ -163,11 +220,12 @@ class SpatialDiffeo(AbstractDiffeo):
         - `G_dot`, `c_dot`: the time derivatives, if known; else by `torch.func.jacfwd`.
         - `atol`: tolerance of the boundary checks `G(0) = G(T) = 1`, `c(0) = c(T) = 0`
             (`1e-12` in float64, `1e-5` in float32).
-        - `n_check`: number of times in `[0, T]` where `G(t)` is checked to be invertible.
+        - `n_check`: number of sampled times in `[0, T]` where `det G(t) > 0` is checked; every
+            dip of `σ_min/σ_max` between them is refined by golden section.
 
         **Raises:** `GaugeError` if a boundary condition fails (saying which end and by
-        how much) or if `G(t)` is singular, ill-conditioned or has `det ≤ 0` at a
-        checked time.
+        how much) or if `G(t)` is singular, ill-conditioned (`σ_min/σ_max < √ε`) or has
+        `det ≤ 0` somewhere, saying at which time.
         """
         from ._diffeo_linear import LinearDiffeo
 
@@ -180,7 +238,7 @@ class _GeneratorDiffeo(SpatialDiffeo):
     def __init__(
         self, eps: RowMap, T: float, n_steps: int, fix_boundary: bool, newton_steps: int
     ) -> None:
-        super().__init__(self._flow, self._flow_inverse, T)
+        super().__init__(self._flow, self._flow_inverse, T, check_boundary=fix_boundary)
         if n_steps < 1:
             raise GaugeError(f"from_generator: n_steps must be at least 1, got {n_steps}")
         self.raw_generator = as_field_module(eps)

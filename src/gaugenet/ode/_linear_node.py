@@ -34,15 +34,27 @@ class _Zero(nn.Module):
 
 
 class _Gauged(nn.Module):
-    """The augmented generator of `base` after the gauge path `Ĝ = [[G, c], [0, 1]]`."""
+    """The augmented generator of `base` after the gauge path `Ĝ = [[G, c], [0, 1]]`.
 
-    def __init__(self, base: LinearNODE, G: TimePath, c: TimePath) -> None:
+    With `check`, `det G > 0` is verified again at every time the integrator evaluates the
+    generator (its own nodes), besides the search of `check_gauge_path`."""
+
+    def __init__(self, base: LinearNODE, G: TimePath, c: TimePath, check: bool = False) -> None:
         super().__init__()
-        self.base, self.G, self.c = base, G, c
+        self.base, self.G, self.c, self.check = base, G, c, check
 
     def forward(self, t: Tensor) -> Tensor:
         d = self.base.d
         Gt, Gd, ct, cd = self.G(t), self.G.dot(t), self.c(t), self.c.dot(t)
+        if self.check:
+            sign, logabs = torch.linalg.slogdet(Gt.detach())
+            bad = (sign <= 0) | ~torch.isfinite(logabs)
+            if bool(bad.any()):
+                raise GaugeError(
+                    f"gauge path: G(t) leaves GL⁺(d) at t = {float(t[bad][0]):.6g}, a time "
+                    f"the Wilson-line integrator evaluates (det G = "
+                    f"{float(torch.linalg.det(Gt[bad][0].detach())):.3e})"
+                )
         wt, bt = self.base.w(t), self.base.b(t)
         top = torch.cat([wt @ Gt - Gd, (wt @ ct[..., None] + bt[..., None] - cd[..., None])], -1)
         new = torch.linalg.solve(Gt, top)  # G⁻¹ [w G − Ġ | w c + b − ċ]
@@ -229,9 +241,11 @@ class LinearNODE(nn.Module):
         - `G`, `c`: `TimePath`s or callables of a scalar time giving `(d, d)` and `(d,)`
           (`c = None`: zero). `G_dot`, `c_dot`: their derivatives (else autograd).
         - `check`: verify `G(0) = G(T) = 1`, `c(0) = c(T) = 0` and that `G(t)` stays in
-          GL⁺(d) (checked on a grid of 257 times); raise `GaugeError` otherwise. With
-          `check=False` a path that breaks the boundary conditions is applied as given
-          (the input-output map then changes).
+          GL⁺(d) (`det G > 0` on a grid, golden-section refinement of every dip of
+          `σ_min/σ_max` between grid points, so double roots of `det G` are found too, and
+          again at every time the integrator evaluates); raise `GaugeError` saying where
+          otherwise. With `check=False` a path that breaks the boundary conditions is
+          applied as given (the input-output map then changes).
         """
         G = as_path(G, G_dot)
         if c is None:
@@ -246,7 +260,7 @@ class LinearNODE(nn.Module):
         if check:
             check_gauge_path(G, c, self.T, self.d, self.dtype)
         extra = [self.breakpoints()] + [p.breakpoints for p in (G, c) if p.breakpoints is not None]
-        field = _Gauged(self, G, c)
+        field = _Gauged(self, G, c, check)
         return LinearNODE(
             _Block(field, "w", self.d),
             _Block(field, "b", self.d),

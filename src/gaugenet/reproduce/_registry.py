@@ -24,10 +24,13 @@ Kind = Literal["claim", "figure"]
 
 @dataclass(frozen=True)
 class Context:
-    """What a claim may use: `out_dir` for figures, `seed` for its random numbers."""
+    """What a claim may use: `out_dir` for figures, `seed` for its random numbers, and
+    `quick`: measure on the smallest cases that still decide the criterion (no figures drawn),
+    as the mutation tests do."""
 
     out_dir: Path
     seed: int = 0
+    quick: bool = False
 
 
 @dataclass
@@ -55,6 +58,9 @@ class Claim:
     `kind="figure"` marks an engineering target rather than a statement of the paper (a
     speed-up, say): its figure is measured and compared with the target the same way, the
     report says whether the target was met, and a miss does not fail the run.
+
+    `loose` (non-empty) marks a claim that measures a place where the paper is loose: what the
+    paper says and what holds instead; the report lists these in a section of their own.
     """
 
     id: str
@@ -66,6 +72,7 @@ class Claim:
     target: float
     fn: Callable[[Context], Measurement]
     kind: Kind = "claim"
+    loose: str = ""
 
     def passed(self, value: float) -> bool:
         if not math.isfinite(value):
@@ -97,6 +104,7 @@ def claim(
     compare: Compare = "max",
     target: float = 0.0,
     kind: Kind = "claim",
+    loose: str = "",
 ) -> Callable[[Callable[[Context], Measurement]], Callable[[Context], Measurement]]:
     """Register a claim measured by the decorated function `fn(ctx) -> Measurement`."""
 
@@ -104,7 +112,7 @@ def claim(
         if id in _REGISTRY and _REGISTRY[id].fn.__qualname__ != fn.__qualname__:
             raise ValueError(f"claim id {id!r} registered twice")
         _REGISTRY[id] = Claim(
-            id, reference, statement, measured, tolerance, compare, target, fn, kind
+            id, reference, statement, measured, tolerance, compare, target, fn, kind, loose
         )
         return fn
 

@@ -101,6 +101,19 @@ def write_report(outcomes: list[Outcome], out_dir: Path) -> Path:
         *(_row(o, out_dir) for o in outcomes),
         "",
     ]
+    loose = [o for o in outcomes if o.claim.loose]
+    if loose:
+        lines += [
+            "## Where the paper is loose",
+            "",
+            "Each place is measured by the claim named, whose counterexample is in its row above.",
+            "",
+            *(
+                f"- **{o.claim.reference}** ({o.claim.id}, {o.verdict}): {o.claim.loose}"
+                for o in loose
+            ),
+            "",
+        ]
     figures = [f for o in outcomes if o.measurement for f in o.measurement.figures]
     if figures:
         lines += ["## Figures", ""]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..._invariance import invariance_error
@@ -170,24 +172,44 @@ def _perm(ctx: Context) -> Measurement:
     "ff.canonical-align",
     reference="Sec. 5 (gauge fixing)",
     statement="the balanced gauge is orbit independent and align recovers a hidden element",
-    measured="max error of the recovered element (CNN and MLP, 5 random elements)",
+    measured="max of: the recovered element's error, |canonicalize(g·m) − canonicalize(m)| "
+    "over the parameters and the output change of canonicalize (CNN and MLP, 5 random "
+    "elements); nan unless canonicalize moves the (non-canonical) model itself",
     tolerance=1e-10,
 )
 def _align(ctx: Context) -> Measurement:
-    from ..._canonical import align
+    from ... import _canonical
 
     gen = torch.Generator().manual_seed(ctx.seed)
-    worst = 0.0
-    for model, x in [
-        (mlp([6, 12, 9, 4]), torch.randn(4, 6, dtype=torch.float64)),
-        (example_cnn(), torch.randn(4, 3, 12, 12, dtype=torch.float64)),
-    ]:
+    worst, orbit, output, moved = 0.0, 0.0, 0.0, math.inf
+    cases = [(mlp([6, 12, 9, 4]), torch.randn(4, 6, dtype=torch.float64))]
+    if not ctx.quick:
+        cases.append((example_cnn(), torch.randn(4, 3, 12, 12, dtype=torch.float64)))
+    for model, x in cases:
         group = symmetries(model, x)
-        for _ in range(5):
+        canon = _canonical.canonicalize(model, group=group)
+        params = dict(canon.named_parameters())
+        output = max(output, invariance_error(model, canon, x))
+        moved = min(moved, _param_gap(dict(model.named_parameters()), params))
+        for _ in range(2 if ctx.quick else 5):
             g = group.sample(gen)
-            h = align(model, group.act(model, g), group=group)
+            other = group.act(model, g)
+            h = _canonical.align(model, other, group=group)
             worst = max(worst, max(float((h[k].double() - g[k].double()).abs().max()) for k in g))
-    return Measurement(worst)
+            canon_g = _canonical.canonicalize(other, group=group)
+            orbit = max(orbit, _param_gap(dict(canon_g.named_parameters()), params))
+    value = max(worst, orbit, output) if moved > 1e-3 else math.nan
+    return Measurement(
+        value,
+        f"align {worst:.1e}; canonical form orbit gap {orbit:.1e}, output change {output:.1e}; "
+        f"canonicalize moves the models by at least {moved:.2f}",
+    )
+
+
+def _param_gap(a: dict, b: dict) -> float:
+    return max(
+        float((a[k].detach() - b[k].detach()).abs().max() / b[k].detach().abs().max()) for k in b
+    )
 
 
 @claim(
