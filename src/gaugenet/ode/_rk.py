@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .._errors import GaugeError
+from ._wilson_checks import check_field
 
 __all__ = ["RK8", "rk_lines"]
 
@@ -41,14 +42,19 @@ class RK8:
 
 
 @cache
-def _tableau(dtype: torch.dtype) -> tuple[Tensor, list[list[float]], list[float], Tensor, Tensor]:
+def _tableau(
+    dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor, list[Tensor], Tensor, Tensor]:
+    """Stage nodes `c_1 … c_12` (the last is 1: the next step's first stage), the rows of
+    `A` with the weights `b` as a 13th row, and the error weights `(E5; E3)` as `(2, 13)`."""
     from scipy.integrate._ivp import dop853_coefficients as c
 
     s = c.N_STAGES
-    nodes = torch.tensor(c.C[: s + 1], dtype=dtype)
-    rows = [[float(a) for a in c.A[i, :i]] for i in range(s)]
-    b = [float(x) for x in c.B]
-    return nodes, rows, b, torch.tensor(c.E5, dtype=dtype), torch.tensor(c.E3, dtype=dtype)
+    nodes = torch.tensor(c.C[1 : s + 1], dtype=dtype, device=device)
+    rows = [torch.tensor(c.A[i, :i], dtype=dtype, device=device) for i in range(1, s)]
+    rows.append(torch.tensor(c.B, dtype=dtype, device=device))
+    errors = torch.tensor(list(zip(c.E5, c.E3)), dtype=dtype, device=device).T.contiguous()
+    return nodes, rows, errors
 
 
 def rk_lines(
@@ -57,60 +63,81 @@ def rk_lines(
     t0: Tensor,
     rtol: float,
     check: Callable[[int, float], None],
+    steps: int | None = None,
 ) -> tuple[Tensor, float]:
     """Wilson lines over the flat intervals `t0 -> t1` (shape `(B,)`) to relative local
-    accuracy `rtol` per unit of normalized time. `check(n, σ)` is called before every step
-    with the steps tried so far and the time reached (it raises when the budget is spent).
-    Returns the lines `(B, ..., d, d)` and the summed local error estimate."""
-    nodes, rows, b, e5, e3 = _tableau(t0.dtype)
-    nodes = nodes.to(t0.device)
-    L = t1 - t0
+    accuracy `rtol` per unit of normalized time, or with `steps` equal steps (every step
+    accepted: the fixed-step method whose order the tests fit). `check(n, σ)` is called
+    before every step with the steps tried so far and the time reached (it raises when the
+    budget is spent).
+    Returns the lines `(B, ..., d, d)` and the summed local error estimate.
 
-    def field(sigma: Tensor) -> Tensor:
-        """`(t1 - t0) w(t0 + σ (t1 - t0))` with the interval length in front."""
-        A = w(t0 + sigma * L)
-        return A * L.reshape(-1, *([1] * (A.dim() - 1)))
-
-    # The first stage at Y = 1 is the field itself: no product.
-    K0 = field(torch.zeros_like(t0))
-    eye = torch.eye(K0.shape[-1], dtype=K0.dtype, device=K0.device)
-    Y = eye.expand_as(K0)
-    shape = K0.shape
-    flat = K0.numel()
+    The field is evaluated once per step, at all stage times of the batch; the stages live
+    in one buffer (without autograd) so that each stage is one combination and one product.
+    """
+    nodes, rows, errors = _tableau(t0.dtype, t0.device)
+    B, L = t0.shape[0], t1 - t0
+    K0 = w(t0)
+    check_field(K0, B)
+    lshape = (-1, *([1] * (K0.dim() - 1)))
+    K0 = K0 * L.reshape(lshape)  # the first stage at Y = 1 is the (scaled) field: no product
+    shape, flat = K0.shape, K0.numel()
+    eye = torch.eye(shape[-1], dtype=K0.dtype, device=K0.device)
+    Y = eye.expand(shape).reshape(1, flat)
+    track = torch.is_grad_enabled() and K0.requires_grad
+    tiny = torch.finfo(K0.dtype).tiny
     scale = float(K0.detach().abs().amax()) if flat else 0.0
     # A first step from the field's size (8th order: error ~ (h |w|)^9, aimed at rtol).
-    h = min(1.0, 0.5 * rtol ** (1.0 / 9.0) / max(scale, 1e-12))
+    h = min(1.0, 0.5 * rtol ** (1.0 / 9.0) / max(scale, 1e-12)) if steps is None else 1 / steps
     sigma, total, taken = 0.0, 0.0, 0
+    stages = len(rows) + 1
+    Kbuf: Tensor | None = None
     while sigma < 1.0:
         check(taken, sigma)
-        h = min(h, 1.0 - sigma)
-        K = [K0]
-        for i in range(1, len(rows)):
-            coef = torch.tensor(rows[i], dtype=Y.dtype, device=Y.device) * h
-            Ys = torch.addmm(
-                Y.reshape(1, flat), coef[None], torch.stack(K).reshape(i, flat)
-            ).reshape(shape)
-            K.append(field(torch.full_like(t0, sigma) + nodes[i] * h) @ Ys)
-        Kt = torch.stack(K).reshape(len(K), flat)
-        bt = torch.tensor(b, dtype=Y.dtype, device=Y.device) * h
-        Ynew = torch.addmm(Y.reshape(1, flat), bt[None], Kt).reshape(shape)
-        K12 = field(torch.full_like(t0, sigma + h)) @ Ynew
-        Kall = torch.cat([Kt, K12.reshape(1, flat)])
+        if steps is None:
+            h = min(h, 1.0 - sigma)
+        elif taken == steps:
+            break
+        else:
+            sigma = taken / steps
+        # The field at every stage time of the step, in one call: (12, B, ..., d, d).
+        times = (t0 + sigma * L)[None, :] + (nodes * h)[:, None] * L[None, :]
+        F = w(times.reshape(-1))
+        check_field(F, times.numel())
+        F = (F.reshape(len(nodes), *shape) * L.reshape(lshape)).unbind(0)
+        if track:
+            K = [K0.reshape(flat)]
+        else:  # one buffer for all steps: fresh memory would cost page faults every step
+            if Kbuf is None:
+                Kbuf = torch.empty(stages, flat, dtype=K0.dtype, device=K0.device)
+            Kbuf[0].copy_(K0.reshape(flat))
+        for i, row in enumerate(rows):
+            stack = torch.stack(K) if track else Kbuf[: i + 1]
+            Ys = torch.addmm(Y, row[None], stack, alpha=h).reshape(shape)
+            if i + 1 == len(rows):
+                Ynew = Ys
+            if track:
+                K.append((F[i] @ Ys).reshape(flat))
+            else:
+                torch.matmul(F[i], Ys, out=Kbuf[i + 1].view(shape))
+        Kall = torch.stack(K) if track else Kbuf
         with torch.no_grad():
-            err5 = (e5 @ Kall).reshape(shape).abs().flatten(1).amax(1)
-            err3 = (e3 @ Kall).reshape(shape).abs().flatten(1).amax(1)
-            size = Ynew.abs().flatten(1).amax(1).clamp_min(torch.finfo(Y.dtype).tiny)
-            den = (err5.square() + 0.01 * err3.square()).sqrt().clamp_min(torch.finfo(Y.dtype).tiny)
-            local = float((h * err5.square() / den / size).amax())
+            err = (errors @ Kall).reshape(2, *shape).abs().flatten(2).amax(2)
+            size = Ynew.detach().abs().flatten(1).amax(1).clamp_min(tiny)
+            den = (err[0].square() + 0.01 * err[1].square()).sqrt().clamp_min(tiny)
+            local = float((h * err[0].square() / den / size).amax())
         if not math.isfinite(local):
             raise GaugeError(
-                f"wilson_line: the Runge-Kutta stages are not finite at σ = {sigma:.3g} "
-                "(the field or the line overflows)"
+                f"wilson_line: the Runge-Kutta stages are not finite at σ = {sigma:.3g} of "
+                "the interval (the field is not finite there, or the line overflows)"
             )
         taken += 1
-        ratio = local / (rtol * h)
+        ratio = local / (rtol * h) if steps is None else 0.0
         if ratio <= 1.0:
-            Y, K0, sigma, total = Ynew, K12, sigma + h, total + local
+            Y, sigma, total = Ynew.reshape(1, flat), sigma + h, total + local
+            K0 = Kall[-1].reshape(shape).clone() if not track else K[-1].reshape(shape)
+        if steps is not None:
+            continue
         factor = 10.0 if ratio == 0.0 else min(10.0, max(0.2, 0.9 * ratio ** (-1.0 / 8.0)))
         h = h * (min(1.0, factor) if ratio > 1.0 else factor)
-    return Y, total
+    return Y.reshape(shape), total

@@ -156,16 +156,11 @@ def _fixed_steps(
     exp_tol: float | None = None,
 ) -> Tensor:
     """Wilson lines over the flat intervals `t0 -> t1` (shape `(B,)`) with `n` equal steps;
-    `exp_tol` bounds each step exponential's Taylor remainder (default: roundoff). Raises
-    `GaugeError` when `w` is not finite at a node, `_Overflow` when the lines are not finite
-    otherwise."""
+    `exp_tol` bounds each step exponential's Taylor remainder (default: roundoff). The
+    lines are not checked for finiteness here (callers do, on reductions they need anyway)."""
     B = t0.shape[0]
     h = (t1 - t0) / n
-    k = torch.arange(n, dtype=t0.dtype, device=t0.device)
-    c = torch.tensor(method.nodes, dtype=t0.dtype, device=t0.device)
-    times = (t0[:, None, None] + (k[None, :, None] + c[None, None, :]) * h[:, None, None]).reshape(
-        -1
-    )
+    times = _node_times(t1, t0, n, method)
     A = w(times)
     check_field(A, times.shape[0])
     d = A.shape[-1]
@@ -175,13 +170,41 @@ def _fixed_steps(
     omega = method.omega(A, hb)
     steps = expm(omega, exp_tol)  # (B, n, *extra, d, d): all steps in one call
     steps = steps.movedim(1, -3)  # step axis next to the matrix axes
-    W = ordered_product(steps)
-    if not bool(torch.isfinite(W.detach()).all()):
-        error = nonfinite_field(A.movedim(-3, 2).reshape(-1, *extra, d, d), times)
-        if error is not None:
-            raise error
-        raise _Overflow
-    return W
+    return ordered_product(steps)
+
+
+def _node_times(t1: Tensor, t0: Tensor, n: int, method: MagnusMethod) -> Tensor:
+    """The `B · n · s` times at which `_fixed_steps` evaluates `w`, flat."""
+    h = (t1 - t0) / n
+    k = torch.arange(n, dtype=t0.dtype, device=t0.device)
+    c = torch.tensor(method.nodes, dtype=t0.dtype, device=t0.device)
+    times = t0[:, None, None] + (k[None, :, None] + c[None, None, :]) * h[:, None, None]
+    return times.reshape(-1)
+
+
+def _not_finite(w: MatrixField, t1: Tensor, t0: Tensor, n: int, method: MagnusMethod) -> Exception:
+    """Why lines with `n` steps came out non-finite: `GaugeError` naming the times where `w`
+    is not finite, else `_Overflow` (the field is finite; the steps are too long or the line
+    overflows)."""
+    times = _node_times(t1, t0, n, method)
+    with torch.no_grad():
+        error = nonfinite_field(w(times), times)
+    return error if error is not None else _Overflow()
+
+
+def _check_finite(
+    value: float, w: MatrixField, t1: Tensor, t0: Tensor, n: int, method: MagnusMethod
+) -> None:
+    """Raise `GaugeError` when `value` (a reduction over lines with `n` steps) is not finite."""
+    if math.isfinite(value):
+        return
+    why = _not_finite(w, t1, t0, n, method)
+    if isinstance(why, GaugeError):
+        raise why
+    raise GaugeError(
+        f"wilson_line: the line is not finite with {n} steps although w(t) is: the steps are "
+        "too long for the field, or the line overflows (use rtol or more steps)"
+    )
 
 
 def _doubling_pair(
@@ -239,30 +262,30 @@ def _magnus_search(
     prev = fine = None
     err, m = math.inf, n
     while True:
-        try:
-            if fine is None:
-                budget(3 * n, err)
-                prev, fine = _doubling_pair(w, t1, t0, n, method, exp_tol(2 * n))
-                m = 2 * n
-                err = _relative_gap(prev, fine) / (2**p - 1)
-            else:
-                # Aim below the tolerance: estimates from few steps are often optimistic.
-                grow = max(1.25, (err / (0.3 * rtol)) ** (1.0 / p))
-                new_m = min(math.ceil(m * grow), max_steps)
-                budget(new_m, err)
-                new = _fixed_steps(w, t1, t0, new_m, method, exp_tol(new_m))
-                err = _relative_gap(fine, new) / ((new_m / m) ** p - 1)
-                prev, fine, n, m = fine, new, m, new_m
-        except _Overflow:
+        if fine is None:
+            budget(3 * n, err)
+            prev, fine = _doubling_pair(w, t1, t0, n, method, exp_tol(2 * n))
+            m, used = 2 * n, n
+            err = _relative_gap(prev, fine) / (2**p - 1)
+        else:
+            # Aim below the tolerance: estimates from few steps are often optimistic.
+            grow = max(1.25, (err / (0.3 * rtol)) ** (1.0 / p))
+            new_m = min(math.ceil(m * grow), max_steps)
+            budget(new_m, err)
+            new = _fixed_steps(w, t1, t0, new_m, method, exp_tol(new_m))
+            err = _relative_gap(fine, new) / ((new_m / m) ** p - 1)
+            prev, fine, n, m, used = fine, new, m, new_m, new_m
+        if not math.isfinite(err):
+            why = _not_finite(w, t1, t0, used, method)
+            if isinstance(why, GaugeError):
+                raise why
             # The field is finite but the steps too long for it: start again, four times finer.
-            n = 4 * (n if fine is None else m)
-            prev = fine = None
-            err = math.inf
+            n, prev, fine = 4 * m, None, None
             if 2 * n > max_steps:
                 raise GaugeError(
                     f"wilson_line: the line is not finite with up to max_steps={max_steps} "
                     "steps although w(t) is: the line overflows or the field is too stiff"
-                ) from None
+                )
             continue
         if err <= rtol:
             break
@@ -349,10 +372,7 @@ def wilson_line(
             else W.reshape(*shape, *W.shape[1:])
         )
     A0 = w(t0f)
-    check_field(A0, B)
-    error = nonfinite_field(A0, t0f)
-    if error is not None:
-        raise error
+    check_field(A0, B)  # (finiteness: from the lines' reductions, diagnosed when they fail)
     d = A0.shape[-1]
     lines = B * math.prod(A0.shape[1:-2])
     itemsize = A0.element_size()
@@ -364,8 +384,6 @@ def wilson_line(
         check_memory(n, lines, d, itemsize, max_bytes, reached)
 
     if isinstance(method, RK8):
-        if steps is not None:
-            raise GaugeError("wilson_line: RK8 chooses its own steps; pass rtol, not steps")
         check_memory(1, lines, d, itemsize, max_bytes, "RK8 keeps 13 stages per line")
 
         def rk_budget(taken: int, sigma: float) -> None:
@@ -375,7 +393,8 @@ def wilson_line(
                     f"{sigma:.3g} of the interval (RK8, rtol={rtol:.1e})"
                 )
 
-        W, err = rk_lines(w, t1f, t0f, rtol, rk_budget)
+        fixed = steps if rtol is None else None
+        W, err = rk_lines(w, t1f, t0f, rtol or 1.0, rk_budget, fixed)
         return (
             (W.reshape(*shape, *W.shape[1:]), err)
             if return_error
@@ -384,14 +403,8 @@ def wilson_line(
 
     if rtol is None and not return_error:
         budget(steps, math.inf)
-        try:
-            W = _fixed_steps(w, t1f, t0f, steps, method)
-        except _Overflow:
-            raise GaugeError(
-                f"wilson_line: the line is not finite with {steps} steps although w(t) is: "
-                "the steps are too long for the field, or the line overflows (use rtol or "
-                "more steps)"
-            ) from None
+        W = _fixed_steps(w, t1f, t0f, steps, method)
+        _check_finite(float(W.detach().abs().amax()), w, t1f, t0f, steps, method)
         return W.reshape(*shape, *W.shape[1:])
 
     rtol_eff = rtol if rtol is not None else min_rtol(dtype)
@@ -401,14 +414,9 @@ def wilson_line(
     with torch.set_grad_enabled(track):
         if rtol is None:  # steps with return_error: one pair, its estimate
             budget(3 * steps, math.inf)
-            try:
-                prev, fine = _doubling_pair(w, t1f, t0f, steps, method, None)
-            except _Overflow:
-                raise GaugeError(
-                    f"wilson_line: the line is not finite with {steps} steps although w(t) "
-                    "is (use rtol or more steps)"
-                ) from None
+            prev, fine = _doubling_pair(w, t1f, t0f, steps, method, None)
             err = _relative_gap(prev, fine) / (2**method.order - 1)
+            _check_finite(err, w, t1f, t0f, steps, method)
             fine = fine + (fine - prev) / (2**method.order - 1)
         else:
             fine, err = _magnus_search(w, t1f, t0f, method, rtol, n, max_steps, budget)
