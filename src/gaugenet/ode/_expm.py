@@ -109,7 +109,7 @@ def _taylor4(X: Tensor, X2: Tensor, f: float) -> Tensor:
 def _taylor8(X: Tensor, X2: Tensor, f: float) -> Tensor:
     c = _T8
     # Scaled: A4 = (fX)² (x1 fX + x2 (fX)²) = X² (x1 f³ X + x2 f⁴ X²).
-    A4 = X2 @ torch.add(X * (c["x1"] * f**3), X2, alpha=c["x2"] * f**4)
+    A4 = torch.bmm(X2, torch.add(X * (c["x1"] * f**3), X2, alpha=c["x2"] * f**4))
     left = torch.add(A4, X2, alpha=c["x3"] * f**2)
     right = _identity_plus(X, c["x5"] * f, c["x4"]).add_(X2, alpha=c["x6"] * f**2)
     right = right.add_(A4, alpha=c["x7"])
@@ -120,8 +120,8 @@ def _taylor8(X: Tensor, X2: Tensor, f: float) -> Tensor:
 def _taylor12(X: Tensor, X2: Tensor, f: float) -> Tensor:
     # Paterson-Stockmeyer: with Y = (fX)⁴, p = B0 + Y (B1 + Y (B2 + c12 Y)),
     # B_j = Σ_{i<4} c[4j+i] (fX)^i; the factors f^i go into the coefficients (powers of two).
-    X3 = X2 @ X
-    X4 = X2 @ X2
+    X3 = torch.bmm(X2, X)
+    X4 = torch.bmm(X2, X2)
     c = [1.0 / math.factorial(k) for k in range(13)]
     blocks = []
     for j in range(3):
@@ -153,7 +153,7 @@ def expm(X: Tensor, tol: float | None = None) -> Tensor:
         return X.clone()
     shape = X.shape
     X = X.reshape(-1, d, d)
-    X2 = X @ X
+    X2 = torch.bmm(X, X)
     n1, n2 = _norms(X, X2)
     if not (math.isfinite(n1) and math.isfinite(n2)):
         return torch.linalg.matrix_exp(X).reshape(shape)  # torch reports or propagates it
@@ -161,5 +161,5 @@ def expm(X: Tensor, tol: float | None = None) -> Tensor:
     degree, s = expm_plan(n1, n2, eps if tol is None else max(tol, eps))
     R = _SCHEMES[degree](X, X2, 2.0**-s)
     for _ in range(s):
-        R = R @ R
+        R = torch.bmm(R, R)
     return R.reshape(shape)

@@ -83,7 +83,7 @@ class Magnus4(MagnusMethod):
         r = math.sqrt(3) / 12
         mean, diff = _moments(A, h, ((0.5, 0.5), (-r, r)))
         # (√3/12) h² [a₂, a₁] = [(√3/12) h (a₂ - a₁), h (a₁ + a₂)/2] = [diff, mean].
-        out = (diff @ mean).baddbmm_(mean, diff, alpha=-1.0).add_(mean)
+        out = torch.bmm(diff, mean).baddbmm_(mean, diff, alpha=-1.0).add_(mean)
         return out.reshape(shape)
 
 
@@ -105,12 +105,12 @@ class Magnus6(MagnusMethod):
         al1, al2, al3 = _moments(A, h, self._MOMENTS)
         # Fused products accumulate into fresh results in place (baddbmm_ computes
         # beta*x + alpha*a@b without copying x); no backward pass reads what they overwrite.
-        c1 = (al1 @ al2).baddbmm_(al2, al1, alpha=-1.0)  # [al1, al2]
+        c1 = torch.bmm(al1, al2).baddbmm_(al2, al1, alpha=-1.0)  # [al1, al2]
         y = torch.add(c1, al3, alpha=2.0)
-        c2 = (al1 @ y).baddbmm_(y, al1, beta=-1.0 / 60, alpha=1.0 / 60)  # -[al1, y]/60
+        c2 = torch.bmm(al1, y).baddbmm_(y, al1, beta=-1.0 / 60, alpha=1.0 / 60)  # -[al1, y]/60
         u = c1.sub_(al1, alpha=20.0).sub_(al3)  # [al1, al2] - 20 al1 - al3
         v = c2.add_(al2)
-        out = (u @ v).baddbmm_(v, u, alpha=-1.0)  # [u, v]
+        out = torch.bmm(u, v).baddbmm_(v, u, alpha=-1.0)  # [u, v]
         out = out.mul_(1.0 / 240).add_(al1).add_(al3, alpha=1.0 / 12)
         return out.reshape(shape)
 
