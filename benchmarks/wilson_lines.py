@@ -17,8 +17,10 @@ tolerances. Each run's relative error (max-abs, against fixed-step Magnus6 with 
 per unit time, itself compared with DOP853 at `1e-13`) is put beside its time; the time
 each method needs for a relative error `1e-6`, `1e-10`, `1e-12` is interpolated log-log
 between the runs that bracket it (`≤`: the fastest run already below it; `—`: no run
-reached it within the time cap). Every timing is the median of `--repeats` runs, taken
-round-robin over the methods so that load from other processes hits all of them alike.
+reached it within the time cap). Times are CPU time of the process (single-threaded, so
+the work done; other processes on a shared machine disturb it far less than wall time),
+each the median of `--repeats` rounds taken round-robin over the methods so that load hits
+all of them alike (a fast run is repeated within a round to last about 20 ms).
 
 The floor column is the arithmetic of `wilson_line`'s own run: the `d × d` products it
 performs (counted with a dispatch mode, in units of one `d × d` by `d × d` product) times
@@ -154,7 +156,7 @@ def tolerances(name: str, quick: bool) -> list[float]:
         grid = [1e-4, 1e-5, 1e-6, 1e-7, 1e-8, 1e-9, 1e-10, 1e-11, 1e-12, 1e-13]
     else:
         grid = [1e-5, 1e-6, 1e-7, 1e-8, 1e-9, 1e-10, 1e-11, 1e-12, 1e-13]
-    return grid[::2] + grid[-1:] if quick else grid
+    return grid[::2] if quick else grid
 
 
 def reference(w, d: int, batched: bool) -> np.ndarray:
@@ -190,12 +192,23 @@ def product_seconds(d: int, repeats: int) -> float:
     """Time of one `d × d` float64 product inside a batched product (median)."""
     batch = max(2, min(64, 4096 // d))
     a = torch.randn(batch, d, d, dtype=F64)
-    times = []
-    for _ in range(repeats * 5):
-        start = time.perf_counter()
-        a @ a
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) / batch
+    once = timed(lambda: a @ a, 1e-3)
+    return statistics.median(timed(lambda: a @ a, once) for _ in range(repeats * 3)) / batch
+
+
+def clock() -> float:
+    """CPU time of this process: with one thread it is the work done, and other processes
+    on a shared machine change it far less than they change wall time."""
+    return time.process_time()
+
+
+def timed(fn: Callable[[], object], once: float) -> float:
+    """One timing of `fn`: the mean of enough calls to last about 20 ms (at most 10)."""
+    k = max(1, min(10, math.ceil(0.02 / max(once, 1e-6))))
+    start = clock()
+    for _ in range(k):
+        fn()
+    return (clock() - start) / k
 
 
 def sweep(d: int, batched: bool, repeats: int, quick: bool, cap: float):
@@ -208,10 +221,10 @@ def sweep(d: int, batched: bool, repeats: int, quick: bool, cap: float):
     results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in fns}
     for name, fn in fns.items():
         for tol in tolerances(name, quick):
-            fn(tol)  # warm-up (and the error)
-            start = time.perf_counter()
+            fn(tol)  # warm-up
+            start = clock()
             out = fn(tol)
-            once = time.perf_counter() - start
+            once = clock() - start
             err = float((np.abs(out - ref).max(axis=(-2, -1)) / scale).max())
             results[name].append((tol, err, once))
             if once > cap:
@@ -223,9 +236,7 @@ def sweep(d: int, batched: bool, repeats: int, quick: bool, cap: float):
             for i, (tol, _, s) in enumerate(rows):
                 if s > cap / 4:
                     continue
-                start = time.perf_counter()
-                fns[name](tol)
-                timings[(name, i)].append(time.perf_counter() - start)
+                timings[(name, i)].append(timed(lambda f=fns[name], t=tol: f(t), s))
     for name, rows in results.items():
         results[name] = [
             (tol, err, statistics.median(timings[(name, i)]))
@@ -270,7 +281,8 @@ def main() -> None:
     lines = [
         f"# Wilson lines: time [ms] to a relative error (float64, torch {torch.__version__}, "
         f"{torch.get_num_threads()} thread(s), numpy BLAS {os.environ['OMP_NUM_THREADS']}, "
-        f"{platform.processor() or platform.machine()}, median of {repeats})",
+        f"{platform.processor() or platform.machine()}, CPU time of the process, median of "
+        f"{repeats})",
         "",
     ]
     if linode_odeint is None:

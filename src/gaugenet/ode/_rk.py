@@ -28,6 +28,20 @@ from ._wilson_checks import check_field
 
 __all__ = ["RK8", "rk_lines"]
 
+#: the field is evaluated at all stage times of a step in one call up to this many entries
+_ONE_CALL = 2**20
+
+
+class _Lazy:
+    """`F[i]` computed on access (the stage values of a large field, one at a time)."""
+
+    def __init__(self, fn: Callable[[int], Tensor]):
+        self.fn = fn
+
+    def __getitem__(self, i: int) -> Tensor:
+        return self.fn(i)
+
+
 MatrixField = Callable[[Tensor], Tensor]
 
 
@@ -100,11 +114,20 @@ def rk_lines(
             break
         else:
             sigma = taken / steps
-        # The field at every stage time of the step, in one call: (12, B, ..., d, d).
         times = (t0 + sigma * L)[None, :] + (nodes * h)[:, None] * L[None, :]
-        F = w(times.reshape(-1))
-        check_field(F, times.numel())
-        F = (F.reshape(len(nodes), *shape) * L.reshape(lshape)).unbind(0)
+        if len(nodes) * flat <= _ONE_CALL:
+            # The field at every stage time of the step, in one call: (12, B, ..., d, d).
+            F = w(times.reshape(-1))
+            check_field(F, times.numel())
+            F = (F.reshape(len(nodes), *shape) * L.reshape(lshape)).unbind(0)
+        else:  # large: one stage at a time, so that the field's values stay in cache
+
+            def stage(i: int, times: Tensor = times) -> Tensor:
+                A = w(times[i])
+                check_field(A, B)
+                return A * L.reshape(lshape)
+
+            F = _Lazy(stage)
         if track:
             K = [K0.reshape(flat)]
         else:  # one buffer for all steps: fresh memory would cost page faults every step

@@ -225,7 +225,9 @@ def _relative_gap(a: Tensor, b: Tensor) -> float:
 
 
 #: `rtol` searches with Runge-Kutta from this dimension on (see `wilson_line`)
-RK_MIN_DIM = 128
+RK_MIN_DIM = 64
+#: RK8 takes the intervals in chunks of about this many bytes of stages
+RK_CHUNK_BYTES = 2**25
 
 
 def _first_steps(A0: Tensor, lengths: Tensor, rtol: float) -> int:
@@ -333,8 +335,9 @@ def wilson_line(
       estimate. `RK8`: adaptive steps shared by the batch, the summed local error estimates
       below `rtol`. Default, when neither is given: `1e-12` in float64, `1e-6` otherwise.
     - `method`: a `MagnusMethod` or `RK8()`. Default: `Magnus6()` with `steps`, and with
-      `rtol` `Magnus6()` for `d < 128` and `RK8()` from `d = 128` on, where the products of
-      a Magnus step cost more than the Runge-Kutta stages they save.
+      `rtol` `Magnus6()` for `d < 64` and `RK8()` from `d = 64` on, where the products of
+      a Magnus step cost more than the Runge-Kutta stages they save (RK8 keeps the group
+      laws and `det` only to the tolerance).
     - `return_error`: also return the error estimate (needs a second result, even with
       `steps`: the first is then taken at `steps`).
     - `max_steps`: the cap on steps per interval; a tolerance not reached within it raises
@@ -394,7 +397,15 @@ def wilson_line(
                 )
 
         fixed = steps if rtol is None else None
-        W, err = rk_lines(w, t1f, t0f, rtol or 1.0, rk_budget, fixed)
+        # Intervals in chunks whose stages fit in cache (about 27 d × d tensors per line):
+        # one pass over a large batch would stream every stage through memory.
+        chunk = max(1, RK_CHUNK_BYTES // (27 * (lines // B) * d * d * itemsize))
+        parts = [
+            rk_lines(w, t1f[i : i + chunk], t0f[i : i + chunk], rtol or 1.0, rk_budget, fixed)
+            for i in range(0, B, chunk)
+        ]
+        W = parts[0][0] if len(parts) == 1 else torch.cat([p[0] for p in parts])
+        err = max(p[1] for p in parts)
         return (
             (W.reshape(*shape, *W.shape[1:]), err)
             if return_error
