@@ -189,3 +189,32 @@ def test_rtol_result_is_extrapolated_beyond_the_estimate(gen):
     ref = wilson_line(w, 1.0, 0.0, steps=1024)
     W, estimate = wilson_line(w, 1.0, 0.0, rtol=1e-7, return_error=True)
     assert rel(W, ref) < estimate
+
+
+@pytest.mark.parametrize("degree", [2, 4, 8, 12])
+def test_taylor_schemes_are_taylor_polynomials(degree):
+    # On a diagonal X the scheme is its polynomial at each entry: compare with Σ x^k/k!.
+    from gaugenet.ode._expm import _SCHEMES
+
+    x = torch.tensor([0.03, -0.2, 0.5, 0.9], dtype=F64)
+    X = torch.diag(x)[None]
+    got = _SCHEMES[degree](X, X @ X, 1.0)[0].diagonal()
+    taylor = sum(x**k / math.factorial(k) for k in range(degree + 1))
+    assert float((got - taylor).abs().max()) < 1e-15
+    # Negative: one degree less is visibly different at x = 0.9.
+    lower = sum(x**k / math.factorial(k) for k in range(degree))
+    assert float((got - lower).abs().max()) > 0.9**degree / math.factorial(degree) / 2
+
+
+@pytest.mark.parametrize("tol", [1e-6, 1e-10, 1e-14])
+def test_expm_with_tolerance(tol, gen):
+    from gaugenet.ode._expm import expm_plan
+
+    X = 0.3 * torch.randn(5, 10, 10, dtype=F64, generator=gen) / math.sqrt(10)
+    assert rel(expm(X, tol), torch.linalg.matrix_exp(X)) < tol
+    # A looser tolerance never costs more products than a tighter one.
+    n1 = float(torch.linalg.matrix_norm(X).amax())
+    n2 = float(torch.linalg.matrix_norm(X @ X).amax())
+    costs = {2: 1, 4: 2, 8: 3, 12: 5}
+    loose, tight = expm_plan(n1, n2, tol), expm_plan(n1, n2, tol * 1e-2)
+    assert costs[loose[0]] + loose[1] <= costs[tight[0]] + tight[1]

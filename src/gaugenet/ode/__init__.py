@@ -45,6 +45,7 @@ from ._regularizers import covariant_higgs_kinetic as covariant_higgs_kinetic
 from ._regularizers import gauge_fixing_regularizer as gauge_fixing_regularizer
 from ._regularizers import gauss_legendre as gauss_legendre
 from ._relating import relating_diffeo as relating_diffeo
+from ._rk import RK8 as RK8
 from ._wilson import Magnus4 as Magnus4
 from ._wilson import Magnus6 as Magnus6
 from ._wilson import MagnusMethod as MagnusMethod

@@ -2,84 +2,164 @@
 
 `torch.linalg.matrix_exp` picks a Taylor degree per matrix and regroups the batch by degree,
 which costs several copies and more products than the small-norm exponents of Magnus steps
-need. Here the whole batch shares one evaluation: the degree-12 Taylor polynomial by the
-Paterson-Stockmeyer scheme (5 matrix products), with the scaling `2^-s` chosen from
-`α = max(‖X³‖^{1/3}, ‖X⁴‖^{1/4})` in the Frobenius norm (Al-Mohy and Higham's bound of the
-truncated series by the powers' norms, valid in any submultiplicative norm and much tighter
-than `‖X‖` for non-normal matrices), then `s` squarings. The powers are computed once:
-the scaling only changes the polynomial's coefficients, since `(2^-s X)^k = 2^-sk X^k`.
+need. Here the whole batch shares one evaluation, the cheapest of
+
+| degree | products (with `X²`) | scheme |
+|---|---|---|
+| 2 | 1 | `1 + X + X²/2` |
+| 4 | 2 | `1 + X + X² (1/2 + X/6 + X²/24)` |
+| 8 | 3 | Bader, Blanes and Casas (2019): `X⁸`-level terms from two products |
+| 12 | 5 | Paterson-Stockmeyer in blocks of `X, X², X³`, Horner in `X⁴` |
+
+plus `s` squarings of the scaled `2^-s X`, that keeps the Taylor remainder below `tol`. The
+remainder `Σ_{k>m} ‖X^k‖/k!` is bounded by the norms of `X` and `X²` alone (`‖X^{2j}‖ ≤
+‖X²‖^j`, `‖X^{2j+1}‖ ≤ ‖X‖ ‖X²‖^j` in the Frobenius norm, submultiplicative), much tighter
+than `‖X‖^k` for non-normal matrices. The scaling only changes the polynomial's
+coefficients, since `(2^-s X)^k = 2^-sk X^k`.
 """
 
 from __future__ import annotations
 
 import math
-from functools import cache
 
 import torch
 from torch import Tensor
 
-__all__ = ["expm"]
+__all__ = ["expm", "expm_plan"]
 
-_DEGREE = 12
-_BLOCK = 4  # Paterson-Stockmeyer block: X, X², X³ inside a block, Horner in X⁴
+#: degree -> products, including `X²`
+_COST = {2: 1, 4: 2, 8: 3, 12: 5}
+_MAX_SQUARINGS = 64
+
+# Bader, Blanes and Casas, "Computing the matrix exponential with an optimized Taylor
+# polynomial approximation" (Mathematics 7, 2019), the degree-8 scheme with x3 = 2/3:
+# A4 = X² (x1 X + x2 X²), A8 = (x3 X² + A4)(x4 + x5 X + x6 X² + x7 A4),
+# T8 = 1 + X + y2 X² + A8. Checked in the tests against the Taylor coefficients.
+_R = math.sqrt(177.0)
+_X3 = 2.0 / 3.0
+_T8 = {
+    "x1": _X3 * (1 + _R) / 88,
+    "x2": _X3 * (1 + _R) / 352,
+    "x3": _X3,
+    "x4": (-271 + 29 * _R) / (315 * _X3),
+    "x5": 11 * (-1 + _R) / (1260 * _X3),
+    "x6": 11 * (-9 + _R) / (5040 * _X3),
+    "x7": (89 - _R) / (5040 * _X3**2),
+    "y2": (857 - 58 * _R) / 630,
+}
 
 
-@cache
-def _theta(eps: float) -> float:
-    """Largest `θ` with `Σ_{k>12} θ^k / k! ≤ eps / 2`: the degree-12 remainder bound."""
+def _tail(m: int, n1: float, n2: float, f: float) -> float:
+    """A bound of `Σ_{k>m} ‖(f X)^k‖ / k!` from `n1 = ‖X‖`, `n2 = ‖X²‖`: with `β = f √n2`
+    and `ρ = max(1, n1 / √n2)`, every term is at most `ρ β^k / k!`, and the geometric
+    bound of the tail after its first term."""
+    if n1 == 0.0:
+        return 0.0
+    root = math.sqrt(n2)
+    rho = max(1.0, n1 / root) if root > 0 else math.inf
+    if not math.isfinite(rho):  # X² = 0: exp(fX) = 1 + fX exactly, every degree is exact
+        return 0.0
+    beta = f * root
+    ratio = beta / (m + 2)
+    if ratio >= 1.0:
+        return math.inf
+    return rho * beta ** (m + 1) / math.factorial(m + 1) / (1.0 - ratio)
 
-    def tail(x: float) -> float:
-        return sum(x**k / math.factorial(k) for k in range(_DEGREE + 1, _DEGREE + 30))
 
-    lo, hi = 0.0, 10.0
-    for _ in range(100):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if tail(mid) <= eps / 2 else (lo, mid)
-    return lo
+def expm_plan(n1: float, n2: float, tol: float) -> tuple[int, int]:
+    """The `(degree, squarings)` with the fewest products whose Taylor remainder for a matrix
+    with `‖X‖ = n1`, `‖X²‖ = n2` is at most `tol` (ties: the higher degree)."""
+    best: tuple[int, int, int] | None = None
+    for m, cost in _COST.items():
+        for s in range(_MAX_SQUARINGS):
+            if _tail(m, n1, n2, 2.0**-s) <= tol:
+                key = (cost + s, -m, s)
+                best = key if best is None or key < best else best
+                break
+    if best is None:
+        raise ValueError("expm: no Taylor degree reaches the tolerance")
+    return -best[1], best[2]
 
 
-def expm(X: Tensor) -> Tensor:
+def _norms(X: Tensor, X2: Tensor) -> tuple[float, float]:
+    """The largest Frobenius norms of `X` and `X²` over the batch (one host sync)."""
+    with torch.no_grad():
+        n = torch.stack([torch.linalg.matrix_norm(P).amax() for P in (X, X2)])
+        n1, n2 = n.tolist()
+    return n1, n2
+
+
+def _identity_plus(X: Tensor, a: float, c0: float = 1.0) -> Tensor:
+    """`c0 + a X` as a new tensor."""
+    out = X * a
+    out.diagonal(dim1=-2, dim2=-1).add_(c0)
+    return out
+
+
+def _taylor2(X: Tensor, X2: Tensor, f: float) -> Tensor:
+    return _identity_plus(X, f).add_(X2, alpha=0.5 * f * f)
+
+
+def _taylor4(X: Tensor, X2: Tensor, f: float) -> Tensor:
+    # 1 + fX + (fX)² (1/2 + fX/6 + (fX)²/24), the factors f carried by the second factor.
+    inner = _identity_plus(X, f**3 / 6, 0.5 * f**2).add_(X2, alpha=f**4 / 24)
+    return _identity_plus(X, f).baddbmm_(X2, inner)
+
+
+def _taylor8(X: Tensor, X2: Tensor, f: float) -> Tensor:
+    c = _T8
+    # Scaled: A4 = (fX)² (x1 fX + x2 (fX)²) = X² (x1 f³ X + x2 f⁴ X²).
+    A4 = torch.bmm(X2, torch.add(X * (c["x1"] * f**3), X2, alpha=c["x2"] * f**4))
+    left = torch.add(A4, X2, alpha=c["x3"] * f**2)
+    right = _identity_plus(X, c["x5"] * f, c["x4"]).add_(X2, alpha=c["x6"] * f**2)
+    right = right.add_(A4, alpha=c["x7"])
+    out = _identity_plus(X, f).add_(X2, alpha=c["y2"] * f**2)
+    return out.baddbmm_(left, right)
+
+
+def _taylor12(X: Tensor, X2: Tensor, f: float) -> Tensor:
+    # Paterson-Stockmeyer: with Y = (fX)⁴, p = B0 + Y (B1 + Y (B2 + c12 Y)),
+    # B_j = Σ_{i<4} c[4j+i] (fX)^i; the factors f^i go into the coefficients (powers of two).
+    X3 = torch.bmm(X2, X)
+    X4 = torch.bmm(X2, X2)
+    c = [1.0 / math.factorial(k) for k in range(13)]
+    blocks = []
+    for j in range(3):
+        k = 4 * j
+        B = X3 * (c[k + 3] * f**3)
+        B.add_(X2, alpha=c[k + 2] * f**2).add_(X, alpha=c[k + 1] * f)
+        B.diagonal(dim1=-2, dim2=-1).add_(c[k])
+        blocks.append(B)
+    Y = X4 * f**4 if f != 1.0 else X4
+    R = blocks[2].add_(Y, alpha=c[12])
+    R = blocks[1].baddbmm_(R, Y)  # in place into the fresh block: no copy
+    return blocks[0].baddbmm_(R, Y)
+
+
+_SCHEMES = {2: _taylor2, 4: _taylor4, 8: _taylor8, 12: _taylor12}
+
+
+def expm(X: Tensor, tol: float | None = None) -> Tensor:
     """`exp(X)` for a batch `X` of shape `(..., d, d)`; differentiable.
 
-    The relative truncation error of every matrix is below the dtype's unit roundoff before
-    squaring (as in scaling-and-squaring methods, `s` squarings can amplify rounding).
-    Besides the five products the evaluation is a few whole-batch kernels with few
-    temporaries: the three degree-3 blocks are accumulated in place (their coefficients carry
-    the scaling `2^-s`, exactly: it is a power of two).
+    `tol` bounds the Taylor remainder of the scaled exponential (before squaring), relative
+    to `‖exp(2^-s X)‖ ≈ 1`: default the dtype's unit roundoff, so that the result is as
+    accurate as scaling and squaring can make it (`s` squarings can amplify rounding). A
+    larger `tol` (a Magnus step inside a tolerance) lets the batch use a lower degree and
+    fewer products. The degree and scaling are chosen for the batch's largest norms.
     """
     d = X.shape[-1]
     if X.numel() == 0:
         return X.clone()
     shape = X.shape
     X = X.reshape(-1, d, d)
-    X2 = X @ X
-    X3 = X2 @ X
-    X4 = X2 @ X2
-    with torch.no_grad():
-        # Frobenius norms: submultiplicative, one fused reduction each, one host sync.
-        norms = [torch.linalg.matrix_norm(P).amax() for P in (X3, X4)]
-        n3, n4 = torch.stack(norms).tolist()
-    alpha = max(n3 ** (1 / 3), n4 ** (1 / 4))
-    if not math.isfinite(alpha):
+    X2 = torch.bmm(X, X)
+    n1, n2 = _norms(X, X2)
+    if not (math.isfinite(n1) and math.isfinite(n2)):
         return torch.linalg.matrix_exp(X).reshape(shape)  # torch reports or propagates it
-    theta = _theta(torch.finfo(X.dtype).eps)
-    s = max(0, math.ceil(math.log2(alpha / theta))) if alpha > 0 else 0
-    f = 2.0**-s
-    c = [1.0 / math.factorial(k) for k in range(_DEGREE + 1)]
-    # With Y = (fX)⁴: p = B0 + Y (B1 + Y (B2 + c12 Y)), B_j = Σ_{i<4} c[4j+i] (fX)^i; the
-    # factors f^i of the block terms go into their coefficients (powers of two: exact).
-    # Each block is one new tensor, accumulated in place.
-    blocks = []
-    for j in range(3):
-        k = _BLOCK * j
-        B = X3 * (c[k + 3] * f**3)
-        B.add_(X2, alpha=c[k + 2] * f**2).add_(X, alpha=c[k + 1] * f)
-        B.diagonal(dim1=-2, dim2=-1).add_(c[k])
-        blocks.append(B)
-    Y = X4 * f**4 if s else X4
-    R = blocks[2].add_(Y, alpha=c[_DEGREE])
-    R = blocks[1].baddbmm_(R, Y)  # in place into the fresh block: no copy
-    R = blocks[0].baddbmm_(R, Y)
+    eps = torch.finfo(X.dtype).eps / 2
+    degree, s = expm_plan(n1, n2, eps if tol is None else max(tol, eps))
+    R = _SCHEMES[degree](X, X2, 2.0**-s)
     for _ in range(s):
-        R = R @ R
+        R = torch.bmm(R, R)
     return R.reshape(shape)

@@ -18,6 +18,15 @@ from torch import Tensor
 
 from .._errors import GaugeError
 from ._expm import expm
+from ._rk import RK8, rk_lines
+from ._wilson_checks import (
+    DEFAULT_MAX_BYTES,
+    check_field,
+    check_memory,
+    check_rtol,
+    min_rtol,
+    nonfinite_field,
+)
 
 __all__ = [
     "Magnus4",
@@ -74,7 +83,7 @@ class Magnus4(MagnusMethod):
         r = math.sqrt(3) / 12
         mean, diff = _moments(A, h, ((0.5, 0.5), (-r, r)))
         # (√3/12) h² [a₂, a₁] = [(√3/12) h (a₂ - a₁), h (a₁ + a₂)/2] = [diff, mean].
-        out = (diff @ mean).baddbmm_(mean, diff, alpha=-1.0).add_(mean)
+        out = torch.bmm(diff, mean).baddbmm_(mean, diff, alpha=-1.0).add_(mean)
         return out.reshape(shape)
 
 
@@ -96,12 +105,12 @@ class Magnus6(MagnusMethod):
         al1, al2, al3 = _moments(A, h, self._MOMENTS)
         # Fused products accumulate into fresh results in place (baddbmm_ computes
         # beta*x + alpha*a@b without copying x); no backward pass reads what they overwrite.
-        c1 = (al1 @ al2).baddbmm_(al2, al1, alpha=-1.0)  # [al1, al2]
+        c1 = torch.bmm(al1, al2).baddbmm_(al2, al1, alpha=-1.0)  # [al1, al2]
         y = torch.add(c1, al3, alpha=2.0)
-        c2 = (al1 @ y).baddbmm_(y, al1, beta=-1.0 / 60, alpha=1.0 / 60)  # -[al1, y]/60
+        c2 = torch.bmm(al1, y).baddbmm_(y, al1, beta=-1.0 / 60, alpha=1.0 / 60)  # -[al1, y]/60
         u = c1.sub_(al1, alpha=20.0).sub_(al3)  # [al1, al2] - 20 al1 - al3
         v = c2.add_(al2)
-        out = (u @ v).baddbmm_(v, u, alpha=-1.0)  # [u, v]
+        out = torch.bmm(u, v).baddbmm_(v, u, alpha=-1.0)  # [u, v]
         out = out.mul_(1.0 / 240).add_(al1).add_(al3, alpha=1.0 / 12)
         return out.reshape(shape)
 
@@ -133,31 +142,78 @@ def prefix_products(F: Tensor) -> Tensor:
     return torch.cat([eye[None], P])
 
 
-def _fixed_steps(w: MatrixField, t1: Tensor, t0: Tensor, n: int, method: MagnusMethod) -> Tensor:
-    """Wilson lines over the flat intervals `t0 -> t1` (shape `(B,)`) with `n` equal steps."""
+class _Overflow(Exception):
+    """A batched call's lines are not finite although the field is: the steps are too long
+    for the field (or the line itself overflows)."""
+
+
+def _fixed_steps(
+    w: MatrixField,
+    t1: Tensor,
+    t0: Tensor,
+    n: int,
+    method: MagnusMethod,
+    exp_tol: float | None = None,
+) -> Tensor:
+    """Wilson lines over the flat intervals `t0 -> t1` (shape `(B,)`) with `n` equal steps;
+    `exp_tol` bounds each step exponential's Taylor remainder (default: roundoff). The
+    lines are not checked for finiteness here (callers do, on reductions they need anyway)."""
     B = t0.shape[0]
     h = (t1 - t0) / n
-    k = torch.arange(n, dtype=t0.dtype, device=t0.device)
-    c = torch.tensor(method.nodes, dtype=t0.dtype, device=t0.device)
-    times = t0[:, None, None] + (k[None, :, None] + c[None, None, :]) * h[:, None, None]
-    A = w(times.reshape(-1))
+    times = _node_times(t1, t0, n, method)
+    A = w(times)
+    check_field(A, times.shape[0])
     d = A.shape[-1]
     extra = A.shape[1:-2]
     A = A.reshape(B, n, len(method.nodes), *extra, d, d).movedim(2, -3)
     hb = h.reshape(B, 1, *([1] * len(extra)), 1, 1)
     omega = method.omega(A, hb)
-    steps = expm(omega)  # (B, n, *extra, d, d): all steps in one call
+    steps = expm(omega, exp_tol)  # (B, n, *extra, d, d): all steps in one call
     steps = steps.movedim(1, -3)  # step axis next to the matrix axes
     return ordered_product(steps)
 
 
+def _node_times(t1: Tensor, t0: Tensor, n: int, method: MagnusMethod) -> Tensor:
+    """The `B · n · s` times at which `_fixed_steps` evaluates `w`, flat."""
+    h = (t1 - t0) / n
+    k = torch.arange(n, dtype=t0.dtype, device=t0.device)
+    c = torch.tensor(method.nodes, dtype=t0.dtype, device=t0.device)
+    times = t0[:, None, None] + (k[None, :, None] + c[None, None, :]) * h[:, None, None]
+    return times.reshape(-1)
+
+
+def _not_finite(w: MatrixField, t1: Tensor, t0: Tensor, n: int, method: MagnusMethod) -> Exception:
+    """Why lines with `n` steps came out non-finite: `GaugeError` naming the times where `w`
+    is not finite, else `_Overflow` (the field is finite; the steps are too long or the line
+    overflows)."""
+    times = _node_times(t1, t0, n, method)
+    with torch.no_grad():
+        error = nonfinite_field(w(times), times)
+    return error if error is not None else _Overflow()
+
+
+def _check_finite(
+    value: float, w: MatrixField, t1: Tensor, t0: Tensor, n: int, method: MagnusMethod
+) -> None:
+    """Raise `GaugeError` when `value` (a reduction over lines with `n` steps) is not finite."""
+    if math.isfinite(value):
+        return
+    why = _not_finite(w, t1, t0, n, method)
+    if isinstance(why, GaugeError):
+        raise why
+    raise GaugeError(
+        f"wilson_line: the line is not finite with {n} steps although w(t) is: the steps are "
+        "too long for the field, or the line overflows (use rtol or more steps)"
+    )
+
+
 def _doubling_pair(
-    w: MatrixField, t1: Tensor, t0: Tensor, n: int, method: MagnusMethod
+    w: MatrixField, t1: Tensor, t0: Tensor, n: int, method: MagnusMethod, exp_tol: float
 ) -> tuple[Tensor, Tensor]:
     """The lines over `t0 -> t1` with `n` and with `2 n` steps, in one batched call: the
     `2 n`-step line is the product of the `n`-step lines over the two halves."""
     B, mid = t0.shape[0], 0.5 * (t0 + t1)
-    W = _fixed_steps(w, torch.cat([t1, mid, t1]), torch.cat([t0, t0, mid]), n, method)
+    W = _fixed_steps(w, torch.cat([t1, mid, t1]), torch.cat([t0, t0, mid]), n, method, exp_tol)
     return W[:B], W[2 * B :] @ W[B : 2 * B]
 
 
@@ -168,6 +224,84 @@ def _relative_gap(a: Tensor, b: Tensor) -> float:
     return float((num / den).max()) if num.numel() else 0.0
 
 
+#: `rtol` searches with Runge-Kutta from this dimension on (see `wilson_line`)
+RK_MIN_DIM = 64
+#: RK8 takes the intervals in chunks of about this many bytes of stages
+RK_CHUNK_BYTES = 2**25
+
+
+def _first_steps(A0: Tensor, lengths: Tensor, rtol: float) -> int:
+    """The step count of the first pair: about where Magnus6's error `~ (h ν)^7` reaches
+    `rtol`, from `ν` = the field's size `‖w(t0)‖_F / √d` times the interval's length, kept to
+    `[1, 4]` (the pair's estimate then predicts the final count)."""
+    d = A0.shape[-1]
+    with torch.no_grad():
+        size = A0.detach().flatten(1).norm(dim=1) / math.sqrt(d) * lengths.abs()
+        nu = float(size.max()) if size.numel() else 0.0
+    if not math.isfinite(nu):
+        return 4
+    return min(4, max(1, math.ceil(nu * rtol ** (-1.0 / 7.0) / 3.4)))
+
+
+def _magnus_search(
+    w: MatrixField,
+    t1: Tensor,
+    t0: Tensor,
+    method: MagnusMethod,
+    rtol: float,
+    n: int,
+    max_steps: int,
+    budget: Callable[[int, float], None],
+) -> tuple[Tensor, float]:
+    """Step-count refinement of the Magnus lines (see `wilson_line`). Returns the
+    extrapolated lines and the error estimate of the unextrapolated ones."""
+    p, eps = method.order, torch.finfo(t0.dtype).eps / 2
+
+    def exp_tol(m: int) -> float:
+        # The exponentials' truncation stays far below what the steps' error may be.
+        return max(eps, 1e-3 * rtol / m)
+
+    prev = fine = None
+    err, m = math.inf, n
+    while True:
+        if fine is None:
+            budget(3 * n, err)
+            prev, fine = _doubling_pair(w, t1, t0, n, method, exp_tol(2 * n))
+            m, used = 2 * n, n
+            err = _relative_gap(prev, fine) / (2**p - 1)
+        else:
+            # Aim below the tolerance: estimates from few steps are often optimistic.
+            grow = max(1.25, (err / (0.3 * rtol)) ** (1.0 / p))
+            new_m = min(math.ceil(m * grow), max_steps)
+            budget(new_m, err)
+            new = _fixed_steps(w, t1, t0, new_m, method, exp_tol(new_m))
+            err = _relative_gap(fine, new) / ((new_m / m) ** p - 1)
+            prev, fine, n, m, used = fine, new, m, new_m, new_m
+        if not math.isfinite(err):
+            why = _not_finite(w, t1, t0, used, method)
+            if isinstance(why, GaugeError):
+                raise why
+            # The field is finite but the steps too long for it: start again, four times finer.
+            n, prev, fine = 4 * m, None, None
+            if 2 * n > max_steps:
+                raise GaugeError(
+                    f"wilson_line: the line is not finite with up to max_steps={max_steps} "
+                    "steps although w(t) is: the line overflows or the field is too stiff"
+                )
+            continue
+        if err <= rtol:
+            break
+        if m >= max_steps:
+            raise GaugeError(
+                f"wilson_line: the step budget max_steps={max_steps} is spent with an error "
+                f"estimate of {err:.2e}, above rtol={rtol:.1e} (raise max_steps or rtol)"
+            )
+    # Gauss-Legendre Magnus methods are symmetric, so the global error is a series in even
+    # powers of the step, led by h^p: one Richardson step removes that term. The reported
+    # estimate stays the (larger) error estimate of the unextrapolated result.
+    return fine + (fine - prev) / ((m / n) ** p - 1), err
+
+
 def wilson_line(
     w: MatrixField,
     t1: Tensor | float,
@@ -175,9 +309,10 @@ def wilson_line(
     *,
     steps: int | None = None,
     rtol: float | None = None,
-    method: MagnusMethod | None = None,
+    method: MagnusMethod | RK8 | None = None,
     return_error: bool = False,
     max_steps: int = 2**15,
+    max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> Tensor | tuple[Tensor, float]:
     r"""The Wilson line `W_{t1:t0}` of eq. (23), batched over intervals.
 
@@ -190,21 +325,31 @@ def wilson_line(
     - `t1`, `t0`: end and start times, numbers or broadcastable tensors of any shape `S`.
     - `steps`: Magnus steps per interval (all intervals get the same number). With `rtol`
       unset, exactly `steps` steps are taken.
-    - `rtol`: relative accuracy to reach. The error at `m` steps is estimated from the gap to
-      the result at `n < m` steps, divided by `(m/n)^p - 1` (step doubling first, then the
-      step count the estimate predicts); steps are added until the estimate is below `rtol`
-      for every interval. The last two results are then combined by one Richardson
-      extrapolation (the methods are symmetric, so the error expands in even powers of the
-      step), which only makes the returned line more accurate than the estimate. Default,
-      when neither is given: `1e-12` in float64, `1e-6` otherwise.
-    - `method`: a `MagnusMethod`; default `Magnus6()`.
+    - `rtol`: relative accuracy to reach (positive, finite, at least 8 units of roundoff).
+      Magnus methods: the error at `m` steps is estimated from the gap to the result at
+      `n < m` steps, divided by `(m/n)^p - 1` (a first pair `n, 2n` in one batched call,
+      then the step count the estimate predicts); steps are added until the estimate is
+      below `rtol` for every interval. The last two results are then combined by one
+      Richardson extrapolation (the methods are symmetric, so the error expands in even
+      powers of the step), which only makes the returned line more accurate than the
+      estimate. `RK8`: adaptive steps shared by the batch, the summed local error estimates
+      below `rtol`. Default, when neither is given: `1e-12` in float64, `1e-6` otherwise.
+    - `method`: a `MagnusMethod` or `RK8()`. Default: `Magnus6()` with `steps`, and with
+      `rtol` `Magnus6()` for `d < 64` and `RK8()` from `d = 64` on, where the products of
+      a Magnus step cost more than the Runge-Kutta stages they save (RK8 keeps the group
+      laws and `det` only to the tolerance).
     - `return_error`: also return the error estimate (needs a second result, even with
       `steps`: the first is then taken at `steps`).
-    - `max_steps`: the cap on steps per interval.
+    - `max_steps`: the cap on steps per interval; a tolerance not reached within it raises
+      `GaugeError` with the error estimate reached.
+    - `max_bytes`: the cap on the temporaries of one batched call (about `16 · steps ·
+      intervals · d² · itemsize` bytes); a step count that would exceed it raises.
 
     **Returns:** `W` of shape `S + (..., d, d)`; with `return_error`, `(W, error_estimate)`.
+
+    **Raises:** `GaugeError` for non-finite times, a field that is not finite or not of shape
+    `(m, ..., d, d)`, an invalid `steps` or `rtol`, a line that overflows, and the budgets.
     """
-    method = Magnus6() if method is None else method
     ref = next((t for t in (t1, t0) if isinstance(t, Tensor)), None)
     dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float64
     device = ref.device if ref is not None else None
@@ -215,38 +360,76 @@ def wilson_line(
     t1f, t0f = t1.reshape(-1), t0.reshape(-1)
     if not (torch.isfinite(t1f).all() and torch.isfinite(t0f).all()):
         raise GaugeError("wilson_line: interval end points must be finite")
-    if steps is not None and steps < 1:
-        raise GaugeError(f"wilson_line: steps must be a positive integer, got {steps}")
-    if rtol is None and steps is None:
+    if steps is not None and (not isinstance(steps, int) or steps < 1):
+        raise GaugeError(f"wilson_line: steps must be a positive integer, got {steps!r}")
+    if rtol is not None:
+        rtol = check_rtol(rtol, dtype)
+    elif steps is None:
         rtol = 1e-12 if dtype == torch.float64 else 1e-6
+    B = t1f.shape[0]
+    if B == 0:
+        W = _fixed_steps(w, t1f, t0f, steps or 1, method or Magnus6())
+        return (
+            (W.reshape(*shape, *W.shape[1:]), 0.0)
+            if return_error
+            else W.reshape(*shape, *W.shape[1:])
+        )
+    A0 = w(t0f)
+    check_field(A0, B)  # (finiteness: from the lines' reductions, diagnosed when they fail)
+    d = A0.shape[-1]
+    lines = B * math.prod(A0.shape[1:-2])
+    itemsize = A0.element_size()
+    if method is None:
+        method = RK8() if steps is None and d >= RK_MIN_DIM else Magnus6()
+
+    def budget(n: int, err: float) -> None:
+        reached = f"error estimate reached {err:.2e}" if math.isfinite(err) else "no estimate yet"
+        check_memory(n, lines, d, itemsize, max_bytes, reached)
+
+    if isinstance(method, RK8):
+        check_memory(1, lines, d, itemsize, max_bytes, "RK8 keeps 13 stages per line")
+
+        def rk_budget(taken: int, sigma: float) -> None:
+            if taken >= max_steps:
+                raise GaugeError(
+                    f"wilson_line: the step budget max_steps={max_steps} is spent at "
+                    f"{sigma:.3g} of the interval (RK8, rtol={rtol:.1e})"
+                )
+
+        fixed = steps if rtol is None else None
+        # Intervals in chunks whose stages fit in cache (about 27 d × d tensors per line):
+        # one pass over a large batch would stream every stage through memory.
+        chunk = max(1, RK_CHUNK_BYTES // (27 * (lines // B) * d * d * itemsize))
+        parts = [
+            rk_lines(w, t1f[i : i + chunk], t0f[i : i + chunk], rtol or 1.0, rk_budget, fixed)
+            for i in range(0, B, chunk)
+        ]
+        W = parts[0][0] if len(parts) == 1 else torch.cat([p[0] for p in parts])
+        err = max(p[1] for p in parts)
+        return (
+            (W.reshape(*shape, *W.shape[1:]), err)
+            if return_error
+            else W.reshape(*shape, *W.shape[1:])
+        )
 
     if rtol is None and not return_error:
+        budget(steps, math.inf)
         W = _fixed_steps(w, t1f, t0f, steps, method)
+        _check_finite(float(W.detach().abs().amax()), w, t1f, t0f, steps, method)
         return W.reshape(*shape, *W.shape[1:])
 
-    # Step-count refinement: the gap between results at n and m > n steps, divided by
-    # (m/n)^p − 1, estimates the error at m steps. Start with the pair (n0, 2 n0), then jump
-    # straight to the step count the estimate predicts and check it against the last result.
-    # Rounding puts a floor under the estimate that no step count can beat.
-    rtol_eff = max(rtol if rtol is not None else math.inf, 20 * torch.finfo(dtype).eps)
-    p = method.order
+    rtol_eff = rtol if rtol is not None else min_rtol(dtype)
+    n = steps if steps is not None else _first_steps(A0, t1f - t0f, rtol_eff)
     # Intermediate results only need a graph when w carries one (training).
-    track = torch.is_grad_enabled() and w(t0f[:1]).requires_grad
+    track = torch.is_grad_enabled() and A0.requires_grad
     with torch.set_grad_enabled(track):
-        n = steps if steps is not None else 4
-        prev, fine = _doubling_pair(w, t1f, t0f, n, method)
-        m = 2 * n
-        err = _relative_gap(prev, fine) / (2**p - 1)
-        while err > rtol_eff and m < max_steps and math.isfinite(err):
-            # Aim below the tolerance: estimates from few steps are often optimistic.
-            grow = max(1.25, (err / (0.3 * rtol_eff)) ** (1.0 / p))
-            new_m = min(math.ceil(m * grow), max_steps)
-            new = _fixed_steps(w, t1f, t0f, new_m, method)
-            err = _relative_gap(fine, new) / ((new_m / m) ** p - 1)
-            prev, fine, n, m = fine, new, m, new_m
-        # Gauss-Legendre Magnus methods are symmetric, so the global error is a series in
-        # even powers of the step, led by h^p: one Richardson step removes that term. The
-        # reported estimate stays the (larger) error estimate of the unextrapolated result.
-        fine = fine + (fine - prev) / ((m / n) ** p - 1)
+        if rtol is None:  # steps with return_error: one pair, its estimate
+            budget(3 * steps, math.inf)
+            prev, fine = _doubling_pair(w, t1f, t0f, steps, method, None)
+            err = _relative_gap(prev, fine) / (2**method.order - 1)
+            _check_finite(err, w, t1f, t0f, steps, method)
+            fine = fine + (fine - prev) / (2**method.order - 1)
+        else:
+            fine, err = _magnus_search(w, t1f, t0f, method, rtol, n, max_steps, budget)
     W = fine.reshape(*shape, *fine.shape[1:])
     return (W, err) if return_error else W
