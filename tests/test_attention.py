@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -277,4 +278,7 @@ def test_value_shift_needs_softmax(gen):
     relu = SelfAttention(8, 2, activation="relu", dtype=F64, generator=gen)
     relu.load_state_dict(soft.state_dict())
     assert not any(f.name.endswith("value_shift") for f in gaugenet.symmetries(relu).factors)
-    assert gaugenet.invariance_error(relu, group.act(relu, u), x) > 1e-3
+    with pytest.raises(gaugenet.GaugeError, match="found for another model"):
+        group.act(relu, u)  # the softmax model's group refuses the ReLU one, rightly:
+    forced = dataclasses.replace(group, signature=None).act(relu, u)
+    assert gaugenet.invariance_error(relu, forced, x) > 1e-3

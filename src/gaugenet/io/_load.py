@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .._errors import GaugeError
+from ..groups import check_model
 
 __all__ = ["load_model", "load_state_dict", "resolve_factory"]
 
@@ -119,8 +120,13 @@ def load_model(spec: str, arch: str | None = None) -> nn.Module:
     - `arch`: `"module:factory"` building the architecture a weights file is loaded into.
 
     **Returns:** the `nn.Module`. Raises `GaugeError` saying what is wrong (missing file,
-    unknown format, pickled objects, keys or shapes that do not match the architecture).
+    unknown format, pickled objects, keys or shapes that do not match the architecture, a
+    model without parameters, with integer or zero-width ones; see `check_model`).
     """
+    return check_model(_load(spec, arch))
+
+
+def _load(spec: str, arch: str | None) -> nn.Module:
     path = Path(spec)
     if path.is_dir():
         if not (path / "config.json").is_file():
