@@ -301,8 +301,8 @@ def canonicalize(
             f"the {gauge!r} canonical form of this {dtype} model holds in float64 (drift "
             f"{drift64:.1e}) but {dtype} cannot hold it: {_scale_span(group, g)}, and cast "
             f"back to {dtype} it changes the outputs by {drift:.2e} (tolerance {tol:.0e}); use "
-            "gauge='balanced', or convert the model to float64 first (model.double(); CLI: "
-            "--float64)"
+            "gauge='balanced', or convert the model to float64 first (model.double(), with "
+            f"tol={tol:.0e} for the precision its weights came with; CLI: --float64)"
         )
     return new
 

@@ -90,6 +90,9 @@ def atomic_path(path: Path) -> Iterator[Path]:
         ) from exc
     os.close(fd)
     tmp = Path(name)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # as a plain open() would create it, not mkstemp's 0600
     try:
         with _removed_on_signal(tmp):
             yield tmp
