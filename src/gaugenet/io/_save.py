@@ -90,12 +90,12 @@ def atomic_path(path: Path) -> Iterator[Path]:
         ) from exc
     os.close(fd)
     tmp = Path(name)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # as a plain open() would create it, not mkstemp's 0600
     try:
         with _removed_on_signal(tmp):
             yield tmp
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # as open() would create it, not mkstemp's 0600
             os.replace(tmp, path)
     except OSError as exc:
         raise GaugeError(f"writing {path} failed ({exc.strerror or exc}): {exc}") from exc
