@@ -40,6 +40,8 @@ def sample_inputs(
         )
     dtype = params[0].dtype
     if shape is not None:
+        if any(not isinstance(d, int) or d <= 0 for d in shape):
+            raise GaugeError(f"input shape {tuple(shape)}: expected positive integers")
         _check_size(n, shape, "--inputs")
         return torch.randn(n, *shape, generator=g, dtype=dtype)
     if hasattr(model, "example_inputs"):
