@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 from torch import nn
@@ -144,7 +142,7 @@ def test_rescaling_breaks_nonhomogeneous_activations(act, gen):
     with pytest.raises(gaugenet.GaugeError, match="found for another model"):
         relu_group.act(other, g)
     # ... rightly: the same parameter transformation, forced on it, changes its function
-    moved = dataclasses.replace(relu_group, signature=None).act(other, g)
+    moved = relu_group.act(other, g, check=False)
     assert gaugenet.invariance_error(other, moved, x) > 1e-3
     # permutations survive any elementwise activation
     assert len(group.of_kind("permutation")) == 2

@@ -4,7 +4,6 @@ refuse a model of another computation, and accept copies, reloads and other dtyp
 from __future__ import annotations
 
 import copy
-import dataclasses
 
 import pytest
 import torch
@@ -44,7 +43,7 @@ def test_relu_group_refuses_gelu_model(gen) -> None:
     with pytest.raises(gaugenet.GaugeError, match="found for another model"):
         merge([relu, gelu], x)  # the group found for the first model refuses the second
     # the refusal is right: forced on the GELU model, the transformation changes its function
-    forced = dataclasses.replace(group, signature=None).act(gelu, g)
+    forced = group.act(gelu, g, check=False)
     assert gaugenet.invariance_error(gelu, forced, x) > 1e-2
     # and the group of the ReLU model itself keeps its function
     assert gaugenet.invariance_error(relu, group.act(relu, g), x) < 1e-12

@@ -250,10 +250,12 @@ class GaugeGroup:
                 new = f.apply(new, g[f.name])
         return new
 
-    def act(self, model: nn.Module, g: Mapping[str, Tensor]) -> nn.Module:
+    def act(self, model: nn.Module, g: Mapping[str, Tensor], *, check: bool = True) -> nn.Module:
         """A new model transformed by `g`; `model` itself is never modified. Raises
-        `GaugeError` when `model` is not the group's model (`check_model`)."""
-        self.check_model(model)
+        `GaugeError` when `model` is not the group's model (`check_model`), unless
+        `check=False` (for negative tests: what the transformation does to another model)."""
+        if check:
+            self.check_model(model)
         new_state = self.act_state(model_state(model), g)
         out = copy.deepcopy(model)
         load_state(out, {k: v for k, v in new_state.items() if k in self._touched()})
