@@ -277,4 +277,7 @@ def test_value_shift_needs_softmax(gen):
     relu = SelfAttention(8, 2, activation="relu", dtype=F64, generator=gen)
     relu.load_state_dict(soft.state_dict())
     assert not any(f.name.endswith("value_shift") for f in gaugenet.symmetries(relu).factors)
-    assert gaugenet.invariance_error(relu, group.act(relu, u), x) > 1e-3
+    with pytest.raises(gaugenet.GaugeError, match="found for another model"):
+        group.act(relu, u)  # the softmax model's group refuses the ReLU one, rightly:
+    forced = group.act(relu, u, check=False)
+    assert gaugenet.invariance_error(relu, forced, x) > 1e-3

@@ -138,8 +138,11 @@ def test_rescaling_breaks_nonhomogeneous_activations(act, gen):
     assert group.of_kind("rescaling") == []
     assert any("homogeneous" in b.reason or "clips" in b.reason for b in group.breakers)
     g = relu_group.sample(gen, discrete=False, scale=1.0)
-    # the same parameter transformation, applied to the non-homogeneous network
-    moved = relu_group.act(other, g)
+    # the ReLU network's group refuses the other network ...
+    with pytest.raises(gaugenet.GaugeError, match="found for another model"):
+        relu_group.act(other, g)
+    # ... rightly: the same parameter transformation, forced on it, changes its function
+    moved = relu_group.act(other, g, check=False)
     assert gaugenet.invariance_error(other, moved, x) > 1e-3
     # permutations survive any elementwise activation
     assert len(group.of_kind("permutation")) == 2

@@ -19,6 +19,7 @@ weights: distinct unit norms, no dead units).
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Literal
 
 import torch
@@ -27,6 +28,8 @@ from torch import Tensor, nn
 from ._balance import balanced_scales as _balanced
 from ._balance import scale_norms as _scale_norms
 from ._errors import GaugeError
+from ._invariance import invariance_error
+from ._tolerances import drift_tolerance, model_dtype, weight_tolerance
 from .discovery import symmetries
 from .groups import (
     AffineFactor,
@@ -37,10 +40,12 @@ from .groups import (
     Scale,
     TranslationFactor,
     canonicalizer_for,
+    load_state,
     model_state,
     register_canonicalizer,
 )
 from .groups._base import State
+from .io import sample_inputs
 
 __all__ = ["align", "canonical_element", "canonicalize"]
 
@@ -146,17 +151,12 @@ def _canonical_shifts(group: GaugeGroup, state: State, passes: int = 4) -> tuple
     return total, shifted
 
 
-def canonical_element(
-    model: nn.Module,
-    group: GaugeGroup | None = None,
-    *,
-    gauge: Gauge = "balanced",
-    example_inputs: Any = None,
-) -> Element:
-    """The element `g` such that `group.act(model, g)` is the canonical representative."""
-    group = symmetries(model, example_inputs) if group is None else group
-    state = model_state(model)
-    params = {n for n, _ in model.named_parameters()}
+def _float64(state: State) -> State:
+    return {k: v.double() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def _element(group: GaugeGroup, state: State, params: set[str], gauge: Gauge) -> Element:
+    """The canonicalizing element of `state` (computed in `state`'s dtype)."""
     # bias shifts first: the balanced norms depend on the biases they move
     shifts, shifted = _canonical_shifts(group, state)
     pinned = {f.name: _unit_anchor(f, shifted) for f in _matrix_coupled(group)}
@@ -191,23 +191,120 @@ def canonical_element(
     return g
 
 
+def canonical_element(
+    model: nn.Module,
+    group: GaugeGroup | None = None,
+    *,
+    gauge: Gauge = "balanced",
+    example_inputs: Any = None,
+) -> Element:
+    """The element `g` such that `group.act(model, g)` is the canonical representative.
+
+    It is computed in float64 whatever the model's dtype (the canonical scales of a deep
+    network span many orders of magnitude), and returned in the model's floating dtype.
+    """
+    group = symmetries(model, example_inputs) if group is None else group
+    group.check_model(model)
+    params = {n for n, _ in model.named_parameters()}
+    g = _element(group, _float64(model_state(model)), params, gauge)
+    dtype = model_dtype(model)
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in g.items()}
+
+
+def _with_state(model: nn.Module, state: State, names: set[str], dtype: torch.dtype | None):
+    """A copy of `model` holding `state[name]` for `names` (cast to `dtype`, or to each
+    tensor's own dtype)."""
+    out = copy.deepcopy(model)
+    if dtype is not None:
+        out = out.to(dtype)
+    own = model_state(out)
+    load_state(out, {k: state[k].to(own[k].dtype) for k in names if k in state})
+    return out
+
+
+def _check_inputs(model: nn.Module, group: GaugeGroup, example_inputs: Any) -> Any:
+    """The inputs to check a transformed model on: those given, else those the group was
+    found with, else sample inputs (`gaugenet.io.sample_inputs`: from the model's
+    `example_inputs`, token ids for Hugging Face models, or its first layer)."""
+    if example_inputs is not None:
+        return example_inputs
+    if group.example_inputs is not None:
+        return group.example_inputs
+    try:
+        return sample_inputs(model, 4)
+    except GaugeError as exc:
+        raise GaugeError(
+            f"pass example_inputs: the canonical form of {type(model).__name__} is checked on "
+            f"them, and they cannot be inferred ({exc})"
+        ) from None
+
+
+def _scale_span(group: GaugeGroup, g: Element) -> str:
+    scales = [g[f.name].abs() for f in _rescalings(group) if f.name in g and g[f.name].numel()]
+    if not scales:
+        return "its gauge elements"
+    flat = torch.cat([s.reshape(-1) for s in scales])
+    return f"its canonical scales span {float(flat.min()):.1e} to {float(flat.max()):.1e}"
+
+
 def canonicalize(
     model: nn.Module,
     gauge: Gauge = "balanced",
     *,
     example_inputs: Any = None,
     group: GaugeGroup | None = None,
+    tol: float | None = None,
 ) -> nn.Module:
-    """The canonical representative of `model`'s gauge orbit (a new model).
+    """The canonical representative of `model`'s gauge orbit (a new model), checked.
+
+    The canonical element is computed and applied in float64; the result is verified on
+    `example_inputs` (in float64), cast back to the model's dtype and verified again.
 
     **Arguments:**
 
     - `gauge`: `"balanced"` (minimal total squared norm: equal incoming and outgoing norms
       per unit) or `"unit_in"` (incoming norm 1 per unit).
-    - `example_inputs`, `group`: passed to / instead of `symmetries`.
+    - `example_inputs`, `group`: passed to / instead of `symmetries`; the inputs are also
+      those the outputs are checked on (inferred for models starting with `nn.Linear`).
+    - `tol`: the largest allowed relative output change; default by the weights' dtype
+      (`gaugenet._tolerances.DRIFT_TOLERANCES`: 1e-9 for float64, 1e-5 for float32).
+
+    **Returns:** the new model, in `model`'s dtype. Raises `GaugeError` when its outputs
+    moved by more than `tol`: in float64 (a factor is no symmetry of this model), or only
+    after the cast (the model's dtype cannot hold the canonical weights; the message says
+    so and names the ways out).
     """
     group = symmetries(model, example_inputs) if group is None else group
-    return group.act(model, canonical_element(model, group, gauge=gauge))
+    group.check_model(model)
+    inputs = _check_inputs(model, group, example_inputs)
+    dtype = model_dtype(model)
+    tol = drift_tolerance(dtype) if tol is None else tol
+    state = _float64(model_state(model))
+    g = _element(group, state, {n for n, _ in model.named_parameters()}, gauge)
+    new_state = group.act_state(state, g)
+    touched = group._touched()
+    exact = _with_state(model, new_state, touched, torch.float64)
+    drift64 = drift = invariance_error(model, exact, inputs)
+    if not drift <= tol:
+        raise GaugeError(
+            f"the {gauge!r} canonical form of {type(model).__name__} changes its outputs by "
+            f"{drift:.2e} even in float64 (tolerance {tol:.0e}; {_scale_span(group, g)}): "
+            "a gauge factor does not hold for this model, or the canonical form is too "
+            "ill-conditioned; try gauge='balanced'"
+        )
+    if dtype == torch.float64:
+        return exact
+    new = _with_state(model, new_state, touched, None)
+    drift = invariance_error(model, new, inputs)
+    if not drift <= tol:
+        raise GaugeError(
+            f"the {gauge!r} canonical form of this {dtype} model holds in float64 (drift "
+            f"{drift64:.1e}) but {dtype} cannot hold it: {_scale_span(group, g)}, and cast "
+            f"back to {dtype} it changes the outputs by {drift:.2e} (tolerance {tol:.0e}); use "
+            "gauge='balanced', or convert the model to float64 first (model.double(), with "
+            f"tol={tol:.0e} for the precision its weights came with; CLI: --float64)"
+        )
+    return new
 
 
 def align(
@@ -216,22 +313,29 @@ def align(
     *,
     example_inputs: Any = None,
     group: GaugeGroup | None = None,
-    rtol: float = 1e-7,
+    rtol: float | None = None,
 ) -> Element:
     """The element `g` with `act(model_a, g) == model_b`.
 
-    Both models are brought to the canonical form; `g = g_a · g_b⁻¹`. Raises `GaugeError`
-    with the residual when the canonical forms differ, i.e. the models are not
-    gauge-equivalent (relative tolerance `rtol`).
+    Both models are brought to the canonical form (computed in float64); `g = g_a · g_b⁻¹`.
+    Raises `GaugeError` with the residual when the canonical forms differ, i.e. the models
+    are not gauge-equivalent: relative tolerance `rtol`, by default following the least
+    precise dtype of the two (`gaugenet._tolerances.WEIGHT_TOLERANCES`: 1e-7 for float64,
+    1e-4 for float32, whose weights carry rounding errors of 6e-8 each).
     """
     group = symmetries(model_a, example_inputs) if group is None else group
-    ga = canonical_element(model_a, group)
-    gb = canonical_element(model_b, group)
-    ca = group.act_state(model_state(model_a), ga)
-    cb = group.act_state(model_state(model_b), gb)
+    group.check_model(model_a)
+    group.check_model(model_b)
+    if rtol is None:
+        dtype = max(model_dtype(model_a), model_dtype(model_b), key=lambda d: torch.finfo(d).eps)
+        rtol = weight_tolerance(dtype)
+    params = {n for n, _ in model_a.named_parameters()}
+    sa, sb = _float64(model_state(model_a)), _float64(model_state(model_b))
+    ga, gb = _element(group, sa, params, "balanced"), _element(group, sb, params, "balanced")
+    ca, cb = group.act_state(sa, ga), group.act_state(sb, gb)
     diff, top = 0.0, 1e-300
     for name, _ in model_a.named_parameters():
-        a, b = ca[name].double(), cb[name].double()
+        a, b = ca[name], cb[name]
         if a.shape != b.shape:
             raise GaugeError(f"{name}: shapes {tuple(a.shape)} and {tuple(b.shape)} differ")
         if a.numel():
@@ -239,12 +343,14 @@ def align(
             # absorbed elsewhere) holds rounding noise that is no evidence of a difference
             diff, top = max(diff, float((a - b).abs().max())), max(top, float(b.abs().max()))
     residual = diff / top
-    if residual > rtol:
+    if not residual <= rtol:
         raise GaugeError(
             f"the models are not gauge-equivalent: canonical forms differ by {residual:.3e} "
             f"(relative, tolerance {rtol:.1e})"
         )
-    return group.compose(ga, group.inverse(gb))
+    dtype = model_dtype(model_a)
+    g = group.compose(ga, group.inverse(gb))
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in g.items()}
 
 
 def _affine_identity_gauge(f: AffineFactor, state: State) -> Tensor:

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ._errors import GaugeError
+from ._tolerances import model_dtype
 
 __all__ = ["DEFAULT_TOLERANCES", "assert_invariant", "invariance_error", "relative_error"]
 
@@ -101,9 +102,16 @@ def assert_invariant(
 ) -> float:
     """Raise `AssertionError` unless `invariance_error(...) <= tol`.
 
-    The default `tol` depends on `dtype` (see `DEFAULT_TOLERANCES`). Returns the error.
+    The default `tol` follows the dtypes (see `DEFAULT_TOLERANCES`): that of the comparison
+    `dtype`, or of the models' weights when these are less precise (two float32 models
+    compared in float64 still differ by float32 rounding). Returns the error.
     """
-    tol = DEFAULT_TOLERANCES[dtype] if tol is None else tol
+    if tol is None:
+        dtypes = (dtype, model_dtype(model_a), model_dtype(model_b))
+        missing = [d for d in dtypes if d not in DEFAULT_TOLERANCES]
+        if missing:
+            raise GaugeError(f"no default tolerance for {missing[0]}: pass tol explicitly")
+        tol = max(DEFAULT_TOLERANCES[d] for d in dtypes)
     err = invariance_error(model_a, model_b, inputs, dtype=dtype)
     if not err <= tol:
         raise AssertionError(f"relative output difference {err:.3e} exceeds {tol:.1e} ({dtype})")

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from .._errors import GaugeError
 from .._invariance import invariance_error
+from .._tolerances import drift_tolerance, model_dtype
 from ..discovery import symmetries
 from ..groups import Element, GaugeGroup, GLFactor, RescalingFactor, model_state
 from ..groups._base import State
@@ -200,7 +201,7 @@ def equalize(
     - `search`: with `objective="output"`, the number of local-search steps on the realized
       output noise (0: none).
     - `tol`: largest allowed relative output change on `example_inputs` (float64 evaluation);
-      default `1e-5` for models with float32 (or lower) weights, `1e-9` for float64.
+      default by the weights' dtype (`1e-9` float64, `1e-5` float32, `1e-2` float16).
 
     **Returns:** the equalized model. Raises `GaugeError` if its outputs moved by more than
     `tol` (which would mean a factor does not describe a symmetry of this model).
@@ -216,9 +217,8 @@ def equalize(
         group=group,
         search=search,
     )
-    dtype = next((p.dtype for p in model.parameters()), torch.float64)
     new = group.act(model, elem)
-    tol = (1e-9 if dtype == torch.float64 else 1e-5) if tol is None else tol
+    tol = drift_tolerance(model_dtype(model)) if tol is None else tol
     moved = invariance_error(model, new, example_inputs)
     if not moved <= tol:
         raise GaugeError(

@@ -131,6 +131,8 @@ def align_to(
     if align == "none":
         return copy.deepcopy(model)
     group = symmetries(model, example_inputs) if group is None else group
+    group.check_model(reference)
+    group.check_model(model)
     ref = model_state(reference)
     if align == "permutation":
         return group.act(model, match_permutations(group, ref, model_state(model)))
@@ -160,6 +162,8 @@ def align_pair(
     if align not in ALIGNMENTS:
         raise GaugeError(f"align must be one of {ALIGNMENTS}, got {align!r}")
     group = symmetries(model_a, example_inputs) if group is None else group
+    group.check_model(model_a)
+    group.check_model(model_b)
     first = model_a
     if align == "permutation+gauge":
         first = canonicalize(model_a, example_inputs=example_inputs, group=group)
@@ -180,10 +184,14 @@ def merge(
     `"permutation"` matches units alone; `"none"` averages as they are.
 
     **Returns:** a new model whose parameters and floating buffers are the plain average.
+    Raises `GaugeError` when the models differ in layout or computation (a ReLU and a GELU
+    network of equal shapes, say): their weights have no common gauge to average in.
     """
     if len(models) < 1:
         raise GaugeError("merge needs at least one model")
     group = symmetries(models[0], example_inputs) if group is None else group
+    for m in models:  # a model of another architecture or computation: no common gauge
+        group.check_model(m)
     first = align_pair(models[0], models[0], example_inputs, align=align, group=group)[0]
     aligned = [first] + [
         align_to(first, m, example_inputs, align=align, group=group) for m in models[1:]

@@ -6,14 +6,31 @@ import typer
 
 app = typer.Typer(
     name="gaugenet",
-    help="Gauge symmetries of neural networks: find, verify, fix and use them.",
+    help=(
+        "Gauge symmetries of neural networks: find, verify, fix and use them. Results go to "
+        "stdout (--json for scripts), progress and errors to stderr; exit code 2 means a "
+        "refusal (bad input, a failed check, an output that may not be written)."
+    ),
     no_args_is_help=True,
     add_completion=False,
+    pretty_exceptions_enable=False,
 )
 
 
+def _version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        typer.echo(f"gaugenet {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
     """Gauge symmetries of neural networks: find, verify, fix and use them."""
 
 

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
-from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-from torch import nn
+import math
 
 from .._errors import GaugeError
+from ..io import MAX_INPUT_NUMBERS, sample_inputs
 
-__all__ = ["INPUT_SHAPE_HELP", "parse_shape", "sample_inputs", "spinner"]
+__all__ = ["ARCH_HELP", "INPUT_SHAPE_HELP", "MODEL_HELP", "parse_shape", "sample_inputs"]
 
-INPUT_SHAPE_HELP = "Shape of one input without the batch, e.g. 1,28,28 (default: inferred)."
+MODEL_HELP = (
+    "The model: a Hugging Face folder (with config.json); a weights file (.safetensors, "
+    ".pt, .pth, .bin) plus --arch; or module:factory, where module is a dotted import path "
+    "or a file path such as path/to/file.py:factory (a function returning the nn.Module)."
+)
+ARCH_HELP = "module:factory or path/to/file.py:factory building the architecture of a weights file."
+INPUT_SHAPE_HELP = (
+    "Shape of ONE input without the batch dimension, e.g. 1,28,28 or 3x32x32 (default: the "
+    "model's example_inputs(n), token ids for Hugging Face models, else from the first layer)."
+)
 
 
 def parse_shape(text: str | None) -> tuple[int, ...] | None:
@@ -21,50 +26,15 @@ def parse_shape(text: str | None) -> tuple[int, ...] | None:
     if text is None:
         return None
     try:
-        shape = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
+        shape = tuple(int(v) for v in text.replace("x", ",").split(","))
     except ValueError:
         raise GaugeError(f"--input-shape {text!r}: expected integers such as 1,28,28") from None
     if not shape or min(shape) <= 0:
         raise GaugeError(f"--input-shape {text!r}: expected positive integers such as 1,28,28")
+    if math.prod(shape) > MAX_INPUT_NUMBERS:
+        raise GaugeError(
+            f"--input-shape {text!r} asks for {math.prod(shape):.3g} numbers per input (at most "
+            f"{MAX_INPUT_NUMBERS:.0e}): give the shape of one input without the batch, "
+            "e.g. 1,28,28"
+        )
     return shape
-
-
-def sample_inputs(
-    model: nn.Module, n: int, seed: int = 0, shape: tuple[int, ...] | None = None
-) -> Any:
-    """A batch of `n` inputs for `model`: of the given per-sample `shape` when there is one,
-    from the model's `example_inputs(n)` method or attribute when it has one, token ids for
-    Hugging Face models, else inferred from the first layer."""
-    g = torch.Generator().manual_seed(seed)
-    if shape is not None:
-        dtype = next(model.parameters()).dtype
-        return torch.randn(n, *shape, generator=g, dtype=dtype)
-    if hasattr(model, "example_inputs"):
-        ex = model.example_inputs
-        return ex(n) if callable(ex) else ex
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "vocab_size"):
-        return torch.randint(0, config.vocab_size, (n, 8), generator=g)
-    dtype = next(model.parameters()).dtype
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            return torch.randn(n, m.in_features, generator=g, dtype=dtype)
-        if isinstance(m, nn.Conv1d):
-            return torch.randn(n, m.in_channels, 16, generator=g, dtype=dtype)
-        if isinstance(m, nn.Conv2d):
-            return torch.randn(n, m.in_channels, 16, 16, generator=g, dtype=dtype)
-    raise GaugeError(
-        f"cannot infer inputs for {type(model).__name__}: give the model an "
-        "`example_inputs(n)` method"
-    )
-
-
-def spinner(console: Console) -> Progress:
-    """A transient spinner with the current step's description and the elapsed time."""
-    return Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    )

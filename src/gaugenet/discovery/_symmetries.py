@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .._errors import GaugeError, UnsupportedModelError
-from ..groups import Breaker, GaugeGroup
+from ..groups import Breaker, GaugeGroup, bind_to_model
 from ._build import build_factors
 from ._centering import link_centered
 from ._kernel import link_kernels
@@ -57,6 +57,7 @@ def _atom_factors(model: nn.Module) -> tuple[list, list]:
     return factors, breakers
 
 
+@bind_to_model
 def symmetries(model: nn.Module, example_inputs: Any = None) -> GaugeGroup:
     """The gauge group of `model`: its continuous and discrete symmetries.
 

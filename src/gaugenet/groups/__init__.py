@@ -18,5 +18,9 @@ from ._permutation import PermutationFactor as PermutationFactor
 from ._rescaling import BatchNormShift as BatchNormShift
 from ._rescaling import RescalingFactor as RescalingFactor
 from ._rescaling import Scale as Scale
+from ._signature import ModelSignature as ModelSignature
+from ._signature import bind_to_model as bind_to_model
+from ._signature import check_model as check_model
+from ._signature import model_signature as model_signature
 from ._translation import Shift as Shift
 from ._translation import TranslationFactor as TranslationFactor

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +21,7 @@ from ._base import AbstractFactor, Breaker, State
 from ._matrix import _mode_matrix
 from ._permutation import PermutationFactor
 from ._rescaling import RescalingFactor
+from ._signature import ModelSignature, model_signature
 from ._translation import TranslationFactor
 
 __all__ = ["Element", "GaugeGroup", "model_state"]
@@ -53,11 +55,17 @@ class GaugeGroup:
     - `factors`: the named parts, continuous and discrete.
     - `breakers`: operations that break would-be symmetries, with reasons.
     - `param_names`: the model's parameter names in `model.parameters()` order (for `tangent`).
+    - `signature`: the layout and computation of the model the group was found for (set by
+      `gaugenet.symmetries`); `act` and the functions built on it refuse other models.
+    - `example_inputs`: the inputs the group was found with (set by `gaugenet.symmetries`);
+      what `canonicalize` checks its result on when given no inputs.
     """
 
     factors: tuple[AbstractFactor, ...]
     breakers: tuple[Breaker, ...] = ()
     param_names: tuple[str, ...] = field(default=(), repr=False)
+    signature: ModelSignature | None = field(default=None, repr=False)
+    example_inputs: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         names = [f.name for f in self.factors]
@@ -216,6 +224,20 @@ class GaugeGroup:
         return out
 
     # -- actions ------------------------------------------------------------------
+    def check_model(self, model: nn.Module) -> None:
+        """Raise `GaugeError` unless `model` is the kind of model the group was found for
+        (same parameter names and shapes, same modules and computation; see
+        `ModelSignature`). Groups built by hand carry no signature and accept any model."""
+        if self.signature is None:
+            return
+        diff = self.signature.mismatch(model_signature(model))
+        if diff is not None:
+            raise GaugeError(
+                f"this gauge group was found for another model ({diff}); its transformations "
+                f"need not be symmetries of {type(model).__name__}: build its own group with "
+                "gaugenet.symmetries(model, example_inputs)"
+            )
+
     def act_state(
         self, state: Mapping[str, Tensor], g: Mapping[str, Tensor], *, validate: bool = True
     ) -> State:
@@ -228,8 +250,12 @@ class GaugeGroup:
                 new = f.apply(new, g[f.name])
         return new
 
-    def act(self, model: nn.Module, g: Mapping[str, Tensor]) -> nn.Module:
-        """A new model transformed by `g`; `model` itself is never modified."""
+    def act(self, model: nn.Module, g: Mapping[str, Tensor], *, check: bool = True) -> nn.Module:
+        """A new model transformed by `g`; `model` itself is never modified. Raises
+        `GaugeError` when `model` is not the group's model (`check_model`), unless
+        `check=False` (for negative tests: what the transformation does to another model)."""
+        if check:
+            self.check_model(model)
         new_state = self.act_state(model_state(model), g)
         out = copy.deepcopy(model)
         load_state(out, {k: v for k, v in new_state.items() if k in self._touched()})

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .._errors import GaugeError
+from ..groups import check_model
 
 __all__ = ["load_model", "load_state_dict", "resolve_factory"]
 
@@ -42,11 +43,17 @@ def resolve_factory(arch: str) -> Callable[[], nn.Module]:
         spec = importlib.util.spec_from_file_location(key, path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[key] = module  # dataclasses and pickling look the module up by name
-        spec.loader.exec_module(module)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:
+            del sys.modules[key]
+            raise GaugeError(
+                f"running the architecture file {path} failed: {type(exc).__name__}: {exc}"
+            ) from exc
     else:
         try:
             module = importlib.import_module(mod_name)
-        except ImportError as exc:
+        except Exception as exc:  # ImportError, or a relative / malformed name
             raise GaugeError(f"cannot import {mod_name!r} (from {arch!r}): {exc}") from exc
     obj = module
     for part in attr.split("."):
@@ -59,7 +66,14 @@ def resolve_factory(arch: str) -> Callable[[], nn.Module]:
 
 
 def _build(arch: str) -> nn.Module:
-    model = resolve_factory(arch)()
+    factory = resolve_factory(arch)
+    try:
+        model = factory()
+    except Exception as exc:
+        raise GaugeError(
+            f"calling {arch!r} failed ({type(exc).__name__}: {exc}); the factory must build "
+            "the model without arguments"
+        ) from exc
     if not isinstance(model, nn.Module):
         raise GaugeError(f"{arch!r} returned {type(model).__name__}, not a torch.nn.Module")
     return model
@@ -119,8 +133,18 @@ def load_model(spec: str, arch: str | None = None) -> nn.Module:
     - `arch`: `"module:factory"` building the architecture a weights file is loaded into.
 
     **Returns:** the `nn.Module`. Raises `GaugeError` saying what is wrong (missing file,
-    unknown format, pickled objects, keys or shapes that do not match the architecture).
+    unknown format, pickled objects, keys or shapes that do not match the architecture, a
+    model without parameters, with integer or zero-width ones; see `check_model`).
     """
+    if "\x00" in spec or (arch is not None and "\x00" in arch):
+        raise GaugeError("the model or --arch contains a NUL character")
+    try:
+        return check_model(_load(spec, arch))
+    except OSError as exc:
+        raise GaugeError(f"cannot read {spec!r}: {exc.strerror or exc}") from exc
+
+
+def _load(spec: str, arch: str | None) -> nn.Module:
     path = Path(spec)
     if path.is_dir():
         if not (path / "config.json").is_file():
