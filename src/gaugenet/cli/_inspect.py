@@ -9,6 +9,7 @@ from rich.table import Table
 from .._errors import GaugeError
 from ..io import load_model
 from ._app import app
+from ._certify_report import CERTIFY_HELP, certify_and_report
 from ._model_args import INPUT_SHAPE_HELP, parse_shape, sample_inputs, spinner
 
 
@@ -17,11 +18,16 @@ def inspect(
     model: str = typer.Argument(..., help="HF folder, weights file (+ --arch) or module:factory."),
     arch: str = typer.Option(None, "--arch", help="module:factory for a weights file."),
     input_shape: str = typer.Option(None, "--input-shape", help=INPUT_SHAPE_HELP),
-    certify_: bool = typer.Option(False, "--certify", help="Compare with the Jacobian's rank."),
+    certify_: bool = typer.Option(False, "--certify", help=CERTIFY_HELP),
     n_inputs: int = typer.Option(256, "--inputs", help="Sample inputs for --certify."),
+    memory_gb: float = typer.Option(3.0, "--memory-budget", help="GB --certify may use."),
 ) -> None:
-    """Print the gauge factors (kind, dim, modules) and the operations that break symmetries."""
-    from .. import certify, symmetries
+    """Print the gauge factors (kind, dim, modules) and the operations that break symmetries.
+
+    With --certify the exit code carries the verdict: 0 complete, 3 incomplete or not
+    proven complete, 4 wrong factors (2 on errors).
+    """
+    from .. import symmetries
 
     console = Console()
     try:
@@ -31,14 +37,6 @@ def inspect(
             x = sample_inputs(net, 4, shape=parse_shape(input_shape))
             progress.update(task, description="discovering symmetries")
             group = symmetries(net, x)
-            report = None
-            if certify_:
-                progress.update(task, description="certifying (Jacobian rank)")
-                report = certify(
-                    net.double(),
-                    sample_inputs(net.double(), n_inputs, shape=parse_shape(input_shape)),
-                    group=group,
-                )
     except GaugeError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(code=2) from None
@@ -51,7 +49,13 @@ def inspect(
     console.print(f"breakers ({len(group.breakers)}):")
     for b in group.breakers:
         console.print(f"  {b.node}: {b.reason}")
-    if report is not None:
-        console.print("certification:")
-        for line in report.lines():
-            console.print(f"  {line}")
+    if certify_:
+        code = certify_and_report(
+            console,
+            net,
+            group,
+            n_inputs=n_inputs,
+            input_shape=input_shape,
+            memory_budget_gb=memory_gb,
+        )
+        raise typer.Exit(code=code)
