@@ -23,6 +23,8 @@ def test_zoo_unexplained_zero(entry) -> None:
     group = gaugenet.symmetries(model, x)
     report = gaugenet.certify(model, x, group=group)
     assert report.unexplained == 0, report.lines()
+    assert report.verdict == "complete" and not report.wrong, report.lines()
+    assert report.worst_residual < 1e-11  # every factor measured in ker J
     assert report.gap > 1e6  # the rank does not hinge on the tolerance
     assert group.dim == entry.dim  # the count derived by hand in tests/zoo.py
     names = " ".join(str(b) for b in group.breakers).lower()
