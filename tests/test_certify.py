@@ -23,6 +23,8 @@ def test_zoo_unexplained_zero(entry) -> None:
     group = gaugenet.symmetries(model, x)
     report = gaugenet.certify(model, x, group=group)
     assert report.unexplained == 0, report.lines()
+    assert report.verdict == "complete" and not report.wrong, report.lines()
+    assert report.worst_residual < 1e-11  # every factor measured in ker J
     assert report.gap > 1e6  # the rank does not hinge on the tolerance
     assert group.dim == entry.dim  # the count derived by hand in tests/zoo.py
     names = " ".join(str(b) for b in group.breakers).lower()
@@ -68,7 +70,10 @@ def test_matrix_free_agrees_with_exact(gen) -> None:
     exact = gaugenet.certify(model, x, group=group, method="exact")
     mf = gaugenet.certify(model, x, group=group, method="matrix-free")
     assert exact.unexplained == mf.unexplained == 0
-    assert mf.converged and mf.ok
+    assert exact.ok and exact.verdict == "complete" and exact.exact
+    # matrix-free gives a lower bound on the missing dimension (0 here): no proof of
+    # completeness, so the verdict is "right", not "complete"
+    assert mf.converged and not mf.exact and mf.verdict == "right" and not mf.ok
     # negative: three Lanczos steps do not converge, and the report says so
     short = gaugenet.certify(model, x, group=group, method="matrix-free", max_iter=3)
     assert not short.converged and not short.ok

@@ -262,7 +262,8 @@ def test_matrix_free_agrees_with_svd_and_exact(mlp_case) -> None:
     exact = gaugenet.certify(model, x, group=group, method="exact")
     mf = gaugenet.certify(model, x, group=group, method="matrix-free")
     assert mf.unexplained == exact.unexplained == 0
-    assert mf.converged and mf.ok and mf.functional_dimension == exact.functional_dimension
+    assert mf.converged and mf.verdict == "right" and exact.verdict == "complete"
+    assert mf.functional_dimension == exact.functional_dimension
 
 
 def test_matrix_free_without_symmetries_finds_the_kernel(mlp_case) -> None:

@@ -1,73 +1,100 @@
-"""`certify(model, inputs)`: do the discovered symmetries explain every redundancy?"""
+"""`certify(model, inputs)`: are the discovered symmetries right, and do they explain every
+redundancy?"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, Literal
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from .._errors import GaugeError
 from ..groups import GaugeGroup
 from ._causes import layernorm_causes, relu_causes, tied_causes
-from ._functional_dimension import functional_dimension
-from ._matrix_free import matrix_free_certificate
+from ._checks import FactorChecks, check_act, check_tangents
+from ._davidson import lanczos_max
+from ._functional_dimension import check_outputs, rank_of
+from ._jacobian import as_tuple, flat_model, jacobian_of
+from ._matrix_free import gauss_newton, linear_jvp, matrix_free_certificate
+from ._memory import Sizes, activation_bytes, estimates
+from ._orbit import Orbit
+from ._result import CertifyReport, Verdict
 
-__all__ = ["CertifyReport", "certify"]
+__all__ = ["DEFAULT_MEMORY_BUDGET", "certify"]
+
+Method = Literal["auto", "exact", "matrix-free", "checks"]
+#: bytes `certify` may use by default (3 GB)
+DEFAULT_MEMORY_BUDGET = 3 * 10**9
+#: `"auto"` forms the Jacobian up to this many parameters (time, not memory)
+_EXACT_MAX = 20_000
+#: above this many parameters the matrix-free tangent check takes one probe per factor on
+#: the first `_CHECK_SAMPLES` inputs (each product costs a forward pass on the inputs)
+_LARGE = 100_000
+_CHECK_SAMPLES = 16
 
 
-@dataclass(frozen=True)
-class CertifyReport:
-    """The outcome of `certify`.
+def _first_samples(inputs: Any, k: int) -> Any | None:
+    """The first `k` samples of a batch (every tensor input sliced along its leading axis,
+    which all must share); `None` when the batch is no larger or has no common axis."""
+    args = as_tuple(inputs)
+    sizes = {a.shape[0] for a in args if isinstance(a, Tensor) and a.ndim}
+    if len(sizes) != 1 or sizes.pop() <= k:
+        return None
+    out = tuple(a[:k] if isinstance(a, Tensor) and a.ndim else a for a in args)
+    return out if isinstance(inputs, (tuple, list)) else out[0]
 
-    - `n_params`, `functional_dimension`, `symmetry_dim`.
-    - `unexplained = n_params − functional_dimension − symmetry_dim`: 0 when the symmetries
-      explain every redundancy, > 0 for hidden redundancy (see `causes`), < 0 is a bug.
-    - `method`: `"exact"` (rank of the Jacobian) or `"matrix-free"` (preconditioned
-      Davidson on the complement of the orbit tangents, see `matrix_free_certificate`;
-      there `functional_dimension` is `n_params − rank(tangents)` when
-      `sigma_min / sigma_max > max(rtol, 10⁻⁶)`, one less otherwise, which then only
-      means "at least one more null direction").
-    - `gap`: the singular-value gap at the rank (exact) or `sigma_min / sigma_max`.
-    - `causes`: explanations found for hidden redundancy (dead or always-active units,
-      LayerNorms whose `eps` is below the rank tolerance, tied weights).
-    """
 
-    n_params: int
-    functional_dimension: int
-    symmetry_dim: int
-    unexplained: int
-    method: str
-    gap: float
-    sigma_min: float | None = None
-    causes: tuple[str, ...] = field(default=())
-    #: matrix-free only: whether the smallest Ritz pair converged (its residual below `tol`
-    #: times the Ritz value, or the Ritz value itself numerically zero); when not,
-    #: `sigma_min` is only an upper bound and the outcome is inconclusive
-    converged: bool = True
+def _unanalyzed_causes(model: nn.Module) -> list[str]:
+    from ..discovery._unanalyzed import unanalyzed_breakers
 
-    @property
-    def ok(self) -> bool:
-        return self.unexplained == 0 and self.converged
+    return [str(b) for b in unanalyzed_breakers(model)]
 
-    def lines(self) -> list[str]:
-        out = [
-            f"parameters            {self.n_params}",
-            f"functional dimension  {self.functional_dimension} ({self.method})",
-            f"symmetry dimension    {self.symmetry_dim}",
-            f"unexplained           {self.unexplained}",
-            f"singular-value gap    {self.gap:.3e}",
-        ]
-        if not self.converged:
-            out.append(
-                "the eigensolver did not converge: sigma_min is only an upper bound, the "
-                "certificate is inconclusive (raise max_iter)"
+
+def _choose(
+    method: Method, est: dict[str, int], budget: int, sizes: Sizes, notes: list[str]
+) -> str:
+    """The method to run: the requested one when it fits `budget`, else a `GaugeError`;
+    for `"auto"` exact up to 20 000 parameters, else matrix-free, else the checks alone
+    (with the reason in `notes`)."""
+    gb = f"{budget / 1e9:.2f} GB"
+    if est["checks"] > budget:
+        raise GaugeError(
+            f"memory budget {gb} is too small even for the per-factor checks (about "
+            f"{est['checks'] / 1e9:.2f} GB for {sizes.n_params} parameters in float64): "
+            "raise memory_budget"
+        )
+    if method in ("exact", "matrix-free"):
+        if est[method] > budget:
+            raise GaugeError(
+                f"the {method} method needs about {est[method] / 1e9:.2f} GB, over the "
+                f"memory budget {gb}: raise memory_budget, pass fewer inputs, or use "
+                + ("method='matrix-free'" if method == "exact" else "method='checks'")
             )
-        if self.unexplained > 0:
-            out.append("hidden redundancy: " + ("; ".join(self.causes) or "cause not found"))
-        elif self.unexplained < 0:
-            out.append("negative: the symmetry count exceeds the redundancy (a bug)")
-        return out
+        return method
+    if method == "checks":
+        return method
+    need = sizes.n_params - sizes.dim
+    if sizes.n_outputs < need:
+        notes.append(
+            f"completeness not tested: the {sizes.n_outputs} outputs on these inputs cannot "
+            f"reach the rank {need} = n_params − dim, so ker J is large whatever the "
+            "symmetries; pass more inputs"
+        )
+        return "checks"
+    small = sizes.n_params <= _EXACT_MAX and sizes.n_outputs > sizes.n_params
+    if small and est["exact"] <= budget:
+        return "exact"
+    if est["matrix-free"] <= budget:
+        return "matrix-free"
+    notes.append(
+        f"completeness not tested: the matrix-free method needs about "
+        f"{est['matrix-free'] / 1e9:.2f} GB, over the memory budget {gb}"
+    )
+    return "checks"
 
 
 def certify(
@@ -75,54 +102,197 @@ def certify(
     inputs: Any,
     *,
     group: GaugeGroup | None = None,
-    method: Literal["auto", "exact", "matrix-free"] = "auto",
+    method: Method = "auto",
     rtol: float = 1e-9,
     max_iter: int = 2000,
     tol: float = 1e-2,
+    memory_budget: int | float = DEFAULT_MEMORY_BUDGET,
+    progress: Callable[[str], None] | None = None,
+    generator: torch.Generator | None = None,
 ) -> CertifyReport:
-    """Compare the functional dimension of `model` on `inputs` with its symmetries.
+    """Check every factor of `group` on `model`, then compare the functional dimension of
+    `model` on `inputs` with the group's dimension.
+
+    **What is checked.**
+
+    1. *Right*: a random element of the group (permutations included), acting on `model`
+       in its own dtype, keeps the outputs on `inputs` to `√ε` of that dtype (relative);
+       and per continuous factor, `‖J Tᵀ‖_F / (‖J‖₂ ‖T‖_F) ≤ rtol` for random
+       combinations `T` of its orbit tangents (float64, forward mode). A factor that fails
+       or raises makes the verdict `wrong` and is named.
+    2. *Complete*: `"exact"` forms the Jacobian and counts its rank: `dim = n_params −
+       rank J` is `complete`, a positive difference `incomplete` (exact count).
+       `"matrix-free"` (see `matrix_free_certificate`) gives a certified lower bound on the
+       missing dimension: `1` when `J` is numerically singular off the orbit
+       (`incomplete`), else `0`, which is no proof (`right`). `"checks"` skips this step.
 
     **Arguments:**
 
-    - `model`, `inputs`: as for `functional_dimension` (enough inputs that the outputs
-      outnumber the parameters).
+    - `model`, `inputs`: the model and a batch. For a completeness test the outputs must
+      number at least `n_params − dim`.
     - `group`: the symmetries; default `gaugenet.symmetries(model, inputs)`.
-    - `method`: `"exact"` materializes the Jacobian; `"matrix-free"` runs
-      `matrix_free_certificate`; `"auto"` is exact up to 20 000 parameters.
-    - `rtol`: relative threshold for a zero singular value (matrix-free: `max(rtol, 10⁻⁶)`
-      for `sigma_min / sigma_max`: it works with `JᵀJ`, whose rounding hides singular
-      values under about `10⁻⁷ σ_max`).
-    - `max_iter`, `tol`: products with `JᵀJ` allowed, and the convergence fraction, for
-      the matrix-free certificate.
+    - `method`: `"auto"` (exact up to 20 000 parameters when it fits the budget, else
+      matrix-free when it fits, else the checks alone, saying why in `notes`), `"exact"`,
+      `"matrix-free"`, `"checks"`.
+    - `rtol`: relative threshold of a zero singular value and of a tangent residual
+      (matrix-free: `max(rtol, 10⁻⁶)` for `sigma_min / sigma_max`, as it works with `JᵀJ`).
+    - `max_iter`, `tol`: products allowed and convergence fraction (matrix-free).
+    - `memory_budget`: bytes the methods may use, estimated for each before it starts; a
+      requested method over budget raises `GaugeError` naming the budget.
+    - `progress`: called with a description of each stage.
+    - `generator`: for the random elements and probes (default: seeded, reproducible).
 
-    **Returns:** a `CertifyReport`.
+    **Returns:** a `CertifyReport` (verdict, dimensions, residuals, timings).
     """
+    if not rtol > 0:
+        raise GaugeError(f"rtol must be positive, got {rtol}")
+    if not memory_budget > 0:
+        raise GaugeError(f"memory_budget must be positive (bytes), got {memory_budget}")
+    if method not in ("auto", "exact", "matrix-free", "checks"):
+        raise GaugeError(
+            f"method must be 'auto', 'exact', 'matrix-free' or 'checks', not {method!r}"
+        )
+    budget = int(memory_budget)
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    timings: dict[str, float] = {}
+
+    @contextmanager
+    def stage(name: str) -> Iterator[None]:
+        if progress is not None:
+            progress(name)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
+
     if group is None:
         from ..discovery import symmetries
 
-        group = symmetries(model, inputs)
-    n_params = sum(p.numel() for p in model.parameters())
-    if method == "auto":
-        method = "exact" if n_params <= 20_000 else "matrix-free"
-    if method == "exact":
-        fd = functional_dimension(model, inputs, rtol=rtol)
-        rank, gap, smin, converged = fd.rank, fd.gap, None, True
-    elif method == "matrix-free":
-        floor = max(rtol, 1e-6)
-        mf = matrix_free_certificate(
-            model, inputs, group, max_iter=max_iter, tol=tol, zero_tol=floor
+        with stage("discovering symmetries"):
+            group = symmetries(model, inputs)
+    with stage("estimating memory"):
+        fm = flat_model(model, inputs)
+        with torch.no_grad():
+            n_out = fm.f(fm.theta).numel()
+        cont = [f.dim for f in group.factors if not f.discrete]
+        sizes = Sizes(
+            fm.theta.numel(), n_out, group.dim, max(cont, default=0), activation_bytes(fm)
         )
-        smin, gap = mf.sigma_min, mf.sigma_min / mf.sigma_max
-        off_orbit = n_params - mf.orbit_rank  # the rank if J is injective off the orbit
-        rank = off_orbit if gap > floor else off_orbit - 1
-        converged = mf.converged
+        est = estimates(sizes)
+    notes: list[str] = []
+    chosen = _choose(method, est, budget, sizes, notes)
+    n = sizes.n_params
+    checks = FactorChecks()
+    with stage("act check"):
+        check_act(model, inputs, group, checks, gen)
+
+    rank = smin = smax = None
+    gap, converged, exact, unexplained = math.nan, True, False, None
+    if chosen == "exact":
+        check_outputs(fm, inputs)
+        with stage("Jacobian"):
+            jac = jacobian_of(fm)
+        with stage("singular values"):
+            fd = rank_of(jac, rtol=rtol)
+        rank, gap, exact = fd.rank, fd.gap, True
+        smax = float(fd.singular_values[0]) if fd.singular_values.numel() else 0.0
+        with stage("tangent check"):
+            check_tangents(
+                fm, group, lambda v: jac @ v, smax, rtol, checks, gen, k=4, progress=progress
+            )
+        del jac
     else:
-        raise GaugeError(f"method must be 'auto', 'exact' or 'matrix-free', not {method!r}")
-    unexplained = n_params - rank - group.dim
-    causes = ()
-    if unexplained > 0:
-        found = relu_causes(model, inputs) + tied_causes(model)
-        causes = tuple(found + layernorm_causes(model, inputs, rtol))
+        with stage("tangent check"):
+            fc = fm
+            if n > _LARGE:
+                head = _first_samples(inputs, _CHECK_SAMPLES)
+                if head is not None:
+                    fc = flat_model(model, head)
+                    notes.append(
+                        f"tangent residuals measured on the first {_CHECK_SAMPLES} inputs "
+                        f"(a large model: {n} parameters)"
+                    )
+            jvp = linear_jvp(fc, trace=False)
+            op = gauss_newton(fc, Orbit(torch.zeros(0, n, dtype=torch.float64)), jvp)
+            start = torch.randn(n, generator=gen, dtype=torch.float64)
+            smax = math.sqrt(max(lanczos_max(op, start, 6), 0.0))
+            del op
+            check_tangents(
+                fc,
+                group,
+                jvp,
+                smax,
+                rtol,
+                checks,
+                gen,
+                k=2 if n <= _LARGE else 1,
+                progress=progress,
+            )
+            del fc, jvp
+        if chosen == "matrix-free" and not checks.wrong:
+            floor = max(rtol, 1e-6)
+            with stage("matrix-free certificate"):
+                mf = matrix_free_certificate(
+                    model,
+                    inputs,
+                    group,
+                    max_iter=max_iter,
+                    tol=tol,
+                    zero_tol=floor,
+                    generator=gen,
+                )
+            smin, smax, gap = mf.sigma_min, mf.sigma_max, mf.sigma_min / mf.sigma_max
+            rank = n - mf.orbit_rank - (0 if gap > floor else 1)
+            converged = mf.converged
+            if not mf.converged:
+                notes.append(
+                    f"the eigensolver did not converge in {max_iter} products: sigma_min "
+                    f"{smin:.2e} is only an upper bound"
+                )
+    del fm
+    if rank is not None:
+        unexplained = n - rank - group.dim
+    wrong = dict(checks.wrong)
+    if unexplained is not None and unexplained < 0 and not wrong:
+        wrong["(group)"] = (
+            f"the symmetry dimension {group.dim} exceeds n_params − rank J = {n - rank}: "
+            "some factors' tangents are dependent, or the count is wrong"
+        )
+    if wrong:
+        verdict = Verdict.WRONG
+    elif unexplained is None or (unexplained == 0 and not exact):
+        verdict = Verdict.RIGHT
+    elif unexplained == 0:
+        verdict = Verdict.COMPLETE
+    else:
+        verdict = Verdict.INCOMPLETE
+    causes = _unanalyzed_causes(model)
+    if unexplained is not None and unexplained > 0:
+        with stage("looking for causes"):
+            found = relu_causes(model, inputs) + tied_causes(model)
+            causes = found + layernorm_causes(model, inputs, rtol) + causes
     return CertifyReport(
-        n_params, rank, group.dim, unexplained, method, gap, smin, causes, converged
+        verdict=verdict,
+        n_params=n,
+        symmetry_dim=group.dim,
+        functional_dimension=rank,
+        unexplained=unexplained,
+        exact=exact,
+        method=chosen,
+        tangent_residuals=checks.residuals,
+        act_error=checks.act_error,
+        act_tol=checks.act_tol,
+        rtol=rtol,
+        wrong=tuple(wrong),
+        reasons=tuple(wrong.values()),
+        gap=gap,
+        sigma_min=smin,
+        sigma_max=smax,
+        converged=converged,
+        causes=tuple(causes),
+        notes=tuple(notes),
+        memory_estimate=est[chosen],
+        memory_budget=budget,
+        timings=timings,
     )

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .._errors import GaugeError
 from ._gram import Algorithm, singular_values
-from ._jacobian import flat_model, jacobian, jacobian_of
+from ._jacobian import FlatModel, flat_model, jacobian, jacobian_of
 
 __all__ = ["FunctionalDimension", "functional_dimension", "jacobian", "singular_values"]
 
@@ -66,6 +66,13 @@ def functional_dimension(
     if not rtol > 0:
         raise GaugeError(f"rtol must be positive, got {rtol}")
     fm = flat_model(model, inputs)
+    check_outputs(fm, inputs)
+    return rank_of(jacobian_of(fm), rtol=rtol, algorithm=algorithm)
+
+
+def check_outputs(fm: FlatModel, inputs: Any) -> int:
+    """The number of outputs; a `GaugeError` saying how many inputs are needed when they do
+    not outnumber the parameters."""
     n_params = fm.theta.numel()
     with torch.no_grad():
         n_out = fm.f(fm.theta).numel()
@@ -75,7 +82,13 @@ def functional_dimension(
             "parameters: the Jacobian's rank is capped by the outputs; pass more inputs "
             f"(at least {n_params // max(1, n_out // max(1, _batch(inputs))) + 1} samples)"
         )
-    s, used = singular_values(jacobian_of(fm), algorithm=algorithm)
+    return n_out
+
+
+def rank_of(jac: Tensor, *, rtol: float, algorithm: Algorithm = "auto") -> FunctionalDimension:
+    """`functional_dimension` of a Jacobian `(n_outputs, n_params)` already formed."""
+    n_out, n_params = jac.shape
+    s, used = singular_values(jac, algorithm=algorithm)
     rank = int((s > rtol * s[0]).sum()) if s.numel() and s[0] > 0 else 0
     last = float(s[rank - 1]) if rank else 0.0
     nxt = float(s[rank]) if rank < s.numel() else 0.0

@@ -36,7 +36,7 @@ from ._jacobian import FlatModel, _composite_attention, flat_model
 from ._kfac import preconditioner
 from ._orbit import Orbit, orbit_projector
 
-__all__ = ["MatrixFreeResult", "matrix_free_certificate"]
+__all__ = ["MatrixFreeResult", "gauss_newton", "linear_jvp", "matrix_free_certificate"]
 
 Operator = Callable[[Tensor], Tensor]
 
@@ -73,12 +73,13 @@ class MatrixFreeResult:
 # -- the operator --------------------------------------------------------------
 
 
-def _gauss_newton(fm: FlatModel, proj: Orbit) -> Operator:
-    """`v ↦ P Jᵀ J P v` for `v` `(n,)`: a linearized forward-mode product (traced once,
-    replayed) or, where tracing fails, `torch.func.jvp`; then one reverse-mode product."""
-    with _composite_attention():
-        _, vjp_fn = torch.func.vjp(fm.f, fm.theta)
+def linear_jvp(fm: FlatModel, *, trace: bool = True) -> Operator:
+    """`v ↦ J v` for `v` `(n,)`: a linearized forward-mode product (traced once, replayed)
+    or, where tracing fails or `trace` is false (a few products only: no tape kept),
+    `torch.func.jvp`."""
     try:
+        if not trace:
+            raise NotImplementedError
         with warnings.catch_warnings(), _composite_attention():
             warnings.simplefilter("ignore")
             _, jvp_fn = torch.func.linearize(fm.f, fm.theta)
@@ -88,6 +89,16 @@ def _gauss_newton(fm: FlatModel, proj: Orbit) -> Operator:
         def jvp_fn(v: Tensor) -> Tensor:
             with _composite_attention():
                 return torch.func.jvp(fm.f, (fm.theta,), (v,))[1]
+
+    return jvp_fn
+
+
+def gauss_newton(fm: FlatModel, proj: Orbit, jvp_fn: Operator | None = None) -> Operator:
+    """`v ↦ P Jᵀ J P v` for `v` `(n,)`: `linear_jvp` (or the given `jvp_fn`), then one
+    reverse-mode product."""
+    with _composite_attention():
+        _, vjp_fn = torch.func.vjp(fm.f, fm.theta)
+    jvp_fn = jvp_fn if jvp_fn is not None else linear_jvp(fm)
 
     def op(v: Tensor) -> Tensor:
         v = proj(v)
@@ -163,7 +174,7 @@ def matrix_free_certificate(
     proj = orbit_projector(model, group)
     if n - proj.rank == 0:
         raise GaugeError("the orbit tangents span every parameter: nothing to certify")
-    op = _gauss_newton(fm, proj)
+    op = gauss_newton(fm, proj)
     prec, kind = preconditioner(fm, gen=gen) if precondition else ((lambda v: v), "none")
     lmax = lanczos_max(op, proj(torch.randn(n, generator=gen, dtype=torch.float64)), 20)
     start = proj(prec(proj(torch.randn(n, generator=gen, dtype=torch.float64))))

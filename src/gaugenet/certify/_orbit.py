@@ -25,8 +25,12 @@ class Orbit:
         self.rank = 0
         if self.dim == 0:
             return
-        row, col = tangents.nonzero(as_tuple=True)
-        val = tangents[row, col]
+        if tangents.is_sparse:
+            tangents = tangents.coalesce()
+            (row, col), val = tangents.indices(), tangents.values()
+        else:
+            row, col = tangents.nonzero(as_tuple=True)
+            val = tangents[row, col]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
             coo = torch.sparse_coo_tensor(torch.stack([row, col]), val, tangents.shape)
@@ -47,19 +51,36 @@ class Orbit:
 
 
 def orbit_projector(model: nn.Module, group: GaugeGroup) -> Orbit:
+    """The `Orbit` of `group` at `model`; the tangents are taken one factor at a time and
+    kept sparse, so only the largest factor's `(dim_f, n_params)` is ever dense."""
     n = sum(p.numel() for p in model.parameters())
     if group.dim == 0:
         return Orbit(torch.zeros(0, n, dtype=torch.float64))
-    try:
-        tangents = group.tangent(copy.deepcopy(model).double())  # (dim, n_params)
-    except (KeyError, RuntimeError, AttributeError) as err:
-        raise GaugeError(
-            f"the group's tangents cannot be taken on this model ({err!r}): is "
-            "the group of this model?"
-        ) from err
-    if tangents.shape != (group.dim, n):
-        raise GaugeError(
-            f"the group's tangents have shape {tuple(tangents.shape)}, expected "
-            f"({group.dim}, {n}): is the group of this model?"
-        )
-    return Orbit(tangents.double())
+    model = copy.deepcopy(model).double()
+    rows, cols, vals, k = [], [], [], 0
+    for f in group.factors:
+        if f.discrete or f.dim == 0:
+            continue
+        try:
+            t = GaugeGroup((f,), (), group.param_names).tangent(model)  # (dim_f, n_params)
+        except (KeyError, RuntimeError, AttributeError) as err:
+            raise GaugeError(
+                f"the tangents of factor {f.name!r} cannot be taken on this model ({err!r}): "
+                "is the group of this model?"
+            ) from err
+        if t.shape != (f.dim, n):
+            raise GaugeError(
+                f"the tangents of factor {f.name!r} have shape {tuple(t.shape)}, expected "
+                f"({f.dim}, {n}): is the group of this model?"
+            )
+        r, c = t.nonzero(as_tuple=True)
+        rows.append(r + k)
+        cols.append(c)
+        vals.append(t[r, c].double())
+        k += f.dim
+        del t
+    idx = torch.stack([torch.cat(rows), torch.cat(cols)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sparse invariant checks are implicitly disabled"
+        tangents = torch.sparse_coo_tensor(idx, torch.cat(vals), (k, n))
+    return Orbit(tangents)

@@ -15,6 +15,7 @@ from ._centering import link_centered
 from ._kernel import link_kernels
 from ._propagate import Propagator
 from ._trace import default_inputs, is_atomic, trace
+from ._unanalyzed import unanalyzed_breakers
 
 __all__ = ["register_analyzer", "symmetries"]
 
@@ -101,6 +102,7 @@ def symmetries(model: nn.Module, example_inputs: Any = None) -> GaugeGroup:
     factors, breakers = build_factors(prop.L, model)
     f2, b2 = _atom_factors(model)
     factors = link_centered(link_kernels(factors + f2))
+    b2 += unanalyzed_breakers(model)
     return GaugeGroup(tuple(factors), tuple(dict.fromkeys(breakers + b2)), names)
 
 

@@ -1,0 +1,168 @@
+"""Checking each factor of a group on a model: its action keeps the outputs, and its orbit
+tangents lie in the kernel of the Jacobian (measured, not counted)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..groups import GaugeGroup, model_state
+from ..groups._base import AbstractFactor
+from ._jacobian import FlatModel, _composite_attention, as_tuple, flatten_out
+
+__all__ = ["FactorChecks", "act_tolerance", "check_act", "check_tangents", "tangent_probes"]
+
+Apply = Callable[[Tensor], Tensor]
+
+
+@dataclass
+class FactorChecks:
+    """What the checks found: `wrong` factor names with `reasons`, the tangent residuals and
+    the act error."""
+
+    residuals: dict[str, float] = field(default_factory=dict)
+    act_error: float = 0.0
+    act_tol: float = 0.0
+    wrong: dict[str, str] = field(default_factory=dict)
+
+
+def _flag(out: FactorChecks, name: str, why: str) -> None:
+    """Record that factor `name` is wrong, adding `why` to its reasons."""
+    out.wrong[name] = f"{out.wrong[name]}; {why}" if name in out.wrong else why
+
+
+def act_tolerance(dtype: torch.dtype) -> float:
+    """`√ε` of `dtype`: `1.5e-8` (float64), `3.5e-4` (float32), `0.03` (float16), `0.09`
+    (bfloat16). A group element acts by a few products per weight, so a symmetry moves the
+    outputs by a few `ε` times the conditioning; `√ε` leaves room for the latter while
+    still catching any real change."""
+    return math.sqrt(torch.finfo(dtype).eps)
+
+
+def _outputs(model: nn.Module, inputs: Any) -> Tensor:
+    with torch.no_grad(), _composite_attention():
+        return flatten_out(model(*as_tuple(inputs)))
+
+
+def _rel_change(ref: Tensor, new: Tensor) -> float:
+    if ref.shape != new.shape:
+        return math.inf
+    scale = float(ref.abs().max()) if ref.numel() else 0.0
+    diff = float((new - ref).abs().max()) if ref.numel() else 0.0
+    return diff / max(scale, 1e-300) if math.isfinite(diff) else math.inf
+
+
+def _one_factor(group: GaugeGroup, f: AbstractFactor) -> GaugeGroup:
+    return GaugeGroup((f,), (), group.param_names)
+
+
+def check_act(
+    model: nn.Module,
+    inputs: Any,
+    group: GaugeGroup,
+    out: FactorChecks,
+    gen: torch.Generator,
+) -> None:
+    """Act on `model` (in its own dtype) with one random element of the whole group and
+    compare the outputs on `inputs`. Only when that fails or raises, each factor alone is
+    tried, to name the culprits (a factor that raises is wrong, with the error)."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float64)
+    out.act_tol = act_tolerance(dtype)
+    ref = _outputs(model, inputs)
+    g = group.sample(gen)
+    try:
+        out.act_error = _rel_change(ref, _outputs(group.act(model, g), inputs))
+    except Exception:  # named below, factor by factor
+        out.act_error = math.inf
+    if out.act_error <= out.act_tol:
+        return
+    found = False
+    for f in group.factors:
+        try:
+            err = _rel_change(
+                ref, _outputs(_one_factor(group, f).act(model, {f.name: g[f.name]}), inputs)
+            )
+        except Exception as exc:
+            _flag(out, f.name, f"acting with it raises {type(exc).__name__}: {exc}")
+            found = True
+            continue
+        if err > out.act_tol:
+            _flag(out, f.name, f"a random element changes the outputs by {err:.2e} (relative)")
+            found = True
+    if not found:
+        _flag(
+            out,
+            "(group)",
+            (
+                f"every factor alone keeps the outputs, all together change them by "
+                f"{out.act_error:.2e}: the factors do not compose"
+            ),
+        )
+
+
+def tangent_probes(
+    fm: FlatModel, group: GaugeGroup, f: AbstractFactor, k: int, gen: torch.Generator
+) -> Tensor:
+    """`(k, n_params)`: `Tᵀ z` for `k` random Gaussian `z` (all tangents when `dim ≤ k`),
+    `T` the factor's orbit tangents at `fm.theta`, each a forward-mode derivative of its
+    action; never the dense `(dim, n_params)` tangents."""
+    state = model_state(fm.model)
+    one = _one_factor(group, f)
+
+    def flat(xi: Tensor) -> Tensor:
+        new = one.act_state(state, {f.name: f.exp(xi)}, validate=False)
+        return torch.cat([new[n].reshape(-1) for n in fm.names])
+
+    zero = torch.zeros(f.dim, dtype=torch.float64)
+    z = (
+        torch.eye(f.dim, dtype=torch.float64)
+        if f.dim <= k
+        else torch.randn(k, f.dim, generator=gen, dtype=torch.float64)
+    )
+    return torch.stack([torch.func.jvp(flat, (zero,), (zi,))[1] for zi in z])
+
+
+def check_tangents(
+    fm: FlatModel,
+    group: GaugeGroup,
+    apply_j: Apply,
+    sigma_max: float,
+    rtol: float,
+    out: FactorChecks,
+    gen: torch.Generator,
+    *,
+    k: int = 2,
+    progress: Callable[[str], None] | None = None,
+) -> None:
+    """Per continuous factor, `‖J V‖_F / (σ_max ‖V‖_F)` for `V` from `tangent_probes`
+    (`apply_j(v)` is `J v`); above `rtol` (or a tangent that is zero, or raises) the factor
+    is wrong."""
+    cont = [f for f in group.factors if not f.discrete and f.dim > 0]
+    for i, f in enumerate(cont):
+        if progress is not None:
+            progress(f"tangent check {i + 1}/{len(cont)}: {f.name}")
+        try:
+            v = tangent_probes(fm, group, f, k, gen)
+        except Exception as exc:
+            _flag(out, f.name, f"its tangents raise {type(exc).__name__}: {exc}")
+            out.residuals[f.name] = math.inf
+            continue
+        vn = float(v.norm())
+        if not vn > 0:
+            _flag(out, f.name, "its tangents are zero: it does not move the parameters")
+            out.residuals[f.name] = math.inf
+            continue
+        jv = torch.stack([apply_j(row) for row in v])
+        res = float(jv.norm()) / (max(sigma_max, 1e-300) * vn)
+        out.residuals[f.name] = res
+        if not res <= rtol:
+            _flag(
+                out,
+                f.name,
+                f"its orbit tangents leave ker J: ‖J Tᵀ‖ / (‖J‖ ‖T‖) = {res:.2e} > {rtol:.0e}",
+            )

@@ -1,0 +1,44 @@
+"""Modules with parameters that discovery treats as opaque (recurrent layers such as
+`nn.LSTM`, `nn.GRU`, `nn.RNN`, and any other leaf module without a rule): their symmetries
+are not searched, so each is named as a breaker instead of silently adding nothing."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..groups import Breaker
+from ._trace import _Tracer, is_atomic
+
+__all__ = ["unanalyzed_breakers", "unanalyzed_modules"]
+
+
+def unanalyzed_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """`(name, module)` for each module that `torch.fx` keeps whole (a leaf) although no
+    rule or analyzer knows it, and that holds parameters (its own or its children's)."""
+    tracer, found = _Tracer(), []
+    for name, m in model.named_modules():
+        if not name or any(name.startswith(f"{p}.") for p, _ in found):
+            continue
+        if (
+            not is_atomic(m)
+            and tracer.is_leaf_module(m, name)
+            and next(m.parameters(), None) is not None
+        ):
+            found.append((name, m))
+    return found
+
+
+def unanalyzed_breakers(model: nn.Module) -> list[Breaker]:
+    """One `Breaker` per `unanalyzed_modules` entry, naming the parameters left out."""
+    out = []
+    for name, m in unanalyzed_modules(model):
+        params = [f"{name}.{p}" for p, _ in m.named_parameters()]
+        shown = ", ".join(params[:4]) + (f", ... ({len(params)} in all)" if len(params) > 4 else "")
+        out.append(
+            Breaker(
+                name,
+                f"unsupported module {type(m).__name__}: the symmetries of its parameters "
+                f"({shown}) are not analysed",
+            )
+        )
+    return out
