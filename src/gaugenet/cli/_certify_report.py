@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from ..certify import CertifyReport
 from ..groups import GaugeGroup
 from ._model_args import parse_shape, sample_inputs
 from ._output import progress
@@ -37,7 +38,7 @@ def run_certify(
     n_inputs: int,
     input_shape: str | None,
     memory_budget_gb: float,
-):
+) -> CertifyReport:
     """Certify `group` on `net` (in float64, on `n_inputs` sample inputs) with a progress
     line on stderr; returns the `Certificate`. Raises `GaugeError` (budget, inputs)."""
     from .. import certify

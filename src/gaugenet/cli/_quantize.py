@@ -6,13 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
-from rich.markup import escape
+from torch import nn
 
 from .._errors import GaugeError
 from ..io import check_writable, load_model, save_safetensors_atomic
 from ._app import app
-from ._model_args import INPUT_SHAPE_HELP, parse_shape, sample_inputs
+from ._model_args import ARCH_HELP, INPUT_SHAPE_HELP, MODEL_HELP, parse_shape, sample_inputs
+from ._output import emit_json, handled, progress, stdout_console
 
 SCHEME_HELP = (
     "w<bits>[t|g<size>][a<bits>]: weights per channel (default), per tensor (t) or per group "
@@ -22,36 +22,40 @@ SCHEME_HELP = (
 
 @app.command()
 def quantize(
-    model: str = typer.Argument(..., help="HF folder, weights file (+ --arch) or module:factory."),
+    model: str = typer.Argument(..., help=MODEL_HELP),
     out: Path = typer.Option(..., "--out", help="The safetensors file to write (rounded weights)."),
     scheme: str = typer.Option("w4", "--scheme", help=SCHEME_HELP),
     equalize: bool = typer.Option(
         False, "--equalize", help="Move within the gauge group first (per-tensor/per-channel)."
     ),
-    arch: str = typer.Option(None, "--arch", help="module:factory for a weights file."),
+    arch: str = typer.Option(None, "--arch", help=ARCH_HELP),
     input_shape: str = typer.Option(None, "--input-shape", help=INPUT_SHAPE_HELP),
     force: bool = typer.Option(False, "--force", help="Overwrite OUT, even the input file."),
+    json_: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
-    """Quantize MODEL under SCHEME, write the rounded weights to OUT (the scheme is stored in
-    the file's metadata), and print the output SQNR on 16 sample inputs."""
+    """Quantize MODEL under SCHEME, write the rounded weights to OUT, and print the output
+    SQNR on 16 sample inputs. The weights are checked to lie on the scheme's grid before
+    anything is written; with --equalize the equalized model is kept only where it raises
+    the SQNR."""
     from ..apply import QuantScheme, sqnr_db
     from ..apply import equalize as eq
     from ..apply import quantize as quant
     from ..apply._metrics import first_tensor
-    from ..apply._quantize import quantized_params
 
-    console = Console(stderr=True)
-    try:
+    with handled(), progress() as bar:
         sch = QuantScheme.parse(scheme)
         check_writable(out, force=force, source=model)
+        task = bar.add_task("loading the model", total=None)
         net = load_model(model, arch).eval()
         x = sample_inputs(net, 16, shape=parse_shape(input_shape))
         y = first_tensor(net, x)
+        bar.update(task, description=f"quantizing ({sch})")
         q = quant(net, sch)
         before = after = sqnr_db(y, first_tensor(q, x))
         if equalize:
             if sch.granularity == "per-group":
                 raise GaugeError("--equalize aims at per-tensor or per-channel weights")
+            bar.update(task, description="equalizing")
             moved = eq(
                 net, x, bits=sch.weight_bits, granularity=sch.granularity, objective="output"
             )
@@ -59,26 +63,36 @@ def quantize(
             after = sqnr_db(y, first_tensor(q_eq, x))
             if after > before:
                 q = q_eq
-        state = dict(q.state_dict())
-        _check_on_grid(q, quantized_params(q), sch)
+        _check_on_grid(q, sch)
+        bar.update(task, description=f"writing {out}")
         save_safetensors_atomic(
-            state, out, force=force, source=model if Path(model).exists() else None
+            dict(q.state_dict()), out, force=force, source=model if Path(model).exists() else None
         )
-    except GaugeError as exc:
-        console.print(f"[red]error:[/red] {escape(str(exc))}")
-        raise typer.Exit(code=2) from None
+    kept = equalize and after > before
+    if json_:
+        emit_json(
+            {
+                "out": str(out),
+                "scheme": str(sch),
+                "sqnr_db": before,
+                "sqnr_equalized_db": after if equalize else None,
+                "equalized": kept,
+                "inputs": 16,
+            }
+        )
+        return
     msg = f"wrote {out} ({sch}); output SQNR on 16 sample inputs: {before:.2f} dB"
     if equalize:
-        kept = "kept" if after > before else "not kept: no gain"
-        msg += f", {after:.2f} dB with equalization ({kept})"
-    Console().print(msg)
+        msg += f", {after:.2f} dB with equalization ({'kept' if kept else 'not kept: no gain'})"
+    stdout_console().print(msg)
 
 
-def _check_on_grid(model, names: list[str], scheme) -> None:
+def _check_on_grid(model: nn.Module, scheme) -> None:
     """Refuse to write weights that rounding again would move: they are not on the grid."""
+    from ..apply._quantize import quantized_params
     from ..apply._schemes import _round_weight
 
-    for n in names:
+    for n in quantized_params(model):
         p = model.get_parameter(n).detach()
         again = _round_weight(p, scheme)
         if not bool(((again - p).abs() <= 1e-6 * p.abs().max().clamp_min(1e-30)).all()):
