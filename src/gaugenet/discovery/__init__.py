@@ -1,5 +1,7 @@
 """Discovering the gauge symmetries of a model from its computation graph."""
 
+from ._selfcheck import INTERNAL_ERROR as INTERNAL_ERROR
+from ._selfcheck import self_check as self_check
 from ._symmetries import register_analyzer as register_analyzer
 from ._symmetries import register_model_analyzer as register_model_analyzer
 from ._symmetries import symmetries as symmetries

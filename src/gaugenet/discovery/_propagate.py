@@ -188,6 +188,10 @@ class Propagator(NormRules, fx.Interpreter):
         self.L.scale_terms.append((f"{name}.weight", fresh.reshape(-1, *([1] * (w.ndim - 1))), 1))
         self.L.perm_terms.append((f"{name}.weight", 0, fresh))
         self.L.links.append((fresh, fresh))
+        if groups > 1:
+            # output channel c reads only the inputs of its group: a permutation across
+            # groups changes what it reads (and the input side is fixed above)
+            self.L.fix_perms(fresh, name, "grouped convolution: outputs read their group only")
         if m.bias is not None:
             self.use_param(f"{name}.bias", name)
             self.L.scale_terms.append((f"{name}.bias", fresh, 1))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -12,9 +13,11 @@ from .._errors import GaugeError, UnsupportedModelError
 from ..groups import Breaker, GaugeGroup, bind_to_model
 from ._build import build_factors
 from ._centering import link_centered
+from ._inputs import Call, as_call, find_inputs
 from ._kernel import link_kernels
 from ._propagate import Propagator
-from ._trace import default_inputs, is_atomic, trace
+from ._selfcheck import self_check
+from ._trace import is_atomic, trace
 from ._unanalyzed import unanalyzed_breakers
 
 __all__ = ["register_analyzer", "symmetries"]
@@ -67,32 +70,57 @@ def symmetries(model: nn.Module, example_inputs: Any = None) -> GaugeGroup:
     - `model`: any module `torch.fx` can capture; atomic layers (`Linear`, `Conv*`,
       `BatchNorm*`, activations, poolings, attention, ...) are analyzed by rules, and
       modules with a `gauge_factors(prefix)` method describe themselves.
-    - `example_inputs`: a tensor or tuple of tensors the model accepts; only shapes matter.
-      Optional for models that start with `nn.Linear`.
+    - `example_inputs`: one tensor, a tuple of positional inputs, or a dict of keyword
+      inputs the model accepts. Optional when they can be inferred (a model starting with
+      `nn.Linear`, a Hugging Face model's `dummy_inputs`, token batches).
 
     **Returns:** a `GaugeGroup` with `factors` and `breakers` (the operations that break
-    a would-be symmetry, with reasons).
+    a would-be symmetry, with reasons). Every factor has been checked on the example inputs
+    (see `_selfcheck.py`): one that changes the outputs is dropped and named among the
+    breakers as an internal error.
 
-    Raises `GaugeError` for non-finite weights, `UnsupportedModelError` when the model
-    cannot be captured.
+    Raises `GaugeError` for non-finite weights or when no inputs are given or inferred,
+    `UnsupportedModelError` when the model cannot be captured.
     """
     _check_finite(model)
+    call = find_inputs(model) if example_inputs is None else as_call(example_inputs)
+    return self_check(model, call, _discover(model, call))
+
+
+def _positional(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple:
+    """Keyword inputs as positional ones, when they fill the first parameters of `forward`
+    (what the `torch.fx` capture takes)."""
+    try:
+        params = list(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        params = []
+    names = params[len(args) : len(args) + len(kwargs)]
+    if set(names) != set(kwargs):
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: keyword inputs {sorted(kwargs)} are not the first "
+            f"parameters of forward {params}; torch.fx takes positional inputs only"
+        )
+    return (*args, *(kwargs[n] for n in names))
+
+
+def _discover(model: nn.Module, call: Call) -> GaugeGroup:
     names = tuple(n for n, _ in model.named_parameters())
+    args, kwargs = call
+    example = kwargs if kwargs else args
     for fn in _MODEL_ANALYZERS:
-        group = fn(model, example_inputs)
+        group = fn(model, example)
         if group is not None:
             return group
     if is_atomic(model) and hasattr(model, "gauge_factors"):
         factors, breakers = model.gauge_factors("")
         return GaugeGroup(tuple(factors), tuple(breakers), names)
-    if example_inputs is None:
-        example_inputs = default_inputs(model)
-    inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-    gm = trace(model, len(inputs))
+    if kwargs:
+        args = _positional(model, args, kwargs)
+    gm = trace(model, len(args))
     prop = Propagator(gm, model)
     try:
         with torch.no_grad():
-            prop.run(*inputs)
+            prop.run(*args)
     except UnsupportedModelError:
         raise
     except Exception as exc:
