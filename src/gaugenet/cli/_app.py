@@ -24,6 +24,7 @@ def _register() -> None:
         _equalize,  # noqa: F401
         _inspect,  # noqa: F401
         _reproduce,  # noqa: F401
+        _zoo,  # noqa: F401
     )
 
 
