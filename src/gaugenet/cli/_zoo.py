@@ -94,7 +94,7 @@ def canonicalize_(
 def certify_(
     zoo: str = _ZOO, out: Path = _OUT, arch: str = _ARCH, workers: int = _WORKERS,
     scheduler: str = _SCHED, memory_limit: str = _MEM, input_shape: str = _SHAPE,
-    n_inputs: int = typer.Option(0, "--inputs", help="Sample inputs (0: 1.5× the parameters)."),
+    n_inputs: int = typer.Option(0, "--inputs", help="Inputs (0: 3× params/outputs)."),
 ) -> None:  # fmt: skip
     """The Jacobian-rank certificate of every checkpoint (float64)."""
     from ..zoo import Certify

@@ -74,7 +74,8 @@ class Canonicalize(AbstractTask):
 class Certify(AbstractTask):
     """The Jacobian-rank certificate (float64): is every redundancy a discovered symmetry?
 
-    `n_inputs = 0` picks enough inputs for the outputs to outnumber the parameters 1.5×."""
+    `n_inputs = 0` picks enough inputs for the outputs to outnumber the parameters 3×
+    (ReLU networks need varied activation patterns, not just as many outputs)."""
 
     n_inputs: int = 0
     method: str = "auto"
@@ -88,7 +89,7 @@ class Certify(AbstractTask):
         n = self.n_inputs
         if n <= 0:
             per_sample = first_tensor(m64, sample(m64, 2))[0].numel()
-            n = max(8, math.ceil(1.5 * _n_params(model) / max(per_sample, 1)))
+            n = max(8, math.ceil(3 * _n_params(model) / max(per_sample, 1)))
         report = certify(m64, sample(m64, n), group=group, method=self.method)  # type: ignore[arg-type]
         verdict = "certified" if report.ok else "inconclusive"
         if report.converged and report.unexplained != 0:
