@@ -42,6 +42,7 @@ def _register() -> None:
         _inspect,  # noqa: F401
         _quantize,  # noqa: F401
         _reproduce,  # noqa: F401
+        _zoo,  # noqa: F401
     )
 
 
