@@ -17,7 +17,15 @@ from ..groups import Element, GaugeGroup, GLFactor, RescalingFactor, model_state
 from ..groups._base import State
 from ._quantize import GRANULARITIES, quantize_tensor, quantized_params
 from ._ranges import balance, factor_ranges
-from ._search import forward_fn, local_search, noise_model_scales, sensitivities
+from ._schemes import with_activation_rounding
+from ._search import (
+    forward_fn,
+    input_ranges,
+    local_search,
+    noise_model_scales,
+    sensitivities,
+    smoothing_scales,
+)
 
 __all__ = ["equalize", "equalizing_element", "weight_quantization_error"]
 
@@ -52,14 +60,21 @@ def _hadamard(d: int) -> Tensor | None:
 
 
 def _output_noise(
-    model: nn.Module, inputs: Any, names: list[str], bits: int, granularity: str
+    model: nn.Module,
+    inputs: Any,
+    names: list[str],
+    bits: int,
+    granularity: str,
+    act_bits: int | None = None,
 ) -> Callable[[State], float]:
-    """`state ↦ Σ (y − y_q)²`: the output noise of `model` with `state`'s weights rounded, on
-    `inputs` (the example inputs; the score that picks among candidates)."""
+    """`state ↦ Σ (y − y_q)²`: the output noise of `model` with `state`'s weights rounded
+    (and, with `act_bits`, every Linear/Conv input rounded per token), on `inputs` (the
+    example inputs; the score that picks among candidates)."""
     dtype = next(p.dtype for p in model.parameters())
-    run = forward_fn(model, inputs)
     with torch.no_grad():
-        y = run(model_state(model))
+        y = forward_fn(model, inputs)(model_state(model))
+    noisy = with_activation_rounding(model, act_bits, copy_model=True) if act_bits else model
+    run = forward_fn(noisy, inputs)
 
     def noise(state: State) -> float:
         st = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
@@ -90,6 +105,7 @@ def equalizing_element(
     rotations: bool = True,
     group: GaugeGroup | None = None,
     search: int = 300,
+    act_bits: int | None = None,
 ) -> tuple[GaugeGroup, Element]:
     """The element of `model`'s gauge group that `equalize` applies.
 
@@ -103,10 +119,11 @@ def equalizing_element(
     is a power of two then tries the normalized Hadamard rotation, kept where it lowers the
     error further (it spreads outlier entries over the block).
 
-    With `objective="output"` two data-driven candidates join the closed-form sweeps (see
+    With `objective="output"` data-driven candidates join the closed-form sweeps (see
     `_search`): the minimizer of a first-order model of the rounding noise, weighted by each
-    weight's output sensitivity on `example_inputs`, and then `search` steps of a local
-    search on the realized output noise. Range balancing treats every channel as equally
+    weight's output sensitivity on `example_inputs`, with `act_bits` also SmoothQuant's
+    balance of input and weight ranges, and then `search` steps of a local search on the
+    realized output noise. Range balancing treats every channel as equally
     important; these do not. Every candidate is kept only where it lowers the objective, so
     the result is never worse than the input on it.
 
@@ -114,6 +131,8 @@ def equalizing_element(
     """
     if objective not in OBJECTIVES:
         raise GaugeError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    if act_bits is not None and objective != "output":
+        raise GaugeError("act_bits needs objective='output': activations come from the data")
     if granularity not in GRANULARITIES:
         raise GaugeError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     group = symmetries(model, example_inputs) if group is None else group
@@ -129,7 +148,7 @@ def equalizing_element(
             return weight_quantization_error(s, names, bits, granularity)
 
     else:
-        err = _output_noise(model, example_inputs, names, bits, granularity)
+        err = _output_noise(model, example_inputs, names, bits, granularity, act_bits)
 
     best = (err(start), identity, start)
     # two sequences of sweeps: ranges relative to each tensor's quantization range, and the
@@ -153,7 +172,16 @@ def equalizing_element(
             best = (e, dict(elem), state)
     if objective == "output":
         best = _data_driven(
-            model, example_inputs, factors, names, best, err, bits, per_channel, search
+            model,
+            example_inputs,
+            factors,
+            names,
+            best,
+            err,
+            bits,
+            per_channel,
+            search,
+            smooth=act_bits is not None,
         )
     e_best, elem, state = best
     for f in factors if rotations else ():
@@ -180,6 +208,7 @@ def equalize(
     group: GaugeGroup | None = None,
     tol: float | None = None,
     search: int = 300,
+    act_bits: int | None = None,
 ) -> nn.Module:
     """A copy of `model`, moved within its gauge group to where round-to-nearest weight
     quantization loses least; it computes the same function.
@@ -200,6 +229,9 @@ def equalize(
     - `group`: the gauge group, when already known.
     - `search`: with `objective="output"`, the number of local-search steps on the realized
       output noise (0: none).
+    - `act_bits`: with `objective="output"`, aim at weight-and-activation quantization: the
+      objective rounds every Linear/Conv input per token too (W8A8: `bits=8, act_bits=8`), so
+      the search trades weight ranges against activation ranges, as smoothing does.
     - `tol`: largest allowed relative output change on `example_inputs` (float64 evaluation);
       default by the weights' dtype (`1e-9` float64, `1e-5` float32, `1e-2` float16).
 
@@ -216,6 +248,7 @@ def equalize(
         rotations=rotations,
         group=group,
         search=search,
+        act_bits=act_bits,
     )
     new = group.act(model, elem)
     tol = drift_tolerance(model_dtype(model)) if tol is None else tol
@@ -248,24 +281,33 @@ def _data_driven(
     bits: int,
     per_channel: bool,
     search: int,
+    smooth: bool,
 ) -> tuple[float, dict, State]:
-    """The sensitivity-weighted noise-model optimum (kept if it beats `best`), then a local
-    search on `err` from the better of the two; returns the new `(err, element, state)`."""
+    """Closed-form candidates from the start (the sensitivity-weighted noise-model optimum;
+    with `smooth`, SmoothQuant's balance of input and weight ranges), each kept where it
+    beats `best`, then a local search on `err` from the best; returns the new
+    `(err, element, state)`."""
     scales = [f for f in factors if isinstance(f, RescalingFactor)]
     if not scales:
         return best
     e_best, elem, state = best
     start = {k: v.double() if v.is_floating_point() else v for k, v in model_state(model).items()}
-    sens = sensitivities(model, _to_float64(inputs), start, names)
-    alphas = noise_model_scales(scales, start, names, sens, bits=bits, per_channel=per_channel)
-    trial = start
-    for f, a in zip(scales, alphas):
-        trial = f.apply(trial, a)
-    e = err(trial)
-    if e < e_best:
-        ident = {f.name: f.identity(torch.float64) for f in factors}
-        e_best, state = e, trial
-        elem = {**ident, **{f.name: a for f, a in zip(scales, alphas)}}
+    x64 = _to_float64(inputs)
+    sens = sensitivities(model, x64, start, names)
+    candidates = [
+        noise_model_scales(scales, start, names, sens, bits=bits, per_channel=per_channel)
+    ]
+    if smooth:
+        candidates.append(smoothing_scales(scales, start, input_ranges(model, inputs, names)))
+    ident = {f.name: f.identity(torch.float64) for f in factors}
+    for alphas in candidates:
+        trial = start
+        for f, a in zip(scales, alphas):
+            trial = f.apply(trial, a)
+        e = err(trial)
+        if e < e_best:
+            e_best, state = e, trial
+            elem = {**ident, **{f.name: a for f, a in zip(scales, alphas)}}
     moves, state, e_best = local_search(scales, state, err, budget=search)
     elem = dict(elem)
     for f, a in zip(scales, moves):

@@ -13,7 +13,13 @@ from torch import Tensor, nn
 from .._errors import GaugeError
 from ._quantize import _QUANTIZED_LAYERS, quantized_params
 
-__all__ = ["QuantScheme", "quantize", "quantize_grouped", "quantize_per_token"]
+__all__ = [
+    "QuantScheme",
+    "quantize",
+    "quantize_grouped",
+    "quantize_per_token",
+    "with_activation_rounding",
+]
 
 _SCHEME = re.compile(r"^w(\d+)(t|g(\d+))?(a(\d+))?$")
 
@@ -119,14 +125,20 @@ def quantize(model: nn.Module, scheme: QuantScheme | str) -> nn.Module:
         for name in names:
             p = out.get_parameter(name)
             p.copy_(_round_weight(p, scheme))
-    if scheme.act_bits is not None:
-        bits = scheme.act_bits
-        for m in out.modules():
-            if isinstance(m, _QUANTIZED_LAYERS):
-                dim = -1 if isinstance(m, nn.Linear) else 1
+    return with_activation_rounding(out, scheme.act_bits) if scheme.act_bits else out
 
-                def hook(_mod, args, dim=dim):
-                    return (quantize_per_token(args[0], bits, dim), *args[1:])
 
-                m.register_forward_pre_hook(hook)
+def with_activation_rounding(model: nn.Module, bits: int, *, copy_model: bool = False) -> nn.Module:
+    """`model` with a forward pre-hook on every Linear/Conv layer that rounds the layer's
+    input per token to `bits` (`quantize_per_token`; features on the last axis for Linear,
+    on axis 1 for Conv). Modifies `model` in place unless `copy_model`; returns it."""
+    out = copy.deepcopy(model) if copy_model else model
+    for m in out.modules():
+        if isinstance(m, _QUANTIZED_LAYERS):
+            dim = -1 if isinstance(m, nn.Linear) else 1
+
+            def hook(_mod, args, dim=dim):
+                return (quantize_per_token(args[0], bits, dim), *args[1:])
+
+            m.register_forward_pre_hook(hook)
     return out

@@ -24,10 +24,17 @@ from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 
 from .._invariance import _as_tuple
-from ..groups import RescalingFactor
+from ..groups import RescalingFactor, Scale
 from ..groups._base import State
 
-__all__ = ["forward_fn", "local_search", "noise_model_scales", "sensitivities"]
+__all__ = [
+    "forward_fn",
+    "input_ranges",
+    "local_search",
+    "noise_model_scales",
+    "sensitivities",
+    "smoothing_scales",
+]
 
 
 def forward_fn(model: nn.Module, inputs: Any) -> Callable[[State], Tensor]:
@@ -149,3 +156,68 @@ def local_search(
         else:
             sigma[i] = max(sigma[i] * 0.9, 1e-3)
     return [torch.exp(log) for log in logs], state, best
+
+
+def input_ranges(model: nn.Module, inputs: Any, names: Sequence[str]) -> dict[str, Tensor]:
+    """`max |X_j|` over all tokens of the input features `j` of every layer whose weight is
+    named in `names` (features on the last axis for Linear, axis 1 for Conv), float64."""
+    out: dict[str, Tensor] = {}
+    handles = []
+    for n in names:
+        layer = model.get_submodule(n.rsplit(".", 1)[0]) if "." in n else model
+        dim = -1 if isinstance(layer, nn.Linear) else 1
+
+        def hook(_m, args, n=n, dim=dim):
+            x = args[0].detach().double().abs().movedim(dim, -1)
+            r = x.reshape(-1, x.shape[-1]).amax(0)
+            out[n] = torch.maximum(out[n], r) if n in out else r
+
+        handles.append(layer.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            forward_fn(model, inputs)(dict(model.state_dict()))
+    finally:
+        for h in handles:
+            h.remove()
+    return out
+
+
+def smoothing_scales(
+    factors: Sequence[RescalingFactor], state: State, act: dict[str, Tensor]
+) -> list[Tensor]:
+    """SmoothQuant's balance (α = 1/2) for every rescaling factor that scales the input
+    columns of a quantized layer: channel `k` acting on columns `J_k` of weight `W` by
+    `α_k^p` scales those input features by `α_k^−p`, so `α_k = (max_{J_k}|X| /
+    max_{J_k}|W|)^(1/2p)` gives both the same range. Channels that scale no such column
+    keep 1.
+
+    **Arguments:** `act` the input ranges of the quantized layers (`input_ranges`).
+
+    **Returns:** one `(factor.n,)` positive tensor per factor, float64.
+    """
+    out = []
+    for f in factors:
+        ranges: dict[int, tuple[Tensor, Tensor]] = {}  # power -> (max |W|, max |X|) per channel
+        for term in getattr(f, "terms", ()):
+            if not isinstance(term, Scale) or term.param not in act or term.power == 0:
+                continue
+            w = state[term.param].double()
+            idx = term.index.expand(w.shape).movedim(1, -1).reshape(-1, w.shape[1])
+            if not bool((idx == idx[:1]).all()):
+                continue  # not a column scaling
+            live = idx[0] < f.n
+            k = idx[0][live]
+            wmax = w.abs().movedim(1, -1).reshape(-1, w.shape[1]).amax(0)[live]
+            zero = torch.zeros(f.n, dtype=torch.float64)
+            wk, xk = ranges.get(term.power, (zero, zero))
+            ranges[term.power] = (
+                wk.scatter_reduce(0, k, wmax, "amax"),
+                xk.scatter_reduce(0, k, act[term.param][live], "amax"),
+            )
+        log_a = torch.zeros(f.n, dtype=torch.float64)
+        if ranges:  # the readers' power (all readers of a stream share it)
+            power, (wk, xk) = max(ranges.items(), key=lambda kv: int((kv[1][0] > 0).sum()))
+            ok = (wk > 0) & (xk > 0)
+            log_a[ok] = (xk[ok].log() - wk[ok].log()) / (2 * power)
+        out.append(torch.exp(log_a))
+    return out

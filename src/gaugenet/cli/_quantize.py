@@ -57,7 +57,12 @@ def quantize(
                 raise GaugeError("--equalize aims at per-tensor or per-channel weights")
             bar.update(task, description="equalizing")
             moved = eq(
-                net, x, bits=sch.weight_bits, granularity=sch.granularity, objective="output"
+                net,
+                x,
+                bits=sch.weight_bits,
+                granularity=sch.granularity,
+                objective="output",
+                act_bits=sch.act_bits,
             )
             q_eq = quant(moved, sch)
             after = sqnr_db(y, first_tensor(q_eq, x))
