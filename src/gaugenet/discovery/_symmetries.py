@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -84,7 +85,11 @@ def symmetries(model: nn.Module, example_inputs: Any = None) -> GaugeGroup:
     """
     _check_finite(model)
     call = find_inputs(model) if example_inputs is None else as_call(example_inputs)
-    return self_check(model, call, _discover(model, call))
+    group = self_check(model, call, _discover(model, call))
+    # the inputs the group was checked on travel with it (canonicalize and align check there)
+    args, kwargs = call
+    used = kwargs if kwargs and not args else args[0] if len(args) == 1 and not kwargs else args
+    return dataclasses.replace(group, example_inputs=used)
 
 
 def _positional(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple:

@@ -141,8 +141,7 @@ def bind_to_model(
     @functools.wraps(find)
     def wrapper(model: nn.Module, example_inputs: Any = None) -> Any:
         group = find(check_model(model), example_inputs)
-        return dataclasses.replace(
-            group, signature=model_signature(model), example_inputs=example_inputs
-        )
+        used = example_inputs if example_inputs is not None else group.example_inputs
+        return dataclasses.replace(group, signature=model_signature(model), example_inputs=used)
 
     return wrapper
