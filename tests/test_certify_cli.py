@@ -63,8 +63,39 @@ def test_complete_exits_zero(tmp_path) -> None:
     assert "verdict               complete" in r.output
 
 
-def test_wrong_exits_four(tmp_path) -> None:
+def test_wrong_factor_is_dropped_by_discovery_and_named(tmp_path) -> None:
+    """A self-described factor that changes the outputs never reaches certification:
+    discovery's self-check drops it and names it among the breakers."""
     r = _run(tmp_path, "bad")
+    assert r.exit_code == EXIT_CODES["incomplete"] == 3, r.output
+    assert "forgetful: internal error" in r.output
+
+
+def test_wrong_exits_four(tmp_path, monkeypatch) -> None:
+    """A group with a wrong factor (built by hand, past discovery's self-check) gets the
+    verdict wrong, and the command exits 4."""
+    import importlib
+
+    import torch
+
+    import gaugenet
+    from gaugenet.groups import GaugeGroup
+
+    inspect_cli = importlib.import_module("gaugenet.cli._inspect")
+    (tmp_path / "arch_cert.py").write_text(ARCH)
+    spec = importlib.util.spec_from_file_location("arch_cert", tmp_path / "arch_cert.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    bad = mod.bad().double()
+    factors, _ = bad.gauge_factors("")
+    group = GaugeGroup(tuple(factors), (), tuple(n for n, _ in bad.named_parameters()))
+    x = torch.randn(64, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+    def run_certify(net, _group, **_kw):
+        return gaugenet.certify(bad, x, group=group)
+
+    monkeypatch.setattr(inspect_cli, "run_certify", run_certify)
+    r = _run(tmp_path, "good")
     assert r.exit_code == EXIT_CODES["wrong"] == 4, r.output
     assert "wrong factor forgetful" in r.output
 
