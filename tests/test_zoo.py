@@ -210,6 +210,14 @@ def test_unknown_arch_and_task() -> None:
     with pytest.raises(GaugeError, match="unknown zoo task"):
         as_task("prune")
     assert Canonicalize("unit_in").signature == "canonicalize(gauge=unit_in)"
+    for bad in (
+        lambda: Canonicalize("sorted"),
+        lambda: Equalize(bits=1),
+        lambda: Equalize(granularity="per-row"),
+        lambda: Certify(method="svd"),
+    ):
+        with pytest.raises(GaugeError):
+            bad()
 
 
 def test_hugging_face_folder(tmp_path) -> None:
