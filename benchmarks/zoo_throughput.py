@@ -45,12 +45,14 @@ def external_cluster(folder: Path, workers: int = 2) -> tuple[str, list[subproce
     file = folder / "scheduler.json"
     quiet = {"env": _env(), "stderr": subprocess.DEVNULL}
     cmd = [dask, "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard"]
+    cmd += ["--idle-timeout", "120s"]
     procs = [subprocess.Popen([*cmd, "--scheduler-file", str(file)], **quiet)]
     while not file.is_file():
         time.sleep(0.1)
     address = json.loads(file.read_text())["address"]
     for i in range(workers):
         cmd = [dask, "worker", address, "--nthreads", "1", "--host", "127.0.0.1"]
+        cmd += ["--death-timeout", "60"]
         procs.append(subprocess.Popen([*cmd, "--no-dashboard", "--name", f"w{i}"], **quiet))
     return address, procs
 
