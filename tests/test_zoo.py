@@ -210,3 +210,28 @@ def test_unknown_arch_and_task() -> None:
     with pytest.raises(GaugeError, match="unknown zoo task"):
         as_task("prune")
     assert Canonicalize("unit_in").signature == "canonicalize(gauge=unit_in)"
+    for bad in (
+        lambda: Canonicalize("sorted"),
+        lambda: Equalize(bits=1),
+        lambda: Equalize(granularity="per-row"),
+        lambda: Certify(method="svd"),
+    ):
+        with pytest.raises(GaugeError):
+            bad()
+
+
+def test_hugging_face_folder(tmp_path) -> None:
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=16,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.BertModel(cfg).save_pretrained(tmp_path / "zoo" / "bert")
+    (path,) = list_checkpoints(tmp_path / "zoo")
+    row = process(_job(path, None, Canonicalize(), tmp_path / "out"))
+    assert row["verdict"] == "ok" and row["drift"] < 1e-5, row
+    assert row["n_params"] == sum(v.numel() for v in load_file(row["output"]).values())
+    moved = load_file(row["output"])["encoder.layer.0.attention.self.query.weight"]
+    original = transformers.BertModel.from_pretrained(path).state_dict()
+    assert (moved - original["encoder.layer.0.attention.self.query.weight"]).abs().max() > 1e-3

@@ -80,6 +80,7 @@ def scheduler(tmp_path):
     file = tmp_path / "scheduler.json"
     quiet = {"env": _env(), "stderr": subprocess.DEVNULL}
     scheduler = [DASK, "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard"]
+    scheduler += ["--idle-timeout", "60s"]  # a safety net: it ends itself if left behind
     procs = [subprocess.Popen([*scheduler, "--scheduler-file", str(file)], **quiet)]
     deadline = time.time() + 60
     while not file.is_file() and time.time() < deadline:
@@ -87,16 +88,19 @@ def scheduler(tmp_path):
     address = json.loads(file.read_text())["address"]
     assert address.startswith("tcp://127.0.0.1:")
     worker = [DASK, "worker", address, "--nthreads", "1", "--no-nanny", "--no-dashboard"]
+    worker += ["--death-timeout", "30"]
     for name in ("w1", "w2"):
         procs.append(subprocess.Popen([*worker, "--host", "127.0.0.1", "--name", name], **quiet))
-    from distributed import Client
+    try:
+        from distributed import Client
 
-    with Client(address) as c:
-        c.wait_for_workers(2, timeout=60)
-    yield address, procs
-    for p in procs:  # nothing to save: kill our own processes at once
-        p.kill()
-        p.wait()
+        with Client(address) as c:
+            c.wait_for_workers(2, timeout=60)
+        yield address, procs
+    finally:
+        for p in procs:  # nothing to save: kill our own processes at once
+            p.kill()
+            p.wait()
 
 
 def _parts(out: Path) -> dict[str, float]:

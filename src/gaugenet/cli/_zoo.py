@@ -32,6 +32,15 @@ _MEM = typer.Option("2GiB", "--memory-limit", help="Memory per local worker ('no
 _SHAPE = typer.Option(None, "--input-shape", help=INPUT_SHAPE_HELP)
 
 
+def _task(cls, *options):
+    """The task with its options, or a clean exit saying which option is wrong."""
+    try:
+        return cls(*options)
+    except GaugeError as exc:
+        Console().print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(code=2) from None
+
+
 def _sweep(zoo: str, task, out: Path, arch, workers, scheduler, memory_limit, input_shape) -> None:
     from ..zoo import run
 
@@ -87,7 +96,9 @@ def canonicalize_(
     """Canonical weights of every checkpoint (RESULTS/canonicalize/), with the output drift."""
     from ..zoo import Canonicalize
 
-    _sweep(zoo, Canonicalize(gauge), out, arch, workers, scheduler, memory_limit, input_shape)
+    _sweep(
+        zoo, _task(Canonicalize, gauge), out, arch, workers, scheduler, memory_limit, input_shape
+    )
 
 
 @zoo_app.command("certify")
@@ -99,7 +110,7 @@ def certify_(
     """The Jacobian-rank certificate of every checkpoint (float64)."""
     from ..zoo import Certify
 
-    _sweep(zoo, Certify(n_inputs), out, arch, workers, scheduler, memory_limit, input_shape)
+    _sweep(zoo, _task(Certify, n_inputs), out, arch, workers, scheduler, memory_limit, input_shape)
 
 
 @zoo_app.command("equalize")
@@ -112,5 +123,5 @@ def equalize_(
     """Weights of every checkpoint equalized for BITS-bit quantization (RESULTS/equalize/)."""
     from ..zoo import Equalize
 
-    task = Equalize(bits, granularity)
+    task = _task(Equalize, bits, granularity)
     _sweep(zoo, task, out, arch, workers, scheduler, memory_limit, input_shape)

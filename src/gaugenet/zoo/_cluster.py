@@ -56,7 +56,11 @@ def dask_client(
     if workers < 1:
         raise GaugeError(f"--workers must be at least 1, got {workers}")
     _export_pythonpath()
-    config = {"distributed.scheduler.allowed-failures": ALLOWED_FAILURES}
+    config = {
+        "distributed.scheduler.allowed-failures": ALLOWED_FAILURES,
+        # one task per thread: a worker that dies takes no queued, innocent task with it
+        "distributed.scheduler.worker-saturation": 1.0,
+    }
     with (
         dask.config.set(config),
         LocalCluster(

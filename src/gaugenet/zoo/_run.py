@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -39,6 +40,30 @@ def _progress(enabled: bool) -> Progress:
     )
 
 
+def _sweep(client, jobs: list[Job], advance) -> dict[Job, BaseException]:
+    """Run `jobs`; returns the ones whose task failed (their worker died) with the error."""
+    from distributed import as_completed
+
+    futures = client.map(process, jobs, pure=False)
+    job_of = {f.key: j for f, j in zip(futures, jobs)}
+    failed: dict[Job, BaseException] = {}
+    for n, fut in enumerate(as_completed(futures), 1):
+        try:
+            fut.result()
+        except Exception as exc:  # `process` records every error itself: the worker died
+            failed[job_of[fut.key]] = exc
+        advance(n - len(failed))
+        fut.release()
+    return failed
+
+
+def _died(job: Job, task: AbstractTask, exc: BaseException) -> dict:
+    row = empty_row(job.path, task.signature)
+    row.update(verdict="error", error=f"{type(exc).__name__} (out of memory?): {exc}")
+    row.update(finished_at=time.time(), source_stat=source_stat(job.path))
+    return row
+
+
 def run(
     zoo: str | Path,
     task: str | AbstractTask,
@@ -72,10 +97,6 @@ def run(
     reused, not recomputed; `df.attrs["skipped"]` counts them, `df.attrs["seconds"]` is the
     wall time of the computed part (cluster start included).
     """
-    import time
-
-    from distributed import as_completed
-
     t = as_task(task)
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -93,23 +114,22 @@ def run(
         jobs.append(Job(p, arch, t, str(out.resolve()), input_shape))
     start = time.perf_counter()
     if jobs:
-        with dask_client(workers=workers, scheduler=scheduler, memory_limit=memory_limit) as c:
-            futures = c.map(process, jobs, pure=False)
-            job_of = {f.key: j for f, j in zip(futures, jobs)}
-            with _progress(progress) as bar:
-                bar_id = bar.add_task(t.name, total=len(jobs), rate="")
-                for n, fut in enumerate(as_completed(futures), 1):
-                    try:
-                        fut.result()
-                    except Exception as exc:  # the worker died (killed, out of memory)
-                        job = job_of[fut.key]
-                        row = empty_row(job.path, t.signature)
-                        row.update(verdict="error", error=f"{type(exc).__name__}: {exc}")
-                        row.update(finished_at=time.time(), source_stat=source_stat(job.path))
-                        store.write_part(row)
-                    rate = n / (time.perf_counter() - start)
-                    bar.update(bar_id, advance=1, rate=f"{rate:.2f} ckpt/s")
-                    fut.release()
+        client = dask_client(workers=workers, scheduler=scheduler, memory_limit=memory_limit)
+        with client as c, _progress(progress) as bar:
+            bar_id = bar.add_task(t.name, total=len(jobs), rate="")
+
+            def advance(n: int) -> None:
+                rate = n / (time.perf_counter() - start)
+                bar.update(bar_id, completed=n, rate=f"{rate:.2f} ckpt/s")
+
+            suspects = _sweep(c, jobs, advance)
+            # a dead worker fails every task it held: retry those one at a time, so that
+            # only a checkpoint that kills its worker on its own gets an error row
+            for i, job in enumerate(suspects, 1):
+                err = _sweep(c, [job], lambda _: None)
+                if err:
+                    store.write_part(_died(job, t, err[job]))
+                advance(len(jobs) - len(suspects) + i)
     seconds = time.perf_counter() - start
     table = store.compact().to_pandas()
     keys = {row_key(p, t.signature) for p in paths}

@@ -54,6 +54,10 @@ class Canonicalize(AbstractTask):
     name = "canonicalize"
     writes = True
 
+    def __post_init__(self) -> None:
+        if self.gauge not in ("balanced", "unit_in"):
+            raise GaugeError(f"gauge must be 'balanced' or 'unit_in', not {self.gauge!r}")
+
     def __call__(self, model: nn.Module, group: GaugeGroup, sample: Sampler) -> Outcome:
         x = sample(model, _DRIFT_INPUTS)
         new = canonicalize(model, self.gauge, example_inputs=x, group=group)  # type: ignore[arg-type]
@@ -80,6 +84,12 @@ class Certify(AbstractTask):
     n_inputs: int = 0
     method: str = "auto"
     name = "certify"
+
+    def __post_init__(self) -> None:
+        if self.n_inputs < 0:
+            raise GaugeError(f"n_inputs must be 0 (automatic) or positive, not {self.n_inputs}")
+        if self.method not in ("auto", "exact", "matrix-free"):
+            raise GaugeError(f"method must be auto, exact or matrix-free, not {self.method!r}")
 
     def __call__(self, model: nn.Module, group: GaugeGroup, sample: Sampler) -> Outcome:
         from ..apply._metrics import first_tensor
@@ -116,6 +126,14 @@ class Equalize(AbstractTask):
     granularity: str = "per-tensor"
     name = "equalize"
     writes = True
+
+    def __post_init__(self) -> None:
+        if self.bits < 2:
+            raise GaugeError(f"bits must be at least 2, not {self.bits}")
+        if self.granularity not in ("per-tensor", "per-channel"):
+            raise GaugeError(
+                f"granularity must be 'per-tensor' or 'per-channel', not {self.granularity!r}"
+            )
 
     def __call__(self, model: nn.Module, group: GaugeGroup, sample: Sampler) -> Outcome:
         from ..apply import equalize, quantize_weights, sqnr_db
