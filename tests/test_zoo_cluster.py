@@ -82,10 +82,13 @@ def scheduler(tmp_path):
     scheduler = [DASK, "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard"]
     scheduler += ["--idle-timeout", "60s"]  # a safety net: it ends itself if left behind
     procs = [subprocess.Popen([*scheduler, "--scheduler-file", str(file)], **quiet)]
-    deadline = time.time() + 60
-    while not file.is_file() and time.time() < deadline:
-        time.sleep(0.1)
-    address = json.loads(file.read_text())["address"]
+    deadline, address = time.time() + 120, None
+    while address is None and time.time() < deadline:
+        try:  # the scheduler writes the file in steps: wait until it parses
+            address = json.loads(file.read_text())["address"]
+        except (OSError, ValueError, KeyError):
+            time.sleep(0.1)
+    assert address is not None, "the dask scheduler did not start within 120 s"
     assert address.startswith("tcp://127.0.0.1:")
     worker = [DASK, "worker", address, "--nthreads", "1", "--no-nanny", "--no-dashboard"]
     worker += ["--death-timeout", "30"]
