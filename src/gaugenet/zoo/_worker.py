@@ -46,7 +46,7 @@ class Job:
 
 
 def _sampler(shape: tuple[int, ...] | None):
-    from ..cli._model_args import sample_inputs
+    from ..io import sample_inputs
 
     def sample(model: nn.Module, n: int) -> Any:
         return sample_inputs(model, n, shape=shape)
