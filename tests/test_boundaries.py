@@ -13,11 +13,13 @@ from gaugenet.ode import (
     LinearNODE,
     MLPField,
     NeuralODE,
+    SpacetimeDiffeo,
     SpatialDiffeo,
     TimePath,
     random_gauge_path,
     random_generator,
     random_linear,
+    random_time_shift,
 )
 from gaugenet.ode._gl_plus import gl_plus_violation
 
@@ -96,6 +98,10 @@ def test_spatial_map_moving_the_end_is_refused():
         ode.pullback(phi)(x0)
     with pytest.raises(GaugeError, match="identity at t = 0"):
         SpatialDiffeo(lambda t, x: 1.01 * x, lambda t, x: x / 1.01, 1.0, d=2)
+    # inside a spacetime diffeomorphism the spatial part is evaluated row by row under vmap
+    general = SpacetimeDiffeo(phi, random_time_shift(2, generator=gen))
+    with pytest.raises(GaugeError, match="identity at t = T"):
+        general.pullback_field(ode.field)(torch.zeros((), dtype=F64), x0)
     # a map that is the identity only near the origin is caught at the random points
     with pytest.raises(GaugeError, match="t = T"):
         SpatialDiffeo(lambda t, x: x + t * torch.relu(x.abs() - 2.5), lambda t, x: x, 1.0, d=2)

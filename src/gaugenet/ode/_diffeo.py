@@ -80,7 +80,7 @@ class SpatialDiffeo(AbstractDiffeo):
 
     - `d`: the state dimension, if known: then the boundary condition is checked at once.
     - `check_boundary`: check Theorem 2.1's boundary condition `φ_0 = φ_T = id`, at
-        random points and at the states the pulled-back field first sees (relative tolerance
+        spread-out points and at the states the pulled-back field first sees (relative tolerance
         `1000 ε` of the dtype); `False` applies a map that breaks it as given (the
         input-output map then changes, as the necessity half of the theorem says).
 
@@ -117,13 +117,14 @@ class SpatialDiffeo(AbstractDiffeo):
         if not self._check_ends or (x.shape[-1], x.dtype) in self._checked:
             return
         d, dtype = x.shape[-1], x.dtype
-        x = x.detach().reshape(-1, d)
-        gen = torch.Generator().manual_seed(0)
+        x = x.reshape(-1, d)
         # the states themselves and random points of the same shape (maps may act row-wise,
-        # one map per row), at several scales
+        # one map per row), at several scales; inside a torch.func transform (a field pulled
+        # back by a time shift is evaluated row by row under vmap) the states are symbolic and
+        # only the random points are used
         n = max(x.shape[0], 1)
-        sets = [x] if x.shape[0] else []
-        sets += [s * torch.randn(n, d, dtype=dtype, generator=gen).to(x.device) for s in (1, 3)]
+        sets = [x.detach()] if x.shape[0] and not _transformed(x) else []
+        sets += [s * _spread(n, d, dtype).to(x.device) for s in (1.0, 3.0)]
         tol = 1e3 * torch.finfo(dtype).eps
         with torch.no_grad():
             for name, end in (("t = 0", 0.0), (f"t = T = {self.T:g}", self.T)):
@@ -230,6 +231,20 @@ class SpatialDiffeo(AbstractDiffeo):
         from ._diffeo_linear import LinearDiffeo
 
         return LinearDiffeo(G, c, T, G_dot=G_dot, c_dot=c_dot, atol=atol, n_check=n_check)
+
+
+def _spread(n: int, d: int, dtype: torch.dtype) -> Tensor:
+    """`n` fixed pseudo-random points in `[-1, 1]^d`, built without a random generator (random
+    operations are refused inside `vmap`)."""
+    i = torch.arange(1, n + 1, dtype=dtype)[:, None]
+    j = torch.arange(1, d + 1, dtype=dtype)[None, :]
+    return torch.sin(12.9898 * i * j + 78.233 * j + 0.5 * i)
+
+
+def _transformed(x: Tensor) -> bool:
+    """Whether `x` is a tensor wrapped by a `torch.func` transform (vmap, grad, jvp)."""
+    wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return bool(wrapped(x)) if wrapped is not None else False
 
 
 class _GeneratorDiffeo(SpatialDiffeo):

@@ -359,12 +359,13 @@ def _figures(ctx: Context) -> Measurement:
             s, y = diffeo.spacetime(t, x)
             interior = max(interior, ((s - t).abs().max() + (y - x).abs().max()).item())
     maps = (spatial, time) if ctx.quick else (spatial, time, general)
+    names = ("spatial", "time", "general")
     gaps = [_on_old_trajectory(node, m, x0) for m in maps]
     ok = ends <= 1e-12 and interior > 1e-2
     return Measurement(
         value=max(gaps) if ok else math.nan,
-        detail=f"field gaps (spatial, time, general) {', '.join(f'{g:.1e}' for g in gaps)}; "
-        f"ends moved by {ends:.1e}, the grid at t = T/2 by {interior:.2f}; figure1.png, "
-        "figure3.png",
+        detail=f"field gaps ({', '.join(names[: len(gaps)])}) "
+        f"{', '.join(f'{g:.1e}' for g in gaps)}; ends moved by {ends:.1e}, the grid at "
+        f"t = T/2 by {interior:.2f}; " + ", ".join(p.name for p in figs),
         figures=figs,
     )
