@@ -1,10 +1,10 @@
-"""Self-attention as an integrated nonlinear neural ODE (paper Sec. 4.2, eq. 38-43).
+"""Self-attention as an integrated nonlinear neural ODE (paper Sec. 4.2, eq. 38-42).
 
 `ẋ^i = w^i_j(t) x^j + λ^i_{jkl}(t) x^j x^k x^l` (eq. 38). To first order in `λ` the flow is
-`x(t) = W_{t:0} x(0) + Λ(t)[x(0), x(0), x(0)]` with the kernel `Λ` of eq. (40). An
-instantaneous nonlinearity `λ(t) = δ(t − t₀) λ ⊗ λ̃` (eq. 41) and a trivial holonomy
+`x(t) = W_{t:0} x(0) + Λ(t)[x(0), x(0), x(0)]` with the kernel `Λ` given before eq. (39). An
+instantaneous nonlinearity `λ(t) = δ(t − t₀) λ ⊗ λ̃` (eq. 40) and a trivial holonomy
 `W_{T:0} = 1` turn `x(T)` into `x(0)` plus one attention layer with identity activation
-(eq. 42); with the token structure of eq. (43) the same holds for `n` tokens. The delta is
+(eq. 41); with the token structure of eq. (42) the same holds for `n` tokens. The delta is
 smoothed by a normalized Gaussian of width `σ`, truncated at `±8σ`.
 """
 
@@ -77,7 +77,7 @@ class CubicNODE(nn.Module):
         *,
         steps: int = 200,
     ) -> CubicNODE:
-        """`λ^i_{jkl}(t) = δ_σ(t − t₀) λ^i_j λ̃_{kl}` (eq. 41), `δ_σ` the Gaussian bump."""
+        """`λ^i_{jkl}(t) = δ_σ(t − t₀) λ^i_j λ̃_{kl}` (eq. 40), `δ_σ` the Gaussian bump."""
         d = lam_vec.shape[-1]
         if lam_vec.shape != (d, d) or lam_tilde.shape != (d, d):
             raise GaugeError(
@@ -144,7 +144,7 @@ class CubicNODE(nn.Module):
 
 
 def first_order_kernel(node: CubicNODE, t: float, *, panels: int = 8) -> Tensor:
-    """`Λ^i_{jkl}(t)` of eq. (40), the first-order term of the flow in `λ`.
+    """`Λ^i_{jkl}(t)` (given before eq. 39), the first-order term of the flow in `λ`.
 
     The time integral uses composite 8-point Gauss-Legendre quadrature (`panels` per segment
     of the node), with all Wilson lines `W_{t':0}`, `W_{0:t'}` from `wilson_line` in one batch.
@@ -191,7 +191,7 @@ def token_cubic(
     *,
     steps: int = 200,
 ) -> CubicNODE:
-    """The `n`-token neural ODE of eq. (43): state `X (n, d)` flattened token-major to `n d`,
+    """The `n`-token neural ODE of eq. (42): state `X (n, d)` flattened token-major to `n d`,
     `w ⊗ 1` on every token and `λ^{iI}_{jJkKlL} = δ_σ(t − t₀) λ^i_j λ̃_{kl} δ^I_K δ_{JL}`, i.e.
     `Ẋ_I = w X_I + δ_σ Σ_J (X_Iᵀ λ̃ X_J) λ X_J` (query from token `I`, key and value from `J`).
     """

@@ -1,4 +1,4 @@
-"""From the integrated cubic neural ODE to an attention layer (eq. 42), and the gauge
+"""From the integrated cubic neural ODE to an attention layer (eq. 41), and the gauge
 correspondence at the end of Sec. 4.2."""
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ Field = Callable[[Tensor], Tensor]
 def attention_from_cubic(
     w: Field, lam_vec: Tensor, lam_tilde: Tensor, t0: float, T: float, *, holonomy_tol: float = 1e-8
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """`(W_q, W_k, W_v)` of eq. (42), each `(d, d)` in the paper's orientation (`x W`):
+    """`(W_q, W_k, W_v)` of eq. (41), each `(d, d)` in the paper's orientation (`x W`):
 
     `W_q = W_{t₀:0}ᵀ`, `W_k = (λ̃ W_{t₀:0})ᵀ`, `W_v = (W_{0:t₀} λ W_{t₀:0})ᵀ`,
 
     so that `x(T) = x(0) + Σ_m (x W_q)_m (x W_k)_m (x W_v) + O(λ²)`; for `n` tokens the same
-    matrices give `X_I(T) = X_I + Σ_J (X_I W_q)·(X_J W_k) X_J W_v + O(λ²)` (eq. 43).
+    matrices give `X_I(T) = X_I + Σ_J (X_I W_q)·(X_J W_k) X_J W_v + O(λ²)` (eq. 42).
 
     Raises `GaugeError` unless the holonomy `W_{T:0}` is the identity (to `holonomy_tol`).
     """
@@ -46,7 +46,7 @@ def attention_from_cubic(
     gap = float((hol - torch.eye(d, dtype=hol.dtype)).abs().max())
     if gap > holonomy_tol:
         raise GaugeError(
-            f"attention_from_cubic: eq. (42) needs W_(T:0) = 1; the holonomy differs "
+            f"attention_from_cubic: eq. (41) needs W_(T:0) = 1; the holonomy differs "
             f"from the identity by {gap:.3e}"
         )
     fwd = wilson_line(w, t0, 0.0).to(lam_vec.dtype)
