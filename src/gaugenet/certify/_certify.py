@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from .._errors import GaugeError
 from ..groups import GaugeGroup
 from ._causes import layernorm_causes, relu_causes, tied_causes
-from ._checks import FactorChecks, check_act, check_tangents
+from ._checks import FactorChecks, check_act, check_tangents, flat_tangent, sparse_jvp
 from ._davidson import lanczos_max
 from ._functional_dimension import check_outputs, rank_of
 from ._jacobian import as_tuple, flat_model, jacobian_of
@@ -34,7 +34,7 @@ _EXACT_MAX = 20_000
 #: above this many parameters the matrix-free tangent check takes one probe per factor on
 #: the first `_CHECK_SAMPLES` inputs (each product costs a forward pass on the inputs)
 _LARGE = 100_000
-_CHECK_SAMPLES = 16
+_CHECK_SAMPLES = 8
 
 
 def _first_samples(inputs: Any, k: int) -> Any | None:
@@ -220,7 +220,15 @@ def certify(
         smax = float(fd.singular_values[0]) if fd.singular_values.numel() else 0.0
         with stage("tangent check"):
             check_tangents(
-                fm, group, lambda v: jac @ v, smax, rtol, checks, gen, k=4, progress=progress
+                fm,
+                group,
+                lambda t: jac @ flat_tangent(fm, t),
+                smax,
+                rtol,
+                checks,
+                gen,
+                k=4,
+                progress=progress,
             )
         del jac
     else:
@@ -240,10 +248,11 @@ def certify(
             start = torch.randn(n, generator=gen, dtype=torch.float64)
             smax = math.sqrt(max(_largest_eigenvalue(op, start, large=n > _LARGE), 0.0))
             del op
+            del jvp
             check_tangents(
                 fc,
                 group,
-                jvp,
+                sparse_jvp(fc),
                 smax,
                 rtol,
                 checks,
@@ -251,7 +260,7 @@ def certify(
                 k=2 if n <= _LARGE else 1,
                 progress=progress,
             )
-            del fc, jvp
+            del fc
         if chosen == "matrix-free" and not checks.wrong:
             floor = max(rtol, 1e-6)
             with stage("matrix-free certificate"):
