@@ -26,7 +26,7 @@ class Sizes:
     dim: int
     largest_factor: int
     activations: int
-    #: the share of the batch the tangent check runs on (large models: 8 samples)
+    #: the share of the batch the tangent check runs on (large models: 2 samples)
     check_share: float = 1.0
 
 
