@@ -120,9 +120,19 @@ def test_recurrent_layer_is_a_named_breaker(cls) -> None:
     group = gaugenet.symmetries(model, x)
     names = [b for b in group.breakers if b.node == "rnn"]
     assert names and "not analysed" in names[0].reason and cls.__name__ in names[0].reason
-    # negative: a model without the recurrent layer names no such breaker
-    plain = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2)).double()
+    # negative: a model without the recurrent layer names no such breaker (containers
+    # such as nn.ModuleList are no layers either)
+    plain = _Stack().double()
     assert not any("not analysed" in b.reason for b in gaugenet.symmetries(plain).breakers)
+
+
+class _Stack(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(3, 5), nn.Linear(5, 2)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers[1](torch.relu(self.layers[0](x)))
 
 
 def test_lstm_certify_names_it() -> None:

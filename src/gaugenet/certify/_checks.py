@@ -15,7 +15,15 @@ from ..groups import GaugeGroup, model_state
 from ..groups._base import AbstractFactor
 from ._jacobian import FlatModel, _composite_attention, as_tuple, flatten_out
 
-__all__ = ["FactorChecks", "act_tolerance", "check_act", "check_tangents", "tangent_probes"]
+__all__ = [
+    "FactorChecks",
+    "act_tolerance",
+    "check_act",
+    "check_tangents",
+    "flat_tangent",
+    "sparse_jvp",
+    "tangent_probes",
+]
 
 Apply = Callable[[Tensor], Tensor]
 
@@ -107,30 +115,62 @@ def check_act(
 
 def tangent_probes(
     fm: FlatModel, group: GaugeGroup, f: AbstractFactor, k: int, gen: torch.Generator
-) -> Tensor:
-    """`(k, n_params)`: `Tᵀ z` for `k` random Gaussian `z` (all tangents when `dim ≤ k`),
-    `T` the factor's orbit tangents at `fm.theta`, each a forward-mode derivative of its
-    action; never the dense `(dim, n_params)` tangents."""
+) -> list[dict[str, Tensor]]:
+    """`k` vectors `Tᵀ z` for random Gaussian `z` (all tangents when `dim ≤ k`), `T` the
+    factor's orbit tangents at `fm.theta`, each a forward-mode derivative of its action,
+    as `{parameter name: tangent}` over the parameters the factor writes (the rest are
+    zero); never the dense `(dim, n_params)` tangents."""
     state = model_state(fm.model)
     one = _one_factor(group, f)
-
-    def flat(xi: Tensor) -> Tensor:
-        new = one.act_state(state, {f.name: f.exp(xi)}, validate=False)
-        return torch.cat([new[n].reshape(-1) for n in fm.names])
-
     zero = torch.zeros(f.dim, dtype=torch.float64)
+    trial = one.act_state(state, {f.name: f.exp(zero)}, validate=False)
+    written = [n for n in fm.names if trial[n] is not state[n]]
+
+    def part(xi: Tensor) -> tuple[Tensor, ...]:
+        new = one.act_state(state, {f.name: f.exp(xi)}, validate=False)
+        return tuple(new[n] for n in written)
+
     z = (
         torch.eye(f.dim, dtype=torch.float64)
         if f.dim <= k
         else torch.randn(k, f.dim, generator=gen, dtype=torch.float64)
     )
-    return torch.stack([torch.func.jvp(flat, (zero,), (zi,))[1] for zi in z])
+    return [dict(zip(written, torch.func.jvp(part, (zero,), (zi,))[1])) for zi in z]
+
+
+def flat_tangent(fm: FlatModel, t: dict[str, Tensor]) -> Tensor:
+    """A `tangent_probes` entry as a flat `(n_params,)` vector."""
+    out = torch.zeros_like(fm.theta)
+    starts = fm.offsets()
+    for name, v in t.items():
+        out[starts[name] : starts[name] + v.numel()] = v.reshape(-1)
+    return out
+
+
+def sparse_jvp(fm: FlatModel) -> Callable[[dict[str, Tensor]], Tensor]:
+    """`t ↦ J t` for a tangent given on a few parameters (`{name: tangent}`): forward mode
+    through those parameters only, so its cost does not grow with the others."""
+    base = fm.params(fm.theta)
+    buffers = dict(fm.model.named_buffers())
+
+    def apply(t: dict[str, Tensor]) -> Tensor:
+        names = list(t)
+
+        def f(*ps: Tensor) -> Tensor:
+            params = {**base, **dict(zip(names, ps)), **buffers}
+            with _composite_attention():
+                return flatten_out(torch.func.functional_call(fm.model, params, fm.args))
+
+        primals = tuple(base[n] for n in names)
+        return torch.func.jvp(f, primals, tuple(t[n] for n in names))[1]
+
+    return apply
 
 
 def check_tangents(
     fm: FlatModel,
     group: GaugeGroup,
-    apply_j: Apply,
+    apply_j: Callable[[dict[str, Tensor]], Tensor],
     sigma_max: float,
     rtol: float,
     out: FactorChecks,
@@ -140,25 +180,25 @@ def check_tangents(
     progress: Callable[[str], None] | None = None,
 ) -> None:
     """Per continuous factor, `‖J V‖_F / (σ_max ‖V‖_F)` for `V` from `tangent_probes`
-    (`apply_j(v)` is `J v`); above `rtol` (or a tangent that is zero, or raises) the factor
+    (`apply_j(t)` is `J t`); above `rtol` (or a tangent that is zero, or raises) the factor
     is wrong."""
     cont = [f for f in group.factors if not f.discrete and f.dim > 0]
     for i, f in enumerate(cont):
         if progress is not None:
             progress(f"tangent check {i + 1}/{len(cont)}: {f.name}")
         try:
-            v = tangent_probes(fm, group, f, k, gen)
+            probes = tangent_probes(fm, group, f, k, gen)
         except Exception as exc:
             _flag(out, f.name, f"its tangents raise {type(exc).__name__}: {exc}")
             out.residuals[f.name] = math.inf
             continue
-        vn = float(v.norm())
+        vn = math.sqrt(sum(float(v.norm()) ** 2 for t in probes for v in t.values()))
         if not vn > 0:
             _flag(out, f.name, "its tangents are zero: it does not move the parameters")
             out.residuals[f.name] = math.inf
             continue
-        jv = torch.stack([apply_j(row) for row in v])
-        res = float(jv.norm()) / (max(sigma_max, 1e-300) * vn)
+        jn = math.sqrt(sum(float(apply_j(t).norm()) ** 2 for t in probes))
+        res = jn / (max(sigma_max, 1e-300) * vn)
         out.residuals[f.name] = res
         if not res <= rtol:
             _flag(

@@ -26,6 +26,8 @@ class Sizes:
     dim: int
     largest_factor: int
     activations: int
+    #: the share of the batch the tangent check runs on (large models: 2 samples)
+    check_share: float = 1.0
 
 
 def activation_bytes(fm: FlatModel) -> int:
@@ -58,9 +60,11 @@ def activation_bytes(fm: FlatModel) -> int:
 def estimates(s: Sizes) -> dict[str, int]:
     """Peak bytes of each method, beyond the caller's own model, from `s`:
 
-    - `"checks"` (always run): the float64 copy and its flat vector, the model state acted
-      on, two tangent probes with their derivative, and forward-mode products
-      (linearized: about three times the activations).
+    - `"checks"` (always run): eight parameter vectors (the float64 copy and its flat
+      vector, the state acted on, a tangent probe with its primal and concatenations,
+      the power-iteration vectors), one forward pass's outputs on the whole batch (the
+      act check, without gradients: the sum over modules bounds its peak) and four on
+      the share of the batch the tangent check runs on (forward- and reverse-mode tapes).
     - `"exact"`: the checks, the Jacobian `(n_outputs, n_params)` twice (per-sample rows and
       their reshape), and three `(n, n)` matrices for the singular values (`n` the smaller
       side: Gram matrix, its Cholesky factor, a shifted copy).
@@ -71,7 +75,7 @@ def estimates(s: Sizes) -> dict[str, int]:
       pseudo-inverse of their Gram matrix (three `(dim, dim)`) and the products' tapes.
     """
     n, m = s.n_params, s.n_outputs
-    base = 8 * n * _F64 + 4 * s.activations
+    base = 8 * n * _F64 + s.activations + int(4 * s.activations * s.check_share)
     small = min(n, m)
     exact = base + 2 * m * n * _F64 + 3 * small * small * _F64
     per_entry = 2 + int(s.largest_factor**0.5)  # generators touching one weight entry

@@ -11,6 +11,9 @@ from ._trace import _Tracer, is_atomic
 
 __all__ = ["unanalyzed_breakers", "unanalyzed_modules"]
 
+#: holders of modules or parameters, never called themselves
+_CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
+
 
 def unanalyzed_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """`(name, module)` for each module that `torch.fx` keeps whole (a leaf) although no
@@ -20,7 +23,8 @@ def unanalyzed_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
         if not name or any(name.startswith(f"{p}.") for p, _ in found):
             continue
         if (
-            not is_atomic(m)
+            not isinstance(m, _CONTAINERS)
+            and not is_atomic(m)
             and tracer.is_leaf_module(m, name)
             and next(m.parameters(), None) is not None
         ):
