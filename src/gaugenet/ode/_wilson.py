@@ -380,8 +380,9 @@ def wilson_line(
     elif steps is None:
         rtol = 1e-12 if dtype == torch.float64 else 1e-6
     B = t1f.shape[0]
-    if B == 0:
-        W = _fixed_steps(w, t1f, t0f, steps or 1, method or Magnus6())
+    if B == 0:  # no intervals: the shape of the (empty) result from w at no times
+        magnus = method if isinstance(method, MagnusMethod) else Magnus6()
+        W = _fixed_steps(w, t1f, t0f, steps or 1, magnus)
         return (
             (W.reshape(*shape, *W.shape[1:]), 0.0)
             if return_error
