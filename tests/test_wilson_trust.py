@@ -167,3 +167,17 @@ def test_rk8_gradients(gen):
     assert torch.autograd.gradcheck(f, (A,))
     wilson_line(w, 1.0, 0.0, rtol=1e-8, method=RK8()).sum().backward()
     assert A.grad is not None and float(A.grad.abs().sum()) > 0
+
+
+def test_rk8_cuts_a_long_interval_into_pieces(gen):
+    from gaugenet.ode._wilson import _rk_pieces
+
+    w = field(5, gen, scale=3.0)
+    one, zero = torch.ones(1, dtype=F64), torch.zeros(1, dtype=F64)
+    assert _rk_pieces(w(zero), one, 1e-10, room=100) > 1  # the path below is the cut one
+    W, estimate = wilson_line(w, 1.0, 0.0, rtol=1e-10, method=RK8(), return_error=True)
+    ref = wilson_line(w, 1.0, 0.0, steps=400)
+    assert estimate <= 1e-10 and rel(W, ref) < 1e-9
+    # Negative: the pieces in the wrong order are not the line.
+    half = wilson_line(w, torch.tensor([0.5, 1.0]), torch.tensor([0.0, 0.5]), steps=200)
+    assert rel(half[0] @ half[1], ref) > 1e-3

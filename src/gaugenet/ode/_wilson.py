@@ -230,6 +230,19 @@ RK_MIN_DIM = 64
 RK_CHUNK_BYTES = 2**25
 
 
+def _rk_pieces(A0: Tensor, lengths: Tensor, rtol: float, room: int) -> int:
+    """Pieces per interval for RK8: about a third of the steps RK8's first step predicts
+    (error `~ (h ν)^9` at `rtol`, `ν` the field's largest entry times the interval's
+    length), at most 8 and at most `room` (the chunk's intervals per line)."""
+    with torch.no_grad():
+        size = A0.detach().abs().flatten(1).amax(1) * lengths.abs()
+        nu = float(size.max()) if size.numel() else 0.0
+    if not math.isfinite(nu) or nu == 0.0:
+        return 1
+    steps = nu / (0.5 * rtol ** (1.0 / 9.0))
+    return max(1, min(8, room, round(steps / 3)))
+
+
 def _first_steps(A0: Tensor, lengths: Tensor, rtol: float) -> int:
     """The step count of the first pair: about where Magnus6's error `~ (h ν)^7` reaches
     `rtol`, from `ν` = the field's size `‖w(t0)‖_F / √d` times the interval's length, kept to
@@ -367,8 +380,9 @@ def wilson_line(
     elif steps is None:
         rtol = 1e-12 if dtype == torch.float64 else 1e-6
     B = t1f.shape[0]
-    if B == 0:
-        W = _fixed_steps(w, t1f, t0f, steps or 1, method or Magnus6())
+    if B == 0:  # no intervals: the shape of the (empty) result from w at no times
+        magnus = method if isinstance(method, MagnusMethod) else Magnus6()
+        W = _fixed_steps(w, t1f, t0f, steps or 1, magnus)
         return (
             (W.reshape(*shape, *W.shape[1:]), 0.0)
             if return_error
@@ -400,12 +414,24 @@ def wilson_line(
         # Intervals in chunks whose stages fit in cache (about 27 d × d tensors per line):
         # one pass over a large batch would stream every stage through memory.
         chunk = max(1, RK_CHUNK_BYTES // (27 * (lines // B) * d * d * itemsize))
-        parts = [
-            rk_lines(w, t1f[i : i + chunk], t0f[i : i + chunk], rtol or 1.0, rk_budget, fixed)
-            for i in range(0, B, chunk)
-        ]
-        W = parts[0][0] if len(parts) == 1 else torch.cat([p[0] for p in parts])
-        err = max(p[1] for p in parts)
+        pieces = 1 if fixed is not None else _rk_pieces(A0, t1f - t0f, rtol, chunk // B)
+        if pieces > 1:
+            # Few long intervals: each cut into pieces integrated side by side (fewer
+            # sequential stages, batched products); tolerance per piece rtol / pieces, which
+            # is the same local tolerance per unit time.
+            k = torch.arange(pieces + 1, dtype=dtype, device=t1f.device) / pieces
+            cuts = t0f[:, None] + k[None, :] * (t1f - t0f)[:, None]
+            a, b = cuts[:, :-1].reshape(-1), cuts[:, 1:].reshape(-1)
+            Wp, err = rk_lines(w, b, a, rtol / pieces, rk_budget)
+            Wp = Wp.reshape(B, pieces, *Wp.shape[1:]).movedim(1, -3)
+            W, err = ordered_product(Wp), err * pieces
+        else:
+            parts = [
+                rk_lines(w, t1f[i : i + chunk], t0f[i : i + chunk], rtol or 1.0, rk_budget, fixed)
+                for i in range(0, B, chunk)
+            ]
+            W = parts[0][0] if len(parts) == 1 else torch.cat([p[0] for p in parts])
+            err = max(p[1] for p in parts)
         return (
             (W.reshape(*shape, *W.shape[1:]), err)
             if return_error
