@@ -3,45 +3,25 @@
 from __future__ import annotations
 
 import hashlib
-import sys
-from pathlib import Path
 
-from torch import fx, nn
+from torch import nn
+
+from ..groups import model_signature
 
 __all__ = ["fingerprint"]
-
-
-def _qualname(obj: object) -> str:
-    cls = type(obj)
-    module = cls.__module__
-    if module.startswith("_gaugenet_arch_"):
-        # an architecture file, imported under a per-process name: name it by its file
-        module = Path(getattr(sys.modules.get(module), "__file__", None) or module).name
-    return f"{module}.{cls.__qualname__}"
 
 
 def fingerprint(model: nn.Module) -> str:
     """A 16-hex-digit digest of what `model` computes, up to the values of its tensors.
 
-    Hashed: every submodule's name, class and `extra_repr` (widths, kernel sizes, `eps`,
-    activation choice); every parameter's and buffer's name, shape and dtype; and, when
-    `torch.fx` can capture the model, every node of the traced graph (operation, target,
-    arguments), which records what a custom `forward` does with its submodules. Models that
-    cannot be traced (most Hugging Face models) are keyed by the first two parts alone.
-    Two checkpoints with equal fingerprints have the same gauge group, so a sweep discovers
-    it once per fingerprint.
+    It is the digest of the model's `ModelSignature` (every parameter's and buffer's name and
+    shape; every submodule's class, plain settings and a digest of its `forward` code; the
+    signature a gauge group checks models against) together with the tensors' dtypes. Two
+    checkpoints with equal fingerprints have the same gauge group, so a sweep discovers it
+    once per fingerprint, and the group's own check refuses any model it was not found for.
     """
-    h = hashlib.sha256()
-    for name, m in model.named_modules():
-        h.update(f"M {name} {_qualname(m)} {m.extra_repr()}\n".encode())
+    h = hashlib.sha256(model_signature(model).digest.encode())
     for kind, items in (("P", model.named_parameters()), ("B", model.named_buffers())):
         for name, t in items:
-            h.update(f"{kind} {name} {tuple(t.shape)} {t.dtype}\n".encode())
-    try:
-        graph = fx.symbolic_trace(model).graph
-    except Exception:  # fx fails in many ways; the module structure stands alone then
-        h.update(b"untraced\n")
-    else:
-        for node in graph.nodes:
-            h.update(f"N {node.format_node()}\n".encode())
+            h.update(f"{kind} {name} {t.dtype}\n".encode())
     return h.hexdigest()[:16]
