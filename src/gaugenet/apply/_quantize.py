@@ -77,16 +77,10 @@ def quantize_weights(model: nn.Module, bits: int, granularity: str = "per-tensor
     **Returns:** the quantized copy, in the model's own dtype (float arithmetic on rounded
     weights, so the output error is the weight-rounding error alone).
     """
+    from ._schemes import QuantScheme, quantize
+
     _check(bits, granularity)
-    out = copy.deepcopy(model)
-    names = quantized_params(out)
-    if not names:
-        raise GaugeError(f"{type(model).__name__} has no Linear or Conv layer to quantize")
-    with torch.no_grad():
-        for name in names:
-            p = out.get_parameter(name)
-            p.copy_(quantize_tensor(p, bits, granularity))
-    return out
+    return quantize(model, QuantScheme(bits, granularity))
 
 
 def quantize_dynamic_int8(model: nn.Module) -> nn.Module:
