@@ -104,7 +104,9 @@ def _whisper() -> tuple[nn.Module, Any]:
         max_source_positions=4,
         vocab_size=V,
     )
-    model = randomize(transformers.WhisperModel(cfg).get_encoder())
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    model = randomize(WhisperEncoder(cfg))
     return model, {"input_features": _x(40, 4, 8)}
 
 
