@@ -74,6 +74,10 @@ class Propagator(NormRules, fx.Interpreter):
             self.env_labels[n] = self.break_all(n, out, str(exc))
         return out
 
+    def _labeled_input(self, n: fx.Node) -> bool:
+        labs = (self.env_labels.get(a) for a in n.all_input_nodes)
+        return any(isinstance(lab, tuple) and isinstance(lab[0], Tensor) for lab in labs)
+
     def break_all(self, n: fx.Node, out: Any, reason: str) -> Pair | None:
         for a in n.all_input_nodes:
             lab = self.env_labels.get(a)
@@ -107,6 +111,11 @@ class Propagator(NormRules, fx.Interpreter):
                     f"module {type(self.root.get_submodule(n.target)).__name__} "
                     "returns several tensors"
                 )
+            if n.op != "call_module" and not _label_free(n) and self._labeled_input(n):
+                # a result the rules do not follow (a tuple of chunks, a comparison, ...):
+                # whatever its inputs carry must be fixed, or it would pass unseen
+                name = getattr(n.target, "__name__", n.target)
+                raise _Unsupported(f"{name}: its result is not one float tensor")
             return None
         if n.op == "call_module":
             return self.module_rule(n, self.root.get_submodule(n.target), out)
@@ -556,6 +565,18 @@ class Propagator(NormRules, fx.Interpreter):
                 pids, out.shape, -1
             )
         raise _Unsupported("matmul of two tensors that carry scales or channels")
+
+
+#: operations whose non-tensor result says nothing about the values (shapes, metadata)
+_SHAPE_METHODS = {"size", "dim", "numel", "type", "get_device"}
+_SHAPE_FUNCS = {getattr, torch.numel, torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel}
+_SHAPE_FUNCS.add(torch.ops.aten._assert_tensor_metadata.default)
+
+
+def _label_free(n: fx.Node) -> bool:
+    if n.op == "call_method":
+        return n.target in _SHAPE_METHODS
+    return n.op != "call_function" or n.target in _SHAPE_FUNCS
 
 
 class _Unsupported(Exception):

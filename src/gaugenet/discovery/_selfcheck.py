@@ -11,9 +11,11 @@ and acting by the element and then by its inverse gives the parameters back (rel
 `1e-9`).
 
 Precision: the check runs in float64 (a float32 or half model is checked on a float64
-copy). Operations that compute in a lower precision inside the model (a softmax or an
-RMSNorm variance cast to float32, ...) are seen while the model runs, and the tolerance is
-then that of the lowest precision met (`TOLERANCES`); it is never below 100 times the
+copy), and casts down inside the model (a softmax or an RMSNorm variance cast to float32,
+...) are kept in float64 (`keep_float64`) unless the model then fails or computes something
+else. Operations that still compute in a lower precision are seen while the model runs, and
+the tolerance is then that of the lowest precision met (`TOLERANCES`); it is never below
+100 times the
 model's own float noise, measured as the output change when the parameters go through
 `g` and back through `g⁻¹` (an identity up to rounding), and never above `1e-2`.
 
@@ -26,6 +28,7 @@ reason): discovery claimed a symmetry that the model does not have.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 from collections.abc import Callable, Sequence
@@ -40,6 +43,7 @@ from .._invariance import _flat_outputs
 from ..groups import AbstractFactor, Breaker, GaugeGroup, PermutationFactor, TranslationFactor
 from ..groups._base import State
 from ..groups._group import model_state
+from ._float64 import keep_float64
 from ._inputs import Call
 
 __all__ = ["INTERNAL_ERROR", "TOLERANCES", "self_check"]
@@ -120,7 +124,9 @@ def _distance(pairs: Sequence[tuple[Tensor, Tensor]]) -> float:
 class _Checker:
     """The float64 model, its outputs on the inputs, and the tolerance."""
 
-    def __init__(self, model: nn.Module, call: Call, gen: torch.Generator) -> None:
+    def __init__(
+        self, model: nn.Module, call: Call, gen: torch.Generator, *, force64: bool = True
+    ) -> None:
         f64 = all(p.dtype == torch.float64 for p in model.parameters() if p.is_floating_point())
         self.model = model if f64 else copy.deepcopy(model).double()
         self.args, self.kwargs = _cast(call[0], torch.float64), _cast(call[1], torch.float64)
@@ -134,6 +140,15 @@ class _Checker:
             groups.setdefault(id(v), []).append(k)
         self.ties = [names for names in groups.values() if len(names) > 1]
         self.gen = gen
+        self.force64 = False
+        if force64:  # float64 throughout, unless the model then fails or computes otherwise
+            loose = self._outputs(self.state)
+            self.force64 = True
+            try:
+                forced = self._outputs(self.state)
+                self.force64 = _error(forced, loose) < 1e-3
+            except Exception:
+                self.force64 = False
         with _Precisions() as rec:
             self.ref = self._outputs(self.state)
         low = max(rec.seen or {torch.float64}, key=lambda d: torch.finfo(d).eps)
@@ -145,7 +160,7 @@ class _Checker:
         for names in self.ties:
             for k in names[1:]:
                 del state[k]
-        with torch.no_grad():
+        with torch.no_grad(), keep_float64() if self.force64 else contextlib.nullcontext():
             out = torch.func.functional_call(self.model, state, self.args, self.kwargs)
         return _outputs(out)
 

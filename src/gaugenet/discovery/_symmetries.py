@@ -13,6 +13,7 @@ from torch import nn
 from .._errors import GaugeError, UnsupportedModelError
 from ..groups import Breaker, GaugeGroup, bind_to_model
 from ._build import build_factors
+from ._capture import export_graph
 from ._centering import link_centered
 from ._inputs import Call, as_call, find_inputs
 from ._kernel import link_kernels
@@ -119,13 +120,18 @@ def _discover(model: nn.Module, call: Call) -> GaugeGroup:
     if is_atomic(model) and hasattr(model, "gauge_factors"):
         factors, breakers = model.gauge_factors("")
         return GaugeGroup(tuple(factors), tuple(breakers), names)
-    if kwargs:
-        args = _positional(model, args, kwargs)
-    gm = trace(model, len(args))
+    try:
+        flat = _positional(model, args, kwargs) if kwargs else args
+        gm = trace(model, len(flat))
+    except UnsupportedModelError as fx_exc:
+        try:
+            gm, flat = export_graph(model, args, kwargs)
+        except UnsupportedModelError as exc:
+            raise UnsupportedModelError(f"{fx_exc}; {exc}") from exc
     prop = Propagator(gm, model)
     try:
         with torch.no_grad():
-            prop.run(*args)
+            prop.run(*flat)
     except UnsupportedModelError:
         raise
     except Exception as exc:

@@ -1,0 +1,158 @@
+"""Coverage of discovery: what `gaugenet.symmetries` finds on common architectures, against
+the redundancy the Jacobian shows.
+
+Each row builds a tiny float64 model with random weights of unit gain (Hugging Face models
+from their configs: hidden size 8-16, one or two layers; torch and hand-written CNNs with
+small widths) and a batch of inputs that reaches every parameter (every token id and
+position, both token types), then reports
+
+- `dim`: the dimension of the group `symmetries` returns (or its refusal message),
+- `n − rank J`: parameters minus the rank of the Jacobian of all outputs on the batch
+  (`gaugenet.certify.functional_dimension`, float64 throughout: casts to float32 inside
+  the model are kept in float64, `rtol = 1e-9`): every continuous
+  symmetry lies in its kernel, so `dim ≤ n − rank J`, and the gap is what discovery misses
+  (symmetries it does not know, or redundancy that no symmetry explains),
+- `inv. err.`: the relative output change under a random element of the group,
+- `internal`: factors the self-check dropped (wrong answers caught before returning),
+- `time`: seconds spent in `symmetries`.
+
+The Markdown table is written into README.md between the coverage markers.
+
+    .venv/bin/python benchmarks/coverage.py [--only PATTERN] [--no-readme] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+import gaugenet
+from coverage_models import ROWS
+from gaugenet.certify import functional_dimension
+from gaugenet.discovery import INTERNAL_ERROR
+from gaugenet.discovery._float64 import keep_float64
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+START, END = "<!-- coverage:start -->", "<!-- coverage:end -->"
+
+
+class Positional(nn.Module):
+    """`model(**dict(zip(keys, inputs)))` as a model of positional inputs, returning its
+    floating outputs as a tuple (what the Jacobian takes)."""
+
+    def __init__(self, model: nn.Module, keys: list[str]) -> None:
+        super().__init__()
+        self.model, self.keys = model, keys
+
+    def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
+        out = self.model(**dict(zip(self.keys, inputs)))
+        if isinstance(out, Tensor):
+            return (out,)
+        values = out.values() if hasattr(out, "values") else out
+        return tuple(v for v in values if isinstance(v, Tensor) and v.is_floating_point())
+
+
+def _rank_gap(model: nn.Module, inputs: Any) -> tuple[str, int]:
+    if isinstance(inputs, dict):
+        model, inputs = Positional(model, list(inputs)), tuple(inputs.values())
+    n = sum(p.numel() for p in model.parameters())
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with keep_float64():
+                fd = functional_dimension(model, inputs)
+    except Exception as exc:  # report the failure in the table, do not stop
+        return f"– ({type(exc).__name__})", n
+    return str(fd.n_params - fd.rank), n
+
+
+def run_row(name: str, build: Callable[[], tuple[nn.Module, Any]]) -> dict[str, str]:
+    torch.manual_seed(0)
+    row = {"model": name}
+    try:
+        model, inputs = build()
+    except Exception as exc:  # a config this transformers version rejects
+        return {
+            **row,
+            "params": "",
+            "dim": "not built: " + _short(str(exc)),
+            "gap": "",
+            "err": "",
+            "internal": "",
+            "time": "",
+        }
+    t = time.perf_counter()
+    try:
+        group = gaugenet.symmetries(model, inputs)
+    except gaugenet.GaugeError as exc:
+        row["time"] = f"{time.perf_counter() - t:.2f}"
+        row["dim"] = "refused: " + _short(str(exc))
+        row["gap"], n = _rank_gap(model, inputs)
+        row.update(params=str(n), err="", internal="")
+        return row
+    row["time"] = f"{time.perf_counter() - t:.2f}"
+    row["dim"] = str(group.dim)
+    g = group.sample(torch.Generator().manual_seed(1))
+    with keep_float64():
+        err = gaugenet.invariance_error(model, group.act(model, g), inputs)
+    row["err"] = f"{err:.0e}"
+    row["internal"] = str(sum(b.reason.startswith(INTERNAL_ERROR) for b in group.breakers))
+    row["gap"], n = _rank_gap(model, inputs)
+    row["params"] = str(n)
+    return row
+
+
+def _short(msg: str, n: int = 90) -> str:
+    msg = " ".join(msg.split()).replace("|", "/")
+    return msg if len(msg) <= n else msg[: n - 1] + "…"
+
+
+def table(rows: list[dict[str, str]]) -> str:
+    head = "| model | params | dim | n − rank J | inv. err. | internal | time (s) |"
+    lines = [head, "|---|---:|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['params']} | {r['dim']} | {r['gap']} | {r['err']} | "
+            f"{r['internal']} | {r['time']} |"
+        )
+    return "\n".join(lines)
+
+
+def write_readme(text: str) -> None:
+    readme = README.read_text()
+    if START not in readme or END not in readme:
+        raise SystemExit(f"README.md has no {START} ... {END} markers")
+    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
+    README.write_text(pattern.sub(lambda _: f"{START}\n{text}\n{END}", readme))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", default=None, help="regular expression on the row names")
+    ap.add_argument("--no-readme", action="store_true", help="print only")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = []
+    for name, build in ROWS:
+        if args.only and not re.search(args.only, name):
+            continue
+        rows.append(run_row(name, build))
+        r = rows[-1]
+        print(f"{name}: dim {r['dim']}, n - rank J {r['gap']}, {r['time']} s", flush=True)
+    text = table(rows)
+    print(text)
+    if not args.no_readme and not args.only:
+        write_readme(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""Capturing a model that `torch.fx` cannot trace: `torch.export` (non-strict), flattened
+into one graph whose atoms are the model's own atomic modules.
+
+The model is exported with the call signatures of its atomic modules preserved, then
+unflattened (`torch.export.unflatten`), which gives a graph per submodule. Those of
+non-atomic modules are inlined into one graph; atomic modules stay `call_module` nodes on
+the model's own modules, so the module rules of `_propagate.py` apply to them unchanged.
+The aten operations in between are renamed to the torch functions of the same meaning
+that the function rules know (`aten.add.Tensor` → `torch.add`, ...); any other aten
+operation is analyzed as unsupported: every label reaching it is fixed (nothing claimed).
+"""
+
+from __future__ import annotations
+
+import operator
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.fx._pytree import tree_flatten_spec
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from .._errors import UnsupportedModelError
+from ._trace import is_atomic
+
+__all__ = ["export_graph"]
+
+aten = torch.ops.aten
+
+#: aten operations as the torch functions of the same arguments and meaning
+_RENAME: dict[Any, Any] = {
+    aten.relu.default: torch.relu,
+    aten.add.Tensor: torch.add,
+    aten.sub.Tensor: torch.sub,
+    aten.mul.Tensor: torch.mul,
+    aten.div.Tensor: torch.div,
+    aten.cat.default: torch.cat,
+    aten.view.default: torch.reshape,
+    aten.reshape.default: torch.reshape,
+    aten.permute.default: torch.permute,
+    aten.transpose.int: torch.transpose,
+    aten.unsqueeze.default: torch.unsqueeze,
+    aten.squeeze.dim: torch.squeeze,
+    aten.t.default: torch.t,
+    aten.flatten.using_ints: torch.flatten,
+    aten.matmul.default: torch.matmul,
+    aten.mean.dim: torch.mean,
+    aten.sum.dim_IntList: torch.sum,
+    aten.tanh.default: torch.tanh,
+    aten.sigmoid.default: torch.sigmoid,
+    aten.gelu.default: F.gelu,
+    aten.silu.default: F.silu,
+    aten.softmax.int: torch.softmax,
+    aten.max_pool2d.default: F.max_pool2d,
+    aten.adaptive_avg_pool2d.default: F.adaptive_avg_pool2d,
+}
+
+
+def _atoms(model: nn.Module) -> tuple[str, ...]:
+    """Names of the outermost atomic modules (those not inside another atom)."""
+    out: list[str] = []
+    for name, m in model.named_modules():
+        if name and is_atomic(m) and not any(name.startswith(a + ".") for a in out):
+            out.append(name)
+    return tuple(out)
+
+
+class _Flattener:
+    def __init__(self, model: nn.Module, unflat: nn.Module, atoms: set[str]) -> None:
+        self.model, self.unflat, self.atoms = model, unflat, atoms
+        self.graph = fx.Graph()
+        self.attrs: dict[str, Any] = {}
+
+    def attr(self, path: str) -> fx.Node:
+        owner, _, name = path.rpartition(".")
+        try:
+            obj = getattr(self.model.get_submodule(owner) if owner else self.model, name)
+        except AttributeError:  # a constant that export lifted: keep its value
+            obj = getattr(self.unflat.get_submodule(owner) if owner else self.unflat, name)
+        self.attrs[path] = obj
+        return self.graph.get_attr(path)
+
+    def inline(self, mod: fx.GraphModule, prefix: str, args: list[Any]) -> Any:
+        env: dict[fx.Node, Any] = {}
+        inputs = iter(args)
+
+        def look(a: Any) -> Any:
+            return fx.node.map_arg(a, lambda x: env[x])
+
+        for n in mod.graph.nodes:
+            if n.op == "placeholder":
+                env[n] = next(inputs)
+            elif n.op == "output":
+                return look(n.args[0])
+            elif n.op == "get_attr":
+                env[n] = self.attr(prefix + str(n.target))
+            elif n.op == "call_module":
+                path = prefix + str(n.target)
+                if path in self.atoms:
+                    self.attrs[path] = self.model.get_submodule(path)
+                    env[n] = self.graph.call_module(path, look(n.args), look(n.kwargs))
+                else:
+                    sub = mod.get_submodule(str(n.target))
+                    env[n] = self.inline(sub, path + ".", list(look(n.args)))
+            elif n.target is tree_flatten_spec:  # the wrapper around a preserved call
+                env[n] = tree_flatten(look(n.args[0]))[0]
+            elif n.target is tree_unflatten:
+                spec = getattr(mod, str(n.args[1].target))
+                env[n] = tree_unflatten(list(look(n.args[0])), spec)
+            elif n.target is operator.getitem and isinstance(env.get(n.args[0]), (tuple, list)):
+                env[n] = env[n.args[0]][n.args[1]]  # an inlined module's tuple output
+            else:
+                target = _RENAME.get(n.target, n.target)
+                env[n] = self.graph.call_function(target, look(n.args), look(n.kwargs))
+        raise UnsupportedModelError("exported graph has no output")
+
+
+def export_graph(
+    model: nn.Module, args: tuple, kwargs: dict[str, Any]
+) -> tuple[fx.GraphModule, tuple]:
+    """`(graph module, flat inputs)`: `model` captured with `torch.export` (non-strict) as
+    one graph whose atomic modules are `call_module` nodes; run it on the flat inputs.
+
+    Raises `UnsupportedModelError` when the export fails.
+    """
+    atoms = _atoms(model)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ep = torch.export.export(
+                model, args, kwargs, strict=False, preserve_module_call_signature=atoms
+            )
+            unflat = torch.export.unflatten(ep)
+    except Exception as exc:  # export raises many types; all mean "cannot capture"
+        raise UnsupportedModelError(
+            f"cannot capture {type(model).__name__} with torch.export: {type(exc).__name__}: {exc}"
+        ) from exc
+    flat = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
+    placeholders = [n for n in unflat.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(flat):
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: the exported graph takes {len(placeholders)} inputs, "
+            f"the example inputs hold {len(flat)} tensors"
+        )
+    fl = _Flattener(model, unflat, set(atoms))
+    env = [fl.graph.placeholder(f"input_{i}") for i in range(len(flat))]
+    out = fl.inline(unflat, "", env)
+    fl.graph.output(out)
+    gm = fx.GraphModule(_Root(model, fl.attrs), fl.graph)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm, tuple(flat)
+
+
+class _Root(nn.Module):
+    """The graph module's owner: the model's atoms and attributes under their own paths."""
+
+    def __init__(self, model: nn.Module, attrs: dict[str, Any]) -> None:
+        super().__init__()
+        for path, obj in attrs.items():
+            _place(self, path, obj)
+
+
+def _place(root: nn.Module, path: str, obj: Any) -> None:
+    *owners, name = path.split(".")
+    mod = root
+    for o in owners:
+        if not hasattr(mod, o):
+            mod.add_module(o, nn.Module())
+        mod = getattr(mod, o)
+    if isinstance(obj, nn.Module):
+        mod.add_module(name, obj)
+    elif isinstance(obj, nn.Parameter):
+        mod.register_parameter(name, obj)
+    elif isinstance(obj, torch.Tensor):
+        mod.register_buffer(name, obj)
+    else:
+        setattr(mod, name, obj)
