@@ -534,7 +534,28 @@ class Propagator(NormRules, fx.Interpreter):
             if a_fixed and not div and not bool((la[1] > 0).any()):
                 self.L.fix_perms(lb[1], n.name, "multiplied by an unpermuted tensor")
                 return lb[0].expand(out.shape).clone(), torch.zeros(out.shape, dtype=torch.long)
+            if not div and pa is None and pb is None:
+                return self.product(n, la, lb, out)
         raise _Unsupported("product of two tensors that both carry scales")
+
+    def product(self, n: fx.Node, la: Pair, lb: Pair, out: Tensor) -> Pair:
+        """`a * b` of two computed tensors (a gated MLP's `act(gate(x)) * up(x)`): the product
+        takes the scale of the factor whose scale is free, so at most one factor may carry
+        one (one positive scale per entry cannot hold a product of two: the first factor's
+        scales are fixed then, a sound subset), and the channels of both move together."""
+        sa, sb = (x.expand(out.shape) for x in (la[0], lb[0]))
+        qa, qb = (x.expand(out.shape) for x in (la[1], lb[1]))
+
+        def fixed(ids: Tensor) -> bool:
+            return all(self.L.find(int(v)) == FIXED for v in torch.unique(ids) if int(v) > 0)
+
+        if not fixed(sa) and not fixed(sb):
+            self.L.fix_scales(sa, n.name, "a product of two rescaled tensors keeps one scale")
+        s = sb if fixed(sa) else sa
+        zero = (sa == ZERO) | (sb == ZERO)
+        self.L.align(qa, qb, n.name)
+        scale = torch.where(zero, torch.full_like(s, ZERO), s)
+        return scale.clone(), torch.where(qa != ZERO, qa, qb).clone()
 
     def cat(self, n: fx.Node, out: Tensor) -> Pair:
         parts = n.args[0]
