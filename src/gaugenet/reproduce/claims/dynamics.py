@@ -274,9 +274,8 @@ def _teleport_loss(ctx: Context) -> Measurement:
 
     def lg(mm):
         v = F.cross_entropy(mm(x), y)
-        return float(v), float(
-            sum((g**2).sum() for g in torch.autograd.grad(v, list(mm.parameters())))
-        )
+        grads = torch.autograd.grad(v, list(mm.parameters()))
+        return float(v.detach()), float(sum((g**2).sum() for g in grads))
 
     moved = teleport(m, group, F.cross_entropy, (x, y), steps=10, lr=1.0)
     (l0, g0), (l1, g1) = lg(m), lg(moved)
