@@ -30,13 +30,14 @@ from ._ops import (
     VIEW_METHODS,
     nonhomogeneous_reason,
 )
-from ._shifts import AbsorbedShiftFactor, IntoBatchNorm
+from ._shifts import AbsorbedShiftFactor, GroupShiftFactor, IntoBatchNorm, RemovedByNorm
 
 __all__ = ["Propagator"]
 
 Pair = tuple[Tensor, Tensor]  # (scale labels, perm labels)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_IN = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 
 
 def _fixed(v: Tensor) -> Pair:
@@ -157,6 +158,8 @@ class Propagator(NormRules, fx.Interpreter):
             self.layernorm_kernel(n, m)
             self.centered_inputs(n, m)
             return self.layernorm(name, m, s, p, out)
+        if isinstance(m, (nn.GroupNorm, *_IN)):
+            self.bias_before_mean_removal(n, m)
         if isinstance(m, nn.Embedding):
             raise _Unsupported("embedding input is not a float tensor")
         if isinstance(m, HOMOGENEOUS_MODULES):
@@ -230,6 +233,26 @@ class Propagator(NormRules, fx.Interpreter):
                 f"shift:{name}", bn.num_features, terms=(term,), modules=(name, str(n.target))
             )
         )
+
+    def bias_before_mean_removal(self, n: fx.Node, norm: nn.Module) -> None:
+        """A convolution's bias right before an InstanceNorm (per channel) or a GroupNorm
+        (per group, equal over its channels) that normalizes with the sample's own statistics:
+        the mean subtraction removes the shift."""
+        prod = self._sole_producer(n, _CONV)
+        if prod is None:
+            return
+        if isinstance(norm, nn.GroupNorm):
+            channels, groups = norm.num_channels, norm.num_groups
+        else:
+            if norm.track_running_stats and not norm.training:
+                return  # eval mode with running statistics: the mean is not the sample's
+            channels = groups = norm.num_features
+        name, m = prod
+        if m.bias is None or m.weight.shape[0] != channels:
+            return
+        term = RemovedByNorm(f"{name}.bias", channels // groups)
+        cls = GroupShiftFactor if groups != channels else AbsorbedShiftFactor
+        self.L.extra.append(cls(f"shift:{name}", groups, terms=(term,), modules=(name,)))
 
     def attention_inputs(self, n: fx.Node, m: nn.MultiheadAttention, out: Any) -> Pair:
         """`nn.MultiheadAttention` (its own factors come from its analyzer): a per-feature

@@ -6,6 +6,10 @@
   bias `b ↦ b − W v` changes nothing. A residual sum `LN(x) + L(h)` may read it too, when
   the linear layer `L` has a bias that takes `−v` back.
 
+- A bias right before a normalization with per-sample statistics (InstanceNorm, GroupNorm):
+  the mean subtraction removes `b ↦ b + v`, per channel, or per group with `v` equal over
+  the group's channels; nothing needs to take it back.
+
 The element `v` has one entry per channel of the first layer's output. A shift does not
 commute with the rescaling of the same channels (shift then scale = scale then a scaled
 shift); the factor declares that rescaling in `scaled_by` and `GaugeGroup` composes the
@@ -23,7 +27,14 @@ from torch import Tensor
 from ..groups import TranslationFactor
 from ..groups._base import State
 
-__all__ = ["AbsorbedShiftFactor", "IntoBatchNorm", "IntoLinears", "layernorm_shift"]
+__all__ = [
+    "AbsorbedShiftFactor",
+    "GroupShiftFactor",
+    "IntoBatchNorm",
+    "IntoLinears",
+    "RemovedByNorm",
+    "layernorm_shift",
+]
 
 
 @dataclass(frozen=True)
@@ -42,6 +53,22 @@ class IntoBatchNorm:
 
     def touched(self) -> tuple[str, ...]:
         return (self.param, f"{self.bn}.bias")
+
+
+@dataclass(frozen=True)
+class RemovedByNorm:
+    """`bias += v` repeated over groups of `size` channels: a shift that the next layer's
+    mean subtraction removes (InstanceNorm per channel, `size = 1`; GroupNorm per group)."""
+
+    param: str
+    size: int = 1
+
+    def __call__(self, new: State, v: Tensor) -> None:
+        p = new[self.param]
+        new[self.param] = p + v.to(p.dtype).repeat_interleave(self.size)
+
+    def touched(self) -> tuple[str, ...]:
+        return (self.param,)
 
 
 @dataclass(frozen=True)
@@ -86,6 +113,15 @@ class AbsorbedShiftFactor(TranslationFactor):
     def canonical(self, state: State) -> Tensor:
         """The shift that zeroes the bias (BatchNorm's `β` absorbs it): the canonical gauge."""
         return -state[self.terms[0].param]
+
+
+class GroupShiftFactor(AbsorbedShiftFactor):
+    """Shifts of a bias that a GroupNorm removes: one per group of channels."""
+
+    def canonical(self, state: State) -> Tensor:
+        """The shift that zeroes each group's mean bias."""
+        term = self.terms[0]
+        return -state[term.param].reshape(-1, term.size).mean(1)
 
 
 def layernorm_shift(
