@@ -46,18 +46,22 @@ def _as_tuple(inputs: Any) -> tuple[Any, ...]:
     return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
 
 
-def _cast(x: Any, dtype: torch.dtype | None) -> Any:
-    if dtype is not None and isinstance(x, Tensor) and x.is_floating_point():
-        return x.to(dtype)
+def cast_floats(x: Any, dtype: torch.dtype | None) -> Any:
+    """`x` with every floating tensor in it (alone, or in dicts, tuples and lists) cast to
+    `dtype`; other values as they are. `dtype=None` leaves everything."""
+    if isinstance(x, Tensor):
+        return x.to(dtype) if dtype is not None and x.is_floating_point() else x
     if isinstance(x, dict):
-        return {k: _cast(v, dtype) for k, v in x.items()}
+        return {k: cast_floats(v, dtype) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(cast_floats(v, dtype) for v in x)
     return x
 
 
 def _run(model: nn.Module, inputs: Sequence[Any], dtype: torch.dtype | None) -> list[Tensor]:
     if dtype is not None:
         model = copy.deepcopy(model).to(dtype)
-    args = [_cast(x, dtype) for x in inputs]
+    args = [cast_floats(x, dtype) for x in inputs]
     with torch.no_grad():
         if len(args) == 1 and isinstance(args[0], dict):
             out = model(**args[0])

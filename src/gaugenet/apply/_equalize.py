@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .._errors import GaugeError
-from .._invariance import invariance_error
+from .._invariance import cast_floats, invariance_error
 from .._tolerances import drift_tolerance, model_dtype
 from ..discovery import symmetries
 from ..groups import Element, GaugeGroup, GLFactor, RescalingFactor, model_state
@@ -176,6 +176,7 @@ def equalizing_element(
             example_inputs,
             factors,
             names,
+            start,
             best,
             err,
             bits,
@@ -261,21 +262,12 @@ def equalize(
     return new
 
 
-def _to_float64(x: Any) -> Any:
-    if isinstance(x, Tensor):
-        return x.double() if x.is_floating_point() else x
-    if isinstance(x, dict):
-        return {k: _to_float64(v) for k, v in x.items()}
-    if isinstance(x, (tuple, list)):
-        return type(x)(_to_float64(v) for v in x)
-    return x
-
-
 def _data_driven(
     model: nn.Module,
     inputs: Any,
     factors: list,
     names: list[str],
+    start: State,
     best: tuple[float, dict, State],
     err: Callable[[State], float],
     bits: int,
@@ -283,17 +275,15 @@ def _data_driven(
     search: int,
     smooth: bool,
 ) -> tuple[float, dict, State]:
-    """Closed-form candidates from the start (the sensitivity-weighted noise-model optimum;
-    with `smooth`, SmoothQuant's balance of input and weight ranges), each kept where it
-    beats `best`, then a local search on `err` from the best; returns the new
-    `(err, element, state)`."""
+    """Closed-form candidates from `start`, the model's state in float64 (the
+    sensitivity-weighted noise-model optimum; with `smooth`, SmoothQuant's balance of input
+    and weight ranges), each kept where it beats `best`, then a local search on `err` from
+    the best; returns the new `(err, element, state)`."""
     scales = [f for f in factors if isinstance(f, RescalingFactor)]
     if not scales:
         return best
     e_best, elem, state = best
-    start = {k: v.double() if v.is_floating_point() else v for k, v in model_state(model).items()}
-    x64 = _to_float64(inputs)
-    sens = sensitivities(model, x64, start, names)
+    sens = sensitivities(model, cast_floats(inputs, torch.float64), start, names)
     candidates = [
         noise_model_scales(scales, start, names, sens, bits=bits, per_channel=per_channel)
     ]

@@ -3,10 +3,10 @@ and the exit code that carries the verdict."""
 
 from __future__ import annotations
 
-from typing import Any
+import torch
+from torch import nn
 
-from torch import Tensor, nn
-
+from .._invariance import cast_floats
 from ..certify import CertifyReport
 from ..groups import GaugeGroup
 from ._model_args import parse_shape, sample_inputs
@@ -22,13 +22,6 @@ CERTIFY_HELP = (
     "the Jacobian's rank. Exit code: 0 complete, 3 incomplete or not proven complete "
     "(a bound), 4 wrong factors, 2 error."
 )
-
-
-def _double(x: Any) -> Any:
-    """Floating tensors (alone or in a tuple) in float64, like the model."""
-    if isinstance(x, (tuple, list)):
-        return type(x)(_double(v) for v in x)
-    return x.double() if isinstance(x, Tensor) and x.is_floating_point() else x
 
 
 def run_certify(
@@ -50,5 +43,5 @@ def run_certify(
             bar.update(task, description=f"certifying: {text}")
 
         net = net.double()
-        x = _double(sample_inputs(net, n_inputs, shape=parse_shape(input_shape)))
+        x = cast_floats(sample_inputs(net, n_inputs, shape=parse_shape(input_shape)), torch.float64)
         return certify(net, x, group=group, memory_budget=memory_budget_gb * 1e9, progress=step)

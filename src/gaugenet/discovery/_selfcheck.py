@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from .._invariance import _flat_outputs
+from .._invariance import _flat_outputs, cast_floats
 from ..groups import AbstractFactor, Breaker, GaugeGroup, PermutationFactor, TranslationFactor
 from ..groups._base import State
 from ..groups._group import model_state
@@ -78,16 +78,6 @@ class _Precisions(TorchDispatchMode):
             if isinstance(t, Tensor) and t.is_floating_point():
                 self.seen.add(t.dtype)
         return out
-
-
-def _cast(x: Any, dtype: torch.dtype) -> Any:
-    if isinstance(x, Tensor):
-        return x.to(dtype) if x.is_floating_point() else x
-    if isinstance(x, dict):
-        return {k: _cast(v, dtype) for k, v in x.items()}
-    if isinstance(x, (tuple, list)):
-        return type(x)(_cast(v, dtype) for v in x)
-    return x
 
 
 def _outputs(out: Any) -> list[Tensor]:
@@ -129,7 +119,7 @@ class _Checker:
     ) -> None:
         f64 = all(p.dtype == torch.float64 for p in model.parameters() if p.is_floating_point())
         self.model = model if f64 else copy.deepcopy(model).double()
-        self.args, self.kwargs = _cast(call[0], torch.float64), _cast(call[1], torch.float64)
+        self.args, self.kwargs = cast_floats(call, torch.float64)
         self.state = model_state(self.model)
         # names of one shared tensor (tied weights): the first is passed, the rest must agree
         groups: dict[int, list[str]] = {}
