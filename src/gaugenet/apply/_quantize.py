@@ -31,6 +31,14 @@ def _check(bits: int, granularity: str) -> None:
         raise GaugeError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
 
 
+def round_to_range(x: Tensor, r: Tensor, bits: int) -> Tensor:
+    """Symmetric round-to-nearest of `x` on the grid `k · r / (2^(bits-1) − 1)`, `|k|` at most
+    `2^(bits-1) − 1`; `r` the range, broadcastable to `x` (a zero range keeps step 1)."""
+    qmax = 2 ** (bits - 1) - 1
+    step = torch.where(r > 0, r / qmax, torch.ones_like(r))
+    return torch.clamp(torch.round(x / step), -qmax, qmax) * step
+
+
 def quantize_tensor(w: Tensor, bits: int, granularity: str = "per-tensor") -> Tensor:
     """Symmetric round-to-nearest fake quantization of one tensor.
 
@@ -46,14 +54,12 @@ def quantize_tensor(w: Tensor, bits: int, granularity: str = "per-tensor") -> Te
     **Returns:** a tensor of `w`'s shape and dtype whose entries are integers times the step.
     """
     _check(bits, granularity)
-    qmax = 2 ** (bits - 1) - 1
     a = w.detach().abs()
     if granularity == "per-tensor" or w.dim() == 0:
         r = a.max()
     else:
         r = a.reshape(a.shape[0], -1).amax(1).reshape(-1, *([1] * (w.dim() - 1)))
-    step = torch.where(r > 0, r / qmax, torch.ones_like(r))
-    return torch.clamp(torch.round(w.detach() / step), -qmax, qmax) * step
+    return round_to_range(w.detach(), r, bits)
 
 
 def quantized_params(model: nn.Module) -> list[str]:

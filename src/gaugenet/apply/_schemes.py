@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .._errors import GaugeError
-from ._quantize import _QUANTIZED_LAYERS, quantized_params
+from ._quantize import _QUANTIZED_LAYERS, quantize_tensor, quantized_params, round_to_range
 
 __all__ = [
     "QuantScheme",
@@ -77,7 +77,6 @@ def quantize_grouped(w: Tensor, bits: int, group_size: int) -> Tensor:
 
     **Returns:** a tensor of `w`'s shape and dtype.
     """
-    qmax = 2 ** (bits - 1) - 1
     flat = w.detach().reshape(w.shape[0], -1)
     if flat.shape[1] % group_size:
         raise GaugeError(
@@ -85,23 +84,16 @@ def quantize_grouped(w: Tensor, bits: int, group_size: int) -> Tensor:
             f"not a multiple of the group size {group_size}"
         )
     g = flat.reshape(flat.shape[0], -1, group_size)
-    r = g.abs().amax(-1, keepdim=True)
-    step = torch.where(r > 0, r / qmax, torch.ones_like(r))
-    return (torch.clamp(torch.round(g / step), -qmax, qmax) * step).reshape(w.shape)
+    return round_to_range(g, g.abs().amax(-1, keepdim=True), bits).reshape(w.shape)
 
 
 def quantize_per_token(x: Tensor, bits: int, dim: int = -1) -> Tensor:
     """Symmetric round-to-nearest of activations with one step per token: the maximum of
     `|x|` along the feature axis `dim` (the last for Linear inputs, 1 for Conv inputs)."""
-    qmax = 2 ** (bits - 1) - 1
-    r = x.abs().amax(dim, keepdim=True)
-    step = torch.where(r > 0, r / qmax, torch.ones_like(r))
-    return torch.clamp(torch.round(x / step), -qmax, qmax) * step
+    return round_to_range(x, x.abs().amax(dim, keepdim=True), bits)
 
 
 def _round_weight(w: Tensor, scheme: QuantScheme) -> Tensor:
-    from ._quantize import quantize_tensor
-
     if scheme.granularity == "per-group":
         return quantize_grouped(w, scheme.weight_bits, scheme.group_size)
     return quantize_tensor(w, scheme.weight_bits, scheme.granularity)
