@@ -35,6 +35,15 @@ from ._shifts import AbsorbedShiftFactor, GroupShiftFactor, IntoBatchNorm, Remov
 __all__ = ["Propagator"]
 
 Pair = tuple[Tensor, Tensor]  # (scale labels, perm labels)
+#: casts and copies: values keep their labels
+_CASTS = {
+    torch.ops.aten.to.dtype,
+    torch.ops.aten._to_copy.default,
+    torch.ops.aten.clone.default,
+    torch.ops.aten.contiguous.default,
+    torch.ops.aten.alias.default,
+    torch.ops.aten.detach.default,
+}
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _IN = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
@@ -60,6 +69,8 @@ class Propagator(NormRules, fx.Interpreter):
         self.param_ids = {id(p): n for n, p in root.named_parameters(remove_duplicate=False)}
         self.centered_layers: set[str] = set()
         self.removed_memo: dict[fx.Node, bool] = {}
+        #: every node's value on the example inputs (the attention pass probes paths with them)
+        self.values: dict[fx.Node, Any] = {}
 
     # -- plumbing -------------------------------------------------------------------------
     def lab(self, a: Any) -> Pair | None:
@@ -69,6 +80,9 @@ class Propagator(NormRules, fx.Interpreter):
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
+        self.values[n] = out
+        if isinstance(out, Tensor):
+            n.meta["gaugenet_shape"] = tuple(out.shape)
         try:
             self.env_labels[n] = self.rule(n, out)
         except _Unsupported as exc:
@@ -419,7 +433,7 @@ class Propagator(NormRules, fx.Interpreter):
 
     def function_rule(self, n: fx.Node, out: Tensor) -> Pair:
         f = n.target
-        if f in HOMOGENEOUS_FUNCS:
+        if f in HOMOGENEOUS_FUNCS or f in _CASTS:
             _, (s, p) = self.first(n)
             return s, p
         if f in NONHOMOGENEOUS_FUNCS:
@@ -537,8 +551,25 @@ class Propagator(NormRules, fx.Interpreter):
 
     def mul(self, n: fx.Node, out: Tensor) -> Pair:
         a, b = n.args[0], n.args[1]
-        la, lb = self.lab(a), self.lab(b)
         div = n.target in (operator.truediv, torch.div, operator.itruediv)
+        if not div and self._param_name(a) is not None and self._param_name(b) is None:
+            a, b = b, a  # a parameter gain on the left: `γ * x`
+        la, lb = self.lab(a), self.lab(b)
+        if not div and la is not None and self._param_name(b) is not None:
+            gained = self.gain(n, la, self._param_name(b), out)
+            if gained is not None:
+                return gained
+        if (
+            la is not None
+            and lb is not None
+            and not div
+            and _per_token(self.env_or(b), out)
+            and not bool((lb[0] > 0).any() or (lb[1] > 0).any())
+            and self._param_name(b) is None
+        ):
+            # `x * r` with `r` one unlabeled number per token (a norm's `1/rms(x)`): channels
+            # keep their labels
+            return la[0].expand(out.shape).clone(), la[1].expand(out.shape).clone()
         if la is not None and lb is None and isinstance(b, (int, float)):
             return la
         if la is None and lb is not None and isinstance(a, (int, float)) and not div:
@@ -560,6 +591,28 @@ class Propagator(NormRules, fx.Interpreter):
             if not div and pa is None and pb is None:
                 return self.product(n, la, lb, out)
         raise _Unsupported("product of two tensors that both carry scales")
+
+    def env_or(self, a: Any) -> Any:
+        return self.values.get(a) if isinstance(a, fx.Node) else a
+
+    def gain(self, n: fx.Node, la: Pair, pname: str, out: Tensor) -> Pair | None:
+        """`x * γ` with `γ` a per-feature parameter and `x` carrying no free scale (a
+        normalized stream, as in RMSNorm): `γ` is a source of one fresh scale per feature,
+        which its readers take back."""
+        g = self.root.get_parameter(pname)
+        s, p = la
+        if g.ndim != 1 or out.shape[-1] != g.shape[0]:
+            return None
+        if any(self.L.find(int(v)) != FIXED for v in torch.unique(s) if int(v) > 0):
+            return None
+        self.use_param(pname, n.name)
+        self.carrier(n.name, [pname], p.expand(out.shape), axis=-1)
+        fresh = self.L.fresh(g.shape[0], n.name)
+        self.L.scale_terms.append((pname, fresh, 1))
+        pcols = self.L.per_channel(p.expand(out.shape), -1)
+        if all(len(c) == 1 for c in pcols):
+            self.L.links.append((fresh, torch.tensor([int(c[0]) for c in pcols])))
+        return _broadcast_channels(fresh, out.shape, -1), p.expand(out.shape).clone()
 
     def product(self, n: fx.Node, la: Pair, lb: Pair, out: Tensor) -> Pair:
         """`a * b` of two computed tensors (a gated MLP's `act(gate(x)) * up(x)`): the product
@@ -625,6 +678,16 @@ def _label_free(n: fx.Node) -> bool:
 
 class _Unsupported(Exception):
     pass
+
+
+def _per_token(other: Any, out: Tensor) -> bool:
+    """`other` is one number per token: a tensor of `out`'s rank, size 1 on the last axis."""
+    return (
+        isinstance(other, Tensor)
+        and other.ndim == out.ndim
+        and other.shape[-1] == 1
+        and out.shape[-1] > 1
+    )
 
 
 def _broadcast_channels(ids: Tensor, shape: torch.Size, axis: int) -> Tensor:

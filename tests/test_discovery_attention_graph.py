@@ -1,0 +1,177 @@
+"""Attention found from the graph pattern: per-head (or per key-value group) query-key and
+value-output factors, the commutant of rotary embeddings, position biases per head."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import gaugenet
+from gaugenet.certify import functional_dimension
+from gaugenet.discovery import INTERNAL_ERROR
+from gaugenet.discovery._float64 import keep_float64
+from gaugenet.groups._algebra import AlgebraFactor, commutant_basis
+
+F64 = torch.float64
+V, T = 24, 6
+
+
+def _llama(**extra) -> tuple[nn.Module, dict]:
+    import transformers
+
+    cfg = dict(
+        vocab_size=V,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=T,
+        use_cache=False,
+    )
+    cfg.update(extra)
+    cls = cfg.pop("cls", "LlamaModel")
+    config_cls = cfg.pop("config", "LlamaConfig")
+    torch.manual_seed(0)
+    model = getattr(transformers, cls)(getattr(transformers, config_cls)(**cfg)).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.copy_(1 + 0.3 * torch.randn(p.shape))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, V, (40, T), generator=g)
+    ids[0, :] = torch.arange(T)
+    return model, {"input_ids": ids}
+
+
+class _Positional(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=ids).last_hidden_state
+
+
+def _gap(model: nn.Module, inputs: dict) -> int:
+    with warnings.catch_warnings(), keep_float64():
+        warnings.simplefilter("ignore")
+        fd = functional_dimension(_Positional(model), (inputs["input_ids"],))
+    return fd.n_params - fd.rank
+
+
+def _internal(group) -> list:
+    return [b for b in group.breakers if b.reason.startswith(INTERNAL_ERROR)]
+
+
+@pytest.mark.parametrize(
+    "extra, dim",
+    [
+        ({}, 72),
+        ({"num_attention_heads": 4, "num_key_value_heads": 2}, 44),
+        ({"cls": "Qwen2Model", "config": "Qwen2Config"}, 72),
+    ],
+    ids=["llama", "llama-gqa", "qwen2-biases"],
+)
+def test_rotary_decoders_are_complete(extra, dim) -> None:
+    model, inputs = _llama(**extra)
+    group = gaugenet.symmetries(model, inputs)
+    assert not _internal(group)
+    assert group.dim == dim == _gap(model, inputs)
+    qk = [f for f in group.factors if f.name.endswith(".qk")]
+    assert qk and all(isinstance(f, AlgebraFactor) and f.basis is not None for f in qk)
+    with keep_float64():
+        moved = group.act(model, group.sample(torch.Generator().manual_seed(3)))
+        assert gaugenet.invariance_error(model, moved, inputs) < 1e-10
+
+
+def test_rotary_query_key_is_the_commutant_not_gl() -> None:
+    """Under rotary embeddings a full `GL(d_head)` element changes the outputs; the factor
+    keeps a scaling-rotation per rotated plane and refuses elements outside it."""
+    model, inputs = _llama()
+    group = gaugenet.symmetries(model, inputs)
+    qk = next(f for f in group.factors if f.name.endswith(".qk"))
+    assert qk.m == 4  # head_dim 4: two planes, each `a·I + b·J`
+    full = AlgebraFactor(qk.name, qk.d, qk.b, terms=qk.terms)  # same action, all of GL
+    g = full.sample(torch.Generator().manual_seed(0))
+    with keep_float64():
+        moved = model.__class__(model.config).double().eval()
+        moved.load_state_dict(full.apply(dict(model.state_dict()), g))
+        # eight orders of magnitude above the commutant elements' 1e-12 (one layer, residual)
+        assert gaugenet.invariance_error(model, moved, inputs) > 1e-4
+    with pytest.raises(gaugenet.GaugeError, match="not in the factor's algebra"):
+        qk.validate(g)
+
+
+def test_commutant_of_plane_rotations() -> None:
+    """Rotations of planes (0, 2) and (1, 3) at different frequencies plus a fixed axis 4."""
+    mats = []
+    for t in range(5):
+        m = torch.eye(5, dtype=F64)
+        for (i, j), w in (((0, 2), 1.0), ((1, 3), 0.3)):
+            c, s = math.cos(w * t), math.sin(w * t)
+            m[i, i] = m[j, j] = c
+            m[i, j], m[j, i] = -s, s
+        mats.append(m)
+    basis = commutant_basis(torch.stack(mats))
+    assert basis.shape[0] == 1 + 2 + 2
+    for b in basis:
+        for m in mats:
+            assert torch.allclose(b @ m, m @ b, atol=1e-12)
+    assert commutant_basis(torch.eye(3, dtype=F64).expand(4, 3, 3) * 2.0) is None
+    # a generic matrix commutes with multiples of the identity only
+    generic = torch.randn(3, 4, 4, dtype=F64, generator=torch.Generator().manual_seed(0))
+    assert commutant_basis(generic).shape[0] == 1
+
+
+class ManualAttention(nn.Module):
+    """Attention written out by hand (matmul, scale, softmax, matmul) with a per-head
+    position bias when `bias_table`."""
+
+    def __init__(self, d: int = 8, heads: int = 2, bias_table: bool = False) -> None:
+        super().__init__()
+        self.h, self.dh = heads, d // heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.pos = nn.Parameter(torch.randn(heads, T, T)) if bias_table else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, _ = x.shape
+
+        def split(y: torch.Tensor) -> torch.Tensor:
+            return y.view(B, L, self.h, self.dh).transpose(1, 2)
+
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        s = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(self.dh)
+        if self.pos is not None:
+            s = s + self.pos
+        a = torch.softmax(s, dim=-1)
+        out = torch.matmul(a, v).transpose(1, 2).reshape(B, L, -1)
+        return self.o(out)
+
+
+@pytest.mark.parametrize("bias_table", [False, True], ids=["plain", "position-bias"])
+def test_hand_written_attention(bias_table: bool) -> None:
+    torch.manual_seed(0)
+    model = ManualAttention(bias_table=bias_table).double()
+    x = torch.randn(30, T, 8, dtype=F64, generator=torch.Generator().manual_seed(1))
+    group = gaugenet.symmetries(model, x)
+    assert not _internal(group)
+    names = {f.name.rpartition(".")[2] for f in group.factors}
+    assert {"qk", "vo", "key_shift", "value_shift"} <= names
+    # heads may be permuted only when nothing per head is added to the scores
+    assert ("heads" in names) == (not bias_table)
+    # per head: GL(4) twice, key shift 4, value shift 4
+    assert group.dim == 2 * (16 + 16 + 4 + 4)
+    with warnings.catch_warnings(), keep_float64():
+        warnings.simplefilter("ignore")
+        fd = functional_dimension(model, (x,))
+    # a position table added to the scores has one more redundancy per (head, query) row:
+    # softmax ignores a constant over the keys; discovery does not find it yet
+    missed = 2 * T if bias_table else 0
+    assert group.dim + missed == fd.n_params - fd.rank
+    moved = group.act(model, group.sample(torch.Generator().manual_seed(2)))
+    assert gaugenet.invariance_error(model, moved, x) < 1e-11
