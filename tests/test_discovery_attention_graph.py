@@ -3,6 +3,7 @@ value-output factors, the commutant of rotary embeddings, position biases per he
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 
@@ -175,3 +176,47 @@ def test_hand_written_attention(bias_table: bool) -> None:
     assert group.dim + missed == fd.n_params - fd.rank
     moved = group.act(model, group.sample(torch.Generator().manual_seed(2)))
     assert gaugenet.invariance_error(model, moved, x) < 1e-11
+
+
+def _lm(tied: bool) -> tuple[nn.Module, dict]:
+    return _llama(cls="LlamaForCausalLM", tie_word_embeddings=tied)
+
+
+def test_rmsnorm_stream_rotation() -> None:
+    """The residual stream of a Llama causal LM may be rotated: embedding `E Q`, writers
+    `Qᵀ W`, readers `W diag(γ) Q diag(γ)⁻¹`. A general invertible matrix in its place changes
+    the logits; a non-orthogonal element is refused; tied embeddings get no rotation."""
+    model, inputs = _lm(tied=False)
+    group = gaugenet.symmetries(model, inputs)
+    assert not _internal(group)
+    (rot,) = [f for f in group.factors if isinstance(f, gaugenet.groups.OrthogonalFactor)]
+    assert rot.dim == 28 and "lm_head.weight" in rot.params()
+    q = rot.sample(torch.Generator().manual_seed(0))
+    with keep_float64():
+        moved = group.act(model, {rot.name: q})
+        assert gaugenet.invariance_error(model, moved, inputs) < 1e-10
+        a = q + 0.3 * torch.randn(8, 8, dtype=F64, generator=torch.Generator().manual_seed(1))
+        bad = model.__class__(model.config).double().eval()
+        bad.load_state_dict(rot.apply(dict(model.state_dict()), a))
+        assert gaugenet.invariance_error(model, bad, inputs) > 1e-3
+    with pytest.raises(gaugenet.GaugeError, match="not orthogonal"):
+        rot.validate(a)
+    tied, tied_inputs = _lm(tied=True)
+    tied_group = gaugenet.symmetries(tied, tied_inputs)
+    assert not any(f.kind == "orthogonal" for f in tied_group.factors)
+
+
+def test_stream_rotation_canonical_form_is_orbit_independent() -> None:
+    """The rotation's own gauge (principal axes of the embedding table), on the subgroup it
+    spans (the full group's canonical form on gated MLPs refuses, see `canonicalize`)."""
+    model, inputs = _lm(tied=False)
+    full = gaugenet.symmetries(model, inputs)
+    rot = next(f for f in full.factors if f.kind == "orthogonal")
+    group = dataclasses.replace(full, factors=(rot,))
+    with keep_float64():
+        moved = group.act(model, {rot.name: rot.sample(torch.Generator().manual_seed(4))})
+        a = gaugenet.canonicalize(model, group=group)
+        b = gaugenet.canonicalize(moved, group=group)
+    ea, eb = (m.state_dict()[rot.table] for m in (a, b))
+    assert torch.allclose(ea, eb, atol=1e-9)
+    assert not torch.allclose(model.state_dict()[rot.table], moved.state_dict()[rot.table])

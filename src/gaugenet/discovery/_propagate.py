@@ -607,7 +607,7 @@ class Propagator(NormRules, fx.Interpreter):
             return None
         self.use_param(pname, n.name)
         self.carrier(n.name, [pname], p.expand(out.shape), axis=-1)
-        fresh = self.L.fresh(g.shape[0], n.name)
+        fresh = self.L.fresh(g.shape[0], pname.rpartition(".")[0] or pname)
         self.L.scale_terms.append((pname, fresh, 1))
         pcols = self.L.per_channel(p.expand(out.shape), -1)
         if all(len(c) == 1 for c in pcols):

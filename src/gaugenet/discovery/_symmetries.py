@@ -20,6 +20,7 @@ from ._inputs import Call, as_call, find_inputs
 from ._kernel import link_kernels
 from ._propagate import Propagator
 from ._selfcheck import self_check
+from ._stream import stream_rotations, with_rotations
 from ._trace import is_atomic, trace
 from ._unanalyzed import unanalyzed_breakers
 
@@ -143,6 +144,7 @@ def _discover(model: nn.Module, call: Call) -> GaugeGroup:
     prop.L.drop_outputs_of(projections)
     factors, breakers = build_factors(prop.L, model)
     factors = drop_key_compensation(factors + attn)
+    factors = with_rotations(factors, stream_rotations(gm, model, prop.values))
     breakers += attn_breakers
     f2, b2 = _atom_factors(model)
     factors = link_centered(link_kernels(factors + f2))
