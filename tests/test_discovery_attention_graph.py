@@ -220,3 +220,26 @@ def test_stream_rotation_canonical_form_is_orbit_independent() -> None:
     ea, eb = (m.state_dict()[rot.table] for m in (a, b))
     assert torch.allclose(ea, eb, atol=1e-9)
     assert not torch.allclose(model.state_dict()[rot.table], moved.state_dict()[rot.table])
+
+
+def test_gpt2_conv1d_attention() -> None:
+    """GPT-2's Conv1D layers are `addmm(b, x, W)` with `W` `(in, out)`: its packed query-key-
+    value projection is split into heads from the computation (paper orientation), and a
+    tied language-model head keeps nothing that would move the shared table."""
+    import transformers
+
+    cfg = transformers.GPT2Config(
+        vocab_size=V, n_embd=8, n_layer=1, n_head=2, n_positions=T, use_cache=False
+    )
+    torch.manual_seed(0)
+    ids = torch.randint(0, V, (30, T), generator=torch.Generator().manual_seed(0))
+    for cls in (transformers.GPT2Model, transformers.GPT2LMHeadModel):
+        model = cls(cfg).double().eval()
+        group = gaugenet.symmetries(model, {"input_ids": ids})
+        assert not _internal(group)
+        qk = next(f for f in group.factors if f.name.endswith("attn.qk"))
+        assert qk.layout.orientation == "paper" and qk.dim == 2 * 16
+        assert group.dim == 96  # qk, vo, key and value shifts of 2 heads; ln_1, ln_2 scales
+        with keep_float64():
+            moved = group.act(model, group.sample(torch.Generator().manual_seed(1)))
+            assert gaugenet.invariance_error(model, moved, {"input_ids": ids}) < 1e-10

@@ -73,10 +73,14 @@ class _Proj:
     """A projection traced to a core input: its Linear, the feature offset of head 0, and the
     per-head, per-token maps `M` (`(heads, tokens, dh, dh)`) onto the core's head vectors."""
 
-    name: str
+    lin: _Linear
     offset: int
     maps: Tensor
     source_head: Tensor  # (heads,) the projection's head block feeding each core head
+
+    @property
+    def name(self) -> str:
+        return self.lin.name
 
 
 def attention_from_graph(
@@ -243,36 +247,86 @@ def _probe(nodes, root, values, stop: fx.Node, target: fx.Node) -> Tensor:
 
 
 def _combine(resp: Tensor, z: Tensor) -> Tensor | None:
-    """`Σ_f resp[f] · z[..., f]`, with `z`'s leading axes (batch, token) matched to the
-    core's `(batch, heads, token, dh)` layout."""
-    if z.ndim != 3 or resp.ndim != 5:
+    """`Σ_f resp[f] · z[..., f]`, with `z`'s leading axes (batch, token; or both flattened)
+    matched to the core's `(batch, heads, token, dh)` layout."""
+    if resp.ndim != 5:
         return None
-    b, t, _ = z.shape
-    if resp.shape[1] != b or resp.shape[3] != t:
+    b, t = resp.shape[1], resp.shape[3]
+    if z.ndim == 2 and z.shape[0] == b * t:
+        z = z.reshape(b, t, -1)
+    if z.ndim != 3 or z.shape[:2] != (b, t):
         return None
     return torch.einsum("fbhtd,btf->bhtd", resp, z)
 
 
-def _linear_source(node: fx.Node, root: nn.Module) -> fx.Node:
-    """The one `nn.Linear` call whose output reaches `node` without passing another module."""
-    found, stack, seen = set(), [node], set()
+@dataclass(frozen=True)
+class _Linear:
+    """A linear map in the graph: an `nn.Linear` call (weight `(out, in)`) or an
+    `addmm(bias, x, W)` / `mm(x, W)` on parameters (weight `(in, out)`, as GPT-2's Conv1D)."""
+
+    node: fx.Node
+    weight: str
+    bias: str | None
+    out_axis: int  # the weight axis over outputs
+
+    @property
+    def name(self) -> str:
+        return self.weight.rpartition(".")[0]
+
+    @property
+    def in_axis(self) -> int:
+        return 1 - self.out_axis
+
+
+def _as_linear(n: fx.Node, root: nn.Module) -> _Linear | None:
+    if n.op == "call_module":
+        m = root.get_submodule(str(n.target))
+        if not isinstance(m, nn.Linear):
+            return None
+        b = f"{n.target}.bias" if m.bias is not None else None
+        return _Linear(n, f"{n.target}.weight", b, 0)
+    if n.op == "call_function" and n.target in (aten.addmm.default, aten.mm.default):
+        if n.kwargs:
+            return None
+        args = n.args if n.target is aten.addmm.default else (None, *n.args)
+        bias, _, w = args
+        wname = _param_name(w, root)
+        bname = _param_name(bias, root) if bias is not None else None
+        if wname is None or (bias is not None and bname is None):
+            return None
+        return _Linear(n, wname, bname, 1)
+    return None
+
+
+def _param_name(n: Any, root: nn.Module) -> str | None:
+    is_param = isinstance(n, fx.Node) and n.op == "get_attr"
+    if is_param and isinstance(_param_or_none(root, str(n.target)), nn.Parameter):
+        return str(n.target)
+    return None
+
+
+def _linear_source(node: fx.Node, root: nn.Module) -> _Linear:
+    """The one linear map whose output reaches `node` without passing another module or
+    parameter."""
+    found, stack, seen = {}, [node], set()
     while stack:
         n = stack.pop()
         if n in seen:
             continue
         seen.add(n)
+        lin = _as_linear(n, root)
+        if lin is not None:
+            found[n] = lin
+            continue
         if n.op == "call_module":
             m = root.get_submodule(str(n.target))
-            if not isinstance(m, nn.Linear):
-                raise _Skip(f"{type(m).__name__} {n.target} between a projection and the core")
-            found.add(n)
-            continue
-        if n.op == "get_attr" and isinstance(_param_or_none(root, str(n.target)), nn.Parameter):
+            raise _Skip(f"{type(m).__name__} {n.target} between a projection and the core")
+        if _param_name(n, root) is not None:
             raise _Skip(f"parameter {n.target} enters between a projection and the core")
         stack += list(n.all_input_nodes)
     if len(found) != 1:
         raise _Skip(f"{len(found)} projections feed one attention input")
-    return found.pop()
+    return next(iter(found.values()))
 
 
 def _param_or_none(root: nn.Module, path: str) -> Any:
@@ -283,9 +337,9 @@ def _param_or_none(root: nn.Module, path: str) -> Any:
 
 
 def _trace_input(node: fx.Node, root, values) -> _Proj:
-    src = _linear_source(node, root)
-    nodes = _ancestors_to(node, src)
-    resp = _probe(nodes, root, values, src, node)  # (F, B, H, T, dh)
+    lin = _linear_source(node, root)
+    nodes = _ancestors_to(node, lin.node)
+    resp = _probe(nodes, root, values, lin.node, node)  # (F, B, H, T, dh)
     feats = resp.shape[0]
     B, H, T, dh = resp.shape[1:]
     r = resp[:, 0]  # (F, H, T, dh)
@@ -307,23 +361,27 @@ def _trace_input(node: fx.Node, root, values) -> _Proj:
         [r[starts[h] : starts[h] + dh, h].permute(1, 2, 0) for h in range(H)]
     )  # (H, T, dh_out, dh_in)
     del feats
-    return _Proj(str(src.target), offset, maps, blocks - int(blocks.min()))
+    return _Proj(lin, offset, maps, blocks - int(blocks.min()))
 
 
-def _trace_output(core: fx.Node, root, values) -> tuple[str, int]:
-    """The Linear reading the core's output (through reshapes only), and its column offset;
-    the core's head `h`, entry `j` must land on column `offset + h·dv + j`."""
+def _trace_output(core: fx.Node, root, values) -> tuple[_Linear, int]:
+    """The linear map reading the core's output (through reshapes only), and its input
+    offset; the core's head `h`, entry `j` must land on input `offset + h·dv + j`."""
     chain = [core]
     n = core
     while True:
-        if len(n.users) != 1:
+        users = [u for u in n.users if u.target not in _SKIP]
+        if len(users) != 1:
             raise _Skip("the attention output has several readers")
-        (u,) = n.users
+        (u,) = users
+        lin = _as_linear(u, root)
+        if lin is not None:
+            if (u.args[0] if u.op == "call_module" else u.args[-2]) is not n:
+                raise _Skip("the attention output is not the input of its projection")
+            break
         if u.op == "call_module":
             m = root.get_submodule(str(u.target))
-            if not isinstance(m, nn.Linear):
-                raise _Skip(f"the attention output goes into {type(m).__name__}")
-            break
+            raise _Skip(f"the attention output goes into {type(m).__name__}")
         chain.append(u)
         n = u
     out = values[core]
@@ -341,6 +399,8 @@ def _trace_output(core: fx.Node, root, values) -> tuple[str, int]:
         resp = torch.vmap(f)(basis)
     except Exception:
         resp = torch.stack([f(b) for b in basis])
+    if resp.ndim == 3 and resp.shape[1] == B * T:
+        resp = resp.reshape(resp.shape[0], B, T, -1)
     if resp.ndim != 4 or resp.shape[1:3] != (B, T):
         raise _Skip("the attention output is not read token by token")
     sel = resp[:, 0, 0]  # (H·dv, F)
@@ -351,7 +411,7 @@ def _trace_output(core: fx.Node, root, values) -> tuple[str, int]:
     offset = int(cols[0])
     if not torch.equal(cols, offset + torch.arange(H * dv)):
         raise _Skip("the output projection reads the heads out of order")
-    return str(u.target), offset
+    return lin, offset
 
 
 # -- factors ---------------------------------------------------------------------------------
@@ -369,7 +429,7 @@ def _core_factors(core: _Core, gm, root: nn.Module, values: dict) -> list:
     pq = _trace_input(core.q, root, values)
     pk = _trace_input(core.k, root, values)
     pv = _trace_input(core.v, root, values)
-    o_name, o_off = _trace_output(core.out, root, values)
+    po, o_off = _trace_output(core.out, root, values)
     H, T, dh = pq.maps.shape[0], pq.maps.shape[1], pq.maps.shape[-1]
     dv = pv.maps.shape[-1]
     if not torch.equal(pq.source_head, torch.arange(H)):
@@ -393,50 +453,52 @@ def _core_factors(core: _Core, gm, root: nn.Module, values: dict) -> list:
         raise _Skip("query heads are not grouped by consecutive key-value heads")
     if not _scalar_maps(v_maps):
         raise _Skip("values are transformed (rotated) before the attention")
-    lin = {n: root.get_submodule(n) for n in (pq.name, pk.name, pv.name, o_name)}
-
-    def bias(name: str) -> str | None:
-        return f"{name}.bias" if lin[name].bias is not None else None
-
-    prefix = _common_prefix([pq.name, pk.name, pv.name, o_name])
-    modules = tuple(dict.fromkeys((pq.name, pk.name, pv.name, o_name)))
+    names = [pq.name, pk.name, pv.name, po.name]
+    prefix = _common_prefix(names)
+    modules = tuple(dict.fromkeys(names))
+    covered = {pq.name, pk.name, pv.name}
     # the score matrices P_ts = M_tᵀ N_s, per head
     P = torch.einsum("htij,hsik->htsjk", pq.maps.double(), k_maps.double())
     P = P.reshape(H * T * T, dh, dh)
     basis = commutant_basis(P)
-    if basis is None and hkv == H:
+    axes = {p.lin.out_axis for p in (pq, pk, pv)} | {po.in_axis ^ 1}
+    if basis is None and hkv == H and len(axes) == 1:
+
+        def slot(p: _Proj) -> Slot:
+            return Slot(p.lin.weight, p.offset, p.lin.bias, p.offset)
+
         lay = HeadLayout(
             prefix,
             H,
             dh,
             dv,
-            Slot(f"{pq.name}.weight", pq.offset, bias(pq.name), pq.offset),
-            Slot(f"{pk.name}.weight", pk.offset, bias(pk.name), pk.offset),
-            Slot(f"{pv.name}.weight", pv.offset, bias(pv.name), pv.offset),
-            Slot(f"{o_name}.weight", o_off, bias(o_name)),
-            "torch",
+            slot(pq),
+            slot(pk),
+            slot(pv),
+            Slot(po.weight, o_off, po.bias),
+            "torch" if axes == {0} else "paper",
         )
         shapes = {n: tuple(p.shape) for n, p in root.named_parameters()}
         fs = attention_factors(lay, shapes, softmax=True, homogeneous=False, modules=modules)
         if _per_head_scores(core, values, H):
             # a position bias that differs between heads: permuting heads would need it too
             fs = [f for f in fs if not isinstance(f, HeadPermFactor)]
-        return fs, {pq.name, pk.name, pv.name}
+        return fs, covered
     name = prefix or pq.name
+
+    def terms(p: _Proj, mode: str, times: int = 1) -> list:
+        out = [MatTerm(p.lin.weight, p.lin.out_axis, p.offset, mode)]
+        if p.lin.bias is not None:
+            out.append(MatTerm(p.lin.bias, 0, p.offset, mode))
+        return [Repeat(t, times) if times > 1 else t for t in out]
+
     # query-key: per key-value group, in the commutant of the score maps
-    qk_terms: list = [Repeat(MatTerm(f"{pq.name}.weight", 0, pq.offset, "T"), rep)]
-    if bias(pq.name):
-        qk_terms.append(Repeat(MatTerm(f"{pq.name}.bias", 0, pq.offset, "T"), rep))
-    qk_terms.append(MatTerm(f"{pk.name}.weight", 0, pk.offset, "inv"))
-    if bias(pk.name):
-        qk_terms.append(MatTerm(f"{pk.name}.bias", 0, pk.offset, "inv"))
+    qk_terms = terms(pq, "T", rep) + terms(pk, "inv")
     qk = AlgebraFactor(f"{name}.qk", dh, hkv, basis=basis, terms=tuple(qk_terms), modules=modules)
-    vo_terms: list = [MatTerm(f"{pv.name}.weight", 0, pv.offset, "T")]
-    if bias(pv.name):
-        vo_terms.append(MatTerm(f"{pv.name}.bias", 0, pv.offset, "T"))
-    vo_terms.append(Repeat(MatTerm(f"{o_name}.weight", 1, o_off, "inv"), rep))
+    o_term = MatTerm(po.weight, po.in_axis, o_off, "inv")
+    vo_terms = [*terms(pv, "T"), Repeat(o_term, rep) if rep > 1 else o_term]
     vo = AlgebraFactor(f"{name}.vo", dv, hkv, terms=tuple(vo_terms), modules=modules)
-    return [qk, vo], {pq.name, pk.name, pv.name}
+    return [qk, vo], covered
 
 
 def _per_head_scores(core: _Core, values: dict, heads: int) -> bool:

@@ -157,6 +157,10 @@ class Propagator(NormRules, fx.Interpreter):
     # -- modules --------------------------------------------------------------------------
     def module_rule(self, n: fx.Node, m: nn.Module, out: Tensor) -> Pair:
         name = str(n.target)
+        if isinstance(m, nn.Embedding):
+            # its rows are not analyzed here; recording the use lets a tied table be seen
+            self.use_param(f"{name}.weight", name)
+            return _fixed(out)
         _, (s, p) = self.first(n)
         if isinstance(m, (nn.Linear, *_CONV)):
             lab = self.affine_layer(name, m, s, p, out)
@@ -223,6 +227,42 @@ class Propagator(NormRules, fx.Interpreter):
             self.L.scale_terms.append((f"{name}.bias", fresh, 1))
             self.L.perm_terms.append((f"{name}.bias", 0, fresh))
         lab = _broadcast_channels(fresh, out.shape, axis)
+        return lab, lab.clone()
+
+    def matmul_param(self, n: fx.Node, out: Tensor) -> Pair:
+        """`addmm(b, x, W)` / `mm(x, W)` with parameters `W` (`(in, out)`, as GPT-2's Conv1D)
+        and `b`: a linear layer in the paper's orientation."""
+        addmm = n.target is torch.ops.aten.addmm.default
+        bias_node, x, w_node = n.args if addmm else (None, *n.args)
+        wname = self._param_name(w_node)
+        bname = self._param_name(bias_node) if addmm else None
+        if n.kwargs or wname is None or (addmm and bname is None):
+            raise _Unsupported("matrix product with computed operands or coefficients")
+        lab = self.lab(x)
+        if lab is None:
+            raise _Unsupported("matrix product of an unlabeled input")
+        s, p = lab
+        module = wname.rpartition(".")[0]
+        self.use_param(wname, n.name)
+        reps = torch.tensor(
+            [self.L.union_all(c) if len(c) else ZERO for c in self.L.per_channel(s, -1)]
+        )
+        self.L.scale_terms.append((wname, reps.reshape(-1, 1), -1))
+        pcols = self.L.per_channel(p, -1)
+        if all(len(c) <= 1 for c in pcols):
+            ids = torch.tensor([int(c[0]) if len(c) else ZERO for c in pcols])
+            self.L.perm_terms.append((wname, 0, ids))
+        else:
+            self.L.fix_perms(p, module, "mixed channels into a matrix product")
+        fresh = self.L.fresh(out.shape[-1], module)
+        self.L.scale_terms.append((wname, fresh.reshape(1, -1), 1))
+        self.L.perm_terms.append((wname, 1, fresh))
+        self.L.links.append((fresh, fresh))
+        if bname is not None:
+            self.use_param(bname, n.name)
+            self.L.scale_terms.append((bname, fresh, 1))
+            self.L.perm_terms.append((bname, 0, fresh))
+        lab = _broadcast_channels(fresh, out.shape, -1)
         return lab, lab.clone()
 
     def _sole_producer(self, n: fx.Node, types: tuple[type, ...]) -> tuple[str, nn.Module] | None:
@@ -463,6 +503,8 @@ class Propagator(NormRules, fx.Interpreter):
         if f in (torch.mean, torch.sum):
             _, (s, p) = self.first(n)
             return self.reduce(n, s, p, out)
+        if f in (torch.ops.aten.addmm.default, torch.ops.aten.mm.default):
+            return self.matmul_param(n, out)
         raise _Unsupported(f"operation {getattr(f, '__name__', f)} is not analyzed")
 
     def getitem(self, n: fx.Node, s: Tensor, p: Tensor) -> Pair:
