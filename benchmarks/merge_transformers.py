@@ -15,7 +15,11 @@ Alignments of the second model of a pair to the first (`gaugenet.apply.align_to`
 - `full`: the same, then sweeps of the residual rotation (orthogonal Procrustes), every
   other continuous factor by least squares (per-head query-key and value-output
   `GL(d_head)`, MLP rescalings, key/value shifts, LayerNorm translations) and the
-  permutations again, each step kept only if it lowers the weight distance.
+  permutations again, each step kept only if it lowers the weight distance;
+- `permutation, activations` and `full, activations`: the residual stream's permutation,
+  resp. rotation, by activation matching instead (the LayerNorm-ed stream after the
+  embedding and after every block, on 300 training images: a linear assignment, resp. an
+  orthogonal Procrustes), then the other factors as above by weight matching.
 
 Every aligned model is checked to compute the function of the model it came from, in
 float64 (largest relative output change). Reported per pair: the squared weight distance
@@ -23,7 +27,7 @@ to the first model (what the alignments minimize), the test-loss barrier on the 
 path (`interpolation_barrier`, 11 points) and the test accuracy of the midpoint.
 The table goes into README.md between the merge-transformers markers.
 
-    .venv/bin/python benchmarks/merge_transformers.py [--seeds 0 1 2] [--no-readme]
+    .venv/bin/python benchmarks/merge_transformers.py [--seeds 0 1 2] [--rounds 1] [--no-readme]
 """
 
 from __future__ import annotations
@@ -78,12 +82,12 @@ def stream(model: DigitsViT, x: torch.Tensor) -> torch.Tensor:
 
 
 def align(
-    how: str, ma: DigitsViT, mb: DigitsViT, x: torch.Tensor, group: GaugeGroup
+    how: str, ma: DigitsViT, mb: DigitsViT, x: torch.Tensor, group: GaugeGroup, rounds: int
 ) -> torch.nn.Module:
     """`mb` aligned to `ma`; `"…, activations"`: the residual stream's permutation or
     rotation by activation matching on `x` first, the other factors by weight matching."""
     if not how.endswith("activations"):
-        return align_to(ma, mb, x[:2], align=how, group=group)
+        return align_to(ma, mb, x[:2], align=how, group=group, rounds=rounds)
     kind = how.split(",")[0]
     res = {f.name: f for f in group.factors if f.name.endswith(":residual")}
     f = res["perm:residual" if kind == "permutation" else "rot:residual"]
@@ -94,7 +98,7 @@ def align(
         group.param_names,
         group.signature,
     )
-    return align_to(ma, moved, x[:2], align=kind, group=rest)
+    return align_to(ma, moved, x[:2], align=kind, group=rest, rounds=rounds)
 
 
 def main() -> None:
@@ -104,7 +108,8 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=64, help="residual width d")
     ap.add_argument("--mlp", type=int, default=128, help="MLP hidden units")
     ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--epochs", type=int, default=15)
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=1, help="sweeps of the full alignment")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--weight-decay", type=float, default=0.05)
     ap.add_argument("--no-readme", action="store_true", help="print only")
@@ -132,7 +137,7 @@ def main() -> None:
             ma, mb = models[s], models[t]
             barrier = {}
             for how in HOW:
-                aligned = align(how, ma, mb, xtr[:300], group)
+                aligned = align(how, ma, mb, xtr[:300], group, a.rounds)
                 err = gaugenet.invariance_error(mb, aligned, xte)
                 dist = state_distance(model_state(ma), model_state(aligned))
                 barrier[how] = interpolation_barrier(ma, aligned, (xte, yte), n_points=11)
