@@ -16,7 +16,6 @@ from gaugenet.attention import (
     attention_factors,
     canonicalize_attention,
     qk_matrices,
-    rotary_reason,
     self_attention_layout,
     vo_matrices,
 )
@@ -253,16 +252,6 @@ def test_breakers_and_bad_inputs(gen):
         group.act(m, {"alpha": torch.tensor([1.0, -1.0], dtype=F64)})
     with pytest.raises(gaugenet.GaugeError, match="no attention"):
         qk_matrices(nn.Sequential(nn.Linear(3, 3)))
-
-
-def test_rotary_detected():
-    class Rotary(nn.Module):
-        pass
-
-    model = nn.Module()
-    model.rotary_emb = Rotary()
-    assert "rotary" in rotary_reason(model)
-    assert rotary_reason(nn.Linear(2, 2)) is None
 
 
 def test_value_shift_needs_softmax(gen):

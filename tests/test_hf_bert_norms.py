@@ -1,4 +1,4 @@
-"""The LayerNorm structure of Hugging Face BERT encoders (attention/_hf_norms.py), checked on a
+"""The LayerNorm structure of Hugging Face BERT encoders (found in the graph), checked on a
 tiny randomly initialized `BertModel` small enough for an exact Jacobian rank.
 
 Hand count (vocabulary 12, 6 positions, 2 token types, width 8, 2 heads of 4, intermediate

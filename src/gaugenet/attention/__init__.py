@@ -1,7 +1,8 @@
 """The gauge symmetries of attention (paper Sec. 4): per-head query-key and value-output
 `GL`, the `α` rescaling of positively homogeneous attention, the softmax key-bias shift and
 head permutations, for `gaugenet.nets.SelfAttention`, `torch.nn.MultiheadAttention`,
-`nn.TransformerEncoderLayer` and Hugging Face BERT-style models."""
+`nn.TransformerEncoderLayer` (which describe their own factors), and the graph-level
+attention that discovery finds in any other model (`discovery/_attention.py`)."""
 
 from torch import nn as _nn
 
@@ -20,8 +21,6 @@ from ._factors import QKFactor as QKFactor
 from ._factors import ValueShiftFactor as ValueShiftFactor
 from ._factors import VOFactor as VOFactor
 from ._factors import attention_factors as attention_factors
-from ._hf import bert_group as bert_group
-from ._hf import rotary_reason as rotary_reason
 from ._layout import HeadLayout as HeadLayout
 from ._layout import Slot as Slot
 from ._torch import ffn_factors as ffn_factors
@@ -33,7 +32,6 @@ from ._torch import transformer_layer_factors as transformer_layer_factors
 
 # Registration: whole models first (fx cannot trace these), then atoms inside larger graphs.
 _register_model_analyzer(torch_model_group)
-_register_model_analyzer(bert_group)
 _register_atomic(_nn.TransformerEncoderLayer)
 _register_analyzer(_nn.MultiheadAttention, mha_factors)
 # inside a traced graph the layer's own MultiheadAttention is analyzed on its own

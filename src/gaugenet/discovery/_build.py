@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..groups import Breaker, PermTerm, PermutationFactor, RescalingFactor, Scale
 from ._labels import FIXED, Labels, terms_of
@@ -96,6 +96,24 @@ def _perm_factors(
     L: Labels, scale_factors: list[RescalingFactor], where: dict[int, tuple[str, int]]
 ) -> list[PermutationFactor]:
     spaces = sorted({L.bfind(b) for b in range(len(L.blocks))})
+    # every id's channel space (root block) and channel, looked up once for all spaces
+    n_ids = len(L.parent)
+    root_of = torch.full((n_ids + 1,), -1, dtype=torch.long)  # last entry: ids <= 0
+    chan_of = torch.full((n_ids + 1,), -1, dtype=torch.long)
+    for b, (base, size, _) in enumerate(L.blocks):
+        root_of[base : base + size] = L.bfind(b)
+        chan_of[base : base + size] = torch.arange(size)
+
+    def lookup(ids: Tensor) -> tuple[Tensor, Tensor]:
+        idx = torch.where(ids > 0, ids, torch.full_like(ids, n_ids))
+        return root_of[idx], chan_of[idx]
+
+    terms_rc = [(param, axis, *lookup(ids)) for param, axis, ids in L.perm_terms]
+    link_v = [sids.reshape(-1) for sids, _ in L.links]
+    link_q = [pids.reshape(-1) for _, pids in L.links]
+    flat_v = torch.cat(link_v) if link_v else torch.zeros(0, dtype=torch.long)
+    flat_q = torch.cat(link_q) if link_q else torch.zeros(0, dtype=torch.long)
+    q_root, q_chan = lookup(flat_q)
     out = []
     for R in spaces:
         if L.block_fixed[R]:
@@ -105,13 +123,8 @@ def _perm_factors(
             dict.fromkeys(L.blocks[b][2] for b in range(len(L.blocks)) if L.bfind(b) == R)
         )
         terms, ok = [], True
-        for param, axis, ids in L.perm_terms:
-            chan = torch.full(ids.shape, -1, dtype=torch.long)
-            for j, v in enumerate(ids.tolist()):
-                if v > 0:
-                    r, c = L.space(v)
-                    if r == R:
-                        chan[j] = c
+        for param, axis, roots, chans in terms_rc:
+            chan = torch.where(roots == R, chans, torch.full_like(chans, -1))
             if (chan < 0).all():
                 continue
             counts = torch.bincount(chan[chan >= 0], minlength=n)
@@ -126,21 +139,16 @@ def _perm_factors(
         # conjugation with rescaling factors: item c owns scale entry m[c]
         maps: dict[int, dict[int, int]] = defaultdict(dict)
         fixed_items = set()
-        for sids, pids in L.links:
-            for v, q in zip(sids.reshape(-1).tolist(), pids.reshape(-1).tolist()):
-                if q <= 0:
-                    continue
-                r, c = L.space(q)
-                if r != R:
-                    continue
-                root = L.find(v)
-                if root == FIXED:
-                    fixed_items.add(c)
-                    continue
-                f, k = where[root]
-                if maps[f].get(c, k) != k:
-                    ok = False
-                maps[f][c] = k
+        sel = (q_root == R).nonzero().flatten()
+        for v, c in zip(flat_v[sel].tolist(), q_chan[sel].tolist()):
+            root = L.find(v)
+            if root == FIXED:
+                fixed_items.add(c)
+                continue
+            f, k = where[root]
+            if maps[f].get(c, k) != k:
+                ok = False
+            maps[f][c] = k
         conjugates = []
         for f, mp in maps.items():
             if len(mp) != n or len(set(mp.values())) != n or fixed_items:

@@ -140,6 +140,9 @@ def export_graph(
     flat = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
     placeholders = [n for n in unflat.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(flat):
+        # inputs given as None (an optional positional input) keep their placeholder
+        flat = [a for a in _leaves((args, kwargs)) if a is None or isinstance(a, torch.Tensor)]
+    if len(placeholders) != len(flat):
         raise UnsupportedModelError(
             f"{type(model).__name__}: the exported graph takes {len(placeholders)} inputs, "
             f"the example inputs hold {len(flat)} tensors"
@@ -152,6 +155,15 @@ def export_graph(
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm, tuple(flat)
+
+
+def _leaves(tree: Any) -> list[Any]:
+    """The leaves of nested tuples, lists and dicts, `None` included (in order)."""
+    if isinstance(tree, (tuple, list)):
+        return [x for t in tree for x in _leaves(t)]
+    if isinstance(tree, dict):
+        return [x for t in tree.values() for x in _leaves(t)]
+    return [tree]
 
 
 class _Root(nn.Module):

@@ -146,7 +146,17 @@ class Labels:
     def per_channel(self, ids: Tensor, axis: int) -> list[Tensor]:
         """Distinct non-ZERO ids for each index along `axis`."""
         moved = ids.movedim(axis, 0).reshape(ids.shape[axis], -1)
-        return [torch.unique(row[row != ZERO]) for row in moved]
+        const = (moved == moved[:, :1]).all(1).tolist()
+        first = moved[:, 0].tolist()
+        empty = torch.zeros(0, dtype=ids.dtype)
+        out = []
+        for c, (same, v) in enumerate(zip(const, first)):
+            if same:  # the common case (labels broadcast over positions): no sort needed
+                out.append(empty if v == ZERO else torch.tensor([v], dtype=ids.dtype))
+            else:
+                row = moved[c]
+                out.append(torch.unique(row[row != ZERO]))
+        return out
 
 
 def terms_of(records: list[tuple], lut: Tensor, n: int, skip: set[str] = frozenset()) -> list:

@@ -15,12 +15,16 @@ from torch import fx, nn
 
 from ..groups import Breaker
 from ._centering import BiasAlongOne, CenteredBiasFactor, centered_output
+from ._embeddings import embedding_sum_factors
 from ._kernel import ReaderSlot, ill_conditioned, kernel_factor
 from ._labels import Labels
 from ._ops import ADD_OPS
 from ._shifts import layernorm_shift
 
 __all__ = ["NormRules"]
+
+#: picking tokens (not features): a reader of the picked rows still reads the LayerNorm
+_TOKEN_PICKS = {torch.ops.aten.select.int, torch.ops.aten.slice.Tensor}
 
 
 class NormRules:
@@ -41,10 +45,11 @@ class NormRules:
         leaving the key bias alone keeps this factor commuting with the query-key GL."""
         if ln.bias is None or len(ln.normalized_shape) != 1 or not n.users:
             return
+        ln_node = n
         consumers, residual = [], []
-        for u in n.users:
+        for u, via in self._readers(ln_node):
             if u.op == "call_function" and u.target in (operator.add, torch.add):
-                bias = self._residual_bias(u, n, ln.normalized_shape[0])
+                bias = self._residual_bias(u, via, ln.normalized_shape[0])
                 if bias is None:
                     return
                 residual.append(bias)
@@ -52,14 +57,14 @@ class NormRules:
             if u.op != "call_module":
                 return
             mod, t = self.root.get_submodule(str(u.target)), str(u.target)
-            if isinstance(mod, nn.Linear) and mod.bias is not None and u.args[:1] == (n,):
+            if isinstance(mod, nn.Linear) and mod.bias is not None and u.args[:1] == (via,):
                 consumers.append((f"{t}.weight", f"{t}.bias", None))
             elif (
                 isinstance(mod, nn.MultiheadAttention)
                 and mod._qkv_same_embed_dim
                 and mod.in_proj_bias is not None
                 and mod.bias_k is None
-                and tuple(u.args[:3]) == (n, n, n)
+                and tuple(u.args[:3]) == (via, via, via)
             ):
                 E = mod.embed_dim
                 consumers.append((f"{t}.in_proj_weight", f"{t}.in_proj_bias", (0, E)))
@@ -68,7 +73,7 @@ class NormRules:
                 return
         if consumers:
             E = ln.normalized_shape[0]
-            self.L.extra.append(layernorm_shift(str(n.target), E, consumers, residual))
+            self.L.extra.append(layernorm_shift(str(ln_node.target), E, consumers, residual))
 
     def _residual_bias(self, add: fx.Node, n: fx.Node, E: int) -> str | None:
         """In `n + other` (`add`), the bias of a linear layer among `other`'s summands that
@@ -94,11 +99,11 @@ class NormRules:
             return
         E = ln.normalized_shape[0]
         slots = []
-        for u in n.users:
+        for u, via in self._readers(n):
             if u.op != "call_module":
                 continue
             mod, t = self.root.get_submodule(str(u.target)), str(u.target)
-            if isinstance(mod, nn.Linear) and u.args[:1] == (n,) and mod.in_features == E:
+            if isinstance(mod, nn.Linear) and u.args[:1] == (via,) and mod.in_features == E:
                 b = f"{t}.bias" if mod.bias is not None else None
                 slots.append(ReaderSlot(f"{t}.weight", b, 0, mod.out_features))
             elif (
@@ -114,10 +119,38 @@ class NormRules:
                 slots += [
                     ReaderSlot(f"{t}.in_proj_weight", None if i == 1 else b, i * E, (i + 1) * E)
                     for i, a in enumerate(u.args[:3])
-                    if a is n
+                    if a is via
                 ]
         if slots:
             self.L.extra.append(kernel_factor(str(n.target), ln, slots))
+
+    def _readers(self, n: fx.Node) -> list[tuple[fx.Node, fx.Node]]:
+        """`(reader, node it reads)` for the users of `n`, looking through eval-mode dropouts
+        and identities (which pass the LayerNorm's output on unchanged)."""
+        out = []
+        ndim = len(n.meta.get("gaugenet_shape", ()))
+        for u in n.users:
+            mod = self.root.get_submodule(str(u.target)) if u.op == "call_module" else None
+            passes = isinstance(mod, nn.Identity) or (
+                isinstance(mod, nn.Dropout) and not mod.training
+            )
+            if u.op == "call_function" and u.target in _TOKEN_PICKS and len(u.args) > 1:
+                dim = u.args[1]
+                passes = isinstance(dim, int) and ndim > 1 and dim % ndim != ndim - 1
+            if passes and u.args[:1] == (n,):
+                out += self._readers(u)
+            else:
+                out.append((u, n))
+        return out
+
+    def embedding_sum(self, n: fx.Node) -> None:
+        """Embedding tables whose sum only this LayerNorm reads (see `_embeddings.py`)."""
+        src = n.args[0] if n.args else None
+        if not isinstance(src, fx.Node) or len(src.users) != 1:
+            return
+        summands = self._summands(src)
+        if all(isinstance(x, fx.Node) and len(x.users) == 1 for x in summands):
+            self.L.extra += embedding_sum_factors(n, summands, self.root)
 
     def _summands(self, node: Any) -> list[Any]:
         """The terms of a sum that only its parent reads, through additions, subtractions

@@ -175,6 +175,7 @@ class Propagator(NormRules, fx.Interpreter):
             self.layernorm_shift(n, m)
             self.layernorm_kernel(n, m)
             self.centered_inputs(n, m)
+            self.embedding_sum(n)
             return self.layernorm(name, m, s, p, out)
         if isinstance(m, (nn.GroupNorm, *_IN)):
             self.bias_before_mean_removal(n, m)

@@ -1,0 +1,132 @@
+"""Embedding tables summed into a LayerNorm: their rows along `1`, and vectors moved between them.
+
+When the only reader of a sum of embedding lookups is a LayerNorm over the features (through
+additions and eval-mode dropouts), two kinds of change leave every output alone:
+
+- a row of any table moved along `1`: that token's vector moves along `1`, which the
+  LayerNorm's mean subtraction removes (`R^rows` per table);
+- a vector `v ⊥ 1` added to every row of one table and taken from every row of another:
+  each token reads exactly one row of each, so the sum is unchanged (`R^(d − 1)` per pair,
+  the part along `1` being the rows' own).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, fx, nn
+
+from ..groups import TranslationFactor
+from ..groups._base import State
+
+__all__ = [
+    "CenteredRowsFactor",
+    "MoveBetweenTables",
+    "RowsAlongOne",
+    "TableShiftFactor",
+    "embedding_sum_factors",
+]
+
+
+@dataclass(frozen=True)
+class RowsAlongOne:
+    """`weight[r] += c[r] 1` for every row `r` of an embedding table `(rows, features)`."""
+
+    weight: str
+
+    def __call__(self, new: State, c: Tensor) -> None:
+        W = new[self.weight]
+        new[self.weight] = W + c.to(W.dtype)[:, None]
+
+
+class CenteredRowsFactor(TranslationFactor):
+    """`R^rows`: an embedding table's rows along `1`, removed by the LayerNorm of the sum."""
+
+    def params(self) -> tuple[str, ...]:
+        return (self.terms[0].weight,)
+
+    def canonical(self, state: State) -> Tensor:
+        """Rows of zero mean."""
+        return -state[self.terms[0].weight].mean(1)
+
+
+def _complement_basis(d: int, dtype: torch.dtype) -> Tensor:
+    """An orthonormal basis `(d, d − 1)` of the vectors orthogonal to `1` (Householder)."""
+    e = torch.zeros(d, dtype=torch.float64)
+    e[0] = 1.0
+    w = torch.ones(d, dtype=torch.float64) / d**0.5 - e
+    H = torch.eye(d, dtype=torch.float64) - 2 * torch.outer(w, w) / (w @ w)
+    return H[:, 1:].to(dtype)  # H maps e_0 to 1/√d, so its other columns span 1^⊥
+
+
+@dataclass(frozen=True)
+class MoveBetweenTables:
+    """`to[:] += v`, `from_[:] −= v` for `v = B z` with `B` a basis of `1^⊥`."""
+
+    to: str
+    from_: str
+    features: int
+
+    def __call__(self, new: State, z: Tensor) -> None:
+        W = new[self.to]
+        v = _complement_basis(self.features, W.dtype) @ z.to(W.dtype)
+        new[self.to] = W + v
+        new[self.from_] = new[self.from_] - v.to(new[self.from_].dtype)
+
+
+class TableShiftFactor(TranslationFactor):
+    """`R^(features − 1)`: a vector moved between two embedding tables whose rows are summed
+    (one row of each per token)."""
+
+    def params(self) -> tuple[str, ...]:
+        t = self.terms[0]
+        return (t.to, t.from_)
+
+    def canonical(self, state: State) -> Tensor:
+        """The move that leaves the target table's mean row along `1` only (the rows' own
+        factor then centers it): the canonical gauge."""
+        t = self.terms[0]
+        W = state[t.to]
+        B = _complement_basis(t.features, W.dtype)
+        return -(B.T @ W.mean(0))
+
+
+def embedding_sum_factors(ln: fx.Node, summands: list[Any], root: nn.Module) -> list:
+    """The factors above for the LayerNorm node `ln` whose input is the sum of `summands`
+    (each read only by that sum). Nothing when a summand is not an embedding lookup."""
+    tables: list[tuple[str, nn.Embedding]] = []
+    for s in summands:
+        if not (isinstance(s, fx.Node) and s.op == "call_module"):
+            return []
+        m = root.get_submodule(str(s.target))
+        if not isinstance(m, nn.Embedding) or m.max_norm is not None:
+            return []
+        tables.append((str(s.target), m))
+    names = [t for t, _ in tables]
+    d = root.get_submodule(str(ln.target)).normalized_shape
+    if not tables or len(set(names)) != len(names) or len(d) != 1:
+        return []
+    if any(m.embedding_dim != d[0] for _, m in tables):
+        return []
+    out: list = [
+        CenteredRowsFactor(
+            f"center:{t}", m.num_embeddings, terms=(RowsAlongOne(f"{t}.weight"),), modules=(t,)
+        )
+        for t, m in tables
+    ]
+    # moves out of the smallest table into each of the others
+    src = min(tables, key=lambda tm: tm[1].num_embeddings)[0]
+    for t, _ in tables:
+        if t == src:
+            continue
+        out.append(
+            TableShiftFactor(
+                f"move:{src}->{t}",
+                d[0] - 1,
+                terms=(MoveBetweenTables(f"{t}.weight", f"{src}.weight", d[0]),),
+                modules=(t, src),
+            )
+        )
+    return out
