@@ -32,6 +32,7 @@ __all__ = [
     "Magnus4",
     "Magnus6",
     "MagnusMethod",
+    "choose_method",
     "ordered_product",
     "prefix_products",
     "wilson_line",
@@ -438,6 +439,17 @@ def _magnus_search(
     return fine + (fine - prev) / ((m / n) ** p - 1), err
 
 
+def choose_method(d: int, steps: int | None, first: int) -> MagnusMethod | RK8:
+    """The default method: `Magnus6` with fixed `steps`, below `d = RK_MIN_DIM`, and for
+    intervals short enough for one step (`first == 1`, where one step and its embedded
+    check cost about half of RK8's twelve stages); `RK8` otherwise, where a Magnus step's
+    products (commutators, exponential, ordered product) cost more than the Runge-Kutta
+    stages they save."""
+    if steps is not None or d < RK_MIN_DIM or first == 1:
+        return Magnus6()
+    return RK8()
+
+
 def wilson_line(
     w: MatrixField,
     t1: Tensor | float,
@@ -468,12 +480,16 @@ def wilson_line(
       below `rtol` for every interval. The last two results are then combined by one
       Richardson extrapolation (the methods are symmetric, so the error expands in even
       powers of the step), which only makes the returned line more accurate than the
-      estimate. `RK8`: adaptive steps shared by the batch, the summed local error estimates
-      below `rtol`. Default, when neither is given: `1e-12` in float64, `1e-6` otherwise.
-    - `method`: a `MagnusMethod` or `RK8()`. Default: `Magnus6()` with `steps`, and with
-      `rtol` `Magnus6()` for `d < 64` and `RK8()` from `d = 64` on, where the products of
-      a Magnus step cost more than the Runge-Kutta stages they save (RK8 keeps the group
-      laws and `det` only to the tolerance).
+      estimate. When the field's size predicts one step per interval and the method has an
+      `embedded` one (`Magnus6`: `Magnus4`), the single step is accepted without a pair if
+      a bound of its gap to the embedded step is below `rtol` (the returned estimate is then
+      that bound, an estimate of the lower order's error). `RK8`: adaptive steps shared by
+      the batch, the summed local error estimates below `rtol`. Default, when neither is
+      given: `1e-12` in float64, `1e-6` otherwise.
+    - `method`: a `MagnusMethod` or `RK8()`. Default (`choose_method`): `Magnus6()` with
+      `steps`, for `d < 64`, and for intervals short enough for one step; `RK8()`
+      otherwise, where the products of a Magnus step cost more than the Runge-Kutta stages
+      they save (RK8 keeps the group laws and `det` only to the tolerance).
     - `return_error`: also return the error estimate (needs a second result, even with
       `steps`: the first is then taken at `steps`).
     - `max_steps`: the cap on steps per interval; a tolerance not reached within it raises
@@ -517,8 +533,10 @@ def wilson_line(
     lines = B * math.prod(A0.shape[1:-2])
     itemsize = A0.element_size()
     line_bytes = A0[0].numel() * itemsize  # the field at one time
+    rtol_eff = rtol if rtol is not None else min_rtol(dtype)
+    first = steps if steps is not None else _first_steps(A0, t1f - t0f, rtol_eff)
     if method is None:
-        method = RK8() if steps is None and d >= RK_MIN_DIM else Magnus6()
+        method = choose_method(d, steps, first)
 
     def budget(n: int, err: float) -> None:
         reached = f"error estimate reached {err:.2e}" if math.isfinite(err) else "no estimate yet"
@@ -568,8 +586,7 @@ def wilson_line(
         _check_finite(float(W.detach().abs().amax()), w, t1f, t0f, steps, method)
         return W.reshape(*shape, *W.shape[1:])
 
-    rtol_eff = rtol if rtol is not None else min_rtol(dtype)
-    n = steps if steps is not None else _first_steps(A0, t1f - t0f, rtol_eff)
+    n = first
     # Intermediate results only need a graph when w carries one (training).
     track = torch.is_grad_enabled() and A0.requires_grad
     with torch.set_grad_enabled(track):
