@@ -148,3 +148,20 @@ def test_step_shape_mismatch_raises(gen):
         Magnus6().omega(A, torch.ones(5, 1, 1, dtype=F64))
     # Positive: a broadcastable step gives the batch's shape.
     assert Magnus6().omega(A, torch.ones(2, 1, 1, dtype=F64)).shape == (2, 4, 4)
+
+
+def test_rk8_intervals_of_one_length_forward_and_back(gen):
+    # Equal lengths take the path that keeps the length out of the field values (as a
+    # number, negative for reversed intervals); unequal ones scale every value.
+    w = field(5, gen)
+    t1, t0 = short_intervals(6)
+    ref = wilson_line(w, t1, t0, steps=32)
+    fwd = wilson_line(w, t1, t0, rtol=1e-10, method=RK8())
+    back = wilson_line(w, t0, t1, rtol=1e-10, method=RK8())
+    assert rel(fwd, ref) < 1e-9
+    assert rel(back @ fwd, torch.eye(5, dtype=F64).expand_as(fwd)) < 1e-9
+    mixed = torch.cat([t1[:3], t0[3:]]), torch.cat([t0[:3], t1[3:]])  # unequal signs
+    both = wilson_line(w, *mixed, rtol=1e-10, method=RK8())
+    assert rel(both[:3], ref[:3]) < 1e-9 and rel(both[3:], back[3:]) < 1e-9
+    # Negative: a line is not its interval's reverse.
+    assert rel(back, fwd) > 1e-2
