@@ -10,8 +10,8 @@ The Wilson line of `w(t) = A₀ + sin(3t) A₁ + cos(5t) A₂` (float64, `A_i` G
   all of them at once as one batched state in the normalized time `σ ∈ [0, 1]`
   (`t = t0 + σ (t1 - t0)`); scipy solves them one after another.
 
-Methods: `wilson_line` (`rtol`, default method: Magnus6 below `d = 128`, the batched RK8
-from there), torchdiffeq `dopri5` and `dopri8`, scipy `solve_ivp(method="DOP853")`, and
+Methods: `wilson_line` (`rtol`, default method: Magnus6 below `d = 64` and for intervals
+short enough for one step with its embedded check, the batched RK8 otherwise), torchdiffeq `dopri5` and `dopri8`, scipy `solve_ivp(method="DOP853")`, and
 torch-linode's Magnus-6 (`odeint(method="magnus", order=6)`), each over a sweep of
 tolerances. Each run's relative error (max-abs, against fixed-step Magnus6 with 1024 steps
 per unit time, itself compared with DOP853 at `1e-13`) is put beside its time; the time
