@@ -387,9 +387,7 @@ def _magnus_search(
         # bounded, without a second exponential). Accepted when the gap is below rtol;
         # otherwise the step is the first of a refinement pair.
         budget(2, err)
-        # Its exponential at roundoff: one product more at most, and the accepted step is
-        # then as accurate as the method makes it, not the tolerance's exponential.
-        W, gap = _one_step_checked(w, t1, t0, method, eps, line_bytes)
+        W, gap = _one_step_checked(w, t1, t0, method, exp_tol(1), line_bytes)
         if gap <= rtol:
             return W, gap
         if math.isfinite(gap):
