@@ -165,3 +165,20 @@ def test_rk8_intervals_of_one_length_forward_and_back(gen):
     assert rel(both[:3], ref[:3]) < 1e-9 and rel(both[3:], back[3:]) < 1e-9
     # Negative: a line is not its interval's reverse.
     assert rel(back, fwd) > 1e-2
+
+
+def test_embedded_check_with_an_extra_field_axis(gen, monkeypatch):
+    # w(t) of shape (m, 3, d, d): three fields at once ride along the one-step path.
+    A = torch.randn(3, 3, 4, 4, dtype=F64, generator=gen) / 2
+
+    def w(t):
+        return A[0] + torch.sin(3 * t)[:, None, None, None] * A[1] + t[:, None, None, None] * A[2]
+
+    t1, t0 = short_intervals(16)
+    calls = count_refinements(monkeypatch)
+    W = wilson_line(w, t1, t0, rtol=1e-6)
+    assert calls == [] and W.shape == (16, 3, 4, 4)
+    ref = wilson_line(w, t1, t0, steps=16)
+    assert rel(W, ref) < 1e-8
+    # Negative: the fields are not interchangeable.
+    assert rel(W[:, 0], W[:, 1]) > 1e-3
