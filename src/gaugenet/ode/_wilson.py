@@ -1,9 +1,11 @@
 """Wilson lines `W_{t1:t0} = T exp ∫_{t0}^{t1} w(t) dt` (paper eq. 23) by Magnus integrators.
 
 One Magnus step replaces the time-ordered exponential over `[t, t + h]` by `exp(Ω(h))`, where
-`Ω` is built from `w` at Gauss-Legendre nodes and a few commutators. Every step of every
-interval is exponentiated in one batched `torch.linalg.matrix_exp` call and the ordered product
-is taken as a balanced tree, so the work is a handful of large batched kernels. Gauss-Legendre
+`Ω` is built from `w` at Gauss-Legendre nodes and a few commutators. The intervals are taken
+in cache-sized chunks; every step of a chunk is exponentiated in one batched call (`expm`)
+and the ordered product is taken as a balanced tree, so the work is a handful of batched
+kernels per chunk. Short intervals get one step, checked against an embedded lower-order
+step, instead of a refinement pair. Gauss-Legendre
 Magnus methods are time-symmetric, so a step with `h < 0` is exactly the inverse of the step
 with `-h`: `W_{t0:t1} = W_{t1:t0}⁻¹` holds to rounding.
 """
