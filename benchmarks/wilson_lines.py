@@ -10,17 +10,18 @@ The Wilson line of `w(t) = A₀ + sin(3t) A₁ + cos(5t) A₂` (float64, `A_i` G
   all of them at once as one batched state in the normalized time `σ ∈ [0, 1]`
   (`t = t0 + σ (t1 - t0)`); scipy solves them one after another.
 
-Methods: `wilson_line` (`rtol`, default method: Magnus6 below `d = 128`, the batched RK8
-from there), torchdiffeq `dopri5` and `dopri8`, scipy `solve_ivp(method="DOP853")`, and
-torch-linode's Magnus-6 (`odeint(method="magnus", order=6)`), each over a sweep of
-tolerances. Each run's relative error (max-abs, against fixed-step Magnus6 with 1024 steps
-per unit time, itself compared with DOP853 at `1e-13`) is put beside its time; the time
-each method needs for a relative error `1e-6`, `1e-10`, `1e-12` is interpolated log-log
-between the runs that bracket it (`≤`: the fastest run already below it; `—`: no run
-reached it within the time cap). Times are CPU time of the process (single-threaded, so
-the work done; other processes on a shared machine disturb it far less than wall time),
-each the median of `--repeats` rounds taken round-robin over the methods so that load hits
-all of them alike (a fast run is repeated within a round to last about 20 ms).
+Methods: `wilson_line` (`rtol`, default method: Magnus6 below `d = 64` and for intervals
+short enough for one step with its embedded check, the batched RK8 otherwise), torchdiffeq
+`dopri5` and `dopri8`, scipy `solve_ivp(method="DOP853")`, and torch-linode's Magnus-6
+(`odeint(method="magnus", order=6)`), each over a sweep of tolerances. Each run's relative
+error (max-abs, against fixed-step Magnus6 with 1024 steps per unit time, itself compared
+with DOP853 at `1e-13`) is put beside its time; the time each method needs for a relative
+error `1e-6`, `1e-10`, `1e-12` is interpolated log-log between the runs that bracket it
+(`≤`: the fastest run already below it; `—`: no run reached it within the time cap). Times
+are CPU time of the process (single-threaded, so the work done; other processes on a shared
+machine disturb it far less than wall time), each the median of `--repeats` rounds taken
+round-robin over the methods so that load hits all of them alike (a fast run is repeated
+within a round to last about 20 ms).
 
 The floor column is the arithmetic of `wilson_line`'s own run: the `d × d` products it
 performs (counted with a dispatch mode, in units of one `d × d` by `d × d` product) times

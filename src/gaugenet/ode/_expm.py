@@ -49,6 +49,10 @@ _T8 = {
 }
 
 
+#: `1 / (m + 1)!` for the degrees of `_COST`
+_INV_FACT = {m: 1.0 / math.factorial(m + 1) for m in _COST}
+
+
 def _tail(m: int, n1: float, n2: float, f: float) -> float:
     """A bound of `Σ_{k>m} ‖(f X)^k‖ / k!` from `n1 = ‖X‖`, `n2 = ‖X²‖`: with `β = f √n2`
     and `ρ = max(1, n1 / √n2)`, every term is at most `ρ β^k / k!`, and the geometric
@@ -63,15 +67,20 @@ def _tail(m: int, n1: float, n2: float, f: float) -> float:
     ratio = beta / (m + 2)
     if ratio >= 1.0:
         return math.inf
-    return rho * beta ** (m + 1) / math.factorial(m + 1) / (1.0 - ratio)
+    return rho * beta ** (m + 1) * _INV_FACT[m] / (1.0 - ratio)
 
 
 def expm_plan(n1: float, n2: float, tol: float) -> tuple[int, int]:
     """The `(degree, squarings)` with the fewest products whose Taylor remainder for a matrix
     with `‖X‖ = n1`, `‖X²‖ = n2` is at most `tol` (ties: the higher degree)."""
     best: tuple[int, int, int] | None = None
+    root = math.sqrt(n2) if math.isfinite(n2) else math.inf
     for m, cost in _COST.items():
-        for s in range(_MAX_SQUARINGS):
+        # Squarings below `log2(√n2 / (m + 2))` leave a divergent bound: start above them.
+        start = max(0, math.ceil(math.log2(root / (m + 2)))) if root > 0 else 0
+        for s in range(min(start, _MAX_SQUARINGS), _MAX_SQUARINGS):
+            if best is not None and cost + s > best[0]:
+                break
             if _tail(m, n1, n2, 2.0**-s) <= tol:
                 key = (cost + s, -m, s)
                 best = key if best is None or key < best else best

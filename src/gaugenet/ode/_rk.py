@@ -65,8 +65,9 @@ def _tableau(
 
     s = c.N_STAGES
     nodes = torch.tensor(c.C[1 : s + 1], dtype=dtype, device=device)
-    rows = [torch.tensor(c.A[i, :i], dtype=dtype, device=device) for i in range(1, s)]
-    rows.append(torch.tensor(c.B, dtype=dtype, device=device))
+    # Each row as a `(1, i)` matrix: a stage's combination is one `addmm`.
+    rows = [torch.tensor(c.A[i, :i], dtype=dtype, device=device)[None] for i in range(1, s)]
+    rows.append(torch.tensor(c.B, dtype=dtype, device=device)[None])
     errors = torch.tensor(list(zip(c.E5, c.E3)), dtype=dtype, device=device).T.contiguous()
     return nodes, rows, errors
 
@@ -94,18 +95,25 @@ def rk_lines(
     K0 = w(t0)
     check_field(K0, B)
     lshape = (-1, *([1] * (K0.dim() - 1)))
-    K0 = K0 * L.reshape(lshape)  # the first stage at Y = 1 is the (scaled) field: no product
+    # Intervals of one common length (one interval, its pieces, a regular grid) carry the
+    # length as a number in the stage combinations instead of scaling every field value.
+    common = float(L[0]) if B and bool((L[0] == L).all()) else None
+    Ls = L.reshape(lshape)
+    if common is None:
+        K0 = K0 * Ls  # the first stage at Y = 1 is the (scaled) field: no product
+    unit = 1.0 if common is None else abs(common)  # stage values times unit: per unit σ
     shape, flat = K0.shape, K0.numel()
     eye = torch.eye(shape[-1], dtype=K0.dtype, device=K0.device)
     Y = eye.expand(shape).reshape(1, flat)
     track = torch.is_grad_enabled() and K0.requires_grad
     tiny = torch.finfo(K0.dtype).tiny
-    scale = float(K0.detach().abs().amax()) if flat else 0.0
+    scale = float(K0.detach().abs().amax()) * unit if flat else 0.0
     # A first step from the field's size (8th order: error ~ (h |w|)^9, aimed at rtol).
     h = min(1.0, 0.5 * rtol ** (1.0 / 9.0) / max(scale, 1e-12)) if steps is None else 1 / steps
     sigma, total, taken = 0.0, 0.0, 0
     stages = len(rows) + 1
     Kbuf: Tensor | None = None
+    Kviews: list[Tensor] = []  # the stages of Kbuf as (B, ..., d, d) views, made once
     while sigma < 1.0:
         check(taken, sigma)
         if steps is None:
@@ -119,13 +127,14 @@ def rk_lines(
             # The field at every stage time of the step, in one call: (12, B, ..., d, d).
             F = w(times.reshape(-1))
             check_field(F, times.numel())
-            F = (F.reshape(len(nodes), *shape) * L.reshape(lshape)).unbind(0)
+            F = F.reshape(len(nodes), *shape)
+            F = (F if common is not None else F * Ls).unbind(0)
         else:  # large: one stage at a time, so that the field's values stay in cache
 
             def stage(i: int, times: Tensor = times) -> Tensor:
                 A = w(times[i])
                 check_field(A, B)
-                return A * L.reshape(lshape)
+                return A if common is not None else A * Ls
 
             F = _Lazy(stage)
         if track:
@@ -133,19 +142,21 @@ def rk_lines(
         else:  # one buffer for all steps: fresh memory would cost page faults every step
             if Kbuf is None:
                 Kbuf = torch.empty(stages, flat, dtype=K0.dtype, device=K0.device)
-            Kbuf[0].copy_(K0.reshape(flat))
+                Kviews = [k.view(shape) for k in Kbuf]
+            Kviews[0].copy_(K0)
         for i, row in enumerate(rows):
             stack = torch.stack(K) if track else Kbuf[: i + 1]
-            Ys = torch.addmm(Y, row[None], stack, alpha=h).reshape(shape)
+            Ys = torch.addmm(Y, row, stack, alpha=h if common is None else h * common)
+            Ys = Ys.reshape(shape)
             if i + 1 == len(rows):
                 Ynew = Ys
             if track:
                 K.append((F[i] @ Ys).reshape(flat))
             else:
-                torch.matmul(F[i], Ys, out=Kbuf[i + 1].view(shape))
+                torch.matmul(F[i], Ys, out=Kviews[i + 1])
         Kall = torch.stack(K) if track else Kbuf
         with torch.no_grad():
-            err = (errors @ Kall).reshape(2, *shape).abs().flatten(2).amax(2)
+            err = (errors @ Kall).reshape(2, *shape).abs().flatten(2).amax(2) * unit
             size = Ynew.detach().abs().flatten(1).amax(1).clamp_min(tiny)
             den = (err[0].square() + 0.01 * err[1].square()).sqrt().clamp_min(tiny)
             local = float((h * err[0].square() / den / size).amax())

@@ -1,9 +1,11 @@
 """Wilson lines `W_{t1:t0} = T exp ∫_{t0}^{t1} w(t) dt` (paper eq. 23) by Magnus integrators.
 
 One Magnus step replaces the time-ordered exponential over `[t, t + h]` by `exp(Ω(h))`, where
-`Ω` is built from `w` at Gauss-Legendre nodes and a few commutators. Every step of every
-interval is exponentiated in one batched `torch.linalg.matrix_exp` call and the ordered product
-is taken as a balanced tree, so the work is a handful of large batched kernels. Gauss-Legendre
+`Ω` is built from `w` at Gauss-Legendre nodes and a few commutators. The intervals are taken
+in cache-sized chunks; every step of a chunk is exponentiated in one batched call (`expm`)
+and the ordered product is taken as a balanced tree, so the work is a handful of batched
+kernels per chunk. Short intervals get one step, checked against an embedded lower-order
+step, instead of a refinement pair. Gauss-Legendre
 Magnus methods are time-symmetric, so a step with `h < 0` is exactly the inverse of the step
 with `-h`: `W_{t0:t1} = W_{t1:t0}⁻¹` holds to rounding.
 """
@@ -32,6 +34,7 @@ __all__ = [
     "Magnus4",
     "Magnus6",
     "MagnusMethod",
+    "choose_method",
     "ordered_product",
     "prefix_products",
     "wilson_line",
@@ -41,16 +44,36 @@ MatrixField = Callable[[Tensor], Tensor]
 
 
 class MagnusMethod:
-    """A Magnus integrator: `order`, Gauss-Legendre `nodes` in `[0, 1]`, and `omega`."""
+    """A Magnus integrator: `order`, Gauss-Legendre `nodes` in `[0, 1]`, and `omega`.
+
+    `embedded`, when set, is a lower-order method whose lines, taken beside this method's
+    in the same pass, estimate the error (see `wilson_line`)."""
 
     order: int
     nodes: tuple[float, ...]
+    embedded: MagnusMethod | None = None
 
     def omega(self, A: Tensor, h: Tensor) -> Tensor:
         """The step exponent `Ω` from `A[..., j, :, :] = w(t + nodes[j] h)`, of shape
         `(..., s, d, d)` for `s` nodes; `h` broadcasts against `(..., d, d)` as `(..., 1, 1)`.
         Returns `(..., d, d)`."""
         raise NotImplementedError
+
+
+def _result_shape(A: Tensor, h: Tensor) -> tuple[int, ...]:
+    """The broadcast of `A.shape` without its node axis with `h.shape` (plain Python:
+    `torch.broadcast_shapes` costs more than a small step's arithmetic)."""
+    a = tuple(A.shape[:-3]) + tuple(A.shape[-2:])
+    b = tuple(h.shape)
+    if len(b) > len(a):
+        a, b = b, a
+    b = (1,) * (len(a) - len(b)) + b
+    out = []
+    for x, y in zip(a, b):
+        if x != y and x != 1 and y != 1:
+            raise GaugeError(f"wilson_line: step shape {tuple(h.shape)} does not fit {a}")
+        out.append(y if x == 1 else x)
+    return tuple(out)
 
 
 def _moments(A: Tensor, h: Tensor, M: Sequence[Sequence[float]]) -> tuple[Tensor, ...]:
@@ -78,7 +101,7 @@ class Magnus4(MagnusMethod):
     nodes = (0.5 - math.sqrt(3) / 6, 0.5 + math.sqrt(3) / 6)
 
     def omega(self, A: Tensor, h: Tensor) -> Tensor:
-        shape = torch.broadcast_shapes(A.shape[:-3] + A.shape[-2:], h.shape)
+        shape = _result_shape(A, h)
         # The mean and the scaled difference of the two node values.
         r = math.sqrt(3) / 12
         mean, diff = _moments(A, h, ((0.5, 0.5), (-r, r)))
@@ -89,9 +112,12 @@ class Magnus4(MagnusMethod):
 
 class Magnus6(MagnusMethod):
     """Sixth-order Magnus method at the three Gauss-Legendre nodes `1/2 - √15/10, 1/2,
-    1/2 + √15/10`, with the commutator grouping that needs three commutators per step."""
+    1/2 + √15/10`, with the commutator grouping that needs three commutators per step.
+    Its embedded estimate is `Magnus4` (two more field values and one commutator per step).
+    """
 
     order = 6
+    embedded = Magnus4()
     nodes = (0.5 - math.sqrt(15) / 10, 0.5, 0.5 + math.sqrt(15) / 10)
     # Legendre moments of w about the step midpoint (before the factor h).
     _MOMENTS = (
@@ -101,7 +127,7 @@ class Magnus6(MagnusMethod):
     )
 
     def omega(self, A: Tensor, h: Tensor) -> Tensor:
-        shape = torch.broadcast_shapes(A.shape[:-3] + A.shape[-2:], h.shape)
+        shape = _result_shape(A, h)
         al1, al2, al3 = _moments(A, h, self._MOMENTS)
         # Fused products accumulate into fresh results in place (baddbmm_ computes
         # beta*x + alpha*a@b without copying x); no backward pass reads what they overwrite.
@@ -147,6 +173,12 @@ class _Overflow(Exception):
     for the field (or the line itself overflows)."""
 
 
+#: Magnus steps are taken in chunks of whole intervals whose step matrices fill about this
+#: many bytes: the temporaries of a chunk stay in cache and are reused by the allocator, where
+#: whole-batch temporaries would stream through memory and fault in fresh pages every call
+MAGNUS_CHUNK_BYTES = 2**20
+
+
 def _fixed_steps(
     w: MatrixField,
     t1: Tensor,
@@ -154,19 +186,84 @@ def _fixed_steps(
     n: int,
     method: MagnusMethod,
     exp_tol: float | None = None,
+    line_bytes: int = 0,
 ) -> Tensor:
     """Wilson lines over the flat intervals `t0 -> t1` (shape `(B,)`) with `n` equal steps;
     `exp_tol` bounds each step exponential's Taylor remainder (default: roundoff). The
-    lines are not checked for finiteness here (callers do, on reductions they need anyway)."""
-    B = t0.shape[0]
-    h = (t1 - t0) / n
+    lines are not checked for finiteness here (callers do, on reductions they need anyway).
+
+    With `line_bytes` (the bytes of `w` at one time), the intervals are taken in chunks
+    whose node values fill about `MAGNUS_CHUNK_BYTES`; within a chunk the field is evaluated
+    in one call and all steps are one batched call."""
+    size = _chunk(t0.shape[0], n * len(method.nodes) * line_bytes)
+    parts = [
+        _steps_product(
+            _node_values(w, t1[i : i + size], t0[i : i + size], n, method),
+            (t1[i : i + size] - t0[i : i + size]) / n,
+            method,
+            exp_tol,
+        )
+        for i in range(0, max(t0.shape[0], 1), size)
+    ]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _chunk(B: int, per: int) -> int:
+    """Intervals per chunk, `per` bytes of node values each (all of them when `per = 0`)."""
+    return max(1, MAGNUS_CHUNK_BYTES // per) if per > 0 else max(B, 1)
+
+
+def _one_step_checked(
+    w: MatrixField,
+    t1: Tensor,
+    t0: Tensor,
+    method: MagnusMethod,
+    exp_tol: float,
+    line_bytes: int = 0,
+) -> tuple[Tensor, float]:
+    """One step of `method` per interval and a bound of its gap to one step of
+    `method.embedded`, relative to the largest entry of each line (the largest over lines).
+
+    The embedded line is not exponentiated: for any submultiplicative norm
+    `‖e^X - e^Y‖ ≤ ‖X - Y‖ e^{max(‖X‖, ‖Y‖)}`, and the Frobenius norm bounds the largest
+    entry, so `‖Ω - Ω_e‖_F e^{max(‖Ω‖_F, ‖Ω_e‖_F)} / max|W|` bounds the entrywise gap."""
+    check = method.embedded
+    if check is None:
+        raise GaugeError("wilson_line: the method has no embedded method to check against")
+    size = _chunk(t0.shape[0], (len(method.nodes) + len(check.nodes)) * line_bytes)
+    parts, gaps = [], []
+    for i in range(0, max(t0.shape[0], 1), size):
+        a, b = t1[i : i + size], t0[i : i + size]
+        A = _node_values(w, a, b, 1, method)
+        Ac = _node_values(w, a, b, 1, check)
+        hb = (a - b).reshape(-1, 1, *([1] * (A.dim() - 5)), 1, 1)
+        omega = method.omega(A.movedim(2, -3), hb)
+        other = check.omega(Ac.movedim(2, -3), hb)
+        W = expm(omega, exp_tol)
+        with torch.no_grad():
+            gap = torch.linalg.matrix_norm(omega - other)
+            big = torch.maximum(torch.linalg.matrix_norm(omega), torch.linalg.matrix_norm(other))
+            den = W.detach().abs().amax(dim=(-2, -1)).clamp_min(torch.finfo(W.dtype).tiny)
+            gaps.append((gap * big.exp() / den).amax() if gap.numel() else gap.sum())
+        parts.append(W[:, 0])
+    W = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return W, float(torch.stack(gaps).amax())
+
+
+def _node_values(w: MatrixField, t1: Tensor, t0: Tensor, n: int, method: MagnusMethod) -> Tensor:
+    """The field at the nodes of `n` steps per interval: `(B, n, s, ..., d, d)`."""
     times = _node_times(t1, t0, n, method)
     A = w(times)
     check_field(A, times.shape[0])
-    d = A.shape[-1]
-    extra = A.shape[1:-2]
-    A = A.reshape(B, n, len(method.nodes), *extra, d, d).movedim(2, -3)
-    hb = h.reshape(B, 1, *([1] * len(extra)), 1, 1)
+    return A.reshape(t0.shape[0], n, len(method.nodes), *A.shape[1:])
+
+
+def _steps_product(A: Tensor, h: Tensor, method: MagnusMethod, exp_tol: float | None) -> Tensor:
+    """The ordered product of the step exponentials from node values `A` `(B, n, s, ..., d,
+    d)` and step lengths `h` `(B,)`: all steps of the chunk in one batched call."""
+    extra = A.dim() - 5
+    A = A.movedim(2, -3)
+    hb = h.reshape(h.shape[0], 1, *([1] * extra), 1, 1)
     omega = method.omega(A, hb)
     steps = expm(omega, exp_tol)  # (B, n, *extra, d, d): all steps in one call
     steps = steps.movedim(1, -3)  # step axis next to the matrix axes
@@ -208,12 +305,20 @@ def _check_finite(
 
 
 def _doubling_pair(
-    w: MatrixField, t1: Tensor, t0: Tensor, n: int, method: MagnusMethod, exp_tol: float
+    w: MatrixField,
+    t1: Tensor,
+    t0: Tensor,
+    n: int,
+    method: MagnusMethod,
+    exp_tol: float | None,
+    line_bytes: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """The lines over `t0 -> t1` with `n` and with `2 n` steps, in one batched call: the
     `2 n`-step line is the product of the `n`-step lines over the two halves."""
     B, mid = t0.shape[0], 0.5 * (t0 + t1)
-    W = _fixed_steps(w, torch.cat([t1, mid, t1]), torch.cat([t0, t0, mid]), n, method, exp_tol)
+    W = _fixed_steps(
+        w, torch.cat([t1, mid, t1]), torch.cat([t0, t0, mid]), n, method, exp_tol, line_bytes
+    )
     return W[:B], W[2 * B :] @ W[B : 2 * B]
 
 
@@ -265,6 +370,7 @@ def _magnus_search(
     n: int,
     max_steps: int,
     budget: Callable[[int, float], None],
+    line_bytes: int = 0,
 ) -> tuple[Tensor, float]:
     """Step-count refinement of the Magnus lines (see `wilson_line`). Returns the
     extrapolated lines and the error estimate of the unextrapolated ones."""
@@ -276,10 +382,30 @@ def _magnus_search(
 
     prev = fine = None
     err, m = math.inf, n
+    if n == 1 and method.embedded is not None:
+        # Short intervals (one step predicted): one step and its gap to the embedded
+        # lower-order step, which bounds the higher order step's error where both are in
+        # their asymptotic range (as in embedded Runge-Kutta pairs; here the gap itself is
+        # bounded, without a second exponential). Accepted when the gap is below rtol;
+        # otherwise the step is the first of a refinement pair.
+        budget(2, err)
+        W, gap = _one_step_checked(w, t1, t0, method, exp_tol(1), line_bytes)
+        if gap <= rtol:
+            return W, gap
+        if math.isfinite(gap):
+            budget(2, err)
+            fine = _fixed_steps(w, t1, t0, 2, method, exp_tol(2), line_bytes)
+            prev, m = W, 2
+            err = _relative_gap(prev, fine) / (2**p - 1)
+            if err <= rtol:
+                return fine + (fine - prev) / (2**p - 1), err
+            if not math.isfinite(err):  # the search below diagnoses it from the start
+                prev = fine = None
+                err, m = math.inf, n
     while True:
         if fine is None:
             budget(3 * n, err)
-            prev, fine = _doubling_pair(w, t1, t0, n, method, exp_tol(2 * n))
+            prev, fine = _doubling_pair(w, t1, t0, n, method, exp_tol(2 * n), line_bytes)
             m, used = 2 * n, n
             err = _relative_gap(prev, fine) / (2**p - 1)
         else:
@@ -287,7 +413,7 @@ def _magnus_search(
             grow = max(1.25, (err / (0.3 * rtol)) ** (1.0 / p))
             new_m = min(math.ceil(m * grow), max_steps)
             budget(new_m, err)
-            new = _fixed_steps(w, t1, t0, new_m, method, exp_tol(new_m))
+            new = _fixed_steps(w, t1, t0, new_m, method, exp_tol(new_m), line_bytes)
             err = _relative_gap(fine, new) / ((new_m / m) ** p - 1)
             prev, fine, n, m, used = fine, new, m, new_m, new_m
         if not math.isfinite(err):
@@ -313,6 +439,17 @@ def _magnus_search(
     # powers of the step, led by h^p: one Richardson step removes that term. The reported
     # estimate stays the (larger) error estimate of the unextrapolated result.
     return fine + (fine - prev) / ((m / n) ** p - 1), err
+
+
+def choose_method(d: int, steps: int | None, first: int) -> MagnusMethod | RK8:
+    """The default method: `Magnus6` with fixed `steps`, below `d = RK_MIN_DIM`, and for
+    intervals short enough for one step (`first == 1`, where one step and its embedded
+    check cost about half of RK8's twelve stages); `RK8` otherwise, where a Magnus step's
+    products (commutators, exponential, ordered product) cost more than the Runge-Kutta
+    stages they save."""
+    if steps is not None or d < RK_MIN_DIM or first == 1:
+        return Magnus6()
+    return RK8()
 
 
 def wilson_line(
@@ -345,12 +482,16 @@ def wilson_line(
       below `rtol` for every interval. The last two results are then combined by one
       Richardson extrapolation (the methods are symmetric, so the error expands in even
       powers of the step), which only makes the returned line more accurate than the
-      estimate. `RK8`: adaptive steps shared by the batch, the summed local error estimates
-      below `rtol`. Default, when neither is given: `1e-12` in float64, `1e-6` otherwise.
-    - `method`: a `MagnusMethod` or `RK8()`. Default: `Magnus6()` with `steps`, and with
-      `rtol` `Magnus6()` for `d < 64` and `RK8()` from `d = 64` on, where the products of
-      a Magnus step cost more than the Runge-Kutta stages they save (RK8 keeps the group
-      laws and `det` only to the tolerance).
+      estimate. When the field's size predicts one step per interval and the method has an
+      `embedded` one (`Magnus6`: `Magnus4`), the single step is accepted without a pair if
+      a bound of its gap to the embedded step is below `rtol` (the returned estimate is then
+      that bound, an estimate of the lower order's error). `RK8`: adaptive steps shared by
+      the batch, the summed local error estimates below `rtol`. Default, when neither is
+      given: `1e-12` in float64, `1e-6` otherwise.
+    - `method`: a `MagnusMethod` or `RK8()`. Default (`choose_method`): `Magnus6()` with
+      `steps`, for `d < 64`, and for intervals short enough for one step; `RK8()`
+      otherwise, where the products of a Magnus step cost more than the Runge-Kutta stages
+      they save (RK8 keeps the group laws and `det` only to the tolerance).
     - `return_error`: also return the error estimate (needs a second result, even with
       `steps`: the first is then taken at `steps`).
     - `max_steps`: the cap on steps per interval; a tolerance not reached within it raises
@@ -393,8 +534,11 @@ def wilson_line(
     d = A0.shape[-1]
     lines = B * math.prod(A0.shape[1:-2])
     itemsize = A0.element_size()
+    line_bytes = A0[0].numel() * itemsize  # the field at one time
+    rtol_eff = rtol if rtol is not None else min_rtol(dtype)
+    first = steps if steps is not None else _first_steps(A0, t1f - t0f, rtol_eff)
     if method is None:
-        method = RK8() if steps is None and d >= RK_MIN_DIM else Magnus6()
+        method = choose_method(d, steps, first)
 
     def budget(n: int, err: float) -> None:
         reached = f"error estimate reached {err:.2e}" if math.isfinite(err) else "no estimate yet"
@@ -440,22 +584,21 @@ def wilson_line(
 
     if rtol is None and not return_error:
         budget(steps, math.inf)
-        W = _fixed_steps(w, t1f, t0f, steps, method)
+        W = _fixed_steps(w, t1f, t0f, steps, method, None, line_bytes)
         _check_finite(float(W.detach().abs().amax()), w, t1f, t0f, steps, method)
         return W.reshape(*shape, *W.shape[1:])
 
-    rtol_eff = rtol if rtol is not None else min_rtol(dtype)
-    n = steps if steps is not None else _first_steps(A0, t1f - t0f, rtol_eff)
+    n = first
     # Intermediate results only need a graph when w carries one (training).
     track = torch.is_grad_enabled() and A0.requires_grad
     with torch.set_grad_enabled(track):
         if rtol is None:  # steps with return_error: one pair, its estimate
             budget(3 * steps, math.inf)
-            prev, fine = _doubling_pair(w, t1f, t0f, steps, method, None)
+            prev, fine = _doubling_pair(w, t1f, t0f, steps, method, None, line_bytes)
             err = _relative_gap(prev, fine) / (2**method.order - 1)
             _check_finite(err, w, t1f, t0f, steps, method)
             fine = fine + (fine - prev) / (2**method.order - 1)
         else:
-            fine, err = _magnus_search(w, t1f, t0f, method, rtol, n, max_steps, budget)
+            fine, err = _magnus_search(w, t1f, t0f, method, rtol, n, max_steps, budget, line_bytes)
     W = fine.reshape(*shape, *fine.shape[1:])
     return (W, err) if return_error else W
