@@ -271,3 +271,32 @@ def test_rotary_query_key_charge_is_conserved() -> None:
     kept = float((c[qk.name] - c0[qk.name]).abs().max())
     drift = float((c["full"] - c0["full"]).abs().max())
     assert drift > 3e-5 and kept < 1e-2 * drift  # measured here: 1.2e-4 and 3.6e-7
+
+
+def test_gpt_neox_heads_packed_with_a_stride() -> None:
+    """GPT-NeoX packs query, key and value per head in one projection (head `h`'s query at
+    rows `3h·d`, ...) and rotates part of each head: the query-key factor acts on strided
+    blocks, inside the commutant of the partial rotation."""
+    import transformers
+
+    cfg = transformers.GPTNeoXConfig(
+        vocab_size=V,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=T,
+        rotary_pct=0.5,
+        use_cache=False,
+    )
+    torch.manual_seed(0)
+    model = transformers.GPTNeoXModel(cfg).double().eval()
+    ids = {"input_ids": torch.randint(0, V, (30, T), generator=torch.Generator().manual_seed(0))}
+    group = gaugenet.symmetries(model, ids)
+    assert not _internal(group)
+    qk = next(f for f in group.factors if f.name.endswith(".qk"))
+    # head_dim 8, half rotated: GL(4) on the unrotated half, 2 planes of scaling-rotations
+    assert qk.m == 16 + 2 * 2 and qk.terms[0].stride == 3
+    with keep_float64():
+        moved = group.act(model, group.sample(torch.Generator().manual_seed(1)))
+        assert gaugenet.invariance_error(model, moved, ids) < 1e-10

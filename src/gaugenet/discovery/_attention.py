@@ -32,7 +32,7 @@ from torch import Tensor, fx, nn
 from ..attention._factors import HeadPermFactor, KeyShiftFactor, attention_factors
 from ..attention._layout import HeadLayout, Slot
 from ..groups import Breaker, MatTerm
-from ..groups._algebra import AlgebraFactor, Repeat, commutant_basis
+from ..groups._algebra import AlgebraFactor, Repeat, StridedMatTerm, commutant_basis
 from ._kernel import MeanKernel
 from ._shifts import AbsorbedShiftFactor, IntoLinears
 
@@ -77,6 +77,7 @@ class _Proj:
     offset: int
     maps: Tensor
     source_head: Tensor  # (heads,) the projection's head block feeding each core head
+    stride: int = 1  # head blocks `stride` blocks apart (other projections packed between)
 
     @property
     def name(self) -> str:
@@ -357,11 +358,16 @@ def _trace_input(node: fx.Node, root, values) -> _Proj:
         raise _Skip("head blocks are not aligned to the head size")
     blocks = st // dh
     offset = int(blocks.min()) * dh
+    rel = blocks - int(blocks.min())
+    used_blocks = sorted(set(rel.tolist()))
+    stride = used_blocks[1] - used_blocks[0] if len(used_blocks) > 1 else 1
+    if used_blocks != [i * stride for i in range(len(used_blocks))]:
+        raise _Skip("the heads' blocks are not evenly spaced in the projection")
     maps = torch.stack(
         [r[starts[h] : starts[h] + dh, h].permute(1, 2, 0) for h in range(H)]
     )  # (H, T, dh_out, dh_in)
     del feats
-    return _Proj(lin, offset, maps, blocks - int(blocks.min()))
+    return _Proj(lin, offset, maps, rel // stride, stride)
 
 
 def _trace_output(core: fx.Node, root, values) -> tuple[_Linear, int]:
@@ -462,7 +468,8 @@ def _core_factors(core: _Core, gm, root: nn.Module, values: dict) -> list:
     P = P.reshape(H * T * T, dh, dh)
     basis = commutant_basis(P)
     axes = {p.lin.out_axis for p in (pq, pk, pv)} | {po.in_axis ^ 1}
-    if basis is None and hkv == H and len(axes) == 1:
+    plain = all(p.stride == 1 for p in (pq, pk, pv))
+    if basis is None and hkv == H and len(axes) == 1 and plain:
 
         def slot(p: _Proj) -> Slot:
             return Slot(p.lin.weight, p.offset, p.lin.bias, p.offset)
@@ -487,9 +494,14 @@ def _core_factors(core: _Core, gm, root: nn.Module, values: dict) -> list:
     name = prefix or pq.name
 
     def terms(p: _Proj, mode: str, times: int = 1) -> list:
-        out = [MatTerm(p.lin.weight, p.lin.out_axis, p.offset, mode)]
+        def term(param: str, axis: int) -> Any:
+            if p.stride > 1:
+                return StridedMatTerm(param, axis, p.offset, p.stride, mode)
+            return MatTerm(param, axis, p.offset, mode)
+
+        out = [term(p.lin.weight, p.lin.out_axis)]
         if p.lin.bias is not None:
-            out.append(MatTerm(p.lin.bias, 0, p.offset, mode))
+            out.append(term(p.lin.bias, 0))
         return [Repeat(t, times) if times > 1 else t for t in out]
 
     # query-key: per key-value group, in the commutant of the score maps
