@@ -300,3 +300,31 @@ def test_gpt_neox_heads_packed_with_a_stride() -> None:
     with keep_float64():
         moved = group.act(model, group.sample(torch.Generator().manual_seed(1)))
         assert gaugenet.invariance_error(model, moved, ids) < 1e-10
+
+
+def test_grouped_query_permutations() -> None:
+    """Under grouped-query attention the key-value groups may be permuted (each with its
+    query heads), and the query heads within a group; a query head moved to another group
+    changes the outputs."""
+    model, inputs = _llama(num_attention_heads=4, num_key_value_heads=2)
+    group = gaugenet.symmetries(model, inputs)
+    names = {f.name.rpartition(".")[2] for f in group.of_kind("permutation")}
+    assert {"kv_groups", "heads[0]", "heads[1]"} <= names
+    with keep_float64():
+        for f in group.of_kind("permutation"):
+            swap = torch.arange(f.n).flip(0)
+            moved = group.act(model, {f.name: swap})
+            assert gaugenet.invariance_error(model, moved, inputs) < 1e-10
+        # query head 0 (group 0) exchanged with query head 2 (group 1)
+        dh, q = 2, "layers.0.self_attn.q_proj.weight"
+        o = "layers.0.self_attn.o_proj.weight"
+        rows = torch.arange(4 * dh).reshape(4, dh)
+        wrong = gaugenet.groups.PermutationFactor(
+            "wrong",
+            4,
+            terms=(gaugenet.groups.PermTerm(q, 0, rows), gaugenet.groups.PermTerm(o, 1, rows)),
+        )
+        state = wrong.apply(dict(model.state_dict()), torch.tensor([2, 1, 0, 3]))
+        bad = model.__class__(model.config).double().eval()
+        bad.load_state_dict(state)
+        assert gaugenet.invariance_error(model, bad, inputs) > 1e-4

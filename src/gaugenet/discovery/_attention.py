@@ -31,7 +31,7 @@ from torch import Tensor, fx, nn
 
 from ..attention._factors import HeadPermFactor, KeyShiftFactor, attention_factors
 from ..attention._layout import HeadLayout, Slot
-from ..groups import Breaker, MatTerm
+from ..groups import Breaker, MatTerm, PermTerm, PermutationFactor
 from ..groups._algebra import AlgebraFactor, Repeat, StridedMatTerm, commutant_basis
 from ._kernel import MeanKernel
 from ._shifts import AbsorbedShiftFactor, IntoLinears
@@ -510,7 +510,61 @@ def _core_factors(core: _Core, gm, root: nn.Module, values: dict) -> list:
     o_term = MatTerm(po.weight, po.in_axis, o_off, "inv")
     vo_terms = [*terms(pv, "T"), Repeat(o_term, rep) if rep > 1 else o_term]
     vo = AlgebraFactor(f"{name}.vo", dv, hkv, terms=tuple(vo_terms), modules=modules)
-    return [qk, vo], covered
+    perms = []
+    if all(p.stride == 1 for p in (pq, pk, pv)) and not _per_head_scores(core, values, H):
+        perms = _group_permutations(name, pq, pk, pv, po, o_off, hkv, rep, (qk, vo), modules)
+    return [qk, vo, *perms], covered
+
+
+def _group_permutations(
+    name: str,
+    pq: _Proj,
+    pk: _Proj,
+    pv: _Proj,
+    po: _Linear,
+    o_off: int,
+    hkv: int,
+    rep: int,
+    matrices: tuple,
+    modules: tuple[str, ...],
+) -> list[PermutationFactor]:
+    """Permutations of the key-value groups (each with its query heads), and of the query
+    heads within each group (they share the group's key and value)."""
+    dh, dv = pq.maps.shape[-1], pv.maps.shape[-1]
+
+    def blocks(weight: str, bias: str | None, axis: int, off: int, size: int) -> list[PermTerm]:
+        idx = off + torch.arange(hkv * size).reshape(hkv, size)
+        out = [PermTerm(weight, axis, idx)]
+        if bias is not None:
+            out.append(PermTerm(bias, 0, idx))
+        return out
+
+    terms = [
+        *blocks(pq.lin.weight, pq.lin.bias, pq.lin.out_axis, pq.offset, rep * dh),
+        *blocks(pk.lin.weight, pk.lin.bias, pk.lin.out_axis, pk.offset, dh),
+        *blocks(pv.lin.weight, pv.lin.bias, pv.lin.out_axis, pv.offset, dv),
+        *blocks(po.weight, None, po.in_axis, o_off, rep * dv),
+    ]
+    conj = tuple((m.name, torch.arange(hkv)) for m in matrices)
+    out = [
+        PermutationFactor(
+            f"{name}.kv_groups", hkv, terms=tuple(terms), conjugates=conj, modules=modules
+        )
+    ]
+    if rep == 1:
+        return out
+    for g in range(hkv):
+        q0, o0 = pq.offset + g * rep * dh, o_off + g * rep * dv
+        qi = q0 + torch.arange(rep * dh).reshape(rep, dh)
+        oi = o0 + torch.arange(rep * dv).reshape(rep, dv)
+        heads = [PermTerm(pq.lin.weight, pq.lin.out_axis, qi)]
+        if pq.lin.bias is not None:
+            heads.append(PermTerm(pq.lin.bias, 0, qi))
+        heads.append(PermTerm(po.weight, po.in_axis, oi))
+        out.append(
+            PermutationFactor(f"{name}.heads[{g}]", rep, terms=tuple(heads), modules=modules)
+        )
+    return out
 
 
 def _per_head_scores(core: _Core, values: dict, heads: int) -> bool:
