@@ -70,19 +70,21 @@ def _scale_factors(
     for r in sorted(first_block):
         classes[cfind(first_block[r])].append(r)
     factors, where = [], {}
+    # computed once, not per class (both would cost classes × ids, hours for a 7B model)
+    root_t = torch.tensor([*roots, FIXED])
+    blocks_of: dict[int, set[int]] = defaultdict(set)
+    for i in range(1, n_ids):
+        blocks_of[roots[i]].add(L.block_of[i])
     for class_roots in classes.values():
         n = len(class_roots)
         for k, r in enumerate(class_roots):
             where[r] = (len(factors), k)
         # id -> entry of this factor (n: not in it); the last index is ZERO (-1)
-        root_t = torch.tensor([*roots, FIXED])
-        lut = torch.full((n_ids + 1,), n, dtype=torch.long)
-        for k, r in enumerate(class_roots):
-            lut[root_t == r] = k
+        rank = torch.full((n_ids,), n, dtype=torch.long)
+        rank[torch.tensor(class_roots)] = torch.arange(n)
+        lut = rank[root_t]
         terms = terms_of(L.scale_terms, lut, n)
-        blocks = sorted(
-            {L.block_of[i] for r in class_roots for i in range(1, n_ids) if roots[i] == r}
-        )
+        blocks = sorted({b for r in class_roots for b in blocks_of[r]})
         name = "scale:" + "+".join(dict.fromkeys(L.blocks[b][2] for b in blocks))
         modules = tuple(
             dict.fromkeys(_module_of(t.param if isinstance(t, Scale) else t.weight) for t in terms)

@@ -186,7 +186,13 @@ class Propagator(NormRules, fx.Interpreter):
         reps = torch.tensor([self.L.union_all(c) if len(c) else ZERO for c in cols])
         w = m.weight
         ipg, opg = w.shape[1], w.shape[0] // groups
-        col_index = reps.reshape(groups, ipg).repeat_interleave(opg, 0)  # (out, in/groups)
+        # (1, in) broadcast over the output rows when ungrouped: a weight-sized index would
+        # cost 8 bytes per weight entry (gigabytes for a large model analyzed on meta)
+        col_index = (
+            reps.reshape(1, ipg)
+            if groups == 1
+            else reps.reshape(groups, ipg).repeat_interleave(opg, 0)
+        )  # (out or 1, in/groups)
         col_index = col_index.reshape(*col_index.shape, *([1] * (w.ndim - 2)))
         self.L.scale_terms.append((f"{name}.weight", col_index, -1))
         pcols = self.L.per_channel(p, axis)
