@@ -33,7 +33,7 @@ from torch import Tensor
 
 from .._errors import GaugeError
 from ..apply._equalize import _step, weight_quantization_error
-from ..apply._quantize import quantized_params
+from ..apply._quantize import quantized_params, round_to_range
 from ..apply._schemes import QuantScheme, _round_weight
 from ..discovery import symmetries
 from ..groups import GLFactor, RescalingFactor
@@ -46,6 +46,8 @@ __all__ = ["StreamReport", "stream_equalize", "stream_quantize"]
 
 #: tokens of the meta-device example input
 _TOKENS = 8
+#: entries rounded at a time
+_CHUNK = 1 << 22
 #: most entries of one module built in float64 for a local check
 _BUDGET = 200_000_000
 
@@ -72,6 +74,22 @@ class StreamReport:
     error_after: float = 0.0
     rounded: int = 0
     seconds: float = 0.0
+
+
+def _rounded(w: Tensor, sch: QuantScheme, name: str) -> Tensor:
+    """`w` rounded under `sch` in float32 (exact for bfloat16 and float16 weights), a block
+    of rows at a time (the per-tensor range taken first), each block's grid checked."""
+    out = torch.empty(w.shape, dtype=torch.float32)
+    full = w.abs().max().float() if sch.granularity == "per-tensor" else None
+    rows = max(1, _CHUNK // max(1, w[0].numel()))
+    for i in range(0, w.shape[0], rows):
+        x = w[i : i + rows].float()
+        r = _round_weight(x, sch) if full is None else round_to_range(x, full, sch.weight_bits)
+        again = _round_weight(r, sch) if full is None else round_to_range(r, full, sch.weight_bits)
+        if not bool(((again - r).abs() <= 1e-6 * r.abs().max().clamp_min(1e-30)).all()):
+            raise GaugeError(f"internal error: {name} is not on the {sch} grid after rounding")
+        out[i : i + rows] = r
+    return out
 
 
 def _equalized(comp: Component, start: State, q: set[str], bits: int, gran: str) -> State:
@@ -110,9 +128,6 @@ class _Stream:
         self.ckpt = ShardedCheckpoint(self.src)
         check_output_folder(self.out, self.src, force=force)
         self.meta = self.ckpt.meta_model()
-        ids = torch.zeros(1, _TOKENS, dtype=torch.long, device="meta")
-        self.group = symmetries(self.meta, {"input_ids": ids})
-        self.inputs = record_inputs(self.meta, {"input_ids": ids})
         self.q = set(quantized_params(self.meta))
         # tied names stored once: read through the stored name
         state = self.meta.state_dict(keep_vars=True)
@@ -129,7 +144,13 @@ class _Stream:
         finish: Callable[[str, Tensor], Tensor],
     ) -> StreamReport:
         start = time.perf_counter()
-        comps = components(self.group.factors) if move is not None else []
+        comps = []
+        if move is not None:  # discovery on meta, and each layer's input shapes
+            ids = torch.zeros(1, _TOKENS, dtype=torch.long, device="meta")
+            group = symmetries(self.meta, {"input_ids": ids})
+            self.inputs = record_inputs(self.meta, {"input_ids": ids})
+            report.factors = len(group.factors)
+            comps = components(group.factors)
         comp_of = {p: c for c in comps for p in c.params}
         pending: dict[str, Tensor] = {}
         done: set[int] = set()
@@ -201,7 +222,7 @@ def stream_equalize(
     if granularity not in ("per-tensor", "per-channel"):
         raise GaugeError(f"granularity must be per-tensor or per-channel, got {granularity!r}")
     s = _Stream(Path(src), Path(out), force, bits, granularity)
-    report = StreamReport(s.out, len(s.ckpt.shards), len(s.group.factors))
+    report = StreamReport(s.out, len(s.ckpt.shards), 0)
 
     def move(comp: Component, start: State) -> State:
         return _equalized(comp, start, s.q, s.bits, s.gran)
@@ -224,7 +245,7 @@ def stream_quantize(
     if equalize and sch.granularity == "per-group":
         raise GaugeError("--equalize aims at per-tensor or per-channel weights")
     s = _Stream(Path(src), Path(out), force, sch.weight_bits, sch.granularity)
-    report = StreamReport(s.out, len(s.ckpt.shards), len(s.group.factors))
+    report = StreamReport(s.out, len(s.ckpt.shards), 0)
     stored_q = {s.alias.get(n, n) for n in s.q}
 
     def move(comp: Component, start: State) -> State:
@@ -233,12 +254,7 @@ def stream_quantize(
     def finish(name: str, value: Tensor) -> Tensor:
         if name not in stored_q:
             return value
-        w = value.double()
-        r = _round_weight(w, sch)
-        again = _round_weight(r, sch)
-        if not bool(((again - r).abs() <= 1e-9 * r.abs().max().clamp_min(1e-30)).all()):
-            raise GaugeError(f"internal error: {name} is not on the {sch} grid after rounding")
         report.rounded += 1
-        return r.to(value.dtype)
+        return _rounded(value, sch, name).to(value.dtype)
 
     return s.run(report, move if equalize else None, finish)
