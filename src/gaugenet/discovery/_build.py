@@ -99,6 +99,11 @@ def _perm_factors(
 ) -> list[PermutationFactor]:
     spaces = sorted({L.bfind(b) for b in range(len(L.blocks))})
     out = []
+    # (space, channel) of every perm id of every term, once (not once per space)
+    located = []
+    for _, _, ids in L.perm_terms:
+        rc = [L.space(v) if v > 0 else (-1, -1) for v in ids.tolist()]
+        located.append((torch.tensor([r for r, _ in rc]), torch.tensor([c for _, c in rc])))
     for R in spaces:
         if L.block_fixed[R]:
             continue
@@ -107,13 +112,8 @@ def _perm_factors(
             dict.fromkeys(L.blocks[b][2] for b in range(len(L.blocks)) if L.bfind(b) == R)
         )
         terms, ok = [], True
-        for param, axis, ids in L.perm_terms:
-            chan = torch.full(ids.shape, -1, dtype=torch.long)
-            for j, v in enumerate(ids.tolist()):
-                if v > 0:
-                    r, c = L.space(v)
-                    if r == R:
-                        chan[j] = c
+        for (param, axis, ids), (roots_t, chans_t) in zip(L.perm_terms, located):
+            chan = torch.where(roots_t == R, chans_t, -1).reshape(ids.shape)
             if (chan < 0).all():
                 continue
             counts = torch.bincount(chan[chan >= 0], minlength=n)

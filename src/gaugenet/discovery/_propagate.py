@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from ..groups import AffineFactor, AffineTerm, GLFactor, MatTerm
-from ._labels import FIXED, ZERO, Labels
+from ._labels import FIXED, ZERO, Labels, unique_pairs
 from ._norm_rules import NormRules
 from ._ops import (
     ADD_OPS,
@@ -506,7 +506,7 @@ class Propagator(NormRules, fx.Interpreter):
             sa, sb = (x.expand(out.shape) for x in (la[0], lb[0]))
             qa, qb = (x.expand(out.shape) for x in (la[1], lb[1]))
             both = (sa != ZERO) & (sb != ZERO)
-            for x, y in torch.unique(torch.stack([sa[both], sb[both]], -1), dim=0).tolist():
+            for x, y in unique_pairs(sa[both], sb[both]).tolist():
                 self.L.union(x, y)
             self.L.align(qa, qb, n.name)
             return torch.where(sa != ZERO, sa, sb).clone(), torch.where(qa != ZERO, qa, qb).clone()
