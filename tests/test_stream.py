@@ -5,6 +5,7 @@ changes it onto the scheme's grid, nothing is overwritten, bad indexes are refus
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -83,6 +84,9 @@ def test_equalize_streams_and_keeps_the_function(ckpt, equalized, gen) -> None:
     assert result["applied"] == 2 and result["skipped"] == []
     assert result["error_after"] < result["error_before"]
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in ckpt.iterdir())
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # a folder as mkdir makes it
     before, after = _weights(ckpt), _weights(out)
     moved = [k for k in before if not torch.equal(before[k], after[k])]
     assert moved and all(".mlp." in k for k in moved)  # it did something, where it should
