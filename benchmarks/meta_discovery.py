@@ -51,13 +51,13 @@ def main() -> None:
         model = transformers.LlamaForCausalLM(config).eval()
     n = sum(p.numel() for p in model.parameters())
     inputs = {"input_ids": torch.zeros(1, args.tokens, dtype=torch.long)}
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     group = gaugenet.symmetries(model, inputs)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     print(f"model: LlamaForCausalLM, {args.layers} layers, {n / 1e9:.2f} B parameters (meta)")
     print(f"group: {group}")
     print(f"checked numerically: {group.checked} ({group.unchecked})")
-    print(f"discovery time: {seconds:.1f} s ({args.threads} torch thread(s))")
+    print(f"discovery time: {seconds:.1f} s wall, {cpu:.1f} s CPU ({args.threads} torch thread(s))")
     print(f"peak RSS: {_peak_rss_mib():.0f} MiB (before building the model: {before:.0f} MiB)")
 
 
