@@ -99,11 +99,20 @@ def _perm_factors(
 ) -> list[PermutationFactor]:
     spaces = sorted({L.bfind(b) for b in range(len(L.blocks))})
     out = []
-    # (space, channel) of every perm id of every term, once (not once per space)
-    located = []
-    for _, _, ids in L.perm_terms:
-        rc = [L.space(v) if v > 0 else (-1, -1) for v in ids.tolist()]
-        located.append((torch.tensor([r for r, _ in rc]), torch.tensor([c for _, c in rc])))
+    # (space, channel) of every perm id of every term and link, once and as tensors (not
+    # id by id once per space: millions of lookups for a 7B model)
+    block_t = torch.tensor(L.block_of).clamp_min(0)
+    root_t = torch.tensor([L.bfind(b) for b in range(len(L.blocks))] or [0])
+    base_t = torch.tensor([b[0] for b in L.blocks] or [0])
+
+    def locate(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = ids.reshape(-1)
+        b = block_t[ids.clamp_min(0)]
+        live = ids > 0
+        return torch.where(live, root_t[b], -1), torch.where(live, ids - base_t[b], -1)
+
+    located = [locate(ids) for _, _, ids in L.perm_terms]
+    linked = [(sids.reshape(-1), *locate(pids)) for sids, pids in L.links]
     for R in spaces:
         if L.block_fixed[R]:
             continue
@@ -128,13 +137,9 @@ def _perm_factors(
         # conjugation with rescaling factors: item c owns scale entry m[c]
         maps: dict[int, dict[int, int]] = defaultdict(dict)
         fixed_items = set()
-        for sids, pids in L.links:
-            for v, q in zip(sids.reshape(-1).tolist(), pids.reshape(-1).tolist()):
-                if q <= 0:
-                    continue
-                r, c = L.space(q)
-                if r != R:
-                    continue
+        for sflat, roots_l, chans_l in linked:
+            sel = (roots_l == R).nonzero().reshape(-1)
+            for v, c in zip(sflat[sel].tolist(), chans_l[sel].tolist()):
                 root = L.find(v)
                 if root == FIXED:
                     fixed_items.add(c)
