@@ -17,7 +17,9 @@ from ._output import emit_json, handled, progress, stdout_console
 @app.command()
 def equalize(
     model: str = typer.Argument(..., help=MODEL_HELP),
-    out: Path = typer.Option(..., "--out", help="The safetensors file to write."),
+    out: Path = typer.Option(
+        ..., "--out", help="The safetensors file to write (a folder for a sharded input)."
+    ),
     bits: int = typer.Option(
         4, "--bits", min=2, max=16, help="Integer width the weights will be rounded to."
     ),
@@ -34,6 +36,13 @@ def equalize(
     The equalized model is checked on 16 sample inputs (relative output change within the
     weights' dtype tolerance) before anything is written; exit code 2 otherwise.
     """
+    from ..stream import is_sharded
+
+    if is_sharded(model):  # a sharded safetensors folder: streamed layer by layer
+        from ._stream import stream_command
+
+        kw = dict(arch=arch, input_shape=input_shape, force=force, json_=json_)
+        return stream_command("equalize", model, out, bits=bits, granularity=granularity, **kw)
     from .. import invariance_error
     from ..apply import equalize as eq
     from ..apply import quantize_weights, sqnr_db

@@ -1,5 +1,6 @@
 """`gaugenet quantize MODEL --scheme w4a8 --out FILE`: round-to-nearest fake quantization,
-optionally after equalization within the gauge group (kept only where it helps)."""
+optionally after equalization within the gauge group (kept only where it helps). A sharded
+safetensors folder is streamed layer by layer (see `gaugenet.stream`)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,11 @@ SCHEME_HELP = (
 @app.command()
 def quantize(
     model: str = typer.Argument(..., help=MODEL_HELP),
-    out: Path = typer.Option(..., "--out", help="The safetensors file to write (rounded weights)."),
+    out: Path = typer.Option(
+        ...,
+        "--out",
+        help="The safetensors file to write (rounded weights; a folder for a sharded input).",
+    ),
     scheme: str = typer.Option("w4", "--scheme", help=SCHEME_HELP),
     equalize: bool = typer.Option(
         False, "--equalize", help="Move within the gauge group first (per-tensor/per-channel)."
@@ -37,6 +42,13 @@ def quantize(
     SQNR on 16 sample inputs. The weights are checked to lie on the scheme's grid before
     anything is written; with --equalize the equalized model is kept only where it raises
     the SQNR."""
+    from ..stream import is_sharded
+
+    if is_sharded(model):  # a sharded safetensors folder: streamed layer by layer
+        from ._stream import stream_command
+
+        kw = dict(arch=arch, input_shape=input_shape, force=force, json_=json_)
+        return stream_command("quantize", model, out, scheme=scheme, equalize=equalize, **kw)
     from ..apply import QuantScheme, sqnr_db
     from ..apply import equalize as eq
     from ..apply import quantize as quant

@@ -1,5 +1,6 @@
 """Discovering the gauge symmetries of a model from its computation graph."""
 
+from ._meta import check_on as check_on
 from ._selfcheck import INTERNAL_ERROR as INTERNAL_ERROR
 from ._selfcheck import self_check as self_check
 from ._symmetries import register_analyzer as register_analyzer

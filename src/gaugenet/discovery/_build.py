@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from ..groups import Breaker, PermTerm, PermutationFactor, RescalingFactor, Scale
 from ._labels import FIXED, Labels, terms_of
@@ -70,19 +70,21 @@ def _scale_factors(
     for r in sorted(first_block):
         classes[cfind(first_block[r])].append(r)
     factors, where = [], {}
+    # computed once, not per class (both would cost classes × ids, hours for a 7B model)
+    root_t = torch.tensor([*roots, FIXED])
+    blocks_of: dict[int, set[int]] = defaultdict(set)
+    for i in range(1, n_ids):
+        blocks_of[roots[i]].add(L.block_of[i])
     for class_roots in classes.values():
         n = len(class_roots)
         for k, r in enumerate(class_roots):
             where[r] = (len(factors), k)
         # id -> entry of this factor (n: not in it); the last index is ZERO (-1)
-        root_t = torch.tensor([*roots, FIXED])
-        lut = torch.full((n_ids + 1,), n, dtype=torch.long)
-        for k, r in enumerate(class_roots):
-            lut[root_t == r] = k
+        rank = torch.full((n_ids,), n, dtype=torch.long)
+        rank[torch.tensor(class_roots)] = torch.arange(n)
+        lut = rank[root_t]
         terms = terms_of(L.scale_terms, lut, n)
-        blocks = sorted(
-            {L.block_of[i] for r in class_roots for i in range(1, n_ids) if roots[i] == r}
-        )
+        blocks = sorted({b for r in class_roots for b in blocks_of[r]})
         name = "scale:" + "+".join(dict.fromkeys(L.blocks[b][2] for b in blocks))
         modules = tuple(
             dict.fromkeys(_module_of(t.param if isinstance(t, Scale) else t.weight) for t in terms)
@@ -96,25 +98,21 @@ def _perm_factors(
     L: Labels, scale_factors: list[RescalingFactor], where: dict[int, tuple[str, int]]
 ) -> list[PermutationFactor]:
     spaces = sorted({L.bfind(b) for b in range(len(L.blocks))})
-    # every id's channel space (root block) and channel, looked up once for all spaces
-    n_ids = len(L.parent)
-    root_of = torch.full((n_ids + 1,), -1, dtype=torch.long)  # last entry: ids <= 0
-    chan_of = torch.full((n_ids + 1,), -1, dtype=torch.long)
-    for b, (base, size, _) in enumerate(L.blocks):
-        root_of[base : base + size] = L.bfind(b)
-        chan_of[base : base + size] = torch.arange(size)
-
-    def lookup(ids: Tensor) -> tuple[Tensor, Tensor]:
-        idx = torch.where(ids > 0, ids, torch.full_like(ids, n_ids))
-        return root_of[idx], chan_of[idx]
-
-    terms_rc = [(param, axis, *lookup(ids)) for param, axis, ids in L.perm_terms]
-    link_v = [sids.reshape(-1) for sids, _ in L.links]
-    link_q = [pids.reshape(-1) for _, pids in L.links]
-    flat_v = torch.cat(link_v) if link_v else torch.zeros(0, dtype=torch.long)
-    flat_q = torch.cat(link_q) if link_q else torch.zeros(0, dtype=torch.long)
-    q_root, q_chan = lookup(flat_q)
     out = []
+    # (space, channel) of every perm id of every term and link, once and as tensors (not
+    # id by id once per space: millions of lookups for a 7B model)
+    block_t = torch.tensor(L.block_of).clamp_min(0)
+    root_t = torch.tensor([L.bfind(b) for b in range(len(L.blocks))] or [0])
+    base_t = torch.tensor([b[0] for b in L.blocks] or [0])
+
+    def locate(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = ids.reshape(-1)
+        b = block_t[ids.clamp_min(0)]
+        live = ids > 0
+        return torch.where(live, root_t[b], -1), torch.where(live, ids - base_t[b], -1)
+
+    located = [locate(ids) for _, _, ids in L.perm_terms]
+    linked = [(sids.reshape(-1), *locate(pids)) for sids, pids in L.links]
     for R in spaces:
         if L.block_fixed[R]:
             continue
@@ -123,8 +121,8 @@ def _perm_factors(
             dict.fromkeys(L.blocks[b][2] for b in range(len(L.blocks)) if L.bfind(b) == R)
         )
         terms, ok = [], True
-        for param, axis, roots, chans in terms_rc:
-            chan = torch.where(roots == R, chans, torch.full_like(chans, -1))
+        for (param, axis, ids), (roots_t, chans_t) in zip(L.perm_terms, located):
+            chan = torch.where(roots_t == R, chans_t, -1).reshape(ids.shape)
             if (chan < 0).all():
                 continue
             counts = torch.bincount(chan[chan >= 0], minlength=n)
@@ -139,16 +137,17 @@ def _perm_factors(
         # conjugation with rescaling factors: item c owns scale entry m[c]
         maps: dict[int, dict[int, int]] = defaultdict(dict)
         fixed_items = set()
-        sel = (q_root == R).nonzero().flatten()
-        for v, c in zip(flat_v[sel].tolist(), q_chan[sel].tolist()):
-            root = L.find(v)
-            if root == FIXED:
-                fixed_items.add(c)
-                continue
-            f, k = where[root]
-            if maps[f].get(c, k) != k:
-                ok = False
-            maps[f][c] = k
+        for sflat, roots_l, chans_l in linked:
+            sel = (roots_l == R).nonzero().reshape(-1)
+            for v, c in zip(sflat[sel].tolist(), chans_l[sel].tolist()):
+                root = L.find(v)
+                if root == FIXED:
+                    fixed_items.add(c)
+                    continue
+                f, k = where[root]
+                if maps[f].get(c, k) != k:
+                    ok = False
+                maps[f][c] = k
         conjugates = []
         for f, mp in maps.items():
             if len(mp) != n or len(set(mp.values())) != n or fixed_items:

@@ -7,7 +7,7 @@ always `(args, kwargs)`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -62,18 +62,20 @@ def _candidates(model: nn.Module) -> Iterator[Call]:
                 yield (x, y, y), {}
 
 
-def find_inputs(model: nn.Module) -> Call:
+def find_inputs(model: nn.Module, *, move: Callable[[Call], Call] | None = None) -> Call:
     """Example inputs the model accepts, for a model given without them.
 
     Tries, in order: a batch for the first `nn.Linear`, the model's `dummy_inputs` (the
     Hugging Face convention), and token batches `(2, 3, d)` for the widths `d` of its
     parameters (once, or as query, key and value, the keys and values possibly of another
-    width). Raises `GaugeError` when none runs.
+    width). `move` maps each candidate before it is tried (e.g. to the meta device).
+    Raises `GaugeError` when none runs.
     """
     was = model.training
     model.eval()
     try:
         for call in _candidates(model):
+            call = move(call) if move is not None else call
             try:
                 with torch.no_grad():
                     run(model, call)

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..groups import BatchNormShift, Breaker, Scale
 
-__all__ = ["FIXED", "ZERO", "Labels", "terms_of"]
+__all__ = ["FIXED", "ZERO", "Labels", "terms_of", "unique_pairs"]
 
 FIXED = 0
 ZERO = -1
@@ -73,9 +73,11 @@ class Labels:
             ra, rb = rb, ra
         self.parent[rb] = ra  # FIXED stays a root
 
-    def union_all(self, ids: Tensor) -> int:
+    def union_all(self, ids: Tensor | list[int]) -> int:
         """Merge all scale ids in `ids` (ignoring ZERO); return one representative or ZERO."""
-        vals = [int(v) for v in torch.unique(ids) if int(v) != ZERO]
+        # a list, not `torch.unique`: called once per channel, small tensors dominate the time
+        flat = ids.reshape(-1).tolist() if isinstance(ids, Tensor) else ids
+        vals = [v for v in sorted(set(flat)) if v != ZERO]
         for v in vals[1:]:
             self.union(vals[0], v)
         return vals[0] if vals else ZERO
@@ -87,15 +89,6 @@ class Labels:
             self.union(FIXED, v)
         if free and not quiet:
             self.breakers.append(Breaker(node, reason))
-
-    def drop_outputs_of(self, nodes: set[str]) -> None:
-        """Fix the scale and perm labels of every block created by one of `nodes` (a larger
-        factor found elsewhere contains their rescalings and permutations)."""
-        ids = [v for v, b in enumerate(self.block_of) if b >= 0 and self.blocks[b][2] in nodes]
-        if ids:
-            t = torch.tensor(ids)
-            self.fix_scales(t, "", "", quiet=True)
-            self.fix_perms(t, "", "", quiet=True)
 
     # -- perm blocks --------------------------------------------------------------------
     def bfind(self, b: int) -> int:
@@ -121,7 +114,7 @@ class Labels:
         """Two perm label maps meet elementwise (an addition): their channel spaces must agree
         channel for channel, else both lose their permutation symmetry."""
         mask = (a > 0) & (b > 0)
-        pairs = torch.unique(torch.stack([a[mask], b[mask]], -1), dim=0) if mask.any() else []
+        pairs = unique_pairs(a[mask], b[mask]) if mask.any() else []
         ok, merges = True, set()
         for pa, pb in (tuple(int(v) for v in row) for row in pairs):
             (ra, ia), (rb, ib) = self.space(pa), self.space(pb)
@@ -143,20 +136,31 @@ class Labels:
                 self.block_parent[rb] = ra
                 self.block_fixed[ra] = self.block_fixed[ra] or self.block_fixed[rb]
 
-    def per_channel(self, ids: Tensor, axis: int) -> list[Tensor]:
-        """Distinct non-ZERO ids for each index along `axis`."""
+    def per_channel(self, ids: Tensor, axis: int) -> list[list[int]]:
+        """Distinct non-ZERO ids for each index along `axis` (sorted)."""
         moved = ids.movedim(axis, 0).reshape(ids.shape[axis], -1)
-        const = (moved == moved[:, :1]).all(1).tolist()
-        first = moved[:, 0].tolist()
-        empty = torch.zeros(0, dtype=ids.dtype)
-        out = []
-        for c, (same, v) in enumerate(zip(const, first)):
-            if same:  # the common case (labels broadcast over positions): no sort needed
-                out.append(empty if v == ZERO else torch.tensor([v], dtype=ids.dtype))
-            else:
-                row = moved[c]
-                out.append(torch.unique(row[row != ZERO]))
+        # vectorized (one `unique` per channel costs minutes for a 7B model's 10⁶ channels);
+        # the common case, one id per channel, is one tensor split into rows
+        srt = moved.sort(dim=1).values
+        new = torch.ones_like(srt, dtype=torch.bool)
+        new[:, 1:] = srt[:, 1:] != srt[:, :-1]
+        new &= srt != ZERO
+        # as lists of ints: creating 10⁴ small tensors per layer costs more than the sort
+        vals, counts = srt[new].tolist(), new.sum(1).tolist()
+        if min(counts, default=1) == 1 == max(counts, default=1):  # one id per channel
+            return [[v] for v in vals]
+        out, k = [], 0
+        for c in counts:
+            out.append(vals[k : k + c])
+            k += c
         return out
+
+
+def unique_pairs(a: Tensor, b: Tensor) -> Tensor:
+    """The distinct pairs `(a_i, b_i)`, `(k, 2)` sorted: one key per pair (ids are far
+    below 2³¹) and a 1-D `unique`, much faster than `unique(dim=0)`."""
+    keys = torch.unique(a.reshape(-1) * (1 << 31) + b.reshape(-1))
+    return torch.stack([keys >> 31, keys & ((1 << 31) - 1)], -1)
 
 
 def terms_of(records: list[tuple], lut: Tensor, n: int, skip: set[str] = frozenset()) -> list:

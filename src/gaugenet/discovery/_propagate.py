@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from ..groups import AffineFactor, AffineTerm, GLFactor, MatTerm
-from ._labels import FIXED, ZERO, Labels
+from ._labels import FIXED, ZERO, Labels, unique_pairs
 from ._norm_rules import NormRules
 from ._ops import (
     ADD_OPS,
@@ -205,7 +205,13 @@ class Propagator(NormRules, fx.Interpreter):
         reps = torch.tensor([self.L.union_all(c) if len(c) else ZERO for c in cols])
         w = m.weight
         ipg, opg = w.shape[1], w.shape[0] // groups
-        col_index = reps.reshape(groups, ipg).repeat_interleave(opg, 0)  # (out, in/groups)
+        # (1, in) broadcast over the output rows when ungrouped: a weight-sized index would
+        # cost 8 bytes per weight entry (gigabytes for a large model analyzed on meta)
+        col_index = (
+            reps.reshape(1, ipg)
+            if groups == 1
+            else reps.reshape(groups, ipg).repeat_interleave(opg, 0)
+        )  # (out or 1, in/groups)
         col_index = col_index.reshape(*col_index.shape, *([1] * (w.ndim - 2)))
         self.L.scale_terms.append((f"{name}.weight", col_index, -1))
         pcols = self.L.per_channel(p, axis)
@@ -557,7 +563,7 @@ class Propagator(NormRules, fx.Interpreter):
             sa, sb = (x.expand(out.shape) for x in (la[0], lb[0]))
             qa, qb = (x.expand(out.shape) for x in (la[1], lb[1]))
             both = (sa != ZERO) & (sb != ZERO)
-            for x, y in torch.unique(torch.stack([sa[both], sb[both]], -1), dim=0).tolist():
+            for x, y in unique_pairs(sa[both], sb[both]).tolist():
                 self.L.union(x, y)
             self.L.align(qa, qb, n.name)
             return torch.where(sa != ZERO, sa, sb).clone(), torch.where(qa != ZERO, qa, qb).clone()

@@ -18,6 +18,7 @@ from ._capture import export_graph
 from ._centering import link_centered
 from ._inputs import Call, as_call, find_inputs
 from ._kernel import link_kernels
+from ._meta import is_meta, meta_call, unchecked
 from ._propagate import Propagator
 from ._selfcheck import self_check
 from ._stream import stream_rotations, with_rotations
@@ -81,14 +82,22 @@ def symmetries(model: nn.Module, example_inputs: Any = None) -> GaugeGroup:
     **Returns:** a `GaugeGroup` with `factors` and `breakers` (the operations that break
     a would-be symmetry, with reasons). Every factor has been checked on the example inputs
     (see `_selfcheck.py`): one that changes the outputs is dropped and named among the
-    breakers as an internal error.
+    breakers as an internal error. A model on the meta device (shapes, no values) is
+    analyzed from shapes alone; its group is then `unchecked` (see `_meta.py`, `check_on`).
 
     Raises `GaugeError` for non-finite weights or when no inputs are given or inferred,
     `UnsupportedModelError` when the model cannot be captured.
     """
-    _check_finite(model)
-    call = find_inputs(model) if example_inputs is None else as_call(example_inputs)
-    group = self_check(model, call, _discover(model, call))
+    meta = is_meta(model)  # shapes only: no values to check (see `_meta.py`)
+    if not meta:
+        _check_finite(model)
+    move = meta_call if meta else None
+    call = find_inputs(model, move=move) if example_inputs is None else as_call(example_inputs)
+    if meta:
+        call = meta_call(call)
+        group = unchecked(_discover(model, call))
+    else:
+        group = self_check(model, call, _discover(model, call))
     # the inputs the group was checked on travel with it (canonicalize and align check there)
     args, kwargs = call
     used = kwargs if kwargs and not args else args[0] if len(args) == 1 and not kwargs else args

@@ -59,6 +59,9 @@ class GaugeGroup:
       `gaugenet.symmetries`); `act` and the functions built on it refuse other models.
     - `example_inputs`: the inputs the group was found with (set by `gaugenet.symmetries`);
       what `canonicalize` checks its result on when given no inputs.
+    - `unchecked`: `None` when the factors were checked numerically on the example inputs
+      (or the group was built by hand); otherwise why they were not (a group found on the
+      meta device, which has shapes but no values; see `gaugenet.discovery.check_on`).
     """
 
     factors: tuple[AbstractFactor, ...]
@@ -66,6 +69,7 @@ class GaugeGroup:
     param_names: tuple[str, ...] = field(default=(), repr=False)
     signature: ModelSignature | None = field(default=None, repr=False)
     example_inputs: Any = field(default=None, repr=False)
+    unchecked: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         names = [f.name for f in self.factors]
@@ -79,6 +83,11 @@ class GaugeGroup:
     def dim(self) -> int:
         """Dimension of the Lie algebra (discrete factors count 0)."""
         return sum(f.dim for f in self.factors)
+
+    @property
+    def checked(self) -> bool:
+        """Whether the factors were checked numerically (see `unchecked`)."""
+        return self.unchecked is None
 
     def factor(self, name: str) -> AbstractFactor:
         try:
@@ -109,7 +118,8 @@ class GaugeGroup:
         kinds: dict[str, int] = {}
         for f in self.factors:
             kinds[f.kind] = kinds.get(f.kind, 0) + 1
-        return f"GaugeGroup(dim={self.dim}, factors={kinds}, breakers={len(self.breakers)})"
+        tail = ", unchecked" if self.unchecked else ""
+        return f"GaugeGroup(dim={self.dim}, factors={kinds}, breakers={len(self.breakers)}{tail})"
 
     # -- group structure ----------------------------------------------------------
     def _full(self, g: Mapping[str, Tensor], dtype: torch.dtype) -> Element:
