@@ -88,6 +88,9 @@ def _llama_config() -> object:
     )
 
 
+_ATTENTION = {"qk", "vo", "kv_groups", "heads[0]", "heads[1]"}
+
+
 @pytest.mark.slow
 def test_meta_llama_matches_cpu(gen) -> None:
     cfg = _llama_config()
@@ -97,8 +100,11 @@ def test_meta_llama_matches_cpu(gen) -> None:
         meta = transformers.LlamaForCausalLM(cfg).double().eval()
     x = {"input_ids": torch.randint(0, 24, (2, 5), generator=gen)}
     g_cpu, g_meta = gaugenet.symmetries(cpu, x), gaugenet.symmetries(meta, x)
-    assert _rows(g_meta) == _rows(g_cpu) and len(g_cpu.factors) == 2
-    assert [b.node for b in g_meta.breakers] == [b.node for b in g_cpu.breakers]
+    # attention's maps (rotary, head layout) are measured on values: on meta it is named
+    # among the breakers, and everything else is found as on the CPU
+    attention = {f.name for f in g_cpu.factors if f.name.rpartition(".")[2] in _ATTENTION}
+    assert attention and _rows(g_meta) == [r for r in _rows(g_cpu) if r[0] not in attention]
+    assert any("meta device" in b.reason for b in g_meta.breakers)
     assert not g_meta.checked
     checked = check_on(g_meta, cpu, x)
-    assert checked.checked and _rows(checked) == _rows(g_cpu)
+    assert checked.checked and _rows(checked) == _rows(g_meta)

@@ -92,7 +92,12 @@ def attention_from_graph(
     output rescalings and permutations the factors contain (the caller drops those). `values`
     holds each node's value on the example inputs."""
     factors, breakers, covered = [], [], set()
-    for core in _cores(gm):
+    cores = _cores(gm)
+    if cores and any(isinstance(v, Tensor) and v.is_meta for v in values.values()):
+        # the maps between projections and cores are measured, which needs values
+        why = "attention not analyzed on the meta device: its maps are measured on values"
+        return [], [Breaker(c.out.name, why) for c in cores], set()
+    for core in cores:
         try:
             fs, names = _core_factors(core, gm, root, values)
         except _Skip as exc:

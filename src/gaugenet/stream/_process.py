@@ -44,6 +44,8 @@ from ._write import ShardWriter, atomic_folder, check_output_folder
 
 __all__ = ["StreamReport", "stream_equalize", "stream_quantize"]
 
+_MOVED = (RescalingFactor, GLFactor)
+
 #: tokens of the meta-device example input
 _TOKENS = 8
 #: entries rounded at a time
@@ -150,7 +152,9 @@ class _Stream:
             group = symmetries(self.meta, {"input_ids": ids})
             self.inputs = record_inputs(self.meta, {"input_ids": ids})
             report.factors = len(group.factors)
-            comps = components(group.factors)
+            # only the kinds that move: an orthogonal factor of the residual stream touches
+            # nearly every tensor and would make one component of the whole model
+            comps = components([f for f in group.factors if isinstance(f, _MOVED)])
         comp_of = {p: c for c in comps for p in c.params}
         pending: dict[str, Tensor] = {}
         done: set[int] = set()
