@@ -15,6 +15,8 @@ from ._quantize import quantize_dynamic_int8 as quantize_dynamic_int8
 from ._quantize import quantize_tensor as quantize_tensor
 from ._quantize import quantize_weights as quantize_weights
 from ._quantize import quantized_params as quantized_params
+from ._residual import ResidualRotationFactor as ResidualRotationFactor
+from ._residual import residual_factors as residual_factors
 from ._schemes import QuantScheme as QuantScheme
 from ._schemes import quantize as quantize
 from ._schemes import quantize_grouped as quantize_grouped

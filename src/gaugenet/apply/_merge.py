@@ -25,10 +25,11 @@ from .._errors import GaugeError
 from ..discovery import symmetries
 from ..groups import Element, GaugeGroup, PermutationFactor, RescalingFactor, model_state
 from ..groups._group import load_state
+from ._match import match_continuous, match_rotations, state_distance
 
 __all__ = ["ALIGNMENTS", "align_pair", "align_to", "interpolation_barrier", "loss_curve", "merge"]
 
-ALIGNMENTS = ("none", "permutation", "permutation+gauge")
+ALIGNMENTS = ("none", "permutation", "permutation+gauge", "full")
 
 
 def _items(p: Tensor, axis: int, entries: Tensor) -> Tensor:
@@ -104,6 +105,25 @@ def match_rescalings(
     return {f.name: torch.exp(x) for f, x in zip(factors, parts)}
 
 
+def _match_full(group: GaugeGroup, reference: dict, model: nn.Module, rounds: int) -> nn.Module:
+    """Weight matching over the whole group: permutations first, then `rounds` sweeps of
+    orthogonal factors (closed form), the other continuous factors (least squares) and the
+    permutations again. A step is kept only if it does not increase the distance, so the
+    result is never farther from `reference` than permutation matching alone."""
+    current = group.act(model, match_permutations(group, reference, model_state(model)))
+    dist = state_distance(reference, model_state(current))
+    for _ in range(rounds):
+        for step in (match_rotations, match_continuous, match_permutations):
+            g = step(group, reference, model_state(current))
+            if not g:
+                continue
+            moved = group.act(current, g)
+            d = state_distance(reference, model_state(moved))
+            if d <= dist:
+                current, dist = moved, d
+    return current
+
+
 def align_to(
     reference: nn.Module,
     model: nn.Module,
@@ -120,9 +140,12 @@ def align_to(
     - `reference`, `model`: two models of one architecture (neither is modified).
     - `example_inputs`: inputs to trace the architecture with (`gaugenet.symmetries`).
     - `align`: `"none"` (a copy), `"permutation"` (weight matching of units/channels/heads
-      alone) or `"permutation+gauge"` (also the continuous factors: the model is first
+      alone), `"permutation+gauge"` (also the continuous factors: the model is first
       brought to the canonical gauge, then permutations and rescalings are matched in
-      `rounds` alternations).
+      `rounds` alternations) or `"full"` (weight matching over the whole group: after the
+      permutations, orthogonal factors by Procrustes and every other continuous factor,
+      per-head attention `GL` included, by least squares, in `rounds` sweeps; never
+      farther from `reference` than `"permutation"`).
 
     **Returns:** the aligned model; it computes the same function as `model`.
     """
@@ -136,6 +159,8 @@ def align_to(
     ref = model_state(reference)
     if align == "permutation":
         return group.act(model, match_permutations(group, ref, model_state(model)))
+    if align == "full":
+        return _match_full(group, ref, model, rounds)
     current = canonicalize(model, example_inputs=example_inputs, group=group)
     for _ in range(rounds):
         current = group.act(current, match_permutations(group, ref, model_state(current)))

@@ -65,10 +65,16 @@ def train(
     lr: float = 1e-2,
     seed: int = 0,
     batch: int = 64,
+    weight_decay: float = 0.0,
 ) -> nn.Module:
-    """Adam on cross-entropy, minibatches in a seeded order; returns the model in eval mode."""
+    """Adam on cross-entropy (AdamW with `weight_decay > 0`), minibatches in a seeded order;
+    returns the model in eval mode."""
     g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    opt = (
+        torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        if weight_decay > 0
+        else torch.optim.Adam(model.parameters(), lr=lr)
+    )
     model.train()
     for _ in range(epochs):
         for idx in torch.randperm(len(y), generator=g).split(batch):

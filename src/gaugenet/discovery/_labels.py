@@ -88,6 +88,15 @@ class Labels:
         if free and not quiet:
             self.breakers.append(Breaker(node, reason))
 
+    def drop_outputs_of(self, nodes: set[str]) -> None:
+        """Fix the scale and perm labels of every block created by one of `nodes` (a larger
+        factor found elsewhere contains their rescalings and permutations)."""
+        ids = [v for v, b in enumerate(self.block_of) if b >= 0 and self.blocks[b][2] in nodes]
+        if ids:
+            t = torch.tensor(ids)
+            self.fix_scales(t, "", "", quiet=True)
+            self.fix_perms(t, "", "", quiet=True)
+
     # -- perm blocks --------------------------------------------------------------------
     def bfind(self, b: int) -> int:
         while self.block_parent[b] != b:

@@ -35,6 +35,15 @@ from ._shifts import AbsorbedShiftFactor, GroupShiftFactor, IntoBatchNorm, Remov
 __all__ = ["Propagator"]
 
 Pair = tuple[Tensor, Tensor]  # (scale labels, perm labels)
+#: casts and copies: values keep their labels
+_CASTS = {
+    torch.ops.aten.to.dtype,
+    torch.ops.aten._to_copy.default,
+    torch.ops.aten.clone.default,
+    torch.ops.aten.contiguous.default,
+    torch.ops.aten.alias.default,
+    torch.ops.aten.detach.default,
+}
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _IN = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
@@ -60,6 +69,8 @@ class Propagator(NormRules, fx.Interpreter):
         self.param_ids = {id(p): n for n, p in root.named_parameters(remove_duplicate=False)}
         self.centered_layers: set[str] = set()
         self.removed_memo: dict[fx.Node, bool] = {}
+        #: every node's value on the example inputs (the attention pass probes paths with them)
+        self.values: dict[fx.Node, Any] = {}
 
     # -- plumbing -------------------------------------------------------------------------
     def lab(self, a: Any) -> Pair | None:
@@ -69,6 +80,9 @@ class Propagator(NormRules, fx.Interpreter):
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
+        self.values[n] = out
+        if isinstance(out, Tensor):
+            n.meta["gaugenet_shape"] = tuple(out.shape)
         try:
             self.env_labels[n] = self.rule(n, out)
         except _Unsupported as exc:
@@ -143,6 +157,10 @@ class Propagator(NormRules, fx.Interpreter):
     # -- modules --------------------------------------------------------------------------
     def module_rule(self, n: fx.Node, m: nn.Module, out: Tensor) -> Pair:
         name = str(n.target)
+        if isinstance(m, nn.Embedding):
+            # its rows are not analyzed here; recording the use lets a tied table be seen
+            self.use_param(f"{name}.weight", name)
+            return _fixed(out)
         _, (s, p) = self.first(n)
         if isinstance(m, (nn.Linear, *_CONV)):
             lab = self.affine_layer(name, m, s, p, out)
@@ -209,6 +227,42 @@ class Propagator(NormRules, fx.Interpreter):
             self.L.scale_terms.append((f"{name}.bias", fresh, 1))
             self.L.perm_terms.append((f"{name}.bias", 0, fresh))
         lab = _broadcast_channels(fresh, out.shape, axis)
+        return lab, lab.clone()
+
+    def matmul_param(self, n: fx.Node, out: Tensor) -> Pair:
+        """`addmm(b, x, W)` / `mm(x, W)` with parameters `W` (`(in, out)`, as GPT-2's Conv1D)
+        and `b`: a linear layer in the paper's orientation."""
+        addmm = n.target is torch.ops.aten.addmm.default
+        bias_node, x, w_node = n.args if addmm else (None, *n.args)
+        wname = self._param_name(w_node)
+        bname = self._param_name(bias_node) if addmm else None
+        if n.kwargs or wname is None or (addmm and bname is None):
+            raise _Unsupported("matrix product with computed operands or coefficients")
+        lab = self.lab(x)
+        if lab is None:
+            raise _Unsupported("matrix product of an unlabeled input")
+        s, p = lab
+        module = wname.rpartition(".")[0]
+        self.use_param(wname, n.name)
+        reps = torch.tensor(
+            [self.L.union_all(c) if len(c) else ZERO for c in self.L.per_channel(s, -1)]
+        )
+        self.L.scale_terms.append((wname, reps.reshape(-1, 1), -1))
+        pcols = self.L.per_channel(p, -1)
+        if all(len(c) <= 1 for c in pcols):
+            ids = torch.tensor([int(c[0]) if len(c) else ZERO for c in pcols])
+            self.L.perm_terms.append((wname, 0, ids))
+        else:
+            self.L.fix_perms(p, module, "mixed channels into a matrix product")
+        fresh = self.L.fresh(out.shape[-1], module)
+        self.L.scale_terms.append((wname, fresh.reshape(1, -1), 1))
+        self.L.perm_terms.append((wname, 1, fresh))
+        self.L.links.append((fresh, fresh))
+        if bname is not None:
+            self.use_param(bname, n.name)
+            self.L.scale_terms.append((bname, fresh, 1))
+            self.L.perm_terms.append((bname, 0, fresh))
+        lab = _broadcast_channels(fresh, out.shape, -1)
         return lab, lab.clone()
 
     def _sole_producer(self, n: fx.Node, types: tuple[type, ...]) -> tuple[str, nn.Module] | None:
@@ -419,7 +473,7 @@ class Propagator(NormRules, fx.Interpreter):
 
     def function_rule(self, n: fx.Node, out: Tensor) -> Pair:
         f = n.target
-        if f in HOMOGENEOUS_FUNCS:
+        if f in HOMOGENEOUS_FUNCS or f in _CASTS:
             _, (s, p) = self.first(n)
             return s, p
         if f in NONHOMOGENEOUS_FUNCS:
@@ -449,6 +503,8 @@ class Propagator(NormRules, fx.Interpreter):
         if f in (torch.mean, torch.sum):
             _, (s, p) = self.first(n)
             return self.reduce(n, s, p, out)
+        if f in (torch.ops.aten.addmm.default, torch.ops.aten.mm.default):
+            return self.matmul_param(n, out)
         raise _Unsupported(f"operation {getattr(f, '__name__', f)} is not analyzed")
 
     def getitem(self, n: fx.Node, s: Tensor, p: Tensor) -> Pair:
@@ -537,8 +593,25 @@ class Propagator(NormRules, fx.Interpreter):
 
     def mul(self, n: fx.Node, out: Tensor) -> Pair:
         a, b = n.args[0], n.args[1]
-        la, lb = self.lab(a), self.lab(b)
         div = n.target in (operator.truediv, torch.div, operator.itruediv)
+        if not div and self._param_name(a) is not None and self._param_name(b) is None:
+            a, b = b, a  # a parameter gain on the left: `γ * x`
+        la, lb = self.lab(a), self.lab(b)
+        if not div and la is not None and self._param_name(b) is not None:
+            gained = self.gain(n, la, self._param_name(b), out)
+            if gained is not None:
+                return gained
+        if (
+            la is not None
+            and lb is not None
+            and not div
+            and _per_token(self.env_or(b), out)
+            and not bool((lb[0] > 0).any() or (lb[1] > 0).any())
+            and self._param_name(b) is None
+        ):
+            # `x * r` with `r` one unlabeled number per token (a norm's `1/rms(x)`): channels
+            # keep their labels
+            return la[0].expand(out.shape).clone(), la[1].expand(out.shape).clone()
         if la is not None and lb is None and isinstance(b, (int, float)):
             return la
         if la is None and lb is not None and isinstance(a, (int, float)) and not div:
@@ -560,6 +633,28 @@ class Propagator(NormRules, fx.Interpreter):
             if not div and pa is None and pb is None:
                 return self.product(n, la, lb, out)
         raise _Unsupported("product of two tensors that both carry scales")
+
+    def env_or(self, a: Any) -> Any:
+        return self.values.get(a) if isinstance(a, fx.Node) else a
+
+    def gain(self, n: fx.Node, la: Pair, pname: str, out: Tensor) -> Pair | None:
+        """`x * γ` with `γ` a per-feature parameter and `x` carrying no free scale (a
+        normalized stream, as in RMSNorm): `γ` is a source of one fresh scale per feature,
+        which its readers take back."""
+        g = self.root.get_parameter(pname)
+        s, p = la
+        if g.ndim != 1 or out.shape[-1] != g.shape[0]:
+            return None
+        if any(self.L.find(int(v)) != FIXED for v in torch.unique(s) if int(v) > 0):
+            return None
+        self.use_param(pname, n.name)
+        self.carrier(n.name, [pname], p.expand(out.shape), axis=-1)
+        fresh = self.L.fresh(g.shape[0], pname.rpartition(".")[0] or pname)
+        self.L.scale_terms.append((pname, fresh, 1))
+        pcols = self.L.per_channel(p.expand(out.shape), -1)
+        if all(len(c) == 1 for c in pcols):
+            self.L.links.append((fresh, torch.tensor([int(c[0]) for c in pcols])))
+        return _broadcast_channels(fresh, out.shape, -1), p.expand(out.shape).clone()
 
     def product(self, n: fx.Node, la: Pair, lb: Pair, out: Tensor) -> Pair:
         """`a * b` of two computed tensors (a gated MLP's `act(gate(x)) * up(x)`): the product
@@ -625,6 +720,16 @@ def _label_free(n: fx.Node) -> bool:
 
 class _Unsupported(Exception):
     pass
+
+
+def _per_token(other: Any, out: Tensor) -> bool:
+    """`other` is one number per token: a tensor of `out`'s rank, size 1 on the last axis."""
+    return (
+        isinstance(other, Tensor)
+        and other.ndim == out.ndim
+        and other.shape[-1] == 1
+        and out.shape[-1] > 1
+    )
 
 
 def _broadcast_channels(ids: Tensor, shape: torch.Size, axis: int) -> Tensor:

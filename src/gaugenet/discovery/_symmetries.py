@@ -12,6 +12,7 @@ from torch import nn
 
 from .._errors import GaugeError, UnsupportedModelError
 from ..groups import Breaker, GaugeGroup, bind_to_model
+from ._attention import attention_from_graph, drop_key_compensation
 from ._build import build_factors
 from ._capture import export_graph
 from ._centering import link_centered
@@ -19,6 +20,7 @@ from ._inputs import Call, as_call, find_inputs
 from ._kernel import link_kernels
 from ._propagate import Propagator
 from ._selfcheck import self_check
+from ._stream import stream_rotations, with_rotations
 from ._trace import is_atomic, trace
 from ._unanalyzed import unanalyzed_breakers
 
@@ -138,7 +140,12 @@ def _discover(model: nn.Module, call: Call) -> GaugeGroup:
         raise UnsupportedModelError(
             f"running {type(model).__name__} on the example inputs failed: {exc}"
         ) from exc
+    attn, attn_breakers, projections = attention_from_graph(gm, model, prop.values)
+    prop.L.drop_outputs_of(projections)
     factors, breakers = build_factors(prop.L, model)
+    factors = drop_key_compensation(factors + attn)
+    factors = with_rotations(factors, stream_rotations(gm, model, prop.values))
+    breakers += attn_breakers
     f2, b2 = _atom_factors(model)
     factors = link_centered(link_kernels(factors + f2))
     b2 += unanalyzed_breakers(model)

@@ -17,6 +17,12 @@ terms, so it exists for every group `gaugenet.symmetries` finds:
   conserved symmetric `(b, d, d)` matrix. For attention: `W_q ↦ G⁻ᵀ`-type and
   `W_k ↦ G`-type terms give `W_qᵀ W_q − W_kᵀ W_k` in the usual layout; value-output gives
   `W_o-block W_o-blockᵀ − W_v W_vᵀ`-type matrices.
+- `AlgebraFactor` (a subalgebra `𝒜` of `gl(d)`, e.g. the commutant of rotary embeddings,
+  or `GL` shared by the query heads of a key-value group): the same `Q`, summed over the
+  blocks that share an element, read along the algebra: `Q_k = ⟨B_k, Q⟩` for each basis
+  matrix `B_k` (`(b, m)`); conserved because `𝒜` is closed under transposition. The
+  orthogonal factors of residual streams have skew generators, so their charge vanishes
+  identically and is left out.
 - `AffineFactor`: the `GL(d)` part gives `Σ_right wᵀ w − Σ_left [w b][w b]ᵀ` (`(d, d)`);
   the translation part has no conserved quantity (its tangent field is not a gradient).
 - `TranslationFactor` made of plain `Shift` terms (the softmax key-bias shift): the shifted
@@ -38,6 +44,7 @@ from torch import Tensor, nn
 
 from ..groups import (
     AffineFactor,
+    AlgebraFactor,
     BatchNormShift,
     GaugeGroup,
     GLFactor,
@@ -47,6 +54,7 @@ from ..groups import (
     TranslationFactor,
 )
 from ..groups import model_state as _model_state
+from ..groups._algebra import Repeat
 
 __all__ = ["NoetherRecorder", "noether_charges"]
 
@@ -82,6 +90,20 @@ def _gl(f: GLFactor, s: State) -> Tensor:
     return q
 
 
+def _algebra(f: AlgebraFactor, s: State) -> Tensor:
+    q = torch.zeros(f.b, f.d, f.d, dtype=next(iter(s.values())).dtype)
+    for term in f.terms:
+        t, times = (term.term, term.times) if isinstance(term, Repeat) else (term, 1)
+        p = s[t.param].movedim(t.axis, 0)
+        n = f.b * times * f.d
+        W = p[t.offset : t.offset + n].reshape(f.b, times, f.d, -1)
+        sign = 1.0 if t.mode in ("G", "T") else -1.0
+        q = q + sign * (W @ W.transpose(-1, -2)).sum(1)
+    if f.basis is None:
+        return q
+    return torch.einsum("bij,kij->bk", q, f.basis.to(q.dtype))
+
+
 def _affine(f: AffineFactor, s: State) -> Tensor:
     q = torch.zeros(f.d, f.d, dtype=next(iter(s.values())).dtype)
     for t in f.terms:
@@ -114,7 +136,9 @@ def noether_charges(model: nn.Module | State, group: GaugeGroup) -> dict[str, Te
     s = _state(model)
     out: dict[str, Tensor] = {}
     for f in group.continuous:
-        if isinstance(f, RescalingFactor):
+        if isinstance(f, AlgebraFactor):
+            out[f.name] = _algebra(f, s)
+        elif isinstance(f, RescalingFactor):
             out[f.name] = _rescaling(f, s)
         elif isinstance(f, GLFactor):
             out[f.name] = _gl(f, s)

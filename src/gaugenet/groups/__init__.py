@@ -1,5 +1,7 @@
-"""Gauge groups: factors (rescaling, GL, affine, translation, permutation) and their product."""
+"""Gauge groups: factors (rescaling, GL and its subalgebras, affine, orthogonal, translation,
+permutation) and their product."""
 
+from ._algebra import AlgebraFactor as AlgebraFactor
 from ._base import AbstractFactor as AbstractFactor
 from ._base import Breaker as Breaker
 from ._canonical_hooks import canonicalizer_for as canonicalizer_for
@@ -13,6 +15,7 @@ from ._matrix import AffineTerm as AffineTerm
 from ._matrix import GLFactor as GLFactor
 from ._matrix import MatTerm as MatTerm
 from ._matrix import random_gl as random_gl
+from ._orthogonal import OrthogonalFactor as OrthogonalFactor
 from ._permutation import PermTerm as PermTerm
 from ._permutation import PermutationFactor as PermutationFactor
 from ._rescaling import BatchNormShift as BatchNormShift

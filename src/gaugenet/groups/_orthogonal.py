@@ -1,0 +1,138 @@
+"""The orthogonal group `O(d)` of a residual stream (the computational invariance that
+rotation-based quantization uses).
+
+A stream `x` (tokens as rows) that is written only by embeddings and linear maps, and read
+only through RMS normalizations `n(x) = x / rms(x)` followed by a gain `γ` and linear maps,
+may be rotated: `x ↦ x Q` with `Q` orthogonal keeps `rms`, so `n(x Q) = n(x) Q`. The readers
+take the rotation back with the gain conjugated: `W ↦ W diag(γ) Q diag(γ)⁻¹`, which leaves
+`γ` where it is (and so commutes with the rescalings of `γ`).
+
+Terms: `RotateRows` (writers, `W ↦ Qᵀ W`, `b ↦ Qᵀ b`), `RotateColumns` (embedding tables,
+`E ↦ E Q`) and `ConjugatedColumns` (readers after a gain). Element: `(d, d)` orthogonal,
+either determinant. Algebra coordinates: the `d(d−1)/2` entries above the diagonal of a
+skew-symmetric matrix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ._base import AbstractFactor, State
+from ._canonical_hooks import register_canonicalizer
+
+__all__ = ["ConjugatedColumns", "OrthogonalFactor", "RotateColumns", "RotateRows"]
+
+
+@dataclass(frozen=True)
+class RotateRows:
+    """`param ↦ Qᵀ param` along axis 0 (a writer's weight `(d, k)` or bias `(d,)`)."""
+
+    param: str
+
+    def __call__(self, new: State, q: Tensor) -> None:
+        p = new[self.param]
+        new[self.param] = torch.tensordot(q.to(p.dtype).T, p, dims=([1], [0]))
+
+
+@dataclass(frozen=True)
+class RotateColumns:
+    """`param ↦ param Q` (an embedding table `(vocab, d)`)."""
+
+    param: str
+
+    def __call__(self, new: State, q: Tensor) -> None:
+        p = new[self.param]
+        new[self.param] = p @ q.to(p.dtype)
+
+
+@dataclass(frozen=True)
+class ConjugatedColumns:
+    """`param ↦ param diag(γ) Q diag(γ)⁻¹` with `γ = state[gain]` (a reader `(m, d)`)."""
+
+    param: str
+    gain: str
+
+    def __call__(self, new: State, q: Tensor) -> None:
+        p = new[self.param]
+        g = new[self.gain].to(p.dtype)
+        new[self.param] = (p * g) @ q.to(p.dtype) / g
+
+
+@dataclass(eq=False)
+class OrthogonalFactor(AbstractFactor):
+    """`O(d)` acting on one residual stream through `terms`."""
+
+    d: int = 0
+    terms: tuple = field(default=(), kw_only=True)
+    #: the embedding table whose principal axes give the canonical form (or `None`)
+    table: str | None = field(default=None, kw_only=True)
+
+    def __post_init__(self) -> None:
+        self.kind = "orthogonal"
+
+    @property
+    def dim(self) -> int:
+        return self.d * (self.d - 1) // 2
+
+    def identity(self, dtype=torch.float64) -> Tensor:
+        return torch.eye(self.d, dtype=dtype)
+
+    def sample(self, generator=None, dtype=torch.float64, scale=0.5) -> Tensor:
+        z = torch.randn(self.d, self.d, generator=generator, dtype=torch.float64)
+        q, r = torch.linalg.qr(z)
+        return (q * torch.sign(torch.diagonal(r))).to(dtype)
+
+    def compose(self, a: Tensor, b: Tensor) -> Tensor:
+        return a @ b
+
+    def inverse(self, a: Tensor) -> Tensor:
+        self.validate(a)
+        return a.transpose(-1, -2)
+
+    def exp(self, xi: Tensor) -> Tensor:
+        iu = torch.triu_indices(self.d, self.d, 1)
+        s = torch.zeros(self.d, self.d, dtype=xi.dtype)
+        s[iu[0], iu[1]] = xi
+        return torch.linalg.matrix_exp(s - s.T)
+
+    def validate(self, a: Tensor) -> None:
+        if a.shape != (self.d, self.d):
+            raise self._fail(f"expected shape ({self.d}, {self.d}), got {tuple(a.shape)}")
+        self._check_finite(a)
+        a64 = a.detach().double()
+        err = (a64.T @ a64 - torch.eye(self.d, dtype=torch.float64)).abs().max()
+        tol = 1e-10 if a.dtype == torch.float64 else 1e-5
+        if err > tol:
+            raise self._fail(f"element is not orthogonal (|QᵀQ − I| = {float(err):.2e})")
+
+    def params(self) -> tuple[str, ...]:
+        out = []
+        for t in self.terms:
+            out.append(t.param)
+            if isinstance(t, ConjugatedColumns):
+                out.append(t.gain)
+        return tuple(dict.fromkeys(out))
+
+    def canonical_element(self, state: State) -> Tensor:
+        """The rotation to the principal axes of the embedding table `E` (eigenvectors of
+        `EᵀE` by decreasing eigenvalue, each signed so that its column of `E Q` has a
+        positive third moment): the same result from every point of the orbit, for tables
+        with distinct eigenvalues."""
+        if self.table is None:
+            return self.identity()
+        e = state[self.table].double()
+        _, u = torch.linalg.eigh(e.T @ e)
+        u = u.flip(-1)
+        sign = torch.sign(((e @ u) ** 3).sum(0))
+        sign[sign == 0] = 1
+        return u * sign
+
+
+def _canonical(f: OrthogonalFactor, state: State) -> Tensor:
+    return f.canonical_element(state)
+
+
+register_canonicalizer(OrthogonalFactor, _canonical)
