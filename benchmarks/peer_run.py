@@ -49,7 +49,13 @@ def _brevitas_graph(model: nn.Module, args: tuple, kwargs: dict):
     """An FX graph of `model` sharing its modules: `torch.fx` for plain modules, dynamo export
     (as brevitas' LLM example does) for Hugging Face models."""
     if not hasattr(model, "config"):
-        return torch.fx.symbolic_trace(model), ()
+        try:
+            return torch.fx.symbolic_trace(model), ()
+        except Exception:  # control flow on tensors: dynamo keeps the modules as calls
+            from brevitas_examples.common.dynamo_utils import dynamo_export_ctx
+
+            with torch.no_grad(), dynamo_export_ctx():
+                return torch._dynamo.export(model)(*args, **kwargs)[0], ()
     from brevitas_examples.common.dynamo_utils import dynamo_export_ctx, patch_dynamo_export
     from brevitas_examples.llm.llm_quant.ln_affine_merge import rmsnorm_patch
     from brevitas_examples.llm.llm_quant.prepare_for_quantize import make_dynamo_compatible
@@ -59,6 +65,7 @@ def _brevitas_graph(model: nn.Module, args: tuple, kwargs: dict):
         with torch.no_grad(), dynamo_export_ctx():
             gm, _ = torch._dynamo.export(model)(*args, **kwargs)
         return gm, ()
+    model.config.use_cache = True  # brevitas' LLM preparation insists; outputs unchanged
     with torch.no_grad(), rmsnorm_patch(model, model.config) as patcher:
         classes = patcher.rmsnorm_classes
         with make_dynamo_compatible(model) as comp, dynamo_export_ctx():
@@ -150,7 +157,9 @@ def _oneshot(model, args, kwargs, workdir: Path, recipe) -> str:
     with torch.no_grad():
         model.load_state_dict({k: v for k, v in m.state_dict().items() if k in model.state_dict()})
     extra = sorted(set(m.state_dict()) - set(model.state_dict()))
-    return f"extra tensors not kept: {extra[:3]}" if extra else ""
+    if extra:  # transforms applied online to activations: outside the original model
+        return f"needs {len(extra)} online transforms (e.g. {extra[0]}), not kept"
+    return ""
 
 
 def llmc_smoothquant(model, args, kwargs, workdir) -> str:

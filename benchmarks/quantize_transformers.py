@@ -206,23 +206,36 @@ def _preserved(row: dict) -> str:
 
 
 def verdicts(rows: list[dict], schemes: list[str]) -> list[str]:
-    """Per model × scheme: is gaugenet at least as good as the best peer that ran?"""
+    """Per model × scheme: is gaugenet at least as good as the best peer that ran and
+    preserved the function (relative output change at most 1e-3)?"""
     out = []
     for label in dict.fromkeys(r["model"] for r in rows):
         rs = [r for r in rows if r["model"] == label]
         lower = "perplexity" in rs[0]["metric"]
         g = next(r for r in rs if r["method"] == "gaugenet equalize")
         peers = [r for r in rs if r["method"] not in ("float", "round-to-nearest", g["method"])]
-        for s in schemes:
-            done = [r for r in peers if s in r]
-            if not done or s not in g:
-                continue
-            best = (min if lower else max)(done, key=lambda r: primary(r[s]))
-            ok = better(primary(g[s]), primary(best[s]), lower)
+        f = next(r for r in rs if r["method"] == "float")
+        if lower and "w4a8" in g:
+            ratio = primary(g["w4a8"]) / primary(f["float"])
             out.append(
-                f"{label}, {s}: gaugenet {_fmt(g[s])} vs best peer {_fmt(best[s])} "
-                f"({best['method']}): {'met' if ok else 'missed'}"
+                f"{label}, w4a8: gaugenet perplexity {_fmt(g['w4a8'])} = {ratio:.3f} × float "
+                f"{_fmt(f['float'])}: {'met' if ratio <= 1.1 else 'missed'} (target ≤ 1.1)"
             )
+        parts = []
+        for s in schemes:
+            done = [r for r in peers if s in r and r.get("preserved", 1.0) <= 1e-3]
+            if s not in g:
+                parts.append(f"{s} gaugenet did not run")
+            elif not done:
+                parts.append(f"{s} no peer applies (gaugenet {_fmt(g[s])})")
+            else:
+                best = (min if lower else max)(done, key=lambda r: primary(r[s]))
+                ok = better(primary(g[s]), primary(best[s]), lower)
+                parts.append(
+                    f"{s} **{'met' if ok else 'missed'}** ({_fmt(g[s])} vs "
+                    f"{_fmt(best[s])}, {best['method']})"
+                )
+        out.append(f"{label}: " + "; ".join(parts))
     return out
 
 

@@ -13,7 +13,7 @@ from .._errors import GaugeError
 from .._invariance import cast_floats, invariance_error
 from .._tolerances import drift_tolerance, model_dtype
 from ..discovery import symmetries
-from ..groups import Element, GaugeGroup, GLFactor, RescalingFactor, model_state
+from ..groups import Element, GaugeGroup, GLFactor, OrthogonalFactor, RescalingFactor, model_state
 from ..groups._base import State
 from ._quantize import GRANULARITIES, quantize_tensor, quantized_params
 from ._ranges import balance, factor_ranges
@@ -201,6 +201,23 @@ def equalizing_element(
         e = err(trial)
         if e < e_best:
             e_best, state, elem[f.name] = e, trial, f.compose(elem[f.name], h)
+    # orthogonal factors (a residual stream's O(d)): the Hadamard rotation and a randomized
+    # one (random signs, as QuaRot), each kept only where it lowers the objective
+    g = torch.Generator().manual_seed(0)
+    for f in group.factors if rotations else ():
+        h = _hadamard(f.d) if isinstance(f, OrthogonalFactor) else None
+        if h is None:
+            continue
+        signs = torch.randint(0, 2, (f.d,), generator=g).to(h.dtype) * 2 - 1
+        cur = elem.get(f.name, f.identity(torch.float64))
+        for q in (h, signs[:, None] * h):
+            # through the group's own action, in its order of factors: a rotation need not
+            # commute with the rescalings already chosen, and `equalize` applies `act`
+            cand = {**elem, f.name: f.compose(cur, q)}
+            trial = group.act_state(start, cand, validate=False)
+            e = err(trial)
+            if e < e_best:
+                e_best, state, elem = e, trial, cand
     return group, elem
 
 
