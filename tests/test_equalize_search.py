@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
@@ -150,3 +151,45 @@ def test_equalize_aims_at_a_grouped_scheme(gen: torch.Generator) -> None:
     with torch.no_grad():
         after = float(((quantize(eq, scheme)(x) - y) ** 2).sum())
     assert after < expected  # never worse by construction; here strictly better
+
+
+@pytest.mark.slow
+def test_residual_stream_rotation_candidates_keep_function_and_objective() -> None:
+    """On a Llama causal LM (an orthogonal residual-stream factor), Hadamard candidates go
+    through the group's own action: the equalized model computes the same function and its
+    rounding noise is no worse than without rotations."""
+    import transformers
+
+    from gaugenet.apply._equalize import _hadamard, equalizing_element
+    from gaugenet.groups import OrthogonalFactor
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=24, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=6,
+        use_cache=False,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(cfg).double().eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.ndim == 1:
+                p.copy_(1 + 0.3 * torch.randn(p.shape))
+            elif n.endswith(("o_proj.weight", "down_proj.weight")):
+                p[0] *= 30  # one loud residual feature
+    x = {"input_ids": torch.randint(0, 24, (16, 6), generator=torch.Generator().manual_seed(0))}
+    group = gaugenet.symmetries(model, x)
+    (rot,) = [f for f in group.factors if isinstance(f, OrthogonalFactor)]
+    model = group.act(model, {rot.name: _hadamard(rot.d)})  # a badly rotated start
+    scheme = QuantScheme.parse("w4t")
+    noise = _output_noise(model, x, quantized_params(model), scheme)
+    found = {}
+    for rotations in (True, False):
+        _, elem = equalizing_element(
+            model, x, bits=4, objective="output", scheme=scheme, group=group, search=0,
+            rotations=rotations, sweeps=3,
+        )  # fmt: skip
+        eq = group.act(model, elem)
+        assert gaugenet.invariance_error(model, eq, x) < 1e-9
+        found[rotations] = noise(dict(model_state(eq)))
+    assert found[True] <= found[False] * (1 + 1e-12)
+    assert found[True] < noise(dict(model_state(model)))
