@@ -148,7 +148,8 @@ def bench_task(name: str, schemes: list[str], peers_dir: Path, search: int, log)
                     try:
                         m = _with_state(task.model, st["state"])
                     except RuntimeError as e:
-                        methods.append((label, None, f"weights do not load: {e}"[:160]))
+                        msg = " ".join(str(e).split())
+                        methods.append((label, None, f"changes the architecture: {msg}"[:160]))
                         continue
                     same = all(torch.equal(v, st["state"][k]) for k, v in float_state.items())
                     note = st.get("note", "")
@@ -245,7 +246,9 @@ def table(rows: list[dict], schemes: list[str]) -> str:
     for r in rows:
         what = r["metric"] if r["method"] == "float" else r["method"]
         cells = [r["model"], what, "" if r["method"] == "float" else _preserved(r)]
-        cells += [_fmt(r.get(s)) for s in schemes] + [str(r.get("note", "")).replace("|", "/")]
+        cells += [_fmt(r.get(s)) for s in schemes] + [
+            " ".join(str(r.get("note", "")).replace("|", "/").split())
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
