@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
 import gaugenet
-from gaugenet.apply import equalize, quantize_weights, sqnr_db
+from gaugenet.apply import QuantScheme, equalize, quantize_weights, sqnr_db
 from gaugenet.apply._equalize import _output_noise
 from gaugenet.apply._quantize import quantized_params
 from gaugenet.apply._search import local_search, noise_model_scales, sensitivities
@@ -93,7 +94,7 @@ def test_local_search_never_raises_the_objective(gen) -> None:
     names = quantized_params(model)
     state = dict(model_state(model))
     factors = [f for f in group.factors if isinstance(f, RescalingFactor)]
-    err = _output_noise(model, x, names, 4, "per-tensor")
+    err = _output_noise(model, x, names, QuantScheme(4, "per-tensor"))
     scales, moved, e = local_search(factors, state, err, budget=60)
     assert e <= err(state)
     assert abs(e - err(moved)) <= 1e-12 * max(e, 1.0)
@@ -120,8 +121,75 @@ def test_output_equalization_beats_range_balancing_where_channels_differ(gen) ->
     out = equalize(model, calib, bits=4, objective="output")
     s_rng = sqnr_db(model(test), quantize_weights(rng, 4)(test))
     s_out = sqnr_db(model(test), quantize_weights(out, 4)(test))
-    err = _output_noise(model, calib, quantized_params(model), 4, "per-tensor")
+    err = _output_noise(model, calib, quantized_params(model), QuantScheme(4, "per-tensor"))
     st = {k: v.double() for k, v in model_state(out).items()}
     assert err(st) <= err({k: v.double() for k, v in model_state(model).items()})
     assert s_out > plain + 3.0, (plain, s_rng, s_out)
     assert s_out >= s_rng - 0.5, (plain, s_rng, s_out)
+
+
+def test_equalize_aims_at_a_grouped_scheme(gen: torch.Generator) -> None:
+    from gaugenet.apply import quantize
+
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 16), nn.ReLU())
+    model = model.double().eval()
+    with torch.no_grad():
+        s = torch.exp(2 * torch.randn(8, generator=gen, dtype=torch.float64))
+        model[0].weight.mul_(s[:, None])
+        model[0].bias.mul_(s)
+    x = torch.randn(32, 16, generator=gen, dtype=torch.float64)
+    scheme = QuantScheme.parse("w3g4")
+    names = quantized_params(model)
+    noise = _output_noise(model, x, names, scheme)
+    with torch.no_grad():
+        y = model(x)
+        # the objective is the output noise of exactly the scheme's rounding
+        expected = float(((quantize(model, scheme)(x) - y) ** 2).sum())
+    assert abs(noise(dict(model_state(model))) - expected) <= 1e-9 * expected
+    eq = equalize(model, x, bits=8, objective="output", scheme="w3g4", search=50)
+    assert gaugenet.invariance_error(model, eq, x) < 1e-9
+    with torch.no_grad():
+        after = float(((quantize(eq, scheme)(x) - y) ** 2).sum())
+    assert after < expected  # never worse by construction; here strictly better
+
+
+@pytest.mark.slow
+def test_residual_stream_rotation_candidates_keep_function_and_objective() -> None:
+    """On a Llama causal LM (an orthogonal residual-stream factor), Hadamard candidates go
+    through the group's own action: the equalized model computes the same function and its
+    rounding noise is no worse than without rotations."""
+    import transformers
+
+    from gaugenet.apply._equalize import _hadamard, equalizing_element
+    from gaugenet.groups import OrthogonalFactor
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=24, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=6,
+        use_cache=False,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(cfg).double().eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.ndim == 1:
+                p.copy_(1 + 0.3 * torch.randn(p.shape))
+            elif n.endswith(("o_proj.weight", "down_proj.weight")):
+                p[0] *= 30  # one loud residual feature
+    x = {"input_ids": torch.randint(0, 24, (16, 6), generator=torch.Generator().manual_seed(0))}
+    group = gaugenet.symmetries(model, x)
+    (rot,) = [f for f in group.factors if isinstance(f, OrthogonalFactor)]
+    model = group.act(model, {rot.name: _hadamard(rot.d)})  # a badly rotated start
+    scheme = QuantScheme.parse("w4t")
+    noise = _output_noise(model, x, quantized_params(model), scheme)
+    found = {}
+    for rotations in (True, False):
+        _, elem = equalizing_element(
+            model, x, bits=4, objective="output", scheme=scheme, group=group, search=0,
+            rotations=rotations, sweeps=3,
+        )  # fmt: skip
+        eq = group.act(model, elem)
+        assert gaugenet.invariance_error(model, eq, x) < 1e-9
+        found[rotations] = noise(dict(model_state(eq)))
+    assert found[True] <= found[False] * (1 + 1e-12)
+    assert found[True] < noise(dict(model_state(model)))

@@ -56,8 +56,19 @@ def test_grouped_rounding_has_one_step_per_group(gen: torch.Generator) -> None:
     e_group = float((q[0, 4:] - w[0, 4:]).abs().max())
     e_chan = float((quantize_tensor(w, 4, "per-channel")[0, 4:] - w[0, 4:]).abs().max())
     assert e_chan > 10 * e_group
-    with pytest.raises(GaugeError, match="multiple of the group size"):
-        quantize_grouped(torch.randn(2, 6, dtype=torch.float64), 4, 4)
+    with pytest.raises(GaugeError, match="positive integer"):
+        quantize_grouped(w, 4, 0)
+
+
+def test_a_short_last_group_is_rounded_on_its_own(gen: torch.Generator) -> None:
+    w = torch.randn(3, 10, generator=gen, dtype=torch.float64)
+    w[:, 8:] *= 1e-3  # the short group's step must come from its own two entries
+    q = quantize_grouped(w, 4, 4)
+    torch.testing.assert_close(q[:, :8], quantize_grouped(w[:, :8], 4, 4), rtol=0, atol=0)
+    torch.testing.assert_close(q[:, 8:], quantize_tensor(w[:, 8:], 4, "per-channel"))
+    # a layer narrower than one group: per-channel rounding
+    torch.testing.assert_close(quantize_grouped(w, 4, 128), quantize_tensor(w, 4, "per-channel"))
+    assert float((q[:, 8:] - w[:, 8:]).abs().max()) < 1e-3 / 7
 
 
 def test_per_token_activation_rounding(gen: torch.Generator) -> None:
@@ -110,7 +121,7 @@ def test_quantize_command(tmp_path) -> None:
     )  # refuses to overwrite without --force
     assert again.exit_code != 0
     bad = runner.invoke(
-        app, ["quantize", "gaugenet.nets:example_cnn", "--scheme", "w4g5", "--out",
+        app, ["quantize", "gaugenet.nets:example_cnn", "--scheme", "w4g0", "--out",
               str(tmp_path / "b.safetensors")],
     )  # fmt: skip
     assert bad.exit_code == 2

@@ -13,11 +13,11 @@ from .._errors import GaugeError
 from .._invariance import cast_floats, invariance_error
 from .._tolerances import drift_tolerance, model_dtype
 from ..discovery import symmetries
-from ..groups import Element, GaugeGroup, GLFactor, RescalingFactor, model_state
+from ..groups import Element, GaugeGroup, GLFactor, OrthogonalFactor, RescalingFactor, model_state
 from ..groups._base import State
 from ._quantize import GRANULARITIES, quantize_tensor, quantized_params
 from ._ranges import balance, factor_ranges
-from ._schemes import with_activation_rounding
+from ._schemes import QuantScheme, round_weight, with_activation_rounding
 from ._search import (
     forward_fn,
     input_ranges,
@@ -60,16 +60,12 @@ def _hadamard(d: int) -> Tensor | None:
 
 
 def _output_noise(
-    model: nn.Module,
-    inputs: Any,
-    names: list[str],
-    bits: int,
-    granularity: str,
-    act_bits: int | None = None,
+    model: nn.Module, inputs: Any, names: list[str], scheme: QuantScheme
 ) -> Callable[[State], float]:
     """`state ↦ Σ (y − y_q)²`: the output noise of `model` with `state`'s weights rounded
-    (and, with `act_bits`, every Linear/Conv input rounded per token), on `inputs` (the
-    example inputs; the score that picks among candidates)."""
+    as `scheme` rounds them (and, with its `act_bits`, every Linear/Conv input rounded per
+    token), on `inputs` (the example inputs; the score that picks among candidates)."""
+    act_bits = scheme.act_bits
     dtype = next(p.dtype for p in model.parameters())
     with torch.no_grad():
         y = forward_fn(model, inputs)(model_state(model))
@@ -78,7 +74,7 @@ def _output_noise(
 
     def noise(state: State) -> float:
         st = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-        st.update({n: quantize_tensor(st[n], bits, granularity) for n in names})
+        st.update({n: round_weight(st[n], scheme) for n in names})
         with torch.no_grad():
             return float(((run(st) - y) ** 2).sum())
 
@@ -106,6 +102,7 @@ def equalizing_element(
     group: GaugeGroup | None = None,
     search: int = 300,
     act_bits: int | None = None,
+    scheme: QuantScheme | str | None = None,
 ) -> tuple[GaugeGroup, Element]:
     """The element of `model`'s gauge group that `equalize` applies.
 
@@ -127,8 +124,17 @@ def equalizing_element(
     important; these do not. Every candidate is kept only where it lowers the objective, so
     the result is never worse than the input on it.
 
+    With `scheme` (a `QuantScheme` or its string, e.g. `"w4g128"`, `"w4a8"`), the output
+    objective rounds exactly as that scheme does (per group included) and `bits`,
+    `granularity` and `act_bits` are taken from it; the closed-form steps treat per-group
+    weights as per-channel.
+
     **Returns:** `(group, element)`.
     """
+    if scheme is not None:
+        scheme = QuantScheme.parse(scheme) if isinstance(scheme, str) else scheme
+        bits, act_bits = scheme.weight_bits, scheme.act_bits
+        granularity = "per-tensor" if scheme.granularity == "per-tensor" else "per-channel"
     if objective not in OBJECTIVES:
         raise GaugeError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     if act_bits is not None and objective != "output":
@@ -148,7 +154,8 @@ def equalizing_element(
             return weight_quantization_error(s, names, bits, granularity)
 
     else:
-        err = _output_noise(model, example_inputs, names, bits, granularity, act_bits)
+        sch = scheme if scheme is not None else QuantScheme(bits, granularity, act_bits=act_bits)
+        err = _output_noise(model, example_inputs, names, sch)
 
     best = (err(start), identity, start)
     # two sequences of sweeps: ranges relative to each tensor's quantization range, and the
@@ -194,6 +201,23 @@ def equalizing_element(
         e = err(trial)
         if e < e_best:
             e_best, state, elem[f.name] = e, trial, f.compose(elem[f.name], h)
+    # orthogonal factors (a residual stream's O(d)): the Hadamard rotation and a randomized
+    # one (random signs, as QuaRot), each kept only where it lowers the objective
+    g = torch.Generator().manual_seed(0)
+    for f in group.factors if rotations else ():
+        h = _hadamard(f.d) if isinstance(f, OrthogonalFactor) else None
+        if h is None:
+            continue
+        signs = torch.randint(0, 2, (f.d,), generator=g).to(h.dtype) * 2 - 1
+        cur = elem.get(f.name, f.identity(torch.float64))
+        for q in (h, signs[:, None] * h):
+            # through the group's own action, in its order of factors: a rotation need not
+            # commute with the rescalings already chosen, and `equalize` applies `act`
+            cand = {**elem, f.name: f.compose(cur, q)}
+            trial = group.act_state(start, cand, validate=False)
+            e = err(trial)
+            if e < e_best:
+                e_best, state, elem = e, trial, cand
     return group, elem
 
 
@@ -210,6 +234,7 @@ def equalize(
     tol: float | None = None,
     search: int = 300,
     act_bits: int | None = None,
+    scheme: QuantScheme | str | None = None,
 ) -> nn.Module:
     """A copy of `model`, moved within its gauge group to where round-to-nearest weight
     quantization loses least; it computes the same function.
@@ -233,6 +258,8 @@ def equalize(
     - `act_bits`: with `objective="output"`, aim at weight-and-activation quantization: the
       objective rounds every Linear/Conv input per token too (W8A8: `bits=8, act_bits=8`), so
       the search trades weight ranges against activation ranges, as smoothing does.
+    - `scheme`: the full quantization scheme aimed at (`"w4g128"`, `"w4a8"`, ...), instead
+      of `bits`, `granularity` and `act_bits`; the output objective rounds as it does.
     - `tol`: largest allowed relative output change on `example_inputs` (float64 evaluation);
       default by the weights' dtype (`1e-9` float64, `1e-5` float32, `1e-2` float16).
 
@@ -250,6 +277,7 @@ def equalize(
         group=group,
         search=search,
         act_bits=act_bits,
+        scheme=scheme,
     )
     new = group.act(model, elem)
     tol = drift_tolerance(model_dtype(model)) if tol is None else tol

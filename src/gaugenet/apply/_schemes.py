@@ -18,6 +18,7 @@ __all__ = [
     "quantize",
     "quantize_grouped",
     "quantize_per_token",
+    "round_weight",
     "with_activation_rounding",
 ]
 
@@ -73,18 +74,19 @@ class QuantScheme:
 
 def quantize_grouped(w: Tensor, bits: int, group_size: int) -> Tensor:
     """Symmetric round-to-nearest with one step per group of `group_size` consecutive input
-    entries of each output channel (`w` flattened to `(out, in)`; `in` must be a multiple).
+    entries of each output channel (`w` flattened to `(out, in)`). When `in` is not a
+    multiple of `group_size`, the last group of each channel is shorter (a layer narrower
+    than one group is rounded per channel), as grouped kernels do.
 
     **Returns:** a tensor of `w`'s shape and dtype.
     """
+    if not isinstance(group_size, int) or group_size < 1:
+        raise GaugeError(f"group size must be a positive integer, got {group_size!r}")
     flat = w.detach().reshape(w.shape[0], -1)
-    if flat.shape[1] % group_size:
-        raise GaugeError(
-            f"a weight of shape {tuple(w.shape)} has {flat.shape[1]} inputs per channel, "
-            f"not a multiple of the group size {group_size}"
-        )
-    g = flat.reshape(flat.shape[0], -1, group_size)
-    return round_to_range(g, g.abs().amax(-1, keepdim=True), bits).reshape(w.shape)
+    pad = -flat.shape[1] % group_size  # zero padding leaves every group's range unchanged
+    g = nn.functional.pad(flat, (0, pad)).reshape(flat.shape[0], -1, group_size)
+    q = round_to_range(g, g.abs().amax(-1, keepdim=True), bits)
+    return q.reshape(flat.shape[0], -1)[:, : flat.shape[1]].reshape(w.shape)
 
 
 def quantize_per_token(x: Tensor, bits: int, dim: int = -1) -> Tensor:
@@ -93,7 +95,8 @@ def quantize_per_token(x: Tensor, bits: int, dim: int = -1) -> Tensor:
     return round_to_range(x, x.abs().amax(dim, keepdim=True), bits)
 
 
-def _round_weight(w: Tensor, scheme: QuantScheme) -> Tensor:
+def round_weight(w: Tensor, scheme: QuantScheme) -> Tensor:
+    """`w` rounded as `scheme` rounds a Linear/Conv weight (per tensor, channel or group)."""
     if scheme.granularity == "per-group":
         return quantize_grouped(w, scheme.weight_bits, scheme.group_size)
     return quantize_tensor(w, scheme.weight_bits, scheme.granularity)
@@ -116,7 +119,7 @@ def quantize(model: nn.Module, scheme: QuantScheme | str) -> nn.Module:
     with torch.no_grad():
         for name in names:
             p = out.get_parameter(name)
-            p.copy_(_round_weight(p, scheme))
+            p.copy_(round_weight(p, scheme))
     return with_activation_rounding(out, scheme.act_bits) if scheme.act_bits else out
 
 

