@@ -34,7 +34,7 @@ from torch import Tensor
 from .._errors import GaugeError
 from ..apply._equalize import _step, weight_quantization_error
 from ..apply._quantize import quantized_params, round_to_range
-from ..apply._schemes import QuantScheme, _round_weight
+from ..apply._schemes import QuantScheme, round_weight
 from ..discovery import symmetries
 from ..groups import GLFactor, RescalingFactor
 from ..groups._base import State
@@ -86,8 +86,8 @@ def _rounded(w: Tensor, sch: QuantScheme, name: str) -> Tensor:
     rows = max(1, _CHUNK // max(1, w[0].numel()))
     for i in range(0, w.shape[0], rows):
         x = w[i : i + rows].float()
-        r = _round_weight(x, sch) if full is None else round_to_range(x, full, sch.weight_bits)
-        again = _round_weight(r, sch) if full is None else round_to_range(r, full, sch.weight_bits)
+        r = round_weight(x, sch) if full is None else round_to_range(x, full, sch.weight_bits)
+        again = round_weight(r, sch) if full is None else round_to_range(r, full, sch.weight_bits)
         if not bool(((again - r).abs() <= 1e-6 * r.abs().max().clamp_min(1e-30)).all()):
             raise GaugeError(f"internal error: {name} is not on the {sch} grid after rounding")
         out[i : i + rows] = r
