@@ -45,6 +45,7 @@ from .groups import (
     register_canonicalizer,
 )
 from .groups._base import State
+from .groups._orthogonal import OrthogonalFactor, RotateRows
 from .io import sample_inputs
 
 __all__ = ["align", "canonical_element", "canonicalize"]
@@ -106,9 +107,50 @@ def _matrix_coupled(group: GaugeGroup) -> list[RescalingFactor]:
     ]
 
 
-def _unit_anchor(f: RescalingFactor, state: State) -> Tensor:
+def _norm_kept(group: GaugeGroup) -> dict[str, int]:
+    """`{param: axis}` for parameters that matrix factors only rotate, along `axis`: the
+    norms of their slices along that axis (rows' columns, say) are the same at every point
+    of the orbit. Only orthogonal factors mixing rows (`RotateRows`) qualify."""
+    axes: dict[str, set] = {}
+    for f in group.continuous:
+        if isinstance(f, (RescalingFactor, TranslationFactor)):
+            continue
+        for t in getattr(f, "terms", ()):
+            param = getattr(t, "param", None)
+            if param is None:
+                continue  # e.g. an affine term: its parameters are marked below
+            axis = 0 if isinstance(f, OrthogonalFactor) and isinstance(t, RotateRows) else None
+            axes.setdefault(param, set()).add(axis)
+        for p in f.params():
+            axes.setdefault(p, {None})
+    return {p: next(iter(a)) for p, a in axes.items() if a == {0}}
+
+
+def _unit_norm(f: RescalingFactor, state: State, kept: dict[str, int]) -> Tensor | None:
+    """Scales giving unit norm to the slices of a term whose parameter matrix factors only
+    rotate along those slices (a writer's columns under a residual-stream rotation)."""
+    for t in f.terms:
+        if not isinstance(t, Scale) or kept.get(t.param) != 0 or t.power not in (1, -1):
+            continue
+        w = state[t.param]
+        if w.ndim != 2 or t.index.ndim != 2 or t.index.shape[0] != 1:
+            continue  # one scale per column of a matrix, nothing else
+        idx = t.index.expand(w.shape)[0]
+        if sorted(idx.tolist()) != list(range(f.n)):
+            continue
+        norms = torch.linalg.vector_norm(w.double(), dim=0)
+        if not bool((norms > 0).all()):
+            raise GaugeError(f"factor {f.name!r}: a zero column of {t.param} cannot be normalized")
+        a = torch.empty(f.n, dtype=torch.float64)
+        a[idx] = norms ** (-1.0 / t.power)
+        return a.to(w.dtype)
+    return None
+
+
+def _unit_anchor(f: RescalingFactor, state: State, kept: dict[str, int] | None = None) -> Tensor:
     """The scales making the anchor entries `±1`: the anchor is a term scaling a parameter
-    no matrix factor touches with power 1, one entry per scale (a LayerNorm's `γ`, say)."""
+    no matrix factor touches with power 1, one entry per scale (a LayerNorm's `γ`, say).
+    Failing that, the columns of a parameter that matrix factors only rotate get unit norm."""
     for t in f.terms:
         if not isinstance(t, Scale) or t.power != 1:
             continue
@@ -121,6 +163,9 @@ def _unit_anchor(f: RescalingFactor, state: State) -> Tensor:
         if not torch.isfinite(a).all():
             raise GaugeError(f"factor {f.name!r}: a zero entry of {t.param} cannot be scaled to 1")
         return a.to(state[t.param].dtype)
+    a = _unit_norm(f, state, kept or {})
+    if a is not None:
+        return a
     raise GaugeError(
         f"factor {f.name!r} rescales parameters of a matrix factor and has no anchor term "
         "to fix its gauge from"
@@ -159,7 +204,8 @@ def _element(group: GaugeGroup, state: State, params: set[str], gauge: Gauge) ->
     """The canonicalizing element of `state` (computed in `state`'s dtype)."""
     # bias shifts first: the balanced norms depend on the biases they move
     shifts, shifted = _canonical_shifts(group, state)
-    pinned = {f.name: _unit_anchor(f, shifted) for f in _matrix_coupled(group)}
+    kept = _norm_kept(group)
+    pinned = {f.name: _unit_anchor(f, shifted, kept) for f in _matrix_coupled(group)}
     for name, a in pinned.items():
         shifted = group.factor(name).apply(shifted, a)
     rest = GaugeGroup(
