@@ -1,0 +1,288 @@
+"""Tracing an attention core's inputs and output to their linear maps, and measuring the maps
+in between (see `_attention.py`).
+
+From a core input the graph is walked back to the one linear map producing it (`nn.Linear`,
+or `addmm`/`mm` on parameters, as GPT-2's Conv1D); the nodes in between are evaluated on
+basis vectors (vmapped) with every other input at its recorded value, and the result must
+be linear and token by token (checked on a random input). The core's output must reach the
+projection reading it as a plain reshape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, fx, nn
+
+__all__ = ["Linear", "Proj", "Skip", "trace_input", "trace_output"]
+
+aten = torch.ops.aten
+_SKIP = {aten._assert_tensor_metadata.default}
+
+
+class Skip(Exception):
+    """The pattern is not one the analysis covers (the message says why)."""
+
+
+def _ancestors_to(target: fx.Node, stop: fx.Node) -> list[fx.Node]:
+    """Nodes on paths from `stop` to `target` (excluding `stop`), in graph order."""
+    down: set[fx.Node] = set()
+    stack = [target]
+    seen = set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        stack += [a for a in n.all_input_nodes]
+    # nodes that depend on `stop`
+    dep = {stop}
+    for n in stop.graph.nodes:
+        if n is not stop and n in seen and any(a in dep for a in n.all_input_nodes):
+            dep.add(n)
+    down = dep - {stop}
+    return [n for n in stop.graph.nodes if n in down]
+
+
+def _evaluate(nodes: list[fx.Node], root: nn.Module, values: dict, stop: fx.Node, z: Tensor):
+    env: dict[fx.Node, Any] = {stop: z}
+
+    def look(a: Any) -> Any:
+        return fx.node.map_arg(a, lambda x: env[x] if x in env else values[x])
+
+    last = None
+    for n in nodes:
+        if n.op == "call_function" and n.target in _SKIP:
+            env[n] = None
+            continue
+        args, kwargs = look(n.args), look(n.kwargs)
+        if n.op == "call_function":
+            env[n] = n.target(*args, **kwargs)
+        elif n.op == "call_method":
+            env[n] = getattr(args[0], n.target)(*args[1:], **kwargs)
+        elif n.op == "call_module":
+            env[n] = root.get_submodule(str(n.target))(*args, **kwargs)
+        else:
+            raise Skip(f"{n.op} {n.name} between a projection and the attention")
+        last = env[n]
+    return last
+
+
+def _probe(nodes, root, values, stop: fx.Node, target: fx.Node) -> Tensor:
+    """Responses of `target` to each basis vector of `stop`'s last axis, set at every token:
+    `(features, *target.shape)`. Checks linearity and locality on a random input."""
+    z0 = values[stop]
+    feats = z0.shape[-1]
+    eye = torch.eye(feats, dtype=z0.dtype)
+    basis = eye.reshape(feats, *([1] * (z0.ndim - 1)), feats).expand(feats, *z0.shape)
+
+    def f(z: Tensor) -> Tensor:
+        out = _evaluate(nodes, root, values, stop, z)
+        if not isinstance(out, Tensor):
+            raise Skip("the path to the attention does not give one tensor")
+        return out
+
+    try:
+        resp = torch.vmap(f)(basis.contiguous())
+    except Skip:
+        raise
+    except Exception:
+        resp = torch.stack([f(b) for b in basis])
+    g = torch.Generator().manual_seed(0)
+    zr = torch.randn(z0.shape, generator=g, dtype=torch.float64).to(z0.dtype)
+    got = f(zr)
+    # predicted from token-local responses: the token axes are those of z before features
+    pred = _combine(resp, zr)
+    if pred is None or not torch.allclose(got, pred, rtol=1e-6, atol=1e-6 * got.abs().max()):
+        raise Skip("the map from the projection to the attention is not linear token by token")
+    return resp
+
+
+def _combine(resp: Tensor, z: Tensor) -> Tensor | None:
+    """`Σ_f resp[f] · z[..., f]`, with `z`'s leading axes (batch, token; or both flattened)
+    matched to the core's `(batch, heads, token, dh)` layout."""
+    if resp.ndim != 5:
+        return None
+    b, t = resp.shape[1], resp.shape[3]
+    if z.ndim == 2 and z.shape[0] == b * t:
+        z = z.reshape(b, t, -1)
+    if z.ndim != 3 or z.shape[:2] != (b, t):
+        return None
+    return torch.einsum("fbhtd,btf->bhtd", resp, z)
+
+
+@dataclass(frozen=True)
+class Linear:
+    """A linear map in the graph: an `nn.Linear` call (weight `(out, in)`) or an
+    `addmm(bias, x, W)` / `mm(x, W)` on parameters (weight `(in, out)`, as GPT-2's Conv1D)."""
+
+    node: fx.Node
+    weight: str
+    bias: str | None
+    out_axis: int  # the weight axis over outputs
+
+    @property
+    def name(self) -> str:
+        return self.weight.rpartition(".")[0]
+
+    @property
+    def in_axis(self) -> int:
+        return 1 - self.out_axis
+
+
+@dataclass(frozen=True)
+class Proj:
+    """A projection traced to a core input: its Linear, the feature offset of head 0, and the
+    per-head, per-token maps `M` (`(heads, tokens, dh, dh)`) onto the core's head vectors."""
+
+    lin: Linear
+    offset: int
+    maps: Tensor
+    source_head: Tensor  # (heads,) the projection's head block feeding each core head
+    stride: int = 1  # head blocks `stride` blocks apart (other projections packed between)
+
+    @property
+    def name(self) -> str:
+        return self.lin.name
+
+
+def _as_linear(n: fx.Node, root: nn.Module) -> Linear | None:
+    if n.op == "call_module":
+        m = root.get_submodule(str(n.target))
+        if not isinstance(m, nn.Linear):
+            return None
+        b = f"{n.target}.bias" if m.bias is not None else None
+        return Linear(n, f"{n.target}.weight", b, 0)
+    if n.op == "call_function" and n.target in (aten.addmm.default, aten.mm.default):
+        if n.kwargs:
+            return None
+        args = n.args if n.target is aten.addmm.default else (None, *n.args)
+        bias, _, w = args
+        wname = _param_name(w, root)
+        bname = _param_name(bias, root) if bias is not None else None
+        if wname is None or (bias is not None and bname is None):
+            return None
+        return Linear(n, wname, bname, 1)
+    return None
+
+
+def _param_name(n: Any, root: nn.Module) -> str | None:
+    is_param = isinstance(n, fx.Node) and n.op == "get_attr"
+    if is_param and isinstance(_param_or_none(root, str(n.target)), nn.Parameter):
+        return str(n.target)
+    return None
+
+
+def _linear_source(node: fx.Node, root: nn.Module) -> Linear:
+    """The one linear map whose output reaches `node` without passing another module or
+    parameter."""
+    found, stack, seen = {}, [node], set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        lin = _as_linear(n, root)
+        if lin is not None:
+            found[n] = lin
+            continue
+        if n.op == "call_module":
+            m = root.get_submodule(str(n.target))
+            raise Skip(f"{type(m).__name__} {n.target} between a projection and the core")
+        if _param_name(n, root) is not None:
+            raise Skip(f"parameter {n.target} enters between a projection and the core")
+        stack += list(n.all_input_nodes)
+    if len(found) != 1:
+        raise Skip(f"{len(found)} projections feed one attention input")
+    return next(iter(found.values()))
+
+
+def _param_or_none(root: nn.Module, path: str) -> Any:
+    try:
+        return root.get_parameter(path)
+    except (AttributeError, TypeError):
+        return None
+
+
+def trace_input(node: fx.Node, root: nn.Module, values: dict) -> Proj:
+    """The projection producing the core input `node`, with its per-head maps."""
+    lin = _linear_source(node, root)
+    nodes = _ancestors_to(node, lin.node)
+    resp = _probe(nodes, root, values, lin.node, node)  # (F, B, H, T, dh)
+    B, H, T, dh = resp.shape[1:]
+    r = resp[:, 0]  # (F, H, T, dh)
+    if B > 1 and not torch.allclose(resp[:, -1], r):
+        raise Skip("the projection's map to the heads depends on the batch entry")
+    used = r.abs().amax(dim=(2, 3)) > 0  # (F, H)
+    starts = []
+    for h in range(H):
+        idx = used[:, h].nonzero().flatten()
+        if len(idx) != dh or int(idx[-1] - idx[0]) != dh - 1:
+            raise Skip("a head does not read one contiguous block of the projection")
+        starts.append(int(idx[0]))
+    st = torch.tensor(starts)
+    if any(s % dh for s in starts):
+        raise Skip("head blocks are not aligned to the head size")
+    blocks = st // dh
+    offset = int(blocks.min()) * dh
+    rel = blocks - int(blocks.min())
+    used_blocks = sorted(set(rel.tolist()))
+    stride = used_blocks[1] - used_blocks[0] if len(used_blocks) > 1 else 1
+    if used_blocks != [i * stride for i in range(len(used_blocks))]:
+        raise Skip("the heads' blocks are not evenly spaced in the projection")
+    maps = torch.stack(
+        [r[starts[h] : starts[h] + dh, h].permute(1, 2, 0) for h in range(H)]
+    )  # (H, T, dh_out, dh_in)
+    return Proj(lin, offset, maps, rel // stride, stride)
+
+
+def trace_output(core: fx.Node, root: nn.Module, values: dict) -> tuple[Linear, int]:
+    """The linear map reading the core's output (through reshapes only), and its input
+    offset; the core's head `h`, entry `j` must land on input `offset + h·dv + j`."""
+    chain = [core]
+    n = core
+    while True:
+        users = [u for u in n.users if u.target not in _SKIP]
+        if len(users) != 1:
+            raise Skip("the attention output has several readers")
+        (u,) = users
+        lin = _as_linear(u, root)
+        if lin is not None:
+            if (u.args[0] if u.op == "call_module" else u.args[-2]) is not n:
+                raise Skip("the attention output is not the input of its projection")
+            break
+        if u.op == "call_module":
+            m = root.get_submodule(str(u.target))
+            raise Skip(f"the attention output goes into {type(m).__name__}")
+        chain.append(u)
+        n = u
+    out = values[core]
+    if out.ndim != 4:
+        raise Skip("attention output is not (batch, heads, tokens, dim)")
+    B, H, T, dv = out.shape
+    nodes = chain[1:]
+    eye = torch.eye(H * dv, dtype=out.dtype).reshape(H * dv, 1, H, 1, dv)
+    basis = eye.expand(H * dv, B, H, T, dv).contiguous()
+
+    def f(o: Tensor) -> Tensor:
+        return _evaluate(nodes, root, values, core, o) if nodes else o
+
+    try:
+        resp = torch.vmap(f)(basis)
+    except Exception:
+        resp = torch.stack([f(b) for b in basis])
+    if resp.ndim == 3 and resp.shape[1] == B * T:
+        resp = resp.reshape(resp.shape[0], B, T, -1)
+    if resp.ndim != 4 or resp.shape[1:3] != (B, T):
+        raise Skip("the attention output is not read token by token")
+    sel = resp[:, 0, 0]  # (H·dv, F)
+    hot = sel.abs() > 0
+    if not bool((hot.sum(1) == 1).all()) or not torch.equal(sel[hot], torch.ones_like(sel[hot])):
+        raise Skip("the attention output is not a plain reshape into its projection")
+    cols = hot.float().argmax(1)
+    offset = int(cols[0])
+    if not torch.equal(cols, offset + torch.arange(H * dv)):
+        raise Skip("the output projection reads the heads out of order")
+    return lin, offset
