@@ -16,7 +16,8 @@ from torch import Tensor
 
 from ..groups import Element, GaugeGroup, GLFactor, PermutationFactor
 from ..groups._base import State
-from ._residual import ResidualRotationFactor, complement_basis
+from ..groups._orthogonal import complement_basis
+from ._residual import ResidualRotationFactor
 
 __all__ = ["match_continuous", "match_rotations", "match_stream", "state_distance"]
 

@@ -22,17 +22,9 @@ from torch import Tensor
 
 from .._errors import GaugeError
 from ..groups import GLFactor, MatTerm, PermTerm, PermutationFactor
+from ..groups._orthogonal import complement_basis
 
-__all__ = ["ResidualRotationFactor", "complement_basis", "residual_factors"]
-
-
-def complement_basis(d: int, dtype: torch.dtype = torch.float64) -> Tensor:
-    """An orthonormal basis `(d, d − 1)` of the vectors orthogonal to `1` (Householder)."""
-    e = torch.zeros(d, dtype=torch.float64)
-    e[0] = 1.0
-    w = torch.ones(d, dtype=torch.float64) / d**0.5 - e
-    h = torch.eye(d, dtype=torch.float64) - 2 * torch.outer(w, w) / (w @ w)
-    return h[:, 1:].to(dtype)  # h maps e_0 to 1/√d: its other columns span 1^⊥
+__all__ = ["ResidualRotationFactor", "residual_factors"]
 
 
 @dataclass(eq=False)

@@ -15,11 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import Tensor, fx, nn
 
 from ..groups import TranslationFactor
 from ..groups._base import State
+from ..groups._orthogonal import complement_basis
 
 __all__ = [
     "CenteredRowsFactor",
@@ -52,15 +52,6 @@ class CenteredRowsFactor(TranslationFactor):
         return -state[self.terms[0].weight].mean(1)
 
 
-def _complement_basis(d: int, dtype: torch.dtype) -> Tensor:
-    """An orthonormal basis `(d, d − 1)` of the vectors orthogonal to `1` (Householder)."""
-    e = torch.zeros(d, dtype=torch.float64)
-    e[0] = 1.0
-    w = torch.ones(d, dtype=torch.float64) / d**0.5 - e
-    H = torch.eye(d, dtype=torch.float64) - 2 * torch.outer(w, w) / (w @ w)
-    return H[:, 1:].to(dtype)  # H maps e_0 to 1/√d, so its other columns span 1^⊥
-
-
 @dataclass(frozen=True)
 class MoveBetweenTables:
     """`to[:] += v`, `from_[:] −= v` for `v = B z` with `B` a basis of `1^⊥`."""
@@ -71,7 +62,7 @@ class MoveBetweenTables:
 
     def __call__(self, new: State, z: Tensor) -> None:
         W = new[self.to]
-        v = _complement_basis(self.features, W.dtype) @ z.to(W.dtype)
+        v = complement_basis(self.features, W.dtype) @ z.to(W.dtype)
         new[self.to] = W + v
         new[self.from_] = new[self.from_] - v.to(new[self.from_].dtype)
 
@@ -89,7 +80,7 @@ class TableShiftFactor(TranslationFactor):
         factor then centers it): the canonical gauge."""
         t = self.terms[0]
         W = state[t.to]
-        B = _complement_basis(t.features, W.dtype)
+        B = complement_basis(t.features, W.dtype)
         return -(B.T @ W.mean(0))
 
 

@@ -23,7 +23,22 @@ from torch import Tensor
 from ._base import AbstractFactor, State
 from ._canonical_hooks import register_canonicalizer
 
-__all__ = ["ConjugatedColumns", "OrthogonalFactor", "RotateColumns", "RotateRows"]
+__all__ = [
+    "ConjugatedColumns",
+    "OrthogonalFactor",
+    "RotateColumns",
+    "RotateRows",
+    "complement_basis",
+]
+
+
+def complement_basis(d: int, dtype: torch.dtype = torch.float64) -> Tensor:
+    """An orthonormal basis `(d, d − 1)` of the vectors orthogonal to `1` (Householder)."""
+    e = torch.zeros(d, dtype=torch.float64)
+    e[0] = 1.0
+    w = torch.ones(d, dtype=torch.float64) / d**0.5 - e
+    h = torch.eye(d, dtype=torch.float64) - 2 * torch.outer(w, w) / (w @ w)
+    return h[:, 1:].to(dtype)  # h maps e_0 to 1/√d: its other columns span 1^⊥
 
 
 @dataclass(frozen=True)
