@@ -32,7 +32,7 @@ from torch import Tensor, fx, nn
 from ..attention._factors import HeadPermFactor, KeyShiftFactor, attention_factors
 from ..attention._layout import HeadLayout, Slot
 from ..groups import Breaker, MatTerm, PermTerm, PermutationFactor
-from ..groups._algebra import AlgebraFactor, Repeat, StridedMatTerm, commutant_basis
+from ..groups._algebra import AlgebraFactor, Repeat, commutant_basis
 from ._attention_trace import Linear, Proj, Skip, trace_input, trace_output
 from ._kernel import MeanKernel
 from ._shifts import AbsorbedShiftFactor, IntoLinears
@@ -232,14 +232,9 @@ def _core_factors(core: _Core, root: nn.Module, values: dict) -> tuple[list, set
     name = prefix or pq.name
 
     def terms(p: Proj, mode: str, times: int = 1) -> list:
-        def term(param: str, axis: int) -> Any:
-            if p.stride > 1:
-                return StridedMatTerm(param, axis, p.offset, p.stride, mode)
-            return MatTerm(param, axis, p.offset, mode)
-
-        out = [term(p.lin.weight, p.lin.out_axis)]
+        out = [MatTerm(p.lin.weight, p.lin.out_axis, p.offset, mode, p.stride)]
         if p.lin.bias is not None:
-            out.append(term(p.lin.bias, 0))
+            out.append(MatTerm(p.lin.bias, 0, p.offset, mode, p.stride))
         return [Repeat(t, times) if times > 1 else t for t in out]
 
     # query-key: per key-value group, in the commutant of the score maps

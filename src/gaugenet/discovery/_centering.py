@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ..groups import AffineFactor, GLFactor, PermutationFactor, TranslationFactor
-from ..groups._algebra import AlgebraFactor, Repeat, StridedMatTerm
+from ..groups._algebra import AlgebraFactor, Repeat
 from ..groups._base import AbstractFactor, State
 from ._relink import relink
 
@@ -146,7 +146,7 @@ def _link_one(f: CenteredOutputFactor, factors: list) -> CenteredOutputFactor | 
         if isinstance(g, AffineFactor):
             return None
         if isinstance(g, (GLFactor, AlgebraFactor)):
-            if any(isinstance(t, (Repeat, StridedMatTerm)) for t in g.terms):
+            if any(isinstance(t, Repeat) or t.stride != 1 for t in g.terms):
                 return None  # one element on several blocks: not a column-block move
             for t in g.terms:
                 if t.param == s.bias:

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..groups import AffineFactor, GLFactor, PermutationFactor, TranslationFactor
-from ..groups._algebra import AlgebraFactor, Repeat, StridedMatTerm
+from ..groups._algebra import AlgebraFactor, Repeat
 from ..groups._base import AbstractFactor, State
 from ._relink import relink
 
@@ -214,7 +214,7 @@ def _link_one(k: LayerNormKernelFactor, factors: list) -> LayerNormKernelFactor 
         if isinstance(f, AffineFactor):
             return None
         if isinstance(f, (GLFactor, AlgebraFactor)):
-            if any(isinstance(t, (Repeat, StridedMatTerm)) for t in f.terms):
+            if any(isinstance(t, Repeat) or t.stride != 1 for t in f.terms):
                 return None  # one element on several blocks: not a row-block move
             for t in f.terms:
                 mine = [(s, off) for s, off in zip(kern.slots, offsets) if s.weight == t.param]

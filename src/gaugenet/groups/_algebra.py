@@ -19,9 +19,9 @@ import torch
 from torch import Tensor
 
 from ._base import AbstractFactor, State
-from ._matrix import MatTerm, _mode_matrix, random_gl
+from ._matrix import MatTerm, random_gl
 
-__all__ = ["AlgebraFactor", "Repeat", "StridedMatTerm", "commutant_basis"]
+__all__ = ["AlgebraFactor", "Repeat", "commutant_basis"]
 
 
 @dataclass(frozen=True)
@@ -38,29 +38,6 @@ class Repeat:
 
     def __call__(self, new: State, g: Tensor) -> None:
         self.term(new, g.repeat_interleave(self.times, 0))
-
-
-@dataclass(frozen=True)
-class StridedMatTerm:
-    """Like `MatTerm`, with block `k` at `offset + k·stride·d` along `axis` (heads packed
-    with other projections in between, as GPT-NeoX's per-head query-key-value layout)."""
-
-    param: str
-    axis: int
-    offset: int
-    stride: int
-    mode: str
-
-    def __call__(self, new: State, g: Tensor) -> None:
-        b, d = g.shape[0], g.shape[-1]
-        p = new[self.param].movedim(self.axis, 0)
-        starts = self.offset + torch.arange(b) * self.stride * d
-        idx = (starts[:, None] + torch.arange(d)[None, :]).reshape(-1)
-        block = p[idx].reshape(b, d, -1)
-        m = _mode_matrix(g.to(p.dtype), self.mode)
-        out = p.clone()
-        out[idx] = (m @ block).reshape(b * d, *p.shape[1:])
-        new[self.param] = out.movedim(0, self.axis)
 
 
 @dataclass(eq=False)

@@ -50,17 +50,27 @@ class MatTerm:
     axis: int
     offset: int
     mode: Mode
+    #: block `k` starts at `offset + k·stride·d` (other blocks packed in between, as
+    #: GPT-NeoX's per-head query-key-value layout); 1: consecutive blocks
+    stride: int = 1
 
     def __call__(self, new: State, g: Tensor) -> None:
         b, d = g.shape[0], g.shape[-1]
         p = new[self.param].movedim(self.axis, 0)
+        m = _mode_matrix(g.to(p.dtype), self.mode)
+        if self.stride != 1:
+            starts = self.offset + torch.arange(b) * self.stride * d
+            idx = (starts[:, None] + torch.arange(d)[None, :]).reshape(-1)
+            out = p.clone()
+            out[idx] = (m @ p[idx].reshape(b, d, -1)).reshape(b * d, *p.shape[1:])
+            new[self.param] = out.movedim(0, self.axis)
+            return
         head, block, tail = (
             p[: self.offset],
             p[self.offset : self.offset + b * d],
             p[self.offset + b * d :],
         )
         rest = block.shape[1:]
-        m = _mode_matrix(g.to(p.dtype), self.mode)
         block = (m @ block.reshape(b, d, -1)).reshape(b * d, *rest)
         new[self.param] = torch.cat([head, block, tail], 0).movedim(0, self.axis)
 
