@@ -16,10 +16,11 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 
+from ._ops import METADATA_OPS
+
 __all__ = ["Linear", "Proj", "Skip", "trace_input", "trace_output"]
 
 aten = torch.ops.aten
-_SKIP = {aten._assert_tensor_metadata.default}
 
 
 class Skip(Exception):
@@ -54,7 +55,7 @@ def _evaluate(nodes: list[fx.Node], root: nn.Module, values: dict, stop: fx.Node
 
     last = None
     for n in nodes:
-        if n.op == "call_function" and n.target in _SKIP:
+        if n.op == "call_function" and n.target in METADATA_OPS:
             env[n] = None
             continue
         args, kwargs = look(n.args), look(n.kwargs)
@@ -244,7 +245,7 @@ def trace_output(core: fx.Node, root: nn.Module, values: dict) -> tuple[Linear, 
     chain = [core]
     n = core
     while True:
-        users = [u for u in n.users if u.target not in _SKIP]
+        users = [u for u in n.users if u.target not in METADATA_OPS]
         if len(users) != 1:
             raise Skip("the attention output has several readers")
         (u,) = users

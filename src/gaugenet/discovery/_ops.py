@@ -9,8 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    "CASTS",
     "HOMOGENEOUS_FUNCS",
     "HOMOGENEOUS_MODULES",
+    "METADATA_OPS",
     "NONHOMOGENEOUS",
     "POOL_FUNCS",
     "POOL_MODULES",
@@ -18,6 +20,21 @@ __all__ = [
     "VIEW_METHODS",
     "nonhomogeneous_reason",
 ]
+
+aten = torch.ops.aten
+
+#: Casts and copies (aten, as `torch.export` writes them): the values, and so every label
+#: and every symmetry, pass through unchanged.
+CASTS = {
+    aten.to.dtype,
+    aten._to_copy.default,
+    aten.clone.default,
+    aten.contiguous.default,
+    aten.alias.default,
+    aten.detach.default,
+}
+#: Checks of a tensor's dtype and shape that `torch.export` inserts: they compute nothing.
+METADATA_OPS = {aten._assert_tensor_metadata.default}
 
 #: Elementwise and positively homogeneous of degree 1: `f(α x) = α f(x)` for `α > 0`.
 HOMOGENEOUS_MODULES = (

@@ -19,8 +19,10 @@ from ._labels import FIXED, ZERO, Labels, unique_pairs
 from ._norm_rules import NormRules
 from ._ops import (
     ADD_OPS,
+    CASTS,
     HOMOGENEOUS_FUNCS,
     HOMOGENEOUS_MODULES,
+    METADATA_OPS,
     MUL_OPS,
     NONHOMOGENEOUS_FUNCS,
     NONHOMOGENEOUS_METHODS,
@@ -35,15 +37,6 @@ from ._shifts import AbsorbedShiftFactor, GroupShiftFactor, IntoBatchNorm, Remov
 __all__ = ["Propagator"]
 
 Pair = tuple[Tensor, Tensor]  # (scale labels, perm labels)
-#: casts and copies: values keep their labels
-_CASTS = {
-    torch.ops.aten.to.dtype,
-    torch.ops.aten._to_copy.default,
-    torch.ops.aten.clone.default,
-    torch.ops.aten.contiguous.default,
-    torch.ops.aten.alias.default,
-    torch.ops.aten.detach.default,
-}
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _IN = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
@@ -480,7 +473,7 @@ class Propagator(NormRules, fx.Interpreter):
 
     def function_rule(self, n: fx.Node, out: Tensor) -> Pair:
         f = n.target
-        if f in HOMOGENEOUS_FUNCS or f in _CASTS:
+        if f in HOMOGENEOUS_FUNCS or f in CASTS:
             _, (s, p) = self.first(n)
             return s, p
         if f in NONHOMOGENEOUS_FUNCS:
@@ -715,8 +708,13 @@ class Propagator(NormRules, fx.Interpreter):
 
 #: operations whose non-tensor result says nothing about the values (shapes, metadata)
 _SHAPE_METHODS = {"size", "dim", "numel", "type", "get_device"}
-_SHAPE_FUNCS = {getattr, torch.numel, torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel}
-_SHAPE_FUNCS.add(torch.ops.aten._assert_tensor_metadata.default)
+_SHAPE_FUNCS = {
+    getattr,
+    torch.numel,
+    torch.ops.aten.sym_size.int,
+    torch.ops.aten.sym_numel,
+    *METADATA_OPS,
+}
 
 
 def _label_free(n: fx.Node) -> bool:

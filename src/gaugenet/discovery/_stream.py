@@ -18,18 +18,11 @@ from torch import fx, nn
 
 from ..groups import PermutationFactor
 from ..groups._orthogonal import ConjugatedColumns, OrthogonalFactor, RotateColumns, RotateRows
+from ._ops import CASTS, METADATA_OPS
 
 __all__ = ["stream_rotations", "with_rotations"]
 
 aten = torch.ops.aten
-_CASTS = {
-    aten.to.dtype,
-    aten._to_copy.default,
-    aten.clone.default,
-    aten.contiguous.default,
-    aten.alias.default,
-}
-_IGNORED = {aten._assert_tensor_metadata.default}
 _ADD = {torch.add, operator.add, aten.add.Tensor}
 _MUL = {torch.mul, operator.mul, aten.mul.Tensor}
 _NORM_OPS = {aten.pow.Tensor_Scalar, torch.mean, aten.mean.dim, aten.rsqrt.default, *_ADD}
@@ -93,11 +86,11 @@ def _follow(emb: fx.Node, root: nn.Module, params: set[str]) -> OrthogonalFactor
     while frontier:
         n = frontier.pop()
         for u in list(n.users):
-            if u in stream or (u.op == "call_function" and u.target in _IGNORED):
+            if u in stream or (u.op == "call_function" and u.target in METADATA_OPS):
                 continue
             if u.op == "output":
                 raise _NotAStream(u.name)
-            if u.op == "call_function" and u.target in _CASTS:
+            if u.op == "call_function" and u.target in CASTS:
                 stream.add(u)
                 frontier.append(u)
             elif u.op == "call_function" and u.target in _ADD:
@@ -163,13 +156,13 @@ def _rms_readers(
 
 
 def _users(n: fx.Node) -> list[fx.Node]:
-    return [u for u in n.users if not (u.op == "call_function" and u.target in _IGNORED)]
+    return [u for u in n.users if not (u.op == "call_function" and u.target in METADATA_OPS)]
 
 
 def _skip_casts(n: fx.Node) -> fx.Node:
     while len(_users(n)) == 1:
         (u,) = _users(n)
-        if u.op == "call_function" and u.target in _CASTS:
+        if u.op == "call_function" and u.target in CASTS:
             n = u
         else:
             break
@@ -186,7 +179,7 @@ def _from_norm(r: Any, x: fx.Node) -> bool:
         seen.add(n)
         if n is x:
             continue
-        if n.op != "call_function" or n.target not in _NORM_OPS | _CASTS:
+        if n.op != "call_function" or n.target not in _NORM_OPS | CASTS:
             return False
         stack += list(n.all_input_nodes)
     return x in seen
