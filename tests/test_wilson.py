@@ -12,6 +12,7 @@ from torchdiffeq import odeint
 from gaugenet import GaugeError
 from gaugenet.ode import Magnus4, Magnus6, ordered_product, wilson_line
 from gaugenet.ode._expm import expm
+from wilson_fields import rel
 
 F64 = torch.float64
 METHODS = (Magnus4(), Magnus6())
@@ -34,10 +35,6 @@ def smooth_field(d: int, gen: torch.Generator, scale: float = 1.0):
         return prim(t1) - prim(t0)
 
     return w, int_trace
-
-
-def rel(a, b):
-    return float((a - b).abs().max() / b.abs().max())
 
 
 def test_constant_field_is_matrix_exp(gen):

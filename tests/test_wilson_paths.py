@@ -3,30 +3,14 @@ the default method, each against the plain path it replaces (and a case it must 
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 from gaugenet import GaugeError
 from gaugenet.ode import RK8, Magnus4, Magnus6, _wilson, wilson_line
+from wilson_fields import field, rel
 
 F64 = torch.float64
-
-
-def field(d: int, gen: torch.Generator, scale: float = 1.0):
-    A = scale * torch.randn(3, d, d, dtype=F64, generator=gen) / math.sqrt(d)
-
-    def w(t):
-        return (
-            A[0] + torch.sin(3 * t)[:, None, None] * A[1] + torch.cos(5 * t)[:, None, None] * A[2]
-        )
-
-    return w
-
-
-def rel(a, b):
-    return float((a - b).abs().max() / b.abs().max())
 
 
 def short_intervals(n: int = 32) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,23 +11,9 @@ import torch
 
 from gaugenet import GaugeError
 from gaugenet.ode import RK8, Magnus6, MagnusMethod, wilson_line
+from wilson_fields import field, rel
 
 F64 = torch.float64
-
-
-def field(d: int, gen: torch.Generator, scale: float = 1.0):
-    A = scale * torch.randn(3, d, d, dtype=F64, generator=gen) / math.sqrt(d)
-
-    def w(t):
-        return (
-            A[0] + torch.sin(3 * t)[:, None, None] * A[1] + torch.cos(5 * t)[:, None, None] * A[2]
-        )
-
-    return w
-
-
-def rel(a, b):
-    return float((a - b).abs().max() / b.abs().max())
 
 
 def poisoned(w, bad: float, at: float = 0.5, width: float = 0.05):
