@@ -10,6 +10,8 @@ reference in summed squared distance `Σ_p ‖act(state, g)[p] − reference[p]�
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
@@ -19,7 +21,7 @@ from ..groups._base import State
 from ..groups._orthogonal import complement_basis
 from ._residual import ResidualRotationFactor
 
-__all__ = ["match_continuous", "match_rotations", "match_stream", "state_distance"]
+__all__ = ["match_continuous", "match_rotations", "match_stream", "minimize", "state_distance"]
 
 
 def state_distance(reference: State, state: State, params: set[str] | None = None) -> float:
@@ -108,10 +110,26 @@ def match_continuous(
         new = group.act_state(st, element(), validate=False)
         return sum(((new[p] - ref[p]) ** 2).sum() for p in touched) / norm
 
+    with torch.no_grad():
+        before = float(loss())
+    minimize(xs, loss, steps, history_size=50)
+    with torch.no_grad():
+        after = float(loss())
+        g = {k: v.detach() for k, v in element().items()}
+    if not after < before or not all(bool(torch.isfinite(v).all()) for v in g.values()):
+        return {f.name: f.identity() for f in factors}  # no progress: stay where we are
+    return g
+
+
+def minimize(
+    xs: list[Tensor], loss: Callable[[], Tensor], steps: int, history_size: int = 100
+) -> None:
+    """Lower `loss()` over the tensors `xs` (in place) with at most `steps` L-BFGS
+    iterations and a strong-Wolfe line search, to tolerances near float64 rounding."""
     opt = torch.optim.LBFGS(
         xs,
         max_iter=steps,
-        history_size=50,
+        history_size=history_size,
         tolerance_grad=1e-12,
         tolerance_change=1e-15,
         line_search_fn="strong_wolfe",
@@ -123,12 +141,4 @@ def match_continuous(
         out.backward()
         return out
 
-    with torch.no_grad():
-        before = float(loss())
     opt.step(closure)
-    with torch.no_grad():
-        after = float(loss())
-        g = {k: v.detach() for k, v in element().items()}
-    if not after < before or not all(bool(torch.isfinite(v).all()) for v in g.values()):
-        return {f.name: f.identity() for f in factors}  # no progress: stay where we are
-    return g

@@ -25,7 +25,7 @@ from .._errors import GaugeError
 from ..discovery import symmetries
 from ..groups import Element, GaugeGroup, PermutationFactor, RescalingFactor, model_state
 from ..groups._group import load_state
-from ._match import match_continuous, match_rotations, state_distance
+from ._match import match_continuous, match_rotations, minimize, state_distance
 
 __all__ = ["ALIGNMENTS", "align_pair", "align_to", "interpolation_barrier", "loss_curve", "merge"]
 
@@ -86,21 +86,7 @@ def match_rescalings(
         )
         return sum(((new[p] - ref[p]) ** 2).sum() for p in touched) / norm
 
-    opt = torch.optim.LBFGS(
-        [logs],
-        max_iter=steps,
-        tolerance_grad=1e-12,
-        tolerance_change=1e-15,
-        line_search_fn="strong_wolfe",
-    )
-
-    def closure() -> Tensor:
-        opt.zero_grad()
-        out = loss()
-        out.backward()
-        return out
-
-    opt.step(closure)
+    minimize([logs], loss, steps)
     parts = torch.split(logs.detach(), sizes)
     return {f.name: torch.exp(x) for f, x in zip(factors, parts)}
 
