@@ -106,6 +106,8 @@ def test_rotary_query_key_is_the_commutant_not_gl() -> None:
         assert gaugenet.invariance_error(model, moved, inputs) > 1e-4
     with pytest.raises(gaugenet.GaugeError, match="not in the factor's algebra"):
         qk.validate(g)
+    with pytest.raises(gaugenet.GaugeError, match="singular"):  # in the algebra, not a unit
+        qk.validate(torch.zeros(qk.b, qk.d, qk.d, dtype=F64))
 
 
 def test_commutant_of_plane_rotations() -> None:

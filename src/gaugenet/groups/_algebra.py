@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ._base import AbstractFactor, State
-from ._matrix import MatTerm, random_gl
+from ._matrix import MatTerm, random_gl, singular_block
 
 __all__ = ["AlgebraFactor", "Repeat", "commutant_basis"]
 
@@ -100,13 +100,9 @@ class AlgebraFactor(AbstractFactor):
                     f"element is not in the factor's algebra (off by {float(off):.2e}): only "
                     "matrices commuting with what sits between the two maps are symmetries"
                 )
-        s = torch.linalg.svdvals(a64)
-        ratio = s[:, -1] / s[:, 0].clamp_min(1e-300)
-        bad = (ratio < 1e-13).nonzero()
-        if len(bad):
-            k = int(bad[0])
-            smallest = float(s[k, -1])
-            raise self._fail(f"matrix {k} is singular (smallest singular value {smallest:.3e})")
+        why = singular_block(a64)
+        if why is not None:
+            raise self._fail(why)
 
     def params(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(t.param for t in self.terms))

@@ -28,6 +28,20 @@ def random_gl(
     return (q[0] * s.unsqueeze(-2) @ q[1].transpose(-1, -2)).to(dtype)
 
 
+def singular_block(a: Tensor) -> str | None:
+    """Which of the matrices `a` (`(b, d, d)`) is singular to float64 precision, with its
+    extreme singular values, or `None` when all are invertible."""
+    s = torch.linalg.svdvals(a.detach().double())
+    ratio = s[:, -1] / s[:, 0].clamp_min(1e-300)
+    bad = (ratio < 1e-13).nonzero()
+    if not len(bad):
+        return None
+    k = int(bad[0])
+    return (
+        f"matrix {k} is singular (singular values {float(s[k, 0]):.3e} ... {float(s[k, -1]):.3e})"
+    )
+
+
 def _mode_matrix(g: Tensor, mode: Mode) -> Tensor:
     if mode == "G":
         return g
@@ -112,15 +126,9 @@ class GLFactor(AbstractFactor):
         if a.shape != (self.b, self.d, self.d):
             raise self._fail(f"expected shape ({self.b}, {self.d}, {self.d}), got {tuple(a.shape)}")
         self._check_finite(a)
-        s = torch.linalg.svdvals(a.detach().double())
-        ratio = s[:, -1] / s[:, 0].clamp_min(1e-300)
-        bad = (ratio < 1e-13).nonzero()
-        if len(bad):
-            k = int(bad[0])
-            raise self._fail(
-                f"matrix {k} is singular (singular values {float(s[k, 0]):.3e} ... "
-                f"{float(s[k, -1]):.3e})"
-            )
+        why = singular_block(a)
+        if why is not None:
+            raise self._fail(why)
 
     def params(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(t.param for t in self.terms))
