@@ -76,7 +76,7 @@ def attention_from_graph(
     output rescalings and permutations the factors contain (the caller drops those). `values`
     holds each node's value on the example inputs."""
     factors, breakers, covered = [], [], set()
-    cores = _cores(gm)
+    cores = _cores(gm, values)
     if cores and any(isinstance(v, Tensor) and v.is_meta for v in values.values()):
         # the maps between projections and cores are measured, which needs values
         why = "attention not analyzed on the meta device: its maps are measured on values"
@@ -93,7 +93,7 @@ def attention_from_graph(
 
 
 # -- finding cores -------------------------------------------------------------------------
-def _cores(gm: fx.GraphModule) -> list[_Core]:
+def _cores(gm: fx.GraphModule, values: dict[fx.Node, Any]) -> list[_Core]:
     out = []
     for n in gm.graph.nodes:
         if n.op != "call_function":
@@ -103,21 +103,18 @@ def _cores(gm: fx.GraphModule) -> list[_Core]:
             mask = n.args[3] if len(n.args) > 3 else n.kwargs.get("attn_mask")
             gqa = bool(n.kwargs.get("enable_gqa", False))
             out.append(_Core(q, k, v, n, gqa, (mask,) if isinstance(mask, fx.Node) else ()))
-        elif n.target in _SOFTMAX and _softmax_last(n):
+        elif n.target in _SOFTMAX and _softmax_last(n, values):
             core = _manual_core(n)
             if core is not None:
                 out.append(core)
     return out
 
 
-def _softmax_last(n: fx.Node) -> bool:
+def _softmax_last(n: fx.Node, values: dict[fx.Node, Any]) -> bool:
+    """The softmax runs over the last axis (the keys)."""
     dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
-    return dim == -1 or (isinstance(dim, int) and dim == _ndim(n.args[0]) - 1)
-
-
-def _ndim(n: Any) -> int:
-    val = n.meta.get("gaugenet_shape") if isinstance(n, fx.Node) else None
-    return len(val) if val is not None else -99
+    x = values.get(n.args[0])
+    return dim == -1 or (isinstance(dim, int) and isinstance(x, Tensor) and dim == x.ndim - 1)
 
 
 def _manual_core(sm: fx.Node) -> _Core | None:

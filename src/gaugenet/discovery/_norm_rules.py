@@ -36,6 +36,8 @@ class NormRules:
     centered_layers: set[str]
     #: `_removed` results per node
     removed_memo: dict[fx.Node, bool]
+    #: every node's value on the example inputs
+    values: dict[fx.Node, Any]
 
     def layernorm_shift(self, n: fx.Node, ln: nn.LayerNorm) -> None:
         """A LayerNorm whose output only affine layers read: its `β` may move into their
@@ -128,7 +130,9 @@ class NormRules:
         """`(reader, node it reads)` for the users of `n`, looking through eval-mode dropouts
         and identities (which pass the LayerNorm's output on unchanged)."""
         out = []
-        ndim = len(n.meta.get("gaugenet_shape", ()))
+        # nodes after `n` have not run yet: a token pick is recognized right after `n` only
+        ran = self.values.get(n)
+        ndim = ran.ndim if isinstance(ran, torch.Tensor) else 0
         for u in n.users:
             mod = self.root.get_submodule(str(u.target)) if u.op == "call_module" else None
             passes = isinstance(mod, nn.Identity) or (

@@ -74,8 +74,6 @@ class Propagator(NormRules, fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
         self.values[n] = out
-        if isinstance(out, Tensor):
-            n.meta["gaugenet_shape"] = tuple(out.shape)
         try:
             self.env_labels[n] = self.rule(n, out)
         except _Unsupported as exc:
