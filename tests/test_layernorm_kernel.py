@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+from torch import nn
 
 import gaugenet
+from gaugenet.discovery import INTERNAL_ERROR
 from gaugenet.discovery._kernel import LayerNormKernelFactor
 from zoo import ZOO
 
@@ -155,3 +159,37 @@ def test_residual_streams_read_only_by_layernorms() -> None:
     assert "center_bias:b2.ln2" in [f.name for f in gaugenet.symmetries(model, x).factors]
     model, x = _entry("prenorm")
     assert not [f for f in gaugenet.symmetries(model, x).factors if f.name.startswith("center:")]
+
+
+def test_kernel_skips_readers_without_bias() -> None:
+    """A reader of a LayerNorm with a shift `β` but without a bias of its own cannot take
+    back the constant `a Σ β/γ` a kernel row change adds: its rows are left out (they were
+    offered before, and the self-check had to drop the whole kernel)."""
+
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ln = nn.LayerNorm(4)
+            self.free, self.biased = nn.Linear(4, 3, bias=False), nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.ln(x)
+            return torch.cat([self.free(h), self.biased(h)], -1)
+
+    torch.manual_seed(0)
+    model = Two().double()
+    with torch.no_grad():
+        model.ln.weight.uniform_(0.5, 1.5)
+        model.ln.bias.normal_()
+    x = torch.randn(20, 4, dtype=torch.float64)
+    group = gaugenet.symmetries(model, x)
+    assert not [b for b in group.breakers if b.reason.startswith(INTERNAL_ERROR)]
+    kern = group.factor("ln_kernel:ln")
+    assert kern.dim == 2 and "free.weight" not in kern.params()
+    moved = group.act(model, group.sample(torch.Generator().manual_seed(1)))
+    assert gaugenet.invariance_error(model, moved, x) < 1e-12
+    # the same row change on the bias-free reader moves its outputs by a constant
+    bad = copy.deepcopy(model)
+    with torch.no_grad():
+        bad.free.weight += torch.ones(3, 1, dtype=torch.float64) / model.ln.weight
+    assert gaugenet.invariance_error(model, bad, x) > 1e-2

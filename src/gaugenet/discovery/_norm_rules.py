@@ -106,6 +106,9 @@ class NormRules:
                 continue
             mod, t = self.root.get_submodule(str(u.target)), str(u.target)
             if isinstance(mod, nn.Linear) and u.args[:1] == (via,) and mod.in_features == E:
+                if mod.bias is None and ln.bias is not None:
+                    # the row change adds `a Σ β/γ` to the output, which only a bias takes back
+                    continue
                 b = f"{t}.bias" if mod.bias is not None else None
                 slots.append(ReaderSlot(f"{t}.weight", b, 0, mod.out_features))
             elif (
