@@ -172,7 +172,7 @@ HF_ROWS: list[tuple[str, Build]] = [
         _hf(
             "GPT2LMHeadModel",
             "GPT2Config",
-            12,
+            40,
             None,
             vocab_size=V,
             n_embd=8,
@@ -210,7 +210,7 @@ HF_ROWS: list[tuple[str, Build]] = [
             **{**_LLAMA, "num_attention_heads": 4, "num_key_value_heads": 2},
         ),
     ),
-    ("LlamaForCausalLM", _hf("LlamaForCausalLM", "LlamaConfig", 12, None, **_LLAMA)),
+    ("LlamaForCausalLM", _hf("LlamaForCausalLM", "LlamaConfig", 40, None, **_LLAMA)),
     ("MistralModel", _hf("MistralModel", "MistralConfig", 40, None, **_LLAMA)),
     ("Qwen2Model", _hf("Qwen2Model", "Qwen2Config", 40, None, **_LLAMA)),
     (

@@ -230,7 +230,14 @@ def test_stream_rotation_canonical_form_is_orbit_independent() -> None:
 def test_gpt2_conv1d_attention() -> None:
     """GPT-2's Conv1D layers are `addmm(b, x, W)` with `W` `(in, out)`: its packed query-key-
     value projection is split into heads from the computation (paper orientation), and a
-    tied language-model head keeps nothing that would move the shared table."""
+    tied language-model head keeps nothing that would move the shared table.
+
+    GPT2Model: 247 = n − rank J (see the coverage table): query-key and value-output GL of 2
+    heads (32 + 32), key and value bias shifts (8 + 8), the scales of ln_1 and ln_2 (8 + 8),
+    their β moved into the Conv1D biases (8 + 8) and mean kernels in the Conv1D readers
+    (24 + 32), the attention and MLP outputs along `1` that only LayerNorms read (9 + 33), and
+    the token and position tables' rows along `1` (24 + 6) and moves between them (7). The
+    tied head reads the token table, which loses its rows and the move (216)."""
     import transformers
 
     cfg = transformers.GPT2Config(
@@ -238,13 +245,13 @@ def test_gpt2_conv1d_attention() -> None:
     )
     torch.manual_seed(0)
     ids = torch.randint(0, V, (30, T), generator=torch.Generator().manual_seed(0))
-    for cls in (transformers.GPT2Model, transformers.GPT2LMHeadModel):
+    for cls, dim in ((transformers.GPT2Model, 247), (transformers.GPT2LMHeadModel, 216)):
         model = cls(cfg).double().eval()
         group = gaugenet.symmetries(model, {"input_ids": ids})
         assert not _internal(group)
         qk = next(f for f in group.factors if f.name.endswith("attn.qk"))
         assert qk.layout.orientation == "paper" and qk.dim == 2 * 16
-        assert group.dim == 96  # qk, vo, key and value shifts of 2 heads; ln_1, ln_2 scales
+        assert group.dim == dim
         with keep_float64():
             moved = group.act(model, group.sample(torch.Generator().manual_seed(1)))
             assert gaugenet.invariance_error(model, moved, {"input_ids": ids}) < 1e-10

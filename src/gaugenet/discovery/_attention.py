@@ -318,13 +318,19 @@ def _common_prefix(names: list[str]) -> str:
     return ".".join(out)
 
 
-def drop_key_compensation(factors: list) -> list:
+def drop_key_compensation(factors: list, root: nn.Module) -> list:
     """Shifts of a LayerNorm's `β` need not be taken back by the key projections of a
     softmax attention: a constant added to every key moves each query's scores by one
     number, which softmax removes (the `key_shift` factor). Leaving the key biases out keeps
     the shift commuting with the query-key `GL`, which does not move the key bias. The same
-    holds for the constant a LayerNorm kernel adds to the keys."""
-    keys = {f.terms[0].param for f in factors if isinstance(f, KeyShiftFactor)}
+    holds for the constant a LayerNorm kernel adds to the keys. Only the key entries of a
+    bias are left out: queries and values packed into the same bias (GPT-2's `c_attn`)
+    keep their compensation."""
+    keys: dict[str, list[tuple[int, int]]] = {}
+    for f in factors:
+        if isinstance(f, KeyShiftFactor):
+            t = f.terms[0]
+            keys.setdefault(t.param, []).append((t.offset, t.offset + f.dim))
     if not keys:
         return factors
     out = []
@@ -334,15 +340,40 @@ def drop_key_compensation(factors: list) -> list:
             new = []
             for t in terms:
                 if isinstance(t, IntoLinears):
-                    kept = tuple(c for c in t.consumers if c[1] not in keys)
-                    t = dataclasses.replace(t, consumers=kept)
+                    kept = []
+                    for w, b, rows in t.consumers:
+                        if b not in keys:
+                            kept.append((w, b, rows))
+                            continue
+                        lo, hi = rows or (0, root.get_parameter(b).shape[0])
+                        kept += [(w, b, r) for r in _outside(lo, hi, keys[b])]
+                    t = dataclasses.replace(t, consumers=tuple(kept))
                 new.append(t)
             f = dataclasses.replace(f, terms=tuple(new))
         kern = getattr(f, "kernel", None)
         if isinstance(kern, MeanKernel) and any(sl.bias in keys for sl in kern.slots):
-            slots = tuple(
-                dataclasses.replace(sl, bias=None) if sl.bias in keys else sl for sl in kern.slots
-            )
-            f = dataclasses.replace(f, terms=(dataclasses.replace(kern, slots=slots),))
+            slots = []
+            for sl in kern.slots:
+                if sl.bias not in keys:
+                    slots.append(sl)
+                    continue
+                cut = sorted({sl.start, sl.stop, *_edges(sl.start, sl.stop, keys[sl.bias])})
+                for lo, hi in zip(cut, cut[1:]):
+                    key = any(a <= lo and hi <= b for a, b in keys[sl.bias])
+                    slots.append(
+                        dataclasses.replace(sl, start=lo, stop=hi, bias=None if key else sl.bias)
+                    )
+            f = dataclasses.replace(f, terms=(dataclasses.replace(kern, slots=tuple(slots)),))
         out.append(f)
     return out
+
+
+def _edges(lo: int, hi: int, ranges: list[tuple[int, int]]) -> list[int]:
+    """The ends of `ranges` strictly inside `[lo, hi)`."""
+    return [e for a, b in ranges for e in (a, b) if lo < e < hi]
+
+
+def _outside(lo: int, hi: int, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The pieces of `[lo, hi)` that no range in `ranges` covers."""
+    cut = sorted({lo, hi, *_edges(lo, hi, ranges)})
+    return [(a, b) for a, b in zip(cut, cut[1:]) if not any(x <= a and b <= y for x, y in ranges)]

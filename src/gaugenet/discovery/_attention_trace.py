@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 
+from ._linear import Linear, as_linear, param_name
 from ._ops import METADATA_OPS
 
 __all__ = ["Linear", "Proj", "Skip", "trace_input", "trace_output"]
@@ -115,25 +116,6 @@ def _combine(resp: Tensor, z: Tensor) -> Tensor | None:
 
 
 @dataclass(frozen=True)
-class Linear:
-    """A linear map in the graph: an `nn.Linear` call (weight `(out, in)`) or an
-    `addmm(bias, x, W)` / `mm(x, W)` on parameters (weight `(in, out)`, as GPT-2's Conv1D)."""
-
-    node: fx.Node
-    weight: str
-    bias: str | None
-    out_axis: int  # the weight axis over outputs
-
-    @property
-    def name(self) -> str:
-        return self.weight.rpartition(".")[0]
-
-    @property
-    def in_axis(self) -> int:
-        return 1 - self.out_axis
-
-
-@dataclass(frozen=True)
 class Proj:
     """A projection traced to a core input: its Linear, the feature offset of head 0, and the
     per-head, per-token maps `M` (`(heads, tokens, dh, dh)`) onto the core's head vectors."""
@@ -149,33 +131,6 @@ class Proj:
         return self.lin.name
 
 
-def _as_linear(n: fx.Node, root: nn.Module) -> Linear | None:
-    if n.op == "call_module":
-        m = root.get_submodule(str(n.target))
-        if not isinstance(m, nn.Linear):
-            return None
-        b = f"{n.target}.bias" if m.bias is not None else None
-        return Linear(n, f"{n.target}.weight", b, 0)
-    if n.op == "call_function" and n.target in (aten.addmm.default, aten.mm.default):
-        if n.kwargs:
-            return None
-        args = n.args if n.target is aten.addmm.default else (None, *n.args)
-        bias, _, w = args
-        wname = _param_name(w, root)
-        bname = _param_name(bias, root) if bias is not None else None
-        if wname is None or (bias is not None and bname is None):
-            return None
-        return Linear(n, wname, bname, 1)
-    return None
-
-
-def _param_name(n: Any, root: nn.Module) -> str | None:
-    is_param = isinstance(n, fx.Node) and n.op == "get_attr"
-    if is_param and isinstance(_param_or_none(root, str(n.target)), nn.Parameter):
-        return str(n.target)
-    return None
-
-
 def _linear_source(node: fx.Node, root: nn.Module) -> Linear:
     """The one linear map whose output reaches `node` without passing another module or
     parameter."""
@@ -185,26 +140,19 @@ def _linear_source(node: fx.Node, root: nn.Module) -> Linear:
         if n in seen:
             continue
         seen.add(n)
-        lin = _as_linear(n, root)
+        lin = as_linear(n, root)
         if lin is not None:
             found[n] = lin
             continue
         if n.op == "call_module":
             m = root.get_submodule(str(n.target))
             raise Skip(f"{type(m).__name__} {n.target} between a projection and the core")
-        if _param_name(n, root) is not None:
+        if param_name(n, root) is not None:
             raise Skip(f"parameter {n.target} enters between a projection and the core")
         stack += list(n.all_input_nodes)
     if len(found) != 1:
         raise Skip(f"{len(found)} projections feed one attention input")
     return next(iter(found.values()))
-
-
-def _param_or_none(root: nn.Module, path: str) -> Any:
-    try:
-        return root.get_parameter(path)
-    except (AttributeError, TypeError):
-        return None
 
 
 def trace_input(node: fx.Node, root: nn.Module, values: dict) -> Proj:
@@ -249,7 +197,7 @@ def trace_output(core: fx.Node, root: nn.Module, values: dict) -> tuple[Linear, 
         if len(users) != 1:
             raise Skip("the attention output has several readers")
         (u,) = users
-        lin = _as_linear(u, root)
+        lin = as_linear(u, root)
         if lin is not None:
             if (u.args[0] if u.op == "call_module" else u.args[-2]) is not n:
                 raise Skip("the attention output is not the input of its projection")

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from ..groups import AffineFactor, GLFactor, PermutationFactor, TranslationFactor
 from ..groups._algebra import AlgebraFactor, Repeat
 from ..groups._base import AbstractFactor, State
+from ._linear import Linear
 from ._relink import relink
 
 __all__ = [
@@ -43,17 +44,25 @@ __all__ = [
 
 @dataclass(frozen=True)
 class OnesShift:
-    """`weight += 1 aᵀ` (`weight`: `(rows, cols)`, `a = v[:cols]`) and `bias += v[cols]`."""
+    """`weight += 1 aᵀ` (`weight`: `(rows, cols)` = `(outputs, inputs)`, `a = v[:cols]`) and
+    `bias += v[cols]`; with `out_axis = 1` the weight is stored `(cols, rows)` (an `addmm`
+    weight) and gets `a 1ᵀ`."""
 
     weight: str
     bias: str | None
     rows: int
     cols: int
+    out_axis: int = 0
+
+    @property
+    def in_axis(self) -> int:
+        return 1 - self.out_axis
 
     def __call__(self, new: State, v: Tensor) -> None:
         W = new[self.weight]
         v = v.to(W.dtype)
-        new[self.weight] = W + v[None, : self.cols].expand(self.rows, self.cols)
+        shift = v[None, : self.cols].expand(self.rows, self.cols)
+        new[self.weight] = W + (shift if self.out_axis == 0 else shift.T)
         if self.bias is not None:
             new[self.bias] = new[self.bias] + v[self.cols]
 
@@ -75,18 +84,18 @@ class CenteredOutputFactor(TranslationFactor):
         outputs): column transformations keep it, so it is the canonical gauge."""
         s = self.shift
         W = state[s.weight]
-        parts = [-W.mean(0)]
+        parts = [-W.mean(s.out_axis)]
         if s.bias is not None:
             parts.append(-state[s.bias].mean().reshape(1))
         return torch.cat(parts)
 
 
-def centered_output(name: str, layer: nn.Linear) -> CenteredOutputFactor:
-    """The factor of the linear layer `name` whose output along `1` is removed."""
-    b = f"{name}.bias" if layer.bias is not None else None
-    term = OnesShift(f"{name}.weight", b, layer.out_features, layer.in_features)
+def centered_output(lin: Linear, root: nn.Module) -> CenteredOutputFactor:
+    """The factor of the linear map `lin` whose output along `1` is removed."""
+    rows, cols = lin.shape(root)
+    term = OnesShift(lin.weight, lin.bias, rows, cols, lin.out_axis)
     return CenteredOutputFactor(
-        f"center:{name}", layer.in_features + (b is not None), terms=(term,), modules=(name,)
+        f"center:{lin.name}", cols + (lin.bias is not None), terms=(term,), modules=(lin.name,)
     )
 
 
@@ -152,7 +161,7 @@ def _link_one(f: CenteredOutputFactor, factors: list) -> CenteredOutputFactor | 
                 if t.param == s.bias:
                     return None
                 if t.param == s.weight:
-                    if t.axis != 1:
+                    if t.axis != s.in_axis:
                         return None
                     moved.append((g.name, t.mode, t.offset))
             continue
@@ -163,7 +172,10 @@ def _link_one(f: CenteredOutputFactor, factors: list) -> CenteredOutputFactor | 
                 return None
             if getattr(t, "param", None) != s.weight or not hasattr(t, "power"):
                 continue
-            idx = torch.broadcast_to(t.index, (s.rows, s.cols))
+            shape = (s.rows, s.cols) if s.out_axis == 0 else (s.cols, s.rows)
+            idx = torch.broadcast_to(t.index, shape)
+            if s.out_axis == 1:
+                idx = idx.T
             if not bool((idx == idx[:1]).all()):
                 return None  # rows rescaled differently: `1` is not kept
             m = torch.full((f.n,), int(g.dim), dtype=torch.long)
@@ -184,7 +196,7 @@ def _conjugate(p: PermutationFactor, centered: list[CenteredOutputFactor]) -> Pe
         (f.name, t.entries)
         for f in centered
         for t in p.terms
-        if t.param == f.shift.weight and t.axis == 1
+        if t.param == f.shift.weight and t.axis == f.shift.in_axis
     ]
     return dataclasses.replace(p, conjugates=(*p.conjugates, *extra)) if extra else p
 

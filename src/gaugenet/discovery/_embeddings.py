@@ -1,21 +1,22 @@
-"""Embedding tables summed into a LayerNorm: their rows along `1`, and vectors moved between them.
+"""Embedding tables read only by LayerNorms: their rows along `1`, and vectors moved between them.
 
-When the only reader of a sum of embedding lookups is a LayerNorm over the features (through
-additions and eval-mode dropouts), two kinds of change leave every output alone:
+When every path from an embedding lookup ends in a LayerNorm over the features (through
+additions, casts and eval-mode dropouts: BERT's embedding sum, or a residual stream that
+only LayerNorms read, as GPT-2's), two kinds of change leave every output alone:
 
 - a row of any table moved along `1`: that token's vector moves along `1`, which the
   LayerNorm's mean subtraction removes (`R^rows` per table);
-- a vector `v ⊥ 1` added to every row of one table and taken from every row of another:
-  each token reads exactly one row of each, so the sum is unchanged (`R^(d − 1)` per pair,
+- a vector `v ⊥ 1` added to every row of one table and taken from every row of another,
+  when the two lookups are summed and read nowhere else: each token reads exactly one row
+  of each, so the sum is unchanged (`R^(d − 1)` per pair,
   the part along `1` being the rows' own).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
-from torch import Tensor, fx, nn
+from torch import Tensor, nn
 
 from ..groups import TranslationFactor
 from ..groups._base import State
@@ -84,40 +85,32 @@ class TableShiftFactor(TranslationFactor):
         return -(B.T @ W.mean(0))
 
 
-def embedding_sum_factors(ln: fx.Node, summands: list[Any], root: nn.Module) -> list:
-    """The factors above for the LayerNorm node `ln` whose input is the sum of `summands`
-    (each read only by that sum). Nothing when a summand is not an embedding lookup."""
-    tables: list[tuple[str, nn.Embedding]] = []
-    for s in summands:
-        if not (isinstance(s, fx.Node) and s.op == "call_module"):
-            return []
-        m = root.get_submodule(str(s.target))
-        if not isinstance(m, nn.Embedding) or m.max_norm is not None:
-            return []
-        tables.append((str(s.target), m))
-    names = [t for t, _ in tables]
-    d = root.get_submodule(str(ln.target)).normalized_shape
-    if not tables or len(set(names)) != len(names) or len(d) != 1:
-        return []
-    if any(m.embedding_dim != d[0] for _, m in tables):
-        return []
+def embedding_sum_factors(tables: list[tuple[str, nn.Embedding]], sums: list[int]) -> list:
+    """The factors above for embedding tables (`(module name, module)`, each of the width the
+    LayerNorms normalize) whose lookups reach only LayerNorms; `sums[i]` numbers the sum the
+    `i`-th table's lookup enters (tables of one sum may exchange vectors)."""
     out: list = [
         CenteredRowsFactor(
             f"center:{t}", m.num_embeddings, terms=(RowsAlongOne(f"{t}.weight"),), modules=(t,)
         )
         for t, m in tables
     ]
-    # moves out of the smallest table into each of the others
-    src = min(tables, key=lambda tm: tm[1].num_embeddings)[0]
-    for t, _ in tables:
-        if t == src:
+    for k in dict.fromkeys(sums):
+        group = [tm for tm, s in zip(tables, sums) if s == k]
+        if len(group) < 2:
             continue
-        out.append(
-            TableShiftFactor(
-                f"move:{src}->{t}",
-                d[0] - 1,
-                terms=(MoveBetweenTables(f"{t}.weight", f"{src}.weight", d[0]),),
-                modules=(t, src),
+        # moves out of the smallest table into each of the others
+        src = min(group, key=lambda tm: tm[1].num_embeddings)[0]
+        for t, m in group:
+            if t == src:
+                continue
+            d = m.embedding_dim
+            out.append(
+                TableShiftFactor(
+                    f"move:{src}->{t}",
+                    d - 1,
+                    terms=(MoveBetweenTables(f"{t}.weight", f"{src}.weight", d),),
+                    modules=(t, src),
+                )
             )
-        )
     return out

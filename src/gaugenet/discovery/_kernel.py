@@ -64,13 +64,15 @@ def ill_conditioned(gamma: Tensor | None) -> str | None:
 
 @dataclass(frozen=True)
 class ReaderSlot:
-    """Rows `[start, stop)` of `weight` (a `(rows, features)` matrix reading the LayerNorm)
-    and the same entries of `bias` (or no bias)."""
+    """Outputs `[start, stop)` of `weight` (a matrix reading the LayerNorm: `(rows,
+    features)` with `out_axis = 0`, as `nn.Linear`; `(features, rows)` with `out_axis = 1`,
+    as an `addmm` weight) and the same entries of `bias` (or no bias)."""
 
     weight: str
     bias: str | None
     start: int
     stop: int
+    out_axis: int = 0
 
     @property
     def size(self) -> int:
@@ -119,7 +121,9 @@ class MeanKernel:
             ak = a[k : k + s.size]
             k += s.size
             W = new[s.weight]
-            new[s.weight] = W + _pad_rows(ak[:, None] * u[None, :], s.start, W.shape[0])
+            rows = W if s.out_axis == 0 else W.T
+            rows = rows + _pad_rows(ak[:, None] * u[None, :], s.start, rows.shape[0])
+            new[s.weight] = rows if s.out_axis == 0 else rows.T
             if s.bias is not None:
                 b = new[s.bias]
                 new[s.bias] = b - _pad_rows(ak * c, s.start, b.shape[0])
@@ -160,7 +164,7 @@ class LayerNormKernelFactor(TranslationFactor):
         dtype = state[k.slots[0].weight].dtype
         u, _ = k.direction(state, dtype)
         gamma = 1 / u
-        rows = [state[s.weight][s.start : s.stop] @ gamma for s in k.slots]
+        rows = [_rows(state[s.weight], s)[s.start : s.stop] @ gamma for s in k.slots]
         return -torch.cat(rows) / (u @ gamma)
 
 
@@ -172,6 +176,11 @@ def kernel_factor(name: str, ln: nn.LayerNorm, slots: list[ReaderSlot]) -> Layer
     return LayerNormKernelFactor(
         f"ln_kernel:{name}", sum(s.size for s in slots), terms=(term,), modules=mods
     )
+
+
+def _rows(W: Tensor, slot: ReaderSlot) -> Tensor:
+    """`W` with the slot's outputs along axis 0."""
+    return W if slot.out_axis == 0 else W.T
 
 
 # -- linking with the rest of the group ---------------------------------------------------
@@ -188,8 +197,10 @@ def _row_scaling(
     for t in f.terms:
         if getattr(t, "param", None) != slot.weight or not hasattr(t, "power"):
             continue
-        idx = t.index
-        rows = int(idx.shape[0]) if idx.ndim == 2 and idx.shape[0] > 1 else slot.stop
+        idx = t.index if t.index.ndim == 2 else t.index.reshape(1, -1)
+        if slot.out_axis == 1:
+            idx = idx.T
+        rows = int(idx.shape[0]) if idx.shape[0] > 1 else slot.stop
         idx = torch.broadcast_to(idx, (rows, features))[slot.start : slot.stop]
         if not bool((idx == idx[:, :1]).all()):
             raise _Unsupported
@@ -220,7 +231,7 @@ def _link_one(k: LayerNormKernelFactor, factors: list) -> LayerNormKernelFactor 
                 mine = [(s, off) for s, off in zip(kern.slots, offsets) if s.weight == t.param]
                 if not mine:
                     continue
-                if t.axis != 0:
+                if t.axis != mine[0][0].out_axis:
                     return None
                 end = t.offset + f.b * f.d
                 inside = [(s, off) for s, off in mine if s.start <= t.offset and end <= s.stop]
@@ -256,7 +267,7 @@ def _conjugate(p: PermutationFactor, kernels: list[LayerNormKernelFactor]) -> Pe
         parts = []
         for t in p.terms:
             for s, off in zip(k.kernel.slots, k.kernel.offsets):
-                if t.param != s.weight or t.axis != 0:
+                if t.param != s.weight or t.axis != s.out_axis:
                     continue
                 e = t.entries
                 if bool(((e >= s.start) & (e < s.stop)).all()):

@@ -18,7 +18,8 @@ from ._centering import BiasAlongOne, CenteredBiasFactor, centered_output
 from ._embeddings import embedding_sum_factors
 from ._kernel import ReaderSlot, ill_conditioned, kernel_factor
 from ._labels import Labels
-from ._ops import ADD_OPS
+from ._linear import Linear, linear_reading, linear_writing
+from ._ops import ADD_OPS, CASTS, METADATA_OPS
 from ._shifts import layernorm_shift
 
 __all__ = ["NormRules"]
@@ -48,13 +49,20 @@ class NormRules:
         if ln.bias is None or len(ln.normalized_shape) != 1 or not n.users:
             return
         ln_node = n
-        consumers, residual = [], []
+        consumers, residual, transposed = [], [], []
         for u, via in self._readers(ln_node):
-            if u.op == "call_function" and u.target in (operator.add, torch.add):
+            if u.op == "call_function" and u.target in ADD_OPS:
                 bias = self._residual_bias(u, via, ln.normalized_shape[0])
                 if bias is None:
                     return
                 residual.append(bias)
+                continue
+            found = linear_reading(u, via, self.root, self.values)
+            if found is not None and found[0].out_axis == 1:
+                if found[0].bias is None:
+                    return
+                consumers.append((found[0].weight, found[0].bias, None))
+                transposed.append(found[0].weight)
                 continue
             if u.op != "call_module":
                 return
@@ -75,7 +83,9 @@ class NormRules:
                 return
         if consumers:
             E = ln.normalized_shape[0]
-            self.L.extra.append(layernorm_shift(str(ln_node.target), E, consumers, residual))
+            self.L.extra.append(
+                layernorm_shift(str(ln_node.target), E, consumers, residual, tuple(transposed))
+            )
 
     def _residual_bias(self, add: fx.Node, n: fx.Node, E: int) -> str | None:
         """In `n + other` (`add`), the bias of a linear layer among `other`'s summands that
@@ -85,8 +95,8 @@ class NormRules:
         other = add.args[1] if add.args[0] is n else add.args[0]
         for s in self._summands(other):
             found = self._output_layer(s, E)
-            if found is not None and found[1].bias is not None:
-                return f"{found[0]}.bias"
+            if found is not None and found.bias is not None:
+                return found.bias
         return None
 
     def layernorm_kernel(self, n: fx.Node, ln: nn.LayerNorm) -> None:
@@ -102,16 +112,19 @@ class NormRules:
         E = ln.normalized_shape[0]
         slots = []
         for u, via in self._readers(n):
+            found = linear_reading(u, via, self.root, self.values)
+            if found is not None:
+                lin = found[0]
+                rows, cols = lin.shape(self.root)
+                if cols != E or (lin.bias is None and ln.bias is not None):
+                    # without a bias, the row change adds `a Σ β/γ` that nothing takes back
+                    continue
+                slots.append(ReaderSlot(lin.weight, lin.bias, 0, rows, lin.out_axis))
+                continue
             if u.op != "call_module":
                 continue
             mod, t = self.root.get_submodule(str(u.target)), str(u.target)
-            if isinstance(mod, nn.Linear) and u.args[:1] == (via,) and mod.in_features == E:
-                if mod.bias is None and ln.bias is not None:
-                    # the row change adds `a Σ β/γ` to the output, which only a bias takes back
-                    continue
-                b = f"{t}.bias" if mod.bias is not None else None
-                slots.append(ReaderSlot(f"{t}.weight", b, 0, mod.out_features))
-            elif (
+            if (
                 isinstance(mod, nn.MultiheadAttention)
                 and mod._qkv_same_embed_dim
                 and mod.embed_dim == E
@@ -151,13 +164,64 @@ class NormRules:
         return out
 
     def embedding_sum(self, n: fx.Node) -> None:
-        """Embedding tables whose sum only this LayerNorm reads (see `_embeddings.py`)."""
+        """Embedding tables whose lookups reach only LayerNorms like `n`, found from the sum
+        `n` normalizes (see `_embeddings.py`); each table once."""
+        ln = self.root.get_submodule(str(n.target))
         src = n.args[0] if n.args else None
-        if not isinstance(src, fx.Node) or len(src.users) != 1:
+        if len(ln.normalized_shape) != 1 or not isinstance(src, fx.Node):
             return
-        summands = self._summands(src)
-        if all(isinstance(x, fx.Node) and len(x.users) == 1 for x in summands):
-            self.L.extra += embedding_sum_factors(n, summands, self.root)
+        E = ln.normalized_shape[0]
+        tables, sums = [], []
+        for look in self._lookups(src):
+            t = str(look.target)
+            m = self.root.get_submodule(t)
+            if t in self.centered_layers or m.max_norm is not None or m.embedding_dim != E:
+                continue
+            if self._shared(f"{t}.weight") or not self._removed(look, E, self.removed_memo):
+                continue
+            self.centered_layers.add(t)
+            tables.append((t, m))
+            sums.append(self._sum_root(look))
+        if tables:
+            self.L.extra += embedding_sum_factors(tables, [id(r) for r in sums])
+
+    def _lookups(self, node: Any) -> list[fx.Node]:
+        """The embedding lookups summed into `node` (through additions, casts and eval-mode
+        dropouts, whoever else reads the partial sums)."""
+        if not isinstance(node, fx.Node):
+            return []
+        if node.op == "call_function" and node.target in (operator.add, torch.add):
+            return [t for a in node.args[:2] for t in self._lookups(a)]
+        if node.op == "call_function" and node.target in CASTS:
+            return self._lookups(node.args[0])
+        if node.op == "call_module":
+            mod = self.root.get_submodule(str(node.target))
+            if isinstance(mod, nn.Dropout) and not mod.training:
+                return self._lookups(node.args[0])
+            if isinstance(mod, nn.Embedding):
+                return [node]
+        return []
+
+    def _sum_root(self, node: fx.Node) -> fx.Node:
+        """The last node reached from `node` through sole readers that are additions, casts
+        or eval-mode dropouts: lookups with the same root are summed and read nowhere else."""
+        while True:
+            users = [u for u in node.users if u.target not in METADATA_OPS]
+            if len(users) != 1:
+                return node
+            (u,) = users
+            mod = self.root.get_submodule(str(u.target)) if u.op == "call_module" else None
+            ok = (u.op == "call_function" and u.target in (operator.add, torch.add, *CASTS)) or (
+                isinstance(mod, nn.Dropout) and not mod.training
+            )
+            if not ok:
+                return node
+            node = u
+
+    def _shared(self, param: str) -> bool:
+        """Whether the parameter `param` is also reachable under another name (tied)."""
+        p = self.root.get_parameter(param)
+        return sum(q is p for _, q in self.root.named_parameters(remove_duplicate=False)) > 1
 
     def _summands(self, node: Any) -> list[Any]:
         """The terms of a sum that only its parent reads, through additions, subtractions
@@ -172,22 +236,24 @@ class NormRules:
                 return self._summands(node.args[0])
         return [node]
 
-    def _output_layer(self, s: Any, E: int) -> tuple[str, nn.Linear] | None:
-        """`(name, layer)` when `s` is the output of a width-`E` linear layer (or of an
-        `nn.MultiheadAttention`'s output projection) that only one node reads."""
+    def _output_layer(self, s: Any, E: int) -> Linear | None:
+        """The linear map of width `E` whose output `s` is, when only one node reads it (an
+        `nn.Linear`, an `addmm` viewed back to tokens, or an `nn.MultiheadAttention`'s
+        output projection)."""
         if not isinstance(s, fx.Node) or len(s.users) != 1:
             return None
-        if s.op == "call_module":
-            mod = self.root.get_submodule(str(s.target))
-            ok = isinstance(mod, nn.Linear) and mod.out_features == E
-            return (str(s.target), mod) if ok else None
+        lin = linear_writing(s, self.root, self.values)
+        if lin is not None:
+            return lin if lin.shape(self.root)[0] == E else None
         if s.op == "call_function" and s.target is operator.getitem and s.args[1] == 0:
             att = s.args[0]
             if not (isinstance(att, fx.Node) and att.op == "call_module") or len(att.users) != 1:
                 return None
             mod = self.root.get_submodule(str(att.target))
             if isinstance(mod, nn.MultiheadAttention) and mod.embed_dim == E:
-                return f"{att.target}.out_proj", mod.out_proj
+                t = f"{att.target}.out_proj"
+                b = f"{t}.bias" if mod.out_proj.bias is not None else None
+                return Linear(s, f"{t}.weight", b, 0)
         return None
 
     def _upstream(self, node: Any) -> list[Any]:
@@ -210,8 +276,12 @@ class NormRules:
         if node in memo:
             return memo[node]
         memo[node] = False  # no cycles in a graph, but stay safe
-        ok = bool(node.users)
-        for u in node.users:
+        users = [u for u in node.users if u.target not in METADATA_OPS]
+        ok = bool(users)
+        for u in users:
+            if u.op == "call_function" and u.target in CASTS:
+                ok = ok and self._removed(u, E, memo)
+                continue
             if u.op == "call_module":
                 mod = self.root.get_submodule(str(u.target))
                 if isinstance(mod, nn.LayerNorm) and tuple(mod.normalized_shape) == (E,):
@@ -248,10 +318,10 @@ class NormRules:
             )
         for s in self._upstream(src):
             found = self._output_layer(s, E)
-            if found is None or found[0] in done or not self._removed(s, E, memo):
+            if found is None or found.name in done or not self._removed(s, E, memo):
                 continue
-            done.add(found[0])
-            self.L.extra.append(centered_output(*found))
+            done.add(found.name)
+            self.L.extra.append(centered_output(found, self.root))
         if self._removed(src, E, memo):
             return
         # several readers: once per sum (at its first LayerNorm reader)
@@ -275,13 +345,13 @@ class NormRules:
             compensate.append(bias)
         for s in (t for a in src.args[:2] for t in self._summands(a)):
             found = self._output_layer(s, E)
-            if found is None or found[1].bias is None:
+            if found is None or found.bias is None:
                 continue
-            t, value = found[0], None
+            t, value = found.name, None
             att = self.root.get_submodule(t.rpartition(".")[0]) if "." in t else None
             if isinstance(att, nn.MultiheadAttention) and att.in_proj_bias is not None:
                 value = (f"{t}.weight", f"{t.rpartition('.')[0]}.in_proj_bias", 2 * E)
-            term = BiasAlongOne(f"{t}.bias", tuple(compensate), value)
+            term = BiasAlongOne(found.bias, tuple(compensate), value)
             self.L.extra.append(
                 CenteredBiasFactor(
                     f"center_bias:{t}",

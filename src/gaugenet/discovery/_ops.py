@@ -27,6 +27,7 @@ aten = torch.ops.aten
 #: and every symmetry, pass through unchanged.
 CASTS = {
     aten.to.dtype,
+    aten.to.dtype_layout,
     aten._to_copy.default,
     aten.clone.default,
     aten.contiguous.default,

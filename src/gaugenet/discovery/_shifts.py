@@ -75,12 +75,14 @@ class RemovedByNorm:
 class IntoLinears:
     """`param += v` (a LayerNorm's `β`) and `bias[rows] −= weight[rows] @ v` for every layer
     reading the LayerNorm's output: `consumers` holds `(weight, bias, rows)`, `rows` a
-    `(start, stop)` range or `None` for all rows."""
+    `(start, stop)` range or `None` for all rows. A weight named in `transposed` is stored
+    `(in, out)` (an `addmm` weight) and its change is `v @ weight`."""
 
     param: str
     consumers: tuple[tuple[str, str, tuple[int, int] | None], ...]
     #: biases of linear layers added to the LayerNorm's output (a residual sum): `bias −= v`
     residual: tuple[str, ...] = ()
+    transposed: tuple[str, ...] = ()
 
     def __call__(self, new: State, v: Tensor) -> None:
         v = v.to(new[self.param].dtype)
@@ -88,7 +90,7 @@ class IntoLinears:
         for bias in self.residual:
             new[bias] = new[bias] - v
         for weight, bias, rows in self.consumers:
-            change = new[weight] @ v
+            change = v @ new[weight] if weight in self.transposed else new[weight] @ v
             if rows is not None:
                 keep = torch.zeros_like(change)
                 keep[rows[0] : rows[1]] = 1
@@ -129,9 +131,10 @@ def layernorm_shift(
     features: int,
     consumers: list[tuple[str, str, tuple[int, int] | None]],
     residual: list[str],
+    transposed: tuple[str, ...] = (),
 ) -> AbsorbedShiftFactor:
     """The shift of the LayerNorm `name`'s `β`, taken back by the `consumers` (see
     `IntoLinears`) and by the `residual` biases."""
-    term = IntoLinears(f"{name}.bias", tuple(consumers), tuple(residual))
+    term = IntoLinears(f"{name}.bias", tuple(consumers), tuple(residual), transposed)
     mods = tuple(dict.fromkeys((name, *(w.rpartition(".")[0] for w, _, _ in consumers))))
     return AbsorbedShiftFactor(f"shift:{name}", features, terms=(term,), modules=mods)

@@ -18,6 +18,7 @@ from torch import fx, nn
 
 from ..groups import PermutationFactor
 from ..groups._orthogonal import ConjugatedColumns, OrthogonalFactor, RotateColumns, RotateRows
+from ._linear import param_name
 from ._ops import CASTS, METADATA_OPS
 
 __all__ = ["stream_rotations", "with_rotations"]
@@ -35,12 +36,11 @@ class _NotAStream(Exception):
 def stream_rotations(gm: fx.GraphModule, root: nn.Module, values: dict[fx.Node, Any]) -> list:
     """One `OrthogonalFactor` per residual stream that admits it."""
     out = []
-    params = {n for n, _ in root.named_parameters()}
     for n in gm.graph.nodes:
         if n.op != "call_module" or not isinstance(root.get_submodule(str(n.target)), nn.Embedding):
             continue
         try:
-            f = _follow(n, root, params)
+            f = _follow(n, root)
         except _NotAStream:
             continue
         if f is not None:
@@ -71,13 +71,7 @@ def _module(root: nn.Module, n: Any) -> nn.Module | None:
     return None
 
 
-def _param(n: Any, params: set[str]) -> str | None:
-    if isinstance(n, fx.Node) and n.op == "get_attr" and str(n.target) in params:
-        return str(n.target)
-    return None
-
-
-def _follow(emb: fx.Node, root: nn.Module, params: set[str]) -> OrthogonalFactor | None:
+def _follow(emb: fx.Node, root: nn.Module) -> OrthogonalFactor | None:
     table = f"{emb.target}.weight"
     d = root.get_submodule(str(emb.target)).embedding_dim
     stream, frontier = {emb}, [emb]
@@ -108,7 +102,7 @@ def _follow(emb: fx.Node, root: nn.Module, params: set[str]) -> OrthogonalFactor
                 if u.args[1] != 2:
                     raise _NotAStream(u.name)
             elif u.op == "call_function" and u.target in _MUL:
-                readers += _rms_readers(u, n, root, params, d)
+                readers += _rms_readers(u, n, root, d)
             else:
                 raise _NotAStream(u.name)
     if not readers:
@@ -128,9 +122,7 @@ def _follow(emb: fx.Node, root: nn.Module, params: set[str]) -> OrthogonalFactor
     )
 
 
-def _rms_readers(
-    mul: fx.Node, x: fx.Node, root: nn.Module, params: set[str], d: int
-) -> list[tuple[str, str]]:
+def _rms_readers(mul: fx.Node, x: fx.Node, root: nn.Module, d: int) -> list[tuple[str, str]]:
     """`x · r` with `r = rsqrt(mean(x²) + ε)` computed from `x` alone, then `γ ·`, then only
     linear maps: the `(reader weight, γ)` pairs."""
     r = mul.args[1] if mul.args[0] is x else mul.args[0]
@@ -142,7 +134,7 @@ def _rms_readers(
     if len(users) != 1 or len(gains) != 1:
         raise _NotAStream(n.name)
     g = gains[0]
-    gain = _param(g.args[0], params) or _param(g.args[1], params)
+    gain = param_name(g.args[0], root) or param_name(g.args[1], root)
     if gain is None or root.get_parameter(gain).shape != (d,):
         raise _NotAStream
     out = []

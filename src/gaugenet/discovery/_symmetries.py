@@ -152,7 +152,7 @@ def _discover(model: nn.Module, call: Call) -> GaugeGroup:
     attn, attn_breakers, projections = attention_from_graph(gm, model, prop.values)
     prop.L.drop_outputs_of(projections)
     factors, breakers = build_factors(prop.L, model)
-    factors = drop_key_compensation(factors + attn)
+    factors = drop_key_compensation(factors + attn, model)
     factors = with_rotations(factors, stream_rotations(gm, model, prop.values))
     breakers += attn_breakers
     f2, b2 = _atom_factors(model)
