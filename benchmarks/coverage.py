@@ -14,7 +14,10 @@ position, both token types), then reports
   (symmetries it does not know, or redundancy that no symmetry explains),
 - `inv. err.`: the relative output change under a random element of the group,
 - `internal`: factors the self-check dropped (wrong answers caught before returning),
-- `time`: seconds spent in `symmetries`.
+- `time`: seconds spent in `symmetries`,
+- `gap`: where `ker J` exceeds the group's orbit (`gaugenet.certify.locate_gap`): parameter
+  entries never read on the inputs (embedding rows no token selects: redundant on these
+  inputs, not symmetries), and the parameters holding the other missing directions.
 
 The Markdown table is written into README.md between the coverage markers.
 
@@ -36,7 +39,10 @@ from torch import Tensor, nn
 
 import gaugenet
 from coverage_models import ROWS
-from gaugenet.certify import functional_dimension
+from gaugenet.certify import locate_gap
+from gaugenet.certify._functional_dimension import rank_of
+from gaugenet.certify._jacobian import flat_model, jacobian_of
+from gaugenet.certify._orbit import orbit_projector
 from gaugenet.discovery import INTERNAL_ERROR
 from gaugenet.discovery._float64 import keep_float64
 
@@ -60,18 +66,28 @@ class Positional(nn.Module):
         return tuple(v for v in values if isinstance(v, Tensor) and v.is_floating_point())
 
 
-def _rank_gap(model: nn.Module, inputs: Any) -> tuple[str, int]:
+def _rank_gap(model: nn.Module, inputs: Any, group: Any = None) -> tuple[str, int, str]:
+    """`(n − rank J, n_params, cause)`: the cause says where `ker J` exceeds the group's
+    orbit (`gaugenet.certify.locate_gap`), when it does."""
+    flat_m, flat_in = model, inputs
     if isinstance(inputs, dict):
-        model, inputs = Positional(model, list(inputs)), tuple(inputs.values())
+        flat_m, flat_in = Positional(model, list(inputs)), tuple(inputs.values())
     n = sum(p.numel() for p in model.parameters())
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with keep_float64():
-                fd = functional_dimension(model, inputs)
+                fm = flat_model(flat_m, flat_in)
+                jac = jacobian_of(fm)
+                fd = rank_of(jac, rtol=1e-9)
+                cause = ""
+                if group is not None and n - fd.rank > group.dim:
+                    names = [k.removeprefix("model.") for k in fm.names]
+                    gap = locate_gap(jac, orbit_projector(model, group), fd.rank, names, fm.sizes)
+                    cause = "; ".join(gap.lines(top=2))
     except Exception as exc:  # report the failure in the table, do not stop
-        return f"– ({type(exc).__name__})", n
-    return str(fd.n_params - fd.rank), n
+        return f"– ({type(exc).__name__})", n, ""
+    return str(n - fd.rank), n, cause
 
 
 def run_row(name: str, build: Callable[[], tuple[nn.Module, Any]]) -> dict[str, str]:
@@ -88,6 +104,7 @@ def run_row(name: str, build: Callable[[], tuple[nn.Module, Any]]) -> dict[str, 
             "err": "",
             "internal": "",
             "time": "",
+            "cause": "",
         }
     t = time.perf_counter()
     try:
@@ -95,7 +112,7 @@ def run_row(name: str, build: Callable[[], tuple[nn.Module, Any]]) -> dict[str, 
     except gaugenet.GaugeError as exc:
         row["time"] = f"{time.perf_counter() - t:.2f}"
         row["dim"] = "refused: " + _short(str(exc))
-        row["gap"], n = _rank_gap(model, inputs)
+        row["gap"], n, row["cause"] = _rank_gap(model, inputs)
         row.update(params=str(n), err="", internal="")
         return row
     row["time"] = f"{time.perf_counter() - t:.2f}"
@@ -105,7 +122,7 @@ def run_row(name: str, build: Callable[[], tuple[nn.Module, Any]]) -> dict[str, 
         err = gaugenet.invariance_error(model, group.act(model, g), inputs)
     row["err"] = f"{err:.0e}"
     row["internal"] = str(sum(b.reason.startswith(INTERNAL_ERROR) for b in group.breakers))
-    row["gap"], n = _rank_gap(model, inputs)
+    row["gap"], n, row["cause"] = _rank_gap(model, inputs, group)
     row["params"] = str(n)
     return row
 
@@ -116,12 +133,12 @@ def _short(msg: str, n: int = 90) -> str:
 
 
 def table(rows: list[dict[str, str]]) -> str:
-    head = "| model | params | dim | n − rank J | inv. err. | internal | time (s) |"
-    lines = [head, "|---|---:|---|---:|---:|---:|---:|"]
+    head = "| model | params | dim | n − rank J | inv. err. | internal | time (s) | gap |"
+    lines = [head, "|---|---:|---|---:|---:|---:|---:|---|"]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['params']} | {r['dim']} | {r['gap']} | {r['err']} | "
-            f"{r['internal']} | {r['time']} |"
+            f"{r['internal']} | {r['time']} | {r.get('cause', '')} |"
         )
     return "\n".join(lines)
 

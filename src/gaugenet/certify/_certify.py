@@ -18,10 +18,11 @@ from ._causes import layernorm_causes, relu_causes, tied_causes
 from ._checks import FactorChecks, check_act, check_tangents, flat_tangent, sparse_jvp
 from ._davidson import lanczos_max
 from ._functional_dimension import check_outputs, rank_of
+from ._gap import locate_gap
 from ._jacobian import as_tuple, flat_model, jacobian_of
 from ._matrix_free import gauss_newton, linear_jvp, matrix_free_certificate
 from ._memory import Sizes, activation_bytes, estimates
-from ._orbit import Orbit
+from ._orbit import Orbit, orbit_projector
 from ._result import CertifyReport, Verdict
 
 __all__ = ["DEFAULT_MEMORY_BUDGET", "certify"]
@@ -210,6 +211,7 @@ def certify(
 
     rank = smin = smax = None
     gap, converged, exact, unexplained = math.nan, True, False, None
+    located: list[str] = []
     if chosen == "exact":
         check_outputs(fm, inputs)
         with stage("Jacobian"):
@@ -230,6 +232,11 @@ def certify(
                 k=4,
                 progress=progress,
             )
+        if n - rank > group.dim:
+            with stage("locating the gap"):
+                located = locate_gap(
+                    jac, orbit_projector(model, group), rank, fm.names, fm.sizes
+                ).lines()
         del jac
     else:
         with stage("tangent check"):
@@ -301,7 +308,7 @@ def certify(
     if unexplained is not None and unexplained > 0:
         with stage("looking for causes"):
             found = relu_causes(model, inputs) + tied_causes(model)
-            causes = found + layernorm_causes(model, inputs, rtol) + causes
+            causes = located + found + layernorm_causes(model, inputs, rtol) + causes
     return CertifyReport(
         verdict=verdict,
         n_params=n,

@@ -67,6 +67,14 @@ def _atoms(model: nn.Module) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _eval_dropout(n: fx.Node) -> bool:
+    """`aten.dropout(x, p, train=False)`: the identity, left out of the graph."""
+    if n.target is not torch.ops.aten.dropout.default:
+        return False
+    train = n.args[2] if len(n.args) > 2 else n.kwargs.get("train")
+    return train is False
+
+
 class _Flattener:
     def __init__(self, model: nn.Module, unflat: nn.Module, atoms: set[str]) -> None:
         self.model, self.unflat, self.atoms = model, unflat, atoms
@@ -111,6 +119,8 @@ class _Flattener:
                 env[n] = tree_unflatten(list(look(n.args[0])), spec)
             elif n.target is operator.getitem and isinstance(env.get(n.args[0]), (tuple, list)):
                 env[n] = env[n.args[0]][n.args[1]]  # an inlined module's tuple output
+            elif _eval_dropout(n):
+                env[n] = look(n.args[0])  # dropout outside training returns its input
             else:
                 target = _RENAME.get(n.target, n.target)
                 env[n] = self.graph.call_function(target, look(n.args), look(n.kwargs))
