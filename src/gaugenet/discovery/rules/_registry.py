@@ -59,7 +59,12 @@ class Registry:
                     table[op] = r
 
     def for_module(self, m: nn.Module) -> Rule | None:
-        return next((self._modules[c] for c in type(m).__mro__ if c in self._modules), None)
+        return self.for_type(type(m))
+
+    def for_type(self, cls: type) -> Rule | None:
+        """The rule of a module type: the first of its classes (itself, then its bases) that
+        a rule declares."""
+        return next((self._modules[c] for c in cls.__mro__ if c in self._modules), None)
 
     def for_function(self, f: Any) -> Rule | None:
         try:
