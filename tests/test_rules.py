@@ -7,6 +7,7 @@ dispatch to exactly one rule."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import operator
 import warnings
@@ -207,3 +208,19 @@ def test_registry_refuses_an_op_in_two_rules() -> None:
         Registry((*RULES, twin))
     with pytest.raises(GaugeError, match="unique"):
         Registry((*RULES, linear))
+
+
+def test_discovery_dispatches_through_the_registry(monkeypatch) -> None:
+    """Without ReLU in the registry, discovery refuses it: the registry is what it uses."""
+    from gaugenet.discovery import _propagate
+
+    model, x = next(r for r in RULES if r.name == "linear").examples[0].build()
+    assert gaugenet.symmetries(model, x).dim == 4
+    rules = tuple(
+        dataclasses.replace(r, modules=tuple(m for m in r.modules if m is not nn.ReLU))
+        for r in RULES
+    )
+    monkeypatch.setattr(_propagate, "REGISTRY", Registry(rules))
+    group = gaugenet.symmetries(model, x)
+    assert group.dim == 0
+    assert any("module ReLU is not analyzed" in b.reason for b in group.breakers)
