@@ -7,3 +7,6 @@ from ._symmetries import register_analyzer as register_analyzer
 from ._symmetries import register_model_analyzer as register_model_analyzer
 from ._symmetries import symmetries as symmetries
 from ._trace import register_atomic as register_atomic
+from .rules import RULES as RULES
+from .rules import Example as Example
+from .rules import Rule as Rule

@@ -4,7 +4,7 @@ into one graph whose atoms are the model's own atomic modules.
 The model is exported with the call signatures of its atomic modules preserved, then
 unflattened (`torch.export.unflatten`), which gives a graph per submodule. Those of
 non-atomic modules are inlined into one graph; atomic modules stay `call_module` nodes on
-the model's own modules, so the module rules of `_propagate.py` apply to them unchanged.
+the model's own modules, so the module rules of `rules/` apply to them unchanged.
 The aten operations in between are renamed to the torch functions of the same meaning
 that the function rules know (`aten.add.Tensor` → `torch.add`, ...); any other aten
 operation is analyzed as unsupported: every label reaching it is fixed (nothing claimed).

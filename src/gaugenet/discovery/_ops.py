@@ -1,4 +1,5 @@
-"""How each operation treats scales and channels: the classification tables of discovery."""
+"""How each operation treats scales and channels: the classification tables of discovery
+(the rules in `rules/` declare these operations; the graph passes read them too)."""
 
 from __future__ import annotations
 

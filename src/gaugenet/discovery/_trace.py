@@ -9,32 +9,13 @@ import torch
 from torch import fx, nn
 
 from .._errors import UnsupportedModelError
-from ._ops import HOMOGENEOUS_MODULES, NONHOMOGENEOUS, POOL_MODULES
+from .rules import REGISTRY
 
 __all__ = ["ATOMIC_MODULES", "register_atomic", "trace"]
 
-#: Module types never traced into: the rules of `_propagate.py` know what they do (the
-#: elementwise and pooling ones are classified in `_ops.py`).
-ATOMIC_MODULES: tuple[type[nn.Module], ...] = (
-    nn.Linear,
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-    nn.BatchNorm1d,
-    nn.BatchNorm2d,
-    nn.BatchNorm3d,
-    nn.LayerNorm,
-    nn.GroupNorm,
-    nn.InstanceNorm1d,
-    nn.InstanceNorm2d,
-    nn.Embedding,
-    nn.Flatten,
-    nn.Unflatten,
-    nn.MultiheadAttention,
-    *HOMOGENEOUS_MODULES,
-    *POOL_MODULES,
-    *NONHOMOGENEOUS,
-)
+#: Module types never traced into: those of the atomic rules in `rules/` (the rules know
+#: what they do).
+ATOMIC_MODULES: tuple[type[nn.Module], ...] = REGISTRY.atomic_modules()
 
 _EXTRA_ATOMS: list[type[nn.Module]] = []
 

@@ -1,0 +1,162 @@
+"""Pattern rules: symmetries of a shape of the graph rather than of one operation. Their
+code runs where `Rule.where` says (from the LayerNorm rule, the Linear rule, or after
+propagation); the registry holds them so that their examples are tested like every rule.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .._centering import centered_output
+from .._embeddings import embedding_sum_factors
+from .._kernel import kernel_factor
+from .._norm_rules import NormRules
+from .._shifts import layernorm_shift
+from .._stream import stream_rotations
+from ._examples import batch, seeded, token_ids
+from ._rule import Example, Rule
+from .linear import consecutive_linear
+
+__all__ = ["RULES"]
+
+
+def _where(f: Any, when: str) -> str:
+    return f"`{f.__module__}.{f.__qualname__}`, {when}"
+
+
+# -- examples ---------------------------------------------------------------------------------
+def _bottleneck() -> tuple[nn.Module, Any]:
+    return seeded(lambda: nn.Sequential(nn.Linear(4, 2), nn.Linear(2, 4))), batch(64, 4)
+
+
+def _ln_reader() -> tuple[nn.Module, Any]:
+    return seeded(lambda: nn.Sequential(nn.LayerNorm(4), nn.Linear(4, 3))), batch(64, 4)
+
+
+def _ln_after_linear() -> tuple[nn.Module, Any]:
+    model = seeded(
+        lambda: nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.ReLU(), nn.Linear(4, 2))
+    )
+    return model, batch(64, 3)
+
+
+class _Embeddings(nn.Module):
+    """Word and position tables summed, then a LayerNorm and a ReLU reader."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.word, self.pos = nn.Embedding(6, 4), nn.Embedding(5, 4)
+        self.ln, self.out = nn.LayerNorm(4), nn.Linear(4, 2)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        pos = torch.arange(ids.shape[1])
+        return self.out(torch.relu(self.ln(self.word(ids) + self.pos(pos))))
+
+
+class _Stream(nn.Module):
+    """An embedding, one residual MLP write, RMS normalizations written out, a linear head.
+    The shape check makes `torch.fx` fail, so it is captured by `torch.export`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(40, 4)
+        self.g1, self.g2 = nn.Parameter(torch.rand(4) + 0.5), nn.Parameter(torch.rand(4) + 0.5)
+        self.up, self.down = nn.Linear(4, 5, bias=False), nn.Linear(5, 4, bias=False)
+        self.head = nn.Linear(4, 8, bias=False)
+
+    @staticmethod
+    def _rms(x: Tensor, g: Tensor) -> Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * g
+
+    def forward(self, ids: Tensor) -> Tensor:
+        if ids.ndim != 2:
+            raise ValueError("expects (batch, tokens)")
+        x = self.emb(ids)
+        x = x + self.down(torch.relu(self.up(self._rms(x, self.g1))))
+        return self.head(self._rms(x, self.g2))
+
+
+RULES = (
+    Rule(
+        "consecutive linear maps",
+        "patterns",
+        None,
+        (
+            Example(
+                _bottleneck,
+                6,
+                "B(A x) through 2 units with both biases: the affine group GA(2), 4 + 2",
+            ),
+        ),
+        where=_where(consecutive_linear, "from the Linear rule"),
+    ),
+    Rule(
+        "layernorm shift",
+        "patterns",
+        None,
+        (
+            Example(
+                _ln_reader,
+                11,
+                "γ, β scaled per feature against the reader's columns (4), β moved into the "
+                "reader's bias (4), the kernel 1/γ in the reader's 3 rows (3)",
+            ),
+        ),
+        where=_where(layernorm_shift, f"from `{NormRules.__qualname__}.layernorm_shift`"),
+    ),
+    Rule(
+        "layernorm kernel",
+        "patterns",
+        None,
+        (Example(_ln_reader, 11, "as for the LayerNorm shift: 4 + 4 + 3"),),
+        where=_where(kernel_factor, f"from `{NormRules.__qualname__}.layernorm_kernel`"),
+    ),
+    Rule(
+        "centering",
+        "patterns",
+        None,
+        (
+            Example(
+                _ln_after_linear,
+                8,
+                "the first layer's output along 1 is removed by the LayerNorm: W += 1 aᵀ (3) "
+                "and b += t 1 (1); γ, β scaled per feature through ReLU (4)",
+            ),
+        ),
+        where=_where(centered_output, f"from `{NormRules.__qualname__}.centered_inputs`"),
+    ),
+    Rule(
+        "embedding sums",
+        "patterns",
+        None,
+        (
+            Example(
+                lambda: (seeded(_Embeddings), token_ids(6, 8, 5)),
+                18,
+                "each row of both tables along 1 (6 + 5), a vector ⟂ 1 moved between the "
+                "tables (3), γ and β scaled per feature through ReLU (4)",
+            ),
+        ),
+        where=_where(embedding_sum_factors, f"from `{NormRules.__qualname__}.embedding_sum`"),
+    ),
+    Rule(
+        "residual-stream rotations",
+        "patterns",
+        None,
+        (
+            Example(
+                lambda: (seeded(_Stream), token_ids(40, 16, 5)),
+                19,
+                "the stream rotated by O(4) (6), one scale per MLP unit (5), γ₁ and γ₂ scaled "
+                "per feature against their readers' columns (4 + 4); the last RMS "
+                "normalization also hides one direction of each table row, and the Jacobian "
+                "has no clear gap: its rank is not compared",
+                jacobian=False,
+            ),
+        ),
+        where=_where(stream_rotations, "after propagation"),
+    ),
+)
