@@ -17,7 +17,8 @@ position, both token types), then reports
 - `time`: seconds spent in `symmetries`,
 - `gap`: where `ker J` exceeds the group's orbit (`gaugenet.certify.locate_gap`): parameter
   entries never read on the inputs (embedding rows no token selects: redundant on these
-  inputs, not symmetries), and the parameters holding the other missing directions.
+  inputs, not symmetries), the parameters holding the other missing directions, and the
+  LayerNorms whose `eps` is under the rank tolerance (near-symmetries, one per such norm).
 
 The Markdown table is written into README.md between the coverage markers.
 
@@ -40,6 +41,7 @@ from torch import Tensor, nn
 import gaugenet
 from coverage_models import ROWS
 from gaugenet.certify import locate_gap
+from gaugenet.certify._causes import layernorm_causes
 from gaugenet.certify._functional_dimension import rank_of
 from gaugenet.certify._jacobian import flat_model, jacobian_of
 from gaugenet.certify._orbit import orbit_projector
@@ -84,7 +86,14 @@ def _rank_gap(model: nn.Module, inputs: Any, group: Any = None) -> tuple[str, in
                 if group is not None and n - fd.rank > group.dim:
                     names = [k.removeprefix("model.") for k in fm.names]
                     gap = locate_gap(jac, orbit_projector(model, group), fd.rank, names, fm.sizes)
-                    cause = "; ".join(gap.lines(top=2))
+                    lines = gap.lines(top=2)
+                    eps = layernorm_causes(flat_m, flat_in, 1e-9) if gap.located else []
+                    if eps:
+                        lines.append(
+                            f"{len(eps)} LayerNorms with eps under the rank tolerance (scaling "
+                            "their inputs is a symmetry up to eps, not offered)"
+                        )
+                    cause = "; ".join(lines)
     except Exception as exc:  # report the failure in the table, do not stop
         return f"– ({type(exc).__name__})", n, ""
     return str(n - fd.rank), n, cause

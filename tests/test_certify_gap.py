@@ -53,7 +53,7 @@ def test_unread_rows_and_located_directions() -> None:
     group = gaugenet.symmetries(model, inputs)
     gap, rank = _gap(model, inputs, group)
     n = sum(p.numel() for p in model.parameters())
-    assert gap.unread == (("emb.weight", 16),)
+    assert gap.unread == (("emb.weight", 16),) and gap.unread_dim == 16
     assert gap.missing == n - rank - group.dim
     # the rest: a vector added to every row and taken back by lin1's bias (4), which
     # discovery does not offer, lives in the table and lin1's bias
@@ -66,7 +66,7 @@ def test_unread_rows_and_located_directions() -> None:
     assert gap0.missing == gap.missing + group.dim
     where0 = dict(gap0.located)
     assert where0.get("lin2.weight", 0) > 1
-    assert "never read" in gap0.lines()[0] and "unexplained" in gap0.lines()[1]
+    assert "no effect" in gap0.lines()[0] and "unexplained" in gap0.lines()[1]
 
 
 def test_no_gap_when_every_row_is_read() -> None:
@@ -83,7 +83,7 @@ def test_no_gap_when_every_row_is_read() -> None:
     assert gap.unread == () and gap.missing == n - rank - group.dim == 4
     report = certify(model, inputs, group=group, method="exact")
     assert report.unexplained == 4
-    assert not any("never read" in c for c in report.causes)
+    assert not any("no effect" in c for c in report.causes)
     assert any("4 unexplained directions" in c for c in report.causes)
 
 
@@ -93,5 +93,6 @@ def test_certify_names_unread_rows() -> None:
     report = certify(model, _inputs(ids), method="exact")
     assert report.unexplained == 16 + 4
     assert any(
-        "16 parameter entries never read" in c and "emb.weight (16)" in c for c in report.causes
+        "16 directions of parameter entries with no effect" in c and "emb.weight (16)" in c
+        for c in report.causes
     )

@@ -3,7 +3,8 @@ the parameters.
 
 Two kinds are told apart. Parameter entries whose Jacobian column is exactly zero are never
 read on these inputs (embedding rows no input token selects, position rows beyond the
-sequence, relative-position buckets no distance falls in): they are redundant on the inputs,
+sequence, relative-position buckets no distance falls in) or are an embedding's padding row,
+whose gradient torch masks by definition: they are redundant on the inputs (or to autograd),
 not symmetries of the model, so discovery rightly leaves them out. Every other missing
 direction is reported by the parameters it lives in (its squared weight per tensor, summed
 over an orthonormal basis of the missing subspace, so the shares add up to its dimension).
@@ -25,28 +26,42 @@ __all__ = ["GapReport", "locate_gap"]
 @dataclass(frozen=True)
 class GapReport:
     """- `unread`: `(parameter, entries)` with an exactly zero Jacobian column.
+    - `unread_dim`: the dimension those entries add off the orbit (some of their changes
+      may be orbit tangents already, e.g. a row moved along `1`).
     - `located`: `(parameter, share)` of the other missing directions, largest first
       (shares below `0.05` left out).
-    - `missing`: the dimension of `ker J` off the orbit (unread entries included)."""
+    - `missing`: the dimension of `ker J` off the orbit (`unread_dim` included)."""
 
     unread: tuple[tuple[str, int], ...]
+    unread_dim: int
     located: tuple[tuple[str, float], ...]
     missing: int
 
     def lines(self, top: int = 4) -> list[str]:
         """Human-readable causes, one line per kind."""
         out = []
-        if self.unread:
-            n = sum(k for _, k in self.unread)
+        if self.unread_dim:
             parts = ", ".join(f"{p} ({k})" for p, k in self.unread[:top])
             more = f" and {len(self.unread) - top} more" if len(self.unread) > top else ""
-            out.append(f"{n} parameter entries never read on these inputs: {parts}{more}")
+            out.append(
+                f"{self.unread_dim} directions of parameter entries with no effect on these "
+                f"inputs (never read, or an embedding's padding row, whose gradient torch "
+                f"masks): {parts}{more}"
+            )
         if self.located:
-            rest = self.missing - sum(k for _, k in self.unread)
+            rest = self.missing - self.unread_dim
             parts = ", ".join(f"{p} ({s:.1f})" for p, s in self.located[:top])
             more = f" and {len(self.located) - top} more" if len(self.located) > top else ""
             out.append(f"{rest} unexplained directions, in {parts}{more}")
         return out
+
+
+def _span(m: Tensor, floor: float) -> Tensor:
+    """An orthonormal basis `(n, k)` of the range of `m` (singular values above `floor`)."""
+    if m.shape[1] == 0:
+        return m
+    u, s, _ = torch.linalg.svd(m, full_matrices=False)
+    return u[:, : int((s > floor).sum())]
 
 
 def locate_gap(
@@ -59,30 +74,29 @@ def locate_gap(
     """The `GapReport` of the Jacobian `jac` `(n_outputs, n_params)` of numerical rank
     `rank` against the orbit tangents `orbit` (an `Orbit` on the same flat parameters,
     ordered as `names` with `sizes` entries each). Costs one full SVD of `jac`."""
-    n = jac.shape[1]
     _, _, vh = torch.linalg.svd(jac, full_matrices=True)
-    kernel = vh[rank:].T  # (n, n - rank)
-    off = orbit(kernel)
-    u, s, _ = torch.linalg.svd(off, full_matrices=False)
-    missing = int((s > 0.5).sum())
-    basis = u[:, :missing]
-    zero = jac.abs().amax(0) == 0  # (n,)
+    missing_basis = _span(orbit(vh[rank:].T), 0.5)  # ker J off the orbit
+    missing = missing_basis.shape[1]
+    zero = (jac.abs().amax(0) == 0).nonzero().flatten()
+    eye = torch.zeros(jac.shape[1], len(zero), dtype=jac.dtype)
+    eye[zero, torch.arange(len(zero))] = 1
+    unread_basis = _span(orbit(eye), 1e-6)  # what the unread entries add off the orbit
     starts = torch.tensor([0, *sizes]).cumsum(0).tolist()
+    is_zero = torch.zeros(jac.shape[1], dtype=torch.bool)
+    is_zero[zero] = True
     unread = []
     for name, a, b in zip(names, starts, starts[1:]):
-        k = int(zero[a:b].sum())
+        k = int(is_zero[a:b].sum())
         if k:
             unread.append((name, k))
-    rest = basis.clone()
-    rest[zero] = 0
-    k_rest = missing - int(zero.sum())
+    rest = missing_basis - unread_basis @ (unread_basis.T @ missing_basis)
+    k_rest = missing - unread_basis.shape[1]
     located: list[tuple[str, float]] = []
-    if k_rest > 0 and n:
-        u2, _, _ = torch.linalg.svd(rest, full_matrices=False)
-        w = (u2[:, :k_rest] ** 2).sum(1)
+    if k_rest > 0:
+        w = (_span(rest, 0.5)[:, :k_rest] ** 2).sum(1)
         for name, a, b in zip(names, starts, starts[1:]):
             share = float(w[a:b].sum())
             if share >= 0.05:
                 located.append((name, share))
         located.sort(key=lambda t: -t[1])
-    return GapReport(tuple(unread), tuple(located), missing)
+    return GapReport(tuple(unread), unread_basis.shape[1], tuple(located), missing)

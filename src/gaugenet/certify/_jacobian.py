@@ -92,6 +92,11 @@ def flat_model(model: nn.Module, inputs: Any) -> FlatModel:
     """A `FlatModel` of `model` on `inputs`. Floating inputs and buffers are cast to float64
     so that the Jacobian's rank is meaningful."""
     model = copy.deepcopy(model).double()
+    for m in model.modules():
+        if isinstance(m, nn.Embedding):
+            # the forward pass reads a padding row like any other; only its gradient is
+            # masked, which would hide that row from the Jacobian
+            m.padding_idx = None
     args = tuple(
         a.double() if isinstance(a, Tensor) and a.is_floating_point() else a
         for a in as_tuple(inputs)

@@ -17,7 +17,14 @@ from torch import fx, nn
 
 from ._ops import METADATA_OPS
 
-__all__ = ["Linear", "as_linear", "linear_reading", "linear_writing", "param_name"]
+__all__ = [
+    "Linear",
+    "as_linear",
+    "keeps_last_axis",
+    "linear_reading",
+    "linear_writing",
+    "param_name",
+]
 
 aten = torch.ops.aten
 _RESHAPES = {aten.reshape.default, aten.view.default, torch.reshape}
@@ -149,3 +156,12 @@ def linear_reading(u: fx.Node, via: fx.Node, root: nn.Module, values: dict | Non
     if a is not None and (b is None or len(b) != 2 or b[-1] != a[-1]):
         return None
     return lin, m
+
+
+def keeps_last_axis(u: fx.Node, size: int, values: dict | None = None) -> bool:
+    """`u` is a reshape of its first argument that keeps a last axis of `size` (the
+    features): it only splits or merges token axes."""
+    if not _is_reshape(u):
+        return False
+    shape = _shape(u, values)
+    return shape is not None and len(shape) > 0 and shape[-1] == size

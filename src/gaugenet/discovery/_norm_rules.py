@@ -18,7 +18,7 @@ from ._centering import BiasAlongOne, CenteredBiasFactor, centered_output
 from ._embeddings import embedding_sum_factors
 from ._kernel import ReaderSlot, ill_conditioned, kernel_factor
 from ._labels import Labels
-from ._linear import Linear, linear_reading, linear_writing
+from ._linear import Linear, keeps_last_axis, linear_reading, linear_writing
 from ._ops import ADD_OPS, CASTS, METADATA_OPS
 from ._shifts import layernorm_shift
 
@@ -257,12 +257,21 @@ class NormRules:
         return None
 
     def _upstream(self, node: Any) -> list[Any]:
-        """The terms summed into `node` through additions and eval-mode dropouts, whoever
-        else reads the partial sums (a residual stream)."""
+        """The terms summed into `node` through additions, casts, reshapes of the token axes
+        and eval-mode dropouts, whoever else reads the partial sums (a residual stream)."""
         if not isinstance(node, fx.Node):
             return [node]
         if node.op == "call_function" and node.target in ADD_OPS:
             return [t for a in node.args[:2] for t in self._upstream(a)]
+        src = node.args[0] if node.args else None
+        if isinstance(src, fx.Node) and node.op == "call_function":
+            before = self.values.get(src)
+            if node.target in CASTS or (
+                isinstance(before, torch.Tensor)
+                and before.ndim > 0
+                and keeps_last_axis(node, before.shape[-1], self.values)
+            ):
+                return self._upstream(src)
         if node.op == "call_module":
             mod = self.root.get_submodule(str(node.target))
             if isinstance(mod, nn.Dropout) and not mod.training:
@@ -271,15 +280,17 @@ class NormRules:
 
     def _removed(self, node: fx.Node, E: int, memo: dict) -> bool:
         """Whether every path from `node` ends in a LayerNorm over its `E` last features,
-        through additions and eval-mode dropouts only: then anything `node` carries along
-        `1` changes no output."""
+        through additions, casts, reshapes of the token axes and eval-mode dropouts only:
+        then anything `node` carries along `1` changes no output."""
         if node in memo:
             return memo[node]
         memo[node] = False  # no cycles in a graph, but stay safe
         users = [u for u in node.users if u.target not in METADATA_OPS]
         ok = bool(users)
         for u in users:
-            if u.op == "call_function" and u.target in CASTS:
+            if u.op == "call_function" and (
+                u.target in CASTS or (keeps_last_axis(u, E, self.values) and u.args[0] is node)
+            ):
                 ok = ok and self._removed(u, E, memo)
                 continue
             if u.op == "call_module":
