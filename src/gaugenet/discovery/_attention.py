@@ -70,26 +70,31 @@ class _Core:
 
 def attention_from_graph(
     gm: fx.GraphModule, root: nn.Module, values: dict[fx.Node, Any]
-) -> tuple[list, list[Breaker], set[str]]:
-    """`(factors, breakers, projections)`: the attention factors of every core in `gm`, the
-    breakers explaining what was left out, and the query, key and value projections whose
-    output rescalings and permutations the factors contain (the caller drops those). `values`
-    holds each node's value on the example inputs."""
+) -> tuple[list, list[Breaker], set[str], dict[str, list[tuple[int, int]]]]:
+    """`(factors, breakers, projections, keys)`: the attention factors of every core in
+    `gm`, the breakers explaining what was left out, the query, key and value projections
+    whose output rescalings and permutations the factors contain (the caller drops those),
+    and per key projection weight the output ranges that feed softmax keys. `values` holds
+    each node's value on the example inputs."""
     factors, breakers, covered = [], [], set()
+    keys: dict[str, list[tuple[int, int]]] = {}
     cores = _cores(gm, values)
     if cores and any(isinstance(v, Tensor) and v.is_meta for v in values.values()):
         # the maps between projections and cores are measured, which needs values
         why = "attention not analyzed on the meta device: its maps are measured on values"
-        return [], [Breaker(c.out.name, why) for c in cores], set()
+        return [], [Breaker(c.out.name, why) for c in cores], set(), {}
     for core in cores:
         try:
-            fs, names = _core_factors(core, root, values)
+            fs, names, pk = _core_factors(core, root, values)
         except Skip as exc:
             breakers.append(Breaker(core.out.name, f"attention pattern not analyzed: {exc}"))
             continue
         factors += fs
         covered |= names
-    return factors, breakers, covered
+        if pk.stride == 1:
+            width = pk.maps.shape[0] * pk.maps.shape[-1]
+            keys.setdefault(pk.lin.weight, []).append((pk.offset, pk.offset + width))
+    return factors, breakers, covered, keys
 
 
 # -- finding cores -------------------------------------------------------------------------
@@ -163,7 +168,8 @@ def _scalar_maps(maps: Tensor) -> bool:
     return torch.allclose(maps, c[..., None, None] * torch.eye(d, dtype=maps.dtype))
 
 
-def _core_factors(core: _Core, root: nn.Module, values: dict) -> tuple[list, set[str]]:
+def _core_factors(core: _Core, root: nn.Module, values: dict) -> tuple[list, set[str], Proj]:
+    """The factors of one core, the projections they cover and the key projection."""
     qv = values[core.q]
     if not isinstance(qv, Tensor) or qv.ndim != 4:
         raise Skip("queries are not (batch, heads, tokens, dim)")
@@ -225,7 +231,7 @@ def _core_factors(core: _Core, root: nn.Module, values: dict) -> tuple[list, set
         if _per_head_scores(core, values, H):
             # a position bias that differs between heads: permuting heads would need it too
             fs = [f for f in fs if not isinstance(f, HeadPermFactor)]
-        return fs, covered
+        return fs, covered, pk
     name = prefix or pq.name
 
     def terms(p: Proj, mode: str, times: int = 1) -> list:
@@ -243,7 +249,7 @@ def _core_factors(core: _Core, root: nn.Module, values: dict) -> tuple[list, set
     perms = []
     if all(p.stride == 1 for p in (pq, pk, pv)) and not _per_head_scores(core, values, H):
         perms = _group_permutations(name, pq, pk, pv, po, o_off, hkv, rep, (qk, vo), modules)
-    return [qk, vo, *perms], covered
+    return [qk, vo, *perms], covered, pk
 
 
 def _group_permutations(
@@ -318,21 +324,27 @@ def _common_prefix(names: list[str]) -> str:
     return ".".join(out)
 
 
-def drop_key_compensation(factors: list, root: nn.Module) -> list:
+def drop_key_compensation(
+    factors: list, root: nn.Module, key_rows: dict[str, list[tuple[int, int]]] | None = None
+) -> list:
     """Shifts of a LayerNorm's `β` need not be taken back by the key projections of a
     softmax attention: a constant added to every key moves each query's scores by one
     number, which softmax removes (the `key_shift` factor). Leaving the key biases out keeps
     the shift commuting with the query-key `GL`, which does not move the key bias. The same
     holds for the constant a LayerNorm kernel adds to the keys. Only the key entries of a
     bias are left out: queries and values packed into the same bias (GPT-2's `c_attn`)
-    keep their compensation."""
+    keep their compensation.
+
+    `key_rows` (per weight, the output ranges feeding softmax keys) settles the readers that
+    the LayerNorm rules left pending because they have no bias (Whisper's key projection):
+    a pending kernel slot is kept only inside key rows, a shift only if every pending
+    reader is a key projection; anything else is dropped."""
+    rows = dict(key_rows or {})
     keys: dict[str, list[tuple[int, int]]] = {}
     for f in factors:
         if isinstance(f, KeyShiftFactor):
             t = f.terms[0]
             keys.setdefault(t.param, []).append((t.offset, t.offset + f.dim))
-    if not keys:
-        return factors
     out = []
     for f in factors:
         terms = getattr(f, "terms", ())
@@ -340,20 +352,30 @@ def drop_key_compensation(factors: list, root: nn.Module) -> list:
             new = []
             for t in terms:
                 if isinstance(t, IntoLinears):
+                    if not all(_whole_key(w, w in t.transposed, rows, root) for w in t.pending):
+                        break
                     kept = []
-                    for w, b, rows in t.consumers:
+                    for w, b, r in t.consumers:
                         if b not in keys:
-                            kept.append((w, b, rows))
+                            kept.append((w, b, r))
                             continue
-                        lo, hi = rows or (0, root.get_parameter(b).shape[0])
-                        kept += [(w, b, r) for r in _outside(lo, hi, keys[b])]
-                    t = dataclasses.replace(t, consumers=tuple(kept))
+                        lo, hi = r or (0, root.get_parameter(b).shape[0])
+                        kept += [(w, b, piece) for piece in _outside(lo, hi, keys[b])]
+                    t = dataclasses.replace(t, consumers=tuple(kept), pending=())
                 new.append(t)
-            f = dataclasses.replace(f, terms=tuple(new))
+            else:
+                f = dataclasses.replace(f, terms=tuple(new))
+                out.append(f)
+            continue
         kern = getattr(f, "kernel", None)
-        if isinstance(kern, MeanKernel) and any(sl.bias in keys for sl in kern.slots):
+        if isinstance(kern, MeanKernel) and any(sl.pending or sl.bias in keys for sl in kern.slots):
             slots = []
             for sl in kern.slots:
+                if sl.pending:
+                    inside = any(a <= sl.start and sl.stop <= b for a, b in rows.get(sl.weight, []))
+                    if inside:
+                        slots.append(dataclasses.replace(sl, pending=False))
+                    continue
                 if sl.bias not in keys:
                     slots.append(sl)
                     continue
@@ -363,9 +385,21 @@ def drop_key_compensation(factors: list, root: nn.Module) -> list:
                     slots.append(
                         dataclasses.replace(sl, start=lo, stop=hi, bias=None if key else sl.bias)
                     )
+            if not slots:
+                continue
             f = dataclasses.replace(f, terms=(dataclasses.replace(kern, slots=tuple(slots)),))
+            f = dataclasses.replace(f, n=sum(sl.size for sl in slots))
         out.append(f)
     return out
+
+
+def _whole_key(
+    weight: str, transposed: bool, rows: dict[str, list[tuple[int, int]]], root: nn.Module
+) -> bool:
+    """Every output of the linear map `weight` (stored `(in, out)` when `transposed`) feeds
+    softmax keys."""
+    outs = int(root.get_parameter(weight).shape[1 if transposed else 0])
+    return any(a == 0 and b == outs for a, b in rows.get(weight, []))
 
 
 def _edges(lo: int, hi: int, ranges: list[tuple[int, int]]) -> list[int]:

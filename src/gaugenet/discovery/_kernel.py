@@ -73,6 +73,9 @@ class ReaderSlot:
     start: int
     stop: int
     out_axis: int = 0
+    #: no bias takes back the constant this slot adds: kept only if its rows turn out to
+    #: be the keys of a softmax attention, which ignores a constant on every key
+    pending: bool = False
 
     @property
     def size(self) -> int:

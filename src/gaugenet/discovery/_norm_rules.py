@@ -49,7 +49,7 @@ class NormRules:
         if ln.bias is None or len(ln.normalized_shape) != 1 or not n.users:
             return
         ln_node = n
-        consumers, residual, transposed = [], [], []
+        consumers, residual, transposed, pending = [], [], [], []
         for u, via in self._readers(ln_node):
             if u.op == "call_function" and u.target in ADD_OPS:
                 bias = self._residual_bias(u, via, ln.normalized_shape[0])
@@ -58,18 +58,19 @@ class NormRules:
                 residual.append(bias)
                 continue
             found = linear_reading(u, via, self.root, self.values)
-            if found is not None and found[0].out_axis == 1:
-                if found[0].bias is None:
-                    return
-                consumers.append((found[0].weight, found[0].bias, None))
-                transposed.append(found[0].weight)
+            if found is not None:
+                lin = found[0]
+                if lin.bias is None:
+                    pending.append(lin.weight)  # only a softmax key may leave it (see there)
+                    continue
+                consumers.append((lin.weight, lin.bias, None))
+                if lin.out_axis == 1:
+                    transposed.append(lin.weight)
                 continue
             if u.op != "call_module":
                 return
             mod, t = self.root.get_submodule(str(u.target)), str(u.target)
-            if isinstance(mod, nn.Linear) and mod.bias is not None and u.args[:1] == (via,):
-                consumers.append((f"{t}.weight", f"{t}.bias", None))
-            elif (
+            if (
                 isinstance(mod, nn.MultiheadAttention)
                 and mod._qkv_same_embed_dim
                 and mod.in_proj_bias is not None
@@ -84,7 +85,9 @@ class NormRules:
         if consumers:
             E = ln.normalized_shape[0]
             self.L.extra.append(
-                layernorm_shift(str(ln_node.target), E, consumers, residual, tuple(transposed))
+                layernorm_shift(
+                    str(ln_node.target), E, consumers, residual, tuple(transposed), tuple(pending)
+                )
             )
 
     def _residual_bias(self, add: fx.Node, n: fx.Node, E: int) -> str | None:
@@ -116,10 +119,12 @@ class NormRules:
             if found is not None:
                 lin = found[0]
                 rows, cols = lin.shape(self.root)
-                if cols != E or (lin.bias is None and ln.bias is not None):
-                    # without a bias, the row change adds `a Σ β/γ` that nothing takes back
+                if cols != E:
                     continue
-                slots.append(ReaderSlot(lin.weight, lin.bias, 0, rows, lin.out_axis))
+                # without a bias, the row change adds `a Σ β/γ` that nothing takes back
+                # unless the rows are softmax keys (settled once attention is known)
+                pending = lin.bias is None and ln.bias is not None
+                slots.append(ReaderSlot(lin.weight, lin.bias, 0, rows, lin.out_axis, pending))
                 continue
             if u.op != "call_module":
                 continue

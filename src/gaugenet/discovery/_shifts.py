@@ -83,6 +83,9 @@ class IntoLinears:
     #: biases of linear layers added to the LayerNorm's output (a residual sum): `bias −= v`
     residual: tuple[str, ...] = ()
     transposed: tuple[str, ...] = ()
+    #: readers without a bias, left uncompensated: the factor is kept only if each turns
+    #: out to be a softmax attention's key projection (a constant on every key is ignored)
+    pending: tuple[str, ...] = ()
 
     def __call__(self, new: State, v: Tensor) -> None:
         v = v.to(new[self.param].dtype)
@@ -132,9 +135,10 @@ def layernorm_shift(
     consumers: list[tuple[str, str, tuple[int, int] | None]],
     residual: list[str],
     transposed: tuple[str, ...] = (),
+    pending: tuple[str, ...] = (),
 ) -> AbsorbedShiftFactor:
     """The shift of the LayerNorm `name`'s `β`, taken back by the `consumers` (see
     `IntoLinears`) and by the `residual` biases."""
-    term = IntoLinears(f"{name}.bias", tuple(consumers), tuple(residual), transposed)
+    term = IntoLinears(f"{name}.bias", tuple(consumers), tuple(residual), transposed, pending)
     mods = tuple(dict.fromkeys((name, *(w.rpartition(".")[0] for w, _, _ in consumers))))
     return AbsorbedShiftFactor(f"shift:{name}", features, terms=(term,), modules=mods)

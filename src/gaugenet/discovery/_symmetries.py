@@ -149,10 +149,10 @@ def _discover(model: nn.Module, call: Call) -> GaugeGroup:
         raise UnsupportedModelError(
             f"running {type(model).__name__} on the example inputs failed: {exc}"
         ) from exc
-    attn, attn_breakers, projections = attention_from_graph(gm, model, prop.values)
+    attn, attn_breakers, projections, keys = attention_from_graph(gm, model, prop.values)
     prop.L.drop_outputs_of(projections)
     factors, breakers = build_factors(prop.L, model)
-    factors = drop_key_compensation(factors + attn, model)
+    factors = drop_key_compensation(factors + attn, model, keys)
     factors = with_rotations(factors, stream_rotations(gm, model, prop.values))
     breakers += attn_breakers
     f2, b2 = _atom_factors(model)
