@@ -84,3 +84,45 @@ def test_bias_free_value_reader_is_left_out() -> None:
         kern, terms=(dataclasses.replace(kern.kernel, slots=(v_slot,)),), n=8
     )
     assert _err(model, group, x, wrong) > 1e-3
+
+
+def test_cross_attention_reads_a_layernorm_as_query_only() -> None:
+    """In `nn.TransformerDecoderLayer` the cross-attention reads a LayerNorm as its query
+    only (keys and values come from the memory): that LayerNorm's kernel and shift take the
+    query rows alone, the key rows' GL leaves them alone, and the group is complete."""
+    from gaugenet.certify import functional_dimension
+
+    torch.manual_seed(0)
+    for norm_first, dim in ((False, 251), (True, 274)):
+        model = nn.TransformerDecoderLayer(
+            8, 2, 16, dropout=0.0, batch_first=True, norm_first=norm_first
+        ).double()
+        model.eval()
+        with torch.no_grad():  # unit-gain matrices, gains near 1, small biases
+            for name, p in model.named_parameters():
+                if p.ndim == 2:
+                    p.copy_(torch.randn(p.shape) / min(p.shape) ** 0.5)
+                elif name.endswith("weight"):
+                    p.copy_(1 + 0.3 * torch.randn(p.shape))
+                else:
+                    p.copy_(0.1 * torch.randn(p.shape))
+        g = torch.Generator().manual_seed(3)
+        inputs = (
+            torch.randn(60, 4, 8, generator=g, dtype=torch.float64),
+            torch.randn(60, 3, 8, generator=g, dtype=torch.float64),
+        )
+        group = gaugenet.symmetries(model, inputs)
+        assert not [b for b in group.breakers if b.reason.startswith(INTERNAL_ERROR)]
+        name = "norm2" if norm_first else "norm1"
+        kern = group.factor(f"ln_kernel:{name}")
+        assert [(s.weight, s.start, s.stop) for s in kern.kernel.slots] == [
+            ("multihead_attn.in_proj_weight", 0, 8)
+        ]
+        assert group.factor(f"shift:{name}").terms[0].consumers == (
+            ("multihead_attn.in_proj_weight", "multihead_attn.in_proj_bias", (0, 8)),
+        )
+        with keep_float64():
+            fd = functional_dimension(model, inputs)
+            moved = group.act(model, group.sample(torch.Generator().manual_seed(4)))
+            assert gaugenet.invariance_error(model, moved, inputs) < 1e-12
+        assert group.dim == fd.n_params - fd.rank == dim

@@ -239,6 +239,8 @@ def _link_one(k: LayerNormKernelFactor, factors: list) -> LayerNormKernelFactor 
                 end = t.offset + f.b * f.d
                 inside = [(s, off) for s, off in mine if s.start <= t.offset and end <= s.stop]
                 if not inside:
+                    if all(end <= s.start or s.stop <= t.offset for s, _ in mine):
+                        continue  # rows no slot holds (a cross-attention's keys): untouched
                     return None
                 s, off = inside[0]
                 moved.append((f.name, t.mode, off + t.offset - s.start))

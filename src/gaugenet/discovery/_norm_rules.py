@@ -42,10 +42,11 @@ class NormRules:
 
     def layernorm_shift(self, n: fx.Node, ln: nn.LayerNorm) -> None:
         """A LayerNorm whose output only affine layers read: its `β` may move into their
-        biases. Readers: `nn.Linear` with a bias, or `nn.MultiheadAttention` reading it as
-        query, key and value through a packed, biased input projection. There only the
-        query and value biases compensate: a shift of every key changes no softmax, and
-        leaving the key bias alone keeps this factor commuting with the query-key GL."""
+        biases. Readers: linear maps with a bias, or `nn.MultiheadAttention` reading it as
+        any of query, key and value through a packed, biased input projection (self- or
+        cross-attention). There only the query and value biases compensate: a shift of
+        every key changes no softmax, and leaving the key bias alone keeps this factor
+        commuting with the query-key GL."""
         if ln.bias is None or len(ln.normalized_shape) != 1 or not n.users:
             return
         ln_node = n
@@ -75,11 +76,15 @@ class NormRules:
                 and mod._qkv_same_embed_dim
                 and mod.in_proj_bias is not None
                 and mod.bias_k is None
-                and tuple(u.args[:3]) == (via, via, via)
+                and any(a is via for a in u.args[:3])
             ):
+                # the query and value rows that read it take the shift back; keys need not
                 E = mod.embed_dim
-                consumers.append((f"{t}.in_proj_weight", f"{t}.in_proj_bias", (0, E)))
-                consumers.append((f"{t}.in_proj_weight", f"{t}.in_proj_bias", (2 * E, 3 * E)))
+                consumers += [
+                    (f"{t}.in_proj_weight", f"{t}.in_proj_bias", (i * E, (i + 1) * E))
+                    for i, a in enumerate(u.args[:3])
+                    if a is via and i != 1
+                ]
             else:
                 return
         if consumers:
