@@ -3,6 +3,8 @@ the default method, each against the plain path it replaces (and a case it must 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -40,7 +42,7 @@ def test_embedded_check_accepts_one_step_per_short_interval(gen, monkeypatch):
     W, estimate = wilson_line(w, t1, t0, rtol=1e-6, return_error=True)
     assert calls == []  # one step and its check, no refinement pair
     assert estimate <= 1e-6
-    # The estimate is Magnus4's error bound: Magnus6's line is far more accurate than it.
+    # The estimate is Magnus6's error estimated from the bound of its gap to Magnus4.
     assert rel(W, ref) < estimate / 10
     # Exact structure is kept: the reversed intervals give the inverses.
     back = wilson_line(w, t0, t1, rtol=1e-6)
@@ -53,7 +55,7 @@ def test_embedded_check_refuses_a_tolerance_below_its_bound(gen, monkeypatch):
     w = field(6, gen)
     t1, t0 = short_intervals()
     _, bound = _wilson._one_step_checked(w, t1, t0, Magnus6(), 1e-16)
-    rtol = bound / 100
+    rtol = _wilson.one_step_estimate(bound, 6, 4) / 100
     calls = count_refinements(monkeypatch)
     W, estimate = wilson_line(w, t1, t0, rtol=rtol, return_error=True)
     assert calls and calls[0] == 2
@@ -69,6 +71,27 @@ def test_embedded_bound_covers_the_exponentiated_gap(gen):
     gap = float(((W - W4).abs().amax((-2, -1)) / W.abs().amax((-2, -1))).max())
     assert 0 < gap <= bound < 100 * gap
     assert rel(W, wilson_line(w, t1, t0, steps=1, method=Magnus6())) < 1e-14
+
+
+@pytest.mark.parametrize("scale", [0.5, 1.0, 2.0])
+@pytest.mark.parametrize("length", [1 / 64, 1 / 16])
+def test_one_step_estimate_covers_the_step(scale, length, gen):
+    # Magnus6's one-step error against the estimate from the Magnus4 gap bound: above the
+    # error (the step is trusted to rtol) but not by orders of magnitude (not vacuous).
+    w = field(6, gen, scale)
+    t0 = torch.arange(8, dtype=F64) * length
+    W, bound = _wilson._one_step_checked(w, t0 + length, t0, Magnus6(), 1e-16)
+    error = rel(W, wilson_line(w, t0 + length, t0, steps=64))
+    estimate = _wilson.one_step_estimate(bound, 6, 4)
+    assert error < estimate < 3e3 * max(error, 1e-14)
+    # Negative: the gap bound itself is far above Magnus6's error (Magnus4's own error).
+    assert bound > 30 * error
+
+
+def test_one_step_estimate_outside_the_asymptotic_range():
+    assert _wilson.one_step_estimate(1e-2, 6, 4) == 1e-2  # the gap itself
+    assert _wilson.one_step_estimate(math.inf, 6, 4) == math.inf
+    assert _wilson.one_step_estimate(1e-9, 6, 4) < 1e-11  # powers of a small gap
 
 
 def test_embedded_bound_sees_quadrature_error_of_commuting_fields(gen):
