@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -63,14 +64,47 @@ def test_embedded_check_refuses_a_tolerance_below_its_bound(gen, monkeypatch):
     assert rel(W, wilson_line(w, t1, t0, steps=64)) < 3 * rtol
 
 
+def embedded_exponents(w, t1, t0, method=None):
+    """One step's `Ω` and the embedded exponent `Ω_e` per interval: `(B, d, d)` each."""
+    method = method or Magnus6()
+    A = _wilson._node_values(w, t1, t0, 1, method)[:, 0]
+    Ae = _wilson._node_values(w, t1, t0, 1, method.embedded)[:, 0]
+    omega, gap = method.omega_and_gap(A, Ae, (t1 - t0)[:, None, None])
+    return omega, omega - gap
+
+
 def test_embedded_bound_covers_the_exponentiated_gap(gen):
     w = field(5, gen)
     t1, t0 = short_intervals(8)
     W, bound = _wilson._one_step_checked(w, t1, t0, Magnus6(), 1e-16)
-    W4 = wilson_line(w, t1, t0, steps=1, method=Magnus4())
-    gap = float(((W - W4).abs().amax((-2, -1)) / W.abs().amax((-2, -1))).max())
-    assert 0 < gap <= bound < 100 * gap
+    omega, other = embedded_exponents(w, t1, t0)
+    We = torch.linalg.matrix_exp(other)
+    gap = float(((W - We).abs().amax((-2, -1)) / W.abs().amax((-2, -1))).max())
+    assert 0 < gap <= bound < 3 * gap  # a bound, and a tight one
     assert rel(W, wilson_line(w, t1, t0, steps=1, method=Magnus6())) < 1e-14
+    assert rel(W, torch.linalg.matrix_exp(omega)) < 1e-14
+
+
+def test_embedded_exponent_has_order_4(gen):
+    # The embedded exponent (two-node quadrature, Magnus6's commutator) is a fourth-order
+    # step: its gap to Magnus6 shrinks as h^5 (its local error), and it is as close to
+    # the exact line as Magnus4's step (same order, same leading commutator).
+    w = field(5, gen)
+    hs = np.array([1 / 8, 1 / 16, 1 / 32, 1 / 64])
+    gaps, errors, mine = [], [], []
+    for h in hs:
+        t0 = torch.tensor([0.1], dtype=F64)
+        omega, other = embedded_exponents(w, t0 + h, t0)
+        gaps.append(float((omega - other).abs().max()))
+        ref = wilson_line(w, t0 + h, t0, steps=16)
+        errors.append(rel(torch.linalg.matrix_exp(other), ref))
+        mine.append(rel(torch.linalg.matrix_exp(omega), ref))
+    slope = np.polyfit(np.log(hs), np.log(gaps), 1)[0]
+    assert abs(slope - 5) < 0.3, (slope, gaps)
+    slope = np.polyfit(np.log(hs), np.log(errors), 1)[0]
+    assert abs(slope - 5) < 0.3, (slope, errors)
+    # Negative: Magnus6's own step is of higher order (its error falls faster).
+    assert mine[0] < errors[0] / 10 and mine[1] < errors[1] / 30
 
 
 @pytest.mark.parametrize("scale", [0.5, 1.0, 2.0])
