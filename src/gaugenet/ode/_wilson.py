@@ -272,11 +272,12 @@ def _one_step_checked(
         omega, D = method.omega_and_gap(A.movedim(2, -3), Ac.movedim(2, -3), hb)
         W = expm(omega, exp_tol)
         with torch.no_grad():
+            # (abs then amax: several times faster than vector_norm(ord=inf) on CPU)
             dims, d = (-2, -1), omega.shape[-1]
-            first = torch.linalg.vector_norm(D.detach(), ord=math.inf, dim=dims)
+            first = D.detach().abs().amax(dim=dims)
             X = omega.detach().abs()
             c = torch.maximum(X.sum(-1).amax(-1), X.sum(-2).amax(-1)).add_(first, alpha=d)
-            den = torch.linalg.vector_norm(W.detach(), ord=math.inf, dim=dims)
+            den = W.detach().abs().amax(dim=dims)
             bound = first * c.exp() / den.clamp_min(torch.finfo(W.dtype).tiny)
             gaps.append(bound.amax() if bound.numel() else bound.sum())
         parts.append(W[:, 0])
