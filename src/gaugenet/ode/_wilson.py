@@ -266,8 +266,13 @@ def _one_step_checked(
     parts, gaps = [], []
     for i in range(0, max(t0.shape[0], 1), size):
         a, b = t1[i : i + size], t0[i : i + size]
-        A = _node_values(w, a, b, 1, method)
-        Ac = _node_values(w, a, b, 1, check)
+        # The field at both methods' nodes in one call.
+        times = torch.cat([_node_times(a, b, 1, method), _node_times(a, b, 1, check)])
+        values = w(times)
+        check_field(values, times.shape[0])
+        A, Ac = values.split([len(method.nodes) * a.shape[0], len(check.nodes) * a.shape[0]])
+        A = A.reshape(a.shape[0], 1, len(method.nodes), *A.shape[1:])
+        Ac = Ac.reshape(a.shape[0], 1, len(check.nodes), *Ac.shape[1:])
         hb = (a - b).reshape(-1, 1, *([1] * (A.dim() - 5)), 1, 1)
         omega, D = method.omega_and_gap(A.movedim(2, -3), Ac.movedim(2, -3), hb)
         W = expm(omega, exp_tol)
