@@ -5,7 +5,7 @@ One Magnus step replaces the time-ordered exponential over `[t, t + h]` by `exp(
 in cache-sized chunks; every step of a chunk is exponentiated in one batched call (`expm`)
 and the ordered product is taken as a balanced tree, so the work is a handful of batched
 kernels per chunk. Short intervals get one step, checked against an embedded lower-order
-step, instead of a refinement pair. Gauss-Legendre
+exponent, instead of a refinement pair. Gauss-Legendre
 Magnus methods are time-symmetric, so a step with `h < 0` is exactly the inverse of the step
 with `-h`: `W_{t0:t1} = W_{t1:t0}⁻¹` holds to rounding.
 """
@@ -544,9 +544,10 @@ def wilson_line(
       Richardson extrapolation (the methods are symmetric, so the error expands in even
       powers of the step), which only makes the returned line more accurate than the
       estimate. When the field's size predicts one step per interval and the method has an
-      `embedded` one (`Magnus6`: `Magnus4`), the single step is accepted without a pair if
-      a bound of its gap to the embedded step is below `rtol` (the returned estimate is then
-      that bound, an estimate of the lower order's error). `RK8`: adaptive steps shared by
+      `embedded` one (`Magnus6`: a fourth-order exponent sharing its commutator), the single
+      step is accepted without a pair if the estimate of its error from a bound of its gap
+      to the embedded step (`one_step_estimate`) is below `rtol`; that estimate is
+      returned. `RK8`: adaptive steps shared by
       the batch, the summed local error estimates below `rtol`. Default, when neither is
       given: `1e-12` in float64, `1e-6` otherwise.
     - `method`: a `MagnusMethod` or `RK8()`. Default (`choose_method`): `Magnus6()` with
