@@ -223,3 +223,20 @@ def test_embedded_check_with_an_extra_field_axis(gen, monkeypatch):
     assert rel(W, ref) < 1e-8
     # Negative: the fields are not interchangeable.
     assert rel(W[:, 0], W[:, 1]) > 1e-3
+
+
+def test_first_pair_predicted_from_the_field_within_the_budget(gen, monkeypatch):
+    # A long interval at a tight tolerance: the first pair is sized from the field (more
+    # than the former four steps), the result meets the tolerance.
+    w = field(6, gen, scale=2.0)
+    ref = wilson_line(w, 1.0, 0.0, steps=600)
+    calls = count_refinements(monkeypatch)
+    W, estimate = wilson_line(w, 1.0, 0.0, rtol=1e-10, return_error=True)
+    assert 4 < calls[0] <= _wilson.FIRST_STEPS_CAP
+    assert estimate <= 1e-10 and rel(W, ref) < 3e-10
+    # Negative: a budget below the predicted pair shrinks the pair to fit, and the spent
+    # budget is reported.
+    calls.clear()
+    with pytest.raises(GaugeError, match="max_steps=6"):
+        wilson_line(w, 1.0, 0.0, rtol=1e-12, max_steps=6)
+    assert calls[0] == 3

@@ -409,17 +409,23 @@ def _rk_pieces(A0: Tensor, lengths: Tensor, rtol: float, room: int) -> int:
     return max(1, min(8, room, round(steps / 3)))
 
 
+#: the largest step count of the first refinement pair (see `_first_steps`)
+FIRST_STEPS_CAP = 16
+
+
 def _first_steps(A0: Tensor, lengths: Tensor, rtol: float) -> int:
     """The step count of the first pair: about where Magnus6's error `~ (h ν)^7` reaches
     `rtol`, from `ν` = the field's size `‖w(t0)‖_F / √d` times the interval's length, kept to
-    `[1, 4]` (the pair's estimate then predicts the final count)."""
+    `[1, FIRST_STEPS_CAP]` (the pair's estimate then predicts the final count). A pair near
+    the final count saves a second batched call, which at small `d` costs more than the
+    steps; the cap bounds the work a field much larger at `t0` than elsewhere can waste."""
     d = A0.shape[-1]
     with torch.no_grad():
         size = A0.detach().flatten(1).norm(dim=1) / math.sqrt(d) * lengths.abs()
         nu = float(size.max()) if size.numel() else 0.0
     if not math.isfinite(nu):
         return 4
-    return min(4, max(1, math.ceil(nu * rtol ** (-1.0 / 7.0) / 3.4)))
+    return min(FIRST_STEPS_CAP, max(1, math.ceil(nu * rtol ** (-1.0 / 7.0) / 3.4)))
 
 
 def _magnus_search(
@@ -599,6 +605,8 @@ def wilson_line(
     line_bytes = A0[0].numel() * itemsize  # the field at one time
     rtol_eff = rtol if rtol is not None else min_rtol(dtype)
     first = steps if steps is not None else _first_steps(A0, t1f - t0f, rtol_eff)
+    if steps is None:  # the pair's finer half stays within the step budget
+        first = min(first, max(1, max_steps // 2))
     if method is None:
         method = choose_method(d, steps, first)
 
