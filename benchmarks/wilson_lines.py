@@ -179,7 +179,7 @@ class ProductCount(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        name = func.__name__.split(".")[0]
+        name = func.__name__.split(".")[0].rstrip("_")  # in-place variants (baddbmm_) too
         if name in ("mm", "bmm", "addmm", "baddbmm", "matmul"):
             a, b = (args[0], args[1]) if name in ("mm", "bmm", "matmul") else (args[1], args[2])
             inner = a.shape[-1]

@@ -3,6 +3,9 @@ the default method, each against the plain path it replaces (and a case it must 
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 import torch
 
@@ -40,7 +43,7 @@ def test_embedded_check_accepts_one_step_per_short_interval(gen, monkeypatch):
     W, estimate = wilson_line(w, t1, t0, rtol=1e-6, return_error=True)
     assert calls == []  # one step and its check, no refinement pair
     assert estimate <= 1e-6
-    # The estimate is Magnus4's error bound: Magnus6's line is far more accurate than it.
+    # The estimate is Magnus6's error estimated from the bound of its gap to Magnus4.
     assert rel(W, ref) < estimate / 10
     # Exact structure is kept: the reversed intervals give the inverses.
     back = wilson_line(w, t0, t1, rtol=1e-6)
@@ -53,7 +56,7 @@ def test_embedded_check_refuses_a_tolerance_below_its_bound(gen, monkeypatch):
     w = field(6, gen)
     t1, t0 = short_intervals()
     _, bound = _wilson._one_step_checked(w, t1, t0, Magnus6(), 1e-16)
-    rtol = bound / 100
+    rtol = _wilson.one_step_estimate(bound, 6, 4) / 100
     calls = count_refinements(monkeypatch)
     W, estimate = wilson_line(w, t1, t0, rtol=rtol, return_error=True)
     assert calls and calls[0] == 2
@@ -61,14 +64,68 @@ def test_embedded_check_refuses_a_tolerance_below_its_bound(gen, monkeypatch):
     assert rel(W, wilson_line(w, t1, t0, steps=64)) < 3 * rtol
 
 
+def embedded_exponents(w, t1, t0, method=None):
+    """One step's `Ω` and the embedded exponent `Ω_e` per interval: `(B, d, d)` each."""
+    method = method or Magnus6()
+    A = _wilson._node_values(w, t1, t0, 1, method)[:, 0]
+    Ae = _wilson._node_values(w, t1, t0, 1, method.embedded)[:, 0]
+    omega, gap = method.omega_and_gap(A, Ae, (t1 - t0)[:, None, None])
+    return omega, omega - gap
+
+
 def test_embedded_bound_covers_the_exponentiated_gap(gen):
     w = field(5, gen)
     t1, t0 = short_intervals(8)
     W, bound = _wilson._one_step_checked(w, t1, t0, Magnus6(), 1e-16)
-    W4 = wilson_line(w, t1, t0, steps=1, method=Magnus4())
-    gap = float(((W - W4).abs().amax((-2, -1)) / W.abs().amax((-2, -1))).max())
-    assert 0 < gap <= bound < 100 * gap
+    omega, other = embedded_exponents(w, t1, t0)
+    We = torch.linalg.matrix_exp(other)
+    gap = float(((W - We).abs().amax((-2, -1)) / W.abs().amax((-2, -1))).max())
+    assert 0 < gap <= bound < 3 * gap  # a bound, and a tight one
     assert rel(W, wilson_line(w, t1, t0, steps=1, method=Magnus6())) < 1e-14
+    assert rel(W, torch.linalg.matrix_exp(omega)) < 1e-14
+
+
+def test_embedded_exponent_has_order_4(gen):
+    # The embedded exponent (two-node quadrature, Magnus6's commutator) is a fourth-order
+    # step: its gap to Magnus6 shrinks as h^5 (its local error), and it is as close to
+    # the exact line as Magnus4's step (same order, same leading commutator).
+    w = field(5, gen)
+    hs = np.array([1 / 8, 1 / 16, 1 / 32, 1 / 64])
+    gaps, errors, mine = [], [], []
+    for h in hs:
+        t0 = torch.tensor([0.1], dtype=F64)
+        omega, other = embedded_exponents(w, t0 + h, t0)
+        gaps.append(float((omega - other).abs().max()))
+        ref = wilson_line(w, t0 + h, t0, steps=16)
+        errors.append(rel(torch.linalg.matrix_exp(other), ref))
+        mine.append(rel(torch.linalg.matrix_exp(omega), ref))
+    slope = np.polyfit(np.log(hs), np.log(gaps), 1)[0]
+    assert abs(slope - 5) < 0.3, (slope, gaps)
+    slope = np.polyfit(np.log(hs), np.log(errors), 1)[0]
+    assert abs(slope - 5) < 0.3, (slope, errors)
+    # Negative: Magnus6's own step is of higher order (its error falls faster).
+    assert mine[0] < errors[0] / 10 and mine[1] < errors[1] / 30
+
+
+@pytest.mark.parametrize("scale", [0.5, 1.0, 2.0])
+@pytest.mark.parametrize("length", [1 / 64, 1 / 16])
+def test_one_step_estimate_covers_the_step(scale, length, gen):
+    # Magnus6's one-step error against the estimate from the Magnus4 gap bound: above the
+    # error (the step is trusted to rtol) but not by orders of magnitude (not vacuous).
+    w = field(6, gen, scale)
+    t0 = torch.arange(8, dtype=F64) * length
+    W, bound = _wilson._one_step_checked(w, t0 + length, t0, Magnus6(), 1e-16)
+    error = rel(W, wilson_line(w, t0 + length, t0, steps=64))
+    estimate = _wilson.one_step_estimate(bound, 6, 4)
+    assert error < estimate < 3e3 * max(error, 1e-14)
+    # Negative: the gap bound itself is far above Magnus6's error (Magnus4's own error).
+    assert bound > 30 * error
+
+
+def test_one_step_estimate_outside_the_asymptotic_range():
+    assert _wilson.one_step_estimate(1e-2, 6, 4) == 1e-2  # the gap itself
+    assert _wilson.one_step_estimate(math.inf, 6, 4) == math.inf
+    assert _wilson.one_step_estimate(1e-9, 6, 4) < 1e-11  # powers of a small gap
 
 
 def test_embedded_bound_sees_quadrature_error_of_commuting_fields(gen):
@@ -166,3 +223,20 @@ def test_embedded_check_with_an_extra_field_axis(gen, monkeypatch):
     assert rel(W, ref) < 1e-8
     # Negative: the fields are not interchangeable.
     assert rel(W[:, 0], W[:, 1]) > 1e-3
+
+
+def test_first_pair_predicted_from_the_field_within_the_budget(gen, monkeypatch):
+    # A long interval at a tight tolerance: the first pair is sized from the field (more
+    # than the former four steps), the result meets the tolerance.
+    w = field(6, gen, scale=2.0)
+    ref = wilson_line(w, 1.0, 0.0, steps=600)
+    calls = count_refinements(monkeypatch)
+    W, estimate = wilson_line(w, 1.0, 0.0, rtol=1e-10, return_error=True)
+    assert 4 < calls[0] <= _wilson.FIRST_STEPS_CAP
+    assert estimate <= 1e-10 and rel(W, ref) < 3e-10
+    # Negative: a budget below the predicted pair shrinks the pair to fit, and the spent
+    # budget is reported.
+    calls.clear()
+    with pytest.raises(GaugeError, match="max_steps=6"):
+        wilson_line(w, 1.0, 0.0, rtol=1e-12, max_steps=6)
+    assert calls[0] == 3
