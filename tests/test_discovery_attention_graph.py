@@ -209,14 +209,16 @@ def test_rmsnorm_stream_rotation() -> None:
 
 
 def test_stream_rotation_canonical_form_is_orbit_independent() -> None:
-    """The rotation's gauge (principal axes of the embedding table) and the rescalings it
-    touches (pinned by unit columns of the writers, which the rotation only mixes by rows):
-    two points of one orbit give the same canonical weights."""
+    """The rotation's gauge (principal axes of the embedding table), the rescalings it
+    touches (pinned by unit columns of the writers, which the rotation only mixes by rows)
+    and the head elements' balanced forms (rotary query-key, grouped value-output): two
+    points of one orbit give the same canonical weights."""
     model, inputs = _lm(tied=False)
     group = gaugenet.symmetries(model, inputs)
     rot = next(f for f in group.factors if f.kind == "orthogonal")
     gen = torch.Generator().manual_seed(4)
-    g = {f.name: f.sample(gen) for f in group.factors if f.kind in ("orthogonal", "rescaling")}
+    kinds = ("orthogonal", "rescaling", "gl")  # rotation, gains, rotary and GQA head elements
+    g = {f.name: f.sample(gen) for f in group.factors if f.kind in kinds}
     with keep_float64():
         moved = group.act(model, g)
         a = gaugenet.canonicalize(model, group=group)

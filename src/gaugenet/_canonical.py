@@ -222,7 +222,11 @@ def _element(group: GaugeGroup, state: State, params: set[str], gauge: Gauge) ->
     for name, v in shifts.items():
         g[name] = GaugeGroup._rescale_shift(group.factor(name), v, g, moved=False)
     current = group.act_state(state, g)
-    for f in group.continuous:
+    # stream rotations first: their gauge reads only the embedding table, while they mix
+    # the columns that the head factors' balanced forms read (and commute with those, which
+    # act on rows), so this order makes the head gauges orbit-independent too
+    ordered = sorted(group.continuous, key=lambda f: not isinstance(f, OrthogonalFactor))
+    for f in ordered:
         if isinstance(f, RescalingFactor) or f.name in shifts:
             continue
         fn = canonicalizer_for(f)

@@ -1,6 +1,7 @@
 """Gauge groups: factors (rescaling, GL and its subalgebras, affine, orthogonal, translation,
 permutation) and their product."""
 
+from . import _algebra_canonical as _algebra_canonical  # registers its canonicalizer
 from ._algebra import AlgebraFactor as AlgebraFactor
 from ._base import AbstractFactor as AbstractFactor
 from ._base import Breaker as Breaker
