@@ -8,7 +8,7 @@ import torch
 
 import gaugenet
 from gaugenet import GaugeError
-from gaugenet.apply import QuantScheme, logit_kl, squared_error
+from gaugenet.apply import QuantScheme, logit_kl, next_token_loss, squared_error
 from gaugenet.apply._equalize import _hadamard, _output_noise, equalizing_element
 from gaugenet.apply._learn import learn_element, straight_through
 from gaugenet.apply._quantize import quantized_params
@@ -145,3 +145,15 @@ def test_output_distances() -> None:
     expected = (p * (y.log_softmax(-1) - lq)).sum()
     assert abs(float(logit_kl(yq, y) - expected)) < 1e-12 and float(expected) > 0
     assert float(squared_error(yq, y)) == float(((yq - y) ** 2).sum())
+
+
+def test_next_token_loss_reads_the_shifted_tokens() -> None:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 7, (2, 5), generator=g)
+    logits = torch.randn(2, 5, 7, generator=g, dtype=torch.float64)
+    lp = logits.log_softmax(-1)
+    expected = -sum(float(lp[b, t, ids[b, t + 1]]) for b in range(2) for t in range(4))
+    loss = next_token_loss(ids)
+    assert abs(float(loss(logits, torch.zeros_like(logits))) - expected) < 1e-12
+    # negative: the unshifted tokens give another value
+    assert abs(float(next_token_loss(ids[:, :-1])(logits[:, 1:], logits)) - expected) > 1e-3
