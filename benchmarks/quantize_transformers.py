@@ -9,7 +9,8 @@ cross-layer equalization (`EqualizeGraph`), graph activation equalization
 (`GraphActivationEqualization`, SmoothQuant α=0.5) and Hadamard rotation
 (`GraphRotationEqualization`); llm-compressor 0.14's `SmoothQuantModifier`,
 `SpinQuantModifier` (R1+R2) and `QuIPModifier`; gaugenet's `equalize` over the group that
-`gaugenet.symmetries` discovers (no mapping table), aimed at each scheme.
+`gaugenet.symmetries` discovers (no mapping table), aimed at each scheme, with its
+orthogonal factors learned for `--learn` steps (default 60) after the Hadamard candidates.
 
 Every peer runs in its own environment (`bash benchmarks/peers_setup.sh`; folder from
 `--peers` or `$GAUGENET_PEERS`, default `/work/peers`) in a subprocess that returns its
@@ -19,7 +20,12 @@ transformation differs. `preserved` is the largest relative output change of the
 transformed float model on held-out inputs, `max|y' − y| / max|y|`.
 
     HF_HUB_OFFLINE=1 PYTHONPATH=src .venv/bin/python benchmarks/quantize_transformers.py \\
-        [--quick] [--tasks decoder minilm crepe cnn] [--readme README.md]
+        [--quick] [--tasks decoder minilm crepe cnn] [--schemes w4 w4g32 ...] [--learn N]
+        [--distance squared|kl|next-token] [--json rows.json] [--merge a.json b.json]
+        [--readme README.md]
+
+Only some rows: `--tasks decoder --schemes w4 w4g32 --json d.json`; then
+`--merge d.json ... --readme README.md` tabulates runs made separately.
 """
 
 from __future__ import annotations
@@ -42,7 +48,14 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).parent))
 
 import gaugenet
-from gaugenet.apply import QuantScheme, equalize, quantize
+from gaugenet.apply import (
+    QuantScheme,
+    equalize,
+    logit_kl,
+    next_token_loss,
+    quantize,
+    squared_error,
+)
 from transformer_tasks import TASKS, Task, load_task
 
 SCHEMES = ("w4", "w4g32", "w4g128", "w8a8", "w4a8")
@@ -126,7 +139,9 @@ def _with_state(model: nn.Module, state: dict[str, Tensor]) -> nn.Module:
     return m.eval()
 
 
-def bench_task(name: str, schemes: list[str], peers_dir: Path, search: int, log) -> list[dict]:
+def bench_task(
+    name: str, schemes: list[str], peers_dir: Path, search: int, learn: int, distance: str, log
+) -> list[dict]:
     t0 = time.time()
     task = load_task(name)
     log(f"  {task.label}: loaded in {time.time() - t0:.0f} s")
@@ -169,13 +184,17 @@ def bench_task(name: str, schemes: list[str], peers_dir: Path, search: int, log)
     # gaugenet: the discovered group, no table; one element per scheme
     t1 = time.time()
     group = gaugenet.symmetries(task.model, task.calib)
+    dist = {"squared": squared_error, "kl": logit_kl}.get(distance)
+    if distance == "next-token":  # needs token inputs: a language model's calibration text
+        dist = next_token_loss(task.calib["input_ids"])
     row = {"model": task.label, "method": "gaugenet equalize", "preserved": 0.0}
     row["note"] = f"{len(group.factors)} factors, dim {group.dim}"
     for s in schemes:
         sch = QuantScheme.parse(s)
         try:
             eq = equalize(task.model, task.calib, bits=sch.weight_bits, objective="output",
-                          scheme=sch, group=group, search=search)  # fmt: skip
+                          scheme=sch, group=group, search=search, learn=learn,
+                          distance=dist)  # fmt: skip
         except gaugenet.GaugeError as e:
             row["note"] += f"; {s}: {e}"[:160]
             continue
@@ -271,6 +290,13 @@ def main() -> None:
     ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     ap.add_argument("--schemes", nargs="+", default=None)
     ap.add_argument("--search", type=int, default=None, help="gaugenet local-search steps")
+    ap.add_argument("--learn", type=int, default=None, help="gaugenet steps learning the rotations")
+    ap.add_argument(
+        "--distance",
+        default="squared",
+        choices=("squared", "kl", "next-token"),
+        help="gaugenet's output objective (next-token: decoder only)",
+    )
     ap.add_argument("--peers", default=os.environ.get("GAUGENET_PEERS", "/work/peers"))
     ap.add_argument("--readme", default=None, help="replace the marked block of this file")
     ap.add_argument("--json", default=None, help="also write the rows as JSON")
@@ -280,6 +306,7 @@ def main() -> None:
     a = ap.parse_args()
     schemes = a.schemes or (["w4", "w4a8"] if a.quick else list(SCHEMES))
     search = a.search if a.search is not None else (20 if a.quick else 60)
+    learn = a.learn if a.learn is not None else (0 if a.quick else 60)
     rows: list[dict] = []
     t0 = time.time()
     for path in a.merge or ():
@@ -289,7 +316,9 @@ def main() -> None:
         ]
     for name in a.tasks if not a.merge else ():
         print(f"{name} ...", flush=True)
-        rows += bench_task(name, schemes, Path(a.peers), search, lambda s: print(s, flush=True))
+        rows += bench_task(
+            name, schemes, Path(a.peers), search, learn, a.distance, lambda s: print(s, flush=True)
+        )
     md = table(rows, schemes)
     v = verdicts(rows, schemes)
     print(md)

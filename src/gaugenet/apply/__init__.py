@@ -1,5 +1,8 @@
 """Gauge fixing that pays: equalization before quantization, gauge-aware model merging."""
 
+from ._distance import logit_kl as logit_kl
+from ._distance import next_token_loss as next_token_loss
+from ._distance import squared_error as squared_error
 from ._equalize import equalize as equalize
 from ._equalize import equalizing_element as equalizing_element
 from ._equalize import weight_quantization_error as weight_quantization_error

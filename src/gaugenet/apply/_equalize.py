@@ -15,6 +15,8 @@ from .._tolerances import drift_tolerance, model_dtype
 from ..discovery import symmetries
 from ..groups import Element, GaugeGroup, GLFactor, OrthogonalFactor, RescalingFactor, model_state
 from ..groups._base import State
+from ._distance import OutputDistance, squared_error
+from ._learn import learn_element
 from ._quantize import GRANULARITIES, quantize_tensor, quantized_params
 from ._ranges import balance, factor_ranges
 from ._schemes import QuantScheme, round_weight, with_activation_rounding
@@ -60,11 +62,16 @@ def _hadamard(d: int) -> Tensor | None:
 
 
 def _output_noise(
-    model: nn.Module, inputs: Any, names: list[str], scheme: QuantScheme
+    model: nn.Module,
+    inputs: Any,
+    names: list[str],
+    scheme: QuantScheme,
+    distance: OutputDistance = squared_error,
 ) -> Callable[[State], float]:
-    """`state ↦ Σ (y − y_q)²`: the output noise of `model` with `state`'s weights rounded
-    as `scheme` rounds them (and, with its `act_bits`, every Linear/Conv input rounded per
-    token), on `inputs` (the example inputs; the score that picks among candidates)."""
+    """`state ↦ distance(y_q, y)` (default `Σ (y_q − y)²`): the output noise of `model` with
+    `state`'s weights rounded as `scheme` rounds them (and, with its `act_bits`, every
+    Linear/Conv input rounded per token), on `inputs` (the example inputs; the score that
+    picks among candidates)."""
     act_bits = scheme.act_bits
     dtype = next(p.dtype for p in model.parameters())
     with torch.no_grad():
@@ -76,7 +83,7 @@ def _output_noise(
         st = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         st.update({n: round_weight(st[n], scheme) for n in names})
         with torch.no_grad():
-            return float(((run(st) - y) ** 2).sum())
+            return float(distance(run(st), y))
 
     return noise
 
@@ -103,6 +110,9 @@ def equalizing_element(
     search: int = 300,
     act_bits: int | None = None,
     scheme: QuantScheme | str | None = None,
+    learn: int = 0,
+    learn_scales: bool = False,
+    distance: OutputDistance = squared_error,
 ) -> tuple[GaugeGroup, Element]:
     """The element of `model`'s gauge group that `equalize` applies.
 
@@ -129,6 +139,12 @@ def equalizing_element(
     `granularity` and `act_bits` are taken from it; the closed-form steps treat per-group
     weights as per-channel.
 
+    With `learn` (steps; `objective="output"` only), the orthogonal factors (and with
+    `learn_scales` the rescaling factors too) are then learned on the group's manifold from
+    the best element so far, against the rounded model's output error with a
+    straight-through estimator (`_learn.learn_element`, as SpinQuant learns its rotation);
+    the learned element is kept only where it lowers the objective.
+
     **Returns:** `(group, element)`.
     """
     if scheme is not None:
@@ -137,6 +153,8 @@ def equalizing_element(
         granularity = "per-tensor" if scheme.granularity == "per-tensor" else "per-channel"
     if objective not in OBJECTIVES:
         raise GaugeError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    if learn and objective != "output":
+        raise GaugeError("learn needs objective='output': the loss is the rounded output error")
     if act_bits is not None and objective != "output":
         raise GaugeError("act_bits needs objective='output': activations come from the data")
     if granularity not in GRANULARITIES:
@@ -155,7 +173,10 @@ def equalizing_element(
 
     else:
         sch = scheme if scheme is not None else QuantScheme(bits, granularity, act_bits=act_bits)
-        err = _output_noise(model, example_inputs, names, sch)
+        err = _output_noise(model, example_inputs, names, sch, distance)
+        for_learning = [f for f in group.factors if isinstance(f, OrthogonalFactor)]
+        if learn_scales:
+            for_learning += [f for f in group.factors if isinstance(f, RescalingFactor)]
 
     best = (err(start), identity, start)
     # two sequences of sweeps: ranges relative to each tensor's quantization range, and the
@@ -218,6 +239,16 @@ def equalizing_element(
             e = err(trial)
             if e < e_best:
                 e_best, state, elem = e, trial, cand
+    if learn:
+        base = {f.name: elem.get(f.name, f.identity(torch.float64)) for f in group.continuous}
+        cand, _ = learn_element(
+            group, model, example_inputs, start, base, for_learning, names, sch,
+            steps=learn, distance=distance,
+        )  # fmt: skip
+        trial = group.act_state(start, cand, validate=False)
+        e = err(trial)
+        if e < e_best:  # the guard: learned through a surrogate, kept on the objective
+            e_best, state, elem = e, trial, cand
     return group, elem
 
 
@@ -235,6 +266,9 @@ def equalize(
     search: int = 300,
     act_bits: int | None = None,
     scheme: QuantScheme | str | None = None,
+    learn: int = 0,
+    learn_scales: bool = False,
+    distance: OutputDistance = squared_error,
 ) -> nn.Module:
     """A copy of `model`, moved within its gauge group to where round-to-nearest weight
     quantization loses least; it computes the same function.
@@ -260,6 +294,13 @@ def equalize(
       the search trades weight ranges against activation ranges, as smoothing does.
     - `scheme`: the full quantization scheme aimed at (`"w4g128"`, `"w4a8"`, ...), instead
       of `bits`, `granularity` and `act_bits`; the output objective rounds as it does.
+    - `learn`: with `objective="output"`, steps of learning the orthogonal factors (with
+      `learn_scales`, the rescalings too) on the group's manifold against the rounded
+      model's output error (0: none). All of the element is merged into the weights: no
+      rotation stays online.
+    - `distance`: with `objective="output"`, how the rounded outputs are compared with the
+      float ones (`(y_q, y) ↦` scalar): `squared_error` (default) or e.g. `logit_kl` for a
+      model whose outputs are logits.
     - `tol`: largest allowed relative output change on `example_inputs` (float64 evaluation);
       default by the weights' dtype (`1e-9` float64, `1e-5` float32, `1e-2` float16).
 
@@ -278,6 +319,9 @@ def equalize(
         search=search,
         act_bits=act_bits,
         scheme=scheme,
+        learn=learn,
+        learn_scales=learn_scales,
+        distance=distance,
     )
     new = group.act(model, elem)
     tol = drift_tolerance(model_dtype(model)) if tol is None else tol

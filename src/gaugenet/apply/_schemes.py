@@ -123,17 +123,23 @@ def quantize(model: nn.Module, scheme: QuantScheme | str) -> nn.Module:
     return with_activation_rounding(out, scheme.act_bits) if scheme.act_bits else out
 
 
-def with_activation_rounding(model: nn.Module, bits: int, *, copy_model: bool = False) -> nn.Module:
+def with_activation_rounding(
+    model: nn.Module, bits: int, *, copy_model: bool = False, straight_through: bool = False
+) -> nn.Module:
     """`model` with a forward pre-hook on every Linear/Conv layer that rounds the layer's
     input per token to `bits` (`quantize_per_token`; features on the last axis for Linear,
-    on axis 1 for Conv). Modifies `model` in place unless `copy_model`; returns it."""
+    on axis 1 for Conv). With `straight_through`, the rounded input passes the gradient of
+    the unrounded one (for learning through rounding). Modifies `model` in place unless
+    `copy_model`; returns it."""
     out = copy.deepcopy(model) if copy_model else model
     for m in out.modules():
         if isinstance(m, _QUANTIZED_LAYERS):
             dim = -1 if isinstance(m, nn.Linear) else 1
 
             def hook(_mod, args, dim=dim):
-                return (quantize_per_token(args[0], bits, dim), *args[1:])
+                x = args[0]
+                q = quantize_per_token(x, bits, dim)
+                return (x + (q - x).detach() if straight_through else q, *args[1:])
 
             m.register_forward_pre_hook(hook)
     return out
