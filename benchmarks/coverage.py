@@ -41,7 +41,7 @@ from torch import Tensor, nn
 import gaugenet
 from coverage_models import ROWS
 from gaugenet.certify import locate_gap
-from gaugenet.certify._causes import layernorm_causes
+from gaugenet.certify._causes import layernorm_causes, lookup_causes
 from gaugenet.certify._functional_dimension import rank_of
 from gaugenet.certify._jacobian import flat_model, jacobian_of
 from gaugenet.certify._orbit import orbit_projector
@@ -88,6 +88,11 @@ def _rank_gap(model: nn.Module, inputs: Any, group: Any = None) -> tuple[str, in
                     gap = locate_gap(jac, orbit_projector(model, group), fd.rank, names, fm.sizes)
                     lines = gap.lines(top=2)
                     eps = layernorm_causes(flat_m, flat_in, 1e-9) if gap.located else []
+                    table = lookup_causes(flat_m, flat_in) if gap.located else []
+                    if table:
+                        lines.append(
+                            "; ".join(t.replace("model.", "").split(" (a table")[0] for t in table)
+                        )
                     if eps:
                         lines.append(
                             f"{len(eps)} LayerNorms with eps under the rank tolerance (scaling "

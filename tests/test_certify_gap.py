@@ -96,3 +96,36 @@ def test_certify_names_unread_rows() -> None:
         "16 directions of parameter entries with no effect" in c and "emb.weight (16)" in c
         for c in report.causes
     )
+
+
+class _Parallel(nn.Module):
+    """`LN(e + mlp(e))` for token embeddings `e`: the MLP reads only the token's row, so on
+    token inputs it is a table of one row per token."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(5, 4)
+        self.up = nn.Linear(4, 12)
+        self.down = nn.Linear(12, 4)
+        self.ln = nn.LayerNorm(4)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        e = self.emb(ids)
+        return self.ln(e + self.down(torch.tanh(self.up(e))))
+
+
+def test_lookup_cause_names_layers_fed_by_a_table() -> None:
+    """The MLP's 112 parameters act on the outputs only through 5 token rows of 4 numbers:
+    most of them are redundant on token inputs, and certify says why; a continuous input
+    (the negative) gives no such cause."""
+    from gaugenet.certify._causes import lookup_causes
+
+    torch.manual_seed(0)
+    model = _Parallel().double()
+    ids = torch.randint(0, 5, (40, 6), generator=torch.Generator().manual_seed(0))
+    report = certify(model, ids, method="exact")
+    assert report.unexplained is not None and report.unexplained > 50
+    assert any("up, down: inputs take only 5 distinct values" in c for c in report.causes)
+    mlp = nn.Sequential(nn.Linear(4, 12), nn.Tanh(), nn.Linear(12, 4)).double()
+    x = torch.randn(40, 6, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    assert lookup_causes(mlp, x) == []

@@ -13,7 +13,7 @@ from torch.nn import functional as F
 
 from ._jacobian import as_tuple
 
-__all__ = ["layernorm_causes", "relu_causes", "tied_causes"]
+__all__ = ["layernorm_causes", "lookup_causes", "relu_causes", "tied_causes"]
 
 _RELUS = (nn.ReLU, nn.LeakyReLU, nn.PReLU)
 
@@ -155,3 +155,30 @@ def layernorm_causes(model: nn.Module, inputs: Any, rtol: float) -> list[str]:
                 f"{var:.1e}): scaling all that feeds it is a symmetry up to eps, not offered"
             )
     return lines
+
+
+def lookup_causes(model: nn.Module, inputs: Any, share: float = 0.25) -> list[str]:
+    """One line per group of linear layers whose input rows take few distinct values on the
+    inputs (at most `share` of its rows): on token inputs a layer fed only by the embedding
+    (the first MLP of a parallel-residual block, say) sees one row per vocabulary entry, so
+    it and what follows it token by token act as a table of that many rows, and parameters
+    beyond what the table holds are redundant on every token input without being a
+    symmetry."""
+    found: dict[str, tuple[int, int]] = {}
+
+    def record(name: str, mod: nn.Module, x: Tensor) -> None:
+        rows = x.reshape(-1, x.shape[-1])
+        k = int(torch.unique(rows, dim=0).shape[0])
+        n0, k0 = found.get(name, (0, 0))
+        found[name] = (n0 + rows.shape[0], max(k0, k))
+
+    _watch_inputs(model, inputs, (nn.Linear,), record)
+    by_k: dict[int, list[str]] = {}
+    for name, (n, k) in found.items():
+        if k <= share * n:
+            by_k.setdefault(k, []).append(name)
+    return [
+        f"{', '.join(names)}: inputs take only {k} distinct values on these inputs (a table "
+        f"of {k} rows; parameters beyond it are redundant on such inputs, not symmetries)"
+        for k, names in by_k.items()
+    ]

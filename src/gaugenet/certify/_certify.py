@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .._errors import GaugeError
 from ..groups import GaugeGroup
-from ._causes import layernorm_causes, relu_causes, tied_causes
+from ._causes import layernorm_causes, lookup_causes, relu_causes, tied_causes
 from ._checks import FactorChecks, check_act, check_tangents, flat_tangent, sparse_jvp
 from ._davidson import lanczos_max
 from ._functional_dimension import check_outputs, rank_of
@@ -308,6 +308,7 @@ def certify(
     if unexplained is not None and unexplained > 0:
         with stage("looking for causes"):
             found = relu_causes(model, inputs) + tied_causes(model)
+            found += lookup_causes(model, inputs)
             causes = located + found + layernorm_causes(model, inputs, rtol) + causes
     return CertifyReport(
         verdict=verdict,
