@@ -136,15 +136,18 @@ class _Stack(nn.Module):
 
 
 def test_lstm_certify_names_it() -> None:
-    """The LSTM's biases come in pairs (`b_ih + b_hh`): 16 directions discovery cannot see;
-    certify finds them missing and names the LSTM as the cause."""
+    """The LSTM's biases come in pairs (`b_ih + b_hh`): their 16 differences are found; what
+    certify still finds missing is the 12 entries of the two dead ReLU units, and it names
+    the LSTM's other parameters as not analysed."""
     torch.manual_seed(0)
     model = _Rnn(nn.LSTM).double()
     x = torch.randn(200, 5, 3, generator=torch.Generator().manual_seed(2), dtype=F64)
     report = gaugenet.certify(model, x)
     assert report.verdict is Verdict.INCOMPLETE and report.exact
-    assert report.unexplained >= 16
-    assert any("LSTM" in c and "not analysed" in c for c in report.causes)
+    assert report.symmetry_dim >= 16 and report.unexplained == 12
+    assert any("12 directions of parameter entries with no effect" in c for c in report.causes)
+    assert any("2 unit(s) dead" in c for c in report.causes)
+    assert any("LSTM" in c and "not analysed beyond" in c for c in report.causes)
 
 
 def test_memory_budget() -> None:

@@ -24,6 +24,7 @@ from ._selfcheck import self_check
 from ._stream import stream_rotations, with_rotations
 from ._trace import is_atomic, trace
 from ._unanalyzed import unanalyzed_breakers
+from .rules.recurrent import recurrent_bias_factors
 
 __all__ = ["register_analyzer", "symmetries"]
 
@@ -162,3 +163,6 @@ def _discover(model: nn.Module, call: Call) -> GaugeGroup:
 
 
 _ = Breaker
+
+for _cls in (nn.LSTM, nn.GRU, nn.RNN):
+    register_analyzer(_cls, recurrent_bias_factors)

@@ -38,11 +38,16 @@ def unanalyzed_breakers(model: nn.Module) -> list[Breaker]:
     for name, m in unanalyzed_modules(model):
         params = [f"{name}.{p}" for p, _ in m.named_parameters()]
         shown = ", ".join(params[:4]) + (f", ... ({len(params)} in all)" if len(params) > 4 else "")
+        beyond = (
+            " beyond the difference of its input and hidden biases"
+            if isinstance(m, (nn.LSTM, nn.GRU, nn.RNN))
+            else ""
+        )
         out.append(
             Breaker(
                 name,
                 f"unsupported module {type(m).__name__}: the symmetries of its parameters "
-                f"({shown}) are not analysed",
+                f"({shown}) are not analysed{beyond}",
             )
         )
     return out
