@@ -4,9 +4,9 @@ BatchNorm with running statistics is affine per channel: it absorbs its input's 
 is a source of fresh ones. LayerNorm fixes its input's scales (it subtracts the mean over
 its features) and is a source; the patterns around it (β shift, kernel, centering,
 embedding sums) run from here (see `_norm_rules.py` and `patterns.py`). GroupNorm and
-InstanceNorm are not followed (their inputs are fixed), only a convolution bias right
-before them, which their mean subtraction removes. RMSNorm written as primitive operations
-is covered by the arithmetic rules (`x * rsqrt(mean(x²)) * γ`).
+InstanceNorm fix their inputs' labels, remove a convolution bias right before them (their
+mean subtraction), and their affine part is a per-channel source. RMSNorm written as
+primitive operations is covered by the arithmetic rules (`x * rsqrt(mean(x²)) * γ`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from torch import Tensor, fx, nn
 
 from .._labels import ZERO
 from .._shifts import AbsorbedShiftFactor, GroupShiftFactor, IntoBatchNorm, RemovedByNorm
-from ._common import Pair, Unsupported, broadcast_channels, scale_reps
+from ._common import Pair, broadcast_channels, scale_reps
 from ._examples import batch, seeded
 from ._rule import Example, Rule
 from .linear import CONV
@@ -132,12 +132,28 @@ def _layernorm(
 
 
 def mean_removal_norm(prop: Propagator, n: fx.Node, out: Tensor) -> Pair:
-    """GroupNorm and InstanceNorm: not followed (every label reaching them is fixed), but a
-    convolution bias right before one is removed by its mean subtraction."""
+    """GroupNorm and InstanceNorm: the labels reaching them are fixed (they normalize with
+    the sample's statistics over groups of channels), a convolution bias right before one
+    is removed by its mean subtraction, and their affine part `γ_c n + β_c` is a source of a
+    fresh scale per channel (on axis 1), as a LayerNorm's is per feature."""
     m = prop.submodule(n)
-    prop.first(n)
+    _, (s, p) = prop.first(n)
     _bias_before_mean_removal(prop, n, m)
-    raise Unsupported(f"module {type(m).__name__} is not analyzed")
+    name, L = str(n.target), prop.L
+    kind = type(m).__name__
+    L.fix_scales(s, name, f"{kind} normalizes its input")
+    L.fix_perms(p, name, f"{kind}: channel permutations are not followed through it")
+    if m.weight is None or out.ndim < 2:
+        return torch.zeros_like(s), p
+    C = m.weight.numel()
+    prop.use_param(f"{name}.weight", name)
+    fresh = L.fresh(C, name + ":out")
+    L.scale_terms.append((f"{name}.weight", fresh, 1))
+    if m.bias is not None:
+        prop.use_param(f"{name}.bias", name)
+        L.scale_terms.append((f"{name}.bias", fresh, 1))
+    shape = (1, C) + (1,) * (out.ndim - 2)
+    return fresh.reshape(shape).expand(out.shape).clone(), p
 
 
 def _bias_before_mean_removal(prop: Propagator, n: fx.Node, norm: nn.Module) -> None:
@@ -216,17 +232,15 @@ RULES = (
         (
             Example(
                 lambda: _norm_cnn(nn.GroupNorm(2, 4)),
-                2,
-                "the convolution's bias moves freely by one constant per group (2); the "
-                "norm's own 4 scales through ReLU are not followed",
-                jacobian_dim=6,
+                6,
+                "the convolution's bias moves freely by one constant per group (2), and "
+                "the norm's 4 channel scales (γ, β) are undone after ReLU (4)",
             ),
             Example(
                 lambda: _norm_cnn(nn.InstanceNorm2d(4, affine=True)),
-                4,
-                "the convolution's bias is removed per channel (4); the norm's own 4 scales "
-                "through ReLU are not followed",
-                jacobian_dim=8,
+                8,
+                "the convolution's bias is removed per channel (4), and the norm's 4 channel "
+                "scales (γ, β) are undone after ReLU (4)",
             ),
         ),
         modules=(nn.GroupNorm, *IN),
