@@ -18,7 +18,9 @@ position, both token types), then reports
 - `gap`: where `ker J` exceeds the group's orbit (`gaugenet.certify.locate_gap`): parameter
   entries never read on the inputs (embedding rows no token selects: redundant on these
   inputs, not symmetries), the parameters holding the other missing directions, and the
-  LayerNorms whose `eps` is under the rank tolerance (near-symmetries, one per such norm).
+  LayerNorms whose `eps` is under the rank tolerance (near-symmetries, one per such norm),
+  the ReLU layers with units dead or always active on the inputs (more redundancy than
+  the rescalings), and layers fed by a table (few distinct input rows).
 
 The Markdown table is written into README.md between the coverage markers.
 
@@ -41,7 +43,7 @@ from torch import Tensor, nn
 import gaugenet
 from coverage_models import ROWS
 from gaugenet.certify import locate_gap
-from gaugenet.certify._causes import layernorm_causes, lookup_causes
+from gaugenet.certify._causes import layernorm_causes, lookup_causes, relu_causes
 from gaugenet.certify._functional_dimension import rank_of
 from gaugenet.certify._jacobian import flat_model, jacobian_of
 from gaugenet.certify._orbit import orbit_projector
@@ -89,6 +91,9 @@ def _rank_gap(model: nn.Module, inputs: Any, group: Any = None) -> tuple[str, in
                     lines = gap.lines(top=2)
                     eps = layernorm_causes(flat_m, flat_in, 1e-9) if gap.located else []
                     table = lookup_causes(flat_m, flat_in) if gap.located else []
+                    relu = relu_causes(flat_m, flat_in) if gap.located else []
+                    if relu:
+                        lines.append(f"{len(relu)} ReLU layers with dead or always-active units")
                     if table:
                         lines.append(
                             "; ".join(t.replace("model.", "").split(" (a table")[0] for t in table)

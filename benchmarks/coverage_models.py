@@ -469,7 +469,7 @@ TORCH_ROWS: list[tuple[str, Build]] = [
         "InstanceNorm CNN",
         _m(lambda: _normed_cnn(lambda c: nn.InstanceNorm2d(c, affine=True)), 100, 2, 6, 6),
     ),
-    ("U-Net (transposed conv, upsampling, skips)", _m(UNet, 8, 1, 8, 8)),
+    ("U-Net (transposed conv, upsampling, skips)", _m(UNet, 64, 1, 8, 8)),
     ("SwiGLU MLP", _m(lambda: GatedMLP(F.silu), 40, 4)),
     ("GeGLU MLP", _m(lambda: GatedMLP(F.gelu), 40, 4)),
     ("LSTM", _m(lambda: Recurrent(nn.LSTM), 30, 5, 3)),

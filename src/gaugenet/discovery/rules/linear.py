@@ -42,6 +42,38 @@ def conv(prop: Propagator, n: fx.Node, out: Tensor) -> Pair:
     return affine_layer(prop, str(n.target), prop.submodule(n), s, p, out)
 
 
+CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def conv_transpose(prop: Propagator, n: fx.Node, out: Tensor) -> Pair:
+    """`nn.ConvTranspose1d/2d/3d` (ungrouped): an affine layer over channels whose weight
+    is stored `(in, out, k...)`: input channels on its axis 0, outputs on axis 1."""
+    _, (s, p) = prop.first(n)
+    name, m, L = str(n.target), prop.submodule(n), prop.L
+    if m.groups != 1:
+        raise Unsupported(f"grouped {type(m).__name__} is not analyzed")
+    w = m.weight
+    prop.use_param(f"{name}.weight", name)
+    reps = scale_reps(L, s, 1)
+    L.scale_terms.append((f"{name}.weight", reps.reshape(-1, *([1] * (w.ndim - 1))), -1))
+    pcols = L.per_channel(p, 1)
+    if all(len(c) <= 1 for c in pcols):
+        ids = torch.tensor([int(c[0]) if len(c) else ZERO for c in pcols])
+        L.perm_terms.append((f"{name}.weight", 0, ids))
+    else:
+        L.fix_perms(p, name, "mixed channels into a transposed convolution")
+    fresh = L.fresh(w.shape[1], name)
+    L.scale_terms.append((f"{name}.weight", fresh.reshape(1, -1, *([1] * (w.ndim - 2))), 1))
+    L.perm_terms.append((f"{name}.weight", 1, fresh))
+    L.links.append((fresh, fresh))
+    if m.bias is not None:
+        prop.use_param(f"{name}.bias", name)
+        L.scale_terms.append((f"{name}.bias", fresh, 1))
+        L.perm_terms.append((f"{name}.bias", 0, fresh))
+    lab = broadcast_channels(fresh, out.shape, 1)
+    return lab, lab.clone()
+
+
 def affine_layer(
     prop: Propagator, name: str, m: nn.Module, s: Tensor, p: Tensor, out: Tensor
 ) -> Pair:
@@ -192,7 +224,34 @@ class _Conv1D(nn.Module):
         return torch.mm(h, self.w2)
 
 
+def _transposed() -> tuple[nn.Module, Any]:
+    model = seeded(
+        lambda: nn.Sequential(
+            nn.Conv2d(2, 3, 3, padding=1),
+            nn.ReLU(),
+            nn.ConvTranspose2d(3, 2, 2, stride=2),
+            nn.ReLU(),
+            nn.Conv2d(2, 2, 3, padding=1),
+        )
+    )
+    return model, batch(32, 2, 4, 4)
+
+
 RULES = (
+    Rule(
+        "transposed conv",
+        "linear",
+        conv_transpose,
+        (
+            Example(
+                _transposed,
+                5,
+                "a scale per channel before the transposed convolution (3, through its "
+                "input axis 0) and after it (2, through its output axis 1)",
+            ),
+        ),
+        modules=CONV_T,
+    ),
     Rule(
         "linear",
         "linear",

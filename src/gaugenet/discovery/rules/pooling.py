@@ -1,12 +1,13 @@
-"""Pooling (max, average, Lp, adaptive): positions within a channel are mixed, so their
-scales must agree; channels keep their ids. Resampling (`nn.Upsample`, `F.interpolate`) has
-no rule yet: it is refused, which fixes whatever reaches it."""
+"""Pooling (max, average, Lp, adaptive) and resampling (`nn.Upsample`, `F.interpolate`:
+nearest, linear, bilinear, bicubic, each linear within a channel): positions within a
+channel are mixed, so their scales must agree; channels keep their ids."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from .._labels import FIXED
@@ -41,7 +42,42 @@ def _cnn() -> tuple[nn.Module, Any]:
     return model, batch(16, 2, 4, 4)
 
 
+def _upsampled() -> tuple[nn.Module, Any]:
+    model = seeded(
+        lambda: nn.Sequential(
+            nn.Conv2d(2, 3, 3, padding=1),
+            nn.ReLU(),
+            nn.Upsample(scale_factor=2, mode="bilinear"),
+            nn.Conv2d(3, 2, 1),
+        )
+    )
+    return model, batch(16, 2, 3, 3)
+
+
+_aten = torch.ops.aten
+RESAMPLE_FUNCS = (
+    F.interpolate,
+    _aten.upsample_nearest1d.vec,
+    _aten.upsample_nearest2d.vec,
+    _aten.upsample_linear1d.vec,
+    _aten.upsample_bilinear2d.vec,
+    _aten.upsample_bicubic2d.vec,
+)
+
+
 RULES = (
+    Rule(
+        "resampling",
+        "pooling",
+        pool,
+        (
+            Example(
+                _upsampled, 3, "one scale per channel of the first convolution, kept by upsampling"
+            ),
+        ),
+        modules=(nn.Upsample,),
+        functions=RESAMPLE_FUNCS,
+    ),
     Rule(
         "pooling",
         "pooling",
