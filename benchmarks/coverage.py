@@ -95,14 +95,11 @@ def _rank_gap(model: nn.Module, inputs: Any, group: Any = None) -> tuple[str, in
                     if relu:
                         lines.append(f"{len(relu)} ReLU layers with dead or always-active units")
                     if table:
-                        lines.append(
-                            "; ".join(t.replace("model.", "").split(" (a table")[0] for t in table)
-                        )
+                        lines += [
+                            t.replace("model.", "").split(" on these inputs")[0] for t in table
+                        ]
                     if eps:
-                        lines.append(
-                            f"{len(eps)} LayerNorms with eps under the rank tolerance (scaling "
-                            "their inputs is a symmetry up to eps, not offered)"
-                        )
+                        lines.append(f"{len(eps)} LayerNorms with eps under the rank tolerance")
                     cause = "; ".join(lines)
     except Exception as exc:  # report the failure in the table, do not stop
         return f"– ({type(exc).__name__})", n, ""

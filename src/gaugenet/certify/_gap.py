@@ -44,9 +44,8 @@ class GapReport:
             parts = ", ".join(f"{p} ({k})" for p, k in self.unread[:top])
             more = f" and {len(self.unread) - top} more" if len(self.unread) > top else ""
             out.append(
-                f"{self.unread_dim} directions of parameter entries with no effect on these "
-                f"inputs (never read, or an embedding's padding row, whose gradient torch "
-                f"masks): {parts}{more}"
+                f"{self.unread_dim} directions of entries with no effect on these inputs "
+                f"(never read, or a padding row): {parts}{more}"
             )
         if self.located:
             rest = self.missing - self.unread_dim
