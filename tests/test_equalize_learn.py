@@ -13,7 +13,8 @@ from gaugenet.apply._equalize import _hadamard, _output_noise, equalizing_elemen
 from gaugenet.apply._learn import learn_element, straight_through
 from gaugenet.apply._quantize import quantized_params
 from gaugenet.apply._schemes import round_weight
-from gaugenet.groups import OrthogonalFactor, model_state
+from gaugenet.groups import model_state
+from loud_llama import loud_llama
 
 SCHEME = QuantScheme.parse("w4t")
 # Llama's RMSNorm takes its statistic in float32 whatever the weights' dtype, so any rotation
@@ -25,24 +26,7 @@ KEPT = 1e-6
 def llama():
     """A one-layer Llama causal LM (float64) with one loud residual feature, its inputs,
     its discovered group and the residual stream's orthogonal factor."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=24, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=6,
-        use_cache=False,
-    )  # fmt: skip
-    model = transformers.LlamaForCausalLM(cfg).double().eval()
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if p.ndim == 1:
-                p.copy_(1 + 0.3 * torch.randn(p.shape))
-            elif n.endswith(("o_proj.weight", "down_proj.weight")):
-                p[0] *= 30
-    x = {"input_ids": torch.randint(0, 24, (16, 6), generator=torch.Generator().manual_seed(0))}
-    group = gaugenet.symmetries(model, x)
-    (rot,) = [f for f in group.factors if isinstance(f, OrthogonalFactor)]
-    return model, x, group, rot
+    return loud_llama()
 
 
 def _start(model):

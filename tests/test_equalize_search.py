@@ -158,27 +158,10 @@ def test_residual_stream_rotation_candidates_keep_function_and_objective() -> No
     """On a Llama causal LM (an orthogonal residual-stream factor), Hadamard candidates go
     through the group's own action: the equalized model computes the same function and its
     rounding noise is no worse than without rotations."""
-    import transformers
-
     from gaugenet.apply._equalize import _hadamard, equalizing_element
-    from gaugenet.groups import OrthogonalFactor
+    from loud_llama import loud_llama
 
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=24, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=6,
-        use_cache=False,
-    )  # fmt: skip
-    model = transformers.LlamaForCausalLM(cfg).double().eval()
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if p.ndim == 1:
-                p.copy_(1 + 0.3 * torch.randn(p.shape))
-            elif n.endswith(("o_proj.weight", "down_proj.weight")):
-                p[0] *= 30  # one loud residual feature
-    x = {"input_ids": torch.randint(0, 24, (16, 6), generator=torch.Generator().manual_seed(0))}
-    group = gaugenet.symmetries(model, x)
-    (rot,) = [f for f in group.factors if isinstance(f, OrthogonalFactor)]
+    model, x, group, rot = loud_llama()
     model = group.act(model, {rot.name: _hadamard(rot.d)})  # a badly rotated start
     scheme = QuantScheme.parse("w4t")
     noise = _output_noise(model, x, quantized_params(model), scheme)
