@@ -20,8 +20,9 @@ class _Block(nn.Module):
     """`o(attn(q(LN x), k(LN x), v(LN x)))` with 2 heads of 4; `k` has no bias, nor has `v`
     when `value_bias=False`."""
 
-    def __init__(self, value_bias: bool) -> None:
+    def __init__(self, value_bias: bool, rotary: bool = False) -> None:
         super().__init__()
+        self.rotary = rotary
         self.ln = nn.LayerNorm(8)
         self.q = nn.Linear(8, 8)
         self.k = nn.Linear(8, 8, bias=False)
@@ -35,13 +36,23 @@ class _Block(nn.Module):
         def heads(z: torch.Tensor) -> torch.Tensor:
             return z.reshape(b, t, 2, 4).transpose(1, 2)
 
-        a = F.scaled_dot_product_attention(heads(self.q(h)), heads(self.k(h)), heads(self.v(h)))
+        def rotate(z: torch.Tensor) -> torch.Tensor:
+            """Rotate each head's first plane by an angle growing with the position."""
+            if not self.rotary:
+                return z
+            ang = 0.7 * torch.arange(t, dtype=z.dtype)[:, None]
+            c, s = torch.cos(ang), torch.sin(ang)
+            x0, x1 = z[..., 0:1], z[..., 1:2]
+            return torch.cat([c * x0 - s * x1, s * x0 + c * x1, z[..., 2:]], -1)
+
+        q, k = rotate(heads(self.q(h))), rotate(heads(self.k(h)))
+        a = F.scaled_dot_product_attention(q, k, heads(self.v(h)))
         return self.o(a.transpose(1, 2).reshape(b, t, 8))
 
 
-def _setup(value_bias: bool):
+def _setup(value_bias: bool, rotary: bool = False):
     torch.manual_seed(0)
-    model = _Block(value_bias).double().eval()
+    model = _Block(value_bias, rotary).double().eval()
     with torch.no_grad():
         model.ln.weight.copy_(1 + 0.3 * torch.randn(8))
         model.ln.bias.copy_(0.5 * torch.randn(8))
@@ -69,6 +80,22 @@ def test_bias_free_key_reader_is_kept() -> None:
     shift = group.factor("shift:ln")
     assert shift.terms[0].pending == ()
     assert _err(model, group, x, kern) < 1e-12 and _err(model, group, x, shift) < 1e-12
+
+
+def test_bias_free_key_reader_under_rotary_is_left_out() -> None:
+    """Under a position-dependent rotation of the keys, a constant added to the projection's
+    key rows is no longer one constant on every key: the key slot is not kept (found on
+    GPT-J from its config, where the self-check had to drop this kernel)."""
+    model, x, group = _setup(value_bias=True, rotary=True)
+    assert not [b for b in group.breakers if b.reason.startswith(INTERNAL_ERROR)]
+    kern = group.factor("ln_kernel:ln")
+    assert [s.weight for s in kern.kernel.slots] == ["q.weight", "v.weight"]
+    assert _err(model, group, x, kern) < 1e-12
+    k_slot = dataclasses.replace(kern.kernel.slots[0], weight="k.weight", bias=None)
+    wrong = dataclasses.replace(
+        kern, terms=(dataclasses.replace(kern.kernel, slots=(k_slot,)),), n=8
+    )
+    assert _err(model, group, x, wrong) > 1e-3
 
 
 def test_bias_free_value_reader_is_left_out() -> None:

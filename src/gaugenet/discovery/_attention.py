@@ -74,7 +74,8 @@ def attention_from_graph(
     """`(factors, breakers, projections, keys)`: the attention factors of every core in
     `gm`, the breakers explaining what was left out, the query, key and value projections
     whose output rescalings and permutations the factors contain (the caller drops those),
-    and per key projection weight the output ranges that feed softmax keys. `values` holds
+    and per key projection weight the output ranges that feed softmax keys through the same
+    map at every token (a constant there is one constant on every key). `values` holds
     each node's value on the example inputs."""
     factors, breakers, covered = [], [], set()
     keys: dict[str, list[tuple[int, int]]] = {}
@@ -91,7 +92,9 @@ def attention_from_graph(
             continue
         factors += fs
         covered |= names
-        if pk.stride == 1:
+        # a constant on the projection's key rows stays one constant on every key only
+        # when the map to the core is the same at every token (not under rotary)
+        if pk.stride == 1 and torch.allclose(pk.maps, pk.maps[:, :1].expand_as(pk.maps)):
             width = pk.maps.shape[0] * pk.maps.shape[-1]
             keys.setdefault(pk.lin.weight, []).append((pk.offset, pk.offset + width))
     return factors, breakers, covered, keys
