@@ -21,7 +21,9 @@ def good():
 class Rnn(nn.Module):
     def __init__(self):
         super().__init__()
-        self.rnn = nn.RNN(4, 3, batch_first=True)
+        # ReLU cell: its hidden units rescale (W_ih, W_hh, b and the reader), which
+        # discovery does not analyze inside the module
+        self.rnn = nn.RNN(4, 3, batch_first=True, nonlinearity="relu")
         self.out = nn.Linear(3, 2)
     def forward(self, x):
         return self.out(self.rnn(x)[0][:, -1])
