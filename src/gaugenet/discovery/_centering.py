@@ -62,7 +62,8 @@ class OnesShift:
         W = new[self.weight]
         v = v.to(W.dtype)
         shift = v[None, : self.cols].expand(self.rows, self.cols)
-        new[self.weight] = W + (shift if self.out_axis == 0 else shift.T)
+        # a convolution's weight `(out, in, k...)` takes the shift over its flattened inputs
+        new[self.weight] = W + (shift.reshape(W.shape) if self.out_axis == 0 else shift.T)
         if self.bias is not None:
             new[self.bias] = new[self.bias] + v[self.cols]
 
@@ -84,7 +85,7 @@ class CenteredOutputFactor(TranslationFactor):
         outputs): column transformations keep it, so it is the canonical gauge."""
         s = self.shift
         W = state[s.weight]
-        parts = [-W.mean(s.out_axis)]
+        parts = [-(W.reshape(W.shape[0], -1) if s.out_axis == 0 else W.T).mean(0)]
         if s.bias is not None:
             parts.append(-state[s.bias].mean().reshape(1))
         return torch.cat(parts)

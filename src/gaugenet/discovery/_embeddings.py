@@ -38,8 +38,8 @@ class RowsAlongOne:
     weight: str
 
     def __call__(self, new: State, c: Tensor) -> None:
-        W = new[self.weight]
-        new[self.weight] = W + c.to(W.dtype)[:, None]
+        W = new[self.weight]  # (..., features): every row of the leading axes
+        new[self.weight] = W + c.to(W.dtype).reshape(*W.shape[:-1], 1)
 
 
 class CenteredRowsFactor(TranslationFactor):
@@ -50,7 +50,8 @@ class CenteredRowsFactor(TranslationFactor):
 
     def canonical(self, state: State) -> Tensor:
         """Rows of zero mean."""
-        return -state[self.terms[0].weight].mean(1)
+        W = state[self.terms[0].weight]
+        return -W.reshape(-1, W.shape[-1]).mean(1)
 
 
 @dataclass(frozen=True)

@@ -53,9 +53,11 @@ class Linear:
         return 1 - self.out_axis
 
     def shape(self, root: nn.Module) -> tuple[int, int]:
-        """`(out_features, in_features)`."""
+        """`(out_features, in_features)`; a convolution's inputs are its flattened
+        `(in_channels, kernel...)` entries."""
         w = root.get_parameter(self.weight)
-        return int(w.shape[self.out_axis]), int(w.shape[self.in_axis])
+        out = int(w.shape[self.out_axis])
+        return out, w.numel() // out
 
     def input_node(self) -> Any:
         """The node whose value the map multiplies (`x` of `x Wᵀ` or `addmm(b, x, W)`)."""

@@ -15,10 +15,10 @@ from torch import fx, nn
 
 from ..groups import Breaker
 from ._centering import BiasAlongOne, CenteredBiasFactor, centered_output
-from ._embeddings import embedding_sum_factors
+from ._embeddings import CenteredRowsFactor, RowsAlongOne, embedding_sum_factors
 from ._kernel import ReaderSlot, ill_conditioned, kernel_factor
 from ._labels import Labels
-from ._linear import Linear, keeps_last_axis, linear_reading, linear_writing
+from ._linear import Linear, keeps_last_axis, linear_reading, linear_writing, param_name
 from ._ops import ADD_OPS, CASTS, METADATA_OPS
 from ._shifts import layernorm_shift
 
@@ -194,6 +194,94 @@ class NormRules:
             sums.append(self._sum_root(look))
         if tables:
             self.L.extra += embedding_sum_factors(tables, [id(r) for r in sums])
+        if self._removed(src, E, self.removed_memo):
+            self._stream_sources(src, E)
+
+    def _stream_sources(self, src: fx.Node, E: int) -> None:
+        """Parameters added or concatenated into a stream that only LayerNorms read (a class
+        token, a position table), and a convolution read channels-last (ViT's patch
+        projection), each reaching `src` through nodes nothing else reads: the parameter's
+        rows move along `1` (`CenteredRowsFactor`), the convolution's output along `1`
+        (`CenteredOutputFactor` over its flattened inputs)."""
+        for kind, node in self._leaves(src, E, top=True):
+            name = str(node.target)
+            if name in self.centered_layers:
+                continue
+            if kind == "param":
+                if self._shared(name):
+                    continue
+                p = self.root.get_parameter(name)
+                self.centered_layers.add(name)
+                self.L.extra.append(
+                    CenteredRowsFactor(
+                        f"center:{name}",
+                        p.numel() // E,
+                        terms=(RowsAlongOne(name),),
+                        modules=(name.rpartition(".")[0],),
+                    )
+                )
+            else:
+                m = self.root.get_submodule(name)
+                if self._shared(f"{name}.weight"):
+                    continue
+                b = f"{name}.bias" if m.bias is not None else None
+                self.centered_layers.add(name)
+                self.L.extra.append(
+                    centered_output(Linear(node, f"{name}.weight", b, 0), self.root)
+                )
+
+    def _leaves(self, node: Any, E: int, top: bool = False) -> list[tuple[str, fx.Node]]:
+        """`("param", get_attr)` and `("conv", conv node)` leaves of the sums and token
+        concatenations that make `node`; every node below `node` read by its parent only."""
+        if not isinstance(node, fx.Node):
+            return []
+        users = [u for u in node.users if u.target not in METADATA_OPS]
+        if not top and len(users) != 1:
+            return []
+        v = self.values.get(node)
+        if not isinstance(v, torch.Tensor) or v.ndim == 0 or v.shape[-1] != E:
+            return []
+        if node.op == "get_attr":
+            return [("param", node)] if param_name(node, self.root) else []
+        if node.op == "call_module":
+            mod = self.root.get_submodule(str(node.target))
+            if isinstance(mod, nn.Dropout) and not mod.training:
+                return self._leaves(node.args[0], E)
+            return []
+        if node.op != "call_function":
+            return []
+        t, args = node.target, node.args
+        if t in (operator.add, torch.add) and not node.kwargs:
+            return [x for a in args[:2] for x in self._leaves(a, E)]
+        if t in CASTS or t is torch.ops.aten.expand.default:
+            return self._leaves(args[0], E)
+        if t is torch.cat:
+            dim = args[1] if len(args) > 1 else node.kwargs.get("dim", 0)
+            if dim % v.ndim == v.ndim - 1:
+                return []
+            return [x for a in args[0] for x in self._leaves(a, E)]
+        conv = self._channels_last_conv(node, E)
+        return [("conv", conv)] if conv is not None else []
+
+    def _channels_last_conv(self, node: fx.Node, E: int) -> fx.Node | None:
+        """The `nn.Conv2d` node when `node` is `transpose(flatten(conv(x), 2), 1, 2)`: its
+        `E` output channels on the last axis, one token per position."""
+        if node.target is not torch.transpose or tuple(node.args[1:]) not in ((1, 2), (2, 1)):
+            return None
+        flat = node.args[0]
+        if not (
+            isinstance(flat, fx.Node)
+            and flat.target is torch.flatten
+            and tuple(flat.args[1:]) in ((2,), (2, -1))
+            and len(flat.users) == 1
+        ):
+            return None
+        conv = flat.args[0]
+        if not (isinstance(conv, fx.Node) and conv.op == "call_module" and len(conv.users) == 1):
+            return None
+        m = self.root.get_submodule(str(conv.target))
+        ok = isinstance(m, nn.Conv2d) and m.out_channels == E and m.groups == 1
+        return conv if ok else None
 
     def _lookups(self, node: Any) -> list[fx.Node]:
         """The embedding lookups summed into `node` (through additions, casts and eval-mode
