@@ -37,8 +37,12 @@ def test_vit_stream_sources() -> None:
     assert dims["center:embeddings.patch_embeddings.projection"] == 2 * 4 * 4 + 1
     assert dims["center:embeddings.cls_token"] == 1
     assert dims["center:embeddings.position_embeddings"] == 5
+    # vectors ⊥ 1 moved between a segment's position rows and what its tokens carry
+    pos = "embeddings.position_embeddings"
+    assert dims[f"move:{pos}[0:1]->embeddings.cls_token"] == 7
+    assert dims[f"move:{pos}[1:5]->embeddings.patch_embeddings.projection.bias"] == 7
     for name in dims:
-        if name.startswith("center:embeddings"):
+        if name.startswith(("center:embeddings", "move:")):
             one = GaugeGroup((group.factor(name),), (), group.param_names)
             with keep_float64():
                 moved = one.act(model, one.sample(torch.Generator().manual_seed(2)))
@@ -54,3 +58,18 @@ def test_class_token_moves_only_along_ones() -> None:
         bad.embeddings.cls_token += torch.linspace(-1, 1, 8, dtype=torch.float64)
     with keep_float64():
         assert gaugenet.invariance_error(model, bad, inputs) > 1e-3
+
+
+def test_position_rows_move_only_with_their_own_segment() -> None:
+    """The negative: moving into the class token from the patches' position rows (another
+    segment) changes the outputs."""
+    import dataclasses
+
+    model, inputs = _vit()
+    group = gaugenet.symmetries(model, inputs)
+    f = next(f for f in group.factors if f.name.endswith("->embeddings.cls_token"))
+    wrong = dataclasses.replace(f, terms=(dataclasses.replace(f.terms[0], start=1, stop=5),))
+    one = GaugeGroup((wrong,), (), group.param_names)
+    with keep_float64():
+        moved = one.act(model, one.sample(torch.Generator().manual_seed(3)))
+        assert gaugenet.invariance_error(model, moved, inputs) > 1e-3

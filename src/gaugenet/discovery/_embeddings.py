@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from ..groups import TranslationFactor
@@ -24,7 +25,9 @@ from ..groups._orthogonal import complement_basis
 
 __all__ = [
     "CenteredRowsFactor",
+    "IntoRows",
     "MoveBetweenTables",
+    "RowMoveFactor",
     "RowsAlongOne",
     "TableShiftFactor",
     "embedding_sum_factors",
@@ -115,3 +118,42 @@ def embedding_sum_factors(tables: list[tuple[str, nn.Embedding]], sums: list[int
                 )
             )
     return out
+
+
+@dataclass(frozen=True)
+class IntoRows:
+    """`to += v` (every row: its last axis the features) and rows `[start, stop)` of
+    `from_` (as `(-1, features)`) `−= v`, for `v = B z` with `B` a basis of `1^⊥`."""
+
+    to: str
+    from_: str
+    start: int
+    stop: int
+    features: int
+
+    def __call__(self, new: State, z: Tensor) -> None:
+        W = new[self.to]
+        v = complement_basis(self.features, W.dtype) @ z.to(W.dtype)
+        new[self.to] = W + v
+        P = new[self.from_]
+        flat = P.reshape(-1, self.features)
+        rows = torch.zeros(flat.shape[0], 1, dtype=P.dtype)
+        rows[self.start : self.stop] = 1
+        new[self.from_] = (flat - rows * v.to(P.dtype)).reshape(P.shape)
+
+
+class RowMoveFactor(TranslationFactor):
+    """`R^(features − 1)`: a vector moved from the rows of a position table that one group
+    of tokens reads into what every token of that group carries (a class token, the patch
+    projection's bias): each token reads one of those rows and the carrier once."""
+
+    def params(self) -> tuple[str, ...]:
+        t = self.terms[0]
+        return (t.to, t.from_)
+
+    def canonical(self, state: State) -> Tensor:
+        """The move leaving those rows' mean along `1` only."""
+        t = self.terms[0]
+        P = state[t.from_]
+        mean = P.reshape(-1, t.features)[t.start : t.stop].mean(0)
+        return complement_basis(t.features, P.dtype).T @ mean

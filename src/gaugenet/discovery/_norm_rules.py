@@ -15,7 +15,13 @@ from torch import fx, nn
 
 from ..groups import Breaker
 from ._centering import BiasAlongOne, CenteredBiasFactor, centered_output
-from ._embeddings import CenteredRowsFactor, RowsAlongOne, embedding_sum_factors
+from ._embeddings import (
+    CenteredRowsFactor,
+    IntoRows,
+    RowMoveFactor,
+    RowsAlongOne,
+    embedding_sum_factors,
+)
 from ._kernel import ReaderSlot, ill_conditioned, kernel_factor
 from ._labels import Labels
 from ._linear import Linear, keeps_last_axis, linear_reading, linear_writing, param_name
@@ -229,6 +235,66 @@ class NormRules:
                 self.L.extra.append(
                     centered_output(Linear(node, f"{name}.weight", b, 0), self.root)
                 )
+        self._position_moves(src, E)
+
+    def _position_moves(self, src: fx.Node, E: int) -> None:
+        """`cat([segments], tokens) + table` (ViT: class token, then patches, plus positions),
+        the sum reaching `src` through nodes nothing else reads: each segment's tokens read
+        their rows of the table and one carrier (a class-token parameter, or the bias of the
+        patch projection), so a vector `⊥ 1` moves between them (`RowMoveFactor`)."""
+        node = src
+        while node.op == "call_module" or node.target in CASTS:
+            mod = self.root.get_submodule(str(node.target)) if node.op == "call_module" else None
+            if mod is not None and not (isinstance(mod, nn.Dropout) and not mod.training):
+                return
+            node = node.args[0]
+            if not isinstance(node, fx.Node) or len(node.users) != 1:
+                return
+        if node.target not in (operator.add, torch.add) or node.kwargs or len(node.args) != 2:
+            return
+        a, b = node.args
+        cat, table = (a, b) if param_name(b, self.root) else (b, a)
+        name = param_name(table, self.root)
+        v = self.values.get(cat)
+        if name is None or not isinstance(cat, fx.Node) or cat.target is not torch.cat:
+            return
+        p = self.root.get_parameter(name)
+        if not isinstance(v, torch.Tensor) or v.ndim != 3 or p.shape[-2:] != v.shape[-2:]:
+            return
+        if p.numel() != v.shape[1] * E or self._shared(name) or len(cat.users) != 1:
+            return
+        dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
+        if dim % 3 != 1:
+            return
+        start = 0
+        for seg in cat.args[0]:
+            n = self.values[seg].shape[1]
+            carrier = self._carrier(seg, E)
+            if carrier is not None:
+                term = IntoRows(carrier, name, start, start + n, E)
+                self.L.extra.append(
+                    RowMoveFactor(
+                        f"move:{name}[{start}:{start + n}]->{carrier}",
+                        E - 1,
+                        terms=(term,),
+                        modules=(carrier.rpartition(".")[0], name.rpartition(".")[0]),
+                    )
+                )
+            start += n
+
+    def _carrier(self, seg: Any, E: int) -> str | None:
+        """What every token of a concatenated segment carries once: an expanded parameter
+        of one row, or the bias of a channels-last convolution."""
+        if not isinstance(seg, fx.Node) or len(seg.users) != 1:
+            return None
+        if seg.target is torch.ops.aten.expand.default:
+            name = param_name(seg.args[0], self.root)
+            ok = name is not None and self.root.get_parameter(name).numel() == E
+            return name if ok and not self._shared(name) else None
+        conv = self._channels_last_conv(seg, E)
+        if conv is None or self.root.get_submodule(str(conv.target)).bias is None:
+            return None
+        return f"{conv.target}.bias"
 
     def _leaves(self, node: Any, E: int, top: bool = False) -> list[tuple[str, fx.Node]]:
         """`("param", get_attr)` and `("conv", conv node)` leaves of the sums and token
