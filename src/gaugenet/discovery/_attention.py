@@ -34,7 +34,7 @@ from ..attention._layout import HeadLayout, Slot
 from ..groups import Breaker, MatTerm, PermTerm, PermutationFactor
 from ..groups._algebra import AlgebraFactor, Repeat, commutant_basis
 from ._attention_trace import Linear, Proj, Skip, trace_input, trace_output
-from ._kernel import MeanKernel
+from ._kernel import MeanKernel, ReaderSlot
 from ._shifts import AbsorbedShiftFactor, IntoLinears
 
 __all__ = ["attention_from_graph", "drop_key_compensation"]
@@ -352,47 +352,63 @@ def drop_key_compensation(
     for f in factors:
         terms = getattr(f, "terms", ())
         if isinstance(f, AbsorbedShiftFactor) and any(isinstance(t, IntoLinears) for t in terms):
-            new = []
-            for t in terms:
-                if isinstance(t, IntoLinears):
-                    if not all(_whole_key(w, w in t.transposed, rows, root) for w in t.pending):
-                        break
-                    kept = []
-                    for w, b, r in t.consumers:
-                        if b not in keys:
-                            kept.append((w, b, r))
-                            continue
-                        lo, hi = r or (0, root.get_parameter(b).shape[0])
-                        kept += [(w, b, piece) for piece in _outside(lo, hi, keys[b])]
-                    t = dataclasses.replace(t, consumers=tuple(kept), pending=())
-                new.append(t)
-            else:
-                f = dataclasses.replace(f, terms=tuple(new))
-                out.append(f)
+            settled = [
+                _settle_shift(t, keys, rows, root) if isinstance(t, IntoLinears) else t
+                for t in terms
+            ]
+            if all(t is not None for t in settled):
+                out.append(dataclasses.replace(f, terms=tuple(settled)))
             continue
         kern = getattr(f, "kernel", None)
         if isinstance(kern, MeanKernel) and any(sl.pending or sl.bias in keys for sl in kern.slots):
-            slots = []
-            for sl in kern.slots:
-                if sl.pending:
-                    inside = any(a <= sl.start and sl.stop <= b for a, b in rows.get(sl.weight, []))
-                    if inside:
-                        slots.append(dataclasses.replace(sl, pending=False))
-                    continue
-                if sl.bias not in keys:
-                    slots.append(sl)
-                    continue
-                cut = sorted({sl.start, sl.stop, *_edges(sl.start, sl.stop, keys[sl.bias])})
-                for lo, hi in zip(cut, cut[1:]):
-                    key = any(a <= lo and hi <= b for a, b in keys[sl.bias])
-                    slots.append(
-                        dataclasses.replace(sl, start=lo, stop=hi, bias=None if key else sl.bias)
-                    )
-            if not slots:
-                continue
-            f = dataclasses.replace(f, terms=(dataclasses.replace(kern, slots=tuple(slots)),))
-            f = dataclasses.replace(f, n=sum(sl.size for sl in slots))
+            slots = _settle_slots(kern.slots, keys, rows)
+            if slots:
+                new = dataclasses.replace(kern, slots=tuple(slots))
+                out.append(dataclasses.replace(f, terms=(new,), n=sum(sl.size for sl in slots)))
+            continue
         out.append(f)
+    return out
+
+
+def _settle_shift(
+    t: IntoLinears,
+    keys: dict[str, list[tuple[int, int]]],
+    rows: dict[str, list[tuple[int, int]]],
+    root: nn.Module,
+) -> IntoLinears | None:
+    """`t` without compensation on key-bias entries, or `None` when a pending reader is not
+    wholly a softmax key projection."""
+    if not all(_whole_key(w, w in t.transposed, rows, root) for w in t.pending):
+        return None
+    kept = []
+    for w, b, r in t.consumers:
+        if b not in keys:
+            kept.append((w, b, r))
+            continue
+        lo, hi = r or (0, root.get_parameter(b).shape[0])
+        kept += [(w, b, (x, y)) for x, y, key in _pieces(lo, hi, keys[b]) if not key]
+    return dataclasses.replace(t, consumers=tuple(kept), pending=())
+
+
+def _settle_slots(
+    slots: tuple[ReaderSlot, ...],
+    keys: dict[str, list[tuple[int, int]]],
+    rows: dict[str, list[tuple[int, int]]],
+) -> list[ReaderSlot]:
+    """Kernel slots with pending ones kept only inside key rows, and slots over a key bias
+    split so that its key entries go uncompensated."""
+    out = []
+    for sl in slots:
+        if sl.pending:
+            if any(a <= sl.start and sl.stop <= b for a, b in rows.get(sl.weight, [])):
+                out.append(dataclasses.replace(sl, pending=False))
+        elif sl.bias not in keys:
+            out.append(sl)
+        else:
+            out += [
+                dataclasses.replace(sl, start=lo, stop=hi, bias=None if key else sl.bias)
+                for lo, hi, key in _pieces(sl.start, sl.stop, keys[sl.bias])
+            ]
     return out
 
 
@@ -405,12 +421,9 @@ def _whole_key(
     return any(a == 0 and b == outs for a, b in rows.get(weight, []))
 
 
-def _edges(lo: int, hi: int, ranges: list[tuple[int, int]]) -> list[int]:
-    """The ends of `ranges` strictly inside `[lo, hi)`."""
-    return [e for a, b in ranges for e in (a, b) if lo < e < hi]
-
-
-def _outside(lo: int, hi: int, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """The pieces of `[lo, hi)` that no range in `ranges` covers."""
-    cut = sorted({lo, hi, *_edges(lo, hi, ranges)})
-    return [(a, b) for a, b in zip(cut, cut[1:]) if not any(x <= a and b <= y for x, y in ranges)]
+def _pieces(lo: int, hi: int, ranges: list[tuple[int, int]]) -> list[tuple[int, int, bool]]:
+    """`[lo, hi)` cut at the ends of `ranges` inside it: `(start, stop, covered)` per piece,
+    `covered` when one of `ranges` holds the piece."""
+    ends = {e for a, b in ranges for e in (a, b) if lo < e < hi}
+    cut = sorted({lo, hi, *ends})
+    return [(a, b, any(x <= a and b <= y for x, y in ranges)) for a, b in zip(cut, cut[1:])]
