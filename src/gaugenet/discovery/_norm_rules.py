@@ -55,9 +55,8 @@ class NormRules:
         commuting with the query-key GL."""
         if ln.bias is None or len(ln.normalized_shape) != 1 or not n.users:
             return
-        ln_node = n
         consumers, residual, transposed, pending = [], [], [], []
-        for u, via in self._readers(ln_node):
+        for u, via in self._readers(n):
             if u.op == "call_function" and u.target in ADD_OPS:
                 bias = self._residual_bias(u, via, ln.normalized_shape[0])
                 if bias is None:
@@ -97,7 +96,7 @@ class NormRules:
             E = ln.normalized_shape[0]
             self.L.extra.append(
                 layernorm_shift(
-                    str(ln_node.target), E, consumers, residual, tuple(transposed), tuple(pending)
+                    str(n.target), E, consumers, residual, tuple(transposed), tuple(pending)
                 )
             )
 
@@ -243,10 +242,7 @@ class NormRules:
         their rows of the table and one carrier (a class-token parameter, or the bias of the
         patch projection), so a vector `⊥ 1` moves between them (`RowMoveFactor`)."""
         node = src
-        while node.op == "call_module" or node.target in CASTS:
-            mod = self.root.get_submodule(str(node.target)) if node.op == "call_module" else None
-            if mod is not None and not (isinstance(mod, nn.Dropout) and not mod.training):
-                return
+        while self._kept(node):
             node = node.args[0]
             if not isinstance(node, fx.Node) or len(node.users) != 1:
                 return
@@ -309,18 +305,13 @@ class NormRules:
             return []
         if node.op == "get_attr":
             return [("param", node)] if param_name(node, self.root) else []
-        if node.op == "call_module":
-            mod = self.root.get_submodule(str(node.target))
-            if isinstance(mod, nn.Dropout) and not mod.training:
-                return self._leaves(node.args[0], E)
-            return []
+        if self._kept(node) or node.target is torch.ops.aten.expand.default:
+            return self._leaves(node.args[0], E)
         if node.op != "call_function":
             return []
         t, args = node.target, node.args
         if t in (operator.add, torch.add) and not node.kwargs:
             return [x for a in args[:2] for x in self._leaves(a, E)]
-        if t in CASTS or t is torch.ops.aten.expand.default:
-            return self._leaves(args[0], E)
         if t is torch.cat:
             dim = args[1] if len(args) > 1 else node.kwargs.get("dim", 0)
             if dim % v.ndim == v.ndim - 1:
@@ -356,14 +347,12 @@ class NormRules:
             return []
         if node.op == "call_function" and node.target in (operator.add, torch.add):
             return [t for a in node.args[:2] for t in self._lookups(a)]
-        if node.op == "call_function" and node.target in CASTS:
+        if self._kept(node):
             return self._lookups(node.args[0])
-        if node.op == "call_module":
-            mod = self.root.get_submodule(str(node.target))
-            if isinstance(mod, nn.Dropout) and not mod.training:
-                return self._lookups(node.args[0])
-            if isinstance(mod, nn.Embedding):
-                return [node]
+        if node.op == "call_module" and isinstance(
+            self.root.get_submodule(str(node.target)), nn.Embedding
+        ):
+            return [node]
         return []
 
     def _sum_root(self, node: fx.Node) -> fx.Node:
@@ -374,13 +363,20 @@ class NormRules:
             if len(users) != 1:
                 return node
             (u,) = users
-            mod = self.root.get_submodule(str(u.target)) if u.op == "call_module" else None
-            ok = (u.op == "call_function" and u.target in (operator.add, torch.add, *CASTS)) or (
-                isinstance(mod, nn.Dropout) and not mod.training
-            )
-            if not ok:
+            added = u.op == "call_function" and u.target in (operator.add, torch.add)
+            if not (added or self._kept(u)):
                 return node
             node = u
+
+    def _kept(self, node: fx.Node) -> bool:
+        """`node` passes its first input on unchanged: a cast, or a dropout outside
+        training."""
+        if node.op == "call_function":
+            return node.target in CASTS
+        if node.op == "call_module":
+            mod = self.root.get_submodule(str(node.target))
+            return isinstance(mod, nn.Dropout) and not mod.training
+        return False
 
     def _shared(self, param: str) -> bool:
         """Whether the parameter `param` is also reachable under another name (tied)."""
@@ -427,19 +423,16 @@ class NormRules:
             return [node]
         if node.op == "call_function" and node.target in ADD_OPS:
             return [t for a in node.args[:2] for t in self._upstream(a)]
+        if self._kept(node):
+            return self._upstream(node.args[0])
         src = node.args[0] if node.args else None
-        if isinstance(src, fx.Node) and node.op == "call_function":
-            before = self.values.get(src)
-            if node.target in CASTS or (
-                isinstance(before, torch.Tensor)
-                and before.ndim > 0
-                and keeps_last_axis(node, before.shape[-1], self.values)
-            ):
-                return self._upstream(src)
-        if node.op == "call_module":
-            mod = self.root.get_submodule(str(node.target))
-            if isinstance(mod, nn.Dropout) and not mod.training:
-                return self._upstream(node.args[0])
+        before = self.values.get(src) if isinstance(src, fx.Node) else None
+        if (
+            isinstance(before, torch.Tensor)
+            and before.ndim > 0
+            and keeps_last_axis(node, before.shape[-1], self.values)
+        ):
+            return self._upstream(src)
         return [node]
 
     def _removed(self, node: fx.Node, E: int, memo: dict) -> bool:
@@ -452,18 +445,13 @@ class NormRules:
         users = [u for u in node.users if u.target not in METADATA_OPS]
         ok = bool(users)
         for u in users:
-            if u.op == "call_function" and (
-                u.target in CASTS or (keeps_last_axis(u, E, self.values) and u.args[0] is node)
-            ):
+            if self._kept(u) or (keeps_last_axis(u, E, self.values) and u.args[0] is node):
                 ok = ok and self._removed(u, E, memo)
                 continue
             if u.op == "call_module":
                 mod = self.root.get_submodule(str(u.target))
                 if isinstance(mod, nn.LayerNorm) and tuple(mod.normalized_shape) == (E,):
                     ok = ok and u.args[0] is node
-                    continue
-                if isinstance(mod, nn.Dropout) and not mod.training:
-                    ok = ok and self._removed(u, E, memo)
                     continue
             elif u.op == "call_function" and u.target in ADD_OPS:
                 ok = ok and self._removed(u, E, memo)
