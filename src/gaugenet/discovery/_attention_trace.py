@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from ._linear import Linear, as_linear, param_name
-from ._ops import METADATA_OPS
+from ._ops import METADATA_OPS, graph_users
 
 __all__ = ["Linear", "Proj", "Skip", "trace_input", "trace_output"]
 
@@ -193,7 +193,7 @@ def trace_output(core: fx.Node, root: nn.Module, values: dict) -> tuple[Linear, 
     chain = [core]
     n = core
     while True:
-        users = [u for u in n.users if u.target not in METADATA_OPS]
+        users = graph_users(n)
         if len(users) != 1:
             raise Skip("the attention output has several readers")
         (u,) = users

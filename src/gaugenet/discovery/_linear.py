@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ._ops import METADATA_OPS
+from ._ops import graph_users
 
 __all__ = [
     "Linear",
@@ -102,10 +102,6 @@ def as_linear(n: fx.Node, root: nn.Module) -> Linear | None:
     return None
 
 
-def _users(n: fx.Node) -> list[fx.Node]:
-    return [u for u in n.users if not (u.op == "call_function" and u.target in METADATA_OPS)]
-
-
 def _is_reshape(n: Any) -> bool:
     return isinstance(n, fx.Node) and n.op == "call_function" and n.target in _RESHAPES
 
@@ -133,7 +129,7 @@ def linear_writing(s: Any, root: nn.Module, values: dict | None = None) -> Linea
         return None
     src = s.args[0]
     lin = as_linear(src, root)
-    if lin is None or lin.out_axis != 1 or _users(src) != [s]:
+    if lin is None or lin.out_axis != 1 or graph_users(src) != [s]:
         return None
     a, b = _shape(src, values), _shape(s, values)
     if a is not None and (b is None or b[-1] != a[-1]):
@@ -148,9 +144,9 @@ def linear_reading(u: fx.Node, via: fx.Node, root: nn.Module, values: dict | Non
     lin = as_linear(u, root)
     if lin is not None:
         return (lin, u) if lin.input_node() is via and lin.node.args.count(via) == 1 else None
-    if not _is_reshape(u) or u.args[0] is not via or len(_users(u)) != 1:
+    if not _is_reshape(u) or u.args[0] is not via or len(graph_users(u)) != 1:
         return None
-    (m,) = _users(u)
+    (m,) = graph_users(u)
     lin = as_linear(m, root)
     if lin is None or lin.input_node() is not u:
         return None

@@ -25,7 +25,7 @@ from ._embeddings import (
 from ._kernel import ReaderSlot, ill_conditioned, kernel_factor
 from ._labels import Labels
 from ._linear import Linear, keeps_last_axis, linear_reading, linear_writing, param_name
-from ._ops import ADD_OPS, CASTS, METADATA_OPS
+from ._ops import ADD_OPS, CASTS, graph_users
 from ._shifts import layernorm_shift
 
 __all__ = ["NormRules"]
@@ -297,7 +297,7 @@ class NormRules:
         concatenations that make `node`; every node below `node` read by its parent only."""
         if not isinstance(node, fx.Node):
             return []
-        users = [u for u in node.users if u.target not in METADATA_OPS]
+        users = graph_users(node)
         if not top and len(users) != 1:
             return []
         v = self.values.get(node)
@@ -359,7 +359,7 @@ class NormRules:
         """The last node reached from `node` through sole readers that are additions, casts
         or eval-mode dropouts: lookups with the same root are summed and read nowhere else."""
         while True:
-            users = [u for u in node.users if u.target not in METADATA_OPS]
+            users = graph_users(node)
             if len(users) != 1:
                 return node
             (u,) = users
@@ -442,7 +442,7 @@ class NormRules:
         if node in memo:
             return memo[node]
         memo[node] = False  # no cycles in a graph, but stay safe
-        users = [u for u in node.users if u.target not in METADATA_OPS]
+        users = graph_users(node)
         ok = bool(users)
         for u in users:
             if self._kept(u) or (keeps_last_axis(u, E, self.values) and u.args[0] is node):

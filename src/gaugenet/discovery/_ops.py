@@ -7,7 +7,7 @@ import operator
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
 __all__ = [
     "CASTS",
@@ -19,6 +19,7 @@ __all__ = [
     "POOL_MODULES",
     "VIEW_FUNCS",
     "VIEW_METHODS",
+    "graph_users",
     "nonhomogeneous_reason",
 ]
 
@@ -171,3 +172,9 @@ def nonhomogeneous_reason(op) -> str | None:
             (r for k, r in _REASONS.items() if isinstance(k, type) and issubclass(op, k)), None
         )
     return _REASONS.get(op)
+
+
+def graph_users(n: fx.Node) -> list[fx.Node]:
+    """`n`'s users, without the metadata checks `torch.export` inserts (they compute
+    nothing)."""
+    return [u for u in n.users if not (u.op == "call_function" and u.target in METADATA_OPS)]

@@ -19,7 +19,7 @@ from torch import fx, nn
 from ..groups import PermutationFactor
 from ..groups._orthogonal import ConjugatedColumns, OrthogonalFactor, RotateColumns, RotateRows
 from ._linear import param_name
-from ._ops import CASTS, METADATA_OPS
+from ._ops import CASTS, METADATA_OPS, graph_users
 
 __all__ = ["stream_rotations", "with_rotations"]
 
@@ -129,7 +129,7 @@ def _rms_readers(mul: fx.Node, x: fx.Node, root: nn.Module, d: int) -> list[tupl
     if not _from_norm(r, x):
         raise _NotAStream
     n = _skip_casts(mul)
-    users = _users(n)
+    users = graph_users(n)
     gains = [u for u in users if u.op == "call_function" and u.target in _MUL]
     if len(users) != 1 or len(gains) != 1:
         raise _NotAStream(n.name)
@@ -139,7 +139,7 @@ def _rms_readers(mul: fx.Node, x: fx.Node, root: nn.Module, d: int) -> list[tupl
         raise _NotAStream
     out = []
     g = _skip_casts(g)
-    for u in _users(g):
+    for u in graph_users(g):
         m = _module(root, u)
         if not isinstance(m, nn.Linear) or u.args[0] is not g:
             raise _NotAStream(u.name)
@@ -147,13 +147,9 @@ def _rms_readers(mul: fx.Node, x: fx.Node, root: nn.Module, d: int) -> list[tupl
     return out
 
 
-def _users(n: fx.Node) -> list[fx.Node]:
-    return [u for u in n.users if not (u.op == "call_function" and u.target in METADATA_OPS)]
-
-
 def _skip_casts(n: fx.Node) -> fx.Node:
-    while len(_users(n)) == 1:
-        (u,) = _users(n)
+    while len(graph_users(n)) == 1:
+        (u,) = graph_users(n)
         if u.op == "call_function" and u.target in CASTS:
             n = u
         else:
