@@ -78,8 +78,14 @@ def test_invariance_50_elements(kind, gen):
         ("sa-softmax", 64 + 8 + 8),
         ("sa-softmax-nobias", 64),
         ("mha", 64 + 8 + 8),
-        ("tel", 64 + 8 + 8 + 16),
-        ("enc", 2 * (64 + 8 + 8 + 16)),
+        # nn.TransformerEncoderLayer, captured by torch.export and analyzed by the graph
+        # rules: attention as above, the ReLU units' scales (16), and post-norm's
+        # LayerNorm factors: norm1's beta shift (8) and kernel (16: the rows of linear1 and
+        # the residual along 1/gamma), the outputs along 1 of the two writers of the
+        # normalized sums (out_proj 9, linear2 17). Equal to n - rank J (coverage table).
+        ("tel", 64 + 8 + 8 + 16 + 8 + 16 + 9 + 17),
+        # two layers: layer 0's norm2 now feeds layer 1 (its shift 8, kernel 24)
+        ("enc", 2 * (64 + 8 + 8 + 16 + 8 + 16 + 9 + 17) + 8 + 24),
     ],
 )
 def test_dim(kind, expected, gen):
@@ -159,8 +165,8 @@ def test_canonical_form_and_align(kind, gen):
     m, x = _make(kind, gen)
     group = gaugenet.symmetries(m)
     g = group.sample(gen, scale=1.0)
-    if kind == "tel":  # the feed-forward block has its own (generic) gauge; fix only attention
-        g = {k: v for k, v in g.items() if not k.startswith("ffn")}
+    if kind == "tel":  # the rest of the layer has its own (generic) gauge; fix only attention
+        g = {k: v for k, v in g.items() if k.startswith("self_attn.")}
     m2 = group.act(m, g)
     c1, c2 = canonicalize_attention(m, group), canonicalize_attention(m2, group)
     assert gaugenet.invariance_error(m, c1, x) < 1e-12
@@ -239,7 +245,7 @@ def test_breakers_and_bad_inputs(gen):
     assert group.dim == 0 and "add_bias_kv" in str(group.breakers[0])
     tel = nn.TransformerEncoderLayer(8, 2, 16, activation="gelu", dtype=F64)
     group = gaugenet.symmetries(tel)
-    assert not group.of_kind("rescaling") and any("linear1" in str(b) for b in group.breakers)
+    assert not group.of_kind("rescaling") and any("GELU" in str(b) for b in group.breakers)
     with pytest.raises(gaugenet.GaugeError, match="divisible"):
         SelfAttention(7, 2, activation="relu")
     with pytest.raises(gaugenet.GaugeError, match="unknown activation"):
@@ -270,3 +276,42 @@ def test_value_shift_needs_softmax(gen):
         group.act(relu, u)  # the softmax model's group refuses the ReLU one, rightly:
     forced = group.act(relu, u, check=False)
     assert gaugenet.invariance_error(relu, forced, x) > 1e-3
+
+
+class _Nested(nn.Module):
+    """torch's encoder and decoder layers inside a user's model (fx would keep them whole)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        kw = dict(dropout=0.0, batch_first=True, dtype=F64)
+        self.body = nn.TransformerEncoderLayer(8, 2, 16, **kw)
+        self.dec = nn.TransformerDecoderLayer(8, 2, 16, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.body(x)
+        return self.dec(h, h)
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_torch_layers_are_captured_not_analyzed_by_type(grad, gen):
+    """`nn.TransformerEncoderLayer` has no analyzer of its own: its parts (attention, ReLU
+    units, LayerNorm shifts and kernels) come from the captured graph, also when nested in
+    a user's model and under `no_grad` (where torch would take its fused fast path), and
+    they explain every redundancy of the Jacobian."""
+    model = _Nested().eval()
+    x = torch.randn(48, 5, 8, generator=gen, dtype=F64)
+    with torch.set_grad_enabled(grad):
+        group = gaugenet.symmetries(model, x)
+    assert not [b for b in group.breakers if "unsupported module" in b.reason]
+    assert {"body.self_attn.qk", "dec.self_attn.qk", "dec.multihead_attn.vo"} <= {
+        f.name for f in group.factors
+    }
+    report = gaugenet.certify(model, x, group=group, method="exact")
+    assert report.verdict == "complete", report
+    moved = group.act(model, group.sample(gen))
+    assert gaugenet.invariance_error(model, moved, x) < 1e-12
+    # negative: the same element on the encoder's first LayerNorm alone changes the outputs
+    wrong = group.act(model, group.sample(gen))
+    with torch.no_grad():
+        wrong.body.norm1.weight.mul_(2.0)
+    assert gaugenet.invariance_error(model, wrong, x) > 1e-3

@@ -1,25 +1,21 @@
-"""The attention gauge group of `SelfAttention`, `nn.MultiheadAttention` and
-`nn.TransformerEncoderLayer` / `nn.TransformerEncoder`."""
+"""The attention gauge group of `SelfAttention` and `nn.MultiheadAttention` (the layers around
+them, e.g. in `nn.TransformerEncoderLayer`, are captured and analyzed like any other graph)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
-from torch.nn import functional as F
 
-from ..groups import Breaker, GaugeGroup, PermTerm, PermutationFactor, RescalingFactor, Scale
+from ..groups import Breaker, GaugeGroup
 from ._factors import attention_factors
 from ._layout import HeadLayout, Slot
 
 __all__ = [
-    "ffn_factors",
     "mha_factors",
     "mha_layout",
     "self_attention_layout",
     "torch_model_group",
-    "transformer_layer_factors",
 ]
 
 
@@ -80,56 +76,6 @@ def mha_factors(m: nn.MultiheadAttention, prefix: str = "") -> tuple[list, list]
     return attention_factors(lay, shapes, softmax=True, homogeneous=False, modules=(name,)), []
 
 
-def ffn_factors(m: nn.TransformerEncoderLayer, prefix: str) -> tuple[list, list]:
-    """ReLU feed-forward block: per-unit rescaling and permutation of the hidden units."""
-    act = m.activation
-    l1, l2 = _p(prefix, "linear1"), _p(prefix, "linear2")
-    if not (act is F.relu or isinstance(act, nn.ReLU)):
-        return [], [
-            Breaker(
-                l1,
-                f"activation {getattr(act, '__name__', type(act).__name__)} is "
-                "not positively homogeneous: no hidden-unit rescaling",
-            )
-        ]
-    n = m.linear1.out_features
-    idx = torch.arange(n)
-    terms = [
-        Scale(f"{l1}.weight", idx.reshape(n, 1), 1),
-        Scale(f"{l2}.weight", idx.reshape(1, n), -1),
-    ]
-    perm = [
-        PermTerm(f"{l1}.weight", 0, idx.reshape(n, 1)),
-        PermTerm(f"{l2}.weight", 1, idx.reshape(n, 1)),
-    ]
-    if m.linear1.bias is not None:
-        terms.append(Scale(f"{l1}.bias", idx, 1))
-        perm.append(PermTerm(f"{l1}.bias", 0, idx.reshape(n, 1)))
-    scale = RescalingFactor(_p(prefix, "ffn.scale"), n, terms=tuple(terms), modules=(l1, l2))
-    return [
-        scale,
-        PermutationFactor(
-            _p(prefix, "ffn.perm"),
-            n,
-            terms=tuple(perm),
-            conjugates=((scale.name, idx),),
-            modules=(l1, l2),
-        ),
-    ], []
-
-
-def transformer_layer_factors(m: nn.TransformerEncoderLayer, prefix: str = "") -> tuple[list, list]:
-    """Analyzer for `nn.TransformerEncoderLayer`: its attention and its feed-forward block;
-    the layer norms break every other scaling (listed as breakers)."""
-    f1, b1 = mha_factors(m.self_attn, _p(prefix, "self_attn"))
-    f2, b2 = ffn_factors(m, prefix)
-    norms = [
-        Breaker(_p(prefix, n), "LayerNorm fixes the scale and the basis of the residual stream")
-        for n in ("norm1", "norm2")
-    ]
-    return f1 + f2, b1 + b2 + norms
-
-
 def torch_model_group(model: nn.Module, example_inputs: Any = None) -> GaugeGroup | None:
     """Whole-model analyzer for attention modules given as the model itself (fx cannot trace
     their fast paths)."""
@@ -140,13 +86,6 @@ def torch_model_group(model: nn.Module, example_inputs: Any = None) -> GaugeGrou
         f, b = model.gauge_factors("")
     elif isinstance(model, nn.MultiheadAttention):
         f, b = mha_factors(model, "")
-    elif isinstance(model, nn.TransformerEncoderLayer):
-        f, b = transformer_layer_factors(model, "")
-    elif isinstance(model, nn.TransformerEncoder):
-        f, b = [], []
-        for i, layer in enumerate(model.layers):
-            fi, bi = transformer_layer_factors(layer, f"layers.{i}")
-            f, b = f + fi, b + bi
     else:
         return None
     return GaugeGroup(tuple(f), tuple(b), names)

@@ -90,6 +90,32 @@ class _Flattener:
         self.attrs[path] = obj
         return self.graph.get_attr(path)
 
+    def leaves(self, out: Any, spec: Any) -> list[Any]:
+        """The leaves of a preserved atom's output, in the order of its output `spec`: a
+        `call_module` node returning a tuple (`nn.MultiheadAttention`'s `(output, weights)`)
+        is indexed per leaf, so that the caller's `[0]` takes the output, not the tuple."""
+        if not isinstance(out, fx.Node) or spec.is_leaf():
+            return tree_flatten(out)[0]
+        marks = tree_unflatten(list(range(spec.num_leaves)), spec)
+        found: dict[int, fx.Node] = {}
+
+        def walk(tree: Any, node: fx.Node) -> None:
+            if isinstance(tree, int) and not isinstance(tree, bool):
+                found[tree] = node
+            elif isinstance(tree, (tuple, list)):
+                for i, sub in enumerate(tree):
+                    walk(sub, self.graph.call_function(operator.getitem, (node, i)))
+            elif isinstance(tree, dict):
+                for k, sub in tree.items():
+                    walk(sub, self.graph.call_function(operator.getitem, (node, k)))
+            elif tree is not None:
+                raise UnsupportedModelError(
+                    f"output of {out.target} has a structure the capture cannot index: {spec}"
+                )
+
+        walk(marks, out)
+        return [found[i] for i in range(spec.num_leaves)]
+
     def inline(self, mod: fx.GraphModule, prefix: str, args: list[Any]) -> Any:
         env: dict[fx.Node, Any] = {}
         inputs = iter(args)
@@ -113,7 +139,8 @@ class _Flattener:
                     sub = mod.get_submodule(str(n.target))
                     env[n] = self.inline(sub, path + ".", list(look(n.args)))
             elif n.target is tree_flatten_spec:  # the wrapper around a preserved call
-                env[n] = tree_flatten(look(n.args[0]))[0]
+                spec = getattr(mod, str(n.args[1].target))
+                env[n] = self.leaves(look(n.args[0]), spec)
             elif n.target is tree_unflatten:
                 spec = getattr(mod, str(n.args[1].target))
                 env[n] = tree_unflatten(list(look(n.args[0])), spec)
@@ -136,7 +163,11 @@ def export_graph(
     Raises `UnsupportedModelError` when the export fails.
     """
     atoms = _atoms(model)
+    fast = torch.backends.mha.get_fastpath_enabled()
     try:
+        # the fused fast path of `nn.TransformerEncoderLayer` (taken under `no_grad`) is one
+        # opaque op; its reference path is the same function in ops the rules know
+        torch.backends.mha.set_fastpath_enabled(False)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ep = torch.export.export(
@@ -147,6 +178,8 @@ def export_graph(
         raise UnsupportedModelError(
             f"cannot capture {type(model).__name__} with torch.export: {type(exc).__name__}: {exc}"
         ) from exc
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
     flat = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
     placeholders = [n for n in unflat.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(flat):

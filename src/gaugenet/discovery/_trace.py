@@ -33,7 +33,13 @@ def is_atomic(m: nn.Module) -> bool:
 
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return is_atomic(m) or super().is_leaf_module(m, module_qualified_name)
+        """Atoms stay whole; so do torch's own layers without children (fx's default), but a
+        torch layer built of other modules (`nn.TransformerEncoderLayer`) is traced into, so
+        that the rules see its parts (where its control flow stops fx, `torch.export`
+        captures the model instead)."""
+        if is_atomic(m):
+            return True
+        return super().is_leaf_module(m, module_qualified_name) and next(m.children(), None) is None
 
 
 def _concrete_args(model: nn.Module, n_given: int) -> dict[str, Any] | None:
