@@ -361,3 +361,46 @@ def test_matrix_free_unused_parameter() -> None:
     assert all(math.isfinite(v) for v in (res.sigma_min, res.sigma_max, res.residual))
     assert gaugenet.certify(model, x, group=group, method="exact").unexplained == 3
     assert gaugenet.certify(model, x, group=group, method="matrix-free").unexplained >= 1
+
+
+class _OldStyleSoftplus(torch.autograd.Function):
+    """An `autograd.Function` without `setup_context` (as BLOOM's GELU): `torch.func`
+    refuses to transform it."""
+
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[override]
+        ctx.save_for_backward(x)
+        return nn.functional.softplus(x)
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        return g * torch.sigmoid(x)
+
+
+class _Custom(nn.Module):
+    def __init__(self, custom: bool) -> None:
+        super().__init__()
+        self.a, self.b, self.custom = nn.Linear(3, 5), nn.Linear(5, 2), custom
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        return self.b(_OldStyleSoftplus.apply(h) if self.custom else nn.functional.softplus(h))
+
+
+def test_jacobian_of_an_untransformable_function_is_computed_by_reverse_mode():
+    """Where `torch.func` cannot transform the model, the Jacobian is assembled one output
+    at a time, and it equals that of the same function written in transformable ops."""
+    torch.manual_seed(0)
+    plain, custom = _Custom(False).double(), _Custom(True).double()
+    custom.load_state_dict(plain.state_dict())
+    x = torch.randn(40, 3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="setup_context"):
+        torch.func.jacrev(lambda t: custom(t))(x)
+    j_plain, j_custom = jacobian(plain, x), jacobian(custom, x)
+    assert j_custom.shape == (80, 32)
+    assert torch.allclose(j_custom, j_plain, rtol=0, atol=1e-14)
+    # negative: a different weight gives a different Jacobian
+    with torch.no_grad():
+        custom.b.weight.mul_(1.5)
+    assert (jacobian(custom, x) - j_plain).abs().max() > 1e-2

@@ -33,6 +33,27 @@ def _llama() -> nn.Module:
     return transformers.LlamaModel(cfg).double().eval()
 
 
+def test_a_model_returning_its_key_value_cache_is_captured_without_it(gen) -> None:
+    """A decoder built with its default configuration returns a key-value cache that
+    `torch.export` cannot flatten; it is captured with `use_cache=False` and gets the same
+    group as one built without the cache, checked on the call as given (cache included)."""
+    plain = _llama()
+    cfg = plain.config.to_dict() | {"use_cache": True}
+    cached = transformers.LlamaModel(transformers.LlamaConfig(**cfg)).double().eval()
+    cached.load_state_dict(plain.state_dict())
+    x = {"input_ids": torch.randint(0, 24, (3, 6), generator=gen)}
+    assert type(cached(**x).past_key_values).__name__.endswith("Cache")
+    group, ref = gaugenet.symmetries(cached, x), gaugenet.symmetries(plain, x)
+    assert group.dim == ref.dim == 72 and _internal(group) == []
+    assert group.example_inputs == x  # the call the group was checked on, as given
+    moved = group.act(cached, group.sample(gen))
+    assert gaugenet.invariance_error(cached, moved, x) < 1e-12
+    # negative: an unchecked perturbation of one weight changes the outputs
+    with torch.no_grad():
+        moved.layers[0].mlp.up_proj.weight[0, 0] += 0.5
+    assert gaugenet.invariance_error(cached, moved, x) > 1e-4
+
+
 def _distilbert() -> nn.Module:
     cfg = transformers.DistilBertConfig(
         vocab_size=24, dim=8, n_layers=1, n_heads=2, hidden_dim=16, max_position_embeddings=6

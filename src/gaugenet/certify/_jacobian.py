@@ -186,9 +186,29 @@ def jacobian_of(fm: FlatModel) -> Tensor:
         return jac
     with torch.no_grad():
         n_out = fm.f(fm.theta).numel()
-    if fm.theta.numel() < n_out:
+    for transform in (torch.func.jacfwd, torch.func.jacrev):
+        if transform is torch.func.jacfwd and fm.theta.numel() >= n_out:
+            continue
         try:
-            return torch.func.jacfwd(fm.f)(fm.theta)
+            return transform(fm.f)(fm.theta)
         except NotImplementedError:  # an operation without forward-mode derivative
-            pass
-    return torch.func.jacrev(fm.f)(fm.theta)
+            continue
+        except RuntimeError as exc:  # an operation torch.func cannot transform
+            if "functorch" not in str(exc) and "setup_context" not in str(exc):
+                raise
+            break
+    return _looped_jacobian(fm)
+
+
+def _looped_jacobian(fm: FlatModel) -> Tensor:
+    """The Jacobian one output at a time by plain reverse mode: for models that `torch.func`
+    cannot transform (an `autograd.Function` without `setup_context`, as in BLOOM's GELU).
+    One backward pass per output, so slower, but the same matrix."""
+    theta = fm.theta.detach().requires_grad_(True)
+    with torch.enable_grad():
+        out = fm.f(theta).reshape(-1)
+        rows = [
+            torch.autograd.grad(out[i], theta, retain_graph=True, allow_unused=True)[0]
+            for i in range(out.numel())
+        ]
+    return torch.stack([torch.zeros_like(theta) if r is None else r for r in rows])

@@ -29,6 +29,9 @@ __all__ = ["export_graph"]
 
 aten = torch.ops.aten
 
+#: input leaves that `torch.export` keeps as placeholders besides tensors and `None`
+_CONSTANT = (torch.Tensor, bool, int, float)
+
 #: aten operations as the torch functions of the same arguments and meaning
 _RENAME: dict[Any, Any] = {
     aten.relu.default: torch.relu,
@@ -185,6 +188,9 @@ def export_graph(
     if len(placeholders) != len(flat):
         # inputs given as None (an optional positional input) keep their placeholder
         flat = [a for a in _leaves((args, kwargs)) if a is None or isinstance(a, torch.Tensor)]
+    if len(placeholders) != len(flat):
+        # and so do flags and numbers (`use_cache=False`), whose value export specialized
+        flat = [a for a in _leaves((args, kwargs)) if a is None or isinstance(a, _CONSTANT)]
     if len(placeholders) != len(flat):
         raise UnsupportedModelError(
             f"{type(model).__name__}: the exported graph takes {len(placeholders)} inputs, "

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from .._errors import GaugeError
 
-__all__ = ["Call", "as_call", "find_inputs", "run"]
+__all__ = ["Call", "as_call", "find_inputs", "run", "without_cache"]
 
 #: positional inputs and keyword inputs of one call of a model
 Call = tuple[tuple[Any, ...], dict[str, Any]]
@@ -28,6 +28,30 @@ def as_call(example_inputs: Any) -> Call:
     if isinstance(example_inputs, (tuple, list)):
         return tuple(example_inputs), {}
     return (example_inputs,), {}
+
+
+def without_cache(model: nn.Module, call: Call) -> Call:
+    """`call` with `use_cache=False` added when `forward` takes a `use_cache` input (the
+    Hugging Face convention) and the call does not set it, for capture only.
+
+    The key-value cache such a model returns for incremental decoding is no output of its
+    function: it holds keys and values that its own layers write and read back, so a
+    transformed model reads its own transformed cache. Returned as an output, it would also
+    stop `torch.export`, which cannot flatten the cache object.
+    """
+    import inspect
+
+    args, kwargs = call
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return call
+    if "use_cache" not in params or "use_cache" in kwargs:
+        return call
+    names = list(params)
+    if names.index("use_cache") < len(args):  # given positionally
+        return call
+    return args, {**kwargs, "use_cache": False}
 
 
 def run(model: nn.Module, call: Call) -> Any:

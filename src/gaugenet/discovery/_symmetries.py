@@ -16,7 +16,7 @@ from ._attention import attention_from_graph, drop_key_compensation
 from ._build import build_factors
 from ._capture import export_graph
 from ._centering import link_centered
-from ._inputs import Call, as_call, find_inputs
+from ._inputs import Call, as_call, find_inputs, without_cache
 from ._kernel import link_kernels
 from ._meta import is_meta, meta_call, unchecked
 from ._propagate import Propagator
@@ -123,7 +123,7 @@ def _positional(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple:
 
 def _discover(model: nn.Module, call: Call) -> GaugeGroup:
     names = tuple(n for n, _ in model.named_parameters())
-    args, kwargs = call
+    args, kwargs = without_cache(model, call)
     example = kwargs if kwargs else args
     for fn in _MODEL_ANALYZERS:
         group = fn(model, example)
