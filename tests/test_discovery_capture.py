@@ -78,21 +78,48 @@ def test_export_captures_what_fx_cannot(build, gen) -> None:
 
 
 class Chunked(nn.Module):
-    """`torch.chunk` of a layer's outputs: a result that is a tuple, not one tensor."""
+    """`torch.chunk` of a layer's outputs (a result that is a tuple, not one tensor): one
+    half through ReLU, the other through tanh, each read by its own layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(3, 4), nn.Linear(2, 2), nn.Linear(2, 2, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        u, v = torch.chunk(self.a(x), 2, -1)
+        return self.b(F.relu(u)) + self.c(torch.tanh(v))
+
+
+class _Stacked(nn.Module):
+    """The parts of a split given whole to an operation no rule follows."""
 
     def __init__(self) -> None:
         super().__init__()
         self.a, self.b = nn.Linear(3, 4), nn.Linear(2, 2)
 
     def forward(self, x: Tensor) -> Tensor:
-        u, v = torch.chunk(self.a(x), 2, -1)
-        return self.b(F.relu(u) + torch.tanh(v))
+        return self.b(torch.logsumexp(torch.stack(F.relu(self.a(x)).chunk(2, -1)), 0))
 
 
-def test_tuple_results_fix_what_reaches_them(gen) -> None:
+def test_tuple_results_keep_the_labels_of_their_parts(gen) -> None:
+    """Each part of a split keeps its entries' labels: the ReLU half's two units rescale,
+    the tanh half's do not, and that is every redundancy of the Jacobian."""
     torch.manual_seed(0)
     model, x = Chunked().double(), torch.randn(30, 3, generator=gen, dtype=F64)
     group = gaugenet.symmetries(model, x)
     assert _internal(group) == []  # the rule, not the self-check, keeps it right
-    assert any("not one float tensor" in b.reason for b in group.breakers)
+    assert group.dim == 2 and any("tanh" in b.reason.lower() for b in group.breakers)
+    assert gaugenet.certify(model, x, group=group, method="exact").verdict == "complete"
     assert gaugenet.invariance_error(model, group.act(model, group.sample(gen)), x) < 1e-12
+    # negative: the same scales on the tanh half's rows change the outputs
+    wrong = Chunked().double()
+    wrong.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        wrong.a.weight[2:].mul_(2.0)
+        wrong.a.bias[2:].mul_(2.0)
+        wrong.c.weight.div_(2.0)
+    assert gaugenet.invariance_error(model, wrong, x) > 1e-3
+    # a part that reaches an operation no rule follows is fixed there (nothing unseen)
+    stacked = _Stacked().double()
+    group = gaugenet.symmetries(stacked, x)
+    assert _internal(group) == [] and group.dim == 0

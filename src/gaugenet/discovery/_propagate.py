@@ -52,15 +52,13 @@ class Propagator(NormRules, fx.Interpreter):
         return out
 
     def _labeled_input(self, n: fx.Node) -> bool:
-        labs = (self.env_labels.get(a) for a in n.all_input_nodes)
-        return any(isinstance(lab, tuple) and isinstance(lab[0], Tensor) for lab in labs)
+        return any(_pairs(self.env_labels.get(a)) for a in n.all_input_nodes)
 
     def break_all(self, n: fx.Node, out: Any, reason: str) -> Pair | None:
         for a in n.all_input_nodes:
-            lab = self.env_labels.get(a)
-            if isinstance(lab, tuple) and isinstance(lab[0], Tensor):
-                self.L.fix_scales(lab[0], n.name, reason)
-                self.L.fix_perms(lab[1], n.name, reason)
+            for s, p in _pairs(self.env_labels.get(a)):
+                self.L.fix_scales(s, n.name, reason)
+                self.L.fix_perms(p, n.name, reason)
         return fixed(out) if is_float(out) else None
 
     def use_param(self, name: str, node: str) -> None:
@@ -83,7 +81,7 @@ class Propagator(NormRules, fx.Interpreter):
                 )
             return None
         found = REGISTRY.for_node(n, self.root)
-        if n.op == "call_module" and found is not None and found.several_outputs:
+        if found is not None and found.several_outputs:
             return found.handler(self, n, out)
         if not is_float(out):
             if isinstance(out, (tuple, list)) and n.op == "call_module":
@@ -164,11 +162,25 @@ def _label_free(n: fx.Node, found: Rule | None) -> bool:
     return True
 
 
-def _flatten_labels(tree: Any) -> list[Pair]:
-    if tree is None:
+def _pairs(lab: Any) -> list[Pair]:
+    """The `(scale, perm)` label maps a node carries: one pair, or one per part of a result
+    with several tensors (`(scales, perms)` as two lists, `None` for an unlabeled part)."""
+    if not isinstance(lab, tuple) or len(lab) != 2:
         return []
-    if isinstance(tree, tuple) and len(tree) == 2 and isinstance(tree[0], Tensor):
-        return [tree]
+    s, p = lab
+    if isinstance(s, Tensor):
+        return [(s, p)]
+    if isinstance(s, list) and isinstance(p, list):
+        return [(a, b) for a, b in zip(s, p) if isinstance(a, Tensor)]
+    return []
+
+
+def _flatten_labels(tree: Any) -> list[Pair]:
+    if tree is None or isinstance(tree, Tensor):
+        return []
+    pairs = _pairs(tree)
+    if pairs:
+        return pairs
     out = []
     for t in tree:
         out += _flatten_labels(t)

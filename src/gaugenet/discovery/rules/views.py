@@ -48,6 +48,22 @@ def getitem(prop: Propagator, n: fx.Node, out: Tensor) -> Pair:
     return s[idx], p[idx]
 
 
+def split(prop: Propagator, n: fx.Node, out: Any) -> tuple[list[Tensor], list[Tensor]]:
+    """`torch.split`, `chunk`, `unbind`, `tensor_split`: each part keeps the labels of its
+    entries (the same split of the label maps), as lists that `getitem` picks from; a
+    packed projection (`gate_up_proj`) split in two keeps each half's scales."""
+    _, (s, p) = prop.first(n)
+    args = [prop.env[a] if isinstance(a, fx.Node) else a for a in n.args[1:]]
+    kwargs = {k: prop.env[v] if isinstance(v, fx.Node) else v for k, v in n.kwargs.items()}
+    if n.op == "call_method":
+        parts = getattr(s, n.target)(*args, **kwargs), getattr(p, n.target)(*args, **kwargs)
+    else:
+        parts = n.target(s, *args, **kwargs), n.target(p, *args, **kwargs)
+    if len(parts[0]) != len(out) or any(a.shape != b.shape for a, b in zip(parts[0], out)):
+        raise Unsupported(f"{n.name}: the parts of the labels do not match the values")
+    return list(parts[0]), list(parts[1])
+
+
 def cat(prop: Propagator, n: fx.Node, out: Tensor) -> Pair:
     """Concatenation: each part keeps its labels (an unlabeled part is fixed)."""
     parts = n.args[0]
@@ -98,6 +114,30 @@ class _Pick(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h = torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], -1)
         return self.out(F.pad(h, (0, 0, 1, 0))[:, 1])
+
+
+class _PackedGLU(nn.Module):
+    """A gated MLP whose gate and up projections are one packed linear map, split in two."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate_up, self.down = nn.Linear(3, 8), nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class _Unbound(nn.Module):
+    """Per-position maps of a sequence taken apart with `unbind` and added back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.out = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        first, second = torch.relu(self.a(x)).unbind(1)
+        return self.out(first + second)
 
 
 class _Shaped(nn.Module):
@@ -154,6 +194,27 @@ RULES = (
         ),
         functions=(operator.getitem,),
         methods=("__getitem__",),
+    ),
+    Rule(
+        "split",
+        "views",
+        split,
+        (
+            Example(
+                lambda: (seeded(_PackedGLU), batch(64, 3)),
+                4,
+                "the up half of the packed projection: one scale per unit (4; the gate half "
+                "feeds SiLU, which is not homogeneous)",
+            ),
+            Example(
+                lambda: (seeded(_Unbound), batch(64, 2, 3)),
+                4,
+                "one scale per ReLU unit, shared by both positions: 4",
+            ),
+        ),
+        functions=(torch.split, torch.chunk, torch.unbind, torch.tensor_split),
+        methods=("split", "chunk", "unbind", "tensor_split"),
+        several_outputs=True,
     ),
     Rule(
         "cat",
