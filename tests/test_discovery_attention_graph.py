@@ -3,6 +3,7 @@ value-output factors, the commutant of rotary embeddings, position biases per he
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import warnings
@@ -342,3 +343,39 @@ def test_grouped_query_permutations() -> None:
         bad = model.__class__(model.config).double().eval()
         bad.load_state_dict(state)
         assert gaugenet.invariance_error(model, bad, inputs) > 1e-4
+
+
+@pytest.mark.parametrize("kv_heads", [2, 1], ids=["mha", "gqa"])
+def test_value_bias_shift_under_rotary_and_grouped_queries(kv_heads, gen):
+    """Rotary attention with value and output biases (StarCoder2): softmax weights sum to
+    one, so a shift of each key-value head's value bias is taken back by the output bias
+    (`b_o - W_o u`, `u` read by every query head of its group). Found, kept by random
+    elements of the whole group, and its tangents lie in ker J."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.Starcoder2Config(
+        vocab_size=24,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=8,
+        use_bias=True,
+        use_cache=False,
+    )
+    torch.manual_seed(0)
+    model = transformers.Starcoder2Model(cfg).double().eval()
+    x = {"input_ids": torch.randint(0, 24, (6, 6), generator=gen)}
+    group = gaugenet.symmetries(model, x)
+    shifts = [f for f in group.factors if f.name.endswith("value_shift")]
+    assert [f.dim for f in shifts] == [kv_heads * 4] * 2
+    for _ in range(3):
+        moved = group.act(model, group.sample(gen))
+        assert gaugenet.invariance_error(model, moved, x) < 1e-12
+    report = gaugenet.certify(model, x["input_ids"], group=group, method="checks")
+    assert report.verdict == "right" and report.worst_residual < 1e-12
+    # negative: the value bias shifted without the output bias taking it back
+    wrong = copy.deepcopy(model)
+    with torch.no_grad():
+        wrong.layers[1].self_attn.v_proj.bias.add_(0.3)
+    assert gaugenet.invariance_error(model, wrong, x) > 1e-3

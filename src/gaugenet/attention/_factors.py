@@ -115,6 +115,10 @@ class ValueBiasShift:
     weight_offset: int
     bias: str
     center: bool = False
+    #: under grouped-query attention each key-value head's value (blocks of `block`
+    #: entries) is read by `repeat` query heads, so the output sees it `repeat` times
+    repeat: int = 1
+    block: int = 0
 
     def __call__(self, new: dict[str, Tensor], u: Tensor) -> None:
         p = new[self.param]
@@ -123,7 +127,9 @@ class ValueBiasShift:
         new[self.param] = torch.cat(
             [p[: self.offset], p[self.offset : self.offset + n] + u, p[self.offset + n :]]
         )
-        w = new[self.weight].narrow(self.axis, self.weight_offset, n)
+        if self.repeat > 1:
+            u = u.reshape(-1, self.block).repeat_interleave(self.repeat, 0).reshape(-1)
+        w = new[self.weight].narrow(self.axis, self.weight_offset, u.shape[0])
         change = torch.tensordot(w, u, dims=([self.axis], [0]))
         if self.center:
             change = change - change.mean()

@@ -29,7 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from ..attention._factors import HeadPermFactor, KeyShiftFactor, attention_factors
+from ..attention._factors import (
+    HeadPermFactor,
+    KeyShiftFactor,
+    ValueBiasShift,
+    ValueShiftFactor,
+    attention_factors,
+)
 from ..attention._layout import HeadLayout, Slot
 from ..groups import Breaker, MatTerm, PermTerm, PermutationFactor
 from ..groups._algebra import AlgebraFactor, Repeat, commutant_basis
@@ -249,10 +255,44 @@ def _core_factors(core: _Core, root: nn.Module, values: dict) -> tuple[list, set
     o_term = MatTerm(po.weight, po.in_axis, o_off, "inv")
     vo_terms = [*terms(pv, "T"), Repeat(o_term, rep) if rep > 1 else o_term]
     vo = AlgebraFactor(f"{name}.vo", dv, hkv, terms=tuple(vo_terms), modules=modules)
+    shifts = _value_shift(name, pv, po, o_off, hkv, rep, vo, modules)
     perms = []
     if all(p.stride == 1 for p in (pq, pk, pv)) and not _per_head_scores(core, values, H):
-        perms = _group_permutations(name, pq, pk, pv, po, o_off, hkv, rep, (qk, vo), modules)
-    return [qk, vo, *perms], covered, pk
+        perms = _group_permutations(
+            name, pq, pk, pv, po, o_off, hkv, rep, (qk, vo), modules, shifts
+        )
+    return [qk, vo, *shifts, *perms], covered, pk
+
+
+def _value_shift(
+    name: str,
+    pv: Proj,
+    po: Linear,
+    o_off: int,
+    hkv: int,
+    rep: int,
+    vo: AlgebraFactor,
+    modules: tuple[str, ...],
+) -> list[ValueShiftFactor]:
+    """The value-bias shift: softmax weights sum to one, so a shift `u` of the value bias
+    leaves each head's output shifted by `u` (by its key-value head's `u` under grouped
+    queries), which the output bias takes back (`b_o ↦ b_o − W_o u`). Needs both biases and
+    values read as they are projected (checked by the caller)."""
+    if pv.lin.bias is None or po.bias is None or pv.stride != 1:
+        return []
+    dv = pv.maps.shape[-1]
+    term = ValueBiasShift(
+        pv.lin.bias, pv.offset, po.weight, po.in_axis, o_off, po.bias, repeat=rep, block=dv
+    )
+    return [
+        ValueShiftFactor(
+            f"{name}.value_shift",
+            hkv * dv,
+            terms=(term,),
+            moved_by=((vo.name, "T"),),
+            modules=modules,
+        )
+    ]
 
 
 def _group_permutations(
@@ -266,6 +306,7 @@ def _group_permutations(
     rep: int,
     matrices: tuple,
     modules: tuple[str, ...],
+    shifts: list = (),
 ) -> list[PermutationFactor]:
     """Permutations of the key-value groups (each with its query heads), and of the query
     heads within each group (they share the group's key and value)."""
@@ -285,6 +326,7 @@ def _group_permutations(
         *blocks(po.weight, None, po.in_axis, o_off, rep * dv),
     ]
     conj = tuple((m.name, torch.arange(hkv)) for m in matrices)
+    conj += tuple((f.name, torch.arange(f.dim).reshape(hkv, -1)) for f in shifts)
     out = [
         PermutationFactor(
             f"{name}.kv_groups", hkv, terms=tuple(terms), conjugates=conj, modules=modules
