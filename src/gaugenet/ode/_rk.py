@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .._errors import GaugeError
+from ._rk_stages import BufferedStage, TrackedStage
 from ._wilson_checks import check_field
 
 __all__ = ["RK8", "rk_lines"]
@@ -72,6 +73,25 @@ def _tableau(
     return nodes, rows, errors
 
 
+def _largest_error(terms: Tensor, tiny: float) -> float:
+    """Hairer's local error `|E5 K|² / sqrt(|E5 K|² + 0.01 |E3 K|²)` relative to the line's
+    largest entry, the largest over lines, from `terms = (|E5 K|, |E3 K|, max|Y|)` of shape
+    `(3, lines)` (in Python for few lines: one host transfer instead of a chain of kernels)."""
+    if terms.shape[1] == 0:
+        return 0.0
+    if terms.shape[1] <= 16:
+        values = [
+            e5 * e5 / max(math.sqrt(e5 * e5 + 0.01 * e3 * e3), tiny) / max(s, tiny)
+            for e5, e3, s in zip(*terms.tolist())
+        ]
+        # (Python's max passes over a NaN that is not first: a non-finite line is reported.)
+        return max(values) if all(map(math.isfinite, values)) else math.nan
+    e5, e3, size = terms.unbind(0)
+    s5 = e5 * e5
+    den = torch.addcmul(s5, e3, e3, value=0.01).sqrt_().clamp_min_(tiny)
+    return float(s5.div_(den).div_(size.clamp_min(tiny)).amax())
+
+
 def rk_lines(
     w: MatrixField,
     t1: Tensor,
@@ -87,8 +107,10 @@ def rk_lines(
     budget is spent).
     Returns the lines `(B, ..., d, d)` and the summed local error estimate.
 
-    The field is evaluated once per step, at all stage times of the batch; the stages live
-    in one buffer (without autograd) so that each stage is one combination and one product.
+    The field is evaluated once per step, at all stage times of the batch. Without autograd
+    the stages, the stage inputs and the lines live in buffers made once (`_Buffers`): each
+    stage is one combination and one product written in place, and an accepted step swaps
+    two buffers instead of copying.
     """
     nodes, rows, errors = _tableau(t0.dtype, t0.device)
     B, L = t0.shape[0], t1 - t0
@@ -102,18 +124,14 @@ def rk_lines(
     if common is None:
         K0 = K0 * Ls  # the first stage at Y = 1 is the (scaled) field: no product
     unit = 1.0 if common is None else abs(common)  # stage values times unit: per unit σ
-    shape, flat = K0.shape, K0.numel()
-    eye = torch.eye(shape[-1], dtype=K0.dtype, device=K0.device)
-    Y = eye.expand(shape).reshape(1, flat)
+    shape = K0.shape
     track = torch.is_grad_enabled() and K0.requires_grad
     tiny = torch.finfo(K0.dtype).tiny
-    scale = float(K0.detach().abs().amax()) * unit if flat else 0.0
+    scale = float(K0.detach().abs().amax()) * unit if K0.numel() else 0.0
     # A first step from the field's size (8th order: error ~ (h |w|)^9, aimed at rtol).
     h = min(1.0, 0.5 * rtol ** (1.0 / 9.0) / max(scale, 1e-12)) if steps is None else 1 / steps
+    step = TrackedStage(K0, rows) if track else BufferedStage(K0, rows)
     sigma, total, taken = 0.0, 0.0, 0
-    stages = len(rows) + 1
-    Kbuf: Tensor | None = None
-    Kviews: list[Tensor] = []  # the stages of Kbuf as (B, ..., d, d) views, made once
     while sigma < 1.0:
         check(taken, sigma)
         if steps is None:
@@ -123,7 +141,7 @@ def rk_lines(
         else:
             sigma = taken / steps
         times = (t0 + sigma * L)[None, :] + (nodes * h)[:, None] * L[None, :]
-        if len(nodes) * flat <= _ONE_CALL:
+        if len(nodes) * K0.numel() <= _ONE_CALL:
             # The field at every stage time of the step, in one call: (12, B, ..., d, d).
             F = w(times.reshape(-1))
             check_field(F, times.numel())
@@ -137,29 +155,11 @@ def rk_lines(
                 return A if common is not None else A * Ls
 
             F = _Lazy(stage)
-        if track:
-            K = [K0.reshape(flat)]
-        else:  # one buffer for all steps: fresh memory would cost page faults every step
-            if Kbuf is None:
-                Kbuf = torch.empty(stages, flat, dtype=K0.dtype, device=K0.device)
-                Kviews = [k.view(shape) for k in Kbuf]
-            Kviews[0].copy_(K0)
-        for i, row in enumerate(rows):
-            stack = torch.stack(K) if track else Kbuf[: i + 1]
-            Ys = torch.addmm(Y, row, stack, alpha=h if common is None else h * common)
-            Ys = Ys.reshape(shape)
-            if i + 1 == len(rows):
-                Ynew = Ys
-            if track:
-                K.append((F[i] @ Ys).reshape(flat))
-            else:
-                torch.matmul(F[i], Ys, out=Kviews[i + 1])
-        Kall = torch.stack(K) if track else Kbuf
+        step.stages(F, h if common is None else h * common)
         with torch.no_grad():
-            err = (errors @ Kall).reshape(2, *shape).abs().flatten(2).amax(2) * unit
-            size = Ynew.detach().abs().flatten(1).amax(1).clamp_min(tiny)
-            den = (err[0].square() + 0.01 * err[1].square()).sqrt().clamp_min(tiny)
-            local = float((h * err[0].square() / den / size).amax())
+            # Hairer's error: per line, |E5 K|² / sqrt(|E5 K|² + 0.01 |E3 K|²) relative to
+            # the largest entry of the new line (one host sync per step).
+            local = h * unit * _largest_error(step.error_terms(errors), tiny)
         if not math.isfinite(local):
             raise GaugeError(
                 f"wilson_line: the Runge-Kutta stages are not finite at σ = {sigma:.3g} of "
@@ -168,10 +168,10 @@ def rk_lines(
         taken += 1
         ratio = local / (rtol * h) if steps is None else 0.0
         if ratio <= 1.0:
-            Y, sigma, total = Ynew.reshape(1, flat), sigma + h, total + local
-            K0 = Kall[-1].reshape(shape).clone() if not track else K[-1].reshape(shape)
+            step.accept()
+            sigma, total = sigma + h, total + local
         if steps is not None:
             continue
         factor = 10.0 if ratio == 0.0 else min(10.0, max(0.2, 0.9 * ratio ** (-1.0 / 8.0)))
         h = h * (min(1.0, factor) if ratio > 1.0 else factor)
-    return Y.reshape(shape), total
+    return step.line(), total
