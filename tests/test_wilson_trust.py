@@ -156,11 +156,11 @@ def test_rk8_gradients(gen):
 
 
 def test_rk8_cuts_a_long_interval_into_pieces(gen):
-    from gaugenet.ode._wilson import _rk_pieces
+    from gaugenet.ode._rk_wilson import rk_pieces
 
     w = field(5, gen, scale=3.0)
     one, zero = torch.ones(1, dtype=F64), torch.zeros(1, dtype=F64)
-    assert _rk_pieces(w(zero), one, 1e-10, room=100) > 1  # the path below is the cut one
+    assert rk_pieces(w(zero), one, 1e-10, room=100) > 1  # the path below is the cut one
     W, estimate = wilson_line(w, 1.0, 0.0, rtol=1e-10, method=RK8(), return_error=True)
     ref = wilson_line(w, 1.0, 0.0, steps=400)
     assert estimate <= 1e-10 and rel(W, ref) < 1e-9
