@@ -156,11 +156,16 @@ def test_rk8_gradients(gen):
 
 
 def test_rk8_cuts_a_long_interval_into_pieces(gen):
-    from gaugenet.ode._rk_wilson import rk_pieces
+    from gaugenet.ode._rk_wilson import PIECES_MAX_DIM, rk_pieces
 
     w = field(5, gen, scale=3.0)
     one, zero = torch.ones(1, dtype=F64), torch.zeros(1, dtype=F64)
     assert rk_pieces(w(zero), one, 1e-10, room=100) > 1  # the path below is the cut one
+    # From d = PIECES_MAX_DIM on the products dominate: one sequence of steps, no pieces.
+    big = field(PIECES_MAX_DIM, gen, scale=3.0)
+    assert rk_pieces(big(zero), one, 1e-10, room=100) == 1
+    Wb, est_b = wilson_line(big, 1.0, 0.0, rtol=1e-10, method=RK8(), return_error=True)
+    assert est_b <= 1e-10 and rel(Wb, wilson_line(big, 1.0, 0.0, steps=200)) < 1e-9
     W, estimate = wilson_line(w, 1.0, 0.0, rtol=1e-10, method=RK8(), return_error=True)
     ref = wilson_line(w, 1.0, 0.0, steps=400)
     assert estimate <= 1e-10 and rel(W, ref) < 1e-9

@@ -1,9 +1,12 @@
 """Wilson lines by the batched RK8 propagator: chunks of intervals, and pieces of long ones.
 
 Large batches are taken in chunks whose stages fit in cache (about 27 `d × d` tensors per
-line): one pass over a large batch would stream every stage through memory. A few long
-intervals are each cut into pieces integrated side by side (fewer sequential stages,
-batched products).
+line): one pass over a large batch would stream every stage through memory. Below
+`PIECES_MAX_DIM` a few long intervals are each cut into pieces integrated side by side, which
+trades a few more products for fewer sequential kernels where a kernel's dispatch costs more
+than its arithmetic; from that size on the products dominate and each interval is integrated
+in one sequence of steps (pieces would take more steps in all: each starts with its own
+first step, to a tolerance divided among them).
 """
 
 from __future__ import annotations
@@ -18,18 +21,23 @@ from .._errors import GaugeError
 from ._products import ordered_product
 from ._rk import rk_lines
 
-__all__ = ["RK_CHUNK_BYTES", "rk_pieces", "rk_wilson"]
+__all__ = ["PIECES_MAX_DIM", "RK_CHUNK_BYTES", "rk_pieces", "rk_wilson"]
 
 MatrixField = Callable[[Tensor], Tensor]
 
 #: RK8 takes the intervals in chunks of about this many bytes of stages
 RK_CHUNK_BYTES = 2**25
+#: long intervals are cut into pieces integrated side by side only below this dimension
+PIECES_MAX_DIM = 64
 
 
 def rk_pieces(A0: Tensor, lengths: Tensor, rtol: float, room: int) -> int:
     """Pieces per interval for RK8: about a third of the steps RK8's first step predicts
     (error `~ (h ν)^9` at `rtol`, `ν` the field's largest entry times the interval's
-    length), at most 8 and at most `room` (the chunk's intervals per line)."""
+    length), at most 8 and at most `room` (the chunk's intervals per line); one from
+    `d = PIECES_MAX_DIM` on."""
+    if A0.shape[-1] >= PIECES_MAX_DIM:
+        return 1
     with torch.no_grad():
         size = A0.detach().abs().flatten(1).amax(1) * lengths.abs()
         nu = float(size.max()) if size.numel() else 0.0
