@@ -99,23 +99,25 @@ def rk_lines(
     rtol: float,
     check: Callable[[int, float], None],
     steps: int | None = None,
+    K0: Tensor | None = None,
 ) -> tuple[Tensor, float]:
     """Wilson lines over the flat intervals `t0 -> t1` (shape `(B,)`) to relative local
     accuracy `rtol` per unit of normalized time, or with `steps` equal steps (every step
     accepted: the fixed-step method whose order the tests fit). `check(n, σ)` is called
     before every step with the steps tried so far and the time reached (it raises when the
-    budget is spent).
+    budget is spent). `K0`: `w(t0)` when the caller has it already.
     Returns the lines `(B, ..., d, d)` and the summed local error estimate.
 
     The field is evaluated once per step, at all stage times of the batch. Without autograd
-    the stages, the stage inputs and the lines live in buffers made once (`_Buffers`): each
-    stage is one combination and one product written in place, and an accepted step swaps
-    two buffers instead of copying.
+    the stages, the stage inputs and the lines live in buffers made once (`BufferedStage`):
+    each stage is one combination and one product written in place, and an accepted step
+    swaps two buffers instead of copying.
     """
     nodes, rows, errors = _tableau(t0.dtype, t0.device)
     B, L = t0.shape[0], t1 - t0
-    K0 = w(t0)
-    check_field(K0, B)
+    if K0 is None:
+        K0 = w(t0)
+        check_field(K0, B)
     lshape = (-1, *([1] * (K0.dim() - 1)))
     # Intervals of one common length (one interval, its pieces, a regular grid) carry the
     # length as a number in the stage combinations instead of scaling every field value.
@@ -140,13 +142,13 @@ def rk_lines(
             break
         else:
             sigma = taken / steps
-        times = (t0 + sigma * L)[None, :] + (nodes * h)[:, None] * L[None, :]
+        times = torch.addcmul(t0, (nodes * h).add_(sigma)[:, None], L)  # (stages, B)
         if len(nodes) * K0.numel() <= _ONE_CALL:
             # The field at every stage time of the step, in one call: (12, B, ..., d, d).
             F = w(times.reshape(-1))
             check_field(F, times.numel())
             F = F.reshape(len(nodes), *shape)
-            F = (F if common is not None else F * Ls).unbind(0)
+            F = step.unbind(F if common is not None else F * Ls)
         else:  # large: one stage at a time, so that the field's values stay in cache
 
             def stage(i: int, times: Tensor = times) -> Tensor:

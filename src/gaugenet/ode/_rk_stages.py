@@ -31,47 +31,57 @@ class BufferedStage:
         dtype, device = K0.dtype, K0.device
         self.K = torch.empty(len(rows) + 1, flat, dtype=dtype, device=device)
         self.K[0].copy_(K0.reshape(flat))
-        eye = torch.eye(d, dtype=dtype, device=device)
-        self.Y = eye.expand(self.shape).reshape(1, flat).clone()
         self.Ys = torch.empty(1, flat, dtype=dtype, device=device)
-        self.Ynew = torch.empty(1, flat, dtype=dtype, device=device)
-        self.E = torch.empty(2, flat, dtype=dtype, device=device)
+        # Two `(3, flat)` buffers: the two error combinations and, in the last row, a line
+        # (the new one in `_now`, the current one in `_then`), so that one reduction gives
+        # every error term of a step. Taking the step swaps them.
+        self._now = torch.empty(3, flat, dtype=dtype, device=device)
+        self._then = torch.empty(3, flat, dtype=dtype, device=device)
+        eye = torch.eye(d, dtype=dtype, device=device)
+        self._then[2].copy_(eye.expand(self.shape).reshape(flat))
+        self.Y, self.Ynew = self._then[2:], self._now[2:]
         self._single = self.mats == 1
         self._mat = (d, d) if self._single else self.shape
-        self._Km = [k.view(self._mat) for k in self.K]
+        # Views made once: every stage is then two kernels (a combination, a product).
+        self._Km = self.K.view(len(rows) + 1, *self._mat).unbind(0)
+        self._Kpre = [self.K[: i + 1] for i in range(len(rows))]
         self._Ysm = self.Ys.view(self._mat)
         self._mul = torch.mm if self._single else torch.matmul
+
+    def unbind(self, F: Tensor) -> Sequence[Tensor]:
+        """The field values at the stage times, `(stages, B, ..., d, d)`, as one factor per
+        stage in the shape the products take."""
+        return F.reshape(F.shape[0], *self._mat).unbind(0)
 
     def stages(self, F: Sequence[Tensor], a: float) -> None:
         """All stages of a step of length `a` (in the field's time) from the field values
         `F[i]` at the stage times; the new line goes to `Ynew`, the last stage (the field
         at the step's end times the new line) to `K[-1]`."""
-        K, Y, rows, Km, mul = self.K, self.Y, self.rows, self._Km, self._mul
+        Y, rows, Kpre, Km, mul = self.Y, self.rows, self._Kpre, self._Km, self._mul
         n, mat = len(rows), self._mat
-        for i in range(n - 1):
-            torch.addmm(Y, rows[i], K[: i + 1], alpha=a, out=self.Ys)
-            mul(F[i].reshape(mat) if self._single else F[i], self._Ysm, out=Km[i + 1])
-        torch.addmm(Y, rows[-1], K[:n], alpha=a, out=self.Ynew)
-        Fn = F[n - 1].reshape(mat) if self._single else F[n - 1]
-        mul(Fn, self.Ynew.view(mat), out=Km[n])
+        for i in range(n):
+            out, out_m = (self.Ys, self._Ysm) if i + 1 < n else (self.Ynew, None)
+            torch.addmm(Y, rows[i], Kpre[i], alpha=a, out=out)
+            Fi = F[i]
+            if Fi.dim() != len(mat):  # (a factor computed on access, `_Lazy`)
+                Fi = Fi.reshape(mat)
+            mul(Fi, out.view(mat) if out_m is None else out_m, out=Km[i + 1])
 
     def error_terms(self, errors: Tensor) -> Tensor:
         """`(3, lines)`: the largest entries of the two error combinations `errors @ K`
         (`(2, stages)` weights) and of the new line, per `d × d` line."""
-        torch.mm(errors, self.K, out=self.E)
-        lines = max(self.mats, 1)
-        err = self.E.view(2, lines, -1).abs().amax(2)
-        size = self.Ynew.view(lines, -1).abs().amax(1)
-        return torch.cat([err, size[None]])
+        torch.mm(errors, self.K, out=self._now[:2])
+        return self._now.view(3, max(self.mats, 1), -1).abs().amax(2)
 
     def accept(self) -> None:
         """Take the step: the new line becomes the line (buffers swap), the last stage the
         next step's first."""
-        self.Y, self.Ynew = self.Ynew, self.Y
+        self._now, self._then = self._then, self._now
+        self.Y, self.Ynew = self._then[2:], self._now[2:]
         self.K[0].copy_(self.K[-1])
 
     def line(self) -> Tensor:
-        return self.Y.view(self.shape)
+        return self.Y.reshape(self.shape).clone()  # (not a view that keeps the buffers)
 
 
 class TrackedStage:
@@ -84,6 +94,9 @@ class TrackedStage:
         eye = torch.eye(d, dtype=K0.dtype, device=K0.device)
         self.Y = eye.expand(self.shape).reshape(1, flat)
         self.K0, self.K, self.Ynew = K0, [], self.Y
+
+    def unbind(self, F: Tensor) -> Sequence[Tensor]:
+        return F.unbind(0)
 
     def stages(self, F: Sequence[Tensor], a: float) -> None:
         flat = self.Y.shape[-1]

@@ -81,7 +81,9 @@ def rk_wilson(
         Wp = Wp.reshape(B, pieces, *Wp.shape[1:]).movedim(1, -3)
         return ordered_product(Wp), err * pieces
     parts = [
-        rk_lines(w, t1[i : i + chunk], t0[i : i + chunk], rtol or 1.0, budget, steps)
+        rk_lines(
+            w, t1[i : i + chunk], t0[i : i + chunk], rtol or 1.0, budget, steps, A0[i : i + chunk]
+        )
         for i in range(0, B, chunk)
     ]
     W = parts[0][0] if len(parts) == 1 else torch.cat([p[0] for p in parts])
