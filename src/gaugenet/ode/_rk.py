@@ -137,7 +137,9 @@ def rk_lines(
     while sigma < 1.0:
         check(taken, sigma)
         if steps is None:
-            h = min(h, 1.0 - sigma)
+            # The rest of the interval in equal steps of at most h: no short last step.
+            rest = 1.0 - sigma
+            h = rest / max(1, math.ceil(rest / h - 1e-9))
         elif taken == steps:
             break
         else:
