@@ -172,3 +172,19 @@ def test_rk8_cuts_a_long_interval_into_pieces(gen):
     # Negative: the pieces in the wrong order are not the line.
     half = wilson_line(w, torch.tensor([0.5, 1.0]), torch.tensor([0.0, 0.5]), steps=200)
     assert rel(half[0] @ half[1], ref) > 1e-3
+
+
+@pytest.mark.parametrize("lines", [3, 40])  # the host reduction and the batched one
+def test_rk8_local_error_reduction(lines, gen):
+    from gaugenet.ode._rk import _largest_error
+
+    tiny = torch.finfo(F64).tiny
+    terms = torch.rand(3, lines, dtype=F64, generator=gen) + 0.1
+    e5, e3, size = terms
+    expected = float((e5**2 / (e5**2 + 0.01 * e3**2).sqrt() / size).max())
+    assert _largest_error(terms, tiny) == pytest.approx(expected, rel=1e-14)
+    # Negative: a non-finite line anywhere (not only first) is reported, never skipped.
+    for bad in (math.nan, math.inf):
+        poisoned_terms = terms.clone()
+        poisoned_terms[0, -1] = bad
+        assert not math.isfinite(_largest_error(poisoned_terms, tiny))
