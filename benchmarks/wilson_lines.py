@@ -29,8 +29,9 @@ the time of one product measured inside a batched product; anything else it spen
 (elementwise kernels, the field, Python) only adds to it.
 
 Run: `.venv/bin/python benchmarks/wilson_lines.py [--quick] [--dims 16 64 256]
-[--threads 1] [--out table.md]`. `--quick` (a couple of minutes): d = 16, 64, three
-repeats, fewer tolerances.
+[--threads 1] [--kinds single batched] [--methods DOP853 ...] [--out table.md]`.
+`--quick` (a couple of minutes): d = 16, 64, three repeats, fewer tolerances. `--methods`:
+only these peers beside `wilson_line` (the table then compares with them alone).
 """
 
 from __future__ import annotations
@@ -216,13 +217,18 @@ def timed(fn: Callable[[], object], once: float) -> float:
     return (clock() - start) / k
 
 
-def sweep(d: int, batched: bool, repeats: int, quick: bool, cap: float):
+def sweep(
+    d: int, batched: bool, repeats: int, quick: bool, cap: float, only: list[str] | None = None
+):
     """`{method: [(tol, error, seconds)]}`: round-robin repeats, median times; a method's
-    tighter tolerances are skipped once one of its runs takes longer than `cap` seconds."""
+    tighter tolerances are skipped once one of its runs takes longer than `cap` seconds.
+    `only`: the methods to run (default all; `wilson_line` always)."""
     A, w = field(d)
     ref = reference(w, d, batched)
     scale = np.abs(ref).max(axis=(-2, -1))
     fns = solvers(d, batched, w, A)
+    if only:
+        fns = {n: f for n, f in fns.items() if n == "wilson_line" or n in only}
     results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in fns}
     for name, fn in fns.items():
         for tol in tolerances(name, quick):
@@ -280,6 +286,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="d = 16, 64, fewer tolerances")
     parser.add_argument("--kinds", nargs="+", default=["single", "batched"])
     parser.add_argument("--out", type=str, default=None, help="write the markdown tables here")
+    parser.add_argument(
+        "--methods", nargs="+", default=None, choices=METHODS[1:], help="peers to run (all)"
+    )
     args = parser.parse_args()
     dims = args.dims or ([16, 64] if args.quick else [16, 64, 256])
     repeats = args.repeats or (3 if args.quick else 5)
@@ -296,7 +305,7 @@ def main() -> None:
     verdicts = []
     for batched in [kind == "batched" for kind in args.kinds]:
         for d in dims:
-            results, _, w = sweep(d, batched, repeats, args.quick, args.cap)
+            results, _, w = sweep(d, batched, repeats, args.quick, args.cap, args.methods)
             product = product_seconds(d, repeats)
             kind = f"batched N = {N_BATCH}" if batched else "single"
             names = [n for n in METHODS if n in results]

@@ -10,7 +10,17 @@ import pytest
 import torch
 
 from gaugenet import GaugeError
-from gaugenet.ode import RK8, Magnus4, Magnus6, _wilson, wilson_line
+from gaugenet.ode import (
+    RK8,
+    Magnus4,
+    Magnus6,
+    _magnus_search,
+    _magnus_steps,
+    _method_choice,
+    _one_step,
+    _wilson,
+    wilson_line,
+)
 from wilson_fields import field, rel
 
 F64 = torch.float64
@@ -25,13 +35,15 @@ def count_refinements(monkeypatch) -> list[int]:
     """Step counts of the refinement solves `wilson_line` makes (the one-step check is not
     one of them)."""
     calls: list[int] = []
-    plain = _wilson._fixed_steps
+    plain = _magnus_steps.fixed_steps
 
     def spy(w, t1, t0, n, *args, **kwargs):
         calls.append(n)
         return plain(w, t1, t0, n, *args, **kwargs)
 
-    monkeypatch.setattr(_wilson, "_fixed_steps", spy)
+    # Every module that solves with fixed steps looks the function up by this name.
+    monkeypatch.setattr(_magnus_steps, "fixed_steps", spy)
+    monkeypatch.setattr(_wilson, "fixed_steps", spy)
     return calls
 
 
@@ -55,8 +67,8 @@ def test_embedded_check_refuses_a_tolerance_below_its_bound(gen, monkeypatch):
     # (the one step reused as its coarse result) and still meets the tolerance.
     w = field(6, gen)
     t1, t0 = short_intervals()
-    _, bound = _wilson._one_step_checked(w, t1, t0, Magnus6(), 1e-16)
-    rtol = _wilson.one_step_estimate(bound, 6, 4) / 100
+    _, bound = _one_step.one_step_checked(w, t1, t0, Magnus6(), 1e-16)
+    rtol = _one_step.one_step_estimate(bound, 6, 4) / 100
     calls = count_refinements(monkeypatch)
     W, estimate = wilson_line(w, t1, t0, rtol=rtol, return_error=True)
     assert calls and calls[0] == 2
@@ -67,8 +79,8 @@ def test_embedded_check_refuses_a_tolerance_below_its_bound(gen, monkeypatch):
 def embedded_exponents(w, t1, t0, method=None):
     """One step's `Ω` and the embedded exponent `Ω_e` per interval: `(B, d, d)` each."""
     method = method or Magnus6()
-    A = _wilson._node_values(w, t1, t0, 1, method)[:, 0]
-    Ae = _wilson._node_values(w, t1, t0, 1, method.embedded)[:, 0]
+    A = _magnus_steps.node_values(w, t1, t0, 1, method)[:, 0]
+    Ae = _magnus_steps.node_values(w, t1, t0, 1, method.embedded)[:, 0]
     omega, gap = method.omega_and_gap(A, Ae, (t1 - t0)[:, None, None])
     return omega, omega - gap
 
@@ -76,7 +88,7 @@ def embedded_exponents(w, t1, t0, method=None):
 def test_embedded_bound_covers_the_exponentiated_gap(gen):
     w = field(5, gen)
     t1, t0 = short_intervals(8)
-    W, bound = _wilson._one_step_checked(w, t1, t0, Magnus6(), 1e-16)
+    W, bound = _one_step.one_step_checked(w, t1, t0, Magnus6(), 1e-16)
     omega, other = embedded_exponents(w, t1, t0)
     We = torch.linalg.matrix_exp(other)
     gap = float(((W - We).abs().amax((-2, -1)) / W.abs().amax((-2, -1))).max())
@@ -114,18 +126,18 @@ def test_one_step_estimate_covers_the_step(scale, length, gen):
     # error (the step is trusted to rtol) but not by orders of magnitude (not vacuous).
     w = field(6, gen, scale)
     t0 = torch.arange(8, dtype=F64) * length
-    W, bound = _wilson._one_step_checked(w, t0 + length, t0, Magnus6(), 1e-16)
+    W, bound = _one_step.one_step_checked(w, t0 + length, t0, Magnus6(), 1e-16)
     error = rel(W, wilson_line(w, t0 + length, t0, steps=64))
-    estimate = _wilson.one_step_estimate(bound, 6, 4)
+    estimate = _one_step.one_step_estimate(bound, 6, 4)
     assert error < estimate < 3e3 * max(error, 1e-14)
     # Negative: the gap bound itself is far above Magnus6's error (Magnus4's own error).
     assert bound > 30 * error
 
 
 def test_one_step_estimate_outside_the_asymptotic_range():
-    assert _wilson.one_step_estimate(1e-2, 6, 4) == 1e-2  # the gap itself
-    assert _wilson.one_step_estimate(math.inf, 6, 4) == math.inf
-    assert _wilson.one_step_estimate(1e-9, 6, 4) < 1e-11  # powers of a small gap
+    assert _one_step.one_step_estimate(1e-2, 6, 4) == 1e-2  # the gap itself
+    assert _one_step.one_step_estimate(math.inf, 6, 4) == math.inf
+    assert _one_step.one_step_estimate(1e-9, 6, 4) < 1e-11  # powers of a small gap
 
 
 def test_embedded_bound_sees_quadrature_error_of_commuting_fields(gen):
@@ -138,13 +150,13 @@ def test_embedded_bound_sees_quadrature_error_of_commuting_fields(gen):
     def wave(t):
         return torch.exp(3 * t)[:, None, None] * A
 
-    _, bound = _wilson._one_step_checked(wave, t1, t0, Magnus6(), 1e-16)
+    _, bound = _one_step.one_step_checked(wave, t1, t0, Magnus6(), 1e-16)
     assert bound > 1e-6
 
     def const(t):
         return A.expand(t.shape[0], 4, 4)
 
-    _, bound = _wilson._one_step_checked(const, t1, t0, Magnus6(), 1e-16)
+    _, bound = _one_step.one_step_checked(const, t1, t0, Magnus6(), 1e-16)
     assert bound < 1e-13
 
 
@@ -152,7 +164,7 @@ def test_no_embedded_method_raises(gen):
     w = field(3, gen)
     t1, t0 = short_intervals(4)
     with pytest.raises(GaugeError, match="embedded"):
-        _wilson._one_step_checked(w, t1, t0, Magnus4(), 1e-12)
+        _one_step.one_step_checked(w, t1, t0, Magnus4(), 1e-12)
 
 
 def test_chunks_give_the_same_lines(gen, monkeypatch):
@@ -160,7 +172,7 @@ def test_chunks_give_the_same_lines(gen, monkeypatch):
     t1 = torch.tensor([0.3, 1.0, 0.0, 2.0, -0.5], dtype=F64)
     t0 = torch.tensor([0.0, 0.2, 1.0, 1.5, 0.5], dtype=F64)
     whole = wilson_line(w, t1, t0, rtol=1e-10)
-    monkeypatch.setattr(_wilson, "MAGNUS_CHUNK_BYTES", 1)  # one interval per chunk
+    monkeypatch.setattr(_magnus_steps, "MAGNUS_CHUNK_BYTES", 1)  # one interval per chunk
     chunked = wilson_line(w, t1, t0, rtol=1e-10)
     assert rel(chunked, whole) < 1e-13
     # Negative: chunks put back in another order would be other intervals' lines.
@@ -168,10 +180,10 @@ def test_chunks_give_the_same_lines(gen, monkeypatch):
 
 
 def test_default_method_by_dimension_and_interval(gen):
-    assert isinstance(_wilson.choose_method(16, None, 4), Magnus6)
-    assert isinstance(_wilson.choose_method(128, None, 4), RK8)
-    assert isinstance(_wilson.choose_method(128, None, 1), Magnus6)  # one step suffices
-    assert isinstance(_wilson.choose_method(128, 8, 8), Magnus6)  # fixed steps
+    assert isinstance(_method_choice.choose_method(16, None, 4), Magnus6)
+    assert isinstance(_method_choice.choose_method(128, None, 4), RK8)
+    assert isinstance(_method_choice.choose_method(128, None, 1), Magnus6)  # one step suffices
+    assert isinstance(_method_choice.choose_method(128, 8, 8), Magnus6)  # fixed steps
     # In use: a long interval at d = 64 takes RK8 (group laws to the tolerance only), short
     # ones take Magnus6 (inverse to rounding).
     w = field(64, gen)
@@ -232,7 +244,7 @@ def test_first_pair_predicted_from_the_field_within_the_budget(gen, monkeypatch)
     ref = wilson_line(w, 1.0, 0.0, steps=600)
     calls = count_refinements(monkeypatch)
     W, estimate = wilson_line(w, 1.0, 0.0, rtol=1e-10, return_error=True)
-    assert 4 < calls[0] <= _wilson.FIRST_STEPS_CAP
+    assert 4 < calls[0] <= _magnus_search.FIRST_STEPS_CAP
     assert estimate <= 1e-10 and rel(W, ref) < 3e-10
     # Negative: a budget below the predicted pair shrinks the pair to fit, and the spent
     # budget is reported.

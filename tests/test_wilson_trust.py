@@ -156,14 +156,35 @@ def test_rk8_gradients(gen):
 
 
 def test_rk8_cuts_a_long_interval_into_pieces(gen):
-    from gaugenet.ode._wilson import _rk_pieces
+    from gaugenet.ode._rk_wilson import PIECES_MAX_DIM, rk_pieces
 
     w = field(5, gen, scale=3.0)
     one, zero = torch.ones(1, dtype=F64), torch.zeros(1, dtype=F64)
-    assert _rk_pieces(w(zero), one, 1e-10, room=100) > 1  # the path below is the cut one
+    assert rk_pieces(w(zero), one, 1e-10, room=100) > 1  # the path below is the cut one
+    # From d = PIECES_MAX_DIM on the products dominate: one sequence of steps, no pieces.
+    big = field(PIECES_MAX_DIM, gen, scale=3.0)
+    assert rk_pieces(big(zero), one, 1e-10, room=100) == 1
+    Wb, est_b = wilson_line(big, 1.0, 0.0, rtol=1e-10, method=RK8(), return_error=True)
+    assert est_b <= 1e-10 and rel(Wb, wilson_line(big, 1.0, 0.0, steps=200)) < 1e-9
     W, estimate = wilson_line(w, 1.0, 0.0, rtol=1e-10, method=RK8(), return_error=True)
     ref = wilson_line(w, 1.0, 0.0, steps=400)
     assert estimate <= 1e-10 and rel(W, ref) < 1e-9
     # Negative: the pieces in the wrong order are not the line.
     half = wilson_line(w, torch.tensor([0.5, 1.0]), torch.tensor([0.0, 0.5]), steps=200)
     assert rel(half[0] @ half[1], ref) > 1e-3
+
+
+@pytest.mark.parametrize("lines", [3, 40])  # the host reduction and the batched one
+def test_rk8_local_error_reduction(lines, gen):
+    from gaugenet.ode._rk import _largest_error
+
+    tiny = torch.finfo(F64).tiny
+    terms = torch.rand(3, lines, dtype=F64, generator=gen) + 0.1
+    e5, e3, size = terms
+    expected = float((e5**2 / (e5**2 + 0.01 * e3**2).sqrt() / size).max())
+    assert _largest_error(terms, tiny) == pytest.approx(expected, rel=1e-14)
+    # Negative: a non-finite line anywhere (not only first) is reported, never skipped.
+    for bad in (math.nan, math.inf):
+        poisoned_terms = terms.clone()
+        poisoned_terms[0, -1] = bad
+        assert not math.isfinite(_largest_error(poisoned_terms, tiny))

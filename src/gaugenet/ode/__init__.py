@@ -33,6 +33,9 @@ from ._lift import lift_equivalence as lift_equivalence
 from ._lift import lift_network as lift_network
 from ._lift import principal_log as principal_log
 from ._linear_node import LinearNODE as LinearNODE
+from ._magnus import Magnus4 as Magnus4
+from ._magnus import Magnus6 as Magnus6
+from ._magnus import MagnusMethod as MagnusMethod
 from ._neural_ode import MLPField as MLPField
 from ._neural_ode import NeuralODE as NeuralODE
 from ._node_regularizers import jacobian_frobenius_density as jacobian_frobenius_density
@@ -41,14 +44,11 @@ from ._node_regularizers import regularized_solve as regularized_solve
 from ._node_regularizers import total_derivative_density as total_derivative_density
 from ._parametrizations import Chebyshev as Chebyshev
 from ._parametrizations import PiecewiseConstant as PiecewiseConstant
+from ._products import ordered_product as ordered_product
+from ._products import prefix_products as prefix_products
 from ._regularizers import covariant_higgs_kinetic as covariant_higgs_kinetic
 from ._regularizers import gauge_fixing_regularizer as gauge_fixing_regularizer
 from ._regularizers import gauss_legendre as gauss_legendre
 from ._relating import relating_diffeo as relating_diffeo
 from ._rk import RK8 as RK8
-from ._wilson import Magnus4 as Magnus4
-from ._wilson import Magnus6 as Magnus6
-from ._wilson import MagnusMethod as MagnusMethod
-from ._wilson import ordered_product as ordered_product
-from ._wilson import prefix_products as prefix_products
 from ._wilson import wilson_line as wilson_line

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .._errors import GaugeError
+from ._rk_stages import BufferedStage, TrackedStage
 from ._wilson_checks import check_field
 
 __all__ = ["RK8", "rk_lines"]
@@ -72,6 +73,25 @@ def _tableau(
     return nodes, rows, errors
 
 
+def _largest_error(terms: Tensor, tiny: float) -> float:
+    """Hairer's local error `|E5 K|² / sqrt(|E5 K|² + 0.01 |E3 K|²)` relative to the line's
+    largest entry, the largest over lines, from `terms = (|E5 K|, |E3 K|, max|Y|)` of shape
+    `(3, lines)` (in Python for few lines: one host transfer instead of a chain of kernels)."""
+    if terms.shape[1] == 0:
+        return 0.0
+    if terms.shape[1] <= 16:
+        values = [
+            e5 * e5 / max(math.sqrt(e5 * e5 + 0.01 * e3 * e3), tiny) / max(s, tiny)
+            for e5, e3, s in zip(*terms.tolist())
+        ]
+        # (Python's max passes over a NaN that is not first: a non-finite line is reported.)
+        return max(values) if all(map(math.isfinite, values)) else math.nan
+    e5, e3, size = terms.unbind(0)
+    s5 = e5 * e5
+    den = torch.addcmul(s5, e3, e3, value=0.01).sqrt_().clamp_min_(tiny)
+    return float(s5.div_(den).div_(size.clamp_min(tiny)).amax())
+
+
 def rk_lines(
     w: MatrixField,
     t1: Tensor,
@@ -79,21 +99,25 @@ def rk_lines(
     rtol: float,
     check: Callable[[int, float], None],
     steps: int | None = None,
+    K0: Tensor | None = None,
 ) -> tuple[Tensor, float]:
     """Wilson lines over the flat intervals `t0 -> t1` (shape `(B,)`) to relative local
     accuracy `rtol` per unit of normalized time, or with `steps` equal steps (every step
     accepted: the fixed-step method whose order the tests fit). `check(n, σ)` is called
     before every step with the steps tried so far and the time reached (it raises when the
-    budget is spent).
+    budget is spent). `K0`: `w(t0)` when the caller has it already.
     Returns the lines `(B, ..., d, d)` and the summed local error estimate.
 
-    The field is evaluated once per step, at all stage times of the batch; the stages live
-    in one buffer (without autograd) so that each stage is one combination and one product.
+    The field is evaluated once per step, at all stage times of the batch. Without autograd
+    the stages, the stage inputs and the lines live in buffers made once (`BufferedStage`):
+    each stage is one combination and one product written in place, and an accepted step
+    swaps two buffers instead of copying.
     """
     nodes, rows, errors = _tableau(t0.dtype, t0.device)
     B, L = t0.shape[0], t1 - t0
-    K0 = w(t0)
-    check_field(K0, B)
+    if K0 is None:
+        K0 = w(t0)
+        check_field(K0, B)
     lshape = (-1, *([1] * (K0.dim() - 1)))
     # Intervals of one common length (one interval, its pieces, a regular grid) carry the
     # length as a number in the stage combinations instead of scaling every field value.
@@ -102,33 +126,31 @@ def rk_lines(
     if common is None:
         K0 = K0 * Ls  # the first stage at Y = 1 is the (scaled) field: no product
     unit = 1.0 if common is None else abs(common)  # stage values times unit: per unit σ
-    shape, flat = K0.shape, K0.numel()
-    eye = torch.eye(shape[-1], dtype=K0.dtype, device=K0.device)
-    Y = eye.expand(shape).reshape(1, flat)
+    shape = K0.shape
     track = torch.is_grad_enabled() and K0.requires_grad
     tiny = torch.finfo(K0.dtype).tiny
-    scale = float(K0.detach().abs().amax()) * unit if flat else 0.0
+    scale = float(K0.detach().abs().amax()) * unit if K0.numel() else 0.0
     # A first step from the field's size (8th order: error ~ (h |w|)^9, aimed at rtol).
     h = min(1.0, 0.5 * rtol ** (1.0 / 9.0) / max(scale, 1e-12)) if steps is None else 1 / steps
+    step = TrackedStage(K0, rows) if track else BufferedStage(K0, rows)
     sigma, total, taken = 0.0, 0.0, 0
-    stages = len(rows) + 1
-    Kbuf: Tensor | None = None
-    Kviews: list[Tensor] = []  # the stages of Kbuf as (B, ..., d, d) views, made once
     while sigma < 1.0:
         check(taken, sigma)
         if steps is None:
-            h = min(h, 1.0 - sigma)
+            # The rest of the interval in equal steps of at most h: no short last step.
+            rest = 1.0 - sigma
+            h = rest / max(1, math.ceil(rest / h - 1e-9))
         elif taken == steps:
             break
         else:
             sigma = taken / steps
-        times = (t0 + sigma * L)[None, :] + (nodes * h)[:, None] * L[None, :]
-        if len(nodes) * flat <= _ONE_CALL:
+        times = torch.addcmul(t0, (nodes * h).add_(sigma)[:, None], L)  # (stages, B)
+        if len(nodes) * K0.numel() <= _ONE_CALL:
             # The field at every stage time of the step, in one call: (12, B, ..., d, d).
             F = w(times.reshape(-1))
             check_field(F, times.numel())
             F = F.reshape(len(nodes), *shape)
-            F = (F if common is not None else F * Ls).unbind(0)
+            F = step.unbind(F if common is not None else F * Ls)
         else:  # large: one stage at a time, so that the field's values stay in cache
 
             def stage(i: int, times: Tensor = times) -> Tensor:
@@ -137,29 +159,11 @@ def rk_lines(
                 return A if common is not None else A * Ls
 
             F = _Lazy(stage)
-        if track:
-            K = [K0.reshape(flat)]
-        else:  # one buffer for all steps: fresh memory would cost page faults every step
-            if Kbuf is None:
-                Kbuf = torch.empty(stages, flat, dtype=K0.dtype, device=K0.device)
-                Kviews = [k.view(shape) for k in Kbuf]
-            Kviews[0].copy_(K0)
-        for i, row in enumerate(rows):
-            stack = torch.stack(K) if track else Kbuf[: i + 1]
-            Ys = torch.addmm(Y, row, stack, alpha=h if common is None else h * common)
-            Ys = Ys.reshape(shape)
-            if i + 1 == len(rows):
-                Ynew = Ys
-            if track:
-                K.append((F[i] @ Ys).reshape(flat))
-            else:
-                torch.matmul(F[i], Ys, out=Kviews[i + 1])
-        Kall = torch.stack(K) if track else Kbuf
+        step.stages(F, h if common is None else h * common)
         with torch.no_grad():
-            err = (errors @ Kall).reshape(2, *shape).abs().flatten(2).amax(2) * unit
-            size = Ynew.detach().abs().flatten(1).amax(1).clamp_min(tiny)
-            den = (err[0].square() + 0.01 * err[1].square()).sqrt().clamp_min(tiny)
-            local = float((h * err[0].square() / den / size).amax())
+            # Hairer's error: per line, |E5 K|² / sqrt(|E5 K|² + 0.01 |E3 K|²) relative to
+            # the largest entry of the new line (one host sync per step).
+            local = h * unit * _largest_error(step.error_terms(errors), tiny)
         if not math.isfinite(local):
             raise GaugeError(
                 f"wilson_line: the Runge-Kutta stages are not finite at σ = {sigma:.3g} of "
@@ -168,10 +172,10 @@ def rk_lines(
         taken += 1
         ratio = local / (rtol * h) if steps is None else 0.0
         if ratio <= 1.0:
-            Y, sigma, total = Ynew.reshape(1, flat), sigma + h, total + local
-            K0 = Kall[-1].reshape(shape).clone() if not track else K[-1].reshape(shape)
+            step.accept()
+            sigma, total = sigma + h, total + local
         if steps is not None:
             continue
         factor = 10.0 if ratio == 0.0 else min(10.0, max(0.2, 0.9 * ratio ** (-1.0 / 8.0)))
         h = h * (min(1.0, factor) if ratio > 1.0 else factor)
-    return Y.reshape(shape), total
+    return step.line(), total
