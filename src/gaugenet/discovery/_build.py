@@ -9,6 +9,7 @@ from torch import nn
 
 from ..groups import Breaker, PermTerm, PermutationFactor, RescalingFactor, Scale
 from ._labels import FIXED, Labels, terms_of
+from ._monomials import monomial_factors
 from ._shifts import IntoBatchNorm, IntoLinears
 from ._tied import tied_rescalings
 
@@ -140,6 +141,8 @@ def _perm_factors(
         for sflat, roots_l, chans_l in linked:
             sel = (roots_l == R).nonzero().reshape(-1)
             for v, c in zip(sflat[sel].tolist(), chans_l[sel].tolist()):
+                if v in L.claimed:  # a monomial factor's: its conjugation is not derived
+                    ok = False
                 root = L.find(v)
                 if root == FIXED:
                     fixed_items.add(c)
@@ -208,6 +211,8 @@ def build_factors(L: Labels, model: nn.Module) -> tuple[list, list[Breaker]]:
         for name, _ in uses
     }
     extra = [f for f in L.extra if not tied & set(f.params())]
+    # classes linked by product and power equations (fixed afterwards), then the others
+    joint += monomial_factors(L)
     scale, where = _scale_factors(L, model)
     perms = _perm_factors(L, scale, where)
     shifts = [f for f in extra if f.kind == "translation" and isinstance(f.terms[0], _BIAS_SHIFTS)]

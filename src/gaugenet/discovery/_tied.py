@@ -18,14 +18,13 @@ term of the classes involved, writing a tied parameter once and copying it to it
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from ..groups import Scale, register_canonicalizer
+from ..groups import MonomialScaleFactor, Scale
 from ..groups._base import State
-from ..groups._translation import AdditiveFactor
 from ._labels import FIXED, Labels, terms_of
 
 __all__ = ["JointRescalingFactor", "tied_rescalings"]
@@ -43,63 +42,10 @@ class Alias:
 
 
 @dataclass(eq=False)
-class JointRescalingFactor(AdditiveFactor):
-    """`R^k`: rescalings `α = exp(B z)` of `m` scale classes constrained by weight ties.
-    Element: `z`, `(k,)`; `basis` is `B`, `(m, k)`. `terms` index `α` extended by a one
-    (index `m`: unscaled), as in `RescalingFactor`."""
-
-    basis: Tensor = field(default_factory=lambda: torch.zeros(0, 0), kw_only=True)
-    terms: tuple = field(default=(), kw_only=True)
-
-    def __post_init__(self) -> None:
-        self.kind = "rescaling"
-
-    @property
-    def dim(self) -> int:
-        return int(self.basis.shape[1])
-
-    def scales(self, z: Tensor) -> Tensor:
-        """`α = exp(B z)`, `(m,)`."""
-        return torch.exp(self.basis.to(z.dtype) @ z)
-
-    def _term_input(self, a: Tensor) -> Tensor:
-        alpha = self.scales(a)
-        return torch.cat([alpha, torch.ones(1, dtype=alpha.dtype, device=alpha.device)])
-
-    def params(self) -> tuple[str, ...]:
-        out: list[str] = []
-        for t in self.terms:
-            if isinstance(t, Scale):
-                out.append(t.param)
-            elif isinstance(t, Alias):
-                out += [t.source, t.alias]
-            else:
-                out += [t.weight, t.bias]
-        return tuple(dict.fromkeys(out))
-
-
-def _canonical(f: JointRescalingFactor, state: State) -> Tensor:
-    """The balanced gauge: `z` minimizing the squared norm of the scaled parameters (convex
-    in `z`), by Newton's method."""
-    scaled = [(state[t.param].double(), t.index, t.power) for t in f.terms if isinstance(t, Scale)]
-    m = f.basis.shape[0]
-
-    def cost(z: Tensor) -> Tensor:
-        alpha = torch.cat([torch.exp(f.basis.double() @ z), torch.ones(1, dtype=z.dtype)])
-        return sum(((p * alpha[i] ** q) ** 2).sum() for p, i, q in scaled if (i < m).any())
-
-    z = torch.zeros(f.dim, dtype=torch.float64)
-    for _ in range(50):
-        g = torch.func.grad(cost)(z)
-        H = torch.func.hessian(cost)(z)
-        step = torch.linalg.solve(H, g)
-        z = z - step
-        if float(step.abs().max()) < 1e-14 * max(1.0, float(z.abs().max())):
-            break
-    return z.to(next(iter(state.values())).dtype)
-
-
-register_canonicalizer(JointRescalingFactor, _canonical)
+class JointRescalingFactor(MonomialScaleFactor):
+    """`R^k`: rescalings `α = exp(B z)` of `m` scale classes constrained by weight ties
+    (a `MonomialScaleFactor`: element `z`, `(k,)`; `basis` `B`, `(m, k)`), writing a tied
+    parameter once and copying it to its aliases."""
 
 
 def _exponents(recs: list[tuple[Tensor, int]], shape: torch.Size, colmap: Tensor, m: int) -> Tensor:
