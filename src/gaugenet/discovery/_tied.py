@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from ..groups import MonomialScaleFactor, Scale
 from ..groups._base import State
 from ._labels import FIXED, Labels, terms_of
+from ._monomials import equations
 
 __all__ = ["JointRescalingFactor", "tied_rescalings"]
 
@@ -97,6 +98,8 @@ def tied_rescalings(L: Labels, model: nn.Module) -> list[JointRescalingFactor]:
             involved |= {int(v) for v in roots(rec[1]).unique() if int(v) != FIXED}
     if not involved:
         return []
+    # product and power equations (`_monomials.py`) reaching these classes join the system
+    eqs = _reaching(equations(L) if L.mono else [], involved)
     col = {r: k for k, r in enumerate(sorted(involved))}
     colmap = torch.full((len(L.parent),), -1, dtype=torch.long)
     for r, k in col.items():
@@ -112,6 +115,11 @@ def tied_rescalings(L: Labels, model: nn.Module) -> list[JointRescalingFactor]:
             recs = [(roots(rec[1]), rec[2]) for rec in L.scale_terms if rec[0] == name]
             per_use.append(_exponents(recs, shapes[name].shape, colmap, len(col)))
         rows += [torch.unique(u - per_use[0], dim=0) for u in per_use[1:]]
+    for row in eqs:
+        dense = torch.zeros(1, len(col), dtype=torch.float64)
+        for r, e in row.items():
+            dense[0, col[r]] = float(e)
+        rows.append(dense)
     A = torch.cat(rows)
     _, s, vh = torch.linalg.svd(A, full_matrices=True)
     rank = int((s > 1e-9 * max(1.0, float(s.max()) if s.numel() else 1.0)).sum())
@@ -128,4 +136,23 @@ def tied_rescalings(L: Labels, model: nn.Module) -> list[JointRescalingFactor]:
     scaled = [t.param for t in terms if isinstance(t, Scale)]
     modules = tuple(dict.fromkeys(p.rpartition(".")[0] for p in scaled))
     name = "scale:tied:" + "+".join(names[0] for names in ties)
+    # every class solved here is this factor's (the tied ones are fixed later by the ties)
+    L.claimed |= {i for i, r in enumerate(find.tolist()[:-1]) if r in col}
+    for r in col:
+        L.union(FIXED, r)
     return [JointRescalingFactor(name, basis=basis, terms=tuple(terms), modules=modules)]
+
+
+def _reaching(eqs: list[dict], involved: set[int]) -> list[dict]:
+    """The equations connected to the classes `involved` (which grows to every class they
+    reach)."""
+    out, rest, grown = [], list(eqs), True
+    while grown:
+        grown = False
+        for row in list(rest):
+            if involved & row.keys():
+                involved.update(row)
+                out.append(row)
+                rest.remove(row)
+                grown = True
+    return out
