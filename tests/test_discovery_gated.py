@@ -72,7 +72,9 @@ def test_reglu_rescales_both_factors_of_the_product() -> None:
     g = group.sample(torch.Generator().manual_seed(4))
     back = group.act(group.act(model, g), group.inverse(g))
     assert gaugenet.invariance_error(model, back, x) < 1e-12
-    assert max((back.state_dict()[k] - v).abs().max() for k, v in model.state_dict().items()) < 1e-12
+    assert (
+        max((back.state_dict()[k] - v).abs().max() for k, v in model.state_dict().items()) < 1e-12
+    )
 
 
 def test_reglu_wrong_exponents_change_the_outputs() -> None:
