@@ -161,3 +161,38 @@ def test_wrong_power_changes_the_outputs() -> None:
     with torch.no_grad():
         wrong.out.weight.div_(alpha)
     assert gaugenet.invariance_error(model, wrong, x) < 1e-12
+
+
+class NormedReGLU(nn.Module):
+    """LayerNorm read by a ReGLU: the LayerNorm kernel moves the gate's and up's rows,
+    which the product's exponent factor rescales."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.ln = nn.Linear(6, 5), nn.LayerNorm(5)
+        self.gate, self.up, self.down = nn.Linear(5, 7), nn.Linear(5, 7), nn.Linear(7, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.ln(self.inp(x))
+        return self.down(torch.relu(self.gate(h)) * self.up(h))
+
+
+def test_layernorm_kernel_declares_the_exponent_factor() -> None:
+    """The kernel (a translation of the readers' weights along `1`) does not commute with
+    the rescaling of their rows: it declares the `MonomialScaleFactor` in `scaled_by`, so
+    that `compose` and `inverse` are exact."""
+    torch.manual_seed(0)
+    model, x = NormedReGLU().to(F64), _inputs(6)
+    group = gaugenet.symmetries(model, x)
+    assert not [b for b in group.breakers if b.reason.startswith("internal error")]
+    (mono,) = [f for f in group.factors if isinstance(f, MonomialScaleFactor)]
+    kernels = [f for f in group.factors if f.name.startswith("ln_kernel")]
+    assert kernels and all(mono.name in [c[0] for c in k.scaled_by] for k in kernels)
+    a, b = (group.sample(torch.Generator().manual_seed(s)) for s in (1, 2))
+    twice = group.act(group.act(model, a), b)
+    once = group.act(model, group.compose(a, b))
+    back = group.act(group.act(model, a), group.inverse(a))
+    for k, v in model.state_dict().items():
+        assert torch.allclose(twice.state_dict()[k], once.state_dict()[k], atol=1e-12, rtol=0)
+        assert torch.allclose(back.state_dict()[k], v, atol=1e-12, rtol=0)
+    assert gaugenet.invariance_error(model, twice, x) < 1e-12

@@ -53,6 +53,8 @@ class Labels:
     extra: list = field(default_factory=list)
     #: monomial ids: `u_m = Σ e u_v`, as `m -> {v: e}` (see the module doc)
     mono: dict[int, dict[int, Fraction]] = field(default_factory=dict)
+    #: the monomial ids of one variable (powers, `u_m = k u_v`)
+    powers: list[int] = field(default_factory=list)
     #: ids whose classes a `MonomialScaleFactor` took over (then fixed, see `_monomials.py`)
     claimed: set[int] = field(default_factory=set)
 
@@ -99,7 +101,7 @@ class Labels:
         free = [v for v in vals if self.find(v) != FIXED]
         for v in vals:
             self.union(FIXED, v)
-        if free and self.mono:
+        if free and self.powers:
             self.settle()
         if free and not quiet:
             self.breakers.append(Breaker(node, reason))
@@ -118,6 +120,8 @@ class Labels:
             for k, m in zip(new, ids):
                 self.mono[m] = vecs[k]
                 out[k] = m
+                if len(vecs[k]) == 1:
+                    self.powers.append(m)
         return out
 
     def reduced(self, vec: dict[int, Fraction]) -> dict[int, Fraction]:
@@ -131,13 +135,15 @@ class Labels:
         return {r: e for r, e in out.items() if e != 0}
 
     def settle(self) -> None:
-        """Fix what the equations force to zero on their own: a fixed monomial of one
-        variable (`k u_v = 0`) fixes `u_v`; a monomial of fixed ids is fixed."""
+        """Fix what a power's equation forces on its own: a fixed `u_m = k u_v` (`k ≠ 0`)
+        fixes `u_v` (RMSNorm's `mean(x²) + ε` fixes `x`, as union-find did before), and a
+        power of a fixed id is fixed. Only powers are followed (products are left to the
+        solve): few, so that this stays cheap when called at every `fix_scales`."""
         changed = True
         while changed:
             changed = False
-            for m, vec in self.mono.items():
-                free = self.reduced(vec)
+            for m in self.powers:
+                free = self.reduced(self.mono[m])
                 if self.find(m) == FIXED and len(free) == 1:
                     self.union(FIXED, next(iter(free)))
                     changed = True

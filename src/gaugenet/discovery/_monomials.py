@@ -25,9 +25,18 @@ import torch
 from ..groups import MonomialScaleFactor, Scale
 from ._labels import FIXED, Labels, terms_of
 
-__all__ = ["equations", "monomial_factors", "null_space"]
+__all__ = ["equations", "monomial_factors", "null_space", "unscaled_index"]
 
 Row = dict[int, Fraction]
+
+
+def unscaled_index(f: object) -> int:
+    """The index that a rescaling factor's terms (and `scaled_by` declarations) use for
+    "not scaled": the number of its scales, `dim` for a `RescalingFactor`, the number of
+    scale classes (rows of `B`) for a `MonomialScaleFactor`."""
+    if isinstance(f, MonomialScaleFactor):
+        return int(f.basis.shape[0])
+    return int(f.dim)
 
 
 def equations(L: Labels) -> list[Row]:
