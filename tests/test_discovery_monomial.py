@@ -196,3 +196,22 @@ def test_layernorm_kernel_declares_the_exponent_factor() -> None:
         assert torch.allclose(twice.state_dict()[k], once.state_dict()[k], atol=1e-12, rtol=0)
         assert torch.allclose(back.state_dict()[k], v, atol=1e-12, rtol=0)
     assert gaugenet.invariance_error(model, twice, x) < 1e-12
+
+
+def test_rounding_division_is_not_homogeneous() -> None:
+    """`floor(h / 0.5)` does not commute with scaling `h`: its scales are fixed (no factor
+    for the self-check to drop)."""
+
+    class Floor(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.out = nn.Linear(3, 4), nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(torch.div(torch.relu(self.a(x)), 0.5, rounding_mode="floor"))
+
+    torch.manual_seed(0)
+    group = gaugenet.symmetries(Floor().to(F64), _inputs(3))
+    assert not [b for b in group.breakers if b.reason.startswith("internal error")]
+    assert any("rounds" in b.reason for b in group.breakers)
+    assert not [f for f in group.factors if f.dim and "a" in f.modules]

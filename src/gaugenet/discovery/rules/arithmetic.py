@@ -71,6 +71,8 @@ def _bias_add(prop: Propagator, n: fx.Node, s: Tensor, p: Tensor, pname: str, ou
 def mul(prop: Propagator, n: fx.Node, out: Tensor) -> Pair:
     a, b = n.args[0], n.args[1]
     div = n.target in (operator.truediv, torch.div, operator.itruediv)
+    if div and n.kwargs.get("rounding_mode") is not None:
+        raise Unsupported("a division that rounds is not homogeneous")
     if not div and prop.param_name(a) is not None and prop.param_name(b) is None:
         a, b = b, a  # a parameter gain on the left: `γ * x`
     la, lb = prop.lab(a), prop.lab(b)
