@@ -105,3 +105,21 @@ def test_reglu_canonical_form_balances_the_scaled_norms() -> None:
     state = {k: v.detach() for k, v in canon.named_parameters()}
     z = canonical_monomial(f, state)
     assert float(z.abs().max()) < 1e-6
+
+
+def test_reglu_align_and_equalize_accept_the_exponent_factor() -> None:
+    """`align` recovers an element moving one ReGLU onto another (through the canonical
+    form of the `MonomialScaleFactor`); `equalize` runs on the group and keeps the
+    function."""
+    from gaugenet.apply import equalize
+
+    model, x = _model(F.relu)
+    group = gaugenet.symmetries(model, x)
+    g = group.sample(torch.Generator().manual_seed(5))
+    moved = group.act(model, g)
+    found = gaugenet.align(model, moved, group=group)
+    recovered = group.act(model, found)
+    for k, v in moved.state_dict().items():
+        assert torch.allclose(recovered.state_dict()[k], v, rtol=1e-9, atol=1e-12)
+    eq = equalize(model, x, bits=4, group=group, search=0)
+    assert gaugenet.invariance_error(model, eq, x) < 1e-9
