@@ -123,3 +123,28 @@ def test_reglu_align_and_equalize_accept_the_exponent_factor() -> None:
         assert torch.allclose(recovered.state_dict()[k], v, rtol=1e-9, atol=1e-12)
     eq = equalize(model, x, bits=4, group=group, search=0)
     assert gaugenet.invariance_error(model, eq, x) < 1e-9
+
+
+def test_reglu_noether_charges_are_conserved() -> None:
+    """The charge of each direction of the exponent factor is orthogonal to the loss
+    gradient (conserved under gradient flow); a charge of the wrong sign is not."""
+    from gaugenet.dynamics import noether_charges
+
+    model, x = _model(F.relu)
+    group = gaugenet.symmetries(model, x)
+    (f,) = [f for f in group.factors if f.dim]
+    y = torch.randn(40, 4, dtype=F64, generator=torch.Generator().manual_seed(9))
+    params = dict(model.named_parameters())
+    loss = ((model(x) - y) ** 2).mean()
+    grad = torch.autograd.grad(loss, list(params.values()))
+    q = noether_charges(model, group)[f.name]
+    assert q.shape == (12,)
+    for j in range(12):
+        dq = torch.autograd.grad(q[j], list(params.values()), retain_graph=True)
+        dot = sum((a * b).sum() for a, b in zip(dq, grad))
+        scale = sum(a.norm() for a in dq) * sum(b.norm() for b in grad)
+        assert abs(float(dot)) < 1e-12 * float(scale)
+    # negative: the gate rows' norm alone is not conserved
+    w = params["gate.weight"]
+    dg = torch.autograd.grad((w[0] ** 2).sum(), w)[0]
+    assert abs(float((dg * grad[list(params).index("gate.weight")]).sum())) > 1e-6
