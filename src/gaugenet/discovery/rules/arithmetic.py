@@ -1,7 +1,9 @@
 """Arithmetic: sums (scales of the summands merged, a parameter bias carried), products
-(a constant, a per-token factor such as RMSNorm's `1/rms(x)`, a parameter gain, or two
-computed tensors as in gated MLPs), a constant matrix times a labeled one, and reductions
-over positions."""
+and quotients (a constant, a per-token factor such as RMSNorm's `1/rms(x)`, a parameter
+gain, or two computed tensors as in gated MLPs: the exponents of the two factors add, see
+`_labels.py`), powers with a rational exponent (`x ** k`, `square`, `sqrt`, `rsqrt`,
+`reciprocal`: the exponents are multiplied by `k`), a constant matrix times a labeled one,
+and reductions over positions."""
 
 from __future__ import annotations
 
