@@ -220,7 +220,7 @@ def _element(group: GaugeGroup, state: State, params: set[str], gauge: Gauge) ->
     g.update(pinned)
     # in the group's order (rescalings act first) a shift is rescaled, see `scaled_by`
     for name, v in shifts.items():
-        g[name] = GaugeGroup._rescale_shift(group.factor(name), v, g, moved=False)
+        g[name] = group._rescale_shift(group.factor(name), v, g, moved=False)
     current = group.act_state(state, g)
     # stream rotations first: their gauge reads only the embedding table, while they mix
     # the columns that the head factors' balanced forms read (and commute with those, which
@@ -236,7 +236,7 @@ def _element(group: GaugeGroup, state: State, params: set[str], gauge: Gauge) ->
         current = f.apply(current, g[f.name])
     # the matrix factors were fixed after the shifts, but act before them in the group
     for name in shifts:
-        g[name] = GaugeGroup._rescale_shift(group.factor(name), g[name], g, scaled=False)
+        g[name] = group._rescale_shift(group.factor(name), g[name], g, scaled=False)
     g.update(_sort_permutations(group, current))
     return g
 

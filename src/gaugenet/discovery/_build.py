@@ -7,8 +7,16 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-from ..groups import Breaker, PermTerm, PermutationFactor, RescalingFactor, Scale
+from ..groups import (
+    Breaker,
+    MonomialScaleFactor,
+    PermTerm,
+    PermutationFactor,
+    RescalingFactor,
+    Scale,
+)
 from ._labels import FIXED, Labels, terms_of
+from ._monomials import monomial_factors
 from ._shifts import IntoBatchNorm, IntoLinears
 from ._tied import tied_rescalings
 
@@ -140,6 +148,8 @@ def _perm_factors(
         for sflat, roots_l, chans_l in linked:
             sel = (roots_l == R).nonzero().reshape(-1)
             for v, c in zip(sflat[sel].tolist(), chans_l[sel].tolist()):
+                if v in L.claimed:  # a monomial factor's: its conjugation is not derived
+                    ok = False
                 root = L.find(v)
                 if root == FIXED:
                     fixed_items.add(c)
@@ -187,7 +197,7 @@ def _conjugate_shifts(perms: list[PermutationFactor], shifts: list) -> list[Perm
     return out
 
 
-def _scale_shifts(shifts: list, scale: list[RescalingFactor]) -> None:
+def _scale_shifts(shifts: list, scale: list[RescalingFactor | MonomialScaleFactor]) -> None:
     """A bias shift and the rescaling of the same channels do not commute: record which
     rescaling scales each shift, so that the group composes them correctly."""
     for sh in shifts:
@@ -208,10 +218,12 @@ def build_factors(L: Labels, model: nn.Module) -> tuple[list, list[Breaker]]:
         for name, _ in uses
     }
     extra = [f for f in L.extra if not tied & set(f.params())]
+    # classes linked by product and power equations (fixed afterwards), then the others
+    joint += monomial_factors(L)
     scale, where = _scale_factors(L, model)
     perms = _perm_factors(L, scale, where)
     shifts = [f for f in extra if f.kind == "translation" and isinstance(f.terms[0], _BIAS_SHIFTS)]
-    _scale_shifts(shifts, scale)
+    _scale_shifts(shifts, [*scale, *(f for f in joint if isinstance(f, MonomialScaleFactor))])
     perms = _conjugate_shifts(perms, shifts)
     breakers = list(dict.fromkeys(L.breakers))
     return [*scale, *joint, *extra, *perms], breakers

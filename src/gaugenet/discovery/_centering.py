@@ -30,6 +30,7 @@ from ..groups import AffineFactor, GLFactor, PermutationFactor, TranslationFacto
 from ..groups._algebra import AlgebraFactor, Repeat
 from ..groups._base import AbstractFactor, State
 from ._linear import Linear
+from ._monomials import unscaled_index
 from ._relink import relink
 
 __all__ = [
@@ -179,7 +180,7 @@ def _link_one(f: CenteredOutputFactor, factors: list) -> CenteredOutputFactor | 
                 idx = idx.T
             if not bool((idx == idx[:1]).all()):
                 return None  # rows rescaled differently: `1` is not kept
-            m = torch.full((f.n,), int(g.dim), dtype=torch.long)
+            m = torch.full((f.n,), unscaled_index(g), dtype=torch.long)
             m[: s.cols] = idx[0]
             scaled.append((g.name, m, int(t.power)))
     return dataclasses.replace(f, scaled_by=tuple(scaled), moved_by=tuple(moved))

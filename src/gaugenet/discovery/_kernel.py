@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from ..groups import AffineFactor, GLFactor, PermutationFactor, TranslationFactor
 from ..groups._algebra import AlgebraFactor, Repeat
 from ..groups._base import AbstractFactor, State
+from ._monomials import unscaled_index
 from ._relink import relink
 
 __all__ = [
@@ -247,7 +248,7 @@ def _link_one(k: LayerNormKernelFactor, factors: list) -> LayerNormKernelFactor 
             continue
         if not hasattr(f, "terms"):
             return None
-        m = torch.full((k.n,), int(f.dim), dtype=torch.long)  # index dim: not scaled
+        m = torch.full((k.n,), unscaled_index(f), dtype=torch.long)
         power = None
         try:
             for s, off in zip(kern.slots, offsets):

@@ -10,11 +10,19 @@ Every floating tensor in the traced graph carries two integer label maps of its 
 Sources (linear, conv, normalization layers) create blocks of fresh ids, one per output
 channel. Scale ids are merged by union-find when an operation needs two scales to agree;
 perm ids live in blocks ("channel spaces") that are merged only channel-for-channel.
+
+A scale id stands for a log-scale variable `u_id`; union-find is Gaussian elimination of the
+two-term equations `u_a = u_b` (and `u_a = 0` for `FIXED`). Products and powers add a
+*monomial* id: `u_m = Σ e_v u_v` over other ids, with rational `e_v` (`a * b`: `u_a + u_b`;
+`a / b`: `u_a − u_b`; `x ** k`: `k u_x`; `rsqrt(x)`: `−u_x / 2`). Its defining equation is
+kept in `mono` and solved with the others once propagation ends (`_monomials.py`: one exact
+null-space solve per connected component).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import torch
 from torch import Tensor
@@ -43,6 +51,12 @@ class Labels:
     param_users: dict[int, list[tuple[str, str]]] = field(default_factory=dict)
     #: factors found directly from the graph (GL between linears, absorbed bias shifts)
     extra: list = field(default_factory=list)
+    #: monomial ids: `u_m = Σ e u_v`, as `m -> {v: e}` (see the module doc)
+    mono: dict[int, dict[int, Fraction]] = field(default_factory=dict)
+    #: the monomial ids of one variable (powers, `u_m = k u_v`)
+    powers: list[int] = field(default_factory=list)
+    #: ids whose classes a `MonomialScaleFactor` took over (then fixed, see `_monomials.py`)
+    claimed: set[int] = field(default_factory=set)
 
     # -- ids ----------------------------------------------------------------------------
     def fresh(self, n: int, node: str) -> Tensor:
@@ -87,8 +101,55 @@ class Labels:
         free = [v for v in vals if self.find(v) != FIXED]
         for v in vals:
             self.union(FIXED, v)
+        if free and self.powers:
+            self.settle()
         if free and not quiet:
             self.breakers.append(Breaker(node, reason))
+
+    # -- monomials ----------------------------------------------------------------------
+    def monomials(self, terms: list[dict[int, Fraction]], node: str) -> list[int]:
+        """One id per exponent vector `{id: e}` (`u = Σ e u_id`): `FIXED` for an empty one
+        (after dropping fixed ids and zero exponents), the id itself for `{id: 1}` (no
+        equation), else a new monomial id whose defining equation is recorded."""
+        vecs = [self.reduced(t) for t in terms]
+        new = [k for k, vec in enumerate(vecs) if len(vec) > 1 or set(vec.values()) - {1}]
+        out = [next(iter(vec), FIXED) for vec in vecs]
+        if new:
+            ids = self.fresh(len(new), node).tolist()
+            self.block_fixed[-1] = True  # ids of values, not channels: never permuted
+            for k, m in zip(new, ids):
+                self.mono[m] = vecs[k]
+                out[k] = m
+                if len(vecs[k]) == 1:
+                    self.powers.append(m)
+        return out
+
+    def reduced(self, vec: dict[int, Fraction]) -> dict[int, Fraction]:
+        """`vec` over union-find roots: exponents of one root summed, fixed ids and zero
+        exponents dropped."""
+        out: dict[int, Fraction] = {}
+        for v, e in vec.items():
+            r = self.find(v)
+            if r != FIXED:
+                out[r] = out.get(r, Fraction(0)) + Fraction(e)
+        return {r: e for r, e in out.items() if e != 0}
+
+    def settle(self) -> None:
+        """Fix what a power's equation forces on its own: a fixed `u_m = k u_v` (`k ≠ 0`)
+        fixes `u_v` (RMSNorm's `mean(x²) + ε` fixes `x`, as union-find did before), and a
+        power of a fixed id is fixed. Only powers are followed (products are left to the
+        solve): few, so that this stays cheap when called at every `fix_scales`."""
+        changed = True
+        while changed:
+            changed = False
+            for m in self.powers:
+                free = self.reduced(self.mono[m])
+                if self.find(m) == FIXED and len(free) == 1:
+                    self.union(FIXED, next(iter(free)))
+                    changed = True
+                elif not free and self.find(m) != FIXED:
+                    self.union(FIXED, m)
+                    changed = True
 
     def drop_outputs_of(self, nodes: set[str]) -> None:
         """Fix the scale and perm labels of every block created by one of `nodes` (a larger

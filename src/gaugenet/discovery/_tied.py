@@ -18,15 +18,15 @@ term of the classes involved, writing a tied parameter once and copying it to it
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from ..groups import Scale, register_canonicalizer
+from ..groups import MonomialScaleFactor, Scale
 from ..groups._base import State
-from ..groups._translation import AdditiveFactor
 from ._labels import FIXED, Labels, terms_of
+from ._monomials import equations
 
 __all__ = ["JointRescalingFactor", "tied_rescalings"]
 
@@ -43,63 +43,10 @@ class Alias:
 
 
 @dataclass(eq=False)
-class JointRescalingFactor(AdditiveFactor):
-    """`R^k`: rescalings `α = exp(B z)` of `m` scale classes constrained by weight ties.
-    Element: `z`, `(k,)`; `basis` is `B`, `(m, k)`. `terms` index `α` extended by a one
-    (index `m`: unscaled), as in `RescalingFactor`."""
-
-    basis: Tensor = field(default_factory=lambda: torch.zeros(0, 0), kw_only=True)
-    terms: tuple = field(default=(), kw_only=True)
-
-    def __post_init__(self) -> None:
-        self.kind = "rescaling"
-
-    @property
-    def dim(self) -> int:
-        return int(self.basis.shape[1])
-
-    def scales(self, z: Tensor) -> Tensor:
-        """`α = exp(B z)`, `(m,)`."""
-        return torch.exp(self.basis.to(z.dtype) @ z)
-
-    def _term_input(self, a: Tensor) -> Tensor:
-        alpha = self.scales(a)
-        return torch.cat([alpha, torch.ones(1, dtype=alpha.dtype, device=alpha.device)])
-
-    def params(self) -> tuple[str, ...]:
-        out: list[str] = []
-        for t in self.terms:
-            if isinstance(t, Scale):
-                out.append(t.param)
-            elif isinstance(t, Alias):
-                out += [t.source, t.alias]
-            else:
-                out += [t.weight, t.bias]
-        return tuple(dict.fromkeys(out))
-
-
-def _canonical(f: JointRescalingFactor, state: State) -> Tensor:
-    """The balanced gauge: `z` minimizing the squared norm of the scaled parameters (convex
-    in `z`), by Newton's method."""
-    scaled = [(state[t.param].double(), t.index, t.power) for t in f.terms if isinstance(t, Scale)]
-    m = f.basis.shape[0]
-
-    def cost(z: Tensor) -> Tensor:
-        alpha = torch.cat([torch.exp(f.basis.double() @ z), torch.ones(1, dtype=z.dtype)])
-        return sum(((p * alpha[i] ** q) ** 2).sum() for p, i, q in scaled if (i < m).any())
-
-    z = torch.zeros(f.dim, dtype=torch.float64)
-    for _ in range(50):
-        g = torch.func.grad(cost)(z)
-        H = torch.func.hessian(cost)(z)
-        step = torch.linalg.solve(H, g)
-        z = z - step
-        if float(step.abs().max()) < 1e-14 * max(1.0, float(z.abs().max())):
-            break
-    return z.to(next(iter(state.values())).dtype)
-
-
-register_canonicalizer(JointRescalingFactor, _canonical)
+class JointRescalingFactor(MonomialScaleFactor):
+    """`R^k`: rescalings `α = exp(B z)` of `m` scale classes constrained by weight ties
+    (a `MonomialScaleFactor`: element `z`, `(k,)`; `basis` `B`, `(m, k)`), writing a tied
+    parameter once and copying it to its aliases."""
 
 
 def _exponents(recs: list[tuple[Tensor, int]], shape: torch.Size, colmap: Tensor, m: int) -> Tensor:
@@ -151,6 +98,8 @@ def tied_rescalings(L: Labels, model: nn.Module) -> list[JointRescalingFactor]:
             involved |= {int(v) for v in roots(rec[1]).unique() if int(v) != FIXED}
     if not involved:
         return []
+    # product and power equations (`_monomials.py`) reaching these classes join the system
+    eqs = _reaching(equations(L) if L.mono else [], involved)
     col = {r: k for k, r in enumerate(sorted(involved))}
     colmap = torch.full((len(L.parent),), -1, dtype=torch.long)
     for r, k in col.items():
@@ -166,6 +115,11 @@ def tied_rescalings(L: Labels, model: nn.Module) -> list[JointRescalingFactor]:
             recs = [(roots(rec[1]), rec[2]) for rec in L.scale_terms if rec[0] == name]
             per_use.append(_exponents(recs, shapes[name].shape, colmap, len(col)))
         rows += [torch.unique(u - per_use[0], dim=0) for u in per_use[1:]]
+    for row in eqs:
+        dense = torch.zeros(1, len(col), dtype=torch.float64)
+        for r, e in row.items():
+            dense[0, col[r]] = float(e)
+        rows.append(dense)
     A = torch.cat(rows)
     _, s, vh = torch.linalg.svd(A, full_matrices=True)
     rank = int((s > 1e-9 * max(1.0, float(s.max()) if s.numel() else 1.0)).sum())
@@ -182,4 +136,23 @@ def tied_rescalings(L: Labels, model: nn.Module) -> list[JointRescalingFactor]:
     scaled = [t.param for t in terms if isinstance(t, Scale)]
     modules = tuple(dict.fromkeys(p.rpartition(".")[0] for p in scaled))
     name = "scale:tied:" + "+".join(names[0] for names in ties)
+    # every class solved here is this factor's (the tied ones are fixed later by the ties)
+    L.claimed |= {i for i, r in enumerate(find.tolist()[:-1]) if r in col}
+    for r in col:
+        L.union(FIXED, r)
     return [JointRescalingFactor(name, basis=basis, terms=tuple(terms), modules=modules)]
+
+
+def _reaching(eqs: list[dict], involved: set[int]) -> list[dict]:
+    """The equations connected to the classes `involved` (which grows to every class they
+    reach)."""
+    out, rest, grown = [], list(eqs), True
+    while grown:
+        grown = False
+        for row in list(rest):
+            if involved & row.keys():
+                involved.update(row)
+                out.append(row)
+                rest.remove(row)
+                grown = True
+    return out

@@ -10,6 +10,9 @@ terms, so it exists for every group `gaugenet.symmetries` finds:
   `‖w_in‖² + b² − ‖w_out‖²`). A `BatchNormShift` term contributes `−γ_k²`; its action on the
   shift `β` is affine in `γ` (not symmetric), so the charge of such a channel is conserved
   only when its running mean vanishes.
+- `MonomialScaleFactor` (products and powers, ties): direction `z_j` scales class `c` by
+  `exp(B_cj)`, so `Q_j = Σ_c B_cj q_c` with `q_c` the class charges above (ReGLU unit `i`:
+  `‖g_i‖² − ‖d_i‖²` and `‖u_i‖² − ‖d_i‖²`, `d_i` down's column).
 - `GLFactor`, `MatTerm(param, axis, offset, mode)`: the block `W` (`d` rows after moving
   `axis` first) moves as `W ↦ M(g) W`; the tangent is `±ξ W` (modes `G`, `inv`) or `±ξᵀ W`
   (`T`, `invT`). Invariance for every `ξ` says `Σ_terms ± ∇W Wᵀ = 0` (transposed for the
@@ -48,6 +51,7 @@ from ..groups import (
     BatchNormShift,
     GaugeGroup,
     GLFactor,
+    MonomialScaleFactor,
     RescalingFactor,
     Scale,
     Shift,
@@ -67,9 +71,16 @@ def _state(model: nn.Module | State) -> State:
     return model
 
 
-def _rescaling(f: RescalingFactor, s: State) -> Tensor:
+def _monomial(f: MonomialScaleFactor, s: State) -> Tensor:
+    """`Q_j = Σ_c B_cj q_c`: direction `z_j` scales class `c` by `exp(B_cj)`, so its charge
+    is the class charges `q` (as for `RescalingFactor`) read along the basis."""
+    return f.basis.to(next(iter(s.values())).dtype).T @ _rescaling(f, s, int(f.basis.shape[0]))
+
+
+def _rescaling(f: RescalingFactor | MonomialScaleFactor, s: State, n: int | None = None) -> Tensor:
     dtype = next(iter(s.values())).dtype
-    q = torch.zeros(f.n + 1, dtype=dtype)  # slot n collects entries not scaled by f
+    n = f.n if n is None else n
+    q = torch.zeros(n + 1, dtype=dtype)  # slot n collects entries not scaled by f
     for term in f.terms:
         if isinstance(term, Scale):
             p = s[term.param]
@@ -77,7 +88,7 @@ def _rescaling(f: RescalingFactor, s: State) -> Tensor:
             q = q.index_add(0, idx, term.power * p.reshape(-1) ** 2)
         elif isinstance(term, BatchNormShift):
             q = q.index_add(0, term.index, -(s[term.weight] ** 2))
-    return q[: f.n]
+    return q[:n]
 
 
 def _gl(f: GLFactor, s: State) -> Tensor:
@@ -142,6 +153,8 @@ def noether_charges(model: nn.Module | State, group: GaugeGroup) -> dict[str, Te
             out[f.name] = _algebra(f, s)
         elif isinstance(f, RescalingFactor):
             out[f.name] = _rescaling(f, s)
+        elif isinstance(f, MonomialScaleFactor):
+            out[f.name] = _monomial(f, s)
         elif isinstance(f, GLFactor):
             out[f.name] = _gl(f, s)
         elif isinstance(f, AffineFactor):

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from .._errors import GaugeError
 from ._base import AbstractFactor, Breaker, State
 from ._matrix import _mode_matrix
+from ._monomial import MonomialScaleFactor
 from ._permutation import PermutationFactor
 from ._rescaling import RescalingFactor
 from ._signature import ModelSignature, model_signature
@@ -195,8 +196,8 @@ class GaugeGroup:
         out.update(perms_inv)
         return {f.name: out[f.name] for f in self.factors}
 
-    @staticmethod
     def _rescale_shift(
+        self,
         f: TranslationFactor,
         v: Tensor,
         scales: Mapping[str, Tensor],
@@ -208,6 +209,8 @@ class GaugeGroup:
         left first), for the rescalings (`scaled`) and matrix factors (`moved`) in `scales`."""
         for name, m, *power in f.scaled_by if scaled else ():
             a = scales[name]
+            if isinstance(self._by_name.get(name), MonomialScaleFactor):
+                a = self._by_name[name].scales(a)  # its element is `z`, `α = exp(B z)`
             ext = torch.cat([a, torch.ones(1, dtype=a.dtype)])
             v = v * ext[m].to(v.dtype) ** (power[0] if power else 1)
         for name, mode, *offset in f.moved_by if moved else ():

@@ -1,17 +1,21 @@
 """Arithmetic: sums (scales of the summands merged, a parameter bias carried), products
-(a constant, a per-token factor such as RMSNorm's `1/rms(x)`, a parameter gain, or two
-computed tensors as in gated MLPs), a constant matrix times a labeled one, and reductions
-over positions."""
+and quotients (a constant, a per-token factor such as RMSNorm's `1/rms(x)`, a parameter
+gain, or two computed tensors as in gated MLPs: the exponents of the two factors add, see
+`_labels.py`), powers with a rational exponent (`x ** k`, `square`, `sqrt`, `rsqrt`,
+`reciprocal`: the exponents are multiplied by `k`), a constant matrix times a labeled one,
+and reductions over positions."""
 
 from __future__ import annotations
 
+import math
 import operator
+from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, fx, nn
 
-from .._labels import FIXED, ZERO, unique_pairs
+from .._labels import FIXED, ZERO, Labels, unique_pairs
 from .._ops import ADD_OPS, MUL_OPS
 from ._common import Pair, Unsupported, broadcast_channels, fixed, scale_reps
 from ._examples import batch, seeded
@@ -20,7 +24,9 @@ from ._rule import Example, Rule
 if TYPE_CHECKING:
     from .._propagate import Propagator
 
-__all__ = ["RULES"]
+__all__ = ["RULES", "combine", "power_of"]
+
+aten = torch.ops.aten
 
 
 def add(prop: Propagator, n: fx.Node, out: Tensor) -> Pair:
@@ -67,6 +73,8 @@ def _bias_add(prop: Propagator, n: fx.Node, s: Tensor, p: Tensor, pname: str, ou
 def mul(prop: Propagator, n: fx.Node, out: Tensor) -> Pair:
     a, b = n.args[0], n.args[1]
     div = n.target in (operator.truediv, torch.div, operator.itruediv)
+    if div and n.kwargs.get("rounding_mode") is not None:
+        raise Unsupported("a division that rounds is not homogeneous")
     if not div and prop.param_name(a) is not None and prop.param_name(b) is None:
         a, b = b, a  # a parameter gain on the left: `γ * x`
     la, lb = prop.lab(a), prop.lab(b)
@@ -89,6 +97,9 @@ def mul(prop: Propagator, n: fx.Node, out: Tensor) -> Pair:
         return la
     if la is None and lb is not None and isinstance(a, (int, float)) and not div:
         return lb
+    if la is None and lb is not None and isinstance(a, (int, float)) and div:
+        # `c / x`: the exponents of `x` negated
+        return power_of(prop.L, lb[0], Fraction(-1), n.name), lb[1]
     if la is not None and lb is not None:
         pa, pb = prop.param_name(a), prop.param_name(b)
         if pb is not None and not div:
@@ -103,21 +114,20 @@ def mul(prop: Propagator, n: fx.Node, out: Tensor) -> Pair:
         if a_fixed and not div and not bool((la[1] > 0).any()):
             prop.L.fix_perms(lb[1], n.name, "multiplied by an unpermuted tensor")
             return lb[0].expand(out.shape).clone(), torch.zeros(out.shape, dtype=torch.long)
-        if not div and pa is None and pb is None:
-            return _product(prop, n, la, lb, out)
+        if pa is None and pb is None:
+            return _product(prop, n, la, lb, out, -1 if div else 1)
     raise Unsupported("product of two tensors that both carry scales")
 
 
 def _gain(prop: Propagator, n: fx.Node, la: Pair, pname: str, out: Tensor) -> Pair | None:
-    """`x * γ` with `γ` a per-feature parameter and `x` carrying no free scale (a
-    normalized stream, as in RMSNorm): `γ` is a source of one fresh scale per feature,
-    which its readers take back."""
+    """`x * γ` with `γ` a per-feature parameter (as in RMSNorm): `γ` is a source of one
+    fresh scale `f` per feature, which its readers take back; the product's exponents are
+    `x`'s plus `f` (just `f` where `x` carries no free scale, the usual normalized
+    stream)."""
     L = prop.L
     g = prop.root.get_parameter(pname)
     s, p = la
     if g.ndim != 1 or out.shape[-1] != g.shape[0]:
-        return None
-    if any(L.find(int(v)) != FIXED for v in torch.unique(s) if int(v) > 0):
         return None
     prop.use_param(pname, n.name)
     prop.carrier(n.name, [pname], p.expand(out.shape), axis=-1)
@@ -126,28 +136,89 @@ def _gain(prop: Propagator, n: fx.Node, la: Pair, pname: str, out: Tensor) -> Pa
     pcols = L.per_channel(p.expand(out.shape), -1)
     if all(len(c) == 1 for c in pcols):
         L.links.append((fresh, torch.tensor([int(c[0]) for c in pcols])))
-    return broadcast_channels(fresh, out.shape, -1), p.expand(out.shape).clone()
+    scale = combine(L, s.expand(out.shape), broadcast_channels(fresh, out.shape, -1), 1, n.name)
+    return scale, p.expand(out.shape).clone()
 
 
-def _product(prop: Propagator, n: fx.Node, la: Pair, lb: Pair, out: Tensor) -> Pair:
-    """`a * b` of two computed tensors (a gated MLP's `act(gate(x)) * up(x)`): the product
-    takes the scale of the factor whose scale is free, so at most one factor may carry
-    one (one positive scale per entry cannot hold a product of two: the first factor's
-    scales are fixed then, a sound subset), and the channels of both move together."""
+def _product(prop: Propagator, n: fx.Node, la: Pair, lb: Pair, out: Tensor, sign: int = 1) -> Pair:
+    """`a * b` (`sign` 1) or `a / b` (`sign` −1) of two computed tensors (a gated MLP's
+    `act(gate(x)) * up(x)`): each entry's exponents are the sum (difference) of the two
+    factors' (a monomial id where both are free, see `_labels.py`), and the channels of both
+    move together."""
     L = prop.L
     sa, sb = (x.expand(out.shape) for x in (la[0], lb[0]))
     qa, qb = (x.expand(out.shape) for x in (la[1], lb[1]))
-
-    def is_fixed(ids: Tensor) -> bool:
-        return all(L.find(int(v)) == FIXED for v in torch.unique(ids) if int(v) > 0)
-
-    if not is_fixed(sa) and not is_fixed(sb):
-        L.fix_scales(sa, n.name, "a product of two rescaled tensors keeps one scale")
-    s = sb if is_fixed(sa) else sa
-    zero = (sa == ZERO) | (sb == ZERO)
+    if sign < 0 and bool((sb == ZERO).any()):
+        raise Unsupported("division by a tensor with zero entries")
     L.align(qa, qb, n.name)
-    scale = torch.where(zero, torch.full_like(s, ZERO), s)
-    return scale.clone(), torch.where(qa != ZERO, qa, qb).clone()
+    return combine(L, sa, sb, sign, n.name), torch.where(qa != ZERO, qa, qb).clone()
+
+
+def combine(L: Labels, sa: Tensor, sb: Tensor, sign: int, node: str) -> Tensor:
+    """Entrywise labels of `a * b**sign` from those of `a` and `b` (same shape): one id per
+    distinct pair of ids; `ZERO` where either is zero."""
+    zero = (sa == ZERO) | (sb == ZERO)
+    live = ~zero
+    out = torch.full(sa.shape, ZERO, dtype=torch.long)
+    if not bool(live.any()):
+        return out
+    pairs = unique_pairs(sa[live], sb[live])
+    vecs: list[dict[int, Fraction]] = []
+    for x, y in pairs.tolist():
+        vec = {x: Fraction(1)}
+        vec[y] = vec.get(y, Fraction(0)) + sign
+        vecs.append(vec)
+    ids = torch.tensor(L.monomials(vecs, node))
+    keys = pairs[:, 0] * (1 << 31) + pairs[:, 1]
+    at = torch.searchsorted(keys, sa[live] * (1 << 31) + sb[live])
+    out[live] = ids[at]
+    return out
+
+
+def power_of(L: Labels, s: Tensor, k: Fraction, node: str) -> Tensor:
+    """Entrywise labels of `x ** k` (`k` rational) from those of `x`: `k` times each id
+    (zero entries stay `ZERO` for `k > 0`; a negative power of zero is refused)."""
+    zero = s == ZERO
+    if k <= 0 and bool(zero.any()):
+        raise Unsupported("a non-positive power of a tensor with zero entries")
+    out = torch.full(s.shape, ZERO, dtype=torch.long)
+    uniq = torch.unique(s[~zero])
+    ids = torch.tensor(L.monomials([{int(v): k} for v in uniq.tolist()], node), dtype=torch.long)
+    out[~zero] = ids[torch.searchsorted(uniq, s[~zero])]
+    return out
+
+
+#: the exponent of each power-like function of one tensor
+_POWERS: dict[Any, Fraction] = {
+    torch.rsqrt: Fraction(-1, 2),
+    torch.sqrt: Fraction(1, 2),
+    torch.reciprocal: Fraction(-1),
+    torch.square: Fraction(2),
+    aten.rsqrt.default: Fraction(-1, 2),
+    aten.sqrt.default: Fraction(1, 2),
+    aten.reciprocal.default: Fraction(-1),
+    "rsqrt": Fraction(-1, 2),
+    "sqrt": Fraction(1, 2),
+    "reciprocal": Fraction(-1),
+    "square": Fraction(2),
+}
+
+
+def power(prop: Propagator, n: fx.Node, out: Tensor) -> Pair:
+    """`x ** k` for a constant `k` with a small denominator (`pow`, `square`, `sqrt`,
+    `rsqrt`, `reciprocal`): `(α x)^k = α^k x^k` for `α > 0`, so each entry's exponents are
+    multiplied by `k`; channels pass on."""
+    if n.target in _POWERS:
+        k = _POWERS[n.target]
+    else:  # `pow` as a function, an operator or a method
+        e = n.args[1] if len(n.args) > 1 else n.kwargs.get("exponent")
+        if isinstance(e, bool) or not isinstance(e, (int, float)) or not math.isfinite(e):
+            raise Unsupported("a power whose exponent is not a constant number")
+        k = Fraction(e).limit_denominator(64)
+        if k != e:
+            raise Unsupported(f"the power {e} is not a ratio of small integers")
+    _, (s, p) = prop.first(n)
+    return power_of(prop.L, s, k, n.name).reshape(out.shape), p.expand(out.shape).clone()
 
 
 def _per_token(other: Any, out: Tensor) -> bool:
@@ -239,6 +310,56 @@ class _RMS(nn.Module):
         return self.out(x * r * self.g)
 
 
+class _ReGLU(nn.Module):
+    """`down(relu(gate(x)) * up(x))` (ReGLU): both factors of the product rescale."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate, self.up = nn.Linear(3, 4, bias=False), nn.Linear(3, 4)
+        self.down = nn.Linear(4, 2, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(torch.relu(self.gate(x)) * self.up(x))
+
+
+class _Square(nn.Module):
+    """A squared hidden layer, `out(h * h)` with `h = a(x)`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.out = nn.Linear(6, 3), nn.Linear(3, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.a(x)
+        return self.out(h * h)
+
+
+class _Root(nn.Module):
+    """`out(sqrt(h * h))`, `h = a(x)`: a power `2`, then `1/2`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.out = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.a(x)
+        return self.out(torch.sqrt(h * h))
+
+
+class _RMSNoEps(nn.Module):
+    """RMSNorm written out without `ε` (`h * rsqrt(mean(h * h)) * γ`) after a linear map,
+    then a ReLU (no rotation of `h` survives it): invariant to one common scale of `h`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.out = nn.Linear(3, 4), nn.Linear(4, 2)
+        self.g = nn.Parameter(torch.rand(4) + 0.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.a(x)
+        return self.out(torch.relu(h * torch.rsqrt((h * h).mean(-1, keepdim=True)) * self.g))
+
+
 class _Mixed(nn.Module):
     """A constant matrix (a buffer) mixing the tokens of a hidden layer."""
 
@@ -280,8 +401,42 @@ RULES = (
                 4,
                 "γ of each feature scaled against the reading column: 4",
             ),
+            Example(
+                lambda: (seeded(_ReGLU), batch(64, 3)),
+                8,
+                "gate rows and up rows each scale; down's column takes their product: 4 + 4",
+            ),
+            Example(
+                lambda: (seeded(_Square), batch(64, 6)),
+                3,
+                "each hidden unit scales by α, the reading column by α⁻²: 3",
+            ),
+            Example(
+                lambda: (seeded(_RMSNoEps), batch(64, 3)),
+                5,
+                "one common scale of the normalized layer, and γ against the reading column: 1 + 4",
+            ),
         ),
         functions=tuple(MUL_OPS),
+    ),
+    Rule(
+        "power",
+        "arithmetic",
+        power,
+        (
+            Example(
+                lambda: (seeded(_Root), batch(64, 3)),
+                4,
+                "each hidden unit scales by α, the reading column by α⁻¹: 4",
+            ),
+        ),
+        functions=(
+            torch.pow,
+            operator.pow,
+            aten.pow.Tensor_Scalar,
+            *(k for k in _POWERS if not isinstance(k, str)),
+        ),
+        methods=("pow", *(k for k in _POWERS if isinstance(k, str))),
     ),
     Rule(
         "constant matmul",
