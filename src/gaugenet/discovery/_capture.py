@@ -23,6 +23,7 @@ from torch.fx._pytree import tree_flatten_spec
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .._errors import UnsupportedModelError
+from ._ops import expand_to, slice_along
 from ._trace import is_atomic
 
 __all__ = ["export_graph"]
@@ -40,6 +41,9 @@ _RENAME: dict[Any, Any] = {
     aten.mul.Tensor: torch.mul,
     aten.div.Tensor: torch.div,
     aten.cat.default: torch.cat,
+    aten.slice.Tensor: slice_along,
+    aten.neg.default: torch.neg,
+    aten.expand.default: expand_to,
     aten.split.Tensor: torch.split,
     aten.split_with_sizes.default: torch.split,
     aten.chunk.default: torch.chunk,

@@ -25,13 +25,14 @@ from ._embeddings import (
 from ._kernel import ReaderSlot, ill_conditioned, kernel_factor
 from ._labels import Labels
 from ._linear import Linear, keeps_last_axis, linear_reading, linear_writing, param_name
-from ._ops import ADD_OPS, CASTS, graph_users
+from ._ops import ADD_OPS, CASTS, expand_to, graph_users, slice_along
 from ._shifts import layernorm_shift
 
 __all__ = ["NormRules"]
 
 #: picking tokens (not features): a reader of the picked rows still reads the LayerNorm
-_TOKEN_PICKS = {torch.ops.aten.select.int, torch.ops.aten.slice.Tensor}
+_EXPANDS = {torch.ops.aten.expand.default, expand_to}
+_TOKEN_PICKS = {torch.ops.aten.select.int, torch.ops.aten.slice.Tensor, slice_along}
 
 
 class NormRules:
@@ -283,7 +284,7 @@ class NormRules:
         of one row, or the bias of a channels-last convolution."""
         if not isinstance(seg, fx.Node) or len(seg.users) != 1:
             return None
-        if seg.target is torch.ops.aten.expand.default:
+        if seg.target in _EXPANDS:
             name = param_name(seg.args[0], self.root)
             ok = name is not None and self.root.get_parameter(name).numel() == E
             return name if ok and not self._shared(name) else None
@@ -305,7 +306,7 @@ class NormRules:
             return []
         if node.op == "get_attr":
             return [("param", node)] if param_name(node, self.root) else []
-        if self._kept(node) or node.target is torch.ops.aten.expand.default:
+        if self._kept(node) or node.target in _EXPANDS:
             return self._leaves(node.args[0], E)
         if node.op != "call_function":
             return []

@@ -7,7 +7,7 @@ import operator
 
 import torch
 import torch.nn.functional as F
-from torch import fx, nn
+from torch import Tensor, fx, nn
 
 __all__ = [
     "CASTS",
@@ -88,6 +88,23 @@ POOL_FUNCS = {
     torch.avg_pool1d,
 }
 
+
+def slice_along(
+    x: Tensor, dim: int = 0, start: int | None = None, end: int | None = None, step: int = 1
+) -> Tensor:
+    """`aten.slice.Tensor` as a function of the same arguments: `x[start:end:step]` along
+    `dim` (how `torch.export` writes `x[..., :k]`)."""
+    index = [slice(None)] * x.ndim
+    index[dim] = slice(start, end, step)
+    return x[tuple(index)]
+
+
+def expand_to(x: Tensor, size: list[int], *, implicit: bool = False) -> Tensor:
+    """`aten.expand.default` as a function: `x.expand(size)` (the repeated entries are the
+    same values, so they carry the same labels)."""
+    return x.expand(size)
+
+
 VIEW_METHODS = {
     "view",
     "reshape",
@@ -102,6 +119,8 @@ VIEW_METHODS = {
     "view_as",
     "reshape_as",
     "movedim",
+    "expand",
+    "expand_as",
 }
 VIEW_FUNCS = {
     torch.flatten,
@@ -113,6 +132,8 @@ VIEW_FUNCS = {
     torch.t,
     torch.movedim,
     torch.unflatten,
+    slice_along,
+    expand_to,
 }
 
 _REASONS = {

@@ -360,6 +360,27 @@ class _RMSNoEps(nn.Module):
         return self.out(torch.relu(h * torch.rsqrt((h * h).mean(-1, keepdim=True)) * self.g))
 
 
+def negate(prop: Propagator, n: fx.Node, out: Tensor) -> Pair:
+    """`-x`: a sign commutes with every positive scale, so the scale labels pass unchanged.
+    Permutations are fixed: where negated entries meet entries of the same channels that
+    are not (rotary's `cat(-x2, x1)`), permuting the channels would move the sign."""
+    _, (s, p) = prop.first(n)
+    prop.L.fix_perms(p, n.name, "a negation: permuting its channels would move the sign")
+    return s, fixed(out)[1]
+
+
+class _Rotated(nn.Module):
+    """Half-rotation of hidden units (`cat(-x2, x1)`, as rotary embeddings write it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.out = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.a(x))
+        return self.out(torch.cat([-h[..., 2:], h[..., :2]], -1))
+
+
 class _Mixed(nn.Module):
     """A constant matrix (a buffer) mixing the tokens of a hidden layer."""
 
@@ -437,6 +458,14 @@ RULES = (
             *(k for k in _POWERS if not isinstance(k, str)),
         ),
         methods=("pow", *(k for k in _POWERS if isinstance(k, str))),
+    ),
+    Rule(
+        "negate",
+        "arithmetic",
+        negate,
+        (Example(lambda: (seeded(_Rotated), batch(64, 3)), 4, "one scale per ReLU unit: 4"),),
+        functions=(torch.neg, operator.neg),
+        methods=("neg", "__neg__"),
     ),
     Rule(
         "constant matmul",
