@@ -16,6 +16,7 @@ from ._attention import attention_from_graph, drop_key_compensation
 from ._build import build_factors
 from ._capture import export_graph
 from ._centering import link_centered
+from ._concat_gl import concat_gls
 from ._inputs import Call, as_call, find_inputs
 from ._kernel import link_kernels
 from ._linear_streams import StreamShiftFactor, fix_stream_labels, linear_streams, stream_factors
@@ -156,8 +157,9 @@ def _discover(model: nn.Module, call: Call) -> GaugeGroup:
     prop.L.drop_outputs_of(projections)
     streams = linear_streams(gm, model, prop.values)
     fix_stream_labels(streams, prop)
+    concat = concat_gls(gm, model, prop)
     factors, breakers = build_factors(prop.L, model)
-    factors = stream_factors(streams, model, factors)
+    factors = stream_factors(streams, model, factors) + concat
     shifted = frozenset(
         p for f in factors if isinstance(f, StreamShiftFactor) for p, _ in f.terms[0].writers
     )

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .._centering import centered_output
+from .._concat_gl import concat_gls
 from .._embeddings import embedding_sum_factors
 from .._kernel import kernel_factor
 from .._linear_streams import linear_streams
@@ -123,6 +124,22 @@ class _Bottleneck(nn.Module):
         return self.head(s)
 
 
+class _UpConcat(nn.Module):
+    """A U-Net level: a convolution and ReLU, max-pooled, a transposed convolution back up,
+    concatenated with the skip, then a convolution."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Conv2d(1, 2, 3, padding=1)
+        self.up = nn.ConvTranspose2d(2, 2, 2, stride=2)
+        self.dec = nn.Conv2d(4, 2, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a = torch.relu(self.enc(x))
+        u = self.up(torch.nn.functional.max_pool2d(a, 2))
+        return self.dec(torch.cat([u, a], 1))
+
+
 RULES = (
     Rule(
         "consecutive linear maps",
@@ -215,6 +232,20 @@ RULES = (
             ),
         ),
         where=_where(linear_streams, "between propagation and building the factors"),
+    ),
+    Rule(
+        "concatenated linear maps",
+        "patterns",
+        None,
+        (
+            Example(
+                lambda: (seeded(_UpConcat), batch(16, 1, 8, 8)),
+                6,
+                "one scale per ReLU unit (2), GL(2) between the transposed convolution and "
+                "the convolution reading its slice of the concatenation (4)",
+            ),
+        ),
+        where=_where(concat_gls, "between propagation and building the factors"),
     ),
     Rule(
         "residual-stream rotations",
