@@ -130,3 +130,13 @@ def test_no_gl_when_a_nonlinearity_reads_the_stream() -> None:
         one = copy.deepcopy(model)
         one.bn0.bias.add_(v)  # the stem's shift alone
         assert _err(one(X), model(X)) > 1e-3
+
+
+def test_canonicalize_keeps_the_function() -> None:
+    """The stream's `GL` has no canonical form yet (left where it is); the rest is
+    canonicalized, the BatchNorm writers' row scales anchored on their `γ`."""
+    model = _model()
+    out = gaugenet.canonicalize(model, example_inputs=X)
+    with torch.no_grad():
+        assert _err(out(X), model(X)) < 1e-10
+        assert torch.allclose(out.bn0.weight.abs(), torch.ones(3, dtype=torch.float64))
