@@ -12,12 +12,16 @@ eval-mode affine BatchNorm.
   bottlenecks: 1×1 projections with BatchNorm and no activation, read by the next blocks'
   1×1 expansions). It contains the stream's channel rescalings and permutations, which are
   fixed in the labels before the factors are built (`fix_stream_labels`).
-- A shift of one writer's bias (`StreamShiftFactor`, `R^c`): when every tensor it reaches
-  (the writer's output and the sums above it) is used only by sums of the stream and by
-  readers that absorb it: `b ↦ b + v`, each reader's bias (or its BatchNorm's `β`, times
-  `γ / σ`) `↦ − V v`, computed from the state it acts on. A foreign operand (a ReLU6 output
-  summed into the stream) does not prevent it. It declares the stream's `GL` (`moved_by`),
-  the rescalings of the writer's bias (`scaled_by`) and its permutations (`conjugates`).
+- Shifts of the writers' biases (`StreamShiftFactor`, `R^c` each): `b_w ↦ b_w + k_w v`
+  changes each stream tensor by `v` times the sum of `k_w` over the writers reaching it.
+  Readers that absorb a shift take it back (their bias, or their BatchNorm's `β` times
+  `γ / σ`, `↦ − k V v`, computed from the state acted on); every other use of a tensor (a
+  nonlinearity, the output, a padded reader) must see no change. One factor per vector
+  `k` of an exact basis of those constraints: each writer alone where all it reaches is
+  absorbed (MobileNetV2), the two BatchNorm shifts of a ResNet projection block opposite
+  (their sum feeds a ReLU). A foreign operand (a ReLU6 output summed into the stream) does
+  not prevent them. Each declares the stream's `GL` (`moved_by`), the rescalings of its
+  first writer's bias (`scaled_by`) and their permutations (`conjugates`).
 """
 
 from __future__ import annotations
