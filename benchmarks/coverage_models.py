@@ -1,7 +1,9 @@
 """The architectures of `coverage.py`: each row is `(name, build)`, `build()` giving a float64
 eval-mode model with random weights of unit gain and a batch that reaches every parameter
 (outputs outnumbering the parameters, so that the Jacobian's rank can show every
-redundancy)."""
+redundancy). The CNN rows take images and are calibrated on them (`coverage_images.py`):
+every parameter entry has an effect, every ReLU unit is active and inactive on them, and
+every ReLU6 unit also saturates."""
 
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from coverage_images import calibrate, images
 
 Build = Callable[[], tuple[nn.Module, Any]]
 G = torch.Generator().manual_seed(0)
@@ -37,8 +41,8 @@ def randomize(model: nn.Module) -> nn.Module:
     return model.double().eval()
 
 
-def _x(*shape: int) -> Tensor:
-    return torch.randn(*shape, generator=G, dtype=F64)
+def _x(*shape: int, generator: torch.Generator = G) -> Tensor:
+    return torch.randn(*shape, generator=generator, dtype=F64)
 
 
 def _ids(batch: int, length: int, vocab: int) -> Tensor:
@@ -327,8 +331,10 @@ class ResNet18(nn.Module):
         return self.head(F.adaptive_avg_pool2d(h, 1).flatten(1))
 
 
-def _vgg11() -> nn.Module:
-    cfg = [2, "M", 3, "M", 3, 3, "M", 4, 4, "M", 4, 4]
+def _vgg11(side: int = 64) -> nn.Module:
+    """VGG-11's layout (8 convolutions with ReLU, 5 max-pools, a 3-layer classifier on the
+    flattened last map), widths 2-4, for `side × side` inputs."""
+    cfg = [2, "M", 3, "M", 3, 3, "M", 4, 4, "M", 4, 4, "M"]
     layers: list[nn.Module] = []
     cin = 2
     for c in cfg:
@@ -337,7 +343,9 @@ def _vgg11() -> nn.Module:
         else:
             layers += [nn.Conv2d(cin, c, 3, padding=1), nn.ReLU()]
             cin = c
-    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(cin, 5), nn.ReLU(), nn.Linear(5, 3))
+    return nn.Sequential(
+        *layers, nn.Flatten(), nn.Linear(cin * (side // 32) ** 2, 5), nn.ReLU(), nn.Linear(5, 3)
+    )
 
 
 class InvertedResidual(nn.Module):
@@ -363,6 +371,8 @@ class InvertedResidual(nn.Module):
 
 
 def _mobilenet() -> nn.Module:
+    """MobileNetV2's layout: a strided stem, inverted residual blocks (linear bottlenecks,
+    one residual stream), a last 1×1 convolution with ReLU6, pooling, a linear head."""
     return nn.Sequential(
         nn.Conv2d(2, 3, 3, 2, 1, bias=False),
         nn.BatchNorm2d(3),
@@ -370,9 +380,12 @@ def _mobilenet() -> nn.Module:
         InvertedResidual(3, 3, 2, 1),
         InvertedResidual(3, 4, 2, 2),
         InvertedResidual(4, 4, 2, 1),
+        nn.Conv2d(4, 6, 1, bias=False),
+        nn.BatchNorm2d(6),
+        nn.ReLU6(),
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
-        nn.Linear(4, 3),
+        nn.Linear(6, 3),
     )
 
 
@@ -451,7 +464,19 @@ class Recurrent(nn.Module):
 
 
 def _m(make: Callable[[], nn.Module], *shape: int) -> Build:
-    return lambda: (randomize(make()), _x(*shape))
+    """A row of `make()` on standard normal inputs of `shape` (drawn from the row's own
+    generator: the same whichever rows run)."""
+    return lambda: (randomize(make()), _x(*shape, generator=torch.Generator().manual_seed(0)))
+
+
+def _cnn(make: Callable[[], nn.Module], *shape: int, spread: float | None = None) -> Build:
+    """A CNN row: `make()` on `images(*shape)`, calibrated on them (`coverage_images.py`)."""
+
+    def build() -> tuple[nn.Module, Any]:
+        x = images(*shape, seed=0)
+        return calibrate(randomize(make()), x, spread), x
+
+    return build
 
 
 TORCH_ROWS: list[tuple[str, Build]] = [
@@ -459,17 +484,17 @@ TORCH_ROWS: list[tuple[str, Build]] = [
     ("nn.TransformerEncoder (pre-norm)", _encoder(True)),
     ("nn.TransformerDecoderLayer (post-norm)", _decoder(False)),
     ("nn.TransformerDecoderLayer (pre-norm)", _decoder(True)),
-    ("ResNet-18 layout", _m(ResNet18, 600, 2, 16, 16)),
-    ("VGG-11 layout", _m(_vgg11, 400, 2, 16, 16)),
-    ("MobileNetV2 layout", _m(_mobilenet, 200, 2, 8, 8)),
-    ("depthwise-separable, ReLU", _m(lambda: _separable(nn.ReLU), 100, 2, 6, 6)),
-    ("depthwise-separable, ReLU6", _m(lambda: _separable(nn.ReLU6), 100, 2, 6, 6)),
+    ("ResNet-18 layout", _cnn(ResNet18, 600, 2, 16, 16)),
+    ("VGG-11 layout", _cnn(_vgg11, 700, 2, 64, 64)),
+    ("MobileNetV2 layout", _cnn(_mobilenet, 1500, 2, 16, 16, spread=8.0)),
+    ("depthwise-separable, ReLU", _cnn(lambda: _separable(nn.ReLU), 100, 2, 6, 6)),
+    ("depthwise-separable, ReLU6", _cnn(lambda: _separable(nn.ReLU6), 100, 2, 6, 6, spread=8.0)),
     ("GroupNorm CNN", _m(lambda: _normed_cnn(lambda c: nn.GroupNorm(2, c)), 100, 2, 6, 6)),
     (
         "InstanceNorm CNN",
         _m(lambda: _normed_cnn(lambda c: nn.InstanceNorm2d(c, affine=True)), 100, 2, 6, 6),
     ),
-    ("U-Net (transposed conv, upsampling, skips)", _m(UNet, 64, 1, 8, 8)),
+    ("U-Net (transposed conv, upsampling, skips)", _cnn(UNet, 64, 1, 16, 16)),
     ("SwiGLU MLP", _m(lambda: GatedMLP(F.silu), 40, 4)),
     ("GeGLU MLP", _m(lambda: GatedMLP(F.gelu), 40, 4)),
     ("LSTM", _m(lambda: Recurrent(nn.LSTM), 30, 5, 3)),

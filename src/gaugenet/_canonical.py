@@ -33,6 +33,7 @@ from ._tolerances import drift_tolerance, model_dtype, weight_tolerance
 from .discovery import symmetries
 from .groups import (
     AffineFactor,
+    BatchNormShift,
     Element,
     GaugeGroup,
     PermutationFactor,
@@ -150,7 +151,9 @@ def _unit_norm(f: RescalingFactor, state: State, kept: dict[str, int]) -> Tensor
 def _unit_anchor(f: RescalingFactor, state: State, kept: dict[str, int] | None = None) -> Tensor:
     """The scales making the anchor entries `±1`: the anchor is a term scaling a parameter
     no matrix factor touches with power 1, one entry per scale (a LayerNorm's `γ`, say).
-    Failing that, the columns of a parameter that matrix factors only rotate get unit norm."""
+    Failing that, the columns of a parameter that matrix factors only rotate get unit norm;
+    failing that, an eval BatchNorm's `γ` absorbing the scales (which a linear stream's
+    `GL` reads but keeps) is made `±1`."""
     for t in f.terms:
         if not isinstance(t, Scale) or t.power != 1:
             continue
@@ -166,6 +169,15 @@ def _unit_anchor(f: RescalingFactor, state: State, kept: dict[str, int] | None =
     a = _unit_norm(f, state, kept or {})
     if a is not None:
         return a
+    for t in f.terms:  # BatchNorm's `γ ↦ γ / α` (no matrix factor writes `γ`)
+        if not isinstance(t, BatchNormShift) or sorted(t.index.tolist()) != list(range(f.n)):
+            continue
+        vals = state[t.weight].double()
+        a = torch.empty(f.n, dtype=torch.float64)
+        a[t.index] = vals.abs()
+        if not (a > 0).all():
+            raise GaugeError(f"factor {f.name!r}: a zero entry of {t.weight} cannot be scaled to 1")
+        return a.to(state[t.weight].dtype)
     raise GaugeError(
         f"factor {f.name!r} rescales parameters of a matrix factor and has no anchor term "
         "to fix its gauge from"
@@ -230,7 +242,8 @@ def _element(group: GaugeGroup, state: State, params: set[str], gauge: Gauge) ->
         if isinstance(f, RescalingFactor) or f.name in shifts:
             continue
         fn = canonicalizer_for(f)
-        if fn is None:
+        if fn is None:  # no canonical form (a linear stream's GL): left where it is
+            g[f.name] = f.identity(next(iter(current.values())).dtype)
             continue
         g[f.name] = fn(f, current)
         current = f.apply(current, g[f.name])

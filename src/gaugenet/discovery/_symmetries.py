@@ -16,12 +16,15 @@ from ._attention import attention_from_graph, drop_key_compensation
 from ._build import build_factors
 from ._capture import export_graph
 from ._centering import link_centered
+from ._concat_gl import concat_gls
 from ._inputs import Call, as_call, find_inputs, without_cache
 from ._kernel import link_kernels
+from ._linear_streams import StreamShiftFactor, fix_stream_labels, linear_streams, stream_factors
 from ._meta import is_meta, meta_call, unchecked
 from ._propagate import Propagator
 from ._selfcheck import self_check
 from ._stream import stream_rotations, with_rotations
+from ._summed_biases import summed_bias_factors
 from ._trace import is_atomic, trace
 from ._unanalyzed import unanalyzed_breakers
 from .rules.recurrent import recurrent_bias_factors
@@ -152,7 +155,15 @@ def _discover(model: nn.Module, call: Call) -> GaugeGroup:
         ) from exc
     attn, attn_breakers, projections, keys = attention_from_graph(gm, model, prop.values)
     prop.L.drop_outputs_of(projections)
+    streams = linear_streams(gm, model, prop.values)
+    fix_stream_labels(streams, prop)
+    concat = concat_gls(gm, model, prop)
     factors, breakers = build_factors(prop.L, model)
+    factors = stream_factors(streams, model, factors) + concat
+    shifted = frozenset(
+        p for f in factors if isinstance(f, StreamShiftFactor) for p, _ in f.terms[0].writers
+    )
+    factors = summed_bias_factors(gm, model, prop.values, factors, shifted)
     factors = drop_key_compensation(factors + attn, model, keys)
     factors = with_rotations(factors, stream_rotations(gm, model, prop.values))
     breakers += attn_breakers

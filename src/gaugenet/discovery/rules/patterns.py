@@ -11,11 +11,14 @@ import torch
 from torch import Tensor, nn
 
 from .._centering import centered_output
+from .._concat_gl import concat_gls
 from .._embeddings import embedding_sum_factors
 from .._kernel import kernel_factor
+from .._linear_streams import linear_streams
 from .._norm_rules import NormRules
 from .._shifts import layernorm_shift
 from .._stream import stream_rotations
+from .._summed_biases import summed_bias_factors
 from ._examples import batch, seeded, token_ids
 from ._rule import Example, Rule
 from .linear import consecutive_linear
@@ -77,6 +80,64 @@ class _Stream(nn.Module):
         x = self.emb(ids)
         x = x + self.down(torch.relu(self.up(self._rms(x, self.g1))))
         return self.head(self._rms(x, self.g2))
+
+
+def _random_bn(*bns: nn.Module) -> None:
+    with torch.no_grad():
+        for bn in bns:
+            bn.running_mean.uniform_(-0.3, 0.3)
+            bn.running_var.uniform_(0.5, 1.5)
+            nn.init.uniform_(bn.weight, 0.5, 1.5)
+            nn.init.uniform_(bn.bias, -0.3, 0.3)
+
+
+class _Shortcut(nn.Module):
+    """A residual block of linear layers with a projection shortcut: `Linear, ReLU, Linear`
+    summed with a linear projection of the input, then a ReLU and a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l0, self.l1 = nn.Linear(3, 4), nn.Linear(4, 3)
+        self.proj, self.head = nn.Linear(3, 3), nn.Linear(3, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.l1(torch.relu(self.l0(x)))
+        return self.head(torch.relu(h + self.proj(x)))
+
+
+class _Bottleneck(nn.Module):
+    """A linear residual stream: a stem convolution with BatchNorm (no activation) writes it,
+    one inverted residual block reads it (1×1 expansion, BatchNorm, ReLU) and writes back
+    (1×1 projection, BatchNorm, no activation), a 1×1 head with a bias reads the sum."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(2, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3)
+        self.expand, self.bn_e = nn.Conv2d(3, 4, 1, bias=False), nn.BatchNorm2d(4)
+        self.project, self.bn1 = nn.Conv2d(4, 3, 1, bias=False), nn.BatchNorm2d(3)
+        self.head = nn.Conv2d(3, 4, 1)
+        _random_bn(self.bn0, self.bn_e, self.bn1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = self.bn0(self.stem(x))
+        s = s + self.bn1(self.project(torch.relu(self.bn_e(self.expand(s)))))
+        return self.head(s)
+
+
+class _UpConcat(nn.Module):
+    """A U-Net level: a convolution and ReLU, max-pooled, a transposed convolution back up,
+    concatenated with the skip, then a convolution."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Conv2d(1, 2, 3, padding=1)
+        self.up = nn.ConvTranspose2d(2, 2, 2, stride=2)
+        self.dec = nn.Conv2d(4, 2, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a = torch.relu(self.enc(x))
+        u = self.up(torch.nn.functional.max_pool2d(a, 2))
+        return self.dec(torch.cat([u, a], 1))
 
 
 RULES = (
@@ -141,6 +202,50 @@ RULES = (
             ),
         ),
         where=_where(embedding_sum_factors, f"from `{NormRules.__qualname__}.embedding_sum`"),
+    ),
+    Rule(
+        "summed biases",
+        "patterns",
+        None,
+        (
+            Example(
+                # seed 1: under seed 0 a hidden unit's weights leave part of `l1` unread
+                lambda: (seeded(_Shortcut, seed=1), batch(256, 3)),
+                10,
+                "one scale per unit of the first ReLU (4) and of the second (3), the biases "
+                "moved between the two summed branches (3)",
+            ),
+        ),
+        where=_where(summed_bias_factors, "after the factors are built"),
+    ),
+    Rule(
+        "linear residual streams",
+        "patterns",
+        None,
+        (
+            Example(
+                lambda: (seeded(_Bottleneck), batch(24, 2, 5, 5)),
+                29,
+                "GL(3) of the stream (9), each BatchNorm writer's shift taken back by the "
+                "readers it reaches (3 + 3), the rows of the three 1×1-or-stem convolutions "
+                "against their BatchNorms (3 + 4 + 3), one scale per ReLU unit (4)",
+            ),
+        ),
+        where=_where(linear_streams, "between propagation and building the factors"),
+    ),
+    Rule(
+        "concatenated linear maps",
+        "patterns",
+        None,
+        (
+            Example(
+                lambda: (seeded(_UpConcat), batch(16, 1, 8, 8)),
+                6,
+                "one scale per ReLU unit (2), GL(2) between the transposed convolution and "
+                "the convolution reading its slice of the concatenation (4)",
+            ),
+        ),
+        where=_where(concat_gls, "between propagation and building the factors"),
     ),
     Rule(
         "residual-stream rotations",
