@@ -350,7 +350,8 @@ def test_value_bias_shift_under_rotary_and_grouped_queries(kv_heads, gen):
     """Rotary attention with value and output biases (StarCoder2): softmax weights sum to
     one, so a shift of each key-value head's value bias is taken back by the output bias
     (`b_o - W_o u`, `u` read by every query head of its group). Found, kept by random
-    elements of the whole group, and its tangents lie in ker J."""
+    elements of the whole group, and its tangents lie in ker J. Under grouped queries the
+    LayerNorm kernel and the output centering are kept too (they used to be dropped)."""
     transformers = pytest.importorskip("transformers")
     cfg = transformers.Starcoder2Config(
         vocab_size=24,
@@ -369,9 +370,23 @@ def test_value_bias_shift_under_rotary_and_grouped_queries(kv_heads, gen):
     group = gaugenet.symmetries(model, x)
     shifts = [f for f in group.factors if f.name.endswith("value_shift")]
     assert [f.dim for f in shifts] == [kv_heads * 4] * 2
+    # the input LayerNorm's kernel (rows of q, k, v) and o_proj's outputs along 1 compose
+    # with the query-key and value-output elements, repeated over a group's query heads
+    dims = {f.name: f.dim for f in group.factors}
+    for i in range(2):
+        assert dims[f"ln_kernel:layers.{i}.input_layernorm"] == 8 + 2 * 4 * kv_heads
+        assert dims[f"center:layers.{i}.self_attn.o_proj"] == 9
     for _ in range(3):
         moved = group.act(model, group.sample(gen))
         assert gaugenet.invariance_error(model, moved, x) < 1e-12
+    # the composition law, where shifts are moved past the repeated blocks
+    g, h = group.sample(gen), group.sample(gen)
+    both = group.act(group.act(model, g), h)
+    assert gaugenet.invariance_error(group.act(model, group.compose(g, h)), both, x) < 1e-12
+    back = group.act(group.act(model, g), group.inverse(g))
+    assert gaugenet.invariance_error(model, back, x) < 1e-12
+    state, orig = dict(back.named_parameters()), dict(model.named_parameters())
+    assert max(float((state[k] - orig[k]).abs().max()) for k in orig) < 1e-10
     report = gaugenet.certify(model, x["input_ids"], group=group, method="checks")
     assert report.verdict == "right" and report.worst_residual < 1e-12
     # negative: the value bias shifted without the output bias taking it back

@@ -157,15 +157,22 @@ def _link_one(f: CenteredOutputFactor, factors: list) -> CenteredOutputFactor | 
         if isinstance(g, AffineFactor):
             return None
         if isinstance(g, (GLFactor, AlgebraFactor)):
-            if any(isinstance(t, Repeat) or t.stride != 1 for t in g.terms):
-                return None  # one element on several blocks: not a column-block move
-            for t in g.terms:
+            for term in g.terms:
+                # a repeated term (grouped queries) moves `times` consecutive column blocks
+                # by each element block: one declaration per repetition, `times·d` apart
+                t, times = (term.term, term.times) if isinstance(term, Repeat) else (term, 1)
+                if getattr(t, "stride", 1) != 1:
+                    return None  # heads interleaved in the columns: not a column-block move
                 if t.param == s.bias:
                     return None
                 if t.param == s.weight:
                     if t.axis != s.in_axis:
                         return None
-                    moved.append((g.name, t.mode, t.offset))
+                    if times == 1:
+                        moved.append((g.name, t.mode, t.offset))
+                    else:
+                        step = times * g.d
+                        moved += [(g.name, t.mode, t.offset + r * g.d, step) for r in range(times)]
             continue
         if not hasattr(g, "terms"):
             return None

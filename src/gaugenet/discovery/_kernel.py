@@ -229,22 +229,31 @@ def _link_one(k: LayerNormKernelFactor, factors: list) -> LayerNormKernelFactor 
         if isinstance(f, AffineFactor):
             return None
         if isinstance(f, (GLFactor, AlgebraFactor)):
-            if any(isinstance(t, Repeat) or t.stride != 1 for t in f.terms):
-                return None  # one element on several blocks: not a row-block move
-            for t in f.terms:
+            for term in f.terms:
+                # a repeated term (grouped queries) applies each element block to `times`
+                # consecutive row blocks: one declaration per repetition, blocks `times·d`
+                # apart
+                t, times = (term.term, term.times) if isinstance(term, Repeat) else (term, 1)
+                if getattr(t, "stride", 1) != 1:
+                    return None  # heads interleaved in the rows: not a row-block move
                 mine = [(s, off) for s, off in zip(kern.slots, offsets) if s.weight == t.param]
                 if not mine:
                     continue
                 if t.axis != mine[0][0].out_axis:
                     return None
-                end = t.offset + f.b * f.d
+                end = t.offset + f.b * f.d * times
                 inside = [(s, off) for s, off in mine if s.start <= t.offset and end <= s.stop]
                 if not inside:
                     if all(end <= s.start or s.stop <= t.offset for s, _ in mine):
                         continue  # rows no slot holds (a cross-attention's keys): untouched
                     return None
                 s, off = inside[0]
-                moved.append((f.name, t.mode, off + t.offset - s.start))
+                start = off + t.offset - s.start
+                if times == 1:
+                    moved.append((f.name, t.mode, start))
+                else:
+                    step = times * f.d
+                    moved += [(f.name, t.mode, start + r * f.d, step) for r in range(times)]
             continue
         if not hasattr(f, "terms"):
             return None

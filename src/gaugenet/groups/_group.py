@@ -213,12 +213,15 @@ class GaugeGroup:
                 a = self._by_name[name].scales(a)  # its element is `z`, `α = exp(B z)`
             ext = torch.cat([a, torch.ones(1, dtype=a.dtype)])
             v = v * ext[m].to(v.dtype) ** (power[0] if power else 1)
-        for name, mode, *offset in f.moved_by if moved else ():
+        for name, mode, *where in f.moved_by if moved else ():
             g = scales[name]
-            b, d, o = g.shape[0], g.shape[-1], (offset[0] if offset else 0)
-            blk = v[o : o + b * d].reshape(b, d, 1)
-            moved = (_mode_matrix(g.to(v.dtype), mode) @ blk).reshape(-1)
-            v = torch.cat([v[:o], moved, v[o + b * d :]])
+            b, d = g.shape[0], g.shape[-1]
+            o = where[0] if where else 0
+            step = where[1] if len(where) > 1 else d  # blocks `step` apart (repeated heads)
+            idx = o + step * torch.arange(b)[:, None] + torch.arange(d)[None, :]
+            moved = (_mode_matrix(g.to(v.dtype), mode) @ v[idx].unsqueeze(-1)).squeeze(-1)
+            v = v.clone()
+            v[idx] = moved
         return v
 
     def exp(self, xi: Tensor) -> Element:

@@ -68,7 +68,10 @@ class TranslationFactor(AdditiveFactor):
     group applies rescalings first and translations last, and composes accordingly (a
     semidirect product), see `GaugeGroup.compose`. Either declaration may carry a third
     entry: a `power` for `scaled_by` (the shift is scaled by `α[m] ** power`) and an
-    `offset` for `moved_by` (the blocks start at entry `offset` of the shift, not at 0).
+    `offset` for `moved_by` (the blocks start at entry `offset` of the shift, not at 0), and
+    a fourth, `step`: the blocks lie `step` entries apart instead of back to back (one element
+    block acting on each of several repeated blocks, as for the query heads of one key-value
+    group, is one declaration per repetition).
     """
 
     n: int = 0
