@@ -186,9 +186,11 @@ def jacobian_of(fm: FlatModel) -> Tensor:
         return jac
     with torch.no_grad():
         n_out = fm.f(fm.theta).numel()
-    for transform in (torch.func.jacfwd, torch.func.jacrev):
-        if transform is torch.func.jacfwd and fm.theta.numel() >= n_out:
-            continue
+    # forward mode when parameters are fewer than outputs, reverse mode otherwise or after
+    transforms = [torch.func.jacrev]
+    if fm.theta.numel() < n_out:
+        transforms.insert(0, torch.func.jacfwd)
+    for transform in transforms:
         try:
             return transform(fm.f)(fm.theta)
         except NotImplementedError:  # an operation without forward-mode derivative

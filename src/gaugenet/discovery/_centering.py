@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ..groups import AffineFactor, GLFactor, PermutationFactor, TranslationFactor
-from ..groups._algebra import AlgebraFactor, Repeat
+from ..groups._algebra import AlgebraFactor, block_moves, unrepeated
 from ..groups._base import AbstractFactor, State
 from ._linear import Linear
 from ._monomials import unscaled_index
@@ -158,9 +158,7 @@ def _link_one(f: CenteredOutputFactor, factors: list) -> CenteredOutputFactor | 
             return None
         if isinstance(g, (GLFactor, AlgebraFactor)):
             for term in g.terms:
-                # a repeated term (grouped queries) moves `times` consecutive column blocks
-                # by each element block: one declaration per repetition, `times·d` apart
-                t, times = (term.term, term.times) if isinstance(term, Repeat) else (term, 1)
+                t, times = unrepeated(term)  # grouped queries: one block on `times` blocks
                 if getattr(t, "stride", 1) != 1:
                     return None  # heads interleaved in the columns: not a column-block move
                 if t.param == s.bias:
@@ -168,11 +166,7 @@ def _link_one(f: CenteredOutputFactor, factors: list) -> CenteredOutputFactor | 
                 if t.param == s.weight:
                     if t.axis != s.in_axis:
                         return None
-                    if times == 1:
-                        moved.append((g.name, t.mode, t.offset))
-                    else:
-                        step = times * g.d
-                        moved += [(g.name, t.mode, t.offset + r * g.d, step) for r in range(times)]
+                    moved += block_moves(g.name, t.mode, t.offset, g.d, times)
             continue
         if not hasattr(g, "terms"):
             return None

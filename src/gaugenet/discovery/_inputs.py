@@ -7,6 +7,7 @@ always `(args, kwargs)`.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -39,8 +40,6 @@ def without_cache(model: nn.Module, call: Call) -> Call:
     transformed model reads its own transformed cache. Returned as an output, it would also
     stop `torch.export`, which cannot flatten the cache object.
     """
-    import inspect
-
     args, kwargs = call
     try:
         params = inspect.signature(model.forward).parameters

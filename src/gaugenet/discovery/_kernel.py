@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..groups import AffineFactor, GLFactor, PermutationFactor, TranslationFactor
-from ..groups._algebra import AlgebraFactor, Repeat
+from ..groups._algebra import AlgebraFactor, block_moves, unrepeated
 from ..groups._base import AbstractFactor, State
 from ._monomials import unscaled_index
 from ._relink import relink
@@ -230,10 +230,7 @@ def _link_one(k: LayerNormKernelFactor, factors: list) -> LayerNormKernelFactor 
             return None
         if isinstance(f, (GLFactor, AlgebraFactor)):
             for term in f.terms:
-                # a repeated term (grouped queries) applies each element block to `times`
-                # consecutive row blocks: one declaration per repetition, blocks `times·d`
-                # apart
-                t, times = (term.term, term.times) if isinstance(term, Repeat) else (term, 1)
+                t, times = unrepeated(term)  # grouped queries: one block on `times` blocks
                 if getattr(t, "stride", 1) != 1:
                     return None  # heads interleaved in the rows: not a row-block move
                 mine = [(s, off) for s, off in zip(kern.slots, offsets) if s.weight == t.param]
@@ -248,12 +245,7 @@ def _link_one(k: LayerNormKernelFactor, factors: list) -> LayerNormKernelFactor 
                         continue  # rows no slot holds (a cross-attention's keys): untouched
                     return None
                 s, off = inside[0]
-                start = off + t.offset - s.start
-                if times == 1:
-                    moved.append((f.name, t.mode, start))
-                else:
-                    step = times * f.d
-                    moved += [(f.name, t.mode, start + r * f.d, step) for r in range(times)]
+                moved += block_moves(f.name, t.mode, off + t.offset - s.start, f.d, times)
             continue
         if not hasattr(f, "terms"):
             return None

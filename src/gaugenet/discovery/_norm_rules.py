@@ -31,8 +31,7 @@ from ._shifts import layernorm_shift
 __all__ = ["NormRules"]
 
 #: picking tokens (not features): a reader of the picked rows still reads the LayerNorm
-_EXPANDS = {torch.ops.aten.expand.default, expand_to}
-_TOKEN_PICKS = {torch.ops.aten.select.int, torch.ops.aten.slice.Tensor, slice_along}
+_TOKEN_PICKS = {torch.ops.aten.select.int, slice_along}  # export's slices are renamed
 
 
 class NormRules:
@@ -284,7 +283,7 @@ class NormRules:
         of one row, or the bias of a channels-last convolution."""
         if not isinstance(seg, fx.Node) or len(seg.users) != 1:
             return None
-        if seg.target in _EXPANDS:
+        if seg.target is expand_to:
             name = param_name(seg.args[0], self.root)
             ok = name is not None and self.root.get_parameter(name).numel() == E
             return name if ok and not self._shared(name) else None
@@ -306,7 +305,7 @@ class NormRules:
             return []
         if node.op == "get_attr":
             return [("param", node)] if param_name(node, self.root) else []
-        if self._kept(node) or node.target in _EXPANDS:
+        if self._kept(node) or node.target is expand_to:
             return self._leaves(node.args[0], E)
         if node.op != "call_function":
             return []

@@ -14,6 +14,7 @@ that share a key-value head under grouped-query attention).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -21,7 +22,7 @@ from torch import Tensor
 from ._base import AbstractFactor, State
 from ._matrix import MatTerm, random_gl, singular_block
 
-__all__ = ["AlgebraFactor", "Repeat", "commutant_basis"]
+__all__ = ["AlgebraFactor", "Repeat", "block_moves", "commutant_basis", "unrepeated"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,21 @@ class Repeat:
 
     def __call__(self, new: State, g: Tensor) -> None:
         self.term(new, g.repeat_interleave(self.times, 0))
+
+
+def unrepeated(term: Any) -> tuple[Any, int]:
+    """`(inner term, times)` of a `Repeat`; any other term once."""
+    return (term.term, term.times) if isinstance(term, Repeat) else (term, 1)
+
+
+def block_moves(name: str, mode: str, start: int, d: int, times: int = 1) -> list[tuple]:
+    """The `moved_by` declarations of a shift whose blocks from entry `start` are moved by
+    the element blocks of factor `name` (`d × d`, `mode` as in `MatTerm`), each element
+    block acting on `times` consecutive blocks (a `Repeat`): one declaration per repetition,
+    its blocks `times·d` apart (see `TranslationFactor`)."""
+    if times == 1:
+        return [(name, mode, start)]
+    return [(name, mode, start + r * d, times * d) for r in range(times)]
 
 
 @dataclass(eq=False)

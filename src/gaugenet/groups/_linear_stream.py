@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ._base import AbstractFactor, State
-from ._matrix import MatTerm, random_gl, singular_block
+from ._base import State
+from ._matrix import BlockGL, MatTerm
 
 __all__ = ["ConjugatedRows", "LinearStreamFactor"]
 
@@ -57,43 +57,12 @@ class ConjugatedRows:
 
 
 @dataclass(eq=False)
-class LinearStreamFactor(AbstractFactor):
-    """`GL(c)` of a linear residual stream (see the module docstring). Element: `(1, c, c)`."""
+class LinearStreamFactor(BlockGL):
+    """`GL(c)` of a linear residual stream (see the module docstring). Element: `(1, c, c)`
+    (`b` stays 1)."""
 
-    d: int = 0
     terms: tuple[ConjugatedRows | MatTerm, ...] = field(default=(), kw_only=True)
     log_cond: float = field(default=2.0, kw_only=True)
-
-    def __post_init__(self) -> None:
-        self.kind = "gl"
-
-    @property
-    def dim(self) -> int:
-        return self.d * self.d
-
-    def identity(self, dtype=torch.float64) -> Tensor:
-        return torch.eye(self.d, dtype=dtype).unsqueeze(0)
-
-    def sample(self, generator=None, dtype=torch.float64, scale=0.5) -> Tensor:
-        return random_gl(1, self.d, generator=generator, dtype=dtype, log_cond=4 * scale)
-
-    def compose(self, a: Tensor, b: Tensor) -> Tensor:
-        return a @ b
-
-    def inverse(self, a: Tensor) -> Tensor:
-        self.validate(a)
-        return torch.linalg.inv(a)
-
-    def exp(self, xi: Tensor) -> Tensor:
-        return torch.linalg.matrix_exp(xi.reshape(1, self.d, self.d))
-
-    def validate(self, a: Tensor) -> None:
-        if a.shape != (1, self.d, self.d):
-            raise self._fail(f"expected shape (1, {self.d}, {self.d}), got {tuple(a.shape)}")
-        self._check_finite(a)
-        why = singular_block(a)
-        if why is not None:
-            raise self._fail(why)
 
     def params(self) -> tuple[str, ...]:
         out: list[str] = []

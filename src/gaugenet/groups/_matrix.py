@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ._base import AbstractFactor, State
 
-__all__ = ["AffineFactor", "AffineTerm", "GLFactor", "MatTerm", "random_gl"]
+__all__ = ["AffineFactor", "AffineTerm", "BlockGL", "GLFactor", "MatTerm", "random_gl"]
 
 Mode = Literal["G", "inv", "T", "invT"]
 
@@ -90,14 +90,13 @@ class MatTerm:
 
 
 @dataclass(eq=False)
-class GLFactor(AbstractFactor):
-    """`b` independent copies of `GL(d)` (one per head, say). Element: `(b, d, d)`."""
+class BlockGL(AbstractFactor):
+    """The group operations of `b` independent copies of `GL(d)`: element `(b, d, d)`,
+    composed by matrix product (a right action), identity, sampling, inverse, exponential
+    and validation. `GLFactor` and `LinearStreamFactor` act through different terms."""
 
     d: int = 0
     b: int = 1
-    terms: tuple[MatTerm, ...] = field(default=(), kw_only=True)
-    #: sampled condition numbers are at most `exp(log_cond)`
-    log_cond: float = field(default=2.0, kw_only=True)
 
     def __post_init__(self) -> None:
         self.kind = "gl"
@@ -129,6 +128,15 @@ class GLFactor(AbstractFactor):
         why = singular_block(a)
         if why is not None:
             raise self._fail(why)
+
+
+@dataclass(eq=False)
+class GLFactor(BlockGL):
+    """`b` independent copies of `GL(d)` (one per head, say). Element: `(b, d, d)`."""
+
+    terms: tuple[MatTerm, ...] = field(default=(), kw_only=True)
+    #: sampled condition numbers are at most `exp(log_cond)`
+    log_cond: float = field(default=2.0, kw_only=True)
 
     def params(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(t.param for t in self.terms))

@@ -22,17 +22,23 @@ if TYPE_CHECKING:
 __all__ = ["RULES"]
 
 
-def view(prop: Propagator, n: fx.Node, out: Tensor) -> Pair:
-    """The same view of the label maps (`nn.Flatten`, `x.view(...)`, `torch.permute`, ...)."""
-    _, (s, p) = prop.first(n)
+def _on_labels(prop: Propagator, n: fx.Node, s: Tensor, p: Tensor) -> tuple[Any, Any]:
+    """The node's own operation (module, method or function, with its other arguments)
+    applied to the label maps `s` and `p` instead of the values."""
     if n.op == "call_module":
         m = prop.submodule(n)
         return m(s), m(p)
     args = [prop.env[a] if isinstance(a, fx.Node) else a for a in n.args[1:]]
+    kwargs = {k: prop.env[v] if isinstance(v, fx.Node) else v for k, v in n.kwargs.items()}
     if n.op == "call_method":
-        kwargs = {k: prop.env[v] if isinstance(v, fx.Node) else v for k, v in n.kwargs.items()}
         return getattr(s, n.target)(*args, **kwargs), getattr(p, n.target)(*args, **kwargs)
-    return n.target(s, *args, **n.kwargs), n.target(p, *args, **n.kwargs)
+    return n.target(s, *args, **kwargs), n.target(p, *args, **kwargs)
+
+
+def view(prop: Propagator, n: fx.Node, out: Tensor) -> Pair:
+    """The same view of the label maps (`nn.Flatten`, `x.view(...)`, `torch.permute`, ...)."""
+    _, (s, p) = prop.first(n)
+    return _on_labels(prop, n, s, p)
 
 
 def passthrough(prop: Propagator, n: fx.Node, out: Tensor) -> Pair:
@@ -53,12 +59,7 @@ def split(prop: Propagator, n: fx.Node, out: Any) -> tuple[list[Tensor], list[Te
     entries (the same split of the label maps), as lists that `getitem` picks from; a
     packed projection (`gate_up_proj`) split in two keeps each half's scales."""
     _, (s, p) = prop.first(n)
-    args = [prop.env[a] if isinstance(a, fx.Node) else a for a in n.args[1:]]
-    kwargs = {k: prop.env[v] if isinstance(v, fx.Node) else v for k, v in n.kwargs.items()}
-    if n.op == "call_method":
-        parts = getattr(s, n.target)(*args, **kwargs), getattr(p, n.target)(*args, **kwargs)
-    else:
-        parts = n.target(s, *args, **kwargs), n.target(p, *args, **kwargs)
+    parts = _on_labels(prop, n, s, p)
     if len(parts[0]) != len(out) or any(a.shape != b.shape for a, b in zip(parts[0], out)):
         raise Unsupported(f"{n.name}: the parts of the labels do not match the values")
     return list(parts[0]), list(parts[1])
