@@ -235,3 +235,43 @@ def test_dead_unit_behind_a_functional_relu_is_named() -> None:
     report = gaugenet.certify(model, x)
     assert report.unexplained > 0
     assert any("dead" in c and c.startswith("relu") for c in report.causes), report.causes
+
+
+class _Twice(nn.Module):
+    """One `nn.Linear` called twice (a weight-tied recurrence written as a loop), ReLU
+    between, then a readout."""
+
+    def __init__(self, bias: bool) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4, bias=bias)
+        self.b = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(torch.relu(self.a(x)))))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_module_called_twice_is_a_tie(bias: bool) -> None:
+    """Two calls of one module are two uses of its parameters: the tie is solved like one
+    between two names. Without biases `a ↦ c a`, `b.weight ↦ b.weight / c²` survives (the
+    hidden scales of the calls are `c` and `c²`); the shared bias would need `c = c²`, so
+    with it nothing does. `certify` finds the group complete in either case (seed 1: every
+    ReLU unit is both on and off on these inputs)."""
+    torch.manual_seed(1)
+    model = _Twice(bias).double()
+    x = torch.randn(200, 4, dtype=torch.float64)
+    group = gaugenet.symmetries(model, x)
+    assert group.dim == (0 if bias else 1)
+    report = gaugenet.certify(model, x, group=group)
+    assert report.verdict == "complete" and report.unexplained == 0
+    if not bias:
+        (joint,) = group.factors
+        moved = group.act(model, {joint.name: torch.tensor([0.6], dtype=torch.float64)})
+        assert gaugenet.invariance_error(model, moved, x) < 1e-12
+        assert not torch.allclose(moved.a.weight, model.a.weight)
+        # negative: the readout divided by c instead of c² changes the outputs
+        wrong = copy.deepcopy(model)
+        with torch.no_grad():
+            wrong.a.weight.mul_(1.5)
+            wrong.b.weight.div_(1.5)
+        assert gaugenet.invariance_error(model, wrong, x) > 1e-3

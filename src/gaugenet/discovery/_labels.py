@@ -49,6 +49,9 @@ class Labels:
     perm_terms: list[tuple] = field(default_factory=list)
     links: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # (scale ids, perm ids)
     param_users: dict[int, list[tuple[str, str]]] = field(default_factory=dict)
+    #: index in `scale_terms` -> the graph node whose rule recorded it (one parameter used
+    #: by several nodes, e.g. a module called twice, has one set of records per node)
+    term_node: dict[int, str] = field(default_factory=dict)
     #: factors found directly from the graph (GL between linears, absorbed bias shifts)
     extra: list = field(default_factory=list)
     #: monomial ids: `u_m = Σ e u_v`, as `m -> {v: e}` (see the module doc)

@@ -35,6 +35,8 @@ class Propagator(NormRules, fx.Interpreter):
         self.removed_memo: dict[fx.Node, bool] = {}
         #: every node's value on the example inputs (the attention pass probes paths with them)
         self.values: dict[fx.Node, Any] = {}
+        #: the node being dispatched (its rules' parameter uses are recorded under it)
+        self._current: str | None = None
 
     # -- plumbing -------------------------------------------------------------------------
     def lab(self, a: Any) -> Pair | None:
@@ -45,10 +47,22 @@ class Propagator(NormRules, fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
         self.values[n] = out
+        self._current = n.name
+        if n.op == "call_module":
+            # every call of a module is a use of its parameters: a module called twice shares
+            # them between two operations (a tie, see `_tied.py`)
+            prefix = f"{n.target}."
+            for pname, _ in self.submodule(n).named_parameters():
+                self.use_param(prefix + pname, n.name)
+        start = len(self.L.scale_terms)
         try:
             self.env_labels[n] = self.rule(n, out)
         except Unsupported as exc:
             self.env_labels[n] = self.break_all(n, out, str(exc))
+        finally:
+            self._current = None
+        for k in range(start, len(self.L.scale_terms)):
+            self.L.term_node[k] = n.name
         return out
 
     def _labeled_input(self, n: fx.Node) -> bool:
@@ -62,8 +76,14 @@ class Propagator(NormRules, fx.Interpreter):
         return fixed(out) if is_float(out) else None
 
     def use_param(self, name: str, node: str) -> None:
+        """Record that the graph node being dispatched reads parameter `name` (`node`, the
+        rule's name for it, is kept only outside a dispatch): two uses are two graph nodes,
+        even when both calls of one module carry its name."""
         p = self.root.get_parameter(name)
-        self.L.param_users.setdefault(id(p), []).append((name, node))
+        node = self._current or node
+        uses = self.L.param_users.setdefault(id(p), [])
+        if (name, node) not in uses:
+            uses.append((name, node))
 
     def submodule(self, n: fx.Node) -> nn.Module:
         """The module a `call_module` node calls."""

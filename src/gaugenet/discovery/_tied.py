@@ -108,13 +108,15 @@ def tied_rescalings(L: Labels, model: nn.Module) -> list[JointRescalingFactor]:
     size = sum(shapes[n].numel() * (len(names) - 1) for names in ties for n in names[:1])
     if size * len(col) > MAX_CONSTRAINTS:
         return []
-    rows = []
+    rows, later = [], set()
     for names in ties:
+        uses = _uses(L, names)
         per_use = []
-        for name in names:
-            recs = [(roots(rec[1]), rec[2]) for rec in L.scale_terms if rec[0] == name]
+        for name, ks in uses:
+            recs = [(roots(L.scale_terms[k][1]), L.scale_terms[k][2]) for k in ks]
             per_use.append(_exponents(recs, shapes[name].shape, colmap, len(col)))
         rows += [torch.unique(u - per_use[0], dim=0) for u in per_use[1:]]
+        later |= {k for _, ks in uses[1:] for k in ks}
     for row in eqs:
         dense = torch.zeros(1, len(col), dtype=torch.float64)
         for r, e in row.items():
@@ -130,8 +132,9 @@ def tied_rescalings(L: Labels, model: nn.Module) -> list[JointRescalingFactor]:
     lut = torch.full((len(L.parent) + 1,), len(col), dtype=torch.long)
     for r, k in col.items():
         lut[find == r] = k
-    secondary = {n for names in ties for n in names[1:]}
-    terms = terms_of(L.scale_terms, lut, len(col), skip=secondary)
+    # a tied parameter is written once, through its first use
+    first = [rec for k, rec in enumerate(L.scale_terms) if k not in later]
+    terms = terms_of(first, lut, len(col))
     terms += [Alias(names[0], a) for names in ties for a in names[1:]]
     scaled = [t.param for t in terms if isinstance(t, Scale)]
     modules = tuple(dict.fromkeys(p.rpartition(".")[0] for p in scaled))
@@ -141,6 +144,21 @@ def tied_rescalings(L: Labels, model: nn.Module) -> list[JointRescalingFactor]:
     for r in col:
         L.union(FIXED, r)
     return [JointRescalingFactor(name, basis=basis, terms=tuple(terms), modules=modules)]
+
+
+def _uses(L: Labels, names: list[str]) -> list[tuple[str, list[int]]]:
+    """The uses of one tied tensor, `(name, record indices)`, per name in the order of
+    `names` and per graph node that recorded scale terms for it (a module called twice: one
+    name, two nodes). A name with no records is one use with none (its entries keep scale
+    1); the first use is the one the factor writes, the aliases copy it."""
+    out: list[tuple[str, list[int]]] = []
+    for name in names:
+        per_node: dict[str | None, list[int]] = {}
+        for k, rec in enumerate(L.scale_terms):
+            if rec[0] == name:
+                per_node.setdefault(L.term_node.get(k), []).append(k)
+        out += [(name, ks) for ks in per_node.values()] or [(name, [])]
+    return out
 
 
 def _reaching(eqs: list[dict], involved: set[int]) -> list[dict]:
