@@ -148,3 +148,28 @@ def test_reglu_noether_charges_are_conserved() -> None:
     w = params["gate.weight"]
     dg = torch.autograd.grad((w[0] ** 2).sum(), w)[0]
     assert abs(float((dg * grad[list(params).index("gate.weight")]).sum())) > 1e-6
+
+
+@pytest.mark.parametrize("act", [F.silu, F.gelu], ids=["SwiGLU", "GeGLU"])
+def test_gated_mlp_permutes_its_hidden_units(act) -> None:
+    """The hidden units of a gated MLP can be permuted: gate and up rows and down columns
+    together. The gate's scales are fixed by the nonlinearity and the up branch's are free;
+    the permutation conjugates the up rescaling. A permutation of the gate rows alone (up
+    and down left in place) changes the outputs."""
+    model, x = _model(act)
+    group = gaugenet.symmetries(model, x)
+    (perm,) = [f for f in group.factors if f.kind == "permutation"]
+    order = torch.tensor([3, 1, 0, 5, 4, 2])
+    moved = group.act(model, {perm.name: order})
+    assert torch.equal(moved.gate.weight, model.gate.weight[order])
+    assert torch.equal(moved.down.weight, model.down.weight[:, order])
+    assert gaugenet.invariance_error(model, moved, x) < 1e-13
+    # composed with the rescaling, both orders of the two factors agree
+    g = group.sample(torch.Generator().manual_seed(3))
+    g[perm.name] = order
+    assert gaugenet.invariance_error(model, group.act(model, g), x) < 1e-12
+    wrong = Gated(act).to(F64)
+    wrong.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        wrong.gate.weight.copy_(model.gate.weight[order])
+    assert gaugenet.invariance_error(model, wrong, x) > 1e-2

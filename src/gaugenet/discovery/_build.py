@@ -143,24 +143,32 @@ def _perm_factors(
         if not ok:
             continue
         # conjugation with rescaling factors: item c owns scale entry m[c]
+        # A tensor's scales on these channels are either all fixed (a permutation moves
+        # ones onto ones) or all free; each free factor must see every channel once, so a
+        # permutation of the channels is a permutation of its scales. Channels with fixed
+        # scales in one tensor and free ones in another (a gate after a nonlinearity times
+        # an up projection) are fine.
         maps: dict[int, dict[int, int]] = defaultdict(dict)
-        fixed_items = set()
         for sflat, roots_l, chans_l in linked:
             sel = (roots_l == R).nonzero().reshape(-1)
+            fixed_here = free_here = False
             for v, c in zip(sflat[sel].tolist(), chans_l[sel].tolist()):
                 if v in L.claimed:  # a monomial factor's: its conjugation is not derived
                     ok = False
                 root = L.find(v)
                 if root == FIXED:
-                    fixed_items.add(c)
+                    fixed_here = True
                     continue
+                free_here = True
                 f, k = where[root]
                 if maps[f].get(c, k) != k:
                     ok = False
                 maps[f][c] = k
+            if fixed_here and free_here:
+                ok = False
         conjugates = []
         for f, mp in maps.items():
-            if len(mp) != n or len(set(mp.values())) != n or fixed_items:
+            if len(mp) != n or len(set(mp.values())) != n:
                 ok = False
                 break
             conjugates.append((scale_factors[f].name, torch.tensor([mp[c] for c in range(n)])))
