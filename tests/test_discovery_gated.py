@@ -173,3 +173,29 @@ def test_gated_mlp_permutes_its_hidden_units(act) -> None:
     with torch.no_grad():
         wrong.gate.weight.copy_(model.gate.weight[order])
     assert gaugenet.invariance_error(model, wrong, x) > 1e-2
+
+
+def test_reglu_permutation_conjugates_the_exponent_factor() -> None:
+    """ReGLU's hidden units permute too, beside its exponent factor: the permutation
+    re-indexes the entries of `z` each unit owns (the up rows' and the product's), so
+    composing and inverting elements that mix both stay exact."""
+    model, x = _model(F.relu)
+    group = gaugenet.symmetries(model, x)
+    (perm,) = [f for f in group.factors if f.kind == "permutation"]
+    (mono,) = [f for f in group.factors if isinstance(f, MonomialScaleFactor)]
+    assert {name for name, _ in perm.conjugates} == {mono.name}
+    assert len(perm.conjugates) == 2  # two entries of z per hidden unit
+    gen = torch.Generator().manual_seed(4)
+    g, h = group.sample(gen), group.sample(gen)
+    g[perm.name], h[perm.name] = torch.tensor([3, 1, 0, 5, 4, 2]), torch.tensor([1, 2, 0, 4, 5, 3])
+    both = group.act(group.act(model, g), h)
+    assert gaugenet.invariance_error(model, both, x) < 1e-12
+    composed = group.act(model, group.compose(g, h))
+    for (name, a), b in zip(both.named_parameters(), composed.parameters()):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12), name
+    back = group.act(group.act(model, g), group.inverse(g))
+    for a, b in zip(back.parameters(), model.parameters()):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+    # negative: the exponent element left un-permuted (conjugation skipped) is not g∘h
+    naive = group.act(model, {**group.compose(g, h), mono.name: g[mono.name] + h[mono.name]})
+    assert max((a - b).abs().max() for a, b in zip(naive.parameters(), both.parameters())) > 1e-3

@@ -149,12 +149,21 @@ def _perm_factors(
         # scales in one tensor and free ones in another (a gate after a nonlinearity times
         # an up projection) are fine.
         maps: dict[int, dict[int, int]] = defaultdict(dict)
-        for sflat, roots_l, chans_l in linked:
+        # a monomial factor's entries owned by channels, per linked tensor (classes whose
+        # scale is a product of entries follow from the others)
+        mono: dict[tuple[int, str], dict[int, int]] = defaultdict(dict)
+        for li, (sflat, roots_l, chans_l) in enumerate(linked):
             sel = (roots_l == R).nonzero().reshape(-1)
             fixed_here = free_here = False
             for v, c in zip(sflat[sel].tolist(), chans_l[sel].tolist()):
-                if v in L.claimed:  # a monomial factor's: its conjugation is not derived
-                    ok = False
+                if v in L.claimed:
+                    hit = L.mono_of.get(v)
+                    if hit is None:  # a tie's joint factor: its conjugation is not derived
+                        ok = False
+                    elif hit[1] is not None:
+                        mono[(li, hit[0])][c] = hit[1]
+                    free_here = True
+                    continue
                 root = L.find(v)
                 if root == FIXED:
                     fixed_here = True
@@ -172,6 +181,14 @@ def _perm_factors(
                 ok = False
                 break
             conjugates.append((scale_factors[f].name, torch.tensor([mp[c] for c in range(n)])))
+        seen = set()
+        for (_, fname), mp in mono.items():
+            key = (fname, tuple(sorted(mp.items())))
+            if len(mp) != n or len(set(mp.values())) != n:
+                ok = False
+            elif key not in seen:
+                seen.add(key)
+                conjugates.append((fname, torch.tensor([mp[c] for c in range(n)])))
         if not ok or not terms:
             continue
         modules = tuple(dict.fromkeys(_module_of(t.param) for t in terms))

@@ -150,11 +150,28 @@ def monomial_factors(L: Labels) -> list[MonomialScaleFactor]:
         if any(g.name == f.name for g in factors):
             f.name = f"{f.name}#{len(factors)}"
         factors.append(f)
+        _record_elements(L, f, sorted(cols), root_t)
     # the ids these factors took over (permutations conjugating them are not followed)
     L.claimed |= {i for i, r in enumerate(root_t.tolist()[:-1]) if r in comp}
     for r in comp:
         L.union(FIXED, r)
     return factors
+
+
+def _record_elements(
+    L: Labels, f: MonomialScaleFactor, cols: list[int], root_t: torch.Tensor
+) -> None:
+    """`L.mono_of` for every id of `f`'s classes (`cols`, sorted as `f.basis`' rows): the
+    element entry a class owns where its row of `B` is a unit vector."""
+    nz = f.basis != 0
+    owner: dict[int, tuple[str, int | None]] = {}
+    for k, c in enumerate(cols):
+        row = f.basis[k]
+        unit = int(nz[k].sum()) == 1 and float(row[nz[k]].item()) == 1.0
+        owner[c] = (f.name, int(nz[k].nonzero()[0]) if unit else None)
+    for i, r in enumerate(root_t.tolist()[:-1]):
+        if r in owner:
+            L.mono_of[i] = owner[r]
 
 
 def _factor(

@@ -151,7 +151,15 @@ def _product(prop: Propagator, n: fx.Node, la: Pair, lb: Pair, out: Tensor, sign
     if sign < 0 and bool((sb == ZERO).any()):
         raise Unsupported("division by a tensor with zero entries")
     L.align(qa, qb, n.name)
-    return combine(L, sa, sb, sign, n.name), torch.where(qa != ZERO, qa, qb).clone()
+    scale, perm = combine(L, sa, sb, sign, n.name), torch.where(qa != ZERO, qa, qb).clone()
+    # the product's scale per channel, when it has one: a permutation of the channels
+    # re-indexes the exponents of the product too (see `_build._perm_factors`)
+    scols, pcols = L.per_channel(scale, -1), L.per_channel(perm, -1)
+    if all(len(c) == 1 for c in scols) and all(len(c) == 1 for c in pcols):
+        L.links.append(
+            (torch.tensor([int(c[0]) for c in scols]), torch.tensor([int(c[0]) for c in pcols]))
+        )
+    return scale, perm
 
 
 def combine(L: Labels, sa: Tensor, sb: Tensor, sign: int, node: str) -> Tensor:
