@@ -164,14 +164,14 @@ def _record_elements(
     """`L.mono_of` for every id of `f`'s classes (`cols`, sorted as `f.basis`' rows): the
     element entry a class owns where its row of `B` is a unit vector."""
     nz = f.basis != 0
-    owner: dict[int, tuple[str, int | None]] = {}
-    for k, c in enumerate(cols):
-        row = f.basis[k]
-        unit = int(nz[k].sum()) == 1 and float(row[nz[k]].item()) == 1.0
-        owner[c] = (f.name, int(nz[k].nonzero()[0]) if unit else None)
-    for i, r in enumerate(root_t.tolist()[:-1]):
-        if r in owner:
-            L.mono_of[i] = owner[r]
+    unit = (nz.sum(1) == 1) & ((f.basis * nz).sum(1) == 1)
+    entry = torch.where(unit, nz.to(torch.int64).argmax(1), -1)  # (m,)
+    row_of = torch.full((int(root_t.max()) + 1,), -1, dtype=torch.long)
+    row_of[torch.tensor(cols)] = torch.arange(len(cols))
+    rows = row_of[root_t[:-1]]
+    ids = (rows >= 0).nonzero().flatten()
+    for i, j in zip(ids.tolist(), entry[rows[ids]].tolist()):
+        L.mono_of[i] = (f.name, j if j >= 0 else None)
 
 
 def _factor(
