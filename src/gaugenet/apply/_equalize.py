@@ -231,7 +231,14 @@ def equalizing_element(
             continue
         signs = torch.randint(0, 2, (f.d,), generator=g).to(h.dtype) * 2 - 1
         cur = elem.get(f.name, f.identity(torch.float64))
-        for q in (h, signs[:, None] * h):
+        candidates = (h, signs[:, None] * h)
+        if f.fixes_ones:
+            # `H diag(s) H` with `s₀ = 1` keeps `1` (`H` symmetric, its first column `1/√d`)
+            # and spreads every feature over the others: two random sign patterns
+            pats = torch.randint(0, 2, (2, f.d), generator=g).to(h.dtype) * 2 - 1
+            pats[:, 0] = 1
+            candidates = tuple(h @ (p[:, None] * h) for p in pats)
+        for q in candidates:
             # through the group's own action, in its order of factors: a rotation need not
             # commute with the rescalings already chosen, and `equalize` applies `act`
             cand = {**elem, f.name: f.compose(cur, q)}

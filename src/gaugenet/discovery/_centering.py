@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from ..groups import AffineFactor, GLFactor, PermutationFactor, TranslationFactor
 from ..groups._algebra import AlgebraFactor, block_moves, unrepeated
 from ..groups._base import AbstractFactor, State
+from ..groups._orthogonal import OrthogonalFactor
 from ._linear import Linear
 from ._monomials import unscaled_index
 from ._relink import relink
@@ -156,6 +157,8 @@ def _link_one(f: CenteredOutputFactor, factors: list) -> CenteredOutputFactor | 
             return None
         if isinstance(g, AffineFactor):
             return None
+        if isinstance(g, OrthogonalFactor) and g.fixes_ones:
+            continue  # a stream rotation keeping `1`: `Qᵀ(b + c 1) = Qᵀ b + c 1`
         if isinstance(g, (GLFactor, AlgebraFactor)):
             for term in g.terms:
                 t, times = unrepeated(term)  # grouped queries: one block on `times` blocks

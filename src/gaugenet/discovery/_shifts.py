@@ -104,6 +104,18 @@ class IntoLinears:
         return (self.param, *(p for w, b, _ in self.consumers for p in (w, b)), *self.residual)
 
 
+@dataclass(frozen=True)
+class GainIntoLinears(IntoLinears):
+    """`IntoLinears` of the shift `γ ⊙ u` (`γ = state[gain]`, the LayerNorm's weight): in
+    these coordinates the shift commutes with the LayerNorm's own rescaling and a rotation
+    of its stream moves `u` by `Qᵀ` alone, whatever `γ` is."""
+
+    gain: str = ""
+
+    def __call__(self, new: State, v: Tensor) -> None:
+        super().__call__(new, v.to(new[self.param].dtype) * new[self.gain])
+
+
 class AbsorbedShiftFactor(TranslationFactor):
     """A `TranslationFactor` whose terms move a bias into the next layer."""
 
@@ -117,7 +129,10 @@ class AbsorbedShiftFactor(TranslationFactor):
 
     def canonical(self, state: State) -> Tensor:
         """The shift that zeroes the bias (BatchNorm's `β` absorbs it): the canonical gauge."""
-        return -state[self.terms[0].param]
+        t = self.terms[0]
+        if isinstance(t, GainIntoLinears):
+            return -state[t.param] / state[t.gain]
+        return -state[t.param]
 
 
 class GroupShiftFactor(AbsorbedShiftFactor):

@@ -2,14 +2,19 @@
 
 Starting from each embedding lookup, the stream is followed through the graph: casts keep
 it, a residual sum with the output of a linear map (that nothing else reads) extends it and
-records that map as a writer, and an RMS normalization reads it: `x · rsqrt(mean(x²) + ε)`
-(the per-token factor computed from the stream alone), then a per-feature gain `γ`, whose
-product only linear maps read. Any other use (the model's output, a LayerNorm, a
-nonlinearity) means the stream's basis is seen, and no rotation is claimed.
+records that map as a writer (or another embedding table, a position table added to the
+tokens'), and normalizations read it: an RMS normalization `x · rsqrt(mean(x²) + ε)` (the
+per-token factor computed from the stream alone), then a per-feature gain `γ`, whose product
+only linear maps read; or an `nn.LayerNorm` over the features whose output only linear maps
+read. A LayerNorm subtracts the mean, so the rotation must keep `1` (the subgroup
+`O(d − 1)`); its readers take `γ` conjugated as after RMSNorm, and its `β` becomes
+`β diag(γ)⁻¹ Q diag(γ)`. Any other use (the model's output, a nonlinearity) means the
+stream's basis is seen, and no rotation is claimed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 from typing import Any
 
@@ -17,9 +22,17 @@ import torch
 from torch import fx, nn
 
 from ..groups import PermutationFactor
-from ..groups._orthogonal import ConjugatedColumns, OrthogonalFactor, RotateColumns, RotateRows
+from ..groups._orthogonal import (
+    ConjugatedColumns,
+    ConjugatedRow,
+    OrthogonalFactor,
+    RotateColumns,
+    RotateRows,
+)
+from ._embeddings import TableShiftFactor
 from ._linear import param_name
 from ._ops import CASTS, METADATA_OPS, graph_users
+from ._shifts import AbsorbedShiftFactor, GainIntoLinears, IntoLinears
 
 __all__ = ["stream_rotations", "with_rotations"]
 
@@ -27,6 +40,10 @@ aten = torch.ops.aten
 _ADD = {torch.add, operator.add, aten.add.Tensor}
 _MUL = {torch.mul, operator.mul, aten.mul.Tensor}
 _NORM_OPS = {aten.pow.Tensor_Scalar, torch.mean, aten.mean.dim, aten.rsqrt.default, *_ADD}
+
+
+#: tensor attributes that say nothing about the values
+_META_ATTRS = {"dtype", "shape", "device", "ndim"}
 
 
 class _NotAStream(Exception):
@@ -53,6 +70,16 @@ def with_rotations(factors: list, rotations: list[OrthogonalFactor]) -> list:
     rotations too, and would not compose with the orthogonal element by reindexing)."""
     if not rotations:
         return factors
+    # A LayerNorm's `β` moved into its readers' biases (a shift factor) does not commute
+    # with the rotation, which conjugates `β` by `γ` (the shift would have to be carried
+    # past it, through `γ`): such a stream keeps its shifts and permutations instead.
+    unique: dict[frozenset, OrthogonalFactor] = {}
+    for r in rotations:  # one stream reached from each of its tables: once
+        unique.setdefault(frozenset(t.param for t in r.terms), r)
+    rotations = list(unique.values())
+    # a vector moved between two rotated tables turns with them (`v ↦ Bᵀ Qᵀ B v`), and a
+    # LayerNorm's shift into its readers' biases, written as `γ ⊙ u`, by `u ↦ Qᵀ u`
+    factors = [_moved_by_rotation(f, rotations, factors) for f in factors]
     tables = {r.table for r in rotations}
     kept = [
         f
@@ -76,28 +103,43 @@ def _follow(emb: fx.Node, root: nn.Module) -> OrthogonalFactor | None:
     d = root.get_submodule(str(emb.target)).embedding_dim
     stream, frontier = {emb}, [emb]
     writers: list[str] = []
-    readers: list[tuple[str, str]] = []  # (reader weight, gain)
+    tables = [table]
+    readers: list = []  # reader terms
+    centered = False  # read through a LayerNorm: the rotation must keep `1`
     while frontier:
         n = frontier.pop()
         for u in list(n.users):
             if u in stream or (u.op == "call_function" and u.target in METADATA_OPS):
                 continue
+            if u.op == "call_function" and u.target is getattr and u.args[1] in _META_ATTRS:
+                continue  # `x.dtype`, `x.shape`: reads no value
             if u.op == "output":
                 raise _NotAStream(u.name)
-            if u.op == "call_function" and u.target in CASTS:
+            if (u.op == "call_function" and u.target in CASTS) or _identity(u, root):
                 stream.add(u)
                 frontier.append(u)
             elif u.op == "call_function" and u.target in _ADD:
                 other = u.args[1] if u.args[0] is n else u.args[0]
                 m = _module(root, other)
+                found = None if other in stream else _writers(other, root, d)
                 if other in stream:
                     pass
-                elif isinstance(m, nn.Linear) and len(other.users) == 1 and m.out_features == d:
-                    writers.append(str(other.target))
+                elif found is not None:
+                    writers += found
+                elif _added_table(other, m, d):  # a position table added to the tokens'
+                    tables.append(f"{other.target}.weight")
+                    stream.add(other)
                 else:
                     raise _NotAStream(u.name)
                 stream.add(u)
                 frontier.append(u)
+            elif (
+                u.op == "call_module"
+                and isinstance(_module(root, u), nn.LayerNorm)
+                and u.args[0] is n
+            ):
+                readers += _layernorm_readers(u, root, d)
+                centered = True
             elif u.op == "call_function" and u.target is aten.pow.Tensor_Scalar:
                 if u.args[1] != 2:
                     raise _NotAStream(u.name)
@@ -107,19 +149,108 @@ def _follow(emb: fx.Node, root: nn.Module) -> OrthogonalFactor | None:
                 raise _NotAStream(u.name)
     if not readers:
         return None
-    terms: list = [RotateColumns(table)]
+    terms: list = [RotateColumns(t) for t in tables]
     for w in writers:
         terms.append(RotateRows(f"{w}.weight"))
         if root.get_submodule(w).bias is not None:
             terms.append(RotateRows(f"{w}.bias"))
-    terms += [ConjugatedColumns(w, g) for w, g in readers]
+    terms += [r if not isinstance(r, tuple) else ConjugatedColumns(*r) for r in readers]
     touched = [t.param for t in terms]
     if len(set(touched)) != len(touched):
         return None  # a tied table read and written: the two actions disagree
     mods = tuple(dict.fromkeys(p.rpartition(".")[0] for p in touched))
     return OrthogonalFactor(
-        f"rotation:{emb.target}", d, terms=tuple(terms), modules=mods, table=table
+        f"rotation:{emb.target}",
+        d,
+        terms=tuple(terms),
+        modules=mods,
+        table=table,
+        fixes_ones=centered,
     )
+
+
+def _moved_by_rotation(f: Any, rotations: list[OrthogonalFactor], factors: list) -> Any:
+    """`f` with the rotation declared in `moved_by` where it does not commute with it: a
+    vector moved between two embedding tables that one rotation turns (a
+    `TableShiftFactor`), or the shift of a LayerNorm's `β` that the rotation conjugates
+    (rewritten as `γ ⊙ u`, which also commutes with the LayerNorm's rescaling)."""
+    if isinstance(f, TableShiftFactor):
+        for r in rotations:
+            turned = {t.param for t in r.terms if isinstance(t, RotateColumns)}
+            if r.fixes_ones and set(f.params()) <= turned:
+                return dataclasses.replace(f, moved_by=(*f.moved_by, (r.name, "Tc")))
+        return f
+    if not isinstance(f, AbsorbedShiftFactor) or len(f.terms) != 1:
+        return f
+    t = f.terms[0]
+    if type(t) is not IntoLinears or t.residual:
+        return f
+    for r in rotations:
+        gain = next(
+            (c.gain for c in r.terms if isinstance(c, ConjugatedRow) and c.param == t.param), None
+        )
+        if gain is None:
+            continue
+        term = GainIntoLinears(t.param, t.consumers, t.residual, t.transposed, t.pending, gain)
+        scales_gain = {g.name for g in factors if gain in g.params()}
+        return dataclasses.replace(
+            f,
+            terms=(term,),
+            scaled_by=tuple(e for e in f.scaled_by if e[0] not in scales_gain),
+            moved_by=(*f.moved_by, (r.name, "T")),
+        )
+    return f
+
+
+def _writers(n: Any, root: nn.Module, d: int) -> list[str] | None:
+    """The linear maps whose outputs (each read only here) sum to `n`, through dropout and
+    sums (a parallel block's `attention + MLP`); `None` if `n` is anything else."""
+    if not isinstance(n, fx.Node) or len(n.users) != 1:
+        return None
+    if _identity(n, root):
+        return _writers(n.args[0], root, d)
+    m = _module(root, n)
+    if isinstance(m, nn.Linear) and m.out_features == d:
+        return [str(n.target)]
+    if n.op == "call_function" and n.target in _ADD and len(n.args) == 2 and not n.kwargs:
+        parts = [_writers(a, root, d) for a in n.args]
+        return None if any(p is None for p in parts) else [w for p in parts for w in p]
+    return None
+
+
+def _identity(n: Any, root: nn.Module) -> bool:
+    """`n` passes its input on unchanged: `nn.Identity`, or dropout in eval mode."""
+    m = _module(root, n)
+    if isinstance(m, nn.Identity):
+        return True
+    return isinstance(m, nn.modules.dropout._DropoutNd) and (not m.training or m.p == 0)
+
+
+def _added_table(other: Any, m: nn.Module | None, d: int) -> bool:
+    """`other` is the lookup of another embedding table of width `d` that only this sum
+    reads (GPT-2's and OPT's positions)."""
+    return isinstance(m, nn.Embedding) and m.embedding_dim == d and len(other.users) == 1
+
+
+def _layernorm_readers(ln: fx.Node, root: nn.Module, d: int) -> list:
+    """A LayerNorm over the `d` features whose output only linear maps read: their terms
+    (columns conjugated by `γ`, or rotated when it has none) and `β`'s."""
+    m = root.get_submodule(str(ln.target))
+    if tuple(m.normalized_shape) != (d,):
+        raise _NotAStream(ln.name)
+    name = str(ln.target)
+    gain = f"{name}.weight" if m.weight is not None else None
+    out: list = []
+    if m.bias is not None:
+        out.append(ConjugatedRow(f"{name}.bias", gain) if gain else RotateColumns(f"{name}.bias"))
+    y = _skip_casts(ln)
+    for u in graph_users(y):
+        r = _module(root, u)
+        if not isinstance(r, nn.Linear) or u.args[0] is not y:
+            raise _NotAStream(u.name)
+        w = f"{u.target}.weight"
+        out.append((w, gain) if gain else RotateColumns(w))
+    return out
 
 
 def _rms_readers(mul: fx.Node, x: fx.Node, root: nn.Module, d: int) -> list[tuple[str, str]]:

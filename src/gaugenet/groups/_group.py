@@ -215,11 +215,14 @@ class GaugeGroup:
             v = v * ext[m].to(v.dtype) ** (power[0] if power else 1)
         for name, mode, *where in f.moved_by if moved else ():
             g = scales[name]
-            b, d = g.shape[0], g.shape[-1]
+            if g.ndim == 2:  # an orthogonal factor's element: one block
+                g = g.unsqueeze(0)
+            mat = _mode_matrix(g.to(v.dtype), mode)
+            b, d = mat.shape[0], mat.shape[-1]
             o = where[0] if where else 0
             step = where[1] if len(where) > 1 else d  # blocks `step` apart (repeated heads)
             idx = o + step * torch.arange(b)[:, None] + torch.arange(d)[None, :]
-            moved = (_mode_matrix(g.to(v.dtype), mode) @ v[idx].unsqueeze(-1)).squeeze(-1)
+            moved = (mat @ v[idx].unsqueeze(-1)).squeeze(-1)
             v = v.clone()
             v[idx] = moved
         return v

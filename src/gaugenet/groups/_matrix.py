@@ -12,7 +12,7 @@ from ._base import AbstractFactor, State
 
 __all__ = ["AffineFactor", "AffineTerm", "BlockGL", "GLFactor", "MatTerm", "random_gl"]
 
-Mode = Literal["G", "inv", "T", "invT"]
+Mode = Literal["G", "inv", "T", "invT", "Tc"]
 
 
 def random_gl(
@@ -45,6 +45,11 @@ def singular_block(a: Tensor) -> str | None:
 def _mode_matrix(g: Tensor, mode: Mode) -> Tensor:
     if mode == "G":
         return g
+    if mode == "Tc":  # `Bᵀ Gᵀ B`: `Gᵀ` in coordinates of `1^⊥` (`G` keeps `1`)
+        from ._orthogonal import complement_basis
+
+        b = complement_basis(g.shape[-1], g.dtype)
+        return b.T @ g.transpose(-1, -2) @ b
     if mode == "T":
         return g.transpose(-1, -2)
     inv = torch.linalg.inv(g)

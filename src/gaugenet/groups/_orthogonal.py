@@ -25,6 +25,7 @@ from ._canonical_hooks import register_canonicalizer
 
 __all__ = [
     "ConjugatedColumns",
+    "ConjugatedRow",
     "OrthogonalFactor",
     "RotateColumns",
     "RotateRows",
@@ -76,29 +77,54 @@ class ConjugatedColumns:
         new[self.param] = (p * g) @ q.to(p.dtype) / g
 
 
+@dataclass(frozen=True)
+class ConjugatedRow:
+    """`param ↦ param diag(γ)⁻¹ Q diag(γ)` with `γ = state[gain]` (a LayerNorm's shift `β`
+    `(d,)`, so that readers conjugated by `ConjugatedColumns` still see `β`)."""
+
+    param: str
+    gain: str
+
+    def __call__(self, new: State, q: Tensor) -> None:
+        p = new[self.param]
+        g = new[self.gain].to(p.dtype)
+        new[self.param] = (p / g) @ q.to(p.dtype) * g
+
+
 @dataclass(eq=False)
 class OrthogonalFactor(AbstractFactor):
-    """`O(d)` acting on one residual stream through `terms`."""
+    """`O(d)` acting on one residual stream through `terms`; with `fixes_ones`, the subgroup
+    `O(d − 1)` of the `Q` with `Q 1 = 1` (a stream read through LayerNorms, which subtract
+    the mean: `LN(x Q) = LN(x) Q` only when `Q` keeps `1`)."""
 
     d: int = 0
     terms: tuple = field(default=(), kw_only=True)
     #: the embedding table whose principal axes give the canonical form (or `None`)
     table: str | None = field(default=None, kw_only=True)
+    fixes_ones: bool = field(default=False, kw_only=True)
 
     def __post_init__(self) -> None:
         self.kind = "orthogonal"
 
     @property
     def dim(self) -> int:
-        return self.d * (self.d - 1) // 2
+        m = self.d - 1 if self.fixes_ones else self.d
+        return m * (m - 1) // 2
+
+    def _embed(self, r: Tensor) -> Tensor:
+        """`11ᵀ/d + B R Bᵀ` for `R` `(d − 1, d − 1)`, `B` the complement basis of `1`."""
+        b = complement_basis(self.d, r.dtype)
+        return torch.full((self.d, self.d), 1.0 / self.d, dtype=r.dtype) + b @ r @ b.T
 
     def identity(self, dtype=torch.float64) -> Tensor:
         return torch.eye(self.d, dtype=dtype)
 
     def sample(self, generator=None, dtype=torch.float64, scale=0.5) -> Tensor:
-        z = torch.randn(self.d, self.d, generator=generator, dtype=torch.float64)
+        m = self.d - 1 if self.fixes_ones else self.d
+        z = torch.randn(m, m, generator=generator, dtype=torch.float64)
         q, r = torch.linalg.qr(z)
-        return (q * torch.sign(torch.diagonal(r))).to(dtype)
+        q = q * torch.sign(torch.diagonal(r))
+        return (self._embed(q) if self.fixes_ones else q).to(dtype)
 
     def compose(self, a: Tensor, b: Tensor) -> Tensor:
         return a @ b
@@ -108,10 +134,12 @@ class OrthogonalFactor(AbstractFactor):
         return a.transpose(-1, -2)
 
     def exp(self, xi: Tensor) -> Tensor:
-        iu = torch.triu_indices(self.d, self.d, 1)
-        s = torch.zeros(self.d, self.d, dtype=xi.dtype)
-        s[iu[0], iu[1]] = xi
-        return torch.linalg.matrix_exp(s - s.T)
+        m = self.d - 1 if self.fixes_ones else self.d
+        iu = torch.triu_indices(m, m, 1)
+        s = torch.zeros(m, m, dtype=xi.dtype)
+        s = s.index_put((iu[0], iu[1]), xi)
+        r = torch.linalg.matrix_exp(s - s.T)
+        return self._embed(r) if self.fixes_ones else r
 
     def validate(self, a: Tensor) -> None:
         if a.shape != (self.d, self.d):
@@ -122,12 +150,18 @@ class OrthogonalFactor(AbstractFactor):
         tol = 1e-10 if a.dtype == torch.float64 else 1e-5
         if err > tol:
             raise self._fail(f"element is not orthogonal (|QᵀQ − I| = {float(err):.2e})")
+        if self.fixes_ones:
+            moved = (a64.sum(1) - 1).abs().max()
+            if moved > tol:
+                raise self._fail(
+                    f"element does not fix the all-ones vector (|Q1 − 1| = {float(moved):.2e})"
+                )
 
     def params(self) -> tuple[str, ...]:
         out = []
         for t in self.terms:
             out.append(t.param)
-            if isinstance(t, ConjugatedColumns):
+            if isinstance(t, (ConjugatedColumns, ConjugatedRow)):
                 out.append(t.gain)
         return tuple(dict.fromkeys(out))
 
@@ -139,11 +173,13 @@ class OrthogonalFactor(AbstractFactor):
         if self.table is None:
             return self.identity()
         e = state[self.table].double()
+        if self.fixes_ones:  # the same within `1^⊥`: `E B R` for `Q = 11ᵀ/d + B R Bᵀ`
+            e = e @ complement_basis(self.d)
         _, u = torch.linalg.eigh(e.T @ e)
         u = u.flip(-1)
         sign = torch.sign(((e @ u) ** 3).sum(0))
         sign[sign == 0] = 1
-        return u * sign
+        return self._embed(u * sign) if self.fixes_ones else u * sign
 
 
 def _canonical(f: OrthogonalFactor, state: State) -> Tensor:

@@ -71,7 +71,8 @@ class TranslationFactor(AdditiveFactor):
     `offset` for `moved_by` (the blocks start at entry `offset` of the shift, not at 0), and
     a fourth, `step`: the blocks lie `step` entries apart instead of back to back (one element
     block acting on each of several repeated blocks, as for the query heads of one key-value
-    group, is one declaration per repetition).
+    group, is one declaration per repetition). An `OrthogonalFactor`'s element `(d, d)` is
+    one block; mode `"Tc"` moves a shift written in coordinates of `1^⊥` (`Bᵀ Qᵀ B`).
     """
 
     n: int = 0
