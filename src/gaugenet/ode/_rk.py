@@ -24,6 +24,8 @@ import torch
 from torch import Tensor
 
 from .._errors import GaugeError
+from ._rk_backend import numpy_stages
+from ._rk_numpy import NumpyStage
 from ._rk_stages import BufferedStage, TrackedStage
 from ._wilson_checks import check_field
 
@@ -111,7 +113,8 @@ def rk_lines(
     The field is evaluated once per step, at all stage times of the batch. Without autograd
     the stages, the stage inputs and the lines live in buffers made once (`BufferedStage`):
     each stage is one combination and one product written in place, and an accepted step
-    swaps two buffers instead of copying.
+    swaps two buffers instead of copying; a single line on the CPU runs them on numpy's BLAS
+    where that is measured faster (`NumpyStage`, `_rk_backend`).
     """
     nodes, rows, errors = _tableau(t0.dtype, t0.device)
     B, L = t0.shape[0], t1 - t0
@@ -132,7 +135,10 @@ def rk_lines(
     scale = float(K0.detach().abs().amax()) * unit if K0.numel() else 0.0
     # A first step from the field's size (8th order: error ~ (h |w|)^9, aimed at rtol).
     h = min(1.0, 0.5 * rtol ** (1.0 / 9.0) / max(scale, 1e-12)) if steps is None else 1 / steps
-    step = TrackedStage(K0, rows) if track else BufferedStage(K0, rows)
+    if track:
+        step = TrackedStage(K0, rows)
+    else:
+        step = NumpyStage(K0, rows, errors) if numpy_stages(K0) else BufferedStage(K0, rows)
     sigma, total, taken = 0.0, 0.0, 0
     while sigma < 1.0:
         check(taken, sigma)

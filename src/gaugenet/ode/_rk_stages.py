@@ -5,8 +5,9 @@ and one product `K_i = w(t + c_i h) Y_i`. `BufferedStage` (no autograd) keeps th
 the stage input and the lines in buffers made once for all steps and writes every
 combination and product in place (fresh whole-batch tensors would cost an allocation and
 cold memory per stage); with a single `d × d` line the products are plain `mm` calls, which
-skip the batched kernel's dispatch. `TrackedStage` builds the same step from new tensors so
-that autograd can differentiate through it.
+skip the batched kernel's dispatch. `NumpyStage` (`_rk_numpy`) is the same for a single line
+on the CPU with numpy's BLAS, where that is measured faster (`_rk_backend`). `TrackedStage`
+builds the same step from new tensors so that autograd can differentiate through it.
 """
 
 from __future__ import annotations
