@@ -20,6 +20,7 @@ import math
 from collections.abc import Callable
 from functools import cache
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -124,7 +125,8 @@ def rk_lines(
     lshape = (-1, *([1] * (K0.dim() - 1)))
     # Intervals of one common length (one interval, its pieces, a regular grid) carry the
     # length as a number in the stage combinations instead of scaling every field value.
-    common = float(L[0]) if B and bool((L[0] == L).all()) else None
+    first = float(L[0]) if B else None
+    common = first if B == 1 or (B and bool((L[0] == L).all())) else None
     Ls = L.reshape(lshape)
     if common is None:
         K0 = K0 * Ls  # the first stage at Y = 1 is the (scaled) field: no product
@@ -140,6 +142,11 @@ def rk_lines(
     else:
         step = NumpyStage(K0, rows, errors) if numpy_stages(K0) else BufferedStage(K0, rows)
     sigma, total, taken = 0.0, 0.0, 0
+    one = B == 1 and t0.device.type == "cpu" and t0.dtype in (torch.float32, torch.float64)
+    start, length = (float(t0[0]), first) if one else (None, None)
+    cs = nodes.cpu().double().numpy()
+    one_call = len(nodes) * K0.numel() <= _ONE_CALL
+    np_dtype = np.float32 if t0.dtype == torch.float32 else np.float64
     while sigma < 1.0:
         check(taken, sigma)
         if steps is None:
@@ -150,26 +157,27 @@ def rk_lines(
             break
         else:
             sigma = taken / steps
-        times = torch.addcmul(t0, (nodes * h).add_(sigma)[:, None], L)  # (stages, B)
-        if len(nodes) * K0.numel() <= _ONE_CALL:
-            # The field at every stage time of the step, in one call: (12, B, ..., d, d).
-            F = w(times.reshape(-1))
-            check_field(F, times.numel())
-            F = F.reshape(len(nodes), *shape)
-            F = step.unbind(F if common is not None else F * Ls)
+        if start is not None:  # one interval on the CPU: its stage times without a kernel
+            flat = torch.from_numpy(((cs * h + sigma) * length + start).astype(np_dtype))
+        else:
+            flat = torch.addcmul(t0, (nodes * h).add_(sigma)[:, None], L).reshape(-1)
+        if one_call:
+            # The field at every stage time of the step, in one call: (12 B, ..., d, d).
+            F = w(flat)
+            check_field(F, flat.shape[0])
+            F = step.unbind(F if common is not None else F.reshape(-1, *shape) * Ls)
         else:  # large: one stage at a time, so that the field's values stay in cache
 
-            def stage(i: int, times: Tensor = times) -> Tensor:
-                A = w(times[i])
+            def stage(i: int, flat: Tensor = flat) -> Tensor:
+                A = w(flat[i * B : (i + 1) * B])
                 check_field(A, B)
                 return A if common is not None else A * Ls
 
             F = _Lazy(stage)
         step.stages(F, h if common is None else h * common)
-        with torch.no_grad():
-            # Hairer's error: per line, |E5 K|² / sqrt(|E5 K|² + 0.01 |E3 K|²) relative to
-            # the largest entry of the new line (one host sync per step).
-            local = h * unit * _largest_error(step.error_terms(errors), tiny)
+        # Hairer's error: per line, |E5 K|² / sqrt(|E5 K|² + 0.01 |E3 K|²) relative to the
+        # largest entry of the new line (one host sync per step; the terms carry no graph).
+        local = h * unit * _largest_error(step.error_terms(errors), tiny)
         if not math.isfinite(local):
             raise GaugeError(
                 f"wilson_line: the Runge-Kutta stages are not finite at σ = {sigma:.3g} of "

@@ -9,7 +9,9 @@ The line and the stages are rows of one buffer `S`, stored so that the weights a
 are contiguous: Dormand and Prince's `K_1` and `K_2` are used only by the next two or three
 stages and are stored before `Y` and `K_0`, `K_3` and `K_4` are not used by the weights `b`
 nor by the error combinations, so each combination reads a slice of `S` holding few zero
-weights (84 rows of `S` read per step where whole prefixes would read 103).
+weights; the last combination computes the two error combinations beside the new line
+(their weight on the last stage is 0), so a step reads 74 rows of `S` where whole prefixes
+and a separate error combination would read 103.
 """
 
 from __future__ import annotations
@@ -30,15 +32,18 @@ _ORDER = (3, 2, 0, 1, *range(4, 14))
 
 def as_numpy(x: Tensor) -> np.ndarray:
     """A CPU tensor as a numpy array sharing its memory (a copy for lazy negated views)."""
-    return x.detach().resolve_neg().numpy()
+    if x.requires_grad or x.is_neg():
+        x = x.detach().resolve_neg()
+    return x.numpy()
 
 
 @dataclass(frozen=True)
 class _Plan:
     """`weights` `(n, slots)`: the rows of the tableau (`b` last) in the storage order of `S`,
     with the line's 1; `spans[i]`: the slots row `i` reads; `outs[i]`: where stage `i + 1`
-    is written; `y`, `k0`: the slots of the line and of the first stage; `errors` the error
-    weights `(2, hi - lo)` over `S[lo:hi]`, `(lo, hi) = error_span`."""
+    is written; `y`, `k0`: the slots of the line and of the first stage; `errors` `(2,
+    slots)`: the weights of the two error combinations, which the last combination (the new
+    line, over `spans[-1]`, widened to hold them) computes beside the line."""
 
     weights: np.ndarray
     spans: tuple[tuple[int, int], ...]
@@ -46,11 +51,10 @@ class _Plan:
     y: int
     k0: int
     errors: np.ndarray
-    error_span: tuple[int, int]
 
 
-def _span(row: np.ndarray) -> tuple[int, int]:
-    nonzero = np.flatnonzero(row)
+def _span(rows: np.ndarray) -> tuple[int, int]:
+    nonzero = np.flatnonzero(np.any(np.atleast_2d(rows) != 0, axis=0))
     return int(nonzero[0]), int(nonzero[-1]) + 1
 
 
@@ -63,25 +67,23 @@ def _plan(rows: tuple[Tensor, ...], errors: Tensor, dtype: np.dtype) -> _Plan:
     slot = {column: k for k, column in enumerate(_ORDER)}
     weights = np.zeros((n, n + 2), dtype=dtype)
     for i, row in enumerate(rows):
-        values = as_numpy(row.cpu()).reshape(-1)
         weights[i, slot[0]] = 1.0
-        for j, value in enumerate(values):
+        for j, value in enumerate(as_numpy(row.cpu()).reshape(-1)):
             weights[i, slot[1 + j]] = value
-    spans = tuple(_span(weights[i]) for i in range(n))
-    outs = tuple(slot[2 + i] for i in range(n))
-    # A row reads only slots written before it in the step (or the line, `K_0`): a stale
-    # slot of a rejected step, even with weight 0, could hold a non-finite value.
-    for i, (lo, hi) in enumerate(spans):
-        assert set(range(lo, hi)) <= {slot[0], slot[1], *outs[:i]}, (i, lo, hi)
     err = np.zeros((2, n + 2), dtype=dtype)
     for j, column in enumerate(as_numpy(errors.cpu()).T):
         err[:, slot[1 + j]] = column
-    lo, hi = min(_span(err[0])[0], _span(err[1])[0]), max(_span(err[0])[1], _span(err[1])[1])
+    spans = [_span(weights[i]) for i in range(n - 1)]
+    spans.append(_span(np.concatenate([weights[-1:], err])))
+    outs = tuple(slot[2 + i] for i in range(n))
+    # A row reads only slots written before it in the step (or the line, `K_0`): a stale
+    # slot of a rejected step, even with weight 0, could hold a non-finite value. (The
+    # error weights of the last stage, which the new line's combination cannot see, are 0.)
+    for i, (lo, hi) in enumerate(spans):
+        assert set(range(lo, hi)) <= {slot[0], slot[1], *outs[:i]}, (i, lo, hi)
     for array in (weights, err):
         array.flags.writeable = False
-    return _Plan(
-        weights, spans, outs, slot[0], slot[1], np.ascontiguousarray(err[:, lo:hi]), (lo, hi)
-    )
+    return _Plan(weights, tuple(spans), outs, slot[0], slot[1], err)
 
 
 class NumpyStage:
@@ -96,19 +98,22 @@ class NumpyStage:
         self._weights = np.empty_like(plan.weights)
         block = np.empty((slots + 7, d * d), dtype=K0n.dtype)  # (one allocation for all)
         self.S = block[:slots]
-        self.S[plan.y] = np.eye(d, dtype=K0n.dtype).reshape(-1)
+        self.S[plan.y] = 0.0
+        self.S[plan.y, :: d + 1] = 1.0  # (the identity, written in place)
         self.S[plan.k0] = K0n.reshape(-1)
-        # The two error combinations and the new line, reduced together; their abs values.
+        # The two error combinations and the new line: one combination, one reduction.
         self._now, self._abs = block[slots : slots + 3], block[slots + 3 : slots + 6]
         self._Ys = block[slots + 6]
         self._Ysm, self._Ynewm = self._Ys.reshape(d, d), self._now[2].reshape(d, d)
         self._Sm = list(self.S.reshape(slots, d, d))
+        lo, hi = plan.spans[-1]
+        self._last = np.concatenate([plan.errors[:, lo:hi], plan.weights[-1:, lo:hi]])
 
     def unbind(self, F: Tensor) -> Sequence[np.ndarray]:
         """The field values at the stage times `(stages, 1, d, d)` as `d × d` arrays (views
         when `F` is contiguous)."""
         d = self.shape[-1]
-        return list(np.ascontiguousarray(as_numpy(F)).reshape(F.shape[0], d, d))
+        return list(np.ascontiguousarray(as_numpy(F)).reshape(-1, d, d))
 
     def stages(self, F: Sequence[Tensor | np.ndarray], a: float) -> None:
         """All stages of a step of length `a` (see `BufferedStage.stages`)."""
@@ -116,25 +121,27 @@ class NumpyStage:
         np.multiply(plan.weights, a, out=weights)
         weights[:, plan.y] = 1.0  # (the line's weight, scaled with the rest above)
         n, d = len(weights), self.shape[-1]
+        lo, hi = plan.spans[-1]
+        self._last[2] = weights[-1, lo:hi]  # (the error weights are not scaled: `rk_lines`)
         # (A non-finite stage is reported by `rk_lines` from the error terms, as a GaugeError.)
         with np.errstate(all="ignore"):
             for i, ((lo, hi), k) in enumerate(zip(plan.spans, plan.outs)):
-                last = i + 1 == n
-                out, out_m = (self._now[2], self._Ynewm) if last else (self._Ys, self._Ysm)
-                np.dot(weights[i, lo:hi], S[lo:hi], out=out)
+                if i + 1 < n:
+                    np.dot(weights[i, lo:hi], S[lo:hi], out=self._Ys)
+                    out_m = self._Ysm
+                else:  # the errors and the new line, `(3, d²)`, in one product
+                    np.dot(self._last, S[lo:hi], out=self._now)
+                    out_m = self._Ynewm
                 Fi = F[i]
                 if isinstance(Fi, Tensor):  # (a factor computed on access, `_Lazy`)
                     Fi = np.ascontiguousarray(as_numpy(Fi)).reshape(d, d)
                 np.dot(Fi, out_m, out=Sm[k])
 
-    def error_terms(self, errors: Tensor) -> Tensor:
+    def error_terms(self, errors: Tensor) -> np.ndarray:
         """`(3, 1)`: the largest entries of the two error combinations and of the new line
-        (`errors`: the tableau's, as planned)."""
-        lo, hi = self._plan.error_span
-        with np.errstate(all="ignore"):
-            np.dot(self._plan.errors, self.S[lo:hi], out=self._now[:2])
-            size = np.abs(self._now, out=self._abs).max(axis=1, keepdims=True)
-        return torch.from_numpy(size)
+        (`errors`: the tableau's, already combined by `stages`; an array, which
+        `_largest_error` reads as it reads a tensor)."""
+        return np.abs(self._now, out=self._abs).max(axis=1, keepdims=True)
 
     def accept(self) -> None:
         """Take the step: the new line becomes the line, the last stage the next first."""

@@ -50,9 +50,9 @@ class BufferedStage:
         self._mul = torch.mm if self._single else torch.matmul
 
     def unbind(self, F: Tensor) -> Sequence[Tensor]:
-        """The field values at the stage times, `(stages, B, ..., d, d)`, as one factor per
+        """The field values at the stage times, `(stages · B, ..., d, d)`, as one factor per
         stage in the shape the products take."""
-        return F.reshape(F.shape[0], *self._mat).unbind(0)
+        return F.reshape(-1, *self._mat).unbind(0)
 
     def stages(self, F: Sequence[Tensor], a: float) -> None:
         """All stages of a step of length `a` (in the field's time) from the field values
@@ -97,7 +97,7 @@ class TrackedStage:
         self.K0, self.K, self.Ynew = K0, [], self.Y
 
     def unbind(self, F: Tensor) -> Sequence[Tensor]:
-        return F.unbind(0)
+        return F.reshape(-1, *self.shape).unbind(0)
 
     def stages(self, F: Sequence[Tensor], a: float) -> None:
         flat = self.Y.shape[-1]

@@ -100,7 +100,11 @@ def wilson_line(
     t1, t0 = torch.broadcast_tensors(t1, t0)
     shape = t1.shape
     t1f, t0f = t1.reshape(-1), t0.reshape(-1)
-    if not (torch.isfinite(t1f).all() and torch.isfinite(t0f).all()):
+    if t1f.numel() <= 16 and t1f.device.type == "cpu":  # (few numbers: no kernels)
+        finite = all(map(math.isfinite, t1f.tolist() + t0f.tolist()))
+    else:
+        finite = bool(torch.isfinite(t1f).all() and torch.isfinite(t0f).all())
+    if not finite:
         raise GaugeError("wilson_line: interval end points must be finite")
     if steps is not None and (not isinstance(steps, int) or steps < 1):
         raise GaugeError(f"wilson_line: steps must be a positive integer, got {steps!r}")
