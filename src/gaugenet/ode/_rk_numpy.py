@@ -104,10 +104,12 @@ class NumpyStage:
         # The two error combinations and the new line: one combination, one reduction.
         self._now, self._abs = block[slots : slots + 3], block[slots + 3 : slots + 6]
         self._Ys = block[slots + 6]
-        self._Ysm, self._Ynewm = self._Ys.reshape(d, d), self._now[2].reshape(d, d)
+        self._Ysm = self._Ys.reshape(d, d)
         self._Sm = list(self.S.reshape(slots, d, d))
         lo, hi = plan.spans[-1]
         self._last = np.concatenate([plan.errors[:, lo:hi], plan.weights[-1:, lo:hi]])
+        self._first: np.ndarray | None = None  # the factor of a first stage still to take
+        self._end: Tensor | np.ndarray | None = None
 
     def unbind(self, F: Tensor) -> Sequence[np.ndarray]:
         """The field values at the stage times `(stages, 1, d, d)` as `d × d` arrays (views
@@ -116,26 +118,31 @@ class NumpyStage:
         return list(np.ascontiguousarray(as_numpy(F)).reshape(-1, d, d))
 
     def stages(self, F: Sequence[Tensor | np.ndarray], a: float) -> None:
-        """All stages of a step of length `a` (see `BufferedStage.stages`)."""
+        """All stages of a step of length `a` (see `BufferedStage.stages`) but the last,
+        `w(t + a) Y_new`, which is only the next step's first: `accept` keeps its factor and
+        the next step computes it (no product for a rejected step, nor for the last one)."""
         plan, S, Sm, weights = self._plan, self.S, self._Sm, self._weights
         np.multiply(plan.weights, a, out=weights)
         weights[:, plan.y] = 1.0  # (the line's weight, scaled with the rest above)
-        n, d = len(weights), self.shape[-1]
-        lo, hi = plan.spans[-1]
-        self._last[2] = weights[-1, lo:hi]  # (the error weights are not scaled: `rk_lines`)
+        n, (first, end) = len(weights), plan.spans[-1]
+        self._last[2] = weights[-1, first:end]  # (error weights not scaled: `rk_lines`)
         # (A non-finite stage is reported by `rk_lines` from the error terms, as a GaugeError.)
         with np.errstate(all="ignore"):
-            for i, ((lo, hi), k) in enumerate(zip(plan.spans, plan.outs)):
-                if i + 1 < n:
-                    np.dot(weights[i, lo:hi], S[lo:hi], out=self._Ys)
-                    out_m = self._Ysm
-                else:  # the errors and the new line, `(3, d²)`, in one product
-                    np.dot(self._last, S[lo:hi], out=self._now)
-                    out_m = self._Ynewm
-                Fi = F[i]
-                if isinstance(Fi, Tensor):  # (a factor computed on access, `_Lazy`)
-                    Fi = np.ascontiguousarray(as_numpy(Fi)).reshape(d, d)
-                np.dot(Fi, out_m, out=Sm[k])
+            if self._first is not None:  # the first stage, `w(t) Y`, of an accepted step
+                np.dot(self._first, self._Sm[plan.y], out=self._Sm[plan.k0])
+                self._first = None
+            for i, ((lo, hi), k) in enumerate(zip(plan.spans[:-1], plan.outs)):
+                np.dot(weights[i, lo:hi], S[lo:hi], out=self._Ys)
+                np.dot(self._factor(F[i]), self._Ysm, out=Sm[k])
+            # The errors and the new line, `(3, d²)`, in one product.
+            np.dot(self._last, S[first:end], out=self._now)
+        self._end = F[n - 1]
+
+    def _factor(self, Fi: Tensor | np.ndarray) -> np.ndarray:
+        if isinstance(Fi, Tensor):  # (a factor computed on access, `_Lazy`)
+            d = self.shape[-1]
+            return np.ascontiguousarray(as_numpy(Fi)).reshape(d, d)
+        return Fi
 
     def error_terms(self, errors: Tensor) -> np.ndarray:
         """`(3, 1)`: the largest entries of the two error combinations and of the new line
@@ -144,9 +151,10 @@ class NumpyStage:
         return np.abs(self._now, out=self._abs).max(axis=1, keepdims=True)
 
     def accept(self) -> None:
-        """Take the step: the new line becomes the line, the last stage the next first."""
+        """Take the step: the new line becomes the line; the field at the step's end is kept
+        for the next step's first stage."""
         self.S[self._plan.y] = self._now[2]
-        self.S[self._plan.k0] = self.S[self._plan.outs[-1]]
+        self._first = self._factor(self._end)
 
     def line(self) -> Tensor:
         return torch.from_numpy(self.S[self._plan.y].copy()).reshape(self.shape)
