@@ -93,6 +93,12 @@ def test_backend_is_measured_once_per_size_and_only_for_single_cpu_lines(gen, mo
     assert not _rk_backend.numpy_stages(torch.zeros(1, 4, 4, dtype=F64, device="meta"))
     force(monkeypatch, "torch")
     assert not _rk_backend.numpy_stages(one)
+    # Sizes above TIMED_MAX_DIM take the choice timed there (a bounded one-time cost).
+    asked = []
+    monkeypatch.setattr(_rk_backend, "faster_backend", lambda dtype, d: asked.append(d) or "numpy")
+    big = _rk_backend.TIMED_MAX_DIM + 3
+    assert _rk_backend.numpy_stages(torch.zeros(1, big, big, dtype=torch.float32))
+    assert _rk_backend.numpy_stages(one) and asked == [_rk_backend.TIMED_MAX_DIM, 4]
 
 
 def test_autograd_keeps_the_torch_stages(gen, monkeypatch, built):

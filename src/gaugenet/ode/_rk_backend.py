@@ -19,13 +19,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["NUMPY_DTYPES", "faster_backend", "numpy_stages"]
+__all__ = ["NUMPY_DTYPES", "TIMED_MAX_DIM", "faster_backend", "numpy_stages"]
 
 #: the dtypes whose single-line stages may run on numpy
 NUMPY_DTYPES = (torch.float32, torch.float64)
 #: interleaved timing rounds per library; each round lasts about `_ROUND_FLOPS` flops
 _ROUNDS = 3
 _ROUND_FLOPS = 4e6
+#: larger sizes take the choice timed at this size (a one-time cost of about 50 ms)
+TIMED_MAX_DIM = 512
 
 
 @cache
@@ -66,12 +68,13 @@ def faster_backend(dtype: torch.dtype, d: int) -> str:
 def numpy_stages(K0: Tensor) -> bool:
     """Whether the stages of the lines starting from `K0` `(B, ..., d, d)` run on numpy:
     one `d × d` line (batches keep torch's batched kernels), on the CPU, in float32 or
-    float64, and numpy measured faster for its size (`faster_backend`)."""
+    float64, and numpy measured faster for its size (`faster_backend`; sizes above
+    `TIMED_MAX_DIM` take the choice timed there)."""
     d = K0.shape[-1]
     return (
         K0.device.type == "cpu"
         and K0.dtype in NUMPY_DTYPES
         and d > 0
         and K0.numel() == d * d
-        and faster_backend(K0.dtype, d) == "numpy"
+        and faster_backend(K0.dtype, min(d, TIMED_MAX_DIM)) == "numpy"
     )
