@@ -109,7 +109,7 @@ class NumpyStage:
         lo, hi = plan.spans[-1]
         self._last = np.concatenate([plan.errors[:, lo:hi], plan.weights[-1:, lo:hi]])
         self._first: np.ndarray | None = None  # the factor of a first stage still to take
-        self._end: Tensor | np.ndarray | None = None
+        self._end: tuple[Sequence[Tensor | np.ndarray], int] = ((), 0)
 
     def unbind(self, F: Tensor) -> Sequence[np.ndarray]:
         """The field values at the stage times `(stages, 1, d, d)` as `d × d` arrays (views
@@ -136,7 +136,7 @@ class NumpyStage:
                 np.dot(self._factor(F[i]), self._Ysm, out=Sm[k])
             # The errors and the new line, `(3, d²)`, in one product.
             np.dot(self._last, S[first:end], out=self._now)
-        self._end = F[n - 1]
+        self._end = F, n - 1  # (taken on acceptance: a lazy field is not evaluated before)
 
     def _factor(self, Fi: Tensor | np.ndarray) -> np.ndarray:
         if isinstance(Fi, Tensor):  # (a factor computed on access, `_Lazy`)
@@ -154,7 +154,8 @@ class NumpyStage:
         """Take the step: the new line becomes the line; the field at the step's end is kept
         for the next step's first stage."""
         self.S[self._plan.y] = self._now[2]
-        self._first = self._factor(self._end)
+        F, last = self._end
+        self._first = self._factor(F[last])
 
     def line(self) -> Tensor:
         return torch.from_numpy(self.S[self._plan.y].copy()).reshape(self.shape)
