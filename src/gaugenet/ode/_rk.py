@@ -76,6 +76,15 @@ def _tableau(
     return nodes, rows, errors
 
 
+@cache
+def _nodes() -> np.ndarray:
+    """The stage nodes `c_1 … c_12` in float64, as numbers for the stage times of one
+    interval."""
+    from scipy.integrate._ivp import dop853_coefficients as c
+
+    return np.array(c.C[1 : c.N_STAGES + 1], dtype=np.float64)
+
+
 def _largest_error(terms: Tensor, tiny: float) -> float:
     """Hairer's local error `|E5 K|² / sqrt(|E5 K|² + 0.01 |E3 K|²)` relative to the line's
     largest entry, the largest over lines, from `terms = (|E5 K|, |E3 K|, max|Y|)` of shape
@@ -125,16 +134,16 @@ def rk_lines(
     lshape = (-1, *([1] * (K0.dim() - 1)))
     # Intervals of one common length (one interval, its pieces, a regular grid) carry the
     # length as a number in the stage combinations instead of scaling every field value.
-    first = float(L[0]) if B else None
+    first = L.item() if B == 1 else float(L[0]) if B else None
     common = first if B == 1 or (B and bool((L[0] == L).all())) else None
-    Ls = L.reshape(lshape)
     if common is None:
+        Ls = L.reshape(lshape)
         K0 = K0 * Ls  # the first stage at Y = 1 is the (scaled) field: no product
     unit = 1.0 if common is None else abs(common)  # stage values times unit: per unit σ
     shape = K0.shape
     track = torch.is_grad_enabled() and K0.requires_grad
     tiny = torch.finfo(K0.dtype).tiny
-    scale = float(K0.detach().abs().amax()) * unit if K0.numel() else 0.0
+    scale = float(torch.linalg.vector_norm(K0.detach(), math.inf)) * unit if K0.numel() else 0.0
     # A first step from the field's size (8th order: error ~ (h |w|)^9, aimed at rtol).
     h = min(1.0, 0.5 * rtol ** (1.0 / 9.0) / max(scale, 1e-12)) if steps is None else 1 / steps
     if track:
@@ -143,8 +152,8 @@ def rk_lines(
         step = NumpyStage(K0, rows, errors) if numpy_stages(K0) else BufferedStage(K0, rows)
     sigma, total, taken = 0.0, 0.0, 0
     one = B == 1 and t0.device.type == "cpu" and t0.dtype in (torch.float32, torch.float64)
-    start, length = (float(t0[0]), first) if one else (None, None)
-    cs = nodes.cpu().double().numpy()
+    start, length = (t0.item(), first) if one else (None, None)
+    cs = _nodes()
     one_call = len(nodes) * K0.numel() <= _ONE_CALL
     np_dtype = np.float32 if t0.dtype == torch.float32 else np.float64
     while sigma < 1.0:
