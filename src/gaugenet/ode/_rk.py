@@ -151,9 +151,10 @@ def rk_lines(
     track = torch.is_grad_enabled() and K0.requires_grad
     tiny = torch.finfo(K0.dtype).tiny
     # A first step from the field's size (8th order: error ~ (h |w|)^9, aimed at rtol): the
-    # larger of twice its largest entry and its root-mean-square row norm `‖w‖_F / √d`, both
-    # below its operator norm; the entry alone shrinks like 1/√d against the norm of a
-    # dense field, and its first steps were rejected at d = 256.
+    # larger of twice its largest entry (the size this step always took) and its
+    # root-mean-square row norm `‖w‖_F / √d`, which like the entry is below its operator
+    # norm; the entry alone shrinks like 1/√d against the norm of a dense field, and its
+    # first steps were rejected at d = 256.
     scale = _field_size(K0.detach()) * unit if K0.numel() else 0.0
     h = min(1.0, 1.15 * rtol ** (1.0 / 9.0) / max(scale, 1e-12)) if steps is None else 1 / steps
     if track:
