@@ -24,9 +24,11 @@ round-robin over the methods so that load hits all of them alike (a fast run is 
 within a round to last about 20 ms).
 
 The floor column is the arithmetic of `wilson_line`'s own run: the `d × d` products it
-performs (counted with a dispatch mode, in units of one `d × d` by `d × d` product) times
-the time of one product measured inside a batched product; anything else it spends
-(elementwise kernels, the field, Python) only adds to it.
+performs (counted with a dispatch mode, in units of one `d × d` by `d × d` product; RK8's
+single-line stages on numpy's BLAS counted on the torch stages, which take the same steps)
+times the time of one product, the faster of one inside torch's batched product and numpy's
+single product; anything else it spends (elementwise kernels, the field, Python) only adds
+to it.
 
 Run: `.venv/bin/python benchmarks/wilson_lines.py [--quick] [--dims 16 64 256]
 [--threads 1] [--kinds single batched] [--methods DOP853 ...] [--out table.md]`.
@@ -55,7 +57,7 @@ from scipy.integrate import solve_ivp
 from torch.utils._python_dispatch import TorchDispatchMode
 from torchdiffeq import odeint
 
-from gaugenet.ode import wilson_line
+from gaugenet.ode import _rk, wilson_line
 
 try:
     from torch_linode.solvers import odeint as linode_odeint
@@ -189,17 +191,29 @@ class ProductCount(TorchDispatchMode):
 
 
 def products(fn: Callable[[], object], d: int) -> float:
-    with ProductCount(d) as counter:
-        fn()
+    """`d × d` products of `fn`'s run. RK8's single-line stages on numpy's BLAS are counted
+    on the torch stages (the same steps: numpy's calls pass no dispatch mode)."""
+    original = _rk.numpy_stages
+    _rk.numpy_stages = lambda K0: False
+    try:
+        with ProductCount(d) as counter:
+            fn()
+    finally:
+        _rk.numpy_stages = original
     return counter.flops / d**3
 
 
 def product_seconds(d: int, repeats: int) -> float:
-    """Time of one `d × d` float64 product inside a batched product (median)."""
+    """Time of one `d × d` float64 product (median): the faster of one inside torch's batched
+    product and numpy's single product (RK8's single line may run on either)."""
     batch = max(2, min(64, 4096 // d))
     a = torch.randn(batch, d, d, dtype=F64)
+    an, out = a[0].numpy(), np.empty((d, d))
     once = timed(lambda: a @ a, 1e-3)
-    return statistics.median(timed(lambda: a @ a, once) for _ in range(repeats * 3)) / batch
+    batched = statistics.median(timed(lambda: a @ a, once) for _ in range(repeats * 3)) / batch
+    once = timed(lambda: np.dot(an, an, out=out), 1e-3)
+    single = statistics.median(timed(lambda: np.dot(an, an, out=out), once) for _ in range(9))
+    return min(batched, single)
 
 
 def clock() -> float:

@@ -188,3 +188,22 @@ def test_rk8_local_error_reduction(lines, gen):
         poisoned_terms = terms.clone()
         poisoned_terms[0, -1] = bad
         assert not math.isfinite(_largest_error(poisoned_terms, tiny))
+
+
+def test_rk8_first_step_size_counts_dense_fields(gen):
+    from gaugenet.ode._rk import _field_size
+
+    # A dense field's largest entry shrinks like 1/sqrt(d) against its norm; the size used
+    # for the first step follows the root-mean-square row norm instead (below the norm).
+    dense = torch.randn(1, 256, 256, dtype=F64, generator=gen) / 16
+    norm = float(torch.linalg.matrix_norm(dense[0], 2))
+    rms = float(dense.norm()) / 16
+    assert _field_size(dense) == pytest.approx(rms) and rms <= norm
+    assert 2 * float(dense.abs().max()) < 0.8 * rms  # (the entry alone would say less)
+    # A peaked field (one large entry) keeps twice its largest entry, as the step always did.
+    peaked = torch.zeros(1, 256, 256, dtype=F64)
+    peaked[0, 3, 5] = -2.0
+    assert _field_size(peaked) == 4.0
+    # Batches: the largest line counts.
+    both = torch.cat([dense, 3 * dense])
+    assert _field_size(both) == pytest.approx(3 * rms)

@@ -44,7 +44,8 @@ def first_steps(A0: Tensor, lengths: Tensor, rtol: float) -> int:
     steps; the cap bounds the work a field much larger at `t0` than elsewhere can waste."""
     d = A0.shape[-1]
     with torch.no_grad():
-        size = A0.detach().flatten(1).norm(dim=1) / math.sqrt(d) * lengths.abs()
+        size = torch.linalg.vector_norm(A0.detach().flatten(1), dim=1) / math.sqrt(d)
+        size = size * lengths.abs()
         nu = float(size.max()) if size.numel() else 0.0
     if not math.isfinite(nu):
         return 4

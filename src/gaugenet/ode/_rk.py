@@ -20,10 +20,13 @@ import math
 from collections.abc import Callable
 from functools import cache
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from .._errors import GaugeError
+from ._rk_backend import numpy_stages
+from ._rk_numpy import NumpyStage
 from ._rk_stages import BufferedStage, TrackedStage
 from ._wilson_checks import check_field
 
@@ -73,6 +76,22 @@ def _tableau(
     return nodes, rows, errors
 
 
+def _field_size(K0: Tensor) -> float:
+    """`max(2 max|K0|, max over lines of ‖K0‖_F / √d)` for `K0` `(B, ..., d, d)`."""
+    d = K0.shape[-1]
+    rms = torch.linalg.vector_norm(K0.reshape(-1, d * d), dim=1).amax() / math.sqrt(d)
+    return max(2.0 * float(torch.linalg.vector_norm(K0, math.inf)), float(rms))
+
+
+@cache
+def _nodes() -> np.ndarray:
+    """The stage nodes `c_1 … c_12` in float64, as numbers for the stage times of one
+    interval."""
+    from scipy.integrate._ivp import dop853_coefficients as c
+
+    return np.array(c.C[1 : c.N_STAGES + 1], dtype=np.float64)
+
+
 def _largest_error(terms: Tensor, tiny: float) -> float:
     """Hairer's local error `|E5 K|² / sqrt(|E5 K|² + 0.01 |E3 K|²)` relative to the line's
     largest entry, the largest over lines, from `terms = (|E5 K|, |E3 K|, max|Y|)` of shape
@@ -111,7 +130,8 @@ def rk_lines(
     The field is evaluated once per step, at all stage times of the batch. Without autograd
     the stages, the stage inputs and the lines live in buffers made once (`BufferedStage`):
     each stage is one combination and one product written in place, and an accepted step
-    swaps two buffers instead of copying.
+    swaps two buffers instead of copying; a single line on the CPU runs them on numpy's BLAS
+    where that is measured faster (`NumpyStage`, `_rk_backend`).
     """
     nodes, rows, errors = _tableau(t0.dtype, t0.device)
     B, L = t0.shape[0], t1 - t0
@@ -121,19 +141,32 @@ def rk_lines(
     lshape = (-1, *([1] * (K0.dim() - 1)))
     # Intervals of one common length (one interval, its pieces, a regular grid) carry the
     # length as a number in the stage combinations instead of scaling every field value.
-    common = float(L[0]) if B and bool((L[0] == L).all()) else None
-    Ls = L.reshape(lshape)
+    first = L.item() if B == 1 else float(L[0]) if B else None
+    common = first if B == 1 or (B and bool((L[0] == L).all())) else None
     if common is None:
+        Ls = L.reshape(lshape)
         K0 = K0 * Ls  # the first stage at Y = 1 is the (scaled) field: no product
     unit = 1.0 if common is None else abs(common)  # stage values times unit: per unit σ
     shape = K0.shape
     track = torch.is_grad_enabled() and K0.requires_grad
     tiny = torch.finfo(K0.dtype).tiny
-    scale = float(K0.detach().abs().amax()) * unit if K0.numel() else 0.0
-    # A first step from the field's size (8th order: error ~ (h |w|)^9, aimed at rtol).
-    h = min(1.0, 0.5 * rtol ** (1.0 / 9.0) / max(scale, 1e-12)) if steps is None else 1 / steps
-    step = TrackedStage(K0, rows) if track else BufferedStage(K0, rows)
+    # A first step from the field's size (8th order: error ~ (h |w|)^9, aimed at rtol): the
+    # larger of twice its largest entry (the size this step always took) and its
+    # root-mean-square row norm `‖w‖_F / √d`, which like the entry is below its operator
+    # norm; the entry alone shrinks like 1/√d against the norm of a dense field, and its
+    # first steps were rejected at d = 256.
+    scale = _field_size(K0.detach()) * unit if K0.numel() else 0.0
+    h = min(1.0, 1.15 * rtol ** (1.0 / 9.0) / max(scale, 1e-12)) if steps is None else 1 / steps
+    if track:
+        step = TrackedStage(K0, rows)
+    else:
+        step = NumpyStage(K0, rows, errors) if numpy_stages(K0) else BufferedStage(K0, rows)
     sigma, total, taken = 0.0, 0.0, 0
+    one = B == 1 and t0.device.type == "cpu" and t0.dtype in (torch.float32, torch.float64)
+    start, length = (t0.item(), first) if one else (None, None)
+    cs = _nodes()
+    one_call = len(nodes) * K0.numel() <= _ONE_CALL
+    np_dtype = np.float32 if t0.dtype == torch.float32 else np.float64
     while sigma < 1.0:
         check(taken, sigma)
         if steps is None:
@@ -144,26 +177,27 @@ def rk_lines(
             break
         else:
             sigma = taken / steps
-        times = torch.addcmul(t0, (nodes * h).add_(sigma)[:, None], L)  # (stages, B)
-        if len(nodes) * K0.numel() <= _ONE_CALL:
-            # The field at every stage time of the step, in one call: (12, B, ..., d, d).
-            F = w(times.reshape(-1))
-            check_field(F, times.numel())
-            F = F.reshape(len(nodes), *shape)
-            F = step.unbind(F if common is not None else F * Ls)
+        if start is not None:  # one interval on the CPU: its stage times without a kernel
+            flat = torch.from_numpy(((cs * h + sigma) * length + start).astype(np_dtype))
+        else:
+            flat = torch.addcmul(t0, (nodes * h).add_(sigma)[:, None], L).reshape(-1)
+        if one_call:
+            # The field at every stage time of the step, in one call: (12 B, ..., d, d).
+            F = w(flat)
+            check_field(F, flat.shape[0])
+            F = step.unbind(F if common is not None else F.reshape(-1, *shape) * Ls)
         else:  # large: one stage at a time, so that the field's values stay in cache
 
-            def stage(i: int, times: Tensor = times) -> Tensor:
-                A = w(times[i])
+            def stage(i: int, flat: Tensor = flat) -> Tensor:
+                A = w(flat[i * B : (i + 1) * B])
                 check_field(A, B)
                 return A if common is not None else A * Ls
 
             F = _Lazy(stage)
         step.stages(F, h if common is None else h * common)
-        with torch.no_grad():
-            # Hairer's error: per line, |E5 K|² / sqrt(|E5 K|² + 0.01 |E3 K|²) relative to
-            # the largest entry of the new line (one host sync per step).
-            local = h * unit * _largest_error(step.error_terms(errors), tiny)
+        # Hairer's error: per line, |E5 K|² / sqrt(|E5 K|² + 0.01 |E3 K|²) relative to the
+        # largest entry of the new line (one host sync per step; the terms carry no graph).
+        local = h * unit * _largest_error(step.error_terms(errors), tiny)
         if not math.isfinite(local):
             raise GaugeError(
                 f"wilson_line: the Runge-Kutta stages are not finite at σ = {sigma:.3g} of "

@@ -5,8 +5,9 @@ and one product `K_i = w(t + c_i h) Y_i`. `BufferedStage` (no autograd) keeps th
 the stage input and the lines in buffers made once for all steps and writes every
 combination and product in place (fresh whole-batch tensors would cost an allocation and
 cold memory per stage); with a single `d × d` line the products are plain `mm` calls, which
-skip the batched kernel's dispatch. `TrackedStage` builds the same step from new tensors so
-that autograd can differentiate through it.
+skip the batched kernel's dispatch. `NumpyStage` (`_rk_numpy`) is the same for a single line
+on the CPU with numpy's BLAS, where that is measured faster (`_rk_backend`). `TrackedStage`
+builds the same step from new tensors so that autograd can differentiate through it.
 """
 
 from __future__ import annotations
@@ -49,9 +50,9 @@ class BufferedStage:
         self._mul = torch.mm if self._single else torch.matmul
 
     def unbind(self, F: Tensor) -> Sequence[Tensor]:
-        """The field values at the stage times, `(stages, B, ..., d, d)`, as one factor per
+        """The field values at the stage times, `(stages · B, ..., d, d)`, as one factor per
         stage in the shape the products take."""
-        return F.reshape(F.shape[0], *self._mat).unbind(0)
+        return F.reshape(-1, *self._mat).unbind(0)
 
     def stages(self, F: Sequence[Tensor], a: float) -> None:
         """All stages of a step of length `a` (in the field's time) from the field values
@@ -96,7 +97,7 @@ class TrackedStage:
         self.K0, self.K, self.Ynew = K0, [], self.Y
 
     def unbind(self, F: Tensor) -> Sequence[Tensor]:
-        return F.unbind(0)
+        return F.reshape(-1, *self.shape).unbind(0)
 
     def stages(self, F: Sequence[Tensor], a: float) -> None:
         flat = self.Y.shape[-1]

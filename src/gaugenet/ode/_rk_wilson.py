@@ -71,7 +71,7 @@ def rk_wilson(
             )
 
     chunk = max(1, RK_CHUNK_BYTES // (27 * per_line * d * d * itemsize))
-    pieces = 1 if rtol is None else rk_pieces(A0, t1 - t0, rtol, chunk // B)
+    pieces = 1 if rtol is None or d >= PIECES_MAX_DIM else rk_pieces(A0, t1 - t0, rtol, chunk // B)
     if pieces > 1:
         # Tolerance per piece rtol / pieces: the same local tolerance per unit time.
         k = torch.arange(pieces + 1, dtype=t0.dtype, device=t0.device) / pieces
@@ -80,6 +80,8 @@ def rk_wilson(
         Wp, err = rk_lines(w, b, a, rtol / pieces, budget)
         Wp = Wp.reshape(B, pieces, *Wp.shape[1:]).movedim(1, -3)
         return ordered_product(Wp), err * pieces
+    if chunk >= B:
+        return rk_lines(w, t1, t0, rtol or 1.0, budget, steps, A0)
     parts = [
         rk_lines(
             w, t1[i : i + chunk], t0[i : i + chunk], rtol or 1.0, budget, steps, A0[i : i + chunk]

@@ -97,10 +97,15 @@ def wilson_line(
     device = ref.device if ref is not None else None
     t1 = torch.as_tensor(t1, dtype=dtype, device=device)
     t0 = torch.as_tensor(t0, dtype=dtype, device=device)
-    t1, t0 = torch.broadcast_tensors(t1, t0)
+    if t1.shape != t0.shape:
+        t1, t0 = torch.broadcast_tensors(t1, t0)
     shape = t1.shape
     t1f, t0f = t1.reshape(-1), t0.reshape(-1)
-    if not (torch.isfinite(t1f).all() and torch.isfinite(t0f).all()):
+    if t1f.numel() <= 16 and t1f.device.type == "cpu":  # (few numbers: no kernels)
+        finite = all(map(math.isfinite, t1f.tolist() + t0f.tolist()))
+    else:
+        finite = bool(torch.isfinite(t1f).all() and torch.isfinite(t0f).all())
+    if not finite:
         raise GaugeError("wilson_line: interval end points must be finite")
     if steps is not None and (not isinstance(steps, int) or steps < 1):
         raise GaugeError(f"wilson_line: steps must be a positive integer, got {steps!r}")
@@ -122,7 +127,7 @@ def wilson_line(
     d = A0.shape[-1]
     lines = B * math.prod(A0.shape[1:-2])
     itemsize = A0.element_size()
-    line_bytes = A0[0].numel() * itemsize  # the field at one time
+    line_bytes = A0.numel() // B * itemsize  # the field at one time
     rtol_eff = rtol if rtol is not None else min_rtol(dtype)
     first = steps if steps is not None else first_steps(A0, t1f - t0f, rtol_eff)
     if steps is None:  # the pair's finer half stays within the step budget
