@@ -17,6 +17,7 @@ from ._build import build_factors
 from ._capture import export_graph
 from ._centering import link_centered
 from ._concat_gl import concat_gls
+from ._free_entries import with_free
 from ._inputs import Call, as_call, find_inputs, without_cache
 from ._kernel import link_kernels
 from ._linear_streams import StreamShiftFactor, fix_stream_labels, linear_streams, stream_factors
@@ -27,6 +28,7 @@ from ._stream import stream_rotations, with_rotations
 from ._summed_biases import summed_bias_factors
 from ._trace import is_atomic, trace
 from ._unanalyzed import unanalyzed_breakers
+from ._unread import drop_dead, unread_entries
 from .rules.recurrent import recurrent_bias_factors
 
 __all__ = ["register_analyzer", "symmetries"]
@@ -143,7 +145,10 @@ def _discover(model: nn.Module, call: Call) -> GaugeGroup:
             gm, flat = export_graph(model, args, kwargs)
         except UnsupportedModelError as exc:
             raise UnsupportedModelError(f"{fx_exc}; {exc}") from exc
+    drop_dead(gm)  # results no output reads: they break nothing and read nothing
+    unread = unread_entries(gm, model)
     prop = Propagator(gm, model)
+    prop.unread = unread
     try:
         with torch.no_grad():
             prop.run(*flat)
@@ -168,7 +173,7 @@ def _discover(model: nn.Module, call: Call) -> GaugeGroup:
     factors = with_rotations(factors, stream_rotations(gm, model, prop.values))
     breakers += attn_breakers
     f2, b2 = _atom_factors(model)
-    factors = link_centered(link_kernels(factors + f2))
+    factors = with_free(link_centered(link_kernels(factors + f2)), unread, model)
     b2 += unanalyzed_breakers(model)
     return GaugeGroup(tuple(factors), tuple(dict.fromkeys(breakers + b2)), names)
 
