@@ -12,6 +12,11 @@ Three kinds, each a symmetry for every input of the captured shapes:
   ids, or a length read from an input's shape in a `torch.fx` graph, which is not
   specialized) select rows the analysis cannot bound: nothing is claimed there.
 
+A `torch.export` graph is specialized to the shapes (and omitted optional inputs) of the
+example: a position table read up to the example's length has its later rows free *for
+inputs of that length*. `symmetries` therefore claims rows only for inputs the caller gave
+(`rows=True`), never for inputs it inferred itself.
+
 Conservative throughout: a node that mutates (in-place ops, `setitem`, `inplace=True`
 modules, impure nodes) is live, a constant that anything mutates is no constant, random
 and uninitialized factories are no constants, and a table read in any other way (a custom
@@ -270,14 +275,15 @@ class Unread:
         return keep.nonzero().reshape(-1)
 
 
-def unread_entries(gm: fx.GraphModule, model: nn.Module) -> Unread:
+def unread_entries(gm: fx.GraphModule, model: nn.Module, *, rows: bool = True) -> Unread:
     """The entries of `model`'s parameters that the live nodes of `gm` never read (run
     `drop_dead` first). Parameters are matched by identity (a tied weight is one
-    parameter, named as `model.named_parameters()` names it)."""
+    parameter, named as `model.named_parameters()` names it). `rows=False`: whole
+    parameters only (a table looked up at constant indices counts as read whole)."""
     names = {id(p): n for n, p in model.named_parameters()}
-    values = _constants(gm, set(names))
+    values = _constants(gm, set(names)) if rows else {}
     whole_read: set[int] = set()
-    rows: dict[int, list[Tensor]] = {}
+    found_rows: dict[int, list[Tensor]] = {}
 
     def is_const(a: Any) -> bool:
         return all(x in values for x in _nodes_in(a))
@@ -287,27 +293,27 @@ def unread_entries(gm: fx.GraphModule, model: nn.Module) -> Unread:
             m = gm.get_submodule(str(n.target))
             own = list(m.parameters())
             looked = None
-            if isinstance(m, nn.Embedding) and is_const(n.args) and is_const(n.kwargs):
+            if rows and isinstance(m, nn.Embedding) and is_const(n.args) and is_const(n.kwargs):
                 args = fx.node.map_arg(n.args, values.__getitem__)
                 kwargs = fx.node.map_arg(n.kwargs, values.__getitem__)
                 looked = _module_rows(m, tuple(args), dict(kwargs))
             for p in own:
                 if looked is not None and p is m.weight:
-                    rows.setdefault(id(p), []).append(looked)
+                    found_rows.setdefault(id(p), []).append(looked)
                 else:
                     whole_read.add(id(p))
         elif n.op == "get_attr":
             obj = _fetch(gm, str(n.target))
             if id(obj) not in names:
                 continue
-            found = [_node_rows(u, n, values) for u in n.users]
+            found = [_node_rows(u, n, values) for u in n.users] if rows else [None]
             if found and all(r is not None for r in found):
-                rows.setdefault(id(obj), []).extend(r for r in found if r is not None)
+                found_rows.setdefault(id(obj), []).extend(r for r in found if r is not None)
             else:
                 whole_read.add(id(obj))
-    whole = tuple(name for i, name in names.items() if i not in whole_read and i not in rows)
+    whole = tuple(name for i, name in names.items() if i not in whole_read and i not in found_rows)
     partial: dict[str, Tensor] = {}
-    for i, found in rows.items():
+    for i, found in found_rows.items():
         if i in whole_read:
             continue
         p = model.get_parameter(names[i])
