@@ -145,20 +145,33 @@ def test_indices_an_input_or_parameter_decides_claim_no_rows(mode: str) -> None:
     assert "table.weight" not in _claimed(group)
 
 
-def test_free_factor_group_laws_gauge_and_charge() -> None:
+@pytest.mark.parametrize(
+    "build",
+    [lambda: (seeded(_Positions), token_ids(6, 8, 5)), lambda: (seeded(_DeadBranch), batch(64, 3))],
+)
+def test_group_laws_with_the_free_factor(build) -> None:
+    """`act(act(θ, g), h) == act(θ, compose(g, h))` and `g⁻¹` undoes `g`, permutations and
+    rescalings included."""
+    model, x = build()
+    group = gaugenet.symmetries(model, x)
+    assert _free(group) is not None
+    gen = torch.Generator().manual_seed(1)
+    state = gaugenet.groups.model_state(model)
+    for _ in range(3):
+        g, h = group.sample(gen), group.sample(gen)
+        twice = group.act_state(group.act_state(state, g), h)
+        once = group.act_state(state, group.compose(g, h))
+        for k in state:
+            assert torch.allclose(twice[k], once[k], atol=1e-12), k
+        back = group.act_state(group.act_state(state, g), group.inverse(g))
+        assert all(torch.allclose(back[k], state[k], atol=1e-12) for k in state)
+
+
+def test_free_factor_gauge_and_charge() -> None:
     model, ids = seeded(_Positions), token_ids(6, 8, 5)
     group = gaugenet.symmetries(model, ids)
     f = _free(group)
     assert f is not None
-    gen = torch.Generator().manual_seed(1)
-    g, h = group.sample(gen), group.sample(gen)
-    state = gaugenet.groups.model_state(model)
-    twice = group.act_state(group.act_state(state, g), h)
-    once = group.act_state(state, group.compose(g, h))
-    for k in state:
-        assert torch.allclose(twice[k], once[k], atol=1e-12), k
-    back = group.act_state(group.act_state(state, g), group.inverse(g))
-    assert all(torch.allclose(back[k], state[k], atol=1e-12) for k in state)
     # the natural gauge: the free rows set to zero, outputs unchanged, idempotent
     canon = gaugenet.canonicalize(model, example_inputs=ids)
     assert canon.pos.weight[5:].abs().max() == 0
@@ -172,3 +185,27 @@ def test_free_factor_group_laws_gauge_and_charge() -> None:
     model(ids).square().sum().backward()
     assert model.pos.weight.grad[5:].abs().max() == 0
     assert model.pos.weight.grad[:5].abs().max() > 0
+
+
+class _Biased(nn.Module):
+    """A linear map plus the sum of three rows of a table of six, looked up at a buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.table = nn.Linear(3, 4), nn.Embedding(6, 4)
+        self.register_buffer("picks", torch.tensor([0, 2, 1]), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh(self.lin(x) + self.table(self.picks).sum(0))
+
+
+def test_rows_are_claimed_only_for_inputs_the_caller_gives() -> None:
+    """Constant indices can depend on the example's shapes (a position buffer sliced to an
+    export-specialized length): rows are claimed for inputs the caller chose, never for
+    inputs discovery inferred (here `(2, 3)`, the first layer's width)."""
+    model = seeded(_Biased)
+    inferred = gaugenet.symmetries(model)
+    assert _claimed(inferred) == {} and inferred.dim == 0
+    group = gaugenet.symmetries(model, batch(16, 3))
+    assert _claimed(group) == {"table.weight": [3, 4, 5]}
+    assert group.dim == 12  # the bias moved between the summed rows is not discovered
