@@ -294,8 +294,9 @@ def unread_entries(gm: fx.GraphModule, model: nn.Module, *, rows: bool = True) -
             own = list(m.parameters())
             looked = None
             if rows and isinstance(m, nn.Embedding) and is_const(n.args) and is_const(n.kwargs):
-                args = fx.node.map_arg(n.args, values.__getitem__)
-                kwargs = fx.node.map_arg(n.kwargs, values.__getitem__)
+                # copies: a custom forward may write into its inputs (buffers among them)
+                args = fx.node.map_arg(n.args, lambda x: _copy(values[x]))
+                kwargs = fx.node.map_arg(n.kwargs, lambda x: _copy(values[x]))
                 looked = _module_rows(m, tuple(args), dict(kwargs))
             for p in own:
                 if looked is not None and p is m.weight:
@@ -325,6 +326,10 @@ def unread_entries(gm: fx.GraphModule, model: nn.Module, *, rows: bool = True) -
         if not read.all():
             partial[names[i]] = (~read).nonzero().reshape(-1)
     return Unread(whole, partial)
+
+
+def _copy(v: Any) -> Any:
+    return v.clone() if isinstance(v, Tensor) else v
 
 
 def _nodes_in(a: Any) -> list[fx.Node]:
