@@ -34,15 +34,28 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class RowsAlongOne:
-    """`weight[r] += c[r] 1` for every row `r` of an embedding table `(rows, features)`."""
+    """`weight[r] += c[r] 1` for every row `r` of an embedding table `(rows, features)`, or
+    for the rows `rows` (`(k,)` long) only: the others are free whole when the graph never
+    reads them (see `_unread.py`), so their direction along `1` is no separate symmetry."""
 
     weight: str
+    rows: Tensor | None = None
 
     def __call__(self, new: State, c: Tensor) -> None:
         W = new[self.weight]  # (..., features): every row of the leading axes
-        new[self.weight] = W + c.to(W.dtype).reshape(*W.shape[:-1], 1)
+        if self.rows is None:
+            new[self.weight] = W + c.to(W.dtype).reshape(*W.shape[:-1], 1)
+            return
+        flat = W.reshape(-1, W.shape[-1])
+        along = c.to(W.dtype)[:, None].expand(-1, W.shape[-1])
+        new[self.weight] = flat.index_add(0, self.rows, along).reshape(W.shape)
+
+    def picked(self, W: Tensor) -> Tensor:
+        """The rows it moves, `(k, features)`."""
+        flat = W.reshape(-1, W.shape[-1])
+        return flat if self.rows is None else flat[self.rows]
 
 
 class CenteredRowsFactor(TranslationFactor):
@@ -53,17 +66,19 @@ class CenteredRowsFactor(TranslationFactor):
 
     def canonical(self, state: State) -> Tensor:
         """Rows of zero mean."""
-        W = state[self.terms[0].weight]
-        return -W.reshape(-1, W.shape[-1]).mean(1)
+        t = self.terms[0]
+        return -t.picked(state[t.weight]).mean(1)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class MoveBetweenTables:
-    """`to[:] += v`, `from_[:] −= v` for `v = B z` with `B` a basis of `1^⊥`."""
+    """`to[:] += v`, `from_[:] −= v` for `v = B z` with `B` a basis of `1^⊥`. `to_rows`:
+    the rows of `to` the graph reads (`None`: all), over which its gauge is taken."""
 
     to: str
     from_: str
     features: int
+    to_rows: Tensor | None = None
 
     def __call__(self, new: State, z: Tensor) -> None:
         W = new[self.to]
@@ -84,18 +99,27 @@ class TableShiftFactor(TranslationFactor):
         """The move that leaves the target table's mean row along `1` only (the rows' own
         factor then centers it): the canonical gauge."""
         t = self.terms[0]
-        W = state[t.to]
+        W = state[t.to] if t.to_rows is None else state[t.to][t.to_rows]
         B = complement_basis(t.features, W.dtype)
         return -(B.T @ W.mean(0))
 
 
-def embedding_sum_factors(tables: list[tuple[str, nn.Embedding]], sums: list[int]) -> list:
+def embedding_sum_factors(
+    tables: list[tuple[str, nn.Embedding]],
+    sums: list[int],
+    read: dict[str, Tensor] | None = None,
+) -> list:
     """The factors above for embedding tables (`(module name, module)`, each of the width the
     LayerNorms normalize) whose lookups reach only LayerNorms; `sums[i]` numbers the sum the
-    `i`-th table's lookup enters (tables of one sum may exchange vectors)."""
+    `i`-th table's lookup enters (tables of one sum may exchange vectors). `read`: the rows
+    the graph reads of the tables it does not read whole (by module name)."""
+    read = read or {}
     out: list = [
         CenteredRowsFactor(
-            f"center:{t}", m.num_embeddings, terms=(RowsAlongOne(f"{t}.weight"),), modules=(t,)
+            f"center:{t}",
+            m.num_embeddings if t not in read else len(read[t]),
+            terms=(RowsAlongOne(f"{t}.weight", read.get(t)),),
+            modules=(t,),
         )
         for t, m in tables
     ]
@@ -113,7 +137,7 @@ def embedding_sum_factors(tables: list[tuple[str, nn.Embedding]], sums: list[int
                 TableShiftFactor(
                     f"move:{src}->{t}",
                     d - 1,
-                    terms=(MoveBetweenTables(f"{t}.weight", f"{src}.weight", d),),
+                    terms=(MoveBetweenTables(f"{t}.weight", f"{src}.weight", d, read.get(t)),),
                     modules=(t, src),
                 )
             )

@@ -27,6 +27,7 @@ from ._labels import Labels
 from ._linear import Linear, keeps_last_axis, linear_reading, linear_writing, param_name
 from ._ops import ADD_OPS, CASTS, expand_to, graph_users, slice_along
 from ._shifts import layernorm_shift
+from ._unread import Unread
 
 __all__ = ["NormRules"]
 
@@ -45,6 +46,8 @@ class NormRules:
     removed_memo: dict[fx.Node, bool]
     #: every node's value on the example inputs
     values: dict[fx.Node, Any]
+    #: the parameter entries the graph never reads
+    unread: Unread
 
     def layernorm_shift(self, n: fx.Node, ln: nn.LayerNorm) -> None:
         """A LayerNorm whose output only affine layers read: its `β` may move into their
@@ -198,7 +201,12 @@ class NormRules:
             tables.append((t, m))
             sums.append(self._sum_root(look))
         if tables:
-            self.L.extra += embedding_sum_factors(tables, [id(r) for r in sums])
+            read = {
+                t: rows
+                for t, m in tables
+                if (rows := self.unread.read_rows(f"{t}.weight", m.num_embeddings)) is not None
+            }
+            self.L.extra += embedding_sum_factors(tables, [id(r) for r in sums], read)
         if self._removed(src, E, self.removed_memo):
             self._stream_sources(src, E)
 

@@ -16,6 +16,7 @@ from torch import Tensor, fx, nn
 
 from ._labels import ZERO, Labels
 from ._norm_rules import NormRules
+from ._unread import Unread
 from .rules import REGISTRY, Rule
 from .rules._common import Pair, Unsupported, fixed, is_float
 
@@ -37,6 +38,8 @@ class Propagator(NormRules, fx.Interpreter):
         self.values: dict[fx.Node, Any] = {}
         #: the node being dispatched (its rules' parameter uses are recorded under it)
         self._current: str | None = None
+        #: the parameter entries the graph never reads (set before running, see `_unread.py`)
+        self.unread = Unread((), {})
 
     # -- plumbing -------------------------------------------------------------------------
     def lab(self, a: Any) -> Pair | None:

@@ -17,6 +17,7 @@ from ._build import build_factors
 from ._capture import export_graph
 from ._centering import link_centered
 from ._concat_gl import concat_gls
+from ._free_entries import with_free
 from ._inputs import Call, as_call, find_inputs, without_cache
 from ._kernel import link_kernels
 from ._linear_streams import StreamShiftFactor, fix_stream_labels, linear_streams, stream_factors
@@ -27,6 +28,7 @@ from ._stream import stream_rotations, with_rotations
 from ._summed_biases import summed_bias_factors
 from ._trace import is_atomic, trace
 from ._unanalyzed import unanalyzed_breakers
+from ._unread import drop_dead, unread_entries
 from .rules.recurrent import recurrent_bias_factors
 
 __all__ = ["register_analyzer", "symmetries"]
@@ -86,7 +88,10 @@ def symmetries(model: nn.Module, example_inputs: Any = None) -> GaugeGroup:
     **Returns:** a `GaugeGroup` with `factors` and `breakers` (the operations that break
     a would-be symmetry, with reasons). Every factor has been checked on the example inputs
     (see `_selfcheck.py`): one that changes the outputs is dropped and named among the
-    breakers as an internal error. A model on the meta device (shapes, no values) is
+    breakers as an internal error. Entries no output reads are one `free` factor
+    (`groups/_free.py`); rows of a table read only at constant indices (positions up to the
+    example's length) are claimed only when `example_inputs` are given, and hold for inputs
+    of their shapes. A model on the meta device (shapes, no values) is
     analyzed from shapes alone; its group is then `unchecked` (see `_meta.py`, `check_on`).
 
     Raises `GaugeError` for non-finite weights or when no inputs are given or inferred,
@@ -97,11 +102,14 @@ def symmetries(model: nn.Module, example_inputs: Any = None) -> GaugeGroup:
         _check_finite(model)
     move = meta_call if meta else None
     call = find_inputs(model, move=move) if example_inputs is None else as_call(example_inputs)
+    # rows that constant indices never select are claimed only for inputs of the shapes the
+    # caller chose (indices such as positions depend on them); inferred inputs claim none
+    rows = example_inputs is not None
     if meta:
         call = meta_call(call)
-        group = unchecked(_discover(model, call))
+        group = unchecked(_discover(model, call, rows))
     else:
-        group = self_check(model, call, _discover(model, call))
+        group = self_check(model, call, _discover(model, call, rows))
     # the inputs the group was checked on travel with it (canonicalize and align check there)
     args, kwargs = call
     used = kwargs if kwargs and not args else args[0] if len(args) == 1 and not kwargs else args
@@ -124,7 +132,7 @@ def _positional(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple:
     return (*args, *(kwargs[n] for n in names))
 
 
-def _discover(model: nn.Module, call: Call) -> GaugeGroup:
+def _discover(model: nn.Module, call: Call, rows: bool = True) -> GaugeGroup:
     names = tuple(n for n, _ in model.named_parameters())
     args, kwargs = without_cache(model, call)
     example = kwargs if kwargs else args
@@ -143,7 +151,10 @@ def _discover(model: nn.Module, call: Call) -> GaugeGroup:
             gm, flat = export_graph(model, args, kwargs)
         except UnsupportedModelError as exc:
             raise UnsupportedModelError(f"{fx_exc}; {exc}") from exc
+    drop_dead(gm)  # results no output reads: they break nothing and read nothing
+    unread = unread_entries(gm, model, rows=rows)
     prop = Propagator(gm, model)
+    prop.unread = unread
     try:
         with torch.no_grad():
             prop.run(*flat)
@@ -168,7 +179,7 @@ def _discover(model: nn.Module, call: Call) -> GaugeGroup:
     factors = with_rotations(factors, stream_rotations(gm, model, prop.values))
     breakers += attn_breakers
     f2, b2 = _atom_factors(model)
-    factors = link_centered(link_kernels(factors + f2))
+    factors = with_free(link_centered(link_kernels(factors + f2)), unread, model)
     b2 += unanalyzed_breakers(model)
     return GaugeGroup(tuple(factors), tuple(dict.fromkeys(breakers + b2)), names)
 

@@ -33,6 +33,8 @@ terms, so it exists for every group `gaugenet.symmetries` finds:
   later layer absorbs through a weight (a bias into BatchNorm, the value bias into the
   output bias) have a tangent field that depends on that weight and is no gradient: they
   have no charge and are left out.
+- `FreeFactor` (entries no output reads): the loss gradient on them is zero, so every such
+  entry is conserved itself: `Q = θ_S` (`(n,)`, in the factor's element order).
 
 With weight decay `λ` (`θ̇ = −∇L − λ θ`) the quadratic charges decay as `exp(−2 λ t)` and
 the linear ones as `exp(−λ t)`.
@@ -49,6 +51,7 @@ from ..groups import (
     AffineFactor,
     AlgebraFactor,
     BatchNormShift,
+    FreeFactor,
     GaugeGroup,
     GLFactor,
     MonomialScaleFactor,
@@ -143,8 +146,9 @@ def noether_charges(model: nn.Module | State, group: GaugeGroup) -> dict[str, Te
     - `group`: its gauge group (e.g. from `gaugenet.symmetries`).
 
     **Returns:** `{factor_name: charge}` with shapes `(n,)` for rescalings, `(b, d, d)` for
-    `GLFactor`, `(d, d)` for `AffineFactor`, `(n, ...)` for translations. Discrete factors
-    have none and are left out. See the module docstring for the derivations.
+    `GLFactor`, `(d, d)` for `AffineFactor`, `(n, ...)` for translations, `(n,)` for free
+    entries. Discrete factors have none and are left out. See the module docstring for the
+    derivations.
     """
     s = _state(model)
     out: dict[str, Tensor] = {}
@@ -159,6 +163,8 @@ def noether_charges(model: nn.Module | State, group: GaugeGroup) -> dict[str, Te
             out[f.name] = _gl(f, s)
         elif isinstance(f, AffineFactor):
             out[f.name] = _affine(f, s)
+        elif isinstance(f, FreeFactor):
+            out[f.name] = f.entries(s)
         elif isinstance(f, TranslationFactor) and all(type(t) is Shift for t in f.terms):
             out[f.name] = _translation(f, s)
     return out

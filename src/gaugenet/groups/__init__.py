@@ -1,5 +1,5 @@
 """Gauge groups: factors (rescaling, GL and its subalgebras, affine, orthogonal, translation,
-permutation) and their product."""
+free entries, permutation) and their product."""
 
 from . import _algebra_canonical as _algebra_canonical  # registers its canonicalizer
 from ._algebra import AlgebraFactor as AlgebraFactor
@@ -7,6 +7,8 @@ from ._base import AbstractFactor as AbstractFactor
 from ._base import Breaker as Breaker
 from ._canonical_hooks import canonicalizer_for as canonicalizer_for
 from ._canonical_hooks import register_canonicalizer as register_canonicalizer
+from ._free import FreeFactor as FreeFactor
+from ._free import FreeRows as FreeRows
 from ._group import Element as Element
 from ._group import GaugeGroup as GaugeGroup
 from ._group import load_state as load_state

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from .._centering import centered_output
 from .._concat_gl import concat_gls
 from .._embeddings import embedding_sum_factors
+from .._free_entries import with_free
 from .._kernel import kernel_factor
 from .._linear_streams import linear_streams
 from .._norm_rules import NormRules
@@ -80,6 +81,34 @@ class _Stream(nn.Module):
         x = self.emb(ids)
         x = x + self.down(torch.relu(self.up(self._rms(x, self.g1))))
         return self.head(self._rms(x, self.g2))
+
+
+class _DeadBranch(nn.Module):
+    """A ReLU MLP beside a layer whose result nothing reads and a parameter nothing uses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.unused = nn.Linear(3, 4), nn.Linear(4, 2), nn.Linear(4, 5)
+        self.extra = nn.Parameter(torch.randn(3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.a(x)
+        _ = self.unused(h)
+        return self.b(torch.relu(h))
+
+
+class _Positions(nn.Module):
+    """Word and position tables summed into a LayerNorm, the positions looked up at a
+    buffer of position ids: 5 of the table's 8 rows are read, whatever the tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.word, self.pos = nn.Embedding(6, 4), nn.Embedding(8, 4)
+        self.ln, self.out = nn.LayerNorm(4), nn.Linear(4, 2)
+        self.register_buffer("positions", torch.arange(5), persistent=False)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.out(torch.relu(self.ln(self.word(ids) + self.pos(self.positions))))
 
 
 def _random_bn(*bns: nn.Module) -> None:
@@ -202,6 +231,28 @@ RULES = (
             ),
         ),
         where=_where(embedding_sum_factors, f"from `{NormRules.__qualname__}.embedding_sum`"),
+    ),
+    Rule(
+        "unread entries",
+        "patterns",
+        None,
+        (
+            Example(
+                lambda: (seeded(_DeadBranch), batch(64, 3)),
+                32,
+                "one scale per ReLU unit (4); the 28 entries no output reads move freely: "
+                "`extra` (3) and the dead layer's weight and bias (20 + 5), whose own "
+                "rescalings are among those moves",
+            ),
+            Example(
+                lambda: (seeded(_Positions), token_ids(6, 8, 5)),
+                30,
+                "the 3 position rows no position id selects move freely (12); the read rows "
+                "along 1 (6 + 5), a vector ⟂ 1 moved between the tables (3), γ and β scaled "
+                "per feature through ReLU (4)",
+            ),
+        ),
+        where=_where(with_free, "after the factors are built"),
     ),
     Rule(
         "summed biases",
