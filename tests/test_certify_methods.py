@@ -352,10 +352,17 @@ class _Unused(nn.Module):
 
 
 def test_matrix_free_unused_parameter() -> None:
-    """Negative: a parameter with no effect is hidden redundancy. Its zero curvature does
-    not break the preconditioner (finite damping), and both methods report it."""
+    """A parameter the forward never reads is a free factor of the discovered group (both
+    methods then find nothing hidden). Negative: left out of the group, it is hidden
+    redundancy; its zero curvature does not break the preconditioner (finite damping), and
+    both methods report it."""
     model, x = _Unused(), _inputs(200, 4, 22)
-    group = gaugenet.symmetries(model, x)
+    full = gaugenet.symmetries(model, x)
+    (free,) = [f for f in full.factors if f.kind == "free"]
+    assert free.dim == 3 and free.params() == ("spare",)
+    assert gaugenet.certify(model, x, group=full, method="exact").unexplained == 0
+    rest = tuple(f for f in full.factors if f is not free)
+    group = gaugenet.GaugeGroup(rest, full.breakers, full.param_names)
     res = matrix_free_certificate(model, x, group)
     assert res.converged and res.sigma_min < 1e-6 * res.sigma_max
     assert all(math.isfinite(v) for v in (res.sigma_min, res.sigma_max, res.residual))
