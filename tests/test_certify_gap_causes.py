@@ -4,6 +4,7 @@ unexplained; attribution never swallows a symmetry that discovery does not offer
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import Tensor, nn
 
@@ -167,6 +168,30 @@ def test_token_only_at_one_position_is_read_together() -> None:
     assert fixed.unexplained == varied.unexplained > 0
     line = next(line for line in fixed.lines() if "fixed sum" in line)
     assert line.startswith("3 directions") and "pos.weight" in line and "tok.weight" in line
+
+
+class _TwoMaps(nn.Module):
+    """`c(tanh(a(x) + b(x)))`: the two weights are only ever read in their sum, on any
+    input: a symmetry (which discovery does not offer), not a property of the inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 5)
+        self.b = nn.Linear(3, 5)
+        self.c = nn.Linear(5, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.c(torch.tanh(self.a(x) + self.b(x)))
+
+
+def test_whole_tensors_summed_stay_unexplained() -> None:
+    """Every entry of `a.weight` has the same Jacobian column as its twin in `b.weight`; the
+    15 differences are a missing symmetry and stay unexplained."""
+    torch.manual_seed(0)
+    gap = _gap(_TwoMaps().double(), _x(40, 3))
+    assert gap.missing == 15 and gap.unexplained == 15
+    assert _dims(gap) == {"together": 0, "table": 0, "eps": 0}
+    assert dict(gap.located) == pytest.approx({"a.weight": 7.5, "b.weight": 7.5})
 
 
 # -- layers fed by a table ---------------------------------------------------------------

@@ -5,7 +5,8 @@ position row when that token occurs at that one position only, say) or their dif
 their columns of `J` agree up to sign, and moving one up and the other down (or both up)
 changes nothing on these inputs. Found from `J` alone: the columns are sorted by a random
 projection, and neighbours whose difference (or sum) is under the rank tolerance are joined;
-a group of `k` entries gives `k − 1` directions.
+a group of `k` entries gives `k − 1` directions. Whole tensors paired entry by entry (two
+biases added into one stream) are a symmetry on any input, not a cause: they are left out.
 """
 
 from __future__ import annotations
@@ -55,17 +56,33 @@ def _groups(jac: Tensor, floor: float) -> list[list[tuple[int, float]]]:
     return [g for g in members.values() if len(g) > 1]
 
 
+def _whole(
+    groups: list[list[tuple[int, float]]], owners: Tensor, sizes: Sequence[int]
+) -> list[bool]:
+    """Per group, whether it pairs whole tensors: every entry of each tensor it touches lies
+    in a group over that same set of tensors (two biases added, say)."""
+    sets = [frozenset(int(owners[i]) for i, _ in g) for g in groups]
+    entries: dict[frozenset[int], int] = {}
+    for g, t in zip(groups, sets):
+        entries[t] = entries.get(t, 0) + len(g)
+    return [entries[t] == sum(sizes[k] for k in t) for t in sets]
+
+
 def together_cause(
     jac: Tensor, floor: float, names: Sequence[str], sizes: Sequence[int]
 ) -> CauseSpace:
     """The `CauseSpace` of entries read only together: for each group of nonzero columns of
     `jac` `(n_outputs, n_params)` equal up to sign within `floor` (the rank tolerance
-    `rtol · σ_max`), the differences `s_0 e_0 − s_i e_i`; each is in `ker J` to `floor`."""
-    groups = _groups(jac, floor)
-    n = jac.shape[1]
-    dirs = torch.zeros(n, sum(len(g) - 1 for g in groups), dtype=jac.dtype)
-    k = 0
+    `rtol · σ_max`), the differences `s_0 e_0 − s_i e_i`; each is in `ker J` to `floor`.
+
+    Groups that pair whole tensors entry by entry are left out: those tensors are only ever
+    read in their sum, on any input, which is a symmetry of the model (one discovery does
+    not offer), not a property of these inputs; they stay unexplained."""
     owners = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(list(sizes)))
+    groups = _groups(jac, floor)
+    groups = [g for g, whole in zip(groups, _whole(groups, owners, sizes)) if not whole]
+    dirs = torch.zeros(jac.shape[1], sum(len(g) - 1 for g in groups), dtype=jac.dtype)
+    k = 0
     where: set[str] = set()
     for g in groups:
         (i0, s0), *others = g
@@ -73,6 +90,5 @@ def together_cause(
             dirs[i0, k], dirs[i, k] = s0, -s
             where |= {names[int(owners[i0])], names[int(owners[i])]}
             k += 1
-    return CauseSpace(
-        "of entries read only in a fixed sum or difference", tuple(sorted(where)), dirs
-    )
+    reason = "of entries read only in a fixed sum or difference on these inputs"
+    return CauseSpace(reason, tuple(sorted(where)), dirs)
