@@ -101,7 +101,7 @@ def test_tiny_eps_is_the_whole_gap_and_large_eps_removes_it() -> None:
     gap = _gap(_Norm(1e-12).double(), _x(50, 5))
     assert gap.missing == 1 and _dims(gap)["eps"] == 1 and gap.unexplained == 0
     assert any(
-        line.startswith("1 directions scaling the input of a LayerNorm") and ": n" in line
+        line.startswith("1 directions scaling input rows of a LayerNorm") and ": n" in line
         for line in gap.lines()
     )
     # eps = 1 is far above the rank tolerance: the scaling leaves ker J, nothing is missing
@@ -127,7 +127,7 @@ def test_certify_reports_the_measured_eps_cause() -> None:
     torch.manual_seed(0)
     report = certify(_Norm(1e-12).double(), _x(50, 5), method="exact")
     assert report.unexplained == 1
-    assert any("1 directions scaling the input of a LayerNorm" in c for c in report.causes)
+    assert any("1 directions scaling input rows of a LayerNorm" in c for c in report.causes)
     assert not any("unexplained directions" in c for c in report.causes)
 
 
@@ -168,6 +168,25 @@ def test_token_only_at_one_position_is_read_together() -> None:
     assert fixed.unexplained == varied.unexplained > 0
     line = next(line for line in fixed.lines() if "fixed sum" in line)
     assert line.startswith("3 directions") and "pos.weight" in line and "tok.weight" in line
+
+
+def test_equal_and_opposite_columns_are_grouped() -> None:
+    """Columns `c, d, −c, c, e` (tensors `p` of 2 entries, `q` of 3): one group of three
+    (two directions, both in `ker J`), nothing else; a column off by more than the floor
+    stays out; tensors paired whole are left out."""
+    from gaugenet.certify._together_cause import together_cause
+
+    c, d, e = _x(3, 30).unbind(0)
+    jac = torch.stack([c, d, -c, c, e], 1)
+    cause = together_cause(jac, 1e-9, ["p", "q"], [2, 3])
+    assert cause.directions.shape == (5, 2) and cause.where == ("p", "q")
+    assert float((jac @ cause.directions).abs().max()) < 1e-12
+    assert set(cause.directions.abs().sum(1).nonzero().flatten().tolist()) == {0, 2, 3}
+    jac[:, 3] += 1e-6 * e
+    assert together_cause(jac, 1e-9, ["p", "q"], [2, 3]).directions.shape == (5, 1)
+    # p = (c, d) and q = (c, d): whole tensors read only in their sum
+    whole = torch.stack([c, d, c, d], 1)
+    assert together_cause(whole, 1e-9, ["p", "q"], [2, 2]).directions.shape == (4, 0)
 
 
 class _TwoMaps(nn.Module):

@@ -80,7 +80,7 @@ def test_tiny_layernorm_eps_is_a_near_symmetry_named_as_cause() -> None:
     x = _inputs()
     report = gaugenet.certify(model, x)
     assert report.unexplained == 5
-    eps = [c for c in report.causes if "scaling the input of a LayerNorm" in c]
+    eps = [c for c in report.causes if "scaling input rows of a LayerNorm" in c]
     assert len(eps) == 1 and eps[0].startswith("5 directions"), report.causes
     assert not any("unexplained" in c for c in report.causes)
     lines = layernorm_causes(model, x, 1e-9)

@@ -13,6 +13,8 @@ from ._jacobian import FlatModel, flatten_out
 
 __all__ = ["PreHook", "hooked", "hooked_jacobian", "jacobian_on", "module_inputs"]
 
+#: columns pushed through one forward pass (bounds the memory of `jacobian_on`)
+_CHUNK = 128
 #: `hook(module, call, x) -> x'`: replaces the first input `x` of the `call`-th call
 PreHook = Callable[[nn.Module, int, Tensor], Tensor]
 
@@ -60,10 +62,11 @@ def module_inputs(fm: FlatModel, module: nn.Module, th: Tensor) -> Tensor:
 
 def jacobian_on(fn: Callable[[Tensor], Tensor], theta: Tensor, v: Tensor) -> Tensor:
     """`(n_out, k)`: the Jacobian of `fn` at `theta` `(n,)` times `v` `(n, k)`, by forward
-    mode over the `k` columns (reverse mode for the whole Jacobian when forward mode cannot
-    run)."""
+    mode over the `k` columns, `_CHUNK` at a time (reverse mode for the whole Jacobian when
+    forward mode cannot run)."""
     try:
-        return torch.func.vmap(lambda c: torch.func.jvp(fn, (theta,), (c,))[1])(v.T).T
+        jvp = torch.func.vmap(lambda c: torch.func.jvp(fn, (theta,), (c,))[1], chunk_size=_CHUNK)
+        return jvp(v.T).T
     except (NotImplementedError, RuntimeError):
         return torch.func.jacrev(fn)(theta) @ v
 
