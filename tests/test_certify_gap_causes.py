@@ -123,6 +123,39 @@ def test_eps_attribution_leaves_other_gaps_alone() -> None:
     assert tiny.unexplained == big.unexplained > 0
 
 
+class _EmbeddingNorm(nn.Module):
+    """`out(LN(tok(ids) + pos))`: a token that occurs at one position only gives rows that
+    its embedding row alone makes, which can be scaled alone."""
+
+    def __init__(self, eps: float) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(40, 4)
+        self.pos = nn.Embedding(4, 4)
+        self.ln = nn.LayerNorm(4, eps=eps)
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.out(self.ln(self.tok(ids) + self.pos(torch.arange(ids.shape[1]))))
+
+
+def test_eps_scales_rows_one_token_makes() -> None:
+    """Hand count: one scaling of the whole input, and one per token seen at one position
+    only (the rows it makes are scaled through its embedding row alone); all of them leave
+    with eps = 1, and the rest of the gap is the same with either eps."""
+    ids = torch.randint(1, 40, (30, 4), generator=torch.Generator().manual_seed(0))
+    ids[:, 0] = 0
+    pos = torch.arange(4).expand(30, 4)
+    single = sum(1 for t in ids.unique() if pos[ids == t].unique().numel() == 1)
+    assert single > 5
+    torch.manual_seed(0)
+    tiny = _gap(_EmbeddingNorm(1e-12).double(), ids)
+    torch.manual_seed(0)
+    big = _gap(_EmbeddingNorm(1.0).double(), ids)
+    assert _dims(tiny)["eps"] == 1 + single == tiny.missing - big.missing
+    assert _dims(big)["eps"] == 0 and tiny.unexplained == big.unexplained
+    assert _dims(tiny)["together"] == _dims(big)["together"] == 3  # token 0 with position 0
+
+
 def test_certify_reports_the_measured_eps_cause() -> None:
     torch.manual_seed(0)
     report = certify(_Norm(1e-12).double(), _x(50, 5), method="exact")
