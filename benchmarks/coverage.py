@@ -18,10 +18,10 @@ position, both token types), then reports
 - `gap`: where `ker J` exceeds the group's orbit (`gaugenet.certify.locate_gap`), each
   missing direction attributed by projection to a measured cause or left unexplained:
   parameter entries never read on the inputs (embedding rows no token selects: redundant
-  on these inputs, not symmetries), entries read only in a fixed sum (equal Jacobian
-  columns), layers fed by a table (directions that leave `ker J` once those layers' inputs
-  are made distinct), LayerNorms whose `eps` is under the rank tolerance (the constructed
-  scaling of each norm's input, a symmetry up to `eps`); the unexplained rest by the
+  on these inputs, not symmetries), entries read only in a fixed sum on these inputs
+  (equal Jacobian columns), layers fed by a table (directions that leave `ker J` once
+  those layers' inputs are made distinct), LayerNorms whose `eps` is under the rank tolerance (the constructed
+  scalings of each norm's input rows, symmetries up to `eps`); the unexplained rest by the
   parameters it lives in, with the ReLU layers whose units are dead or always active on the
   inputs (more redundancy than the rescalings, not measured).
 
