@@ -69,6 +69,8 @@ def _scaling_tangents(fm: FlatModel, norm: nn.LayerNorm, kernel: Tensor) -> Tens
     a = hooked_jacobian(fm, {norm: cut}, kernel, watch=norm)  # rows: J_cut K, then J_x K
     rhs = torch.cat([torch.zeros(a.shape[0] - len(x), scalings.shape[1], dtype=x.dtype), scalings])
     system = torch.cat([a, -rhs], 1)
+    if system.shape[0] > system.shape[1]:  # tall: the same singular values from R, cheaper
+        system = torch.linalg.qr(system, mode="r").R
     _, s, vh = torch.linalg.svd(system, full_matrices=True)
     null = vh[int((s > _CUT * s[0]).sum()) :].T  # (k + r, m)
     k = kernel.shape[1]

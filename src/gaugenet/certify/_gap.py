@@ -111,7 +111,9 @@ def locate_gap(
     `Orbit` on the same flat parameters, ordered as `names` with `sizes` entries each).
     Costs one full SVD of `jac`; given `model` (the `FlatModel` `jac` was taken of), the
     measured causes too (a few more Jacobians)."""
-    _, s, vh = torch.linalg.svd(jac, full_matrices=jac.shape[0] < jac.shape[1])
+    # a tall Jacobian: the same singular values and right vectors from R of its QR, cheaper
+    tall = jac.shape[0] > jac.shape[1]
+    _, s, vh = torch.linalg.svd(torch.linalg.qr(jac, mode="r").R if tall else jac)
     kernel = vh[rank:].T
     missing_basis = span(orbit(kernel), 0.5)  # ker J off the orbit
     missing = missing_basis.shape[1]
