@@ -20,10 +20,10 @@ position, both token types), then reports
   parameter entries never read on the inputs (embedding rows no token selects: redundant
   on these inputs, not symmetries), entries read only in a fixed sum on these inputs
   (equal Jacobian columns), layers fed by a table (directions that leave `ker J` once
-  those layers' inputs are made distinct), LayerNorms whose `eps` is under the rank tolerance (the constructed
-  scalings of each norm's input rows, symmetries up to `eps`); the unexplained rest by the
-  parameters it lives in, with the ReLU layers whose units are dead or always active on the
-  inputs (more redundancy than the rescalings, not measured).
+  those layers' inputs are made distinct), LayerNorms whose `eps` is under the rank
+  tolerance (the constructed scalings of each norm's input rows, symmetries up to `eps`);
+  the unexplained rest by the parameters it lives in, with the ReLU layers whose units are
+  dead or always active on the inputs (more redundancy than the rescalings, not measured).
 
 The Markdown table is written into README.md between the coverage markers.
 
@@ -91,7 +91,7 @@ def _rank_gap(model: nn.Module, inputs: Any, group: Any = None) -> tuple[str, in
                 if group is not None and n - fd.rank > group.dim:
                     names = [k.removeprefix("model.") for k in fm.names]
                     orbit = orbit_projector(model, group)
-                    gap = locate_gap(jac, orbit, fd.rank, names, fm.sizes, model=fm)
+                    gap = locate_gap(jac, orbit, fd.rank, names, fm.sizes, flat=fm)
                     lines = gap.lines(top=2)
                     relu = relu_causes(flat_m, flat_in) if gap.unexplained else []
                     if relu:

@@ -25,7 +25,7 @@ def _gap(model: nn.Module, inputs: object, group: GaugeGroup | None = None) -> G
     fm = flat_model(model, inputs)
     jac = jacobian_of(fm)
     rank = rank_of(jac, rtol=1e-9).rank
-    gap = locate_gap(jac, orbit_projector(model, group), rank, fm.names, fm.sizes, model=fm)
+    gap = locate_gap(jac, orbit_projector(model, group), rank, fm.names, fm.sizes, flat=fm)
     assert gap.missing == jac.shape[1] - rank - group.dim
     assert gap.unread_dim + sum(d for _, d, _ in gap.explained) + gap.unexplained == gap.missing
     return gap

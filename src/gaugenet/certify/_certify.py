@@ -236,7 +236,7 @@ def certify(
             with stage("locating the gap"):
                 orbit = orbit_projector(model, group)
                 located = locate_gap(
-                    jac, orbit, rank, fm.names, fm.sizes, model=fm, rtol=rtol
+                    jac, orbit, rank, fm.names, fm.sizes, flat=fm, rtol=rtol
                 ).lines()
         del jac
     else:

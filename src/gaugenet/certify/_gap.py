@@ -103,13 +103,13 @@ def locate_gap(
     names: Sequence[str],
     sizes: Sequence[int],
     *,
-    model: FlatModel | None = None,
+    flat: FlatModel | None = None,
     rtol: float = 1e-9,
 ) -> GapReport:
     """The `GapReport` of the Jacobian `jac` `(n_outputs, n_params)` of numerical rank
     `rank` (singular values above `rtol σ_max`) against the orbit tangents `orbit` (an
     `Orbit` on the same flat parameters, ordered as `names` with `sizes` entries each).
-    Costs one full SVD of `jac`; given `model` (the `FlatModel` `jac` was taken of), the
+    Costs one full SVD of `jac`; given `flat` (the `FlatModel` `jac` was taken of), the
     measured causes too (a few more Jacobians)."""
     # a tall Jacobian: the same singular values and right vectors from R of its QR, cheaper
     tall = jac.shape[0] > jac.shape[1]
@@ -121,10 +121,10 @@ def locate_gap(
     eye, unread = _unread(jac, names, starts)
     causes = [CauseSpace("never read", (), eye)]
     att = attribute(missing_basis, orbit, causes)
-    if model is not None and att.rest.shape[1]:  # more to explain: measure the causes
-        causes += _measured(model, jac, kernel, float(s[0]) * rtol if s.numel() else 0.0, rtol)
+    if flat is not None and att.rest.shape[1]:  # more to explain: measure the causes
+        causes += _measured(flat, jac, kernel, float(s[0]) * rtol if s.numel() else 0.0, rtol)
         att = attribute(missing_basis, orbit, causes)
-    rename = _renamer(model.names if model is not None else names, names)
+    rename = _renamer(flat.names if flat is not None else names, names)
     explained = tuple(
         (c.reason, d, tuple(rename(w) for w in c.where)) for c, d in zip(causes[1:], att.dims[1:])
     )
