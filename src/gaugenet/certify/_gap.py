@@ -145,9 +145,19 @@ def _measured(
     fm: FlatModel, jac: Tensor, kernel: Tensor, floor: float, rtol: float
 ) -> list[CauseSpace]:
     """The measured causes, in the order they are credited: entries read together, layers
-    fed by a table, LayerNorm `eps`."""
-    return [
-        together_cause(jac, floor, fm.names, fm.sizes),
-        table_cause(fm, kernel, floor),
-        eps_cause(fm, jac, kernel, floor, rtol),
+    fed by a table, LayerNorm `eps`. A cause that cannot be measured on this model (hooks
+    a scripted module refuses, an operation without derivative) explains nothing: its
+    directions stay unexplained rather than be guessed."""
+    builders: list[Callable[[], CauseSpace]] = [
+        lambda: together_cause(jac, floor, fm.names, fm.sizes),
+        lambda: table_cause(fm, kernel, floor),
+        lambda: eps_cause(fm, jac, kernel, floor, rtol),
     ]
+    out = []
+    for build in builders:
+        try:
+            out.append(build())
+        except Exception as err:  # any failure means "not measured"
+            none = torch.zeros(jac.shape[1], 0, dtype=jac.dtype)
+            out.append(CauseSpace(f"not measured ({type(err).__name__})", (), none))
+    return out
