@@ -15,12 +15,15 @@ position, both token types), then reports
 - `inv. err.`: the relative output change under a random element of the group,
 - `internal`: factors the self-check dropped (wrong answers caught before returning),
 - `time`: seconds spent in `symmetries`,
-- `gap`: where `ker J` exceeds the group's orbit (`gaugenet.certify.locate_gap`): parameter
-  entries never read on the inputs (embedding rows no token selects: redundant on these
-  inputs, not symmetries), the parameters holding the other missing directions, and the
-  LayerNorms whose `eps` is under the rank tolerance (near-symmetries, one per such norm),
-  the ReLU layers with units dead or always active on the inputs (more redundancy than
-  the rescalings), and layers fed by a table (few distinct input rows).
+- `gap`: where `ker J` exceeds the group's orbit (`gaugenet.certify.locate_gap`), each
+  missing direction attributed by projection to a measured cause or left unexplained:
+  parameter entries never read on the inputs (embedding rows no token selects: redundant
+  on these inputs, not symmetries), entries read only in a fixed sum on these inputs
+  (equal Jacobian columns), layers fed by a table (directions that leave `ker J` once
+  those layers' inputs are made distinct), LayerNorms whose `eps` is under the rank
+  tolerance (the constructed scalings of each norm's input rows, symmetries up to `eps`);
+  the unexplained rest by the parameters it lives in, with the ReLU layers whose units are
+  dead or always active on the inputs (more redundancy than the rescalings, not measured).
 
 The Markdown table is written into README.md between the coverage markers.
 
@@ -43,7 +46,7 @@ from torch import Tensor, nn
 import gaugenet
 from coverage_models import ROWS
 from gaugenet.certify import locate_gap
-from gaugenet.certify._causes import layernorm_causes, lookup_causes, relu_causes
+from gaugenet.certify._causes import relu_causes
 from gaugenet.certify._functional_dimension import rank_of
 from gaugenet.certify._jacobian import flat_model, jacobian_of
 from gaugenet.certify._orbit import orbit_projector
@@ -87,19 +90,12 @@ def _rank_gap(model: nn.Module, inputs: Any, group: Any = None) -> tuple[str, in
                 cause = ""
                 if group is not None and n - fd.rank > group.dim:
                     names = [k.removeprefix("model.") for k in fm.names]
-                    gap = locate_gap(jac, orbit_projector(model, group), fd.rank, names, fm.sizes)
+                    orbit = orbit_projector(model, group)
+                    gap = locate_gap(jac, orbit, fd.rank, names, fm.sizes, flat=fm)
                     lines = gap.lines(top=2)
-                    eps = layernorm_causes(flat_m, flat_in, 1e-9) if gap.located else []
-                    table = lookup_causes(flat_m, flat_in) if gap.located else []
-                    relu = relu_causes(flat_m, flat_in) if gap.located else []
+                    relu = relu_causes(flat_m, flat_in) if gap.unexplained else []
                     if relu:
                         lines.append(f"{len(relu)} ReLU layers with dead or always-active units")
-                    if table:
-                        lines += [
-                            t.replace("model.", "").split(" on these inputs")[0] for t in table
-                        ]
-                    if eps:
-                        lines.append(f"{len(eps)} LayerNorms with eps under the rank tolerance")
                     cause = "; ".join(lines)
     except Exception as exc:  # report the failure in the table, do not stop
         return f"– ({type(exc).__name__})", n, ""

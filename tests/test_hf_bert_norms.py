@@ -74,12 +74,15 @@ def test_group_laws_invariance_and_canonical_form(bert, gen) -> None:
 
 def test_tiny_layernorm_eps_is_a_near_symmetry_named_as_cause() -> None:
     """With BERT's `eps = 1e-12` scaling all that feeds a LayerNorm changes the outputs by
-    ~1e-12: one redundancy per LayerNorm (5), which the causes name."""
+    ~1e-12: one redundancy per LayerNorm (5), each constructed and attributed to its norm
+    by the causes, none left unexplained."""
     model = _bert(1e-12)
     x = _inputs()
     report = gaugenet.certify(model, x)
     assert report.unexplained == 5
-    assert sum("eps = 1e-12" in c for c in report.causes) == 5
+    eps = [c for c in report.causes if "scaling input rows of a LayerNorm" in c]
+    assert len(eps) == 1 and eps[0].startswith("5 directions"), report.causes
+    assert not any("unexplained" in c for c in report.causes)
     lines = layernorm_causes(model, x, 1e-9)
     assert len(lines) == 5 and all("eps = 1e-12" in line for line in lines)
     assert layernorm_causes(_bert(1e-3), x, 1e-9) == []  # negative: a visible eps

@@ -13,7 +13,13 @@ from torch.nn import functional as F
 
 from ._jacobian import as_tuple
 
-__all__ = ["layernorm_causes", "lookup_causes", "relu_causes", "tied_causes"]
+__all__ = [
+    "layernorm_causes",
+    "lookup_causes",
+    "relu_causes",
+    "small_eps_norms",
+    "tied_causes",
+]
 
 _RELUS = (nn.ReLU, nn.LeakyReLU, nn.PReLU)
 
@@ -133,11 +139,9 @@ def tied_causes(model: nn.Module) -> list[str]:
     ]
 
 
-def layernorm_causes(model: nn.Module, inputs: Any, rtol: float) -> list[str]:
-    """One line per LayerNorm whose `eps` is below `rtol` times the smallest variance of its
-    inputs. `LN(c x) = LN(x)` up to `eps`, so scaling everything that feeds such a
-    LayerNorm (every branch of its residual sum) moves the outputs by about `eps / σ²`
-    relative, under the rank tolerance: a near-symmetry, which discovery does not offer."""
+def small_eps_norms(model: nn.Module, inputs: Any, rtol: float) -> dict[str, tuple[float, float]]:
+    """`name: (eps, smallest input variance)` for every LayerNorm of `model` whose `eps` is
+    below `rtol` times the smallest variance of its inputs on `inputs`."""
     found: dict[str, float] = {}
 
     def record(name: str, mod: nn.Module, x: Tensor) -> None:
@@ -146,15 +150,25 @@ def layernorm_causes(model: nn.Module, inputs: Any, rtol: float) -> list[str]:
         found[name] = min(found.get(name, var), var)
 
     _watch_inputs(model, inputs, (nn.LayerNorm,), record)
-    lines = []
+    out = {}
     for name, var in found.items():
         eps = float(model.get_submodule(name).eps)
         if eps < rtol * var:
-            lines.append(
-                f"{name}: eps = {eps:.0e} is below {rtol:.0e} of its inputs' variance (min "
-                f"{var:.1e}): scaling all that feeds it is a symmetry up to eps, not offered"
-            )
-    return lines
+            out[name] = (eps, var)
+    return out
+
+
+def layernorm_causes(model: nn.Module, inputs: Any, rtol: float) -> list[str]:
+    """One line per LayerNorm whose `eps` is below `rtol` times the smallest variance of its
+    inputs. `LN(c x) = LN(x)` up to `eps`, so scaling everything that feeds such a
+    LayerNorm (every branch of its residual sum) moves the outputs by about `eps / σ²`
+    relative, under the rank tolerance: a near-symmetry, which discovery does not offer
+    (`_eps_cause` measures it when the Jacobian is at hand)."""
+    return [
+        f"{name}: eps = {eps:.0e} is below {rtol:.0e} of its inputs' variance (min "
+        f"{var:.1e}): scaling all that feeds it is a symmetry up to eps, not offered"
+        for name, (eps, var) in small_eps_norms(model, inputs, rtol).items()
+    ]
 
 
 def lookup_causes(model: nn.Module, inputs: Any, share: float = 0.25) -> list[str]:

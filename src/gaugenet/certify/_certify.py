@@ -234,8 +234,9 @@ def certify(
             )
         if n - rank > group.dim:
             with stage("locating the gap"):
+                orbit = orbit_projector(model, group)
                 located = locate_gap(
-                    jac, orbit_projector(model, group), rank, fm.names, fm.sizes
+                    jac, orbit, rank, fm.names, fm.sizes, flat=fm, rtol=rtol
                 ).lines()
         del jac
     else:
@@ -308,8 +309,9 @@ def certify(
     if unexplained is not None and unexplained > 0:
         with stage("looking for causes"):
             found = relu_causes(model, inputs) + tied_causes(model)
-            found += lookup_causes(model, inputs)
-            causes = located + found + layernorm_causes(model, inputs, rtol) + causes
+            if not exact:  # with the Jacobian at hand these two are measured in `located`
+                found += lookup_causes(model, inputs) + layernorm_causes(model, inputs, rtol)
+            causes = located + found + causes
     return CertifyReport(
         verdict=verdict,
         n_params=n,

@@ -56,9 +56,13 @@ class CertifyReport:
     - `gap`, `sigma_min`, `sigma_max`, `converged`: the singular-value gap at the rank
       (exact) or `sigma_min / sigma_max` off the orbit (matrix-free, where `converged` says
       whether the smallest Ritz pair converged).
-    - `causes`: explanations found for hidden redundancy (dead or always-active units,
-      LayerNorms with a tiny `eps`, tied weights, modules whose symmetries are not
-      analysed); `notes`: what else the reader must know.
+    - `causes`: explanations found for hidden redundancy. With the exact method, first the
+      missing directions attributed by projection to measured causes (entries never read or
+      read only together, layers fed by a table, LayerNorms with a tiny `eps`; see
+      `locate_gap`), each with its dimension, then the unexplained rest by parameter; then
+      the causes only listed (dead or always-active units, tied weights, modules whose
+      symmetries are not analysed; without the Jacobian also tiny `eps` and table-fed
+      layers); `notes`: what else the reader must know.
     - `memory_estimate`: bytes the chosen method was estimated to need, `memory_budget`
       the budget; `timings`: seconds per stage.
     """

@@ -1,0 +1,79 @@
+"""Layers fed by a table: on token inputs a layer that reads only the token's embedding (the
+first MLP of a parallel-residual block, say) sees one input row per vocabulary entry, so it
+and what follows it token by token act as a table of that many rows, and their parameters
+beyond what the table holds are redundant on such inputs without being a symmetry.
+
+Measured, not listed: the layers' inputs are made distinct (a small fixed random
+perturbation of every row of their inputs, through hooks; small so that no ReLU unit
+downstream changes side) and the Jacobian is formed again. The directions of `ker J` that
+leave the kernel then are the table's (a token's embedding row changed along what the
+norms after it ignore, and the table-fed MLP taking the change back, say); those that stay
+(a symmetry discovery does not know) are not attributed to it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ._attribute import CauseSpace
+from ._hooked import hooked, jacobian_on
+from ._jacobian import FlatModel
+
+__all__ = ["table_cause", "table_fed"]
+
+#: a layer is table-fed when its input rows take at most this share of distinct values
+SHARE = 0.25
+#: the perturbation that makes the rows distinct, relative to the inputs' spread
+NOISE = 1e-3
+
+
+def table_fed(fm: FlatModel, share: float = SHARE) -> dict[nn.Module, list[Tensor]]:
+    """The modules of `fm.model` with parameters of their own whose (floating) first input,
+    over all calls, has at most `share` of its rows (last axis) distinct; each with its
+    inputs, one per call."""
+    seen: dict[nn.Module, list[Tensor]] = {}
+    mods = [m for m in fm.model.modules() if any(True for _ in m.parameters(recurse=False))]
+
+    def keep(mod: nn.Module, call: int, x: Tensor) -> Tensor:
+        if isinstance(x, Tensor) and x.is_floating_point() and x.ndim >= 2:
+            seen.setdefault(mod, []).append(x.detach())
+        return x
+
+    with torch.no_grad(), hooked(fm.model, dict.fromkeys(mods, keep)):
+        fm.f(fm.theta)
+    out = {}
+    for mod, xs in seen.items():
+        rows = torch.cat([x.reshape(-1, x.shape[-1]) for x in xs if x.shape[-1] == xs[0].shape[-1]])
+        if torch.unique(rows, dim=0).shape[0] <= share * rows.shape[0]:
+            out[mod] = xs
+    return out
+
+
+def table_cause(fm: FlatModel, kernel: Tensor, floor: float) -> CauseSpace:
+    """The `CauseSpace` of the table-fed layers of `fm` (see the module): the directions of
+    `ker J` (orthonormal `kernel` `(n_params, k)`) that leave it, by more than `floor`, when
+    those layers' inputs are made distinct."""
+    fed = table_fed(fm)
+    n = fm.theta.numel()
+    if not fed or kernel.shape[1] == 0:
+        return CauseSpace("of layers fed by a table", (), torch.zeros(n, 0, dtype=kernel.dtype))
+    g = torch.Generator().manual_seed(0)
+    noise = {
+        m: [NOISE * x.std() * torch.randn(x.shape, generator=g, dtype=x.dtype) for x in xs]
+        for m, xs in fed.items()
+    }
+
+    def spread(mod: nn.Module, call: int, x: Tensor) -> Tensor:
+        return x + noise[mod][call] if call < len(noise[mod]) else x
+
+    with hooked(fm.model, dict.fromkeys(fed, spread)):
+        moved = jacobian_on(fm.f, fm.theta, kernel)
+    _, s, vh = torch.linalg.svd(moved, full_matrices=False)
+    dirs = kernel @ vh[: int((s > floor).sum())].T  # the kernel directions that leave it
+    names = {id(p): k for k, p in fm.model.named_parameters()}
+    where = tuple(names[id(p)] for m in fed for p in m.parameters(recurse=False))
+    rows = min(
+        int(torch.unique(xs[0].reshape(-1, xs[0].shape[-1]), dim=0).shape[0]) for xs in fed.values()
+    )
+    return CauseSpace(f"of layers fed by a table of {rows} distinct input rows", where, dirs)
