@@ -23,6 +23,7 @@ from ._kernel import link_kernels
 from ._linear_streams import StreamShiftFactor, fix_stream_labels, linear_streams, stream_factors
 from ._meta import is_meta, meta_call, unchecked
 from ._propagate import Propagator
+from ._score_shift import score_bias_shifts
 from ._selfcheck import self_check
 from ._stream import stream_rotations, with_rotations
 from ._summed_biases import summed_bias_factors
@@ -176,6 +177,7 @@ def _discover(model: nn.Module, call: Call, rows: bool = True) -> GaugeGroup:
     )
     factors = summed_bias_factors(gm, model, prop.values, factors, shifted)
     factors = drop_key_compensation(factors + attn, model, keys)
+    factors += score_bias_shifts(gm, model, prop.values)
     factors = with_rotations(factors, stream_rotations(gm, model, prop.values))
     breakers += attn_breakers
     f2, b2 = _atom_factors(model)
