@@ -13,12 +13,12 @@ cross-layer equalization (`EqualizeGraph`), graph activation equalization
 orthogonal factors learned for `--learn` steps (default 60) after the Hadamard candidates.
 
 Where a task has validation inputs (more of the training split, disjoint from the
-calibration inputs: 256 windows of the decoder's training text, the digits CNN's other
-1 181 training images), gaugenet chooses its element on them among its candidates, plain
-rounding included (`equalize(..., validation=...)`), by the next-token loss (decoder) or
-the KL to the float logits (CNN); the peers then get the calibration and validation inputs
-together as their calibration data, so every method sees the same training data
-(`--no-validation`: neither does). The held-out data is only scored.
+calibration inputs: the 477 windows of the decoder's training text that its training never
+read, the digits CNN's other 1 181 training images), gaugenet chooses its element on them
+among its candidates, plain rounding included (`equalize(..., validation=...)`), by the
+next-token loss (decoder) or the KL to the float logits (CNN); the peers then get the
+calibration and validation inputs together as their calibration data, so every method sees
+the same training data (`--no-validation`: neither does). The held-out data is only scored.
 
 Every peer runs in its own environment (`bash benchmarks/peers_setup.sh`; folder from
 `--peers` or `$GAUGENET_PEERS`, default `/work/peers`) in a subprocess that returns its

@@ -80,17 +80,15 @@ class Task:
 
 def _decoder() -> Task:
     from gaugenet.apply import next_token_loss
-    from tiny_decoder import CORPUS, SEQ, corpus, perplexity, trained, windows
+    from tiny_decoder import CORPUS, SEQ, corpus, perplexity, trained, unseen_windows, windows
 
     model = trained()
     train, held = corpus()
     starts = torch.linspace(0, len(train) - SEQ - 1, 8).long()
     calib = {"input_ids": torch.stack([train[s : s + SEQ] for s in starts.tolist()])}
-    # validation: 256 more windows of the training split, spread over it, none overlapping a
-    # calibration window (the held-out tenth is only scored)
-    grid = torch.linspace(0, len(train) - SEQ - 1, 264).long()
-    apart = (grid[:, None] - starts[None]).abs().amin(1) >= SEQ
-    val_ids = torch.stack([train[s : s + SEQ] for s in grid[apart][:256].tolist()])
+    # validation: windows of the training split that training never read and that overlap
+    # no calibration window (text new to the model; the held-out tenth is only scored)
+    val_ids = unseen_windows(starts)
     test = windows(held, 64)
 
     def outputs(m: nn.Module) -> Tensor:
