@@ -12,6 +12,14 @@ cross-layer equalization (`EqualizeGraph`), graph activation equalization
 `gaugenet.symmetries` discovers (no mapping table), aimed at each scheme, with its
 orthogonal factors learned for `--learn` steps (default 60) after the Hadamard candidates.
 
+Where a task has validation inputs (more of the training split, disjoint from the
+calibration inputs: the 477 windows of the decoder's training text that its training never
+read, the digits CNN's other 1 181 training images), gaugenet chooses its element on them
+among its candidates, plain rounding included (`equalize(..., validation=...)`), by the
+next-token loss (decoder) or the KL to the float logits (CNN); the peers then get the
+calibration and validation inputs together as their calibration data, so every method sees
+the same training data (`--no-validation`: neither does). The held-out data is only scored.
+
 Every peer runs in its own environment (`bash benchmarks/peers_setup.sh`; folder from
 `--peers` or `$GAUGENET_PEERS`, default `/work/peers`) in a subprocess that returns its
 transformed float weights; a peer whose environment is absent is reported "not installed".
@@ -21,7 +29,8 @@ transformed float model on held-out inputs, `max|y' − y| / max|y|`.
 
     HF_HUB_OFFLINE=1 PYTHONPATH=src .venv/bin/python benchmarks/quantize_transformers.py \\
         [--quick] [--tasks decoder minilm crepe cnn] [--schemes w4 w4g32 ...] [--learn N]
-        [--distance squared|kl|next-token] [--json rows.json] [--merge a.json b.json]
+        [--distance squared|kl|next-token] [--no-validation] [--json rows.json]
+        [--merge a.json b.json]
         [--readme README.md]
 
 Only some rows: `--tasks decoder --schemes w4 w4g32 --json d.json`; then
@@ -40,6 +49,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -97,6 +107,17 @@ def _save_inputs(calib, path: Path) -> None:
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
 
 
+def peer_calibration(task: Task, validation: bool) -> Any:
+    """The calibration data the peers get: `task.calib`, and with `validation` also the
+    validation inputs that gaugenet chooses its element on (every method sees the same
+    training data)."""
+    if not validation or task.validation is None:
+        return task.calib
+    if isinstance(task.calib, Tensor):
+        return torch.cat([task.calib, task.validation])
+    return {k: torch.cat([v, task.validation[k]]) for k, v in task.calib.items()}
+
+
 def run_peer(peer: str, task: Task, workdir: Path, peers_dir: Path, log) -> dict[str, dict]:
     """Each recipe of `peer` on `task`: `{recipe: {"ok", "state"?, "error"?, "note"?}}`."""
     python = peers_dir / peer / "bin" / "python"
@@ -140,7 +161,14 @@ def _with_state(model: nn.Module, state: dict[str, Tensor]) -> nn.Module:
 
 
 def bench_task(
-    name: str, schemes: list[str], peers_dir: Path, search: int, learn: int, distance: str, log
+    name: str,
+    schemes: list[str],
+    peers_dir: Path,
+    search: int,
+    learn: int,
+    distance: str,
+    log,
+    validation: bool = True,
 ) -> list[dict]:
     t0 = time.time()
     task = load_task(name)
@@ -154,7 +182,7 @@ def bench_task(
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         save_file(float_state, str(work / "float.safetensors"))
-        _save_inputs(task.calib, work / "calib.safetensors")
+        _save_inputs(peer_calibration(task, validation), work / "calib.safetensors")
         for peer, recipes in PEER_METHODS.items():
             res = run_peer(peer, task, work, peers_dir, log)
             for r, label in recipes.items():
@@ -189,17 +217,28 @@ def bench_task(
         dist = next_token_loss(task.calib["input_ids"])
     row = {"model": task.label, "method": "gaugenet equalize", "preserved": 0.0}
     row["note"] = f"{len(group.factors)} factors, dim {group.dim}"
+    val = task.validation if validation else None
+    chosen = []
     for s in schemes:
         sch = QuantScheme.parse(s)
+        lines: list[str] = []
         try:
             eq = equalize(task.model, task.calib, bits=sch.weight_bits, objective="output",
                           scheme=sch, group=group, search=search, learn=learn,
-                          distance=dist)  # fmt: skip
+                          distance=dist, validation=val,
+                          validation_distance=task.validation_distance,
+                          log=lines.append)  # fmt: skip
         except gaugenet.GaugeError as e:
             row["note"] += f"; {s}: {e}"[:160]
             continue
+        for line in lines:
+            log(f"    gaugenet {s} {line}")
+            chosen.append(f"{s}: {line.rsplit('chose ', 1)[1]}")
+        row.setdefault("validation", {})[s] = lines
         row["preserved"] = max(row["preserved"], relative_change(task.outputs(eq), y))
         row[s] = task.score(quantize(eq, sch))
+    if chosen:
+        row["note"] += "; chose " + ", ".join(chosen)
     row["note"] += f"; {time.time() - t1:.0f} s"
     rows.append(row)
     log(f"    gaugenet: {_fmt_row(row, schemes)}")
@@ -297,6 +336,11 @@ def main() -> None:
         choices=("squared", "kl", "next-token"),
         help="gaugenet's output objective (next-token: decoder only)",
     )
+    ap.add_argument(
+        "--no-validation",
+        action="store_true",
+        help="gaugenet keeps its calibration choice; peers get the calibration inputs only",
+    )
     ap.add_argument("--peers", default=os.environ.get("GAUGENET_PEERS", "/work/peers"))
     ap.add_argument("--readme", default=None, help="replace the marked block of this file")
     ap.add_argument("--json", default=None, help="also write the rows as JSON")
@@ -317,8 +361,9 @@ def main() -> None:
     for name in a.tasks if not a.merge else ():
         print(f"{name} ...", flush=True)
         rows += bench_task(
-            name, schemes, Path(a.peers), search, learn, a.distance, lambda s: print(s, flush=True)
-        )
+            name, schemes, Path(a.peers), search, learn, a.distance,
+            lambda s: print(s, flush=True), validation=not a.no_validation,
+        )  # fmt: skip
     md = table(rows, schemes)
     v = verdicts(rows, schemes)
     print(md)

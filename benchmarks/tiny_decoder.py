@@ -63,6 +63,36 @@ def windows(tokens: Tensor, n: int | None = None, seq: int = SEQ) -> Tensor:
     return tokens[: k * seq].reshape(k, seq)
 
 
+def training_starts(steps: int = STEPS) -> Tensor:
+    """The start of every window `trained` drew, `(steps, BATCH)`: the same generator and
+    draws, replayed (nothing else consumes that generator)."""
+    n = len(corpus()[0])
+    g = torch.Generator().manual_seed(0)
+    return torch.stack([torch.randint(0, n - SEQ - 1, (BATCH,), generator=g) for _ in range(steps)])
+
+
+def unseen_windows(avoid: Tensor, steps: int = STEPS, seq: int = SEQ) -> Tensor:
+    """Windows `(n, seq)` of the training split that training never read (about 30 % of its
+    bytes fall in no drawn window) and that overlap none of the windows starting at `avoid`:
+    text from the training split that is new to the model, for choosing among candidates
+    without touching the held-out tenth. Non-overlapping, in order of position."""
+    train = corpus()[0]
+    seen = torch.zeros(len(train) + 1, dtype=torch.long)
+    for s in (*training_starts(steps).reshape(-1).tolist(), *avoid.tolist()):
+        seen[s] += 1
+        seen[s + seq] -= 1
+    covered = seen.cumsum(0)[: len(train)] > 0
+    out, s = [], 0
+    while s + seq <= len(train):
+        bad = covered[s : s + seq].nonzero()
+        if len(bad):
+            s += int(bad[-1]) + 1
+            continue
+        out.append(train[s : s + seq])
+        s += seq
+    return torch.stack(out)
+
+
 def build(config: dict | None = None) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 

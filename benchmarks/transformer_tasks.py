@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -61,7 +61,11 @@ def build_architecture(task: str) -> nn.Module:
 @dataclass
 class Task:
     """A float model with its calibration inputs (`calib`, what equalizers may look at), its
-    held-out `score` (name `metric`) and `outputs` (for the function-preservation check)."""
+    held-out `score` (name `metric`) and `outputs` (for the function-preservation check).
+
+    `validation` (optional): more inputs from the training split, disjoint from `calib`, on
+    which gaugenet chooses its element among candidates by `validation_distance`
+    (`(y_q, y) ↦` scalar, `None`: the calibration distance); never held-out data."""
 
     name: str
     label: str
@@ -70,15 +74,21 @@ class Task:
     metric: str
     score: Callable[[nn.Module], float]
     outputs: Callable[[nn.Module], Tensor]
+    validation: Any = None
+    validation_distance: Callable[[Tensor, Tensor], Tensor] | None = field(default=None)
 
 
 def _decoder() -> Task:
-    from tiny_decoder import CORPUS, corpus, perplexity, trained, windows
+    from gaugenet.apply import next_token_loss
+    from tiny_decoder import CORPUS, SEQ, corpus, perplexity, trained, unseen_windows, windows
 
     model = trained()
     train, held = corpus()
-    starts = torch.linspace(0, len(train) - 129, 8).long()
-    calib = {"input_ids": torch.stack([train[s : s + 128] for s in starts.tolist()])}
+    starts = torch.linspace(0, len(train) - SEQ - 1, 8).long()
+    calib = {"input_ids": torch.stack([train[s : s + SEQ] for s in starts.tolist()])}
+    # validation: windows of the training split that training never read and that overlap
+    # no calibration window (text new to the model; the held-out tenth is only scored)
+    val_ids = unseen_windows(starts)
     test = windows(held, 64)
 
     def outputs(m: nn.Module) -> Tensor:
@@ -93,6 +103,8 @@ def _decoder() -> Task:
         "held-out perplexity",
         lambda m: perplexity(m, test),
         outputs,
+        {"input_ids": val_ids},
+        next_token_loss(val_ids),
     )
 
 
@@ -166,14 +178,27 @@ def _cnn() -> Task:
         with torch.no_grad():
             return m(xte)
 
+    from gaugenet.apply import logit_kl
+
+    ref = outputs(model).double()
+
+    def score(m: nn.Module) -> tuple[float, float]:
+        """Test accuracy, and the mean KL of the test predictions to the float model's (a
+        finer measure than accuracy on 360 images, where one image is 0.0028)."""
+        y = outputs(m).double()
+        acc = float((y.argmax(-1) == yte).double().mean())
+        return acc, float(logit_kl(y, ref)) / len(y)
+
     return Task(
         "cnn",
         "digits CNN (BN folded)",
         model,
         xtr[:256],
-        "accuracy",
-        lambda m: float((outputs(m).argmax(-1) == yte).double().mean()),
+        "accuracy / test KL to float",
+        score,
         outputs,
+        xtr[256:],  # the rest of the training images: the choice of element, never the test set
+        logit_kl,
     )
 
 

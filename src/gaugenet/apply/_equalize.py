@@ -28,10 +28,13 @@ from ._search import (
     sensitivities,
     smoothing_scales,
 )
+from ._select import Candidate, select
 
 __all__ = ["equalize", "equalizing_element", "weight_quantization_error"]
 
 OBJECTIVES = ("range", "output")
+# SmoothQuant migration strengths tried as candidates when validation inputs choose
+SMOOTHING = (0.25, 0.5, 0.75)
 
 
 def weight_quantization_error(
@@ -113,6 +116,9 @@ def equalizing_element(
     learn: int = 0,
     learn_scales: bool = False,
     distance: OutputDistance = squared_error,
+    validation: Any = None,
+    validation_distance: OutputDistance | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> tuple[GaugeGroup, Element]:
     """The element of `model`'s gauge group that `equalize` applies.
 
@@ -145,6 +151,16 @@ def equalizing_element(
     straight-through estimator (`_learn.learn_element`, as SpinQuant learns its rotation);
     the learned element is kept only where it lowers the objective.
 
+    With `validation` (inputs other than `example_inputs`, e.g. held back from the
+    calibration split; `objective="output"` only), the element is then chosen on them
+    (`_select.select`) among the identity, the closed-form candidates (range balance, the
+    noise model, SmoothQuant's balance at each strength of `SMOOTHING`, now for every
+    scheme) and the element after each of search, rotations and learning, by
+    `validation_distance` (default `distance`) on the rounded model's outputs: the
+    calibration objective overfits a few inputs, and the identity among the candidates
+    makes the choice never worse than plain rounding on the validation inputs. `log`
+    receives one line with every candidate's validation score and the choice.
+
     **Returns:** `(group, element)`.
     """
     if scheme is not None:
@@ -157,6 +173,8 @@ def equalizing_element(
         raise GaugeError("learn needs objective='output': the loss is the rounded output error")
     if act_bits is not None and objective != "output":
         raise GaugeError("act_bits needs objective='output': activations come from the data")
+    if validation is not None and objective != "output":
+        raise GaugeError("validation needs objective='output': it scores the rounded outputs")
     if granularity not in GRANULARITIES:
         raise GaugeError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     group = symmetries(model, example_inputs) if group is None else group
@@ -179,6 +197,7 @@ def equalizing_element(
             for_learning += [f for f in group.factors if isinstance(f, RescalingFactor)]
 
     best = (err(start), identity, start)
+    pool = [Candidate("identity", identity, start)]  # what validation chooses among
     # two sequences of sweeps: ranges relative to each tensor's quantization range, and the
     # classic absolute ranges; their fixed points differ when several tensors share a factor.
     # A factor's closed-form step is taken only where it lowers the objective, so a factor
@@ -198,8 +217,11 @@ def equalizing_element(
                 break
         if e < best[0]:
             best = (e, dict(elem), state)
+    if best[2] is not start:
+        pool.append(Candidate("range balance", best[1], best[2]))
     if objective == "output":
-        best = _data_driven(
+        strengths = SMOOTHING if validation is not None else (0.5,) if act_bits else ()
+        best, closed = _data_driven(
             model,
             example_inputs,
             factors,
@@ -210,9 +232,12 @@ def equalizing_element(
             bits,
             per_channel,
             search,
-            smooth=act_bits is not None,
+            strengths=strengths,
+            group_size=sch.group_size,
         )
+        pool += closed
     e_best, elem, state = best
+    pool.append(Candidate("searched", dict(elem), state))
     for f in factors if rotations else ():
         h = _hadamard(f.d) if isinstance(f, GLFactor) else None
         if h is None:
@@ -246,6 +271,8 @@ def equalizing_element(
             e = err(trial)
             if e < e_best:
                 e_best, state, elem = e, trial, cand
+    if state is not pool[-1].state:
+        pool.append(Candidate("rotated", dict(elem), state))
     if learn:
         base = {f.name: elem.get(f.name, f.identity(torch.float64)) for f in group.continuous}
         cand, _ = learn_element(
@@ -256,6 +283,14 @@ def equalizing_element(
         e = err(trial)
         if e < e_best:  # the guard: learned through a surrogate, kept on the objective
             e_best, state, elem = e, trial, cand
+            pool.append(Candidate("learned", dict(elem), state))
+    if validation is not None:
+        val_err = _output_noise(model, validation, names, sch, validation_distance or distance)
+        chosen, scores = select(pool[0], pool[1:], val_err)
+        if log is not None:
+            parts = ", ".join(f"{k} {v:.6g}" for k, v in scores.items())
+            log(f"validation: {parts}; chose {chosen.label}")
+        elem = chosen.element
     return group, elem
 
 
@@ -276,6 +311,9 @@ def equalize(
     learn: int = 0,
     learn_scales: bool = False,
     distance: OutputDistance = squared_error,
+    validation: Any = None,
+    validation_distance: OutputDistance | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> nn.Module:
     """A copy of `model`, moved within its gauge group to where round-to-nearest weight
     quantization loses least; it computes the same function.
@@ -308,6 +346,10 @@ def equalize(
     - `distance`: with `objective="output"`, how the rounded outputs are compared with the
       float ones (`(y_q, y) ↦` scalar): `squared_error` (default) or e.g. `logit_kl` for a
       model whose outputs are logits.
+    - `validation`, `validation_distance`: with `objective="output"`, inputs other than
+      `example_inputs` on which the element is chosen among the candidates, the identity
+      included (so never worse than plain rounding there), by `validation_distance`
+      (default `distance`); `log` receives the candidates' scores and the choice.
     - `tol`: largest allowed relative output change on `example_inputs` (float64 evaluation);
       default by the weights' dtype (`1e-9` float64, `1e-5` float32, `1e-2` float16).
 
@@ -329,6 +371,9 @@ def equalize(
         learn=learn,
         learn_scales=learn_scales,
         distance=distance,
+        validation=validation,
+        validation_distance=validation_distance,
+        log=log,
     )
     new = group.act(model, elem)
     tol = drift_tolerance(model_dtype(model)) if tol is None else tol
@@ -352,33 +397,39 @@ def _data_driven(
     bits: int,
     per_channel: bool,
     search: int,
-    smooth: bool,
-) -> tuple[float, dict, State]:
+    strengths: tuple[float, ...],
+    group_size: int | None,
+) -> tuple[tuple[float, dict, State], list[Candidate]]:
     """Closed-form candidates from `start`, the model's state in float64 (the
-    sensitivity-weighted noise-model optimum; with `smooth`, SmoothQuant's balance of input
-    and weight ranges), each kept where it beats `best`, then a local search on `err` from
-    the best; returns the new `(err, element, state)`."""
+    sensitivity-weighted noise-model optimum, with one step per group of `group_size` when
+    given; SmoothQuant's balance of input and weight ranges at each of `strengths`), each
+    kept where it beats `best`, then a local search on `err` from the best; returns the new
+    `(err, element, state)` and the closed-form candidates."""
     scales = [f for f in factors if isinstance(f, RescalingFactor)]
     if not scales:
-        return best
+        return best, []
     e_best, elem, state = best
     sens = sensitivities(model, cast_floats(inputs, torch.float64), start, names)
-    candidates = [
-        noise_model_scales(scales, start, names, sens, bits=bits, per_channel=per_channel)
-    ]
-    if smooth:
-        candidates.append(smoothing_scales(scales, start, input_ranges(model, inputs, names)))
+    noise = noise_model_scales(
+        scales, start, names, sens, bits=bits, per_channel=per_channel, group_size=group_size
+    )
+    candidates = [("noise model", noise)]
+    act = input_ranges(model, inputs, names) if strengths else {}
+    for s in strengths:
+        candidates.append((f"smoothing {s:g}", smoothing_scales(scales, start, act, strength=s)))
     ident = {f.name: f.identity(torch.float64) for f in factors}
-    for alphas in candidates:
+    closed = []
+    for label, alphas in candidates:
         trial = start
         for f, a in zip(scales, alphas):
             trial = f.apply(trial, a)
+        cand = {**ident, **{f.name: a for f, a in zip(scales, alphas)}}
+        closed.append(Candidate(label, cand, trial))
         e = err(trial)
         if e < e_best:
-            e_best, state = e, trial
-            elem = {**ident, **{f.name: a for f, a in zip(scales, alphas)}}
+            e_best, state, elem = e, trial, cand
     moves, state, e_best = local_search(scales, state, err, budget=search)
     elem = dict(elem)
     for f, a in zip(scales, moves):
         elem[f.name] = f.compose(elem[f.name], a)
-    return e_best, elem, state
+    return (e_best, elem, state), closed

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 
+from .._errors import GaugeError
 from .._invariance import _as_tuple
 from ..groups import RescalingFactor, Scale
 from ..groups._base import State
@@ -77,10 +78,15 @@ def sensitivities(
     return out
 
 
-def _step_sizes(p: Tensor, qmax: int, per_channel: bool) -> Tensor:
-    """Rounding step per entry's slice: one per tensor or one per output channel (axis 0)."""
-    a = p.abs().reshape(p.shape[0], -1) if p.dim() > 1 else p.abs().reshape(-1, 1)
-    return (a.amax(1) if per_channel else a.amax().expand(a.shape[0])) / qmax
+def _slices(x: Tensor, per_channel: bool, group_size: int | None) -> Tensor:
+    """`x` as `(slices, entries)`, one row per quantization step: the whole tensor, each
+    output channel (axis 0), or each group of `group_size` consecutive input entries of an
+    output channel (zero-padded at the end, as `quantize_grouped` rounds)."""
+    flat = x.reshape(x.shape[0], -1) if x.dim() > 1 else x.reshape(-1, 1)
+    if group_size is not None:
+        flat = nn.functional.pad(flat, (0, -flat.shape[1] % group_size))
+        return flat.reshape(-1, group_size)
+    return flat if per_channel else flat.reshape(1, -1)
 
 
 def noise_model_scales(
@@ -91,12 +97,15 @@ def noise_model_scales(
     *,
     bits: int,
     per_channel: bool,
+    group_size: int | None = None,
     iters: int = 300,
 ) -> list[Tensor]:
     """The scales `α` (one tensor per factor) that minimize the first-order output noise
     `Σ_P Σ_o Δ_{P,o}²/12 · Σ_{i ∈ o} S_i / m_i(α)²` of rounding the named tensors, where
     `m_i(α)` is the factor's multiplier of entry `i` and `Δ_{P,o}` the step of slice `o`
-    after rescaling. Found by Adam on the log-scales from the identity.
+    after rescaling: the tensor, each output channel (`per_channel`) or, with
+    `group_size`, each group of that many input entries of an output channel (the
+    group-wise quantizer's own steps). Found by Adam on the log-scales from the identity.
 
     **Returns:** a list of `(factor.n,)` positive tensors, float64.
     """
@@ -110,9 +119,8 @@ def noise_model_scales(
             m = f.apply(m, torch.exp(log))
         total = torch.zeros((), dtype=torch.float64)
         for n in names:
-            p = state[n] * m[n]
-            step = _step_sizes(p, qmax, per_channel)
-            s = (sens[n] / m[n] ** 2).reshape(step.shape[0], -1).sum(1)
+            step = _slices((state[n] * m[n]).abs(), per_channel, group_size).amax(1) / qmax
+            s = _slices(sens[n] / m[n] ** 2, per_channel, group_size).sum(1)
             total = total + (step**2 * s).sum()
         return total
 
@@ -183,18 +191,25 @@ def input_ranges(model: nn.Module, inputs: Any, names: Sequence[str]) -> dict[st
 
 
 def smoothing_scales(
-    factors: Sequence[RescalingFactor], state: State, act: dict[str, Tensor]
+    factors: Sequence[RescalingFactor],
+    state: State,
+    act: dict[str, Tensor],
+    *,
+    strength: float = 0.5,
 ) -> list[Tensor]:
-    """SmoothQuant's balance (α = 1/2) for every rescaling factor that scales the input
-    columns of a quantized layer: channel `k` acting on columns `J_k` of weight `W` by
-    `α_k^p` scales those input features by `α_k^−p`, so `α_k = (max_{J_k}|X| /
-    max_{J_k}|W|)^(1/2p)` gives both the same range. Channels that scale no such column
-    keep 1.
+    """SmoothQuant's balance for every rescaling factor that scales the input columns of a
+    quantized layer: channel `k` acting on columns `J_k` of weight `W` by `α_k^p` scales
+    those input features by `α_k^−p`, so `α_k^p = max_{J_k}|X|^s / max_{J_k}|W|^(1−s)`
+    moves the share `s` (`strength`) of the input's range into the weights; `s = 1/2`
+    gives both the same range. Channels that scale no such column keep 1.
 
-    **Arguments:** `act` the input ranges of the quantized layers (`input_ranges`).
+    **Arguments:** `act` the input ranges of the quantized layers (`input_ranges`);
+    `strength` the migration strength `s` in `[0, 1]` (SmoothQuant's α).
 
     **Returns:** one `(factor.n,)` positive tensor per factor, float64.
     """
+    if not 0 <= strength <= 1:
+        raise GaugeError(f"smoothing strength must be in [0, 1], got {strength}")
     out = []
     for f in factors:
         ranges: dict[int, tuple[Tensor, Tensor]] = {}  # power -> (max |W|, max |X|) per channel
@@ -218,6 +233,6 @@ def smoothing_scales(
         if ranges:  # the readers' power (all readers of a stream share it)
             power, (wk, xk) = max(ranges.items(), key=lambda kv: int((kv[1][0] > 0).sum()))
             ok = (wk > 0) & (xk > 0)
-            log_a[ok] = (xk[ok].log() - wk[ok].log()) / (2 * power)
+            log_a[ok] = (strength * xk[ok].log() - (1 - strength) * wk[ok].log()) / power
         out.append(torch.exp(log_a))
     return out
