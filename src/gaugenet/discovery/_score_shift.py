@@ -8,7 +8,8 @@ softmax over the keys removes: the table's columns move freely along `1`, one di
 head (`ColumnsAlongOne`). Found from the graph: every path from the lookup runs through
 views, casts, additions and masking (`where(mask, x, -inf)`) into the additions of some
 attention core's scores (or into `scaled_dot_product_attention`'s mask), and the lookup's
-last axis is the heads axis of those scores. The group's self-check then verifies it on the example inputs.
+last axis is the heads axis of those scores. The group's self-check then verifies it on
+the example inputs.
 """
 
 from __future__ import annotations
