@@ -111,3 +111,44 @@ def test_not_offered_when_a_branch_is_read_elsewhere() -> None:
     torch.manual_seed(1)
     model = _Seen().double().eval()
     assert not _moves(gaugenet.symmetries(model, X))
+
+
+class _Parallel(nn.Module):
+    """A parallel residual block on tokens `(batch, tokens, d)` (GPT-NeoX's layout): one
+    LayerNorm read by an attention-like map and an MLP, both behind dropout, summed into the
+    stream."""
+
+    def __init__(self, d: int = 4) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(d)
+        self.attn = nn.Linear(d, d)
+        self.up, self.down = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+        self.drop1, self.drop2 = nn.Dropout(0.1), nn.Dropout(0.1)
+        self.head = nn.Linear(d, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.ln(x)
+        y = x + (self.drop1(self.attn(h)) + self.drop2(self.down(torch.relu(self.up(h)))))
+        return self.head(torch.tanh(y))
+
+
+def test_parallel_block_output_biases_on_the_features() -> None:
+    """The two output biases of a parallel block, added on the last axis of a 3-D stream
+    and seen through eval-mode dropout, trade one vector per feature; certify finds the
+    group complete."""
+    torch.manual_seed(0)
+    model = _Parallel().double().eval()
+    x = torch.randn(64, 5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    group = gaugenet.symmetries(model, x)
+    (f,) = _moves(group)
+    assert f.dim == 4 and set(f.params()) == {"attn.bias", "down.bias"}
+    moved = group.act(model, {f.name: torch.linspace(-1, 1, 4, dtype=torch.float64)})
+    assert gaugenet.invariance_error(model, moved, x) < 1e-13
+    assert gaugenet.certify(model, x, group=group).verdict == "complete"
+    # negative: in training mode the dropouts differ, and the move is not offered
+    assert not _moves(gaugenet.symmetries(_Parallel().double().train(), x))
+    # negative: one bias moved alone changes the outputs
+    wrong = copy.deepcopy(model)
+    with torch.no_grad():
+        wrong.attn.bias += 0.5
+    assert _err(wrong(x), model(x)) > 1e-3

@@ -33,6 +33,7 @@ from ._embeddings import TableShiftFactor
 from ._linear import param_name
 from ._ops import CASTS, METADATA_OPS, graph_users
 from ._shifts import AbsorbedShiftFactor, GainIntoLinears, IntoLinears
+from .rules.recurrent import BiasDifferenceFactor
 
 __all__ = ["stream_rotations", "with_rotations"]
 
@@ -179,6 +180,12 @@ def _moved_by_rotation(f: Any, rotations: list[OrthogonalFactor], factors: list)
             turned = {t.param for t in r.terms if isinstance(t, RotateColumns)}
             if r.fixes_ones and set(f.params()) <= turned:
                 return dataclasses.replace(f, moved_by=(*f.moved_by, (r.name, "Tc")))
+        return f
+    if isinstance(f, BiasDifferenceFactor):  # a bias moved between two rotated writers
+        for r in rotations:
+            rows = {t.param for t in r.terms if isinstance(t, RotateRows)}
+            if {f.terms[0].into, f.terms[0].out_of} <= rows:
+                return dataclasses.replace(f, moved_by=(*f.moved_by, (r.name, "T")))
         return f
     if not isinstance(f, AbsorbedShiftFactor) or len(f.terms) != 1:
         return f

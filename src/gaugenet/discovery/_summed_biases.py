@@ -5,8 +5,10 @@ branch and its projection shortcut, each ending in BatchNorm) add their biases: 
 `b₁ + b₂` reaches the rest of the model, so `b₁ ↦ b₁ + v`, `b₂ ↦ b₂ − v` changes nothing,
 per channel, whatever reads the sum (a ReLU included). Found in the graph: a tree of
 additions, each used only by the next, whose operands include the outputs of at least two
-such layers (eval-mode affine BatchNorm, a convolution or linear layer with a bias), each
-read by that addition only and of the sum's shape. With `k` such layers, `k − 1` moves of
+such layers (eval-mode affine BatchNorm, a convolution or linear layer with a bias, seen
+through eval-mode dropout), each read by that addition only, of the sum's shape, and all
+adding their biases along one axis (a parallel transformer block's attention and MLP
+outputs, on the features). With `k` such layers, `k − 1` moves of
 one vector per channel (`BiasDifferenceFactor`, one per layer after the first).
 
 A move scales with the rescaling of the summed channels (shift then scale = scale then a
@@ -40,9 +42,21 @@ def _is_add(n: fx.Node) -> bool:
     return n.op == "call_function" and n.target in _ADD and not n.kwargs and len(n.args) == 2
 
 
-def _writer(n: object, root: nn.Module, shape: torch.Size, values: dict) -> str | None:
-    """The module name of `n` when it is an affine layer with a bias of one entry per channel
-    of a sum of `shape`, read by nothing else; otherwise `None`."""
+def _identity(n: fx.Node, root: nn.Module) -> bool:
+    """Dropout in eval mode or `nn.Identity`: the input passed on unchanged."""
+    if n.op != "call_module":
+        return False
+    m = root.get_submodule(str(n.target))
+    drop = isinstance(m, nn.modules.dropout._DropoutNd) and (not m.training or m.p == 0)
+    return drop or isinstance(m, nn.Identity)
+
+
+def _writer(n: object, root: nn.Module, shape: torch.Size, values: dict) -> tuple[str, int] | None:
+    """`(module name, channel axis)` of `n` when it is an affine layer with a bias of one
+    entry per channel of a sum of `shape` (seen through eval-mode dropout), read by nothing
+    else; otherwise `None`."""
+    while isinstance(n, fx.Node) and _identity(n, root) and len(graph_users(n)) == 1:
+        n = n.args[0]
     if not isinstance(n, fx.Node) or n.op != "call_module" or len(graph_users(n)) != 1:
         return None
     m = root.get_submodule(str(n.target))
@@ -56,11 +70,9 @@ def _writer(n: object, root: nn.Module, shape: torch.Size, values: dict) -> str 
     else:
         return None
     axis = 1 if isinstance(m, _CHANNELS_FIRST) else out.ndim - 1
-    if not ok or m.bias.shape != (out.shape[axis],) or (axis != 1 and out.ndim != 2):
-        # a linear layer's channels are its last axis: kept only where that is axis 1 too,
-        # so that every writer of the sum adds its bias along the same axis
+    if not ok or m.bias.shape != (out.shape[axis],):
         return None
-    return str(n.target)
+    return str(n.target), axis
 
 
 def _leaves(n: fx.Node) -> list[object]:
@@ -95,8 +107,10 @@ def summed_bias_factors(
         out = values.get(n)
         if not isinstance(out, torch.Tensor):
             continue
-        writers = [w for a in _leaves(n) if (w := _writer(a, root, out.shape, values))]
-        writers = list(dict.fromkeys(writers))
+        found = [w for a in _leaves(n) if (w := _writer(a, root, out.shape, values))]
+        if len({axis for _, axis in found}) > 1:
+            continue  # biases added along different axes (a convolution and a linear map)
+        writers = list(dict.fromkeys(w for w, _ in found))
         if any(f"{w}.bias" in shifted for w in writers):
             continue
         for w in writers[1:]:
