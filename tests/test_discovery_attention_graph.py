@@ -315,6 +315,21 @@ def test_gpt_neox_heads_packed_with_a_stride() -> None:
     with keep_float64():
         moved = group.act(model, group.sample(torch.Generator().manual_seed(1)))
         assert gaugenet.invariance_error(model, moved, ids) < 1e-10
+    # the value-bias shift reads the strided value rows of the packed bias
+    (vs,) = [f for f in group.factors if f.name.endswith(".value_shift")]
+    assert vs.dim == 16 and vs.terms[0].stride == 3
+    bias = "layers.0.attention.query_key_value.bias"
+    u = torch.arange(1.0, 17.0, dtype=torch.float64)
+    with keep_float64():
+        shifted = group.act(model, {vs.name: u})
+        assert gaugenet.invariance_error(model, shifted, ids) < 1e-10
+        change = (shifted.get_parameter(bias) - model.get_parameter(bias)).reshape(2, 3, 8)
+        assert torch.equal(change[:, 2].reshape(-1), u) and not change[:, :2].any()
+        # negative: the shift put on the query rows instead changes the outputs
+        wrong = copy.deepcopy(model)
+        with torch.no_grad():
+            wrong.get_parameter(bias).view(2, 3, 8)[:, 0] += u.reshape(2, 8)
+        assert gaugenet.invariance_error(model, wrong, ids) > 1e-3
 
 
 def test_grouped_query_permutations() -> None:

@@ -119,14 +119,23 @@ class ValueBiasShift:
     #: entries) is read by `repeat` query heads, so the output sees it `repeat` times
     repeat: int = 1
     block: int = 0
+    #: value blocks (`block` entries each) stored `stride · block` apart in `param` (heads
+    #: packed as `[q, k, v]` per head, as GPT-NeoX's `query_key_value`)
+    stride: int = 1
 
     def __call__(self, new: dict[str, Tensor], u: Tensor) -> None:
         p = new[self.param]
         n = u.shape[0]
         u = u.to(p.dtype)
-        new[self.param] = torch.cat(
-            [p[: self.offset], p[self.offset : self.offset + n] + u, p[self.offset + n :]]
-        )
+        if self.stride != 1:
+            heads = n // self.block
+            step = self.stride * self.block
+            idx = self.offset + torch.arange(heads)[:, None] * step + torch.arange(self.block)
+            new[self.param] = p.index_add(0, idx.reshape(-1), u)
+        else:
+            new[self.param] = torch.cat(
+                [p[: self.offset], p[self.offset : self.offset + n] + u, p[self.offset + n :]]
+            )
         if self.repeat > 1:
             u = u.reshape(-1, self.block).repeat_interleave(self.repeat, 0).reshape(-1)
         w = new[self.weight].narrow(self.axis, self.weight_offset, u.shape[0])

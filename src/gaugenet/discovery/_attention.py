@@ -278,11 +278,19 @@ def _value_shift(
     leaves each head's output shifted by `u` (by its key-value head's `u` under grouped
     queries), which the output bias takes back (`b_o ↦ b_o − W_o u`). Needs both biases and
     values read as they are projected (checked by the caller)."""
-    if pv.lin.bias is None or po.bias is None or pv.stride != 1:
+    if pv.lin.bias is None or po.bias is None:
         return []
     dv = pv.maps.shape[-1]
     term = ValueBiasShift(
-        pv.lin.bias, pv.offset, po.weight, po.in_axis, o_off, po.bias, repeat=rep, block=dv
+        pv.lin.bias,
+        pv.offset,
+        po.weight,
+        po.in_axis,
+        o_off,
+        po.bias,
+        repeat=rep,
+        block=dv,
+        stride=pv.stride,
     )
     return [
         ValueShiftFactor(
