@@ -86,7 +86,10 @@ def _shift_element(f: KeyShiftFactor, state: State) -> Tensor:
 
 def _value_shift_element(f: ValueShiftFactor, state: State) -> Tensor:
     """Zero value bias (the output bias absorbs it); `state` must already carry the `vo`
-    element, which acts first."""
+    element, which acts first. A factor found from the graph has no layout: its term
+    says where the value bias lies (strided for heads packed per head)."""
+    if f.layout is None:
+        return -f.terms[0].entries(state, f.n).double()
     return -f.layout.bias(state, "v").double().reshape(-1)
 
 

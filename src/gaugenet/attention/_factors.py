@@ -123,6 +123,18 @@ class ValueBiasShift:
     #: packed as `[q, k, v]` per head, as GPT-NeoX's `query_key_value`)
     stride: int = 1
 
+    def _index(self, n: int) -> Tensor:
+        """The entries of `param` the `n` shift entries land on, in element order."""
+        if self.stride == 1:
+            return torch.arange(self.offset, self.offset + n)
+        step = self.stride * self.block
+        idx = self.offset + torch.arange(n // self.block)[:, None] * step + torch.arange(self.block)
+        return idx.reshape(-1)
+
+    def entries(self, state: dict[str, Tensor], n: int) -> Tensor:
+        """The value-bias entries the shift moves, `(n,)` in element order."""
+        return state[self.param][self._index(n)]
+
     def __call__(self, new: dict[str, Tensor], u: Tensor) -> None:
         p = new[self.param]
         n = u.shape[0]
