@@ -275,3 +275,27 @@ def test_module_called_twice_is_a_tie(bias: bool) -> None:
             wrong.a.weight.mul_(1.5)
             wrong.b.weight.div_(1.5)
         assert gaugenet.invariance_error(model, wrong, x) > 1e-3
+
+
+class _Keyword(nn.Module):
+    """A model called with keyword inputs, returning a dict (as Hugging Face models do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 5), nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"out": self.b(torch.relu(self.a(x))) * gate, "steps": torch.ones(1).long()}
+
+
+def test_certify_takes_keyword_inputs() -> None:
+    """`certify` takes the dict of keyword inputs `symmetries` takes (the model seen as a
+    function of their values in order, its floating outputs as a tuple)."""
+    torch.manual_seed(0)
+    model = _Keyword().double()
+    x = torch.randn(200, 3, dtype=torch.float64)
+    gate = torch.rand(200, 1, dtype=torch.float64) + 0.5
+    report = gaugenet.certify(model, {"x": x, "gate": gate})
+    assert report.verdict == "complete" and report.symmetry_dim == 5
+    # the model itself is left as it was (the positional view is a copy)
+    assert type(model) is _Keyword and model(x=x, gate=gate)["out"].shape == (200, 2)

@@ -20,6 +20,7 @@ from ._davidson import lanczos_max
 from ._functional_dimension import check_outputs, rank_of
 from ._gap import locate_gap
 from ._jacobian import as_tuple, flat_model, jacobian_of
+from ._keywords import positional
 from ._matrix_free import gauss_newton, linear_jvp, matrix_free_certificate
 from ._memory import Sizes, activation_bytes, estimates
 from ._orbit import Orbit, orbit_projector
@@ -192,6 +193,8 @@ def certify(
 
         with stage("discovering symmetries"):
             group = symmetries(model, inputs)
+    # keyword inputs (a dict, as `symmetries` takes): the model as a function of them in order
+    model, inputs = positional(model, inputs)
     with stage("estimating memory"):
         fm = flat_model(model, inputs)
         with torch.no_grad():
