@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 import gaugenet
 from coverage_models import ROWS
@@ -49,6 +49,7 @@ from gaugenet.certify import locate_gap
 from gaugenet.certify._causes import relu_causes
 from gaugenet.certify._functional_dimension import rank_of
 from gaugenet.certify._jacobian import flat_model, jacobian_of
+from gaugenet.certify._keywords import positional
 from gaugenet.certify._orbit import orbit_projector
 from gaugenet.discovery import INTERNAL_ERROR
 from gaugenet.discovery._float64 import keep_float64
@@ -57,28 +58,10 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 START, END = "<!-- coverage:start -->", "<!-- coverage:end -->"
 
 
-class Positional(nn.Module):
-    """`model(**dict(zip(keys, inputs)))` as a model of positional inputs, returning its
-    floating outputs as a tuple (what the Jacobian takes)."""
-
-    def __init__(self, model: nn.Module, keys: list[str]) -> None:
-        super().__init__()
-        self.model, self.keys = model, keys
-
-    def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
-        out = self.model(**dict(zip(self.keys, inputs)))
-        if isinstance(out, Tensor):
-            return (out,)
-        values = out.values() if hasattr(out, "values") else out
-        return tuple(v for v in values if isinstance(v, Tensor) and v.is_floating_point())
-
-
 def _rank_gap(model: nn.Module, inputs: Any, group: Any = None) -> tuple[str, int, str]:
     """`(n − rank J, n_params, cause)`: the cause says where `ker J` exceeds the group's
     orbit (`gaugenet.certify.locate_gap`), when it does."""
-    flat_m, flat_in = model, inputs
-    if isinstance(inputs, dict):
-        flat_m, flat_in = Positional(model, list(inputs)), tuple(inputs.values())
+    flat_m, flat_in = positional(model, inputs)  # keyword inputs as positional ones
     n = sum(p.numel() for p in model.parameters())
     try:
         with warnings.catch_warnings():
@@ -89,7 +72,7 @@ def _rank_gap(model: nn.Module, inputs: Any, group: Any = None) -> tuple[str, in
                 fd = rank_of(jac, rtol=1e-9)
                 cause = ""
                 if group is not None and n - fd.rank > group.dim:
-                    names = [k.removeprefix("model.") for k in fm.names]
+                    names = list(fm.names)
                     orbit = orbit_projector(model, group)
                     gap = locate_gap(jac, orbit, fd.rank, names, fm.sizes, flat=fm)
                     lines = gap.lines(top=2)

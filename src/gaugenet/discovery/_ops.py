@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 __all__ = [
+    "ADDITIONS",
     "CASTS",
     "HOMOGENEOUS_FUNCS",
     "HOMOGENEOUS_MODULES",
@@ -21,6 +22,7 @@ __all__ = [
     "VIEW_METHODS",
     "graph_users",
     "nonhomogeneous_reason",
+    "passes_input",
 ]
 
 aten = torch.ops.aten
@@ -38,6 +40,8 @@ CASTS = {
 }
 #: Checks of a tensor's dtype and shape that `torch.export` inserts: they compute nothing.
 METADATA_OPS = {aten._assert_tensor_metadata.default}
+#: the sum of two tensors (without the in-place `iadd`)
+ADDITIONS = {torch.add, operator.add, aten.add.Tensor}
 
 #: Elementwise and positively homogeneous of degree 1: `f(α x) = α f(x)` for `α > 0`.
 HOMOGENEOUS_MODULES = (
@@ -199,3 +203,14 @@ def graph_users(n: fx.Node) -> list[fx.Node]:
     """`n`'s users, without the metadata checks `torch.export` inserts (they compute
     nothing)."""
     return [u for u in n.users if not (u.op == "call_function" and u.target in METADATA_OPS)]
+
+
+def passes_input(n: object, root: nn.Module) -> bool:
+    """`n` calls a module that passes its input on unchanged: `nn.Identity`, or dropout in
+    eval mode (or with `p = 0`)."""
+    if not isinstance(n, fx.Node) or n.op != "call_module":
+        return False
+    m = root.get_submodule(str(n.target))
+    if isinstance(m, nn.Identity):
+        return True
+    return isinstance(m, nn.modules.dropout._DropoutNd) and (not m.training or m.p == 0)

@@ -14,7 +14,6 @@ the example inputs.
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,12 +23,11 @@ from torch import Tensor, fx, nn
 from ..groups import TranslationFactor
 from ..groups._base import State
 from ._attention import _SCORE_OPS, _SDPA, _SOFTMAX, _softmax_last
-from ._ops import CASTS, METADATA_OPS
+from ._ops import ADDITIONS, CASTS, METADATA_OPS
 
 __all__ = ["ColumnsAlongOne", "score_bias_shifts"]
 
 aten = torch.ops.aten
-_ADD = {torch.add, operator.add, aten.add.Tensor}
 #: operations that move entries around without mixing them (the heads axis is checked on
 #: the values)
 _MOVES = {
@@ -71,7 +69,7 @@ def _score_chain(sm: fx.Node) -> set[fx.Node]:
     """The additions between a softmax and its scores matmul."""
     out, s = set(), sm.args[0]
     while isinstance(s, fx.Node) and s.op == "call_function" and s.target in _SCORE_OPS:
-        if s.target in _ADD:
+        if s.target in ADDITIONS:
             out.add(s)
         s = s.args[0]
     return out
@@ -108,7 +106,7 @@ def _reaches_scores_only(
                     return False
                 reached = True
                 continue
-            if _is_move(u) or (u.op == "call_function" and u.target in _ADD) or _masks(u, n):
+            if _is_move(u) or (u.op == "call_function" and u.target in ADDITIONS) or _masks(u, n):
                 seen.add(u)
                 frontier.append(u)
                 continue

@@ -31,14 +31,14 @@ from ..groups._orthogonal import (
 )
 from ._embeddings import TableShiftFactor
 from ._linear import param_name
-from ._ops import CASTS, METADATA_OPS, graph_users
+from ._ops import ADDITIONS, CASTS, METADATA_OPS, graph_users, passes_input
 from ._shifts import AbsorbedShiftFactor, GainIntoLinears, IntoLinears
 from .rules.recurrent import BiasDifferenceFactor
 
 __all__ = ["stream_rotations", "with_rotations"]
 
 aten = torch.ops.aten
-_ADD = {torch.add, operator.add, aten.add.Tensor}
+_ADD = ADDITIONS
 _MUL = {torch.mul, operator.mul, aten.mul.Tensor}
 _NORM_OPS = {aten.pow.Tensor_Scalar, torch.mean, aten.mean.dim, aten.rsqrt.default, *_ADD}
 
@@ -116,7 +116,7 @@ def _follow(emb: fx.Node, root: nn.Module) -> OrthogonalFactor | None:
                 continue  # `x.dtype`, `x.shape`: reads no value
             if u.op == "output":
                 raise _NotAStream(u.name)
-            if (u.op == "call_function" and u.target in CASTS) or _identity(u, root):
+            if (u.op == "call_function" and u.target in CASTS) or passes_input(u, root):
                 stream.add(u)
                 frontier.append(u)
             elif u.op == "call_function" and u.target in _ADD:
@@ -214,7 +214,7 @@ def _writers(n: Any, root: nn.Module, d: int) -> list[str] | None:
     sums (a parallel block's `attention + MLP`); `None` if `n` is anything else."""
     if not isinstance(n, fx.Node) or len(n.users) != 1:
         return None
-    if _identity(n, root):
+    if passes_input(n, root):
         return _writers(n.args[0], root, d)
     m = _module(root, n)
     if isinstance(m, nn.Linear) and m.out_features == d:
@@ -223,14 +223,6 @@ def _writers(n: Any, root: nn.Module, d: int) -> list[str] | None:
         parts = [_writers(a, root, d) for a in n.args]
         return None if any(p is None for p in parts) else [w for p in parts for w in p]
     return None
-
-
-def _identity(n: Any, root: nn.Module) -> bool:
-    """`n` passes its input on unchanged: `nn.Identity`, or dropout in eval mode."""
-    m = _module(root, n)
-    if isinstance(m, nn.Identity):
-        return True
-    return isinstance(m, nn.modules.dropout._DropoutNd) and (not m.training or m.p == 0)
 
 
 def _added_table(other: Any, m: nn.Module | None, d: int) -> bool:

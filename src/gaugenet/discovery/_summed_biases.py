@@ -28,7 +28,7 @@ from torch import fx, nn
 
 from ..groups import PermutationFactor, RescalingFactor
 from ..groups._rescaling import Scale
-from ._ops import graph_users
+from ._ops import graph_users, passes_input
 from .rules.recurrent import BiasDifferenceFactor, BiasMove
 
 __all__ = ["summed_bias_factors", "with_moves"]
@@ -42,20 +42,11 @@ def _is_add(n: fx.Node) -> bool:
     return n.op == "call_function" and n.target in _ADD and not n.kwargs and len(n.args) == 2
 
 
-def _identity(n: fx.Node, root: nn.Module) -> bool:
-    """Dropout in eval mode or `nn.Identity`: the input passed on unchanged."""
-    if n.op != "call_module":
-        return False
-    m = root.get_submodule(str(n.target))
-    drop = isinstance(m, nn.modules.dropout._DropoutNd) and (not m.training or m.p == 0)
-    return drop or isinstance(m, nn.Identity)
-
-
 def _writer(n: object, root: nn.Module, shape: torch.Size, values: dict) -> tuple[str, int] | None:
     """`(module name, channel axis)` of `n` when it is an affine layer with a bias of one
     entry per channel of a sum of `shape` (seen through eval-mode dropout), read by nothing
     else; otherwise `None`."""
-    while isinstance(n, fx.Node) and _identity(n, root) and len(graph_users(n)) == 1:
+    while isinstance(n, fx.Node) and passes_input(n, root) and len(graph_users(n)) == 1:
         n = n.args[0]
     if not isinstance(n, fx.Node) or n.op != "call_module" or len(graph_users(n)) != 1:
         return None
