@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from torch import nn
@@ -12,51 +10,9 @@ from torch import nn
 import gaugenet
 from gaugenet._errors import GaugeError
 from gaugenet.groups import OrthogonalFactor
+from gaugenet.nets import PreLN
 
 F64 = torch.float64
-
-
-class _Attention(nn.Module):
-    def __init__(self, d: int, heads: int, bias: bool) -> None:
-        super().__init__()
-        self.heads = heads
-        self.q, self.k, self.v = (nn.Linear(d, d, bias=bias) for _ in range(3))
-        self.o = nn.Linear(d, d)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        b, t, d = h.shape
-        split = lambda z: z.reshape(b, t, self.heads, -1).transpose(1, 2)  # noqa: E731
-        q, k, v = split(self.q(h)), split(self.k(h)), split(self.v(h))
-        mask = torch.ones(t, t, dtype=torch.bool).tril()
-        s = (q @ k.transpose(-1, -2) / math.sqrt(d // self.heads)).masked_fill(~mask, -1e9)
-        return self.o((s.softmax(-1) @ v).transpose(1, 2).reshape(b, t, d))
-
-
-class _Block(nn.Module):
-    def __init__(self, d: int, ln_bias: bool, bias: bool) -> None:
-        super().__init__()
-        self.ln1, self.ln2 = nn.LayerNorm(d, bias=ln_bias), nn.LayerNorm(d, bias=ln_bias)
-        self.attn = _Attention(d, 2, bias)
-        self.up, self.down = nn.Linear(d, 2 * d, bias=bias), nn.Linear(2 * d, d)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x))
-        return x + self.down(torch.relu(self.up(self.ln2(x))))
-
-
-class PreLN(nn.Module):
-    """Token and position tables, two pre-LN blocks, a final LayerNorm and an untied head."""
-
-    def __init__(self, d: int = 6, ln_bias: bool = True, bias: bool = True) -> None:
-        super().__init__()
-        self.tok, self.pos = nn.Embedding(10, d), nn.Embedding(5, d)
-        self.blocks = nn.Sequential(_Block(d, ln_bias, bias), _Block(d, ln_bias, bias))
-        self.lnf = nn.LayerNorm(d, bias=ln_bias)
-        self.head = nn.Linear(d, 10, bias=False)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        x = self.tok(ids) + self.pos(torch.arange(ids.shape[1]))
-        return self.head(self.lnf(self.blocks(x)))
 
 
 def _model(**kw) -> tuple[nn.Module, torch.Tensor]:

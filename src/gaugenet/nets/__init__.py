@@ -9,6 +9,7 @@ from ._examples import mlp as mlp
 from ._graph_conv import GraphConv as GraphConv
 from ._graph_conv import normalized_adjacency as normalized_adjacency
 from ._linear_network import LinearNetwork as LinearNetwork
+from ._pre_ln import PreLN as PreLN
 from ._real import minilm as minilm
 from ._real import minilm_batch as minilm_batch
 from ._real import mtcnn_onet as mtcnn_onet
