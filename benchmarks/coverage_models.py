@@ -63,7 +63,7 @@ def _hf(cls_name: str, cfg_name: str, batch: int, extra: Callable | None = None,
 
         config = getattr(transformers, cfg_name)(**cfg)
         model = randomize(getattr(transformers, cls_name)(config))
-        ids = _ids(batch, T, V)
+        ids = _ids(batch, T, cfg.get("vocab_size", V))
         inputs = extra(ids) if extra is not None else {"input_ids": ids}
         return model, inputs
 
@@ -222,9 +222,9 @@ HF_ROWS: list[tuple[str, Build]] = [
         _hf(
             "GPTNeoXModel",
             "GPTNeoXConfig",
-            40,
+            64,
             None,
-            vocab_size=V,
+            vocab_size=64,  # the parallel MLP of layer 0 reads the embeddings alone
             hidden_size=8,
             intermediate_size=16,
             num_hidden_layers=1,

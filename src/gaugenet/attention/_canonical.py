@@ -81,6 +81,10 @@ def _alpha_element(f: AlphaFactor, state: State) -> Tensor:
 
 
 def _shift_element(f: KeyShiftFactor, state: State) -> Tensor:
+    """Zero key bias; a factor found from the graph has no layout: its term says which
+    entries it shifts (the unrotated part of rotary heads)."""
+    if f.layout is None:
+        return -f.terms[0].entries(state).double()
     return -f.layout.bias(state, "k").double().reshape(-1)
 
 

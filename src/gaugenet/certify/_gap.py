@@ -122,7 +122,8 @@ def locate_gap(
     causes = [CauseSpace("never read", (), eye)]
     att = attribute(missing_basis, orbit, causes)
     if flat is not None and att.rest.shape[1]:  # more to explain: measure the causes
-        causes += _measured(flat, jac, kernel, float(s[0]) * rtol if s.numel() else 0.0, rtol)
+        floor = float(s[0]) * rtol if s.numel() else 0.0
+        causes += _measured(flat, jac, kernel, missing_basis, orbit, floor, rtol)
         att = attribute(missing_basis, orbit, causes)
     rename = _renamer(flat.names if flat is not None else names, names)
     explained = tuple(
@@ -142,7 +143,13 @@ def locate_gap(
 
 
 def _measured(
-    fm: FlatModel, jac: Tensor, kernel: Tensor, floor: float, rtol: float
+    fm: FlatModel,
+    jac: Tensor,
+    kernel: Tensor,
+    missing: Tensor,
+    orbit: Orbit,
+    floor: float,
+    rtol: float,
 ) -> list[CauseSpace]:
     """The measured causes, in the order they are credited: entries read together, layers
     fed by a table, LayerNorm `eps`. A cause that cannot be measured on this model (hooks
@@ -150,7 +157,7 @@ def _measured(
     directions stay unexplained rather than be guessed."""
     builders: list[Callable[[], CauseSpace]] = [
         lambda: together_cause(jac, floor, fm.names, fm.sizes),
-        lambda: table_cause(fm, kernel, floor),
+        lambda: table_cause(fm, missing, orbit.basis(), floor),
         lambda: eps_cause(fm, jac, kernel, floor, rtol),
     ]
     out = []

@@ -42,6 +42,13 @@ class Orbit:
         self.rank = int(keep.sum())
         self._pinv = (u[:, keep] / d[keep]) @ u[:, keep].T
 
+    def basis(self) -> Tensor:
+        """`(n, rank)`: an orthonormal basis of the orbit tangents (dense)."""
+        if self.rank == 0:
+            return torch.zeros(self.n, 0, dtype=torch.float64)
+        u, s, _ = torch.linalg.svd(self._tt.to_dense(), full_matrices=False)
+        return u[:, : self.rank]
+
     def __call__(self, v: Tensor) -> Tensor:
         if self.rank == 0:
             return v

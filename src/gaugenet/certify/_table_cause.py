@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._attribute import CauseSpace
+from ._attribute import CauseSpace, span
 from ._hooked import hooked, jacobian_on
 from ._jacobian import FlatModel
 
@@ -50,27 +50,77 @@ def table_fed(fm: FlatModel, share: float = SHARE) -> dict[nn.Module, list[Tenso
     return out
 
 
-def table_cause(fm: FlatModel, kernel: Tensor, floor: float) -> CauseSpace:
+def _sources(fm: FlatModel, fed: dict[nn.Module, list[Tensor]]) -> list[nn.Module]:
+    """The table-fed modules whose inputs depend on no other table-fed module's output:
+    where the table enters, and the only places noise goes. Noise further down would break
+    what the layers before guarantee (a norm's outputs orthogonal to `1`, a ReLU unit's
+    rescaling between the layers around it) and with it true symmetries, which would then
+    pass for the table's. Dependence is measured: each module's output is moved in turn and
+    the others' inputs watched."""
+    mods = list(fed)
+
+    def inputs(moved: nn.Module | None) -> dict[nn.Module, list[Tensor]]:
+        seen: dict[nn.Module, list[Tensor]] = {}
+
+        def keep(mod: nn.Module, call: int, x: Tensor) -> Tensor:
+            seen.setdefault(mod, []).append(x.detach().clone())
+            return x
+
+        def move(mod: nn.Module, args: tuple, out: object) -> object:
+            return out + 1.0 if isinstance(out, Tensor) and out.is_floating_point() else out
+
+        handle = moved.register_forward_hook(move) if moved is not None else None
+        try:
+            with torch.no_grad(), hooked(fm.model, dict.fromkeys(mods, keep)):
+                fm.f(fm.theta)
+        finally:
+            if handle is not None:
+                handle.remove()
+        return seen
+
+    base = inputs(None)
+    derived: set[nn.Module] = set()
+    for a in mods:
+        after = inputs(a)
+        for b in mods:
+            if b is not a and any(
+                x.shape != y.shape or not torch.equal(x, y)
+                for x, y in zip(base.get(b, []), after.get(b, []))
+            ):
+                derived.add(b)
+    return [m for m in mods if m not in derived]
+
+
+def table_cause(fm: FlatModel, missing: Tensor, orbit: Tensor, floor: float) -> CauseSpace:
     """The `CauseSpace` of the table-fed layers of `fm` (see the module): the directions of
-    `ker J` (orthonormal `kernel` `(n_params, k)`) that leave it, by more than `floor`, when
-    those layers' inputs are made distinct."""
+    `missing` (orthonormal `(n_params, k)`, `ker J` off the orbit) that leave the kernel,
+    by more than `floor`, when those layers' inputs are made distinct, even with any orbit
+    tangent (orthonormal `orbit` `(n_params, r)`) added. The orbit counts because the
+    perturbation can break a true symmetry (a rotation of the rows the noise is added to):
+    a missing direction that stays in the kernel once combined with such a tangent is a
+    symmetry discovery does not know, not the table's."""
     fed = table_fed(fm)
     n = fm.theta.numel()
-    if not fed or kernel.shape[1] == 0:
-        return CauseSpace("of layers fed by a table", (), torch.zeros(n, 0, dtype=kernel.dtype))
+    k = missing.shape[1]
+    if not fed or k == 0:
+        return CauseSpace("of layers fed by a table", (), torch.zeros(n, 0, dtype=missing.dtype))
     g = torch.Generator().manual_seed(0)
     noise = {
-        m: [NOISE * x.std() * torch.randn(x.shape, generator=g, dtype=x.dtype) for x in xs]
-        for m, xs in fed.items()
+        m: [NOISE * x.std() * torch.randn(x.shape, generator=g, dtype=x.dtype) for x in fed[m]]
+        for m in _sources(fm, fed)
     }
 
     def spread(mod: nn.Module, call: int, x: Tensor) -> Tensor:
         return x + noise[mod][call] if call < len(noise[mod]) else x
 
-    with hooked(fm.model, dict.fromkeys(fed, spread)):
-        moved = jacobian_on(fm.f, fm.theta, kernel)
+    both = torch.cat([missing, orbit.to(missing.dtype)], dim=1)
+    with hooked(fm.model, dict.fromkeys(noise, spread)):
+        moved = jacobian_on(fm.f, fm.theta, both)
     _, s, vh = torch.linalg.svd(moved, full_matrices=False)
-    dirs = kernel @ vh[: int((s > floor).sum())].T  # the kernel directions that leave it
+    stay = vh[int((s > floor).sum()) :, :k]  # missing parts of combinations still in ker J
+    kept = span(stay.T, 1e-8)  # (k, j): the missing directions that stay
+    leave = torch.eye(k, dtype=missing.dtype) - kept @ kept.T
+    dirs = missing @ span(leave, 0.5)  # the ones that leave whatever the orbit adds
     names = {id(p): k for k, p in fm.model.named_parameters()}
     where = tuple(names[id(p)] for m in fed for p in m.parameters(recurse=False))
     rows = min(

@@ -39,6 +39,8 @@ from ..attention._factors import (
 from ..attention._layout import HeadLayout, Slot
 from ..groups import Breaker, MatTerm, PermTerm, PermutationFactor
 from ..groups._algebra import AlgebraFactor, Repeat, commutant_basis
+from ..groups._free import FreeRows
+from ..groups._translation import Shift
 from ._attention_trace import Linear, Proj, Skip, trace_input, trace_output
 from ._kernel import MeanKernel, ReaderSlot
 from ._shifts import AbsorbedShiftFactor, IntoLinears
@@ -256,6 +258,7 @@ def _core_factors(core: _Core, root: nn.Module, values: dict) -> tuple[list, set
     vo_terms = [*terms(pv, "T"), Repeat(o_term, rep) if rep > 1 else o_term]
     vo = AlgebraFactor(f"{name}.vo", dv, hkv, terms=tuple(vo_terms), modules=modules)
     shifts = _value_shift(name, pv, po, o_off, hkv, rep, vo, modules)
+    shifts += _key_shift(name, pk, P.reshape(H, T, T, dh, dh), hkv, qk, modules)
     perms = []
     if all(p.stride == 1 for p in (pq, pk, pv)) and not _per_head_scores(core, values, H):
         perms = _group_permutations(
@@ -298,6 +301,38 @@ def _value_shift(
             hkv * dv,
             terms=(term,),
             moved_by=((vo.name, "T"),),
+            modules=modules,
+        )
+    ]
+
+
+def _key_shift(
+    name: str, pk: Proj, P: Tensor, hkv: int, qk: AlgebraFactor, modules: tuple[str, ...]
+) -> list[KeyShiftFactor]:
+    """The key-bias shift where the score maps allow it. A shift `c` of a key head's bias
+    moves the score of query `t` and key `s` by `z_qᵀ P_ts c`, which softmax removes when it
+    is the same for every key: `c` in the kernel of every `P_ts − P_ts'` (`P`: `(H, T, T,
+    d, d)`, all heads at once). Under rotary embeddings that is the unrotated part of each
+    head. Offered when the kernel is spanned by coordinates of the head (`sel`), which the
+    query-key elements (they commute with every `P_ts`) then map to itself: the shift's
+    block of key head `k` moves by the `sel` rows and columns of `G_k⁻¹` (`moved_by`)."""
+    if pk.lin.bias is None:
+        return []
+    dh = P.shape[-1]
+    diff = (P - P[:, :, :1]).reshape(-1, dh)
+    tol = 1e-10 * max(1.0, float(P.abs().max()))
+    sel = torch.nonzero(diff.abs().amax(0) <= tol).reshape(-1)
+    m = int(sel.numel())
+    if m == 0 or int(torch.linalg.matrix_rank(diff, atol=tol)) != dh - m:
+        return []  # no shift, or a kernel that is not along the head's coordinates
+    starts = pk.offset + torch.arange(hkv) * pk.stride * dh
+    rows = (starts[:, None] + sel[None, :]).reshape(-1)
+    return [
+        KeyShiftFactor(
+            f"{name}.key_shift",
+            hkv * m,
+            terms=(FreeRows(pk.lin.bias, rows, 1),),
+            moved_by=((qk.name, "inv", 0, m, sel),),
             modules=modules,
         )
     ]
@@ -395,8 +430,8 @@ def drop_key_compensation(
     rows = dict(key_rows or {})
     keys: dict[str, list[tuple[int, int]]] = {}
     for f in factors:
-        if isinstance(f, KeyShiftFactor):
-            t = f.terms[0]
+        if isinstance(f, KeyShiftFactor) and isinstance(f.terms[0], Shift):
+            t = f.terms[0]  # a shift of whole key heads (not of their unrotated part)
             keys.setdefault(t.param, []).append((t.offset, t.offset + f.dim))
     out = []
     for f in factors:

@@ -41,6 +41,7 @@ __all__ = [
     "OnesShift",
     "centered_output",
     "link_centered",
+    "without_summed_ones",
 ]
 
 
@@ -162,14 +163,13 @@ def _link_one(f: CenteredOutputFactor, factors: list) -> CenteredOutputFactor | 
         if isinstance(g, (GLFactor, AlgebraFactor)):
             for term in g.terms:
                 t, times = unrepeated(term)  # grouped queries: one block on `times` blocks
-                if getattr(t, "stride", 1) != 1:
-                    return None  # heads interleaved in the columns: not a column-block move
                 if t.param == s.bias:
                     return None
                 if t.param == s.weight:
                     if t.axis != s.in_axis:
                         return None
-                    moved += block_moves(g.name, t.mode, t.offset, g.d, times)
+                    stride = getattr(t, "stride", 1)  # heads interleaved with other columns
+                    moved += block_moves(g.name, t.mode, t.offset, g.d, times, stride)
             continue
         if not hasattr(g, "terms"):
             return None
@@ -191,10 +191,11 @@ def _link_one(f: CenteredOutputFactor, factors: list) -> CenteredOutputFactor | 
 
 
 def _is_value_shift_into(g: TranslationFactor, s: OnesShift) -> bool:
-    return all(
-        getattr(t, "weight", None) == s.weight and getattr(t, "bias", None) == s.bias
-        for t in g.terms
-    ) and all(hasattr(t, "center") for t in g.terms)
+    """A value-bias shift whose compensation goes through this layer (its weight; the
+    bias it writes is the layer's own, even where this factor leaves it to a bias move)."""
+    return all(getattr(t, "weight", None) == s.weight for t in g.terms) and all(
+        hasattr(t, "center") for t in g.terms
+    )
 
 
 def _conjugate(p: PermutationFactor, centered: list[CenteredOutputFactor]) -> PermutationFactor:
@@ -221,10 +222,9 @@ def _bias_moved(f: AbstractFactor, factors: list) -> bool:
 
 def _center_value_shift(g: object, kept: list[CenteredOutputFactor]) -> object:
     """A value-bias shift into a centered layer, with its compensation projected off `1`."""
-    layers = {(f.shift.weight, f.shift.bias) for f in kept}
+    layers = {f.shift.weight for f in kept}
     if isinstance(g, TranslationFactor) and any(
-        (getattr(t, "weight", None), getattr(t, "bias", None)) in layers and hasattr(t, "center")
-        for t in g.terms
+        getattr(t, "weight", None) in layers and hasattr(t, "center") for t in g.terms
     ):
         return dataclasses.replace(
             g, terms=tuple(dataclasses.replace(t, center=True) for t in g.terms)
@@ -239,3 +239,28 @@ def link_centered(factors: list) -> list:
     show up as unexplained in `certify`, never as a wrong action)."""
     factors = [f for f in factors if not _bias_moved(f, factors)]
     return relink(factors, CenteredOutputFactor, _link_one, _conjugate, _center_value_shift)
+
+
+def without_summed_ones(factors: list) -> list:
+    """`factors` without the bias entry of a `CenteredOutputFactor` that a bias move makes
+    redundant. Two writers whose biases are only summed (`summed_bias`, a move `v` into
+    `b_B` out of `b_A`) and whose outputs are both centered each shift their bias along `1`;
+    with the move along `1` that is three directions in a plane, so the shift of `b_B`
+    (the bias the move goes into) is left to the other two. Call before `link_centered`."""
+    moves = [
+        t
+        for f in factors
+        if isinstance(f, TranslationFactor)
+        for t in getattr(f, "terms", ())
+        if hasattr(t, "into") and hasattr(t, "out_of")
+    ]
+    centered = {
+        f.shift.bias for f in factors if isinstance(f, CenteredOutputFactor) and f.shift.bias
+    }
+    drop = {t.into for t in moves if t.into in centered and t.out_of in centered}
+    out = []
+    for f in factors:
+        if isinstance(f, CenteredOutputFactor) and f.shift.bias in drop:
+            f = dataclasses.replace(f, n=f.n - 1, terms=(dataclasses.replace(f.shift, bias=None),))
+        out.append(f)
+    return out

@@ -231,21 +231,20 @@ def _link_one(k: LayerNormKernelFactor, factors: list) -> LayerNormKernelFactor 
         if isinstance(f, (GLFactor, AlgebraFactor)):
             for term in f.terms:
                 t, times = unrepeated(term)  # grouped queries: one block on `times` blocks
-                if getattr(t, "stride", 1) != 1:
-                    return None  # heads interleaved in the rows: not a row-block move
+                stride = getattr(t, "stride", 1)  # heads interleaved with other rows
                 mine = [(s, off) for s, off in zip(kern.slots, offsets) if s.weight == t.param]
                 if not mine:
                     continue
                 if t.axis != mine[0][0].out_axis:
                     return None
-                end = t.offset + f.b * f.d * times
+                end = t.offset + ((f.b * times - 1) * stride + 1) * f.d
                 inside = [(s, off) for s, off in mine if s.start <= t.offset and end <= s.stop]
                 if not inside:
                     if all(end <= s.start or s.stop <= t.offset for s, _ in mine):
                         continue  # rows no slot holds (a cross-attention's keys): untouched
                     return None
                 s, off = inside[0]
-                moved += block_moves(f.name, t.mode, off + t.offset - s.start, f.d, times)
+                moved += block_moves(f.name, t.mode, off + t.offset - s.start, f.d, times, stride)
             continue
         if not hasattr(f, "terms"):
             return None

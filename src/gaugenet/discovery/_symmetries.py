@@ -15,7 +15,7 @@ from ..groups import Breaker, GaugeGroup, bind_to_model
 from ._attention import attention_from_graph, drop_key_compensation
 from ._build import build_factors
 from ._capture import export_graph
-from ._centering import link_centered
+from ._centering import link_centered, without_summed_ones
 from ._concat_gl import concat_gls
 from ._free_entries import with_free
 from ._inputs import Call, as_call, find_inputs, without_cache
@@ -181,7 +181,8 @@ def _discover(model: nn.Module, call: Call, rows: bool = True) -> GaugeGroup:
     factors = with_rotations(factors, stream_rotations(gm, model, prop.values))
     breakers += attn_breakers
     f2, b2 = _atom_factors(model)
-    factors = with_free(link_centered(link_kernels(factors + f2)), unread, model)
+    factors = link_centered(without_summed_ones(link_kernels(factors + f2)))
+    factors = with_free(factors, unread, model)
     b2 += unanalyzed_breakers(model)
     return GaugeGroup(tuple(factors), tuple(dict.fromkeys(breakers + b2)), names)
 

@@ -46,14 +46,17 @@ def unrepeated(term: Any) -> tuple[Any, int]:
     return (term.term, term.times) if isinstance(term, Repeat) else (term, 1)
 
 
-def block_moves(name: str, mode: str, start: int, d: int, times: int = 1) -> list[tuple]:
+def block_moves(
+    name: str, mode: str, start: int, d: int, times: int = 1, stride: int = 1
+) -> list[tuple]:
     """The `moved_by` declarations of a shift whose blocks from entry `start` are moved by
     the element blocks of factor `name` (`d × d`, `mode` as in `MatTerm`), each element
-    block acting on `times` consecutive blocks (a `Repeat`): one declaration per repetition,
-    its blocks `times·d` apart (see `TranslationFactor`)."""
-    if times == 1:
+    block acting on `times` consecutive blocks (a `Repeat`), the blocks `stride·d` apart
+    (a strided `MatTerm`, heads interleaved with other rows): one declaration per
+    repetition, its blocks `times·stride·d` apart (see `TranslationFactor`)."""
+    if times == 1 and stride == 1:
         return [(name, mode, start)]
-    return [(name, mode, start + r * d, times * d) for r in range(times)]
+    return [(name, mode, start + r * stride * d, times * stride * d) for r in range(times)]
 
 
 @dataclass(eq=False)

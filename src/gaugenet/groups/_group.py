@@ -218,6 +218,9 @@ class GaugeGroup:
             if g.ndim == 2:  # an orthogonal factor's element: one block
                 g = g.unsqueeze(0)
             mat = _mode_matrix(g.to(v.dtype), mode)
+            if len(where) > 2:  # the shift holds coordinates `sel` of each block, which
+                sel = where[2]  # the element maps to themselves: its `sel` rows and columns
+                mat = mat[:, sel][:, :, sel]
             b, d = mat.shape[0], mat.shape[-1]
             o = where[0] if where else 0
             step = where[1] if len(where) > 1 else d  # blocks `step` apart (repeated heads)

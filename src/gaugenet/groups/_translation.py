@@ -71,7 +71,10 @@ class TranslationFactor(AdditiveFactor):
     `offset` for `moved_by` (the blocks start at entry `offset` of the shift, not at 0), and
     a fourth, `step`: the blocks lie `step` entries apart instead of back to back (one element
     block acting on each of several repeated blocks, as for the query heads of one key-value
-    group, is one declaration per repetition). An `OrthogonalFactor`'s element `(d, d)` is
+    group, is one declaration per repetition), and a fifth, `sel`: the shift holds only the
+    coordinates `sel` (`(m,)` long) of each block, which the element maps to themselves (the
+    unrotated part of rotary heads): block `k` moves by the `sel` rows and columns of
+    `M(g_k)`, its `m` entries `step` apart. An `OrthogonalFactor`'s element `(d, d)` is
     one block; mode `"Tc"` moves a shift written in coordinates of `1^⊥` (`Bᵀ Qᵀ B`).
     """
 
