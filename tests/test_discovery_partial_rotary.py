@@ -149,3 +149,25 @@ def test_fully_rotated_heads_have_no_key_shift() -> None:
         moved = copy.deepcopy(model)
         moved.get_parameter(BIAS).view(2, 3, 4)[:, 1] += 0.5
     assert gaugenet.invariance_error(model, moved, ids) > 1e-3
+
+
+def test_heads_permute_through_the_packed_projection(neox) -> None:
+    """The two heads exchanged (their strided query, key and value rows, the output
+    columns), the group's shifts and kernels re-indexed with them: the same function;
+    exchanging the query rows alone changes it."""
+    model, ids, group = neox
+    (p,) = [f for f in group.of_kind("permutation") if f.name.endswith(".kv_groups")]
+    swap = torch.tensor([1, 0])
+    gen = torch.Generator().manual_seed(5)
+    g = group.sample(gen, scale=0.3)
+    with keep_float64():
+        moved = group.act(model, {p.name: swap})
+        assert gaugenet.invariance_error(model, moved, ids) < 1e-10
+        both = group.act(model, group.compose(g, {**group.identity(), p.name: swap}))
+        assert gaugenet.invariance_error(model, both, ids) < 1e-10
+    wrong = copy.deepcopy(model)
+    w = "layers.0.attention.query_key_value.weight"
+    with torch.no_grad():
+        rows = wrong.get_parameter(w).view(2, 3, 4, -1)
+        rows[:, 0] = rows[:, 0].flip(0).clone()
+    assert gaugenet.invariance_error(model, wrong, ids) > 1e-3

@@ -260,7 +260,8 @@ def _core_factors(core: _Core, root: nn.Module, values: dict) -> tuple[list, set
     shifts = _value_shift(name, pv, po, o_off, hkv, rep, vo, modules)
     shifts += _key_shift(name, pk, P.reshape(H, T, T, dh, dh), hkv, qk, modules)
     perms = []
-    if all(p.stride == 1 for p in (pq, pk, pv)) and not _per_head_scores(core, values, H):
+    plain_or_single = rep == 1 or all(p.stride == 1 for p in (pq, pk, pv))
+    if plain_or_single and not _per_head_scores(core, values, H):
         perms = _group_permutations(
             name, pq, pk, pv, po, o_off, hkv, rep, (qk, vo), modules, shifts
         )
@@ -355,17 +356,21 @@ def _group_permutations(
     heads within each group (they share the group's key and value)."""
     dh, dv = pq.maps.shape[-1], pv.maps.shape[-1]
 
-    def blocks(weight: str, bias: str | None, axis: int, off: int, size: int) -> list[PermTerm]:
-        idx = off + torch.arange(hkv * size).reshape(hkv, size)
+    def blocks(
+        weight: str, bias: str | None, axis: int, off: int, size: int, stride: int = 1
+    ) -> list[PermTerm]:
+        # group g's block of `size` entries starts at `off + g·stride·size` (strided: heads
+        # packed with the other projections, as GPT-NeoX's query-key-value rows)
+        idx = off + (torch.arange(hkv) * stride * size)[:, None] + torch.arange(size)[None, :]
         out = [PermTerm(weight, axis, idx)]
         if bias is not None:
             out.append(PermTerm(bias, 0, idx))
         return out
 
     terms = [
-        *blocks(pq.lin.weight, pq.lin.bias, pq.lin.out_axis, pq.offset, rep * dh),
-        *blocks(pk.lin.weight, pk.lin.bias, pk.lin.out_axis, pk.offset, dh),
-        *blocks(pv.lin.weight, pv.lin.bias, pv.lin.out_axis, pv.offset, dv),
+        *blocks(pq.lin.weight, pq.lin.bias, pq.lin.out_axis, pq.offset, rep * dh, pq.stride),
+        *blocks(pk.lin.weight, pk.lin.bias, pk.lin.out_axis, pk.offset, dh, pk.stride),
+        *blocks(pv.lin.weight, pv.lin.bias, pv.lin.out_axis, pv.offset, dv, pv.stride),
         *blocks(po.weight, None, po.in_axis, o_off, rep * dv),
     ]
     conj = tuple((m.name, torch.arange(hkv)) for m in matrices)
