@@ -61,11 +61,11 @@ def _crepe(seed: int) -> tuple[nn.Module, nn.Module, torch.Tensor]:
 
 
 @lru_cache(maxsize=4)
-def _digits_cnn(seed: int):
+def _digits_cnn(seed: int, calib: int = 64):
     xtr, ytr, xte, yte = digits()
     torch.manual_seed(seed)
     model = train(digits_cnn(16), xtr, ytr, epochs=10, lr=3e-3, seed=seed)
-    return model, xte, yte, xtr[:64]  # the last: calibration images, from the training set
+    return model, xte, yte, xtr[:calib]  # the last: calibration images, from the training set
 
 
 def _sqnr(model: nn.Module, q: nn.Module, x: torch.Tensor) -> float:
@@ -123,7 +123,8 @@ def _crepe_gain(ctx: Context) -> Measurement:
     reference="issue 8 target",
     statement="equalization raises 4-bit output SQNR of a BN ReLU CNN on digits by >= 3 dB",
     measured="min over three CNNs trained from seeds s, s+1, s+2 of SQNR(equalized) - "
-    "SQNR(plain), dB, BatchNorm kept in float, test set",
+    "SQNR(plain), dB, BatchNorm kept in float, test set; 256 calibration images, 1000 "
+    "search steps",
     tolerance=3.0,
     compare="min",
 )
@@ -133,10 +134,14 @@ def _digits_gain(ctx: Context) -> Measurement:
     # its channels happen to be, and float rounding on another CPU trains another model (seed
     # 0 gained 7.2 dB here and 2.15 dB elsewhere, seeds 1 and 2 about 0.5 dB with range
     # balancing alone). The minimum over three models is the stricter, portable criterion.
+    # With 64 calibration images and 300 search steps, seed 1 trained on another machine
+    # gained 2.0 dB (9.0 and 4.4 for seeds 0 and 2): its plain model is already balanced
+    # (22.4 dB) and the search had too little data and too few steps to find the rest; 256
+    # images and 1000 steps gave 3.7, 9.4 and 6.4 dB there.
     gains, parts = [], []
     for seed in (ctx.seed, ctx.seed + 1, ctx.seed + 2):
-        cnn, xte, yte, calib = _digits_cnn(seed)
-        eq = equalize(cnn, calib, bits=4, objective="output")
+        cnn, xte, yte, calib = _digits_cnn(seed, calib=256)
+        eq = equalize(cnn, calib, bits=4, objective="output", search=1000)
         q0, q1 = quantize_weights(cnn, 4), quantize_weights(eq, 4)
         s0, s1 = _sqnr(cnn, q0, xte), _sqnr(cnn, q1, xte)
         with torch.no_grad():
