@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -22,6 +23,7 @@ from ._wilson_checks import check_field, nonfinite_field
 
 __all__ = [
     "MAGNUS_CHUNK_BYTES",
+    "NUMPY_TIMES",
     "Overflow",
     "check_finite",
     "chunk_size",
@@ -100,8 +102,29 @@ def steps_product(A: Tensor, h: Tensor, method: MagnusMethod, exp_tol: float | N
     return ordered_product(steps)
 
 
+#: node times are computed in numpy (no kernels) up to this many, on the CPU without autograd
+NUMPY_TIMES = 4096
+
+
 def node_times(t1: Tensor, t0: Tensor, n: int, method: MagnusMethod) -> Tensor:
-    """The `B · n · s` times at which `fixed_steps` evaluates `w`, flat."""
+    """The `B · n · s` times at which `fixed_steps` evaluates `w`, flat.
+
+    Few times on the CPU (no graph to the end points) are computed in numpy by the same
+    elementwise operations in the same dtype, so the times are the same to the bit; a
+    handful of torch kernels would cost more than a small step's arithmetic."""
+    if (
+        t0.device.type == "cpu"
+        and t0.dtype in (torch.float32, torch.float64)
+        and not (t0.requires_grad or t1.requires_grad)
+        and t0.shape[0] * n * len(method.nodes) <= NUMPY_TIMES
+    ):
+        a, b = t0.numpy(), t1.numpy()
+        dtype = a.dtype
+        hn = (b - a) / dtype.type(n)
+        k = np.arange(n, dtype=dtype)
+        c = np.array(method.nodes, dtype=dtype)
+        times = a[:, None, None] + (k[None, :, None] + c[None, None, :]) * hn[:, None, None]
+        return torch.from_numpy(times.reshape(-1))
     h = (t1 - t0) / n
     k = torch.arange(n, dtype=t0.dtype, device=t0.device)
     c = torch.tensor(method.nodes, dtype=t0.dtype, device=t0.device)

@@ -1,0 +1,83 @@
+"""The numpy shortcuts of a single Wilson line's bookkeeping: node times, the first step
+count and RK8's field size agree with the torch computations they replace."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from gaugenet.ode import Magnus4, Magnus6
+from gaugenet.ode import _magnus_steps as fixed
+from gaugenet.ode._magnus_search import first_steps
+from gaugenet.ode._rk import _field_size
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_node_times_numpy_matches_torch_bitwise(monkeypatch, dtype):
+    gen = torch.Generator().manual_seed(0)
+    for B in (1, 3):
+        for n in (1, 2, 3, 7, 64):
+            for method in (Magnus6(), Magnus4()):
+                t0 = torch.randn(B, dtype=dtype, generator=gen) * 10
+                t1 = t0 + torch.rand(B, dtype=dtype, generator=gen) * 3 - 1
+                fast = fixed.node_times(t1, t0, n, method)
+                with monkeypatch.context() as m:
+                    m.setattr(fixed, "NUMPY_TIMES", 0)  # the torch kernels
+                    slow = fixed.node_times(t1, t0, n, method)
+                assert fast.dtype == slow.dtype == dtype
+                assert torch.equal(fast, slow)
+
+
+def test_node_times_keep_the_graph_to_the_end_points():
+    t0 = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    t1 = torch.ones(1, dtype=torch.float64)
+    times = fixed.node_times(t1, t0, 2, Magnus6())
+    assert times.requires_grad  # (numpy would have cut it)
+    (g,) = torch.autograd.grad(times.sum(), t0)
+    # Each time is t0 + (k + c)(t1 - t0)/n, so d/dt0 = 1 - (k + c)/n; over k = 0, 1 and the
+    # three nodes (summing to 3/2): 6 - (3 · 1 + 2 · 3/2)/2 = 3.
+    assert float(g) == pytest.approx(3.0)
+
+
+def test_node_times_numpy_only_for_few_times(monkeypatch):
+    calls = []
+    real = torch.from_numpy
+    monkeypatch.setattr(torch, "from_numpy", lambda a: calls.append(a.size) or real(a))
+    t0, t1 = torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
+    fixed.node_times(t1, t0, 4, Magnus6())
+    assert calls == [12]
+    fixed.node_times(t1, t0, fixed.NUMPY_TIMES, Magnus6())  # 3x more times than the cap
+    assert calls == [12]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_first_steps_single_line_matches_batched(dtype):
+    gen = torch.Generator().manual_seed(1)
+    for scale in (0.01, 1.0, 30.0):
+        A0 = torch.randn(1, 2, 8, 8, dtype=dtype, generator=gen) * scale
+        L = torch.tensor([-0.7], dtype=dtype)
+        for rtol in (1e-4, 1e-8, 1e-12):
+            # The batched (torch) computation: the same interval twice.
+            assert first_steps(A0, L, rtol) == first_steps(A0.repeat(2, 1, 1, 1), L.repeat(2), rtol)
+
+
+def test_first_steps_single_line_not_finite():
+    A0 = torch.ones(1, 4, 4, dtype=torch.float64)
+    A0[0, 1, 2] = math.nan
+    assert first_steps(A0, torch.ones(1, dtype=torch.float64), 1e-6) == 4
+    A0[0, 1, 2] = math.inf
+    assert first_steps(A0, torch.ones(1, dtype=torch.float64), 1e-6) == 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_field_size_single_line_matches_batched(dtype):
+    gen = torch.Generator().manual_seed(2)
+    for scale in (0.1, 5.0):
+        K0 = torch.randn(1, 16, 16, dtype=dtype, generator=gen) * scale
+        one = _field_size(K0)
+        two = _field_size(torch.cat([K0, 0.5 * K0]))  # (2 lines: the torch kernels)
+        assert one == pytest.approx(two, rel=1e-6 if dtype == torch.float32 else 1e-14)
+    K0[0, 3, 3] = math.nan
+    assert math.isnan(_field_size(K0))
