@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from gaugenet.ode import Magnus4, Magnus6
+from gaugenet.ode import Magnus4, Magnus6, wilson_line
 from gaugenet.ode import _magnus_steps as fixed
 from gaugenet.ode._magnus_search import first_steps
 from gaugenet.ode._rk import _field_size
@@ -81,3 +81,40 @@ def test_field_size_single_line_matches_batched(dtype):
         assert one == pytest.approx(two, rel=1e-6 if dtype == torch.float32 else 1e-14)
     K0[0, 3, 3] = math.nan
     assert math.isnan(_field_size(K0))
+
+
+def test_rtol_search_returns_an_ordinary_tensor_and_w_makes_ordinary_tensors():
+    """The search without a graph runs in inference mode: neither the line nor what `w`
+    keeps may be an inference tensor (either would fail in a later autograd graph)."""
+    gen = torch.Generator().manual_seed(3)
+    A = torch.randn(2, 6, 6, dtype=torch.float64, generator=gen)
+    kept = []
+
+    def w(t: torch.Tensor) -> torch.Tensor:
+        kept.append(torch.sin(t))  # a field that keeps what it computes
+        return A[0] + kept[-1][:, None, None] * A[1]
+
+    W = wilson_line(w, 1.0, 0.0, rtol=1e-8)
+    assert not W.is_inference() and not any(k.is_inference() for k in kept)
+    p = torch.ones(6, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad((W @ p).pow(2).sum() + (kept[-1] * p.sum()).sum(), p)
+    assert torch.isfinite(g).all()
+    W[0, 0] += 1.0  # in place outside inference mode: an inference tensor would raise
+    # The same line as with gradients enabled through w (the search with a graph).
+    B = A.clone().requires_grad_(True)
+    ref = wilson_line(lambda t: B[0] + torch.sin(t)[:, None, None] * B[1], 1.0, 0.0, rtol=1e-8)
+    assert ref.requires_grad
+    W[0, 0] -= 1.0
+    assert torch.allclose(W, ref.detach(), rtol=0, atol=1e-14)
+
+
+def test_inference_tensors_would_fail_later():
+    """Why the copy and the wrapper matter: outside inference mode an inference tensor
+    cannot be updated in place (as the line is above) nor saved for a backward pass."""
+    with torch.inference_mode():
+        X = torch.ones(3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="[Ii]nference"):
+        X.add_(1.0)
+    p = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="[Ii]nference tensors cannot be saved"):
+        torch.mul(p, X).sum().backward()
