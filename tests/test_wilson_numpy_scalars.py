@@ -118,3 +118,21 @@ def test_inference_tensors_would_fail_later():
     p = torch.ones(3, dtype=torch.float64, requires_grad=True)
     with pytest.raises(RuntimeError, match="[Ii]nference tensors cannot be saved"):
         torch.mul(p, X).sum().backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_relative_gap_numpy_matches_torch(monkeypatch, dtype):
+    from gaugenet.ode import _magnus_search as search
+
+    gen = torch.Generator().manual_seed(4)
+    a = torch.randn(3, 2, 5, 5, dtype=dtype, generator=gen)
+    b = a + 1e-3 * torch.randn(3, 2, 5, 5, dtype=dtype, generator=gen)
+    b[1] *= 100.0  # the largest relative gap is in another line than the largest entries
+    fast = search.relative_gap(a, b)
+    with monkeypatch.context() as m:
+        m.setattr(search, "NUMPY_GAP", 0)  # the torch kernels
+        slow = search.relative_gap(a, b)
+    assert fast == pytest.approx(slow, rel=1e-6 if dtype == torch.float32 else 1e-15)
+    assert search.relative_gap(a[:0], b[:0]) == 0.0
+    b[2, 1, 3, 3] = math.nan
+    assert math.isnan(search.relative_gap(a, b))  # (not a gap below any tolerance)

@@ -23,17 +23,34 @@ from ._one_step import one_step_checked, one_step_estimate
 from ._rk_backend import NUMPY_DTYPES
 from ._rk_numpy import as_numpy
 
-__all__ = ["FIRST_STEPS_CAP", "first_steps", "magnus_search", "relative_gap"]
+__all__ = ["FIRST_STEPS_CAP", "NUMPY_GAP", "first_steps", "magnus_search", "relative_gap"]
 
 MatrixField = Callable[[Tensor], Tensor]
 
 
 def relative_gap(a: Tensor, b: Tensor) -> float:
-    """Largest over intervals of `max|a - b| / max|b|` (matrices are the last two axes)."""
+    """Largest over intervals of `max|a - b| / max|b|` (matrices are the last two axes);
+    small CPU tensors without a graph in numpy (no kernels)."""
+    if (
+        b.device.type == "cpu"
+        and b.dtype in NUMPY_DTYPES
+        and b.numel() <= NUMPY_GAP
+        and not (a.requires_grad or b.requires_grad)
+    ):
+        an, bn = a.numpy(), b.numpy()
+        if bn.size == 0:
+            return 0.0
+        dims = (-2, -1)
+        gap = np.abs(an - bn).max(axis=dims)
+        size = np.maximum(np.abs(bn).max(axis=dims), torch.finfo(b.dtype).tiny)
+        return float((gap / size).max())
     num = (a - b).detach().abs().amax(dim=(-2, -1))
     den = b.detach().abs().amax(dim=(-2, -1)).clamp_min(torch.finfo(b.dtype).tiny)
     return float((num / den).max()) if num.numel() else 0.0
 
+
+#: `relative_gap` of tensors up to this many entries is computed in numpy
+NUMPY_GAP = 2**14
 
 #: the largest step count of the first refinement pair (see `first_steps`)
 FIRST_STEPS_CAP = 16
