@@ -136,3 +136,26 @@ def test_relative_gap_numpy_matches_torch(monkeypatch, dtype):
     assert search.relative_gap(a[:0], b[:0]) == 0.0
     b[2, 1, 3, 3] = math.nan
     assert math.isnan(search.relative_gap(a, b))  # (not a gap below any tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_doubling_pair_numpy_times_give_the_same_lines(monkeypatch, dtype):
+    gen = torch.Generator().manual_seed(5)
+    A = torch.randn(2, 5, 5, dtype=dtype, generator=gen)
+
+    def w(t: torch.Tensor) -> torch.Tensor:
+        return A[0] + torch.cos(3 * t)[:, None, None] * A[1]
+
+    t0 = torch.tensor([0.1, -0.3], dtype=dtype)
+    t1 = torch.tensor([0.9, 0.35], dtype=dtype)
+    fast = fixed.doubling_pair(w, t1, t0, 3, Magnus6(), None)
+    with monkeypatch.context() as m:
+        m.setattr(fixed, "NUMPY_TIMES", 0)  # the torch kernels
+        slow = fixed.doubling_pair(w, t1, t0, 3, Magnus6(), None)
+    assert all(torch.equal(x, y) for x, y in zip(fast, slow))
+    # Negative: a half-way point off by one unit of roundoff changes the fine line.
+    mid = 0.5 * (t0 + t1)
+    off = torch.nextafter(mid, torch.full_like(mid, math.inf))
+    fine = fixed.fixed_steps(w, off, t0, 3, Magnus6())
+    other = fixed.fixed_steps(w, t1, off, 3, Magnus6())
+    assert not torch.equal(other @ fine, fast[1])
