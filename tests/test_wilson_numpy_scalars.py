@@ -159,3 +159,15 @@ def test_doubling_pair_numpy_times_give_the_same_lines(monkeypatch, dtype):
     fine = fixed.fixed_steps(w, off, t0, 3, Magnus6())
     other = fixed.fixed_steps(w, t1, off, 3, Magnus6())
     assert not torch.equal(other @ fine, fast[1])
+
+
+def test_numpy_shortcuts_take_lazily_negated_tensors():
+    """(`Tensor.numpy` refuses a tensor with its negative bit set: the shortcuts resolve it.)"""
+    from gaugenet.ode import _magnus_search as search
+
+    t = torch._neg_view(torch.tensor([0.5], dtype=torch.float64))
+    assert t.is_neg()
+    times = fixed.node_times(torch.ones(1, dtype=torch.float64), t, 2, Magnus6())
+    assert times.shape == (6,) and float(times.min()) > -0.5
+    b = torch._neg_view(torch.ones(1, 3, 3, dtype=torch.float64))
+    assert search.relative_gap(torch.zeros(1, 3, 3, dtype=torch.float64), b) == 1.0

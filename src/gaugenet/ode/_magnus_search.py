@@ -37,7 +37,7 @@ def relative_gap(a: Tensor, b: Tensor) -> float:
         and b.numel() <= NUMPY_GAP
         and not (a.requires_grad or b.requires_grad)
     ):
-        an, bn = a.numpy(), b.numpy()
+        an, bn = as_numpy(a), as_numpy(b)
         if bn.size == 0:
             return 0.0
         dims = (-2, -1)

@@ -19,6 +19,7 @@ from .._errors import GaugeError
 from ._expm import expm
 from ._magnus import MagnusMethod
 from ._products import ordered_product
+from ._rk_numpy import as_numpy
 from ._wilson_checks import check_field, nonfinite_field
 
 __all__ = [
@@ -126,7 +127,7 @@ def node_times(t1: Tensor, t0: Tensor, n: int, method: MagnusMethod) -> Tensor:
     elementwise operations in the same dtype, so the times are the same to the bit; a
     handful of torch kernels would cost more than a small step's arithmetic."""
     if _numpy_times(t1, t0, t0.shape[0] * n * len(method.nodes)):
-        a, b = t0.numpy(), t1.numpy()
+        a, b = as_numpy(t0), as_numpy(t1)
         dtype = a.dtype
         hn = (b - a) / dtype.type(n)
         k = np.arange(n, dtype=dtype)
@@ -178,7 +179,7 @@ def doubling_pair(
     `2 n`-step line is the product of the `n`-step lines over the two halves."""
     B = t0.shape[0]
     if _numpy_times(t1, t0, 3 * B):  # (the same operations in numpy: no kernels)
-        a, b = t0.numpy(), t1.numpy()
+        a, b = as_numpy(t0), as_numpy(t1)
         mid = 0.5 * (a + b)
         ends = torch.from_numpy(np.concatenate([b, mid, b]))
         starts = torch.from_numpy(np.concatenate([a, a, mid]))
