@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -19,18 +20,37 @@ from .._errors import GaugeError
 from . import _magnus_steps as fixed
 from ._magnus import MagnusMethod
 from ._one_step import one_step_checked, one_step_estimate
+from ._rk_backend import NUMPY_DTYPES
+from ._rk_numpy import as_numpy
 
-__all__ = ["FIRST_STEPS_CAP", "first_steps", "magnus_search", "relative_gap"]
+__all__ = ["FIRST_STEPS_CAP", "NUMPY_GAP", "first_steps", "magnus_search", "relative_gap"]
 
 MatrixField = Callable[[Tensor], Tensor]
 
 
 def relative_gap(a: Tensor, b: Tensor) -> float:
-    """Largest over intervals of `max|a - b| / max|b|` (matrices are the last two axes)."""
+    """Largest over intervals of `max|a - b| / max|b|` (matrices are the last two axes);
+    small CPU tensors without a graph in numpy (no kernels)."""
+    if (
+        b.device.type == "cpu"
+        and b.dtype in NUMPY_DTYPES
+        and b.numel() <= NUMPY_GAP
+        and not (a.requires_grad or b.requires_grad)
+    ):
+        an, bn = as_numpy(a), as_numpy(b)
+        if bn.size == 0:
+            return 0.0
+        dims = (-2, -1)
+        gap = np.abs(an - bn).max(axis=dims)
+        size = np.maximum(np.abs(bn).max(axis=dims), torch.finfo(b.dtype).tiny)
+        return float((gap / size).max())
     num = (a - b).detach().abs().amax(dim=(-2, -1))
     den = b.detach().abs().amax(dim=(-2, -1)).clamp_min(torch.finfo(b.dtype).tiny)
     return float((num / den).max()) if num.numel() else 0.0
 
+
+#: `relative_gap` of tensors up to this many entries is computed in numpy
+NUMPY_GAP = 2**14
 
 #: the largest step count of the first refinement pair (see `first_steps`)
 FIRST_STEPS_CAP = 16
@@ -43,10 +63,15 @@ def first_steps(A0: Tensor, lengths: Tensor, rtol: float) -> int:
     the final count saves a second batched call, which at small `d` costs more than the
     steps; the cap bounds the work a field much larger at `t0` than elsewhere can waste."""
     d = A0.shape[-1]
-    with torch.no_grad():
-        size = torch.linalg.vector_norm(A0.detach().flatten(1), dim=1) / math.sqrt(d)
-        size = size * lengths.abs()
-        nu = float(size.max()) if size.numel() else 0.0
+    if A0.shape[0] == 1 and A0.device.type == "cpu" and A0.dtype in NUMPY_DTYPES:
+        # One interval on the CPU: numpy's norm, no kernels.
+        norm = float(np.linalg.norm(as_numpy(A0).reshape(-1)))
+        nu = norm / math.sqrt(d) * abs(lengths.item())
+    else:
+        with torch.no_grad():
+            size = torch.linalg.vector_norm(A0.detach().flatten(1), dim=1) / math.sqrt(d)
+            size = size * lengths.abs()
+            nu = float(size.max()) if size.numel() else 0.0
     if not math.isfinite(nu):
         return 4
     return min(FIRST_STEPS_CAP, max(1, math.ceil(nu * rtol ** (-1.0 / 7.0) / 3.4)))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -18,10 +19,12 @@ from .._errors import GaugeError
 from ._expm import expm
 from ._magnus import MagnusMethod
 from ._products import ordered_product
+from ._rk_numpy import as_numpy
 from ._wilson_checks import check_field, nonfinite_field
 
 __all__ = [
     "MAGNUS_CHUNK_BYTES",
+    "NUMPY_TIMES",
     "Overflow",
     "check_finite",
     "chunk_size",
@@ -63,6 +66,8 @@ def fixed_steps(
     whose node values fill about `MAGNUS_CHUNK_BYTES`; within a chunk the field is evaluated
     in one call and all steps are one batched call."""
     size = chunk_size(t0.shape[0], n * len(method.nodes) * line_bytes)
+    if size >= t0.shape[0]:  # one chunk (no slices to take)
+        return steps_product(node_values(w, t1, t0, n, method), (t1 - t0) / n, method, exp_tol)
     parts = [
         steps_product(
             node_values(w, t1[i : i + size], t0[i : i + size], n, method),
@@ -100,8 +105,35 @@ def steps_product(A: Tensor, h: Tensor, method: MagnusMethod, exp_tol: float | N
     return ordered_product(steps)
 
 
+#: node times are computed in numpy (no kernels) up to this many, on the CPU without autograd
+NUMPY_TIMES = 4096
+
+
+def _numpy_times(t1: Tensor, t0: Tensor, count: int) -> bool:
+    """Whether `count` times from `t1`, `t0` are computed in numpy: few, on the CPU, in
+    float32 or float64, without a graph to the end points."""
+    return (
+        count <= NUMPY_TIMES
+        and t0.device.type == "cpu"
+        and t0.dtype in (torch.float32, torch.float64)
+        and not (t0.requires_grad or t1.requires_grad)
+    )
+
+
 def node_times(t1: Tensor, t0: Tensor, n: int, method: MagnusMethod) -> Tensor:
-    """The `B · n · s` times at which `fixed_steps` evaluates `w`, flat."""
+    """The `B · n · s` times at which `fixed_steps` evaluates `w`, flat.
+
+    Few times on the CPU (no graph to the end points) are computed in numpy by the same
+    elementwise operations in the same dtype, so the times are the same to the bit; a
+    handful of torch kernels would cost more than a small step's arithmetic."""
+    if _numpy_times(t1, t0, t0.shape[0] * n * len(method.nodes)):
+        a, b = as_numpy(t0), as_numpy(t1)
+        dtype = a.dtype
+        hn = (b - a) / dtype.type(n)
+        k = np.arange(n, dtype=dtype)
+        c = np.array(method.nodes, dtype=dtype)
+        times = a[:, None, None] + (k[None, :, None] + c[None, None, :]) * hn[:, None, None]
+        return torch.from_numpy(times.reshape(-1))
     h = (t1 - t0) / n
     k = torch.arange(n, dtype=t0.dtype, device=t0.device)
     c = torch.tensor(method.nodes, dtype=t0.dtype, device=t0.device)
@@ -145,8 +177,14 @@ def doubling_pair(
 ) -> tuple[Tensor, Tensor]:
     """The lines over `t0 -> t1` with `n` and with `2 n` steps, in one batched call: the
     `2 n`-step line is the product of the `n`-step lines over the two halves."""
-    B, mid = t0.shape[0], 0.5 * (t0 + t1)
-    W = fixed_steps(
-        w, torch.cat([t1, mid, t1]), torch.cat([t0, t0, mid]), n, method, exp_tol, line_bytes
-    )
+    B = t0.shape[0]
+    if _numpy_times(t1, t0, 3 * B):  # (the same operations in numpy: no kernels)
+        a, b = as_numpy(t0), as_numpy(t1)
+        mid = 0.5 * (a + b)
+        ends = torch.from_numpy(np.concatenate([b, mid, b]))
+        starts = torch.from_numpy(np.concatenate([a, a, mid]))
+    else:
+        mid = 0.5 * (t0 + t1)
+        ends, starts = torch.cat([t1, mid, t1]), torch.cat([t0, t0, mid])
+    W = fixed_steps(w, ends, starts, n, method, exp_tol, line_bytes)
     return W[:B], W[2 * B :] @ W[B : 2 * B]

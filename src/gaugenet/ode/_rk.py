@@ -25,8 +25,8 @@ import torch
 from torch import Tensor
 
 from .._errors import GaugeError
-from ._rk_backend import numpy_stages
-from ._rk_numpy import NumpyStage
+from ._rk_backend import NUMPY_DTYPES, numpy_stages
+from ._rk_numpy import NumpyStage, as_numpy
 from ._rk_stages import BufferedStage, TrackedStage
 from ._wilson_checks import check_field
 
@@ -79,6 +79,10 @@ def _tableau(
 def _field_size(K0: Tensor) -> float:
     """`max(2 max|K0|, max over lines of ‖K0‖_F / √d)` for `K0` `(B, ..., d, d)`."""
     d = K0.shape[-1]
+    if K0.numel() == d * d and K0.device.type == "cpu" and K0.dtype in NUMPY_DTYPES:
+        # One line on the CPU: numpy's reductions, no kernels.
+        a = as_numpy(K0).reshape(-1)
+        return max(2.0 * float(np.abs(a).max()), float(np.linalg.norm(a)) / math.sqrt(d))
     rms = torch.linalg.vector_norm(K0.reshape(-1, d * d), dim=1).amax() / math.sqrt(d)
     return max(2.0 * float(torch.linalg.vector_norm(K0, math.inf)), float(rms))
 

@@ -112,10 +112,10 @@ class NumpyStage:
         self._end: tuple[Sequence[Tensor | np.ndarray], int] = ((), 0)
 
     def unbind(self, F: Tensor) -> Sequence[np.ndarray]:
-        """The field values at the stage times `(stages, 1, d, d)` as `d × d` arrays (views
-        when `F` is contiguous)."""
+        """The field values at the stage times `(stages, 1, d, d)` as one `(stages, d, d)`
+        array, whose rows are the `d × d` factors (a view when `F` is contiguous)."""
         d = self.shape[-1]
-        return list(np.ascontiguousarray(as_numpy(F)).reshape(-1, d, d))
+        return np.ascontiguousarray(as_numpy(F)).reshape(-1, d, d)
 
     def stages(self, F: Sequence[Tensor | np.ndarray], a: float) -> None:
         """All stages of a step of length `a` (see `BufferedStage.stages`) but the last,

@@ -155,14 +155,35 @@ def wilson_line(
     n = first
     # Intermediate results only need a graph when w carries one (training).
     track = torch.is_grad_enabled() and A0.requires_grad
-    with torch.set_grad_enabled(track):
+
+    def solve(wf: MatrixField) -> tuple[Tensor, float]:
         if rtol is None:  # steps with return_error: one pair, its estimate
             budget(3 * steps, math.inf)
-            prev, fine = doubling_pair(w, t1f, t0f, steps, method, None, line_bytes)
+            prev, fine = doubling_pair(wf, t1f, t0f, steps, method, None, line_bytes)
             err = relative_gap(prev, fine) / (2**method.order - 1)
-            check_finite(err, w, t1f, t0f, steps, method)
-            fine = fine + (fine - prev) / (2**method.order - 1)
-        else:
-            fine, err = magnus_search(w, t1f, t0f, method, rtol, n, max_steps, budget, line_bytes)
+            check_finite(err, wf, t1f, t0f, steps, method)
+            return fine + (fine - prev) / (2**method.order - 1), err
+        return magnus_search(wf, t1f, t0f, method, rtol, n, max_steps, budget, line_bytes)
+
+    if track:
+        fine, err = solve(w)
+    else:
+        # No graph: the search's kernels run in inference mode, whose dispatch is cheaper
+        # (at small d a kernel's dispatch costs more than its arithmetic); w runs outside
+        # it, so that what it returns or caches stays an ordinary tensor, and so does the
+        # returned line (a copy).
+        with torch.inference_mode():
+            fine, err = solve(outside_inference(w))
+        fine = fine.clone()
     W = fine.reshape(*shape, *fine.shape[1:])
     return (W, err) if return_error else W
+
+
+def outside_inference(w: MatrixField) -> MatrixField:
+    """`w` called with inference mode off and gradients off (its values need no graph)."""
+
+    def field(t: Tensor) -> Tensor:
+        with torch.inference_mode(False), torch.no_grad():
+            return w(t)
+
+    return field
