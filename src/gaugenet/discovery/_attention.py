@@ -41,6 +41,7 @@ from ..groups import Breaker, MatTerm, PermTerm, PermutationFactor
 from ..groups._algebra import AlgebraFactor, Repeat, commutant_basis
 from ._attention_trace import Linear, Proj, Skip, trace_input, trace_output
 from ._kernel import MeanKernel, ReaderSlot
+from ._ops import graph_users
 from ._shifts import AbsorbedShiftFactor, IntoLinears
 
 __all__ = ["attention_from_graph", "drop_key_compensation"]
@@ -146,8 +147,8 @@ def _manual_core(sm: fx.Node) -> _Core | None:
         return None
     # forward from the softmax to the values matmul
     p = sm
-    while len(p.users) == 1:
-        (u,) = p.users
+    while len(graph_users(p)) == 1:  # `torch.export`'s dtype checks on a cast read nothing
+        (u,) = graph_users(p)
         if u.target in _MATMUL and u.args[0] is p:
             return _Core(q, k, u.args[1], u, added=tuple(added))
         if u.op == "call_function" and u.target in _PROB_OPS:
