@@ -52,13 +52,13 @@ class Block(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Token ids `(batch, T)` → logits: token and position tables, two pre-LN blocks of
+    """Token ids `(batch, T)` → logits: token and position tables, a pre-LN block of
     `Conv1D` layers, a final LayerNorm and an untied head (`Conv1D` or `nn.Linear`)."""
 
     def __init__(self, linear_head: bool) -> None:
         super().__init__()
         self.tok, self.pos = nn.Embedding(V, D), nn.Embedding(T, D)
-        self.blocks = nn.Sequential(Block(), Block())
+        self.blocks = nn.Sequential(Block())
         self.lnf = nn.LayerNorm(D, bias=False)
         self.head = nn.Linear(D, V, bias=False) if linear_head else Conv1D(D, V)
 
@@ -85,7 +85,7 @@ def test_conv1d_stream_rotation_is_found_exact_and_complete(linear_head: bool) -
     (rot,) = [f for f in group.factors if isinstance(f, OrthogonalFactor)]
     assert rot.fixes_ones and rot.dim == (D - 1) * (D - 2) // 2
     turned = {t.param for t in rot.terms}
-    assert {"blocks.0.c_proj.weight", "blocks.1.mlp_proj.weight"} <= turned  # writers
+    assert {"blocks.0.c_proj.weight", "blocks.0.mlp_proj.weight"} <= turned  # writers
     assert any(
         isinstance(t, ConjugatedRows) and t.param == "blocks.0.c_attn.weight" for t in rot.terms
     )
