@@ -6,8 +6,10 @@ unflattened (`torch.export.unflatten`), which gives a graph per submodule. Those
 non-atomic modules are inlined into one graph; atomic modules stay `call_module` nodes on
 the model's own modules, so the module rules of `rules/` apply to them unchanged.
 The aten operations in between are renamed to the torch functions of the same meaning
-that the function rules know (`aten.add.Tensor` → `torch.add`, ...); any other aten
-operation is analyzed as unsupported: every label reaching it is fixed (nothing claimed).
+that the function rules know (`aten.add.Tensor` → `torch.add`, ...), and an in-place sum
+into a linear layer's fresh output that nothing reads afterwards (`aten.add_`) becomes the
+plain sum; any other aten operation is analyzed as unsupported: every label reaching it is
+fixed (nothing claimed).
 """
 
 from __future__ import annotations
@@ -85,6 +87,22 @@ def _eval_dropout(n: fx.Node) -> bool:
         return False
     train = n.args[2] if len(n.args) > 2 else n.kwargs.get("train")
     return train is False
+
+
+def _fresh_inplace_add(n: fx.Node, mod: fx.GraphModule, flat: Any, model: nn.Module) -> bool:
+    """`a += b` (`aten.add_`) that may be read as `a + b`: `a` is (`flat`, in the flattened
+    graph) the output of an `nn.Linear` (a fresh tensor no one else holds), and this
+    addition is the last reader of `a` in the module's graph `mod` (`a` is not returned),
+    so nothing sees it mutated (Falcon's `mlp_output += attention_output`)."""
+    if n.target is not aten.add_.Tensor or n.kwargs or len(n.args) != 2:
+        return False
+    a = n.args[0]
+    if not (isinstance(a, fx.Node) and isinstance(flat, fx.Node) and flat.op == "call_module"):
+        return False
+    if not isinstance(model.get_submodule(str(flat.target)), nn.Linear):
+        return False
+    order = {x: i for i, x in enumerate(mod.graph.nodes)}
+    return all(order[u] <= order[n] for u in a.users)
 
 
 class _Flattener:
@@ -170,6 +188,8 @@ class _Flattener:
                 env[n] = env[n.args[0]][n.args[1]]  # an inlined module's tuple output
             elif _eval_dropout(n):
                 env[n] = look(n.args[0])  # dropout outside training returns its input
+            elif _fresh_inplace_add(n, mod, look(n.args[0]), self.model):
+                env[n] = self.graph.call_function(torch.add, look(n.args))
             elif (ln := self.layernorm(n, mod, prefix)) is not None:
                 path = prefix[:-1]
                 self.attrs[path] = self.norms[path] = ln
