@@ -191,8 +191,10 @@ def _core_factors(core: _Core, root: nn.Module, values: dict) -> tuple[list, set
     dv = pv.maps.shape[-1]
     if not torch.equal(pq.source_head, torch.arange(H)):
         raise Skip("query heads are not the projection's blocks in order")
-    # key-value group of every query head
-    if core.gqa:
+    # key-value group of every query head; one key-value head broadcast over the query
+    # heads (multi-query attention without `enable_gqa`, as Falcon's) is one group
+    one_kv = H > 1 and pk.maps.shape[0] == 1 and pv.maps.shape[0] == 1
+    if core.gqa or one_kv:
         hk = pk.maps.shape[0]
         if H % hk:
             raise Skip("query heads are not a multiple of key-value heads")
