@@ -45,6 +45,7 @@ from torch import nn
 
 import gaugenet
 from coverage_models import ROWS
+from coverage_models_more import MORE_ROWS
 from gaugenet.certify import locate_gap
 from gaugenet.certify._causes import relu_causes
 from gaugenet.certify._functional_dimension import rank_of
@@ -154,7 +155,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
-    for name, build in ROWS:
+    for name, build in ROWS + MORE_ROWS:
         if args.only and not re.search(args.only, name):
             continue
         rows.append(run_row(name, build))

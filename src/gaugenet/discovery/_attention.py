@@ -43,6 +43,7 @@ from ..groups._free import FreeRows
 from ..groups._translation import Shift
 from ._attention_trace import Linear, Proj, Skip, trace_input, trace_output
 from ._kernel import MeanKernel, ReaderSlot
+from ._ops import graph_users
 from ._shifts import AbsorbedShiftFactor, IntoLinears
 
 __all__ = ["attention_from_graph", "drop_key_compensation"]
@@ -148,8 +149,8 @@ def _manual_core(sm: fx.Node) -> _Core | None:
         return None
     # forward from the softmax to the values matmul
     p = sm
-    while len(p.users) == 1:
-        (u,) = p.users
+    while len(graph_users(p)) == 1:  # `torch.export`'s dtype checks on a cast read nothing
+        (u,) = graph_users(p)
         if u.target in _MATMUL and u.args[0] is p:
             return _Core(q, k, u.args[1], u, added=tuple(added))
         if u.op == "call_function" and u.target in _PROB_OPS:
@@ -192,8 +193,10 @@ def _core_factors(core: _Core, root: nn.Module, values: dict) -> tuple[list, set
     dv = pv.maps.shape[-1]
     if not torch.equal(pq.source_head, torch.arange(H)):
         raise Skip("query heads are not the projection's blocks in order")
-    # key-value group of every query head
-    if core.gqa:
+    # key-value group of every query head; one key-value head broadcast over the query
+    # heads (multi-query attention without `enable_gqa`, as Falcon's) is one group
+    one_kv = H > 1 and pk.maps.shape[0] == 1 and pv.maps.shape[0] == 1
+    if core.gqa or one_kv:
         hk = pk.maps.shape[0]
         if H % hk:
             raise Skip("query heads are not a multiple of key-value heads")

@@ -6,8 +6,10 @@ unflattened (`torch.export.unflatten`), which gives a graph per submodule. Those
 non-atomic modules are inlined into one graph; atomic modules stay `call_module` nodes on
 the model's own modules, so the module rules of `rules/` apply to them unchanged.
 The aten operations in between are renamed to the torch functions of the same meaning
-that the function rules know (`aten.add.Tensor` → `torch.add`, ...); any other aten
-operation is analyzed as unsupported: every label reaching it is fixed (nothing claimed).
+that the function rules know (`aten.add.Tensor` → `torch.add`, ...), and an in-place sum
+into a linear layer's fresh output that nothing reads afterwards (`aten.add_`) becomes the
+plain sum; any other aten operation is analyzed as unsupported: every label reaching it is
+fixed (nothing claimed).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torch.fx._pytree import tree_flatten_spec
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .._errors import UnsupportedModelError
+from ._functional_norms import as_layernorm
 from ._ops import expand_to, slice_along
 from ._trace import is_atomic
 
@@ -86,11 +89,29 @@ def _eval_dropout(n: fx.Node) -> bool:
     return train is False
 
 
+def _fresh_inplace_add(n: fx.Node, mod: fx.GraphModule, flat: Any, model: nn.Module) -> bool:
+    """`a += b` (`aten.add_`) that may be read as `a + b`: `a` is (`flat`, in the flattened
+    graph) the output of an `nn.Linear` (a fresh tensor no one else holds), and this
+    addition is the last reader of `a` in the module's graph `mod` (`a` is not returned),
+    so nothing sees it mutated (Falcon's `mlp_output += attention_output`)."""
+    if n.target is not aten.add_.Tensor or n.kwargs or len(n.args) != 2:
+        return False
+    a = n.args[0]
+    if not (isinstance(a, fx.Node) and isinstance(flat, fx.Node) and flat.op == "call_module"):
+        return False
+    if not isinstance(model.get_submodule(str(flat.target)), nn.Linear):
+        return False
+    order = {x: i for i, x in enumerate(mod.graph.nodes)}
+    return all(order[u] <= order[n] for u in a.users)
+
+
 class _Flattener:
     def __init__(self, model: nn.Module, unflat: nn.Module, atoms: set[str]) -> None:
         self.model, self.unflat, self.atoms = model, unflat, atoms
         self.graph = fx.Graph()
         self.attrs: dict[str, Any] = {}
+        #: modules calling `F.layer_norm`, as the `nn.LayerNorm` they compute
+        self.norms: dict[str, nn.Module] = {}
 
     def attr(self, path: str) -> fx.Node:
         owner, _, name = path.rpartition(".")
@@ -127,6 +148,14 @@ class _Flattener:
         walk(marks, out)
         return [found[i] for i in range(spec.num_leaves)]
 
+    def layernorm(self, n: fx.Node, mod: fx.GraphModule, prefix: str) -> nn.Module | None:
+        """The `nn.LayerNorm` standing for `n` when it is a functional LayerNorm that the
+        module being inlined computes (see `_functional_norms.py`)."""
+        if not prefix or n.op != "call_function":
+            return None
+        owner = self.model.get_submodule(prefix[:-1])
+        return as_layernorm(n, owner, prefix[:-1], mod.graph)
+
     def inline(self, mod: fx.GraphModule, prefix: str, args: list[Any]) -> Any:
         env: dict[fx.Node, Any] = {}
         inputs = iter(args)
@@ -159,6 +188,12 @@ class _Flattener:
                 env[n] = env[n.args[0]][n.args[1]]  # an inlined module's tuple output
             elif _eval_dropout(n):
                 env[n] = look(n.args[0])  # dropout outside training returns its input
+            elif _fresh_inplace_add(n, mod, look(n.args[0]), self.model):
+                env[n] = self.graph.call_function(torch.add, look(n.args))
+            elif (ln := self.layernorm(n, mod, prefix)) is not None:
+                path = prefix[:-1]
+                self.attrs[path] = self.norms[path] = ln
+                env[n] = self.graph.call_module(path, (look(n.args[0]),))
             else:
                 target = _RENAME.get(n.target, n.target)
                 env[n] = self.graph.call_function(target, look(n.args), look(n.kwargs))
@@ -169,7 +204,9 @@ def export_graph(
     model: nn.Module, args: tuple, kwargs: dict[str, Any]
 ) -> tuple[fx.GraphModule, tuple]:
     """`(graph module, flat inputs)`: `model` captured with `torch.export` (non-strict) as
-    one graph whose atomic modules are `call_module` nodes; run it on the flat inputs.
+    one graph whose atomic modules are `call_module` nodes; run it on the flat inputs. The
+    graph module's `layer_norms` holds the modules whose `F.layer_norm` call became such a
+    node, as `nn.LayerNorm`s by path (`_functional_norms.py`).
 
     Raises `UnsupportedModelError` when the export fails.
     """
@@ -211,6 +248,7 @@ def export_graph(
     gm = fx.GraphModule(_Root(model, fl.attrs), fl.graph)
     gm.graph.eliminate_dead_code()
     gm.recompile()
+    gm.layer_norms = fl.norms  # the view to analyze the graph in (`with_modules`)
     return gm, tuple(flat)
 
 

@@ -161,16 +161,18 @@ class NormRules:
             self.L.extra.append(kernel_factor(str(n.target), ln, slots))
 
     def _readers(self, n: fx.Node) -> list[tuple[fx.Node, fx.Node]]:
-        """`(reader, node it reads)` for the users of `n`, looking through eval-mode dropouts
-        and identities (which pass the LayerNorm's output on unchanged)."""
+        """`(reader, node it reads)` for the users of `n`, looking through eval-mode dropouts,
+        identities and casts (which pass the LayerNorm's output on unchanged)."""
         out = []
         # nodes after `n` have not run yet: a token pick is recognized right after `n` only
         ran = self.values.get(n)
         ndim = ran.ndim if isinstance(ran, torch.Tensor) else 0
         for u in n.users:
             mod = self.root.get_submodule(str(u.target)) if u.op == "call_module" else None
-            passes = isinstance(mod, nn.Identity) or (
-                isinstance(mod, nn.Dropout) and not mod.training
+            passes = (
+                isinstance(mod, nn.Identity)
+                or (isinstance(mod, nn.Dropout) and not mod.training)
+                or (u.op == "call_function" and u.target in CASTS)
             )
             if u.op == "call_function" and u.target in _TOKEN_PICKS and len(u.args) > 1:
                 dim = u.args[1]

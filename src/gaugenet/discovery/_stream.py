@@ -2,14 +2,18 @@
 
 Starting from each embedding lookup, the stream is followed through the graph: casts keep
 it, a residual sum with the output of a linear map (that nothing else reads) extends it and
-records that map as a writer (or another embedding table, a position table added to the
+records that map as a writer (`nn.Linear`, or an `addmm` with an `(in, d)` weight as GPT-2's
+`Conv1D`, whose columns turn; or another embedding table, a position table added to the
 tokens'), and normalizations read it: an RMS normalization `x · rsqrt(mean(x²) + ε)` (the
 per-token factor computed from the stream alone), then a per-feature gain `γ`, whose product
 only linear maps read; or an `nn.LayerNorm` over the features whose output only linear maps
 read. A LayerNorm subtracts the mean, so the rotation must keep `1` (the subgroup
 `O(d − 1)`); its readers take `γ` conjugated as after RMSNorm, and its `β` becomes
-`β diag(γ)⁻¹ Q diag(γ)`. Any other use (the model's output, a nonlinearity) means the
-stream's basis is seen, and no rotation is claimed.
+`β diag(γ)⁻¹ Q diag(γ)`. Readers are found through casts and reshapes that keep the
+features last (an `addmm` reader's `(d, m)` weight turns by its rows). A tensor both turned
+as a table and read (a tied head, under any name) gets no rotation. Any other use (the
+model's output, a nonlinearity) means the stream's basis is seen, and no rotation is
+claimed.
 """
 
 from __future__ import annotations
@@ -25,12 +29,13 @@ from ..groups import PermutationFactor
 from ..groups._orthogonal import (
     ConjugatedColumns,
     ConjugatedRow,
+    ConjugatedRows,
     OrthogonalFactor,
     RotateColumns,
     RotateRows,
 )
 from ._embeddings import TableShiftFactor
-from ._linear import param_name
+from ._linear import Linear, keeps_last_axis, linear_reading, linear_writing, param_name
 from ._ops import ADDITIONS, CASTS, METADATA_OPS, graph_users, passes_input
 from ._shifts import AbsorbedShiftFactor, GainIntoLinears, IntoLinears
 from .rules.recurrent import BiasDifferenceFactor
@@ -103,7 +108,7 @@ def _follow(emb: fx.Node, root: nn.Module) -> OrthogonalFactor | None:
     table = f"{emb.target}.weight"
     d = root.get_submodule(str(emb.target)).embedding_dim
     stream, frontier = {emb}, [emb]
-    writers: list[str] = []
+    writers: list[Linear] = []
     tables = [table]
     readers: list = []  # reader terms
     centered = False  # read through a LayerNorm: the rotation must keep `1`
@@ -121,6 +126,7 @@ def _follow(emb: fx.Node, root: nn.Module) -> OrthogonalFactor | None:
                 frontier.append(u)
             elif u.op == "call_function" and u.target in _ADD:
                 other = u.args[1] if u.args[0] is n else u.args[0]
+                other = _before_casts(other)
                 m = _module(root, other)
                 found = None if other in stream else _writers(other, root, d)
                 if other in stream:
@@ -151,14 +157,16 @@ def _follow(emb: fx.Node, root: nn.Module) -> OrthogonalFactor | None:
     if not readers:
         return None
     terms: list = [RotateColumns(t) for t in tables]
-    for w in writers:
-        terms.append(RotateRows(f"{w}.weight"))
-        if root.get_submodule(w).bias is not None:
-            terms.append(RotateRows(f"{w}.bias"))
-    terms += [r if not isinstance(r, tuple) else ConjugatedColumns(*r) for r in readers]
+    for w in writers:  # `(d, in)` as `nn.Linear`'s, or `(in, d)` as an `addmm`'s
+        terms.append(RotateRows(w.weight) if w.out_axis == 0 else RotateColumns(w.weight))
+        if w.bias is not None:
+            terms.append(RotateRows(w.bias))
+    terms += readers
     touched = [t.param for t in terms]
-    if len(set(touched)) != len(touched):
-        return None  # a tied table read and written: the two actions disagree
+    if len({id(root.get_parameter(p)) for p in touched}) != len(touched):
+        # a tied table read and written (under one name or two, as a tied LM head): the
+        # two actions disagree
+        return None
     mods = tuple(dict.fromkeys(p.rpartition(".")[0] for p in touched))
     return OrthogonalFactor(
         f"rotation:{emb.target}",
@@ -209,16 +217,18 @@ def _moved_by_rotation(f: Any, rotations: list[OrthogonalFactor], factors: list)
     return f
 
 
-def _writers(n: Any, root: nn.Module, d: int) -> list[str] | None:
+def _writers(n: Any, root: nn.Module, d: int) -> list[Linear] | None:
     """The linear maps whose outputs (each read only here) sum to `n`, through dropout and
-    sums (a parallel block's `attention + MLP`); `None` if `n` is anything else."""
+    sums (a parallel block's `attention + MLP`); `None` if `n` is anything else. A map is an
+    `nn.Linear` or an `addmm` on parameters whose output is viewed back to tokens (GPT-2's
+    `Conv1D`, weight `(in, d)`)."""
     if not isinstance(n, fx.Node) or len(n.users) != 1:
         return None
     if passes_input(n, root):
         return _writers(n.args[0], root, d)
-    m = _module(root, n)
-    if isinstance(m, nn.Linear) and m.out_features == d:
-        return [str(n.target)]
+    lin = linear_writing(n, root)
+    if lin is not None:
+        return [lin] if lin.shape(root)[0] == d else None
     if n.op == "call_function" and n.target in _ADD and len(n.args) == 2 and not n.kwargs:
         parts = [_writers(a, root, d) for a in n.args]
         return None if any(p is None for p in parts) else [w for p in parts for w in p]
@@ -228,7 +238,7 @@ def _writers(n: Any, root: nn.Module, d: int) -> list[str] | None:
 def _added_table(other: Any, m: nn.Module | None, d: int) -> bool:
     """`other` is the lookup of another embedding table of width `d` that only this sum
     reads (GPT-2's and OPT's positions)."""
-    return isinstance(m, nn.Embedding) and m.embedding_dim == d and len(other.users) == 1
+    return isinstance(m, nn.Embedding) and m.embedding_dim == d and len(graph_users(other)) == 1
 
 
 def _layernorm_readers(ln: fx.Node, root: nn.Module, d: int) -> list:
@@ -243,18 +253,41 @@ def _layernorm_readers(ln: fx.Node, root: nn.Module, d: int) -> list:
     if m.bias is not None:
         out.append(ConjugatedRow(f"{name}.bias", gain) if gain else RotateColumns(f"{name}.bias"))
     y = _skip_casts(ln)
-    for u in graph_users(y):
-        r = _module(root, u)
-        if not isinstance(r, nn.Linear) or u.args[0] is not y:
-            raise _NotAStream(u.name)
-        w = f"{u.target}.weight"
-        out.append((w, gain) if gain else RotateColumns(w))
+    out += [_reader_term(lin, gain) for lin in _linear_readers(y, root, d)]
     return out
 
 
-def _rms_readers(mul: fx.Node, x: fx.Node, root: nn.Module, d: int) -> list[tuple[str, str]]:
+def _linear_readers(y: fx.Node, root: nn.Module, d: int) -> list[Linear]:
+    """The linear maps that are all of `y`'s readers (`nn.Linear`, or an `addmm` on a view
+    of `y` with the features kept last), through casts and reshapes that keep the `d`
+    features last (reads of its shape or dtype aside); or `_NotAStream`."""
+    out = []
+    for u in graph_users(y):
+        if u.op == "call_function" and u.target is getattr and u.args[1] in _META_ATTRS:
+            continue  # `y.shape`: reads no value
+        found = linear_reading(u, y, root)
+        if found is not None:
+            out.append(found[0])
+        elif u.args[0] is y and (
+            (u.op == "call_function" and u.target in CASTS) or keeps_last_axis(u, d)
+        ):
+            out += _linear_readers(u, root, d)
+        else:
+            raise _NotAStream(u.name)
+    return out
+
+
+def _reader_term(lin: Linear, gain: str | None) -> Any:
+    """The term of a reader of the normalized stream: its input axis turned by `Q`,
+    conjugated by the gain `γ` when there is one."""
+    if lin.out_axis == 0:  # `(m, d)`: columns
+        return ConjugatedColumns(lin.weight, gain) if gain else RotateColumns(lin.weight)
+    return ConjugatedRows(lin.weight, gain) if gain else RotateRows(lin.weight)
+
+
+def _rms_readers(mul: fx.Node, x: fx.Node, root: nn.Module, d: int) -> list:
     """`x · r` with `r = rsqrt(mean(x²) + ε)` computed from `x` alone, then `γ ·`, then only
-    linear maps: the `(reader weight, γ)` pairs."""
+    linear maps: their terms (columns conjugated by `γ`)."""
     r = mul.args[1] if mul.args[0] is x else mul.args[0]
     if not _from_norm(r, x):
         raise _NotAStream
@@ -267,14 +300,21 @@ def _rms_readers(mul: fx.Node, x: fx.Node, root: nn.Module, d: int) -> list[tupl
     gain = param_name(g.args[0], root) or param_name(g.args[1], root)
     if gain is None or root.get_parameter(gain).shape != (d,):
         raise _NotAStream
-    out = []
     g = _skip_casts(g)
-    for u in graph_users(g):
-        m = _module(root, u)
-        if not isinstance(m, nn.Linear) or u.args[0] is not g:
-            raise _NotAStream(u.name)
-        out.append((f"{u.target}.weight", gain))
-    return out
+    return [_reader_term(lin, gain) for lin in _linear_readers(g, root, d)]
+
+
+def _before_casts(n: Any) -> Any:
+    """`n` with the casts that only it reads peeled off (a position table cast to the
+    tokens' dtype before the sum)."""
+    while (
+        isinstance(n, fx.Node)
+        and n.op == "call_function"
+        and n.target in CASTS
+        and len(graph_users(n)) == 1
+    ):
+        n = n.args[0]
+    return n
 
 
 def _skip_casts(n: fx.Node) -> fx.Node:

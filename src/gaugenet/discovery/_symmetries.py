@@ -18,6 +18,7 @@ from ._capture import export_graph
 from ._centering import link_centered, without_summed_ones
 from ._concat_gl import concat_gls
 from ._free_entries import with_free
+from ._functional_norms import traced_layer_norms, with_modules
 from ._inputs import Call, as_call, find_inputs, without_cache
 from ._kernel import link_kernels
 from ._linear_streams import StreamShiftFactor, fix_stream_labels, linear_streams, stream_factors
@@ -147,11 +148,15 @@ def _discover(model: nn.Module, call: Call, rows: bool = True) -> GaugeGroup:
     try:
         flat = _positional(model, args, kwargs) if kwargs else args
         gm = trace(model, len(flat))
+        model = with_modules(model, traced_layer_norms(gm, model))
     except UnsupportedModelError as fx_exc:
         try:
             gm, flat = export_graph(model, args, kwargs)
         except UnsupportedModelError as exc:
             raise UnsupportedModelError(f"{fx_exc}; {exc}") from exc
+        # functional LayerNorms are analyzed as the `nn.LayerNorm`s they compute: through a
+        # view of the model holding those (same parameters, same names)
+        model = with_modules(model, gm.layer_norms)
     drop_dead(gm)  # results no output reads: they break nothing and read nothing
     unread = unread_entries(gm, model, rows=rows)
     prop = Propagator(gm, model)

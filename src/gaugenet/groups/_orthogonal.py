@@ -8,7 +8,8 @@ take the rotation back with the gain conjugated: `W ↦ W diag(γ) Q diag(γ)⁻
 `γ` where it is (and so commutes with the rescalings of `γ`).
 
 Terms: `RotateRows` (writers, `W ↦ Qᵀ W`, `b ↦ Qᵀ b`), `RotateColumns` (embedding tables,
-`E ↦ E Q`) and `ConjugatedColumns` (readers after a gain). Element: `(d, d)` orthogonal,
+`E ↦ E Q`, and writers stored `(in, d)` as GPT-2's `Conv1D`) and `ConjugatedColumns` (readers
+after a gain; `ConjugatedRows` for readers stored `(d, out)`). Element: `(d, d)` orthogonal,
 either determinant. Algebra coordinates: the `d(d−1)/2` entries above the diagonal of a
 skew-symmetric matrix.
 """
@@ -26,6 +27,7 @@ from ._canonical_hooks import register_canonicalizer
 __all__ = [
     "ConjugatedColumns",
     "ConjugatedRow",
+    "ConjugatedRows",
     "OrthogonalFactor",
     "RotateColumns",
     "RotateRows",
@@ -75,6 +77,20 @@ class ConjugatedColumns:
         p = new[self.param]
         g = new[self.gain].to(p.dtype)
         new[self.param] = (p * g) @ q.to(p.dtype) / g
+
+
+@dataclass(frozen=True)
+class ConjugatedRows:
+    """`param ↦ diag(γ)⁻¹ Qᵀ diag(γ) param` with `γ = state[gain]`: `ConjugatedColumns` for a
+    reader stored transposed, `(d, m)` (an `addmm` weight, GPT-2's `Conv1D`)."""
+
+    param: str
+    gain: str
+
+    def __call__(self, new: State, q: Tensor) -> None:
+        p = new[self.param]
+        g = new[self.gain].to(p.dtype)[:, None]
+        new[self.param] = q.to(p.dtype).T @ (p * g) / g
 
 
 @dataclass(frozen=True)
@@ -161,7 +177,7 @@ class OrthogonalFactor(AbstractFactor):
         out = []
         for t in self.terms:
             out.append(t.param)
-            if isinstance(t, (ConjugatedColumns, ConjugatedRow)):
+            if isinstance(t, (ConjugatedColumns, ConjugatedRows, ConjugatedRow)):
                 out.append(t.gain)
         return tuple(dict.fromkeys(out))
 

@@ -1,0 +1,137 @@
+"""More Hugging Face architectures for `coverage.py`, built from configs (no downloads) like
+the rows of `coverage_models.py`: hidden size 8, one layer (two where a rule reads across
+layers), float64 random weights of unit gain, a batch in which every token id and position
+appears."""
+
+from __future__ import annotations
+
+from coverage_models import Build, T, V, _hf
+
+_DEC = dict(
+    vocab_size=V,
+    hidden_size=8,
+    intermediate_size=16,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    max_position_embeddings=T,
+    use_cache=False,
+)
+_ENC = dict(
+    vocab_size=V,
+    hidden_size=8,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    intermediate_size=16,
+    max_position_embeddings=T,
+    type_vocab_size=1,
+)
+_GPT2 = dict(vocab_size=V, n_embd=8, n_layer=1, n_head=2, n_positions=T, use_cache=False)
+
+
+def _row(name: str, cls: str, cfg: str, **kw) -> tuple[str, Build]:
+    return name, _hf(cls, cfg, 40, None, **kw)
+
+
+MORE_ROWS: list[tuple[str, Build]] = [
+    _row("OlmoModel", "OlmoModel", "OlmoConfig", **_DEC),
+    _row("OlmoForCausalLM", "OlmoForCausalLM", "OlmoConfig", **_DEC),
+    _row("GemmaModel", "GemmaModel", "GemmaConfig", **_DEC, head_dim=4),
+    _row("Gemma2Model", "Gemma2Model", "Gemma2Config", **_DEC, head_dim=4),
+    _row("PhiForCausalLM", "PhiForCausalLM", "PhiConfig", **_DEC),
+    _row("Phi3Model", "Phi3Model", "Phi3Config", **_DEC, pad_token_id=0),
+    # half the head's 4 dimensions rotary (the default quarter, one dimension, makes
+    # the rotary tables 2 wide and the attention heads 5: not StableLM's own layout)
+    _row(
+        "StableLmForCausalLM",
+        "StableLmForCausalLM",
+        "StableLmConfig",
+        **_DEC,
+        partial_rotary_factor=0.5,
+    ),
+    _row(
+        "GPTBigCodeModel (MQA)",
+        "GPTBigCodeModel",
+        "GPTBigCodeConfig",
+        **_GPT2,
+        multi_query=True,
+    ),
+    _row(
+        "GPTJModel",
+        "GPTJModel",
+        "GPTJConfig",
+        vocab_size=V,
+        n_embd=8,
+        n_layer=1,
+        n_head=2,
+        rotary_dim=2,
+        n_positions=T,
+        use_cache=False,
+    ),
+    _row(
+        "CodeGenModel",
+        "CodeGenModel",
+        "CodeGenConfig",
+        vocab_size=V,
+        n_embd=8,
+        n_layer=1,
+        n_head=2,
+        rotary_dim=2,
+        n_positions=T,
+        n_ctx=T,
+        use_cache=False,
+    ),
+    _row(
+        "FalconModel",
+        "FalconModel",
+        "FalconConfig",
+        vocab_size=V,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        use_cache=False,
+    ),
+    _row(
+        "BloomModel (ALiBi)",
+        "BloomModel",
+        "BloomConfig",
+        vocab_size=V,
+        hidden_size=8,
+        n_layer=1,
+        n_head=2,
+        use_cache=False,
+    ),
+    _row(
+        "MptModel (ALiBi)",
+        "MptModel",
+        "MptConfig",
+        vocab_size=V,
+        d_model=8,
+        n_layers=1,
+        n_heads=2,
+        expansion_ratio=2,
+        max_seq_len=T,
+        use_cache=False,
+    ),
+    _row(
+        "GPT2LMHeadModel (untied)",
+        "GPT2LMHeadModel",
+        "GPT2Config",
+        **_GPT2,
+        tie_word_embeddings=False,
+    ),
+    _row("ElectraModel", "ElectraModel", "ElectraConfig", **_ENC, embedding_size=8),
+    _row("AlbertModel", "AlbertModel", "AlbertConfig", **_ENC, embedding_size=4),
+    _row(
+        "XLMRobertaModel",
+        "XLMRobertaModel",
+        "XLMRobertaConfig",
+        **{**_ENC, "max_position_embeddings": T + 2},
+    ),
+    _row(
+        "DebertaV2Model",
+        "DebertaV2Model",
+        "DebertaV2Config",
+        **{**_ENC, "type_vocab_size": 0},
+    ),
+]
