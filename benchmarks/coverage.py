@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 import gaugenet
-from coverage_models import ROWS
+from coverage_models import ROWS, G
 from coverage_models_more import MORE_ROWS
 from gaugenet.certify import locate_gap
 from gaugenet.certify._causes import relu_causes
@@ -88,6 +88,7 @@ def _rank_gap(model: nn.Module, inputs: Any, group: Any = None) -> tuple[str, in
 
 def run_row(name: str, build: Callable[[], tuple[nn.Module, Any]]) -> dict[str, str]:
     torch.manual_seed(0)
+    G.manual_seed(0)  # each row's inputs whatever rows ran before it (and with --only)
     row = {"model": name}
     try:
         model, inputs = build()
