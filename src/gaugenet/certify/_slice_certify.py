@@ -28,7 +28,7 @@ from ._causes import relu_causes
 from ._checks import FactorChecks, check_act, check_tangents, sparse_jvp
 from ._functional_dimension import rank_of
 from ._gap import _unread
-from ._jacobian import FlatModel, flat_model
+from ._jacobian import FlatModel, as_tuple, flat_model
 from ._matrix_free import gauss_newton, linear_jvp
 from ._orbit import Orbit
 from ._result import CertifyReport, Verdict
@@ -37,6 +37,9 @@ from ._slice_orbit import SliceOrbit, slice_orbit
 from ._together_cause import together_cause
 
 __all__ = ["SliceSummary", "certify_slice"]
+
+#: samples `‖J‖₂` is estimated on
+_NORM_SAMPLES = 16
 
 
 @dataclass(frozen=True)
@@ -86,22 +89,35 @@ def _gap_lines(
     return out
 
 
-def _norm_of_j(fm: FlatModel, gen: torch.Generator) -> float:
-    """A lower bound, close, of `‖J‖₂` of the whole model: 4 power steps on `JᵀJ` (a
-    Rayleigh quotient). The slice's rank and residuals are relative to it, not to
-    `‖J_S‖₂`: a slice whose entries are all (nearly) redundant has `J_S` at rounding level,
-    which a tolerance relative to itself would count as rank."""
+def _norm_of_j(model: nn.Module, inputs: Any, gen: torch.Generator) -> float:
+    """A lower bound, close, of `‖J‖₂` of the whole model: 3 power steps on `JᵀJ` (a
+    Rayleigh quotient) on the first `_NORM_SAMPLES` samples (fewer rows: a lower bound
+    again). The slice's rank and residuals are relative to it, not to `‖J_S‖₂`: a slice
+    whose entries are all (nearly) redundant has `J_S` at rounding level, which a
+    tolerance relative to itself would count as rank."""
+    head = _first_samples(inputs, _NORM_SAMPLES)
+    fm = flat_model(model, inputs if head is None else head)
     n = fm.theta.numel()
-    op = gauss_newton(
-        fm, Orbit(torch.zeros(0, n, dtype=torch.float64)), linear_jvp(fm, trace=False)
-    )
+    none = Orbit(torch.zeros(0, n, dtype=torch.float64))
+    op = gauss_newton(fm, none, linear_jvp(fm, trace=False))
     v = torch.randn(n, generator=gen, dtype=torch.float64)
     v, lam = v / v.norm(), 0.0
-    for _ in range(4):
+    for _ in range(3):
         w = op(v)
         lam = float(v @ w)
         v = w / w.norm().clamp_min(1e-300)
     return math.sqrt(max(lam, 0.0))
+
+
+def _first_samples(inputs: Any, k: int) -> Any | None:
+    """The first `k` samples of a batch (every tensor input sliced along its leading axis,
+    which all must share); `None` when the batch is no larger or has no common axis."""
+    args = as_tuple(inputs)
+    sizes = {a.shape[0] for a in args if isinstance(a, Tensor) and a.ndim}
+    if len(sizes) != 1 or sizes.pop() <= k:
+        return None
+    out = tuple(a[:k] if isinstance(a, Tensor) and a.ndim else a for a in args)
+    return out if isinstance(inputs, (tuple, list)) else out[0]
 
 
 def certify_slice(
@@ -142,7 +158,7 @@ def certify_slice(
     if not bool(torch.isfinite(jac).all()):
         raise GaugeError("the slice's Jacobian is not finite on these inputs")
     with stage("norm of J"):
-        norm = _norm_of_j(fm, gen)
+        norm = _norm_of_j(model, inputs, gen)
     with stage("singular values"):
         sv = rank_of(jac, rtol=rtol).singular_values
     # ‖J_S‖ ≤ ‖J‖: the larger of the two is the closer bound of ‖J‖

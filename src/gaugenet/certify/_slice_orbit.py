@@ -12,9 +12,8 @@ its entries in `S` are `T_{R,S}ᵀ a`. Hence the bounds
 
 equal whenever the rows of `R` own their entries outside `S` (`C` is all of them), which a
 slice holding the whole supports of the orbits it samples arranges. The rows of `R` are
-found from each factor's tangents on `S`, formed by forward mode over the factor's algebra
-on the parameters it writes; the entries `R'` touches are found from two random
-combinations of the other rows per factor (their support, almost surely).
+found from each factor's tangents, formed row by row (forward mode over the factor's
+algebra on the parameters it writes), and so are the entries `R'` touches.
 
 The dimensions are counted on rows scaled to unit norm: a combination `a` counts as
 cancelling on a set of entries when the Gram matrix of the rows there has `aᵀ G a` under
@@ -43,6 +42,9 @@ _NULL = 1e-14
 _RANK = 1e-7
 #: directions of a factor's algebra formed at once
 _CHUNK = 128
+#: times the rows `R` grow by the rows touching their entries, while at most `_MAX_ROWS`
+_ROUNDS = 2
+_MAX_ROWS = 4096
 
 
 @dataclass(frozen=True)
@@ -87,11 +89,6 @@ def _tangent_map(one: GaugeGroup, f: AbstractFactor, written: list[str], state: 
     return lambda z: torch.func.jvp(part, (zero,), (z,))[1]
 
 
-def _rows(apply, z: Tensor) -> Tensor:
-    """`(k, m)`: `Tᵀ z_i` for the rows `z_i` of `z` `(k, dim_f)`, `_CHUNK` at a time."""
-    return torch.cat([torch.func.vmap(apply)(z[a : a + _CHUNK]) for a in range(0, len(z), _CHUNK)])
-
-
 def _gram(rows: Tensor, cols: Tensor, keep: Tensor, n_rows: int) -> Tensor:
     """The dense Gram matrix of the sparse rows (`rows`, `cols`, values `keep`)."""
     idx = torch.stack([rows, cols])
@@ -117,8 +114,27 @@ def _inside(a_s: Tensor, gram: Tensor) -> tuple[int, Tensor]:
     return k, vh[:k].T.contiguous()
 
 
+def _sparse_rows(apply, dim: int, cols: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Every row of a factor's tangents, sparse: `(row, column, value)` with the columns in
+    the model's flat parameter vector."""
+    eye = torch.eye(dim, dtype=torch.float64)
+    rows, cs, vals = [], [], []
+    for a in range(0, dim, _CHUNK):
+        block = torch.func.vmap(apply)(eye[a : a + _CHUNK])
+        r, c = block.nonzero(as_tuple=True)
+        rows.append(r + a)
+        cs.append(cols[c])
+        vals.append(block[r, c])
+    return torch.cat(rows), torch.cat(cs), torch.cat(vals)
+
+
 def slice_orbit(fm: FlatModel, group: GaugeGroup, sl: Slice) -> SliceOrbit:
-    """The `SliceOrbit` of the continuous factors of `group` at `fm.model` on `sl`."""
+    """The `SliceOrbit` of the continuous factors of `group` at `fm.model` on `sl`.
+
+    `R` starts as the rows touching `S` and grows, up to `_ROUNDS` times while it has at
+    most `_MAX_ROWS` rows, by the rows touching its own entries: the lower bound stays a
+    lower bound, and the upper one tightens as the entries outside `S` that rows outside
+    `R` touch become fewer."""
     n = fm.theta.numel()
     state = model_state(fm.model)
     starts = fm.offsets()
@@ -126,50 +142,67 @@ def slice_orbit(fm: FlatModel, group: GaugeGroup, sl: Slice) -> SliceOrbit:
     in_s[sl.columns] = True
     where = torch.full((n,), -1, dtype=torch.long)
     where[sl.columns] = torch.arange(sl.size)
-    gen = torch.Generator().manual_seed(0)
-    other = torch.zeros(n, dtype=torch.bool)  # entries touched by rows outside R
-    r_rows, r_cols, r_vals, names = [], [], [], []
-    count = 0
-    pending: list[tuple] = []  # factors not touching S: their support only matters later
+    factors = []
     for f in group.factors:
         if f.discrete or f.dim == 0:
             continue
         one, written = _written(group, f, fm, state)
-        if not written:
-            continue
-        cols = torch.cat([starts[w] + torch.arange(state[w].numel()) for w in written])
-        apply = _tangent_map(one, f, written, state)
-        if not in_s[cols].any():
-            pending.append((f, apply, cols))
-            continue
-        eye = torch.eye(f.dim, dtype=torch.float64)
-        touch = torch.zeros(f.dim, dtype=torch.bool)
-        s_pos = in_s[cols].nonzero().flatten()
-        for a in range(0, f.dim, _CHUNK):
-            block = torch.func.vmap(apply)(eye[a : a + _CHUNK])
-            touch[a : a + _CHUNK] = (block[:, s_pos] != 0).any(1)
-        if not touch.any():
-            pending.append((f, apply, cols))
-            continue
-        mine = _rows(apply, eye[touch])
-        r, c = mine.nonzero(as_tuple=True)
-        r_rows.append(r + count)
-        r_cols.append(cols[c])
-        r_vals.append(mine[r, c])
-        count += int(touch.sum())
-        names.append(f.name)
-        if not touch.all():
-            z = torch.randn(2, f.dim, generator=gen, dtype=torch.float64) * (~touch)
-            other[cols[(_rows(apply, z) != 0).any(0)]] = True
-    if not count:
+        if written:
+            cols = torch.cat([starts[w] + torch.arange(state[w].numel()) for w in written])
+            factors.append((f, _tangent_map(one, f, written, state), cols))
+    cache: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
+
+    def rows_of(i: int) -> tuple[Tensor, Tensor, Tensor]:
+        f, apply, cols = factors[i]
+        if f.name not in cache:
+            cache[f.name] = _sparse_rows(apply, f.dim, cols)
+        return cache[f.name]
+
+    def touching(x: Tensor) -> dict[int, Tensor]:
+        """Per factor (index) whose entries meet `x`, its rows `(dim_f,)` touching `x`."""
+        out = {}
+        for i, (f, _, cols) in enumerate(factors):
+            if x[cols].any():
+                r, c, _ = rows_of(i)
+                touch = torch.zeros(f.dim, dtype=torch.bool)
+                touch[r[x[c]]] = True
+                if touch.any():
+                    out[i] = touch
+        return out
+
+    chosen = touching(in_s)
+    for _ in range(_ROUNDS):
+        if sum(int(t.sum()) for t in chosen.values()) > _MAX_ROWS:
+            break
+        reach = in_s.clone()
+        for i, t in chosen.items():
+            r, c, _ = rows_of(i)
+            reach[c[t[r]]] = True
+        grown = touching(reach)
+        if grown.keys() == chosen.keys() and all(torch.equal(grown[i], chosen[i]) for i in grown):
+            break
+        chosen = grown
+    if not chosen:
         return SliceOrbit(0, 0, torch.zeros(sl.size, 0, dtype=torch.float64), 0, (), 0)
+    r_rows, r_cols, r_vals, names, count = [], [], [], [], 0
+    for i, t in chosen.items():
+        r, c, v = rows_of(i)
+        keep = t[r]
+        renum = torch.cumsum(t.long(), 0) - 1
+        r_rows.append(renum[r[keep]] + count)
+        r_cols.append(c[keep])
+        r_vals.append(v[keep])
+        count += int(t.sum())
+        names.append(factors[i][0].name)
     rows, cols, vals = torch.cat(r_rows), torch.cat(r_cols), torch.cat(r_vals)
     touched = torch.zeros(n, dtype=torch.bool)
     touched[cols] = True
-    for f, apply, fcols in pending:  # other factors writing where R does
+    other = torch.zeros(n, dtype=torch.bool)  # entries touched by rows outside R
+    for i, (_f, _, fcols) in enumerate(factors):
         if touched[fcols].any():
-            z = torch.randn(2, f.dim, generator=gen, dtype=torch.float64)
-            other[fcols[(_rows(apply, z) != 0).any(0)]] = True
+            r, c, _ = rows_of(i)
+            out_r = ~chosen[i][r] if i in chosen else torch.ones_like(r, dtype=torch.bool)
+            other[c[out_r]] = True
     norms = torch.zeros(count, dtype=torch.float64).index_add_(0, rows, vals**2).sqrt()
     vals = vals / norms[rows]
     s_ent = in_s[cols]
