@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Literal
 
@@ -25,6 +25,7 @@ from ._matrix_free import gauss_newton, linear_jvp, matrix_free_certificate
 from ._memory import Sizes, activation_bytes, estimates
 from ._orbit import Orbit, orbit_projector
 from ._result import CertifyReport, Verdict
+from ._slice_certify import certify_slice
 
 __all__ = ["DEFAULT_MEMORY_BUDGET", "certify"]
 
@@ -131,6 +132,7 @@ def certify(
     memory_budget: int | float = DEFAULT_MEMORY_BUDGET,
     progress: Callable[[str], None] | None = None,
     generator: torch.Generator | None = None,
+    params: Mapping[str, Tensor] | None = None,
 ) -> CertifyReport:
     """Check every factor of `group` on `model`, then compare the functional dimension of
     `model` on `inputs` with the group's dimension.
@@ -163,6 +165,18 @@ def certify(
       requested method over budget raises `GaugeError` naming the budget.
     - `progress`: called with a description of each stage.
     - `generator`: for the random elements and probes (default: seeded, reproducible).
+    - `params`: certify a slice of the parameters instead of the whole model: `{name: mask
+      or flat indices}` (a boolean tensor of the parameter's shape, or an integer tensor),
+      the other entries frozen. Measured is `|S| − rank J_S` (`J_S` the Jacobian's columns
+      of the slice's entries, formed exactly, so the outputs must outnumber `|S|`; singular
+      values under `rtol ‖J‖₂` count as zero, `‖J‖₂` of the whole model from power steps);
+      discovered the dimension of the orbit tangents that move only the slice's entries,
+      `dim(span T ∩ ℝ^S)`. Equal: `complete` on the slice; more measured: `incomplete`, the
+      missing directions a lower bound of what the group misses on the whole model. The
+      act check is the whole group's, the tangent check that of the factors touching the
+      slice; `method` must be `"auto"` or `"exact"`. The
+      report's `slice` says what was measured (see `CertifyReport`). Unknown names, masks
+      of the wrong shape, indices out of range or an empty slice raise `GaugeError`.
 
     **Returns:** a `CertifyReport` (verdict, dimensions, residuals, timings).
     """
@@ -195,6 +209,21 @@ def certify(
             group = symmetries(model, inputs)
     # keyword inputs (a dict, as `symmetries` takes): the model as a function of them in order
     model, inputs = positional(model, inputs)
+    if params is not None:
+        if method not in ("auto", "exact"):
+            raise GaugeError(f"a slice (params=...) is certified exactly, not with {method!r}")
+        return certify_slice(
+            model,
+            inputs,
+            group,
+            params,
+            rtol=rtol,
+            budget=budget,
+            gen=gen,
+            stage=stage,
+            timings=timings,
+            progress=progress,
+        )
     with stage("estimating memory"):
         fm = flat_model(model, inputs)
         with torch.no_grad():

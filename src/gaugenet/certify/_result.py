@@ -5,7 +5,10 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._slice_certify import SliceSummary
 
 __all__ = ["CertifyReport", "Verdict"]
 
@@ -65,6 +68,10 @@ class CertifyReport:
       layers); `notes`: what else the reader must know.
     - `memory_estimate`: bytes the chosen method was estimated to need, `memory_budget`
       the budget; `timings`: seconds per stage.
+    - `slice`: for a slice certificate (`certify(..., params=...)`), what it measured
+      (`SliceSummary`); then `n_params` is the slice's size, `symmetry_dim` the orbit
+      directions inside it (a lower bound unless `slice.discovered_upper` equals it) and
+      `functional_dimension` the rank of the slice's columns `J_S`; `None` otherwise.
     """
 
     verdict: Verdict
@@ -89,6 +96,7 @@ class CertifyReport:
     memory_estimate: int = 0
     memory_budget: int = 0
     timings: dict[str, float] = field(default_factory=dict)
+    slice: SliceSummary | None = None
 
     @property
     def ok(self) -> bool:
@@ -129,7 +137,10 @@ class CertifyReport:
         """A readable account, one line per item."""
         kind = "exact" if self.exact else "lower bound"
         out = [f"verdict               {self.verdict.value}"]
-        out.append(f"parameters            {self.n_params}")
+        if self.slice is not None:
+            out.append(f"slice entries         {self.n_params} (the other entries frozen)")
+        else:
+            out.append(f"parameters            {self.n_params}")
         out.append(f"symmetry dimension    {self.symmetry_dim}")
         if self.functional_dimension is not None:
             out.append(f"functional dimension  {self.functional_dimension} ({self.method})")
