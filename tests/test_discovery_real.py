@@ -13,7 +13,9 @@ Hand counts:
 - MTCNN O-Net: `conv → PReLU → MaxPool` four times (32, 64, 64, 128 channels), a dense
   layer of 256 with PReLU, and three heads. Per-channel PReLU slopes commute with positive
   scales, so each hidden channel carries one scale: `32 + 64 + 64 + 128 + 256 = 544`, in 5
-  rescaling factors and 5 permutation factors; the softmax of the first head is a breaker.
+  rescaling factors and 5 permutation factors. The first head is a linear map into a
+  two-way softmax, which ignores what the map adds to both logits: `W += 1 aᵀ`, `b += t 1`,
+  `256 + 1 = 257` (the softmax stays a breaker of the scales). Total 801.
 - all-MiniLM-L6-v2: 6 layers of 12 heads of size 32, width 384, intermediate 1536.
   Attention, per layer: the query-key and the value-output `GL(32)` of every head,
   `2 · 12 · 32² = 24576`, the softmax key-bias shift, 384, the value-bias shift (absorbed
@@ -104,7 +106,8 @@ def test_mtcnn_onet_counts(gen) -> None:
     x = torch.randn(4, 3, 48, 48, generator=gen)
     group = gaugenet.symmetries(model, x)
     assert [f.n for f in group.of_kind("rescaling")] == [32, 64, 64, 128, 256]
-    assert group.dim == 544
+    assert {f.name: f.dim for f in group.of_kind("translation")} == {"center:dense6_1": 257}
+    assert group.dim == 544 + 257
     assert len(group.of_kind("permutation")) == 5
     assert ["softmax" in b.reason for b in group.breakers] == [True]
     _check_invariance(model, group, x, gen, "unit_in")

@@ -470,6 +470,24 @@ class NormRules:
         memo[node] = ok
         return ok
 
+    def softmax_inputs(self, n: fx.Node, dim: Any) -> None:
+        """A softmax (or log-softmax) over the last axis of a linear layer's output that
+        nothing else reads: `softmax(z + c 1) = softmax(z)`, so what the layer adds along
+        `1` changes no output (`W += 1 aᵀ`, `b += t 1`; a classifier's logits, say)."""
+        src = n.args[0] if n.args else None
+        val = self.values.get(src) if isinstance(src, fx.Node) else None
+        if not isinstance(val, torch.Tensor) or val.ndim == 0 or not isinstance(dim, int):
+            return
+        if dim % val.ndim != val.ndim - 1:
+            return
+        found = self._output_layer(src, val.shape[-1])
+        if found is None or found.out_axis != 0 or found.name in self.centered_layers:
+            return
+        if not isinstance(self.root.get_submodule(found.name), nn.Linear):
+            return
+        self.centered_layers.add(found.name)
+        self.L.extra.append(centered_output(found, self.root))
+
     def centered_inputs(self, n: fx.Node, ln: nn.LayerNorm) -> None:
         """Linear layers whose output a LayerNorm reads through additions: what they add
         along `1` is removed (see `_centering.py`). When every path from the layer ends in a

