@@ -62,8 +62,13 @@ def relu_causes(model: nn.Module, inputs: Any) -> list[str]:
     inputs: their incoming weights do not matter) or always active (the unit is linear on
     the inputs, so more than rescalings leave the outputs unchanged)."""
     found: dict[str, tuple[Tensor, Tensor]] = {}
+    #: modules whose negative piece is not zero (PReLU, LeakyReLU): a unit never positive
+    #: there is not dead but linear with the negative slope
+    sloped: set[str] = set()
 
     def record(name: str, mod: nn.Module, x: Tensor, last: bool = False) -> None:
+        if isinstance(mod, (nn.PReLU, nn.LeakyReLU)):
+            sloped.add(name)
         dead, alive = _per_unit(x, last)
         if name in found:  # a module used twice: combine both uses
             d0, a0 = found[name]
@@ -77,7 +82,8 @@ def relu_causes(model: nn.Module, inputs: Any) -> list[str]:
     for name, (dead, alive) in found.items():
         if dead.any():
             idx = dead.nonzero().reshape(-1).tolist()
-            lines.append(f"{name}: {len(idx)} unit(s) dead on the inputs (e.g. {idx[:5]})")
+            what = "on the negative slope only" if name in sloped else "dead"
+            lines.append(f"{name}: {len(idx)} unit(s) {what} on the inputs (e.g. {idx[:5]})")
         if alive.any():
             idx = alive.nonzero().reshape(-1).tolist()
             lines.append(f"{name}: {len(idx)} unit(s) always active on the inputs (e.g. {idx[:5]})")
