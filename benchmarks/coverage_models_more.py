@@ -5,18 +5,9 @@ appears."""
 
 from __future__ import annotations
 
-from coverage_models import Build, T, V, _hf
+from coverage_models import _LLAMA, Build, T, V, _hf
 
-_DEC = dict(
-    vocab_size=V,
-    hidden_size=8,
-    intermediate_size=16,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    num_key_value_heads=2,
-    max_position_embeddings=T,
-    use_cache=False,
-)
+_DEC = _LLAMA  # a decoder block: the Llama rows' sizes
 _ENC = dict(
     vocab_size=V,
     hidden_size=8,

@@ -16,10 +16,10 @@ from .._errors import GaugeError
 from ..groups import GaugeGroup
 from ._causes import layernorm_causes, lookup_causes, relu_causes, tied_causes
 from ._checks import FactorChecks, check_act, check_tangents, flat_tangent, sparse_jvp
-from ._davidson import lanczos_max
+from ._davidson import lanczos_max, power_max
 from ._functional_dimension import check_outputs, rank_of
 from ._gap import locate_gap
-from ._jacobian import as_tuple, flat_model, jacobian_of
+from ._jacobian import as_tuple, first_samples, flat_model, jacobian_of
 from ._keywords import positional
 from ._matrix_free import gauss_newton, linear_jvp, matrix_free_certificate
 from ._memory import Sizes, activation_bytes, estimates
@@ -40,17 +40,6 @@ _LARGE = 100_000
 _CHECK_SAMPLES = 2
 
 
-def _first_samples(inputs: Any, k: int) -> Any | None:
-    """The first `k` samples of a batch (every tensor input sliced along its leading axis,
-    which all must share); `None` when the batch is no larger or has no common axis."""
-    args = as_tuple(inputs)
-    sizes = {a.shape[0] for a in args if isinstance(a, Tensor) and a.ndim}
-    if len(sizes) != 1 or sizes.pop() <= k:
-        return None
-    out = tuple(a[:k] if isinstance(a, Tensor) and a.ndim else a for a in args)
-    return out if isinstance(inputs, (tuple, list)) else out[0]
-
-
 def _batch_of(inputs: Any) -> int | None:
     """The common leading size of the tensor inputs, `None` when there is none."""
     sizes = {a.shape[0] for a in as_tuple(inputs) if isinstance(a, Tensor) and a.ndim}
@@ -61,14 +50,7 @@ def _largest_eigenvalue(op: Callable[[Tensor], Tensor], start: Tensor, *, large:
     """A lower bound of the largest eigenvalue of the PSD `op`, close: 6 Lanczos steps, or
     for a large model 4 power steps (a Rayleigh quotient; two vectors kept, not six). A
     lower bound only makes the tangent residuals relative to it larger (conservative)."""
-    if not large:
-        return lanczos_max(op, start, 6)
-    v, lam = start / start.norm(), 0.0
-    for _ in range(4):
-        w = op(v)
-        lam = float(v @ w)
-        v = w / w.norm().clamp_min(1e-300)
-    return lam
+    return lanczos_max(op, start, 6) if not large else power_max(op, start, 4)
 
 
 def _unanalyzed_causes(model: nn.Module) -> list[str]:
@@ -275,7 +257,7 @@ def certify(
         with stage("tangent check"):
             fc = fm
             if n > _LARGE:
-                head = _first_samples(inputs, _CHECK_SAMPLES)
+                head = first_samples(inputs, _CHECK_SAMPLES)
                 if head is not None:
                     del fm, fc  # the matrix-free certificate makes its own copy
                     fc = flat_model(model, head)

@@ -16,6 +16,17 @@ __all__ = ["lanczos_max", "smallest"]
 Operator = Callable[[Tensor], Tensor]
 
 
+def power_max(op: Operator, start: Tensor, steps: int) -> float:
+    """The Rayleigh quotient after `steps` power steps from `start` (one vector kept): a
+    lower bound of the largest eigenvalue of the PSD `op`."""
+    v, lam = start / start.norm(), 0.0
+    for _ in range(steps):
+        w = op(v)
+        lam = float(v @ w)
+        v = w / w.norm().clamp_min(1e-300)
+    return lam
+
+
 def lanczos_max(op: Operator, start: Tensor, steps: int) -> float:
     """The largest Ritz value of `steps` Lanczos steps (fully reorthogonalized) from
     `start`: a lower bound of the largest eigenvalue, close for a few tens of steps."""

@@ -29,6 +29,17 @@ def as_tuple(inputs: Any) -> tuple:
     return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
 
 
+def first_samples(inputs: Any, k: int) -> Any | None:
+    """The first `k` samples of a batch (every tensor input sliced along its leading axis,
+    which all must share); `None` when the batch is no larger or has no common axis."""
+    args = as_tuple(inputs)
+    sizes = {a.shape[0] for a in args if isinstance(a, Tensor) and a.ndim}
+    if len(sizes) != 1 or sizes.pop() <= k:
+        return None
+    out = tuple(a[:k] if isinstance(a, Tensor) and a.ndim else a for a in args)
+    return out if isinstance(inputs, (tuple, list)) else out[0]
+
+
 def flatten_out(out: Any) -> Tensor:
     """Every tensor in a model's output (a tensor, a tuple, a dict), flattened and joined."""
     if isinstance(out, Tensor):

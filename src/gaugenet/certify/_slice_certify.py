@@ -26,9 +26,10 @@ from ..groups import GaugeGroup
 from ._attribute import ANGLE_TOL, CauseSpace, attribute, span
 from ._causes import relu_causes
 from ._checks import FactorChecks, check_act, check_tangents, sparse_jvp
+from ._davidson import power_max
 from ._functional_dimension import rank_of
 from ._gap import _unread
-from ._jacobian import FlatModel, as_tuple, flat_model
+from ._jacobian import FlatModel, first_samples, flat_model
 from ._matrix_free import gauss_newton, linear_jvp
 from ._orbit import Orbit
 from ._result import CertifyReport, Verdict
@@ -95,29 +96,13 @@ def _norm_of_j(model: nn.Module, inputs: Any, gen: torch.Generator) -> float:
     again). The slice's rank and residuals are relative to it, not to `‖J_S‖₂`: a slice
     whose entries are all (nearly) redundant has `J_S` at rounding level, which a
     tolerance relative to itself would count as rank."""
-    head = _first_samples(inputs, _NORM_SAMPLES)
+    head = first_samples(inputs, _NORM_SAMPLES)
     fm = flat_model(model, inputs if head is None else head)
     n = fm.theta.numel()
     none = Orbit(torch.zeros(0, n, dtype=torch.float64))
     op = gauss_newton(fm, none, linear_jvp(fm, trace=False))
-    v = torch.randn(n, generator=gen, dtype=torch.float64)
-    v, lam = v / v.norm(), 0.0
-    for _ in range(3):
-        w = op(v)
-        lam = float(v @ w)
-        v = w / w.norm().clamp_min(1e-300)
+    lam = power_max(op, torch.randn(n, generator=gen, dtype=torch.float64), 3)
     return math.sqrt(max(lam, 0.0))
-
-
-def _first_samples(inputs: Any, k: int) -> Any | None:
-    """The first `k` samples of a batch (every tensor input sliced along its leading axis,
-    which all must share); `None` when the batch is no larger or has no common axis."""
-    args = as_tuple(inputs)
-    sizes = {a.shape[0] for a in args if isinstance(a, Tensor) and a.ndim}
-    if len(sizes) != 1 or sizes.pop() <= k:
-        return None
-    out = tuple(a[:k] if isinstance(a, Tensor) and a.ndim else a for a in args)
-    return out if isinstance(inputs, (tuple, list)) else out[0]
 
 
 def certify_slice(
