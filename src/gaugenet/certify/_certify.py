@@ -222,6 +222,7 @@ def certify(
     checks = FactorChecks()
     with stage("act check"):
         check_act(model, inputs, group, checks, gen)
+    notes += checks.notes
 
     rank = smin = smax = None
     gap, converged, exact, unexplained = math.nan, True, False, None

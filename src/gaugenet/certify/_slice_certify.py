@@ -164,7 +164,8 @@ def certify_slice(
     measured = sl.size - rank
     notes: list[str] = [
         f"slice of {sl.size} of {fm.theta.numel()} parameter entries (the others frozen): "
-        f"{measured} = |S| − rank J_S against {orb.lower} orbit directions inside it"
+        f"{measured} = |S| − rank J_S against {orb.lower} orbit directions inside it",
+        *checks.notes,
     ]
     if not orb.exact:
         notes.append(
