@@ -95,7 +95,7 @@ def attention_from_graph(
         return [], [Breaker(c.out.name, why) for c in cores], set(), {}
     for core in cores:
         try:
-            fs, names, pk = _core_factors(core, root, values)
+            fs, names, pk, key_rows = _core_factors(core, root, values)
         except Skip as exc:
             breakers.append(Breaker(core.out.name, f"attention pattern not analyzed: {exc}"))
             continue
@@ -106,6 +106,8 @@ def attention_from_graph(
         if pk.stride == 1 and torch.allclose(pk.maps, pk.maps[:, :1].expand_as(pk.maps)):
             width = pk.maps.shape[0] * pk.maps.shape[-1]
             keys.setdefault(pk.lin.weight, []).append((pk.offset, pk.offset + width))
+        else:  # under rotary: the coordinates every score map treats alike (unrotated)
+            keys.setdefault(pk.lin.weight, []).extend(key_rows)
     return factors, breakers, covered, keys
 
 
@@ -180,8 +182,12 @@ def _scalar_maps(maps: Tensor) -> bool:
     return torch.allclose(maps, c[..., None, None] * torch.eye(d, dtype=maps.dtype))
 
 
-def _core_factors(core: _Core, root: nn.Module, values: dict) -> tuple[list, set[str], Proj]:
-    """The factors of one core, the projections they cover and the key projection."""
+def _core_factors(
+    core: _Core, root: nn.Module, values: dict
+) -> tuple[list, set[str], Proj, list[tuple[int, int]]]:
+    """The factors of one core, the projections they cover, the key projection and, under
+    score maps that differ between tokens (rotary), the ranges of its key rows on which a
+    constant moves every query's scores by one number (`_constant_key_coords`)."""
     qv = values[core.q]
     if not isinstance(qv, Tensor) or qv.ndim != 4:
         raise Skip("queries are not (batch, heads, tokens, dim)")
@@ -245,7 +251,7 @@ def _core_factors(core: _Core, root: nn.Module, values: dict) -> tuple[list, set
         if _per_head_scores(core, values, H):
             # a position bias that differs between heads: permuting heads would need it too
             fs = [f for f in fs if not isinstance(f, HeadPermFactor)]
-        return fs, covered, pk
+        return fs, covered, pk, []
     name = prefix or pq.name
 
     def terms(p: Proj, mode: str, times: int = 1) -> list:
@@ -261,14 +267,47 @@ def _core_factors(core: _Core, root: nn.Module, values: dict) -> tuple[list, set
     vo_terms = [*terms(pv, "T"), Repeat(o_term, rep) if rep > 1 else o_term]
     vo = AlgebraFactor(f"{name}.vo", dv, hkv, terms=tuple(vo_terms), modules=modules)
     shifts = _value_shift(name, pv, po, o_off, hkv, rep, vo, modules)
-    shifts += _key_shift(name, pk, P.reshape(H, T, T, dh, dh), hkv, qk, modules)
+    sel = _constant_key_coords(P.reshape(H, T, T, dh, dh))
+    shifts += _key_shift(name, pk, sel, hkv, qk, modules)
     perms = []
     plain_or_single = rep == 1 or all(p.stride == 1 for p in (pq, pk, pv))
     if plain_or_single and not _per_head_scores(core, values, H):
         perms = _group_permutations(
             name, pq, pk, pv, po, o_off, hkv, rep, (qk, vo), modules, shifts
         )
-    return [qk, vo, *shifts, *perms], covered, pk
+    return [qk, vo, *shifts, *perms], covered, pk, _key_row_ranges(pk, sel, hkv)
+
+
+def _key_row_ranges(pk: Proj, sel: Tensor | None, hkv: int) -> list[tuple[int, int]]:
+    """The rows `sel` of each of the `hkv` key heads of `pk`, as contiguous ranges."""
+    if sel is None:
+        return []
+    dh = pk.maps.shape[-1]
+    out: list[tuple[int, int]] = []
+    for h in range(hkv):
+        for j in sel.tolist():
+            r = pk.offset + h * pk.stride * dh + j
+            if out and out[-1][1] == r:
+                out[-1] = (out[-1][0], r + 1)
+            else:
+                out.append((r, r + 1))
+    return out
+
+
+def _constant_key_coords(P: Tensor) -> Tensor | None:
+    """The head coordinates `sel` on which a constant `c` of a key head moves the score of
+    query `t` and key `s`, `z_qᵀ P_ts c`, by the same amount for every key (`c` in the
+    kernel of every `P_ts − P_ts'`; `P`: `(H, T, T, d, d)`, all heads at once): under
+    rotary embeddings the unrotated part of each head. `None` when that kernel is `0` or is
+    not spanned by coordinates."""
+    dh = P.shape[-1]
+    diff = (P - P[:, :, :1]).reshape(-1, dh)
+    tol = 1e-10 * max(1.0, float(P.abs().max()))
+    sel = torch.nonzero(diff.abs().amax(0) <= tol).reshape(-1)
+    m = int(sel.numel())
+    if m == 0 or int(torch.linalg.matrix_rank(diff, atol=tol)) != dh - m:
+        return None
+    return sel
 
 
 def _value_shift(
@@ -311,24 +350,15 @@ def _value_shift(
 
 
 def _key_shift(
-    name: str, pk: Proj, P: Tensor, hkv: int, qk: AlgebraFactor, modules: tuple[str, ...]
+    name: str, pk: Proj, sel: Tensor | None, hkv: int, qk: AlgebraFactor, modules: tuple[str, ...]
 ) -> list[KeyShiftFactor]:
-    """The key-bias shift where the score maps allow it. A shift `c` of a key head's bias
-    moves the score of query `t` and key `s` by `z_qᵀ P_ts c`, which softmax removes when it
-    is the same for every key: `c` in the kernel of every `P_ts − P_ts'` (`P`: `(H, T, T,
-    d, d)`, all heads at once). Under rotary embeddings that is the unrotated part of each
-    head. Offered when the kernel is spanned by coordinates of the head (`sel`), which the
-    query-key elements (they commute with every `P_ts`) then map to itself: the shift's
-    block of key head `k` moves by the `sel` rows and columns of `G_k⁻¹` (`moved_by`)."""
-    if pk.lin.bias is None:
+    """The key-bias shift where the score maps allow it: on the coordinates `sel` of each
+    key head (`_constant_key_coords`), which the query-key elements (they commute with
+    every score map) then map to themselves: the shift's block of key head `k` moves by
+    the `sel` rows and columns of `G_k⁻¹` (`moved_by`)."""
+    if pk.lin.bias is None or sel is None:
         return []
-    dh = P.shape[-1]
-    diff = (P - P[:, :, :1]).reshape(-1, dh)
-    tol = 1e-10 * max(1.0, float(P.abs().max()))
-    sel = torch.nonzero(diff.abs().amax(0) <= tol).reshape(-1)
-    m = int(sel.numel())
-    if m == 0 or int(torch.linalg.matrix_rank(diff, atol=tol)) != dh - m:
-        return []  # no shift, or a kernel that is not along the head's coordinates
+    dh, m = pk.maps.shape[-1], int(sel.numel())
     starts = pk.offset + torch.arange(hkv) * pk.stride * dh
     rows = (starts[:, None] + sel[None, :]).reshape(-1)
     return [
@@ -488,13 +518,17 @@ def _settle_slots(
     keys: dict[str, list[tuple[int, int]]],
     rows: dict[str, list[tuple[int, int]]],
 ) -> list[ReaderSlot]:
-    """Kernel slots with pending ones kept only inside key rows, and slots over a key bias
+    """Kernel slots with pending ones kept only on key rows (cut to the pieces that key rows
+    hold: under rotary, the unrotated coordinates of each head), and slots over a key bias
     split so that its key entries go uncompensated."""
     out = []
     for sl in slots:
         if sl.pending:
-            if any(a <= sl.start and sl.stop <= b for a, b in rows.get(sl.weight, [])):
-                out.append(dataclasses.replace(sl, pending=False))
+            out += [
+                dataclasses.replace(sl, start=lo, stop=hi, pending=False)
+                for lo, hi, key in _pieces(sl.start, sl.stop, rows.get(sl.weight, []))
+                if key
+            ]
         elif sl.bias not in keys:
             out.append(sl)
         else:

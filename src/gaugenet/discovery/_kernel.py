@@ -242,7 +242,11 @@ def _link_one(k: LayerNormKernelFactor, factors: list) -> LayerNormKernelFactor 
                 if not inside:
                     if all(end <= s.start or s.stop <= t.offset for s, _ in mine):
                         continue  # rows no slot holds (a cross-attention's keys): untouched
-                    return None
+                    piece = _piece_move(f, t, times, stride, mine)
+                    if piece is None:
+                        return None
+                    moved.append(piece)
+                    continue
                 s, off = inside[0]
                 moved += block_moves(f.name, t.mode, off + t.offset - s.start, f.d, times, stride)
             continue
@@ -267,17 +271,69 @@ def _link_one(k: LayerNormKernelFactor, factors: list) -> LayerNormKernelFactor 
     return dataclasses.replace(k, scaled_by=tuple(scaled), moved_by=tuple(moved))
 
 
+def _piece_move(
+    f: AbstractFactor, t: object, times: int, stride: int, mine: list[tuple[ReaderSlot, int]]
+) -> tuple | None:
+    """The `moved_by` declaration for slots that hold the same coordinates `sel` of every
+    block of the matrix term `t` (a key projection under rotary: the unrotated part of each
+    head), or `None` unless the factor's algebra maps `span(sel)` and its complement to
+    themselves (then the block's `sel` rows and columns move the slots' entries) and the
+    blocks' entries sit evenly spaced in the kernel's element."""
+    basis = getattr(f, "basis", None)
+    if times != 1 or not isinstance(f, AlgebraFactor) or basis is None:
+        return None  # all of gl(d) mixes every coordinate
+    d = f.d
+    pos = {r: off + r - s.start for s, off in mine for r in range(s.start, s.stop)}
+    sel: list[int] | None = None
+    firsts = []
+    for b in range(f.b):
+        r0 = t.offset + b * stride * d
+        held = [j for j in range(d) if r0 + j in pos]
+        if not held or (sel is not None and held != sel):
+            return None
+        sel = held
+        at = [pos[r0 + j] for j in held]
+        if at != list(range(at[0], at[0] + len(at))):
+            return None
+        firsts.append(at[0])
+    step = firsts[1] - firsts[0] if len(firsts) > 1 else len(sel)
+    if any(x != firsts[0] + i * step for i, x in enumerate(firsts)):
+        return None
+    keep = torch.tensor(sel)
+    rest = torch.tensor([j for j in range(d) if j not in sel], dtype=torch.long)
+    tol = 1e-12 * max(1.0, float(basis.abs().max()))
+    if rest.numel() and (
+        float(basis[:, keep][:, :, rest].abs().max()) > tol
+        or float(basis[:, rest][:, :, keep].abs().max()) > tol
+    ):
+        return None
+    return (f.name, t.mode, firsts[0], step, keep)
+
+
 def _conjugate(p: PermutationFactor, kernels: list[LayerNormKernelFactor]) -> PermutationFactor:
+    """`p` carrying the kernels' entries of the rows it permutes: per item, the element
+    entries of its rows that slots hold (the same pattern in every item; a permutation of
+    rows only partly held in another pattern is not conjugated)."""
     extra = []
     for k in kernels:
         parts = []
         for t in p.terms:
-            for s, off in zip(k.kernel.slots, k.kernel.offsets):
-                if t.param != s.weight or t.axis != s.out_axis:
-                    continue
-                e = t.entries
-                if bool(((e >= s.start) & (e < s.stop)).all()):
-                    parts.append(e - s.start + off)
+            mine = [
+                (s, off)
+                for s, off in zip(k.kernel.slots, k.kernel.offsets)
+                if t.param == s.weight and t.axis == s.out_axis
+            ]
+            if not mine:
+                continue
+            e = t.entries
+            pos = torch.full((int(e.max()) + 1,), -1, dtype=torch.long)
+            for s, off in mine:
+                lo, hi = min(s.start, pos.numel()), min(s.stop, pos.numel())
+                pos[lo:hi] = torch.arange(off, off + hi - lo)
+            mapped = pos[e]
+            held = mapped >= 0
+            if bool(held.any()) and bool((held == held[:1]).all()):
+                parts.append(mapped[held].reshape(e.shape[0], -1))
         if parts:
             extra.append((k.name, torch.cat(parts, dim=1)))
     if not extra:
