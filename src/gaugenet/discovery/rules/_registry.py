@@ -22,6 +22,7 @@ from . import (
     patterns,
     pooling,
     recurrent,
+    soft_capping,
     views,
 )
 from ._rule import Rule
@@ -40,6 +41,7 @@ RULES: tuple[Rule, ...] = (
     *recurrent.RULES,
     *patterns.RULES,
     *offset_gains.RULES,
+    *soft_capping.RULES,
 )
 
 
