@@ -202,7 +202,7 @@ def test_every_dispatched_op_has_exactly_one_rule(op) -> None:
 
 def test_rules_are_well_formed() -> None:
     families = {"linear", "norms", "activations", "pooling", "views", "arithmetic"}
-    families |= {"attention", "recurrent", "patterns"}
+    families |= {"attention", "recurrent", "patterns", "offset_gains", "soft_capping"}
     assert {r.family for r in RULES} == families
     for r in RULES:
         assert r.examples, r.name

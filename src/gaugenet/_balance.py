@@ -16,7 +16,9 @@ by differentiating through the model's parameters (reverse-over-reverse autograd
   exponent pattern are merged once, `c_k = Σ_{e ∈ k} p_e²`, so that
   `F_s(u) = Σ_k c_k exp(2 a_k·u)`, `∇F_s = Σ_k 2 a_k w_k`, `∇²F_s = Σ_k 4 a_k a_kᵀ w_k` with
   `w_k = c_k exp(2 a_k·u)`. Both are `index_add`s over the patterns (e.g. one per
-  (output, input) channel pair of a convolution, not one per kernel tap).
+  (output, input) channel pair of a convolution, not one per kernel tap). A gain stored
+  with an offset (`OffsetScale`, read as `w + c`) enters by its effective value `w + c`,
+  which scales as `p_e` does: its balanced gauge balances the effective gains.
 - *coupled* parameters, the BatchNorm weights and biases of `BatchNormShift` terms
   (`β ↦ β + (γμ/s)(1/α − 1)` is not a pure scaling): a few entries per channel, so the
   terms themselves are differentiated with `torch.func` (`grad` and `hessian` of a tiny
@@ -42,7 +44,7 @@ def scale_norms(f: RescalingFactor, state: State) -> tuple[Tensor, Tensor]:
     n_out = torch.zeros(f.n + 1, dtype=torch.float64)
     for t in f.terms:
         if isinstance(t, Scale):
-            p = state[t.param].double()
+            p = t.value(state[t.param].double())
             idx = t.index.expand(p.shape).reshape(-1)
             target = n_in if t.power > 0 else n_out
             target.index_add_(0, idx, p.reshape(-1) ** 2)
@@ -124,12 +126,14 @@ def balanced_scales(group: GaugeGroup, state: State, params: set[str]) -> Elemen
 
     # scaled parameters: per term, the global variable of each entry (n: not scaled)
     scaled: dict[str, list[tuple[Tensor, int]]] = {}
+    values: State = {}  # what the scales multiply: a gain stored with an offset, `w + c`
     for f, off in zip(factors, offsets):
         for t in f.terms:
             if isinstance(t, Scale) and t.param in touched and t.param not in coupled:
                 var = torch.where(t.index == f.n, n, t.index + off)
                 scaled.setdefault(t.param, []).append((var, t.power))
-    part = _ScaledPart(scaled, st, n)
+                values[t.param] = t.value(st[t.param])
+    part = _ScaledPart(scaled, values, n)
 
     # coupled parameters: the terms themselves, on the few entries they touch
     coupled_terms = [

@@ -160,7 +160,7 @@ def _unit_anchor(f: RescalingFactor, state: State, kept: dict[str, int] | None =
         idx = t.index.expand(state[t.param].shape).reshape(-1)
         if sorted(idx.tolist()) != list(range(f.n)):
             continue
-        vals = state[t.param].reshape(-1).double()
+        vals = t.value(state[t.param]).reshape(-1).double()  # an offset gain: `w + c`
         a = torch.empty(f.n, dtype=torch.float64)
         a[idx] = 1 / vals.abs()
         if not torch.isfinite(a).all():

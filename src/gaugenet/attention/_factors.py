@@ -195,6 +195,7 @@ def attention_factors(
     softmax: bool,
     homogeneous: bool,
     modules: tuple[str, ...] = (),
+    key_shift: bool | None = None,
 ) -> list:
     """The factors of one attention layer.
 
@@ -204,6 +205,9 @@ def attention_factors(
     - `shapes`: the shapes of the parameters `lay` names.
     - `softmax`: the activation is a softmax over keys (adds `key_shift`).
     - `homogeneous`: the activation is positively homogeneous of degree one (adds `alpha`).
+    - `key_shift`: a constant per query added to the scores reaches the softmax unchanged,
+      so the key bias may shift and the query-key `GL` leaves it alone (default: `softmax`;
+      `False` where an elementwise map of the scores comes first, as soft-capping's `tanh`).
 
     **Returns:** `[qk, vo, (alpha), (key_shift), heads]`.
     """
@@ -216,7 +220,8 @@ def attention_factors(
             out.append(MatTerm(slot.bias, 0, slot.bias_offset, mode))
         return out
 
-    qk_terms = mat(q, "T") + mat(k, "inv", bias=not softmax)
+    key_shift = softmax if key_shift is None else key_shift
+    qk_terms = mat(q, "T") + mat(k, "inv", bias=not key_shift)
     vo_terms = [*mat(v, "T"), MatTerm(o.weight, oax, o.offset, "inv")]
     qk = QKFactor(
         lay.name("qk"),
@@ -263,7 +268,7 @@ def attention_factors(
         )
         factors.append(alpha)
         conj.append((alpha.name, torch.arange(H)))
-    if softmax and k.bias is not None:
+    if key_shift and k.bias is not None:
         shift = KeyShiftFactor(
             lay.name("key_shift"),
             H * dh,

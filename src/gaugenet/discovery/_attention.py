@@ -44,6 +44,7 @@ from ..groups._translation import Shift
 from ._attention_trace import Linear, Proj, Skip, trace_input, trace_output
 from ._kernel import MeanKernel, ReaderSlot
 from ._ops import graph_users
+from ._score_maps import SCORE_MAPS
 from ._shifts import AbsorbedShiftFactor, IntoLinears
 
 __all__ = ["attention_from_graph", "drop_key_compensation"]
@@ -75,6 +76,9 @@ class _Core:
     out: fx.Node
     gqa: bool = False  # SDPA with enable_gqa: K, V have fewer heads than Q
     added: tuple = ()  # what is added to the scores (masks, position biases)
+    #: elementwise nonlinear maps of the scores before the softmax (soft-capping's `tanh`,
+    #: see `_score_maps.py`): no constant per query passes them, so no key shift
+    mapped: tuple[str, ...] = ()
 
 
 def attention_from_graph(
@@ -102,8 +106,10 @@ def attention_from_graph(
         factors += fs
         covered |= names
         # a constant on the projection's key rows stays one constant on every key only
-        # when the map to the core is the same at every token (not under rotary)
-        if pk.stride == 1 and torch.allclose(pk.maps, pk.maps[:, :1].expand_as(pk.maps)):
+        # when the map to the core is the same at every token (not under rotary), and the
+        # softmax removes it only when no nonlinear map of the scores comes first
+        same = torch.allclose(pk.maps, pk.maps[:, :1].expand_as(pk.maps))
+        if pk.stride == 1 and same and not core.mapped:
             width = pk.maps.shape[0] * pk.maps.shape[-1]
             keys.setdefault(pk.lin.weight, []).append((pk.offset, pk.offset + width))
         else:  # under rotary: the coordinates every score map treats alike (unrotated)
@@ -139,12 +145,16 @@ def _softmax_last(n: fx.Node, values: dict[fx.Node, Any]) -> bool:
 def _manual_core(sm: fx.Node) -> _Core | None:
     # back from the softmax to the scores matmul
     s = sm.args[0]
-    added = []
-    while isinstance(s, fx.Node) and s.op == "call_function" and s.target in _SCORE_OPS:
+    added, chain = [], []
+    while isinstance(s, fx.Node) and (_score_op(s) or _score_map(s)):
+        chain.append(s)
         added += [a for a in s.args[1:] if isinstance(a, fx.Node)]
         s = s.args[0]
     if not (isinstance(s, fx.Node) and s.target in _MATMUL):
         return None
+    # nonlinear in the scores: a map of them, or an operation whose other operand is
+    # computed from them too (`s * s`)
+    mapped = [c.name for c in chain if _score_map(c) or any(_reads(a, s) for a in c.args[1:])]
     q, kt = s.args[:2]
     k = _untranspose(kt)
     if k is None:
@@ -154,12 +164,36 @@ def _manual_core(sm: fx.Node) -> _Core | None:
     while len(graph_users(p)) == 1:  # `torch.export`'s dtype checks on a cast read nothing
         (u,) = graph_users(p)
         if u.target in _MATMUL and u.args[0] is p:
-            return _Core(q, k, u.args[1], u, added=tuple(added))
+            return _Core(q, k, u.args[1], u, added=tuple(added), mapped=tuple(mapped))
         if u.op == "call_function" and u.target in _PROB_OPS:
             p = u
             continue
         return None
     return None
+
+
+def _reads(a: Any, s: fx.Node) -> bool:
+    """`a` is computed from `s` (or is `s`)."""
+    stack, seen = [a], set()
+    while stack:
+        n = stack.pop()
+        if n is s:
+            return True
+        if isinstance(n, fx.Node) and n not in seen:
+            seen.add(n)
+            stack += n.all_input_nodes
+    return False
+
+
+def _score_op(n: fx.Node) -> bool:
+    return n.op == "call_function" and n.target in _SCORE_OPS
+
+
+def _score_map(n: fx.Node) -> bool:
+    """`n` is an elementwise nonlinear map of one tensor (`_score_maps.py`)."""
+    if n.op == "call_method":
+        return str(n.target) in SCORE_MAPS and len(n.args) == 1 and not n.kwargs
+    return n.op == "call_function" and n.target in SCORE_MAPS and len(n.args) == 1 and not n.kwargs
 
 
 def _untranspose(kt: Any) -> fx.Node | None:
@@ -247,7 +281,15 @@ def _core_factors(
             "torch" if axes == {0} else "paper",
         )
         shapes = {n: tuple(p.shape) for n, p in root.named_parameters()}
-        fs = attention_factors(lay, shapes, softmax=True, homogeneous=False, modules=modules)
+        # mapped scores: the key bias turns with the keys, and no key shift (`_score_maps.py`)
+        fs = attention_factors(
+            lay,
+            shapes,
+            softmax=True,
+            homogeneous=False,
+            modules=modules,
+            key_shift=not core.mapped,
+        )
         if _per_head_scores(core, values, H):
             # a position bias that differs between heads: permuting heads would need it too
             fs = [f for f in fs if not isinstance(f, HeadPermFactor)]
@@ -267,7 +309,8 @@ def _core_factors(
     vo_terms = [*terms(pv, "T"), Repeat(o_term, rep) if rep > 1 else o_term]
     vo = AlgebraFactor(f"{name}.vo", dv, hkv, terms=tuple(vo_terms), modules=modules)
     shifts = _value_shift(name, pv, po, o_off, hkv, rep, vo, modules)
-    sel = _constant_key_coords(P.reshape(H, T, T, dh, dh))
+    # a nonlinear map of the scores before the softmax (soft-capping) keeps no constant
+    sel = None if core.mapped else _constant_key_coords(P.reshape(H, T, T, dh, dh))
     shifts += _key_shift(name, pk, sel, hkv, qk, modules)
     perms = []
     plain_or_single = rep == 1 or all(p.stride == 1 for p in (pq, pk, pv))

@@ -27,7 +27,7 @@ from fractions import Fraction
 import torch
 from torch import Tensor
 
-from ..groups import BatchNormShift, Breaker, Scale
+from ..groups import BatchNormShift, Breaker, OffsetScale, Scale
 
 __all__ = ["FIXED", "ZERO", "Labels", "terms_of", "unique_pairs"]
 
@@ -240,10 +240,11 @@ def unique_pairs(a: Tensor, b: Tensor) -> Tensor:
 
 
 def terms_of(records: list[tuple], lut: Tensor, n: int, skip: set[str] = frozenset()) -> list:
-    """The `Scale` / `BatchNormShift` terms of a factor with `n` scales, from the recorded
-    scale terms: `lut` maps a label id to the factor's scale index (`n`: not in it; index
-    `-1`, the `ZERO` label, maps to the last entry). Records of parameters in `skip` are
-    left out (a tied weight written through another name)."""
+    """The `Scale` / `OffsetScale` / `BatchNormShift` terms of a factor with `n` scales,
+    from the recorded scale terms (`(param, ids, power)`, with the offset fourth for a gain
+    read as `param + offset`): `lut` maps a label id to the factor's scale index (`n`: not
+    in it; index `-1`, the `ZERO` label, maps to the last entry). Records of parameters in
+    `skip` are left out (a tied weight written through another name)."""
     terms: list = []
     for rec in records:
         if rec[0] == "bnshift":
@@ -253,10 +254,12 @@ def terms_of(records: list[tuple], lut: Tensor, n: int, skip: set[str] = frozens
                 names = (f"{bn}.{x}" for x in ("weight", "bias", "running_mean", "running_var"))
                 terms.append(BatchNormShift(*names, eps, idx))
             continue
-        param, ids, power = rec
+        param, ids, power, *offset = rec  # a fourth entry: the gain's offset (`OffsetScale`)
         if param in skip:
             continue
         idx = lut[ids]
         if (idx < n).any():
-            terms.append(Scale(param, idx, power))
+            terms.append(
+                OffsetScale(param, idx, power, offset[0]) if offset else Scale(param, idx, power)
+            )
     return terms

@@ -12,6 +12,7 @@ from torch import Tensor, fx, nn
 __all__ = [
     "ADDITIONS",
     "CASTS",
+    "DTYPE_CASTS",
     "HOMOGENEOUS_FUNCS",
     "HOMOGENEOUS_MODULES",
     "METADATA_OPS",
@@ -38,6 +39,9 @@ CASTS = {
     aten.alias.default,
     aten.detach.default,
 }
+#: Casts to another tensor's dtype (`x.type_as(other)`): the first argument's values pass
+#: through; the second is read for its dtype only.
+DTYPE_CASTS = {aten.type_as.default}
 #: Checks of a tensor's dtype and shape that `torch.export` inserts: they compute nothing.
 METADATA_OPS = {aten._assert_tensor_metadata.default}
 #: the sum of two tensors (without the in-place `iadd`)

@@ -36,7 +36,8 @@ from ..groups._orthogonal import (
 )
 from ._embeddings import TableShiftFactor
 from ._linear import Linear, keeps_last_axis, linear_reading, linear_writing, param_name
-from ._ops import ADDITIONS, CASTS, METADATA_OPS, graph_users, passes_input
+from ._offset_gain import offset_gain
+from ._ops import ADDITIONS, CASTS, DTYPE_CASTS, METADATA_OPS, graph_users, passes_input
 from ._shifts import AbsorbedShiftFactor, GainIntoLinears, IntoLinears
 from .rules.recurrent import BiasDifferenceFactor
 
@@ -119,9 +120,11 @@ def _follow(emb: fx.Node, root: nn.Module) -> OrthogonalFactor | None:
                 continue
             if u.op == "call_function" and u.target is getattr and u.args[1] in _META_ATTRS:
                 continue  # `x.dtype`, `x.shape`: reads no value
+            if _cast_to(u) and u.args[0] is not n:
+                continue  # `y.type_as(x)`: reads `x`'s dtype only
             if u.op == "output":
                 raise _NotAStream(u.name)
-            if (u.op == "call_function" and u.target in CASTS) or passes_input(u, root):
+            if _cast_of(u, n) or passes_input(u, root):
                 stream.add(u)
                 frontier.append(u)
             elif u.op == "call_function" and u.target in _ADD:
@@ -268,21 +271,20 @@ def _linear_readers(y: fx.Node, root: nn.Module, d: int) -> list[Linear]:
         found = linear_reading(u, y, root)
         if found is not None:
             out.append(found[0])
-        elif u.args[0] is y and (
-            (u.op == "call_function" and u.target in CASTS) or keeps_last_axis(u, d)
-        ):
+        elif u.args[0] is y and (_cast_of(u, y) or keeps_last_axis(u, d)):
             out += _linear_readers(u, root, d)
         else:
             raise _NotAStream(u.name)
     return out
 
 
-def _reader_term(lin: Linear, gain: str | None) -> Any:
+def _reader_term(lin: Linear, gain: str | None, offset: float = 0.0) -> Any:
     """The term of a reader of the normalized stream: its input axis turned by `Q`,
-    conjugated by the gain `γ` when there is one."""
+    conjugated by the gain `γ` when there is one (by `γ + offset` for a gain stored with
+    an offset, see `_offset_gain.py`)."""
     if lin.out_axis == 0:  # `(m, d)`: columns
-        return ConjugatedColumns(lin.weight, gain) if gain else RotateColumns(lin.weight)
-    return ConjugatedRows(lin.weight, gain) if gain else RotateRows(lin.weight)
+        return ConjugatedColumns(lin.weight, gain, offset) if gain else RotateColumns(lin.weight)
+    return ConjugatedRows(lin.weight, gain, offset) if gain else RotateRows(lin.weight)
 
 
 def _rms_readers(mul: fx.Node, x: fx.Node, root: nn.Module, d: int) -> list:
@@ -297,11 +299,14 @@ def _rms_readers(mul: fx.Node, x: fx.Node, root: nn.Module, d: int) -> list:
     if len(users) != 1 or len(gains) != 1:
         raise _NotAStream(n.name)
     g = gains[0]
-    gain = param_name(g.args[0], root) or param_name(g.args[1], root)
+    gain, offset = param_name(g.args[0], root) or param_name(g.args[1], root), 0.0
+    if gain is None:  # `x̂ · (w + c)`: the gain stored with an offset
+        og = offset_gain(g.args[1] if g.args[0] is n else g.args[0], root)
+        gain, offset = (og.param, og.offset) if og is not None else (None, 0.0)
     if gain is None or root.get_parameter(gain).shape != (d,):
         raise _NotAStream
     g = _skip_casts(g)
-    return [_reader_term(lin, gain) for lin in _linear_readers(g, root, d)]
+    return [_reader_term(lin, gain, offset) for lin in _linear_readers(g, root, d)]
 
 
 def _before_casts(n: Any) -> Any:
@@ -320,11 +325,21 @@ def _before_casts(n: Any) -> Any:
 def _skip_casts(n: fx.Node) -> fx.Node:
     while len(graph_users(n)) == 1:
         (u,) = graph_users(n)
-        if u.op == "call_function" and u.target in CASTS:
+        if _cast_of(u, n):
             n = u
         else:
             break
     return n
+
+
+def _cast_to(u: fx.Node) -> bool:
+    return u.op == "call_function" and u.target in DTYPE_CASTS
+
+
+def _cast_of(u: fx.Node, n: fx.Node) -> bool:
+    """`u` casts `n` (a plain cast, or `n.type_as(other)`)."""
+    plain = u.op == "call_function" and u.target in CASTS
+    return plain or (_cast_to(u) and u.args[0] is n)
 
 
 def _from_norm(r: Any, x: fx.Node) -> bool:

@@ -7,7 +7,9 @@ terms, so it exists for every group `gaugenet.symmetries` finds:
 
 - `RescalingFactor`, `Scale(param, index, power)`: unit `k` scales its entries by `α_k^power`,
   so `Q_k = Σ_terms power · Σ_{index = k} θ²` (per hidden unit of a ReLU MLP:
-  `‖w_in‖² + b² − ‖w_out‖²`). A `BatchNormShift` term contributes `−γ_k²`; its action on the
+  `‖w_in‖² + b² − ‖w_out‖²`). An `OffsetScale` (a gain read as `θ + c`) moves by
+  `θ ↦ α (θ + c) − c`, linear in `θ + c`, so it contributes `power · (θ + c)²`. A
+  `BatchNormShift` term contributes `−γ_k²`; its action on the
   shift `β` is affine in `γ` (not symmetric), so the charge of such a channel is conserved
   only when its running mean vanishes.
 - `MonomialScaleFactor` (products and powers, ties): direction `z_j` scales class `c` by
@@ -86,7 +88,7 @@ def _rescaling(f: RescalingFactor | MonomialScaleFactor, s: State, n: int | None
     q = torch.zeros(n + 1, dtype=dtype)  # slot n collects entries not scaled by f
     for term in f.terms:
         if isinstance(term, Scale):
-            p = s[term.param]
+            p = term.value(s[term.param])  # an offset gain's charge: `(w + c)²`
             idx = term.index.expand_as(p).reshape(-1)
             q = q.index_add(0, idx, term.power * p.reshape(-1) ** 2)
         elif isinstance(term, BatchNormShift):

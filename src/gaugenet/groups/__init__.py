@@ -19,6 +19,7 @@ from ._matrix import GLFactor as GLFactor
 from ._matrix import MatTerm as MatTerm
 from ._matrix import random_gl as random_gl
 from ._monomial import MonomialScaleFactor as MonomialScaleFactor
+from ._offset_scale import OffsetScale as OffsetScale
 from ._orthogonal import OrthogonalFactor as OrthogonalFactor
 from ._permutation import PermTerm as PermTerm
 from ._permutation import PermutationFactor as PermutationFactor

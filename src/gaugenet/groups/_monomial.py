@@ -76,7 +76,11 @@ class MonomialScaleFactor(AdditiveFactor):
 def canonical_monomial(f: MonomialScaleFactor, state: dict[str, Tensor]) -> Tensor:
     """The balanced gauge: `z` minimizing the squared norm of the scaled parameters (convex
     in `z`), by Newton's method."""
-    scaled = [(state[t.param].double(), t.index, t.power) for t in f.terms if isinstance(t, Scale)]
+    scaled = [
+        (t.value(state[t.param].double()), t.index, t.power)
+        for t in f.terms
+        if isinstance(t, Scale)
+    ]
     m = f.basis.shape[0]
     basis = f.basis.double()
 

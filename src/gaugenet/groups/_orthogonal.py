@@ -44,6 +44,12 @@ def complement_basis(d: int, dtype: torch.dtype = torch.float64) -> Tensor:
     return h[:, 1:].to(dtype)  # h maps e_0 to 1/√d: its other columns span 1^⊥
 
 
+def _gain(new: State, name: str, offset: float, dtype: torch.dtype) -> Tensor:
+    """The effective gain `state[name] + offset` (the conjugation divides by it)."""
+    g = new[name].to(dtype)
+    return g + offset if offset else g
+
+
 @dataclass(frozen=True)
 class RotateRows:
     """`param ↦ Qᵀ param` along axis 0 (a writer's weight `(d, k)` or bias `(d,)`)."""
@@ -72,10 +78,12 @@ class ConjugatedColumns:
 
     param: str
     gain: str
+    #: the gain is read as `state[gain] + offset` (Gemma's `1 + w`)
+    offset: float = 0.0
 
     def __call__(self, new: State, q: Tensor) -> None:
         p = new[self.param]
-        g = new[self.gain].to(p.dtype)
+        g = _gain(new, self.gain, self.offset, p.dtype)
         new[self.param] = (p * g) @ q.to(p.dtype) / g
 
 
@@ -86,10 +94,12 @@ class ConjugatedRows:
 
     param: str
     gain: str
+    #: the gain is read as `state[gain] + offset` (Gemma's `1 + w`)
+    offset: float = 0.0
 
     def __call__(self, new: State, q: Tensor) -> None:
         p = new[self.param]
-        g = new[self.gain].to(p.dtype)[:, None]
+        g = _gain(new, self.gain, self.offset, p.dtype)[:, None]
         new[self.param] = q.to(p.dtype).T @ (p * g) / g
 
 
@@ -100,10 +110,12 @@ class ConjugatedRow:
 
     param: str
     gain: str
+    #: the gain is read as `state[gain] + offset` (Gemma's `1 + w`)
+    offset: float = 0.0
 
     def __call__(self, new: State, q: Tensor) -> None:
         p = new[self.param]
-        g = new[self.gain].to(p.dtype)
+        g = _gain(new, self.gain, self.offset, p.dtype)
         new[self.param] = (p / g) @ q.to(p.dtype) * g
 
 

@@ -27,6 +27,11 @@ class Scale:
     def __call__(self, new: State, alpha_ext: Tensor) -> None:
         new[self.param] = new[self.param] * alpha_ext[self.index] ** self.power
 
+    def value(self, p: Tensor) -> Tensor:
+        """The entries the scales multiply, from the parameter's value `p`: `p` itself
+        (`OffsetScale`: `p + offset`)."""
+        return p
+
 
 @dataclass(frozen=True)
 class BatchNormShift:

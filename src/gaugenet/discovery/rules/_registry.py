@@ -12,7 +12,19 @@ from typing import Any
 from torch import fx, nn
 
 from ..._errors import GaugeError
-from . import activations, arithmetic, attention, linear, norms, patterns, pooling, recurrent, views
+from . import (
+    activations,
+    arithmetic,
+    attention,
+    linear,
+    norms,
+    offset_gains,
+    patterns,
+    pooling,
+    recurrent,
+    soft_capping,
+    views,
+)
 from ._rule import Rule
 
 __all__ = ["REGISTRY", "RULES", "Registry"]
@@ -28,6 +40,8 @@ RULES: tuple[Rule, ...] = (
     *attention.RULES,
     *recurrent.RULES,
     *patterns.RULES,
+    *offset_gains.RULES,
+    *soft_capping.RULES,
 )
 
 

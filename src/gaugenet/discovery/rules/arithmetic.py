@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from .._labels import FIXED, ZERO, Labels, unique_pairs
+from .._offset_gain import offset_gain
 from .._ops import ADD_OPS, MUL_OPS
 from ._common import Pair, Unsupported, broadcast_channels, fixed, scale_reps
 from ._examples import batch, seeded
@@ -42,7 +43,8 @@ def add(prop: Propagator, n: fx.Node, out: Tensor) -> Pair:
             L.union(x, y)
         L.align(qa, qb, n.name)
         return torch.where(sa != ZERO, sa, sb).clone(), torch.where(qa != ZERO, qa, qb).clone()
-    if (la is not None) and (pb is not None or pa is not None):
+    # `x + b` with `b` a parameter (a parameter plus a number is a constant, below)
+    if (la is not None) and (pb is not None or (pa is not None and lb is not None)):
         (s, p), pname = (la, pb) if pb is not None else (lb, pa)
         return _bias_add(prop, n, s, p, pname, out)
     lab = la if la is not None else lb
@@ -82,6 +84,13 @@ def mul(prop: Propagator, n: fx.Node, out: Tensor) -> Pair:
         gained = _gain(prop, n, la, prop.param_name(b), out)
         if gained is not None:
             return gained
+    if not div:  # `x · (w + c)`: a gain stored with an offset (`_offset_gain.py`)
+        for x, y in ((a, b), (b, a)):
+            og, lx = offset_gain(y, prop.root), prop.lab(x)
+            if og is not None and lx is not None and prop.param_name(x) is None:
+                gained = _gain(prop, n, lx, og.param, out, og.offset)
+                if gained is not None:
+                    return gained
     if (
         la is not None
         and lb is not None
@@ -119,11 +128,14 @@ def mul(prop: Propagator, n: fx.Node, out: Tensor) -> Pair:
     raise Unsupported("product of two tensors that both carry scales")
 
 
-def _gain(prop: Propagator, n: fx.Node, la: Pair, pname: str, out: Tensor) -> Pair | None:
+def _gain(
+    prop: Propagator, n: fx.Node, la: Pair, pname: str, out: Tensor, offset: float = 0.0
+) -> Pair | None:
     """`x * γ` with `γ` a per-feature parameter (as in RMSNorm): `γ` is a source of one
     fresh scale `f` per feature, which its readers take back; the product's exponents are
     `x`'s plus `f` (just `f` where `x` carries no free scale, the usual normalized
-    stream)."""
+    stream). With an `offset` `c`, the gain is `γ + c` (stored as `γ`): it scales the same
+    way, by the `OffsetScale` term `γ ↦ α (γ + c) − c`."""
     L = prop.L
     g = prop.root.get_parameter(pname)
     s, p = la
@@ -132,7 +144,7 @@ def _gain(prop: Propagator, n: fx.Node, la: Pair, pname: str, out: Tensor) -> Pa
     prop.use_param(pname, n.name)
     prop.carrier(n.name, [pname], p.expand(out.shape), axis=-1)
     fresh = L.fresh(g.shape[0], pname.rpartition(".")[0] or pname)
-    L.scale_terms.append((pname, fresh, 1))
+    L.scale_terms.append((pname, fresh, 1, offset) if offset else (pname, fresh, 1))
     pcols = L.per_channel(p.expand(out.shape), -1)
     if all(len(c) == 1 for c in pcols):
         L.links.append((fresh, torch.tensor([int(c[0]) for c in pcols])))

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from .._labels import ZERO
-from .._ops import CASTS, METADATA_OPS, VIEW_FUNCS, VIEW_METHODS
+from .._ops import CASTS, DTYPE_CASTS, METADATA_OPS, VIEW_FUNCS, VIEW_METHODS
 from ._common import Pair, Unsupported, fixed
 from ._examples import batch, seeded
 from ._rule import Example, Rule
@@ -153,6 +153,17 @@ class _Shaped(nn.Module):
         return self.out(h.transpose(1, 2).reshape(x.size(0), -1))
 
 
+class _TypeAs(nn.Module):
+    """A hidden layer cast to its input's dtype (`h.type_as(x)`, as Gemma's RMSNorm ends)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.out = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(torch.relu(self.a(x)).type_as(x))
+
+
 class _Cast(nn.Module):
     """A cast and a copy between two layers; `torch.fx` fails on the shape check, so the
     model is captured by `torch.export` (casts and copies as aten operations)."""
@@ -237,6 +248,20 @@ RULES = (
         passthrough,
         (Example(lambda: (seeded(_Cast), batch(64, 3)), 4, "one scale per hidden unit: 4"),),
         functions=tuple(CASTS),
+    ),
+    Rule(
+        "cast to another tensor's dtype",
+        "views",
+        passthrough,
+        (
+            Example(
+                lambda: (seeded(_TypeAs), batch(64, 3)),
+                4,
+                "one scale per hidden unit (the dtype's tensor is not read): 4",
+            ),
+        ),
+        functions=tuple(DTYPE_CASTS),
+        methods=("type_as",),
     ),
     Rule(
         "shape queries",
