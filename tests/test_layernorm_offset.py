@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import gaugenet
+from gaugenet.discovery import INTERNAL_ERROR
 from gaugenet.discovery._offset import offset_factor
 from gaugenet.groups import GaugeGroup, LayerNormOffsetFactor, model_state
 from gaugenet.groups._offset import OffsetSlot
@@ -245,3 +246,36 @@ def test_bad_elements_refused() -> None:
     with pytest.raises(gaugenet.GaugeError):
         group.act(model, {f.name: torch.full((D,), -1.0, dtype=torch.float64)})
 
+
+class Attention(nn.Module):
+    """`LN(x)` as query, key and value of a bias-free `nn.MultiheadAttention`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(4)
+        self.att = nn.MultiheadAttention(4, 2, bias=False, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.ln(x)
+        return self.att(y, y, y, need_weights=False)[0]
+
+
+def test_packed_attention_keys_left_alone(gen) -> None:
+    """Query and value rows turn; the key rows stay (a constant on every key changes no
+    softmax), where the kernel `1/γ` lives: 4 scales + 4 kernel rows + 4 offsets + 2 × 8
+    head GLs, complete, and no factor dropped by the self-check."""
+    torch.manual_seed(0)
+    model = Attention().double().eval()
+    with torch.no_grad():
+        model.ln.weight.copy_(torch.rand(4, dtype=torch.float64) + 0.5)
+        model.ln.bias.copy_(torch.randn(4, dtype=torch.float64))
+    x = torch.randn(40, 5, 4, dtype=torch.float64)
+    group = gaugenet.symmetries(model, x)
+    assert not [b for b in group.breakers if b.reason.startswith(INTERNAL_ERROR)]
+    f = _offset(group)
+    rows = [(s.start, s.stop, s.mode) for s in f.offset.slots]
+    assert rows == [(0, 4, "right"), (8, 12, "right")]
+    assert group.dim == 4 + 4 + 4 + 16
+    assert gaugenet.certify(model, x, group=group).verdict == "complete"
+    moved = group.act(model, group.sample(gen, scale=1.0))
+    assert gaugenet.invariance_error(model, moved, x) < 1e-12
