@@ -279,3 +279,32 @@ def test_packed_attention_keys_left_alone(gen) -> None:
     assert gaugenet.certify(model, x, group=group).verdict == "complete"
     moved = group.act(model, group.sample(gen, scale=1.0))
     assert gaugenet.invariance_error(model, moved, x) < 1e-12
+
+
+class Softmax(nn.Module):
+    """A bias-free reader whose outputs a softmax reads: what it adds along `1` is free
+    (`W += 1 aᵀ`, a centering), which does not commute with the offset."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(D)
+        self.lin = nn.Linear(D, 6, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.lin(self.ln(x)), dim=-1)
+
+
+def test_left_out_where_its_composition_is_not_declared() -> None:
+    """The centering of the reader's rows and the offset do not commute (the centering's
+    `a` would move by `diag(γ)⁻¹ gᵀ diag(γ)`, which no declaration expresses): the centering
+    is kept, the offset left out, and certify reports its `d` directions as missing."""
+    torch.manual_seed(0)
+    model = Softmax().double().eval()
+    with torch.no_grad():
+        model.ln.weight.copy_(torch.rand(D, dtype=torch.float64) + 0.5)
+        model.ln.bias.copy_(torch.randn(D, dtype=torch.float64))
+    x = torch.randn(300, D, dtype=torch.float64)
+    group = gaugenet.symmetries(model, x)
+    assert [f.name for f in group.factors] == ["scale:ln:out", "center:lin"]
+    report = gaugenet.certify(model, x, group=group)
+    assert report.verdict == "incomplete" and report.unexplained == D and not report.wrong

@@ -175,7 +175,7 @@ def _link_one(f: CenteredOutputFactor, factors: list) -> CenteredOutputFactor | 
         if not hasattr(g, "terms"):
             return None
         for t in g.terms:
-            if getattr(t, "param", None) == s.bias:
+            if s.bias is not None and getattr(t, "param", None) == s.bias:
                 return None
             if getattr(t, "param", None) != s.weight or not hasattr(t, "power"):
                 continue
