@@ -10,16 +10,17 @@ freely, and the factor is not offered.
 
 Conditions (anything else: no factor, and `certify` reports the gap):
 
-- every user of the LayerNorm's output, looked through as for the kernel (eval-mode
-  dropouts, casts, token picks), is a linear map reading all `d` features, or a packed
-  `nn.MultiheadAttention` input projection; a residual sum or any other operation reads `y`
-  itself, which the offset changes;
-- `Σ β / γ` is not negligible (`|Σ β/γ| > 1e-6 Σ |β/γ|`): where it vanishes, the orbit of
-  `β / γ` degenerates (the tangents reduce to the kernel's), and `γ` is well conditioned
-  (as for the kernel); values are needed, so none is offered on the meta device;
+- every use of the LayerNorm's output, looked through eval-mode dropouts, identities,
+  casts, reshapes that keep the `d` features last and picks of tokens, is a linear map
+  reading all `d` features, or a packed `nn.MultiheadAttention` input projection; a residual
+  sum or any other operation reads `y` itself, which the offset changes;
+- `Σ β / γ` is not negligible (`|Σ β/γ| > 1e-6 Σ |β/γ|`): where it vanishes, `β / γ` no
+  longer moves and the tangents reduce to row changes along `1/γ`, and `γ` is well
+  conditioned (as for the kernel); values are needed, so none is offered on the meta device;
 - rows that feed softmax keys are left alone (a constant on every key changes no softmax),
   the same rows the kernel settles: a reader without a bias by the key rows measured on
-  the attention (`settle_offsets`), a biased one where the key bias is left uncompensated;
+  the attention (`settle_offsets`), a biased one where the key bias is left uncompensated,
+  and the key rows of an `nn.MultiheadAttention`;
 - every other factor that touches the LayerNorm or its readers commutes with the offset, or
   is a rotation of the stream, declared in `moved_by` (`link_offsets`): rescalings of the
   readers' rows and of `γ, β` with the readers' columns, matrix factors and permutations on
