@@ -47,7 +47,7 @@ from ._ops import graph_users
 from ._score_maps import SCORE_MAPS
 from ._shifts import AbsorbedShiftFactor, IntoLinears
 
-__all__ = ["attention_from_graph", "drop_key_compensation"]
+__all__ = ["attention_from_graph", "drop_key_compensation", "key_bias_rows"]
 
 aten = torch.ops.aten
 _SDPA = {F.scaled_dot_product_attention, aten.scaled_dot_product_attention.default}
@@ -509,11 +509,7 @@ def drop_key_compensation(
     a pending kernel slot is kept only inside key rows, a shift only if every pending
     reader is a key projection; anything else is dropped."""
     rows = dict(key_rows or {})
-    keys: dict[str, list[tuple[int, int]]] = {}
-    for f in factors:
-        if isinstance(f, KeyShiftFactor) and isinstance(f.terms[0], Shift):
-            t = f.terms[0]  # a shift of whole key heads (not of their unrotated part)
-            keys.setdefault(t.param, []).append((t.offset, t.offset + f.dim))
+    keys = key_bias_rows(factors)
     out = []
     for f in factors:
         terms = getattr(f, "terms", ())
@@ -534,6 +530,17 @@ def drop_key_compensation(
             continue
         out.append(f)
     return out
+
+
+def key_bias_rows(factors: list) -> dict[str, list[tuple[int, int]]]:
+    """Per key bias, the entries that a key shift moves (whole key heads, not their
+    unrotated part): a LayerNorm's shift or kernel leaves them uncompensated."""
+    keys: dict[str, list[tuple[int, int]]] = {}
+    for f in factors:
+        if isinstance(f, KeyShiftFactor) and isinstance(f.terms[0], Shift):
+            t = f.terms[0]
+            keys.setdefault(t.param, []).append((t.offset, t.offset + f.dim))
+    return keys
 
 
 def _settle_shift(

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from ..groups import AffineFactor, GLFactor, PermutationFactor, TranslationFactor
 from ..groups._algebra import AlgebraFactor, block_moves, unrepeated
 from ..groups._base import AbstractFactor, State
+from ..groups._offset import LayerNormOffsetFactor
 from ..groups._orthogonal import OrthogonalFactor
 from ._linear import Linear
 from ._monomials import unscaled_index
@@ -174,7 +175,7 @@ def _link_one(f: CenteredOutputFactor, factors: list) -> CenteredOutputFactor | 
         if not hasattr(g, "terms"):
             return None
         for t in g.terms:
-            if getattr(t, "param", None) == s.bias:
+            if s.bias is not None and getattr(t, "param", None) == s.bias:
                 return None
             if getattr(t, "param", None) != s.weight or not hasattr(t, "power"):
                 continue
@@ -210,12 +211,15 @@ def _conjugate(p: PermutationFactor, centered: list[CenteredOutputFactor]) -> Pe
 
 def _bias_moved(f: AbstractFactor, factors: list) -> bool:
     """A `CenteredBiasFactor` whose biases another (non-shift) factor transforms: `t 1`
-    would not stay along `1`, so the factor is dropped."""
+    would not stay along `1`, so the factor is dropped. A LayerNorm offset only subtracts
+    from the biases it touches, which keeps `t 1` (whether the two commute is settled by
+    `link_offsets`, which drops the offset where the shift reads what it moves)."""
     if not isinstance(f, CenteredBiasFactor):
         return False
     mine = set(f.params())
     return any(
-        not isinstance(g, (TranslationFactor, PermutationFactor)) and mine & set(g.params())
+        not isinstance(g, (TranslationFactor, PermutationFactor, LayerNormOffsetFactor))
+        and mine & set(g.params())
         for g in factors
     )
 

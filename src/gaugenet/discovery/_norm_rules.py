@@ -151,9 +151,18 @@ class NormRules:
                 # Keys need no bias compensation: `W_k += a uᵀ` adds the same vector
                 # `a Σ β/γ` to every key, which softmax ignores; leaving `b_k` alone keeps
                 # the factor commuting with the query-key GL and the LayerNorm shift.
+                # Without a bias, the query and value rows add `a Σ β/γ` that nothing takes
+                # back: pending, as a bias-free `nn.Linear` (kept only inside key rows).
                 b = f"{t}.in_proj_bias" if mod.in_proj_bias is not None else None
+                pending = b is None and ln.bias is not None
                 slots += [
-                    ReaderSlot(f"{t}.in_proj_weight", None if i == 1 else b, i * E, (i + 1) * E)
+                    ReaderSlot(
+                        f"{t}.in_proj_weight",
+                        None if i == 1 else b,
+                        i * E,
+                        (i + 1) * E,
+                        pending=pending and i != 1,
+                    )
                     for i, a in enumerate(u.args[:3])
                     if a is via
                 ]

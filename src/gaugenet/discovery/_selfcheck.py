@@ -43,6 +43,7 @@ from .._invariance import _flat_outputs, cast_floats
 from ..groups import AbstractFactor, Breaker, GaugeGroup, PermutationFactor, TranslationFactor
 from ..groups._base import State
 from ..groups._group import model_state
+from ..groups._offset import LayerNormOffsetFactor
 from ._float64 import keep_float64
 from ._inputs import Call
 
@@ -233,6 +234,8 @@ def _prune(factors: Sequence[AbstractFactor], dropped: set[str]) -> list[Abstrac
                 scaled_by=tuple(c for c in f.scaled_by if c[0] not in dropped),
                 moved_by=tuple(c for c in f.moved_by if c[0] not in dropped),
             )
+        elif isinstance(f, LayerNormOffsetFactor) and any(c[0] in dropped for c in f.moved_by):
+            f = dataclasses.replace(f, moved_by=tuple(c for c in f.moved_by if c[0] not in dropped))
         out.append(f)
     return out
 

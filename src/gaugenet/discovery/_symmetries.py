@@ -12,7 +12,7 @@ from torch import nn
 
 from .._errors import GaugeError, UnsupportedModelError
 from ..groups import Breaker, GaugeGroup, bind_to_model
-from ._attention import attention_from_graph, drop_key_compensation
+from ._attention import attention_from_graph, drop_key_compensation, key_bias_rows
 from ._build import build_factors
 from ._capture import export_graph
 from ._centering import link_centered, without_summed_ones
@@ -23,6 +23,7 @@ from ._inputs import Call, as_call, find_inputs, without_cache
 from ._kernel import link_kernels
 from ._linear_streams import StreamShiftFactor, fix_stream_labels, linear_streams, stream_factors
 from ._meta import is_meta, meta_call, unchecked
+from ._offset import link_offsets, settle_offsets
 from ._propagate import Propagator
 from ._score_shift import score_bias_shifts
 from ._selfcheck import self_check
@@ -182,11 +183,13 @@ def _discover(model: nn.Module, call: Call, rows: bool = True) -> GaugeGroup:
     )
     factors = summed_bias_factors(gm, model, prop.values, factors, shifted)
     factors = drop_key_compensation(factors + attn, model, keys)
+    factors = settle_offsets(factors, keys, key_bias_rows(factors))
     factors += score_bias_shifts(gm, model, prop.values)
     factors = with_rotations(factors, stream_rotations(gm, model, prop.values))
     breakers += attn_breakers
     f2, b2 = _atom_factors(model)
     factors = link_centered(without_summed_ones(link_kernels(factors + f2)))
+    factors = link_offsets(factors, model)
     factors = with_free(factors, unread, model)
     b2 += unanalyzed_breakers(model)
     return GaugeGroup(tuple(factors), tuple(dict.fromkeys(breakers + b2)), names)

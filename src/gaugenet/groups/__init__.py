@@ -1,5 +1,5 @@
 """Gauge groups: factors (rescaling, GL and its subalgebras, affine, orthogonal, translation,
-free entries, permutation) and their product."""
+LayerNorm offset, free entries, permutation) and their product."""
 
 from . import _algebra_canonical as _algebra_canonical  # registers its canonicalizer
 from ._algebra import AlgebraFactor as AlgebraFactor
@@ -19,6 +19,7 @@ from ._matrix import GLFactor as GLFactor
 from ._matrix import MatTerm as MatTerm
 from ._matrix import random_gl as random_gl
 from ._monomial import MonomialScaleFactor as MonomialScaleFactor
+from ._offset import LayerNormOffsetFactor as LayerNormOffsetFactor
 from ._offset_scale import OffsetScale as OffsetScale
 from ._orthogonal import OrthogonalFactor as OrthogonalFactor
 from ._permutation import PermTerm as PermTerm

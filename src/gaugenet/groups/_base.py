@@ -39,8 +39,9 @@ class AbstractFactor(abc.ABC):
     """One factor of a gauge group.
 
     - `name`: unique within its group, e.g. `"conv1"` or `"layers.0.attn.qk"`.
-    - `kind`: `"rescaling"`, `"gl"`, `"affine"`, `"translation"`, `"free"` (entries no
-      output reads) or `"permutation"`.
+    - `kind`: `"rescaling"`, `"gl"`, `"affine"`, `"orthogonal"`, `"translation"`,
+      `"offset"` (a LayerNorm's `I + c 1ᵀ`), `"free"` (entries no output reads) or
+      `"permutation"`.
     - `dim`: dimension of the factor's Lie algebra (0 for discrete factors).
     - `modules`: the names of the modules whose parameters it changes.
     """

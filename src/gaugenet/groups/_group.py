@@ -49,6 +49,17 @@ def load_state(model: nn.Module, state: Mapping[str, Tensor]) -> None:
             target.copy_(value)
 
 
+def _acts_last(f: AbstractFactor) -> bool:
+    """Translations, and factors that say so (`acts_last`), act after the matrix factors."""
+    return isinstance(f, TranslationFactor) or bool(getattr(f, "acts_last", False))
+
+
+def _declares(f: AbstractFactor) -> bool:
+    """`f` acts last and declares factors it does not commute with (`scaled_by`,
+    `moved_by`): the group moves it past them when composing and inverting."""
+    return _acts_last(f) and bool(getattr(f, "scaled_by", ()) or getattr(f, "moved_by", ()))
+
+
 @dataclass(eq=False)
 class GaugeGroup:
     """The gauge group of a model.
@@ -101,10 +112,11 @@ class GaugeGroup:
 
     @property
     def continuous(self) -> list[AbstractFactor]:
-        """Continuous factors in the order they act: rescalings first."""
+        """Continuous factors in the order they act: rescalings first, translations (and
+        other factors that act last, a LayerNorm offset) last."""
         cont = [f for f in self.factors if not f.discrete]
         first = [f for f in cont if isinstance(f, RescalingFactor)]
-        last = [f for f in cont if isinstance(f, TranslationFactor)]
+        last = [f for f in cont if _acts_last(f)]
         return first + [f for f in cont if f not in first and f not in last] + last
 
     @property
@@ -178,8 +190,8 @@ class GaugeGroup:
         h_cont = self._conjugate({f.name: h[f.name] for f in self.continuous}, perms_g)
         out = {f.name: f.compose(g[f.name], h_cont[f.name]) for f in self.continuous}
         for f in self.continuous:  # a shift of g moved past the rescalings of h is rescaled
-            if isinstance(f, TranslationFactor) and (f.scaled_by or f.moved_by):
-                out[f.name] = self._rescale_shift(f, g[f.name], h_cont) + h_cont[f.name]
+            if _declares(f):
+                out[f.name] = f.compose(self._rescale_shift(f, g[f.name], h_cont), h_cont[f.name])
         out.update({f.name: f.compose(g[f.name], h[f.name]) for f in self.discrete})
         return {f.name: out[f.name] for f in self.factors}
 
@@ -190,15 +202,15 @@ class GaugeGroup:
         perms_inv = {f.name: f.inverse(g[f.name]) for f in self.discrete}
         cont_inv = {f.name: f.inverse(g[f.name]) for f in self.continuous}
         for f in self.continuous:
-            if isinstance(f, TranslationFactor) and (f.scaled_by or f.moved_by):
-                cont_inv[f.name] = self._rescale_shift(f, -g[f.name], cont_inv)
+            if _declares(f):
+                cont_inv[f.name] = self._rescale_shift(f, cont_inv[f.name], cont_inv)
         out = self._conjugate(cont_inv, perms_inv)
         out.update(perms_inv)
         return {f.name: out[f.name] for f in self.factors}
 
     def _rescale_shift(
         self,
-        f: TranslationFactor,
+        f: AbstractFactor,
         v: Tensor,
         scales: Mapping[str, Tensor],
         *,
@@ -207,13 +219,13 @@ class GaugeGroup:
     ) -> Tensor:
         """The shift `v'` with `shift(v) ∘ others == others ∘ shift(v')` (read as actions,
         left first), for the rescalings (`scaled`) and matrix factors (`moved`) in `scales`."""
-        for name, m, *power in f.scaled_by if scaled else ():
+        for name, m, *power in getattr(f, "scaled_by", ()) if scaled else ():
             a = scales[name]
             if isinstance(self._by_name.get(name), MonomialScaleFactor):
                 a = self._by_name[name].scales(a)  # its element is `z`, `α = exp(B z)`
             ext = torch.cat([a, torch.ones(1, dtype=a.dtype)])
             v = v * ext[m].to(v.dtype) ** (power[0] if power else 1)
-        for name, mode, *where in f.moved_by if moved else ():
+        for name, mode, *where in getattr(f, "moved_by", ()) if moved else ():
             g = scales[name]
             if g.ndim == 2:  # an orthogonal factor's element: one block
                 g = g.unsqueeze(0)

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from .._labels import ZERO
+from .._offset import layernorm_offset
 from .._shifts import AbsorbedShiftFactor, GroupShiftFactor, IntoBatchNorm, RemovedByNorm
 from ._common import Pair, broadcast_channels, scale_reps
 from ._examples import batch, seeded
@@ -97,6 +98,7 @@ def layernorm(prop: Propagator, n: fx.Node, out: Tensor) -> Pair:
     _, (s, p) = prop.first(n)
     prop.layernorm_shift(n, m)
     prop.layernorm_kernel(n, m)
+    layernorm_offset(prop, n, m)
     prop.centered_inputs(n, m)
     prop.embedding_sum(n)
     return _layernorm(prop, str(n.target), m, s, p, out)

@@ -17,6 +17,7 @@ from .._free_entries import with_free
 from .._kernel import kernel_factor
 from .._linear_streams import linear_streams
 from .._norm_rules import NormRules
+from .._offset import layernorm_offset
 from .._shifts import layernorm_shift
 from .._stream import stream_rotations
 from .._summed_biases import summed_bias_factors
@@ -38,6 +39,14 @@ def _bottleneck() -> tuple[nn.Module, Any]:
 
 def _ln_reader() -> tuple[nn.Module, Any]:
     return seeded(lambda: nn.Sequential(nn.LayerNorm(4), nn.Linear(4, 3))), batch(64, 4)
+
+
+def _ln_bias_free_reader() -> tuple[nn.Module, Any]:
+    model = seeded(lambda: nn.Sequential(nn.LayerNorm(4), nn.Linear(4, 3, bias=False)))
+    with torch.no_grad():  # `Σ β/γ ≠ 0` (at `β = 0` the offset's orbit degenerates)
+        model[0].weight.copy_(torch.tensor([1.2, 0.7, 1.5, 0.9]))
+        model[0].bias.copy_(torch.tensor([0.5, -0.2, 0.3, 0.1]))
+    return model, batch(64, 4)
 
 
 def _ln_after_linear() -> tuple[nn.Module, Any]:
@@ -203,6 +212,20 @@ RULES = (
         None,
         (Example(_ln_reader, 11, "as for the LayerNorm shift: 4 + 4 + 3"),),
         where=_where(kernel_factor, f"from `{NormRules.__qualname__}.layernorm_kernel`"),
+    ),
+    Rule(
+        "layernorm offset",
+        "patterns",
+        None,
+        (
+            Example(
+                _ln_bias_free_reader,
+                8,
+                "γ, β scaled per feature against the reader's columns (4), the offsets "
+                "I + c 1ᵀ turning the bias-free reader's rows while β/γ moves by their inverse (4)",
+            ),
+        ),
+        where=_where(layernorm_offset, "from the LayerNorm rule"),
     ),
     Rule(
         "centering",
