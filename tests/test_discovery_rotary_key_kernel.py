@@ -77,8 +77,11 @@ def test_kernel_holds_the_unrotated_key_rows(gptj) -> None:
 def test_kernel_composes_with_the_commutant_and_permutations(gptj) -> None:
     """Random elements of the whole group (query-key commutant, head permutations,
     kernel): acting twice equals acting by the composition, the inverse undoes it; without
-    its declared query-key move the kernel composes wrongly."""
+    its declared query-key move the kernel composes wrongly. The LayerNorm's offset group
+    (bias-free q, v and the rotated key rows turn; the unrotated key rows are left to the
+    kernel) is part of the element."""
     model, ids, group = gptj
+    assert group.factor("ln_offset:h.0.ln_1").dim == 8
     gen = torch.Generator().manual_seed(3)
     g, h = group.sample(gen, scale=0.4), group.sample(gen, scale=0.4)
     with keep_float64():

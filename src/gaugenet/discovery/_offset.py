@@ -273,15 +273,6 @@ def _params(term: Any) -> tuple[str, ...]:
     return tuple(p for p in out if isinstance(p, str))
 
 
-def _inside(lo: int, hi: int, s_ranges: list[tuple[int, int]]) -> None:
-    """Rows `[lo, hi)` lie inside one slot or outside all (else `_Drop`)."""
-    if any(a <= lo and hi <= b for a, b in s_ranges):
-        return
-    if all(hi <= a or b <= lo for a, b in s_ranges):
-        return
-    raise _Drop
-
-
 def _check_rows(f: Any, t: OffsetTerm, shapes: dict[str, tuple[int, ...]]) -> None:
     """Matrix factors (`GL`, subalgebras, affine) act on the readers' rows only."""
     ln = {f"{t.ln}.weight", f"{t.ln}.bias"}
@@ -312,8 +303,42 @@ def _check_rows(f: Any, t: OffsetTerm, shapes: dict[str, tuple[int, ...]]) -> No
         if inner.axis != axis:
             raise _Drop
         stride = getattr(inner, "stride", 1)
-        end = inner.offset + ((f.b * times - 1) * stride + 1) * f.d
-        _inside(inner.offset, end, [(s.start, s.stop) for s in weights or biases])
+        _blocks_keep(
+            f, inner.offset, f.b * times, stride, [(s.start, s.stop) for s in weights or biases]
+        )
+
+
+def _held(ranges: list[tuple[int, int]], rows: torch.Tensor) -> torch.Tensor:
+    """Which of `rows` (any shape) lie in one of `ranges`."""
+    out = torch.zeros(rows.shape, dtype=torch.bool)
+    for a, b in ranges:
+        out |= (rows >= a) & (rows < b)
+    return out
+
+
+def _blocks_keep(
+    f: Any, offset: int, blocks: int, stride: int, ranges: list[tuple[int, int]]
+) -> None:
+    """The `d × d` blocks of `f` (from row `offset`, `stride·d` apart) map the rows the
+    slots hold to themselves: each block's rows all held, none held, or (an algebra whose
+    basis keeps the held coordinates and the others apart, as the query-key commutant under
+    partial rotary keeps the unrotated and the rotated ones) split compatibly; else
+    `_Drop`."""
+    d = f.d
+    basis = getattr(f, "basis", None) if isinstance(f, AlgebraFactor) else None
+    for k in range(blocks):
+        mask = _held(ranges, offset + k * stride * d + torch.arange(d))
+        if bool(mask.all()) or not bool(mask.any()):
+            continue
+        if basis is None:
+            raise _Drop
+        keep, rest = mask.nonzero().reshape(-1), (~mask).nonzero().reshape(-1)
+        tol = 1e-12 * max(1.0, float(basis.abs().max()))
+        if (
+            float(basis[:, keep][:, :, rest].abs().max()) > tol
+            or float(basis[:, rest][:, :, keep].abs().max()) > tol
+        ):
+            raise _Drop
 
 
 def _check_perm(f: PermutationFactor, t: OffsetTerm) -> None:
@@ -329,8 +354,10 @@ def _check_perm(f: PermutationFactor, t: OffsetTerm) -> None:
         axis = weights[0].out_axis if weights else 0
         if term.axis != axis:
             raise _Drop
-        e = term.entries.reshape(-1)
-        _inside(int(e.min()), int(e.max()) + 1, [(s.start, s.stop) for s in weights or biases])
+        # the held rows go to held rows: the same pattern in every item
+        mask = _held([(s.start, s.stop) for s in weights or biases], term.entries)
+        if not bool((mask == mask[:1]).all()):
+            raise _Drop
 
 
 def _rotation(f: OrthogonalFactor, t: OffsetTerm) -> tuple:
