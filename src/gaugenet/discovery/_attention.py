@@ -2,9 +2,10 @@
 
 An attention core is either `scaled_dot_product_attention(Q, K, V, ...)` or a `matmul` of
 queries and transposed keys whose scores (scaled, masked) go through a softmax over keys
-into a second `matmul` with the values. From there, each of `Q`, `K`, `V` is traced back to
-the one `nn.Linear` that produces it, and the output forward to the `nn.Linear` that reads
-it; nothing is matched by name.
+into a second `matmul` with the values; the heads may be folded into the batch, as in
+`baddbmm(bias, Q, Kᵀ)` over `(batch·heads, tokens, dim)` (`_attention_folded.py`). From
+there, each of `Q`, `K`, `V` is traced back to the one `nn.Linear` that produces it, and
+the output forward to the `nn.Linear` that reads it; nothing is matched by name.
 
 What lies between a projection and the core (head reshapes, transposes, rotary embeddings,
 a query scaling, the repetition of key-value heads) is measured, not assumed: the map from
@@ -41,9 +42,15 @@ from ..groups import Breaker, MatTerm, PermTerm, PermutationFactor
 from ..groups._algebra import AlgebraFactor, Repeat, commutant_basis
 from ..groups._free import FreeRows
 from ..groups._translation import Shift
+from ._attention_folded import (
+    folds_leading,
+    head_varying,
+    scores_product,
+    untranspose_last,
+)
 from ._attention_trace import Linear, Proj, Skip, trace_input, trace_output
 from ._kernel import MeanKernel, ReaderSlot
-from ._ops import graph_users
+from ._ops import graph_users, passes_input
 from ._score_maps import SCORE_MAPS
 from ._shifts import AbsorbedShiftFactor, IntoLinears
 
@@ -129,7 +136,7 @@ def _cores(gm: fx.GraphModule, values: dict[fx.Node, Any]) -> list[_Core]:
             gqa = bool(n.kwargs.get("enable_gqa", False))
             out.append(_Core(q, k, v, n, gqa, (mask,) if isinstance(mask, fx.Node) else ()))
         elif n.target in _SOFTMAX and _softmax_last(n, values):
-            core = _manual_core(n)
+            core = _manual_core(n, values, gm)
             if core is not None:
                 out.append(core)
     return out
@@ -142,21 +149,25 @@ def _softmax_last(n: fx.Node, values: dict[fx.Node, Any]) -> bool:
     return dim == -1 or (isinstance(dim, int) and isinstance(x, Tensor) and dim == x.ndim - 1)
 
 
-def _manual_core(sm: fx.Node) -> _Core | None:
-    # back from the softmax to the scores matmul
+def _manual_core(sm: fx.Node, values: dict, root: nn.Module) -> _Core | None:
+    # back from the softmax to the scores product; heads folded into the batch are viewed
+    # as `(batch, heads)` and back on the way (`_attention_folded.py`)
     s = sm.args[0]
     added, chain = [], []
-    while isinstance(s, fx.Node) and (_score_op(s) or _score_map(s)):
-        chain.append(s)
-        added += [a for a in s.args[1:] if isinstance(a, fx.Node)]
+    while isinstance(s, fx.Node) and (_score_op(s) or _score_map(s) or folds_leading(s, values)):
+        if not folds_leading(s, values):
+            chain.append(s)
+            added += [a for a in s.args[1:] if isinstance(a, fx.Node)]
         s = s.args[0]
-    if not (isinstance(s, fx.Node) and s.target in _MATMUL):
+    product = scores_product(s)
+    if product is None:
         return None
+    q, kt, bias = product
+    added += bias
     # nonlinear in the scores: a map of them, or an operation whose other operand is
     # computed from them too (`s * s`)
     mapped = [c.name for c in chain if _score_map(c) or any(_reads(a, s) for a in c.args[1:])]
-    q, kt = s.args[:2]
-    k = _untranspose(kt)
+    k = _untranspose(kt) or untranspose_last(kt, values)
     if k is None:
         return None
     # forward from the softmax to the values matmul
@@ -165,7 +176,10 @@ def _manual_core(sm: fx.Node) -> _Core | None:
         (u,) = graph_users(p)
         if u.target in _MATMUL and u.args[0] is p:
             return _Core(q, k, u.args[1], u, added=tuple(added), mapped=tuple(mapped))
-        if u.op == "call_function" and u.target in _PROB_OPS:
+        if (u.op == "call_function" and u.target in _PROB_OPS) or folds_leading(u, values):
+            p = u
+            continue
+        if passes_input(u, root):  # dropout in eval mode
             p = u
             continue
         return None
@@ -222,14 +236,15 @@ def _core_factors(
     """The factors of one core, the projections they cover, the key projection and, under
     score maps that differ between tokens (rotary), the ranges of its key rows on which a
     constant moves every query's scores by one number (`_constant_key_coords`)."""
-    qv = values[core.q]
-    if not isinstance(qv, Tensor) or qv.ndim != 4:
-        raise Skip("queries are not (batch, heads, tokens, dim)")
-    pq = trace_input(core.q, root, values)
-    pk = trace_input(core.k, root, values)
-    pv = trace_input(core.v, root, values)
-    po, o_off = trace_output(core.out, root, values)
+    ends = [values[n] for n in (core.q, core.k, core.v, core.out)]
+    folded = _folded(ends)
+    pq = trace_input(core.q, root, values, folded=folded)
+    pk = trace_input(core.k, root, values, folded=folded)
+    pv = trace_input(core.v, root, values, folded=folded)
     H, T, dh = pq.maps.shape[0], pq.maps.shape[1], pq.maps.shape[-1]
+    if folded and not pk.maps.shape[0] == pv.maps.shape[0] == H:
+        raise Skip("queries, keys and values fold different numbers of heads")
+    po, o_off = trace_output(core.out, root, values, heads=H if folded else 0)
     dv = pv.maps.shape[-1]
     if not torch.equal(pq.source_head, torch.arange(H)):
         raise Skip("query heads are not the projection's blocks in order")
@@ -290,7 +305,7 @@ def _core_factors(
             modules=modules,
             key_shift=not core.mapped,
         )
-        if _per_head_scores(core, values, H):
+        if _per_head_scores(core, values, H, folded):
             # a position bias that differs between heads: permuting heads would need it too
             fs = [f for f in fs if not isinstance(f, HeadPermFactor)]
         return fs, covered, pk, []
@@ -314,7 +329,7 @@ def _core_factors(
     shifts += _key_shift(name, pk, sel, hkv, qk, modules)
     perms = []
     plain_or_single = rep == 1 or all(p.stride == 1 for p in (pq, pk, pv))
-    if plain_or_single and not _per_head_scores(core, values, H):
+    if plain_or_single and not _per_head_scores(core, values, H, folded):
         perms = _group_permutations(
             name, pq, pk, pv, po, o_off, hkv, rep, (qk, vo), modules, shifts
         )
@@ -472,15 +487,23 @@ def _group_permutations(
     return out
 
 
-def _per_head_scores(core: _Core, values: dict, heads: int) -> bool:
-    """Something added to the scores differs between heads (a relative position bias, ALiBi)."""
-    for a in core.added:
-        v = values.get(a)
-        # scores are (batch, heads, queries, keys): the heads axis is the third from the end
-        per_head = isinstance(v, Tensor) and v.ndim >= 3 and v.shape[-3] == heads > 1
-        if per_head and not bool((v == v.narrow(-3, 0, 1)).all()):
-            return True
-    return False
+def _folded(ends: list) -> bool:
+    """Queries, keys, values and output are `(batch·heads, tokens, dim)` (heads folded into
+    the batch, `_attention_folded.py`) rather than `(batch, heads, tokens, dim)`."""
+    q = ends[0]
+    if isinstance(q, Tensor) and q.ndim == 4:
+        return False
+    if all(isinstance(v, Tensor) and v.ndim == 3 for v in ends):
+        return True
+    raise Skip("queries are not (batch, heads, tokens, dim) nor (batch·heads, tokens, dim)")
+
+
+def _per_head_scores(core: _Core, values: dict, heads: int, folded: bool = False) -> bool:
+    """Something added to the scores differs between heads (a relative position bias, ALiBi);
+    scores are `(batch, heads, queries, keys)`, or `(batch·heads, queries, keys)` when
+    `folded`."""
+    rows = int(values[core.q].shape[0]) if folded else 0
+    return any(head_varying(values.get(a), heads, rows) for a in core.added)
 
 
 def _common_prefix(names: list[str]) -> str:

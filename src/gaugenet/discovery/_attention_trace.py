@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 
+from ._attention_folded import fold_batch
 from ._linear import Linear, as_linear, param_name
 from ._ops import METADATA_OPS, graph_users
 
@@ -72,9 +73,11 @@ def _evaluate(nodes: list[fx.Node], root: nn.Module, values: dict, stop: fx.Node
     return last
 
 
-def _probe(nodes, root, values, stop: fx.Node, target: fx.Node) -> Tensor:
+def _probe(nodes, root, values, stop: fx.Node, target: fx.Node, batch: int = 0) -> Tensor:
     """Responses of `target` to each basis vector of `stop`'s last axis, set at every token:
-    `(features, *target.shape)`. Checks linearity and locality on a random input."""
+    `(features, *target.shape)`, with `target`'s leading axis unfolded into `(batch, -1)`
+    when `batch` is given (heads folded into the batch). Checks linearity and locality on a
+    random input."""
     z0 = values[stop]
     feats = z0.shape[-1]
     eye = torch.eye(feats, dtype=z0.dtype)
@@ -84,7 +87,7 @@ def _probe(nodes, root, values, stop: fx.Node, target: fx.Node) -> Tensor:
         out = _evaluate(nodes, root, values, stop, z)
         if not isinstance(out, Tensor):
             raise Skip("the path to the attention does not give one tensor")
-        return out
+        return out.unflatten(0, (batch, -1)) if batch else out
 
     try:
         resp = torch.vmap(f)(basis.contiguous())
@@ -155,11 +158,15 @@ def _linear_source(node: fx.Node, root: nn.Module) -> Linear:
     return next(iter(found.values()))
 
 
-def trace_input(node: fx.Node, root: nn.Module, values: dict) -> Proj:
-    """The projection producing the core input `node`, with its per-head maps."""
+def trace_input(node: fx.Node, root: nn.Module, values: dict, folded: bool = False) -> Proj:
+    """The projection producing the core input `node`, with its per-head maps. `folded`:
+    `node` is `(batch·heads, tokens, dh)`, batch major (`_attention_folded.py`)."""
     lin = _linear_source(node, root)
     nodes = _ancestors_to(node, lin.node)
-    resp = _probe(nodes, root, values, lin.node, node)  # (F, B, H, T, dh)
+    batch = fold_batch(values[lin.node], values[node]) if folded else 0
+    if folded and not batch:
+        raise Skip("the heads folded into the batch do not match the projection's batch")
+    resp = _probe(nodes, root, values, lin.node, node, batch)  # (F, B, H, T, dh)
     B, H, T, dh = resp.shape[1:]
     r = resp[:, 0]  # (F, H, T, dh)
     if B > 1 and not torch.allclose(resp[:, -1], r):
@@ -187,9 +194,12 @@ def trace_input(node: fx.Node, root: nn.Module, values: dict) -> Proj:
     return Proj(lin, offset, maps, rel // stride, stride)
 
 
-def trace_output(core: fx.Node, root: nn.Module, values: dict) -> tuple[Linear, int]:
+def trace_output(
+    core: fx.Node, root: nn.Module, values: dict, heads: int = 0
+) -> tuple[Linear, int]:
     """The linear map reading the core's output (through reshapes only), and its input
-    offset; the core's head `h`, entry `j` must land on input `offset + h·dv + j`."""
+    offset; the core's head `h`, entry `j` must land on input `offset + h·dv + j`. `heads`:
+    the core's output is `(batch·heads, tokens, dv)`, batch major, with that many heads."""
     chain = [core]
     n = core
     while True:
@@ -208,12 +218,16 @@ def trace_output(core: fx.Node, root: nn.Module, values: dict) -> tuple[Linear, 
         chain.append(u)
         n = u
     out = values[core]
+    if heads and out.ndim == 3 and out.shape[0] % heads == 0:
+        out = out.unflatten(0, (-1, heads))
     if out.ndim != 4:
         raise Skip("attention output is not (batch, heads, tokens, dim)")
     B, H, T, dv = out.shape
     nodes = chain[1:]
     eye = torch.eye(H * dv, dtype=out.dtype).reshape(H * dv, 1, H, 1, dv)
     basis = eye.expand(H * dv, B, H, T, dv).contiguous()
+    if heads:  # as the core gives it: `(batch·heads, tokens, dv)`
+        basis = basis.flatten(1, 2)
 
     def f(o: Tensor) -> Tensor:
         return _evaluate(nodes, root, values, core, o) if nodes else o
