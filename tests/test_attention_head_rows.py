@@ -182,3 +182,50 @@ def test_head_permutation_moves_the_listed_rows(setup) -> None:
         o = wrong.get_parameter("out.weight")
         o.copy_(torch.cat([o[:, 4:], o[:, :4]], 1))
     assert gaugenet.invariance_error(model, wrong, x) > 1e-3
+
+
+class GroupedPacked(nn.Module):
+    """Grouped-query attention with each key-value group's rows packed together,
+    `[q_0 | q_1 | k | v]` per group: the query heads are spread (rows 0, 1 / 2, 3 / 8, 9 /
+    10, 11), the keys and values evenly strided."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(E, 2 * 4 * 2)  # 2 groups of 2 query heads, head size 2
+        self.out = nn.Linear(8, E)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        z = self.qkv(x).view(b, t, 2, 4, 2)
+        q = z[:, :, :, :2].reshape(b, t, 4, 2).transpose(1, 2)
+        k = z[:, :, :, 2].transpose(1, 2).repeat_interleave(2, 1)
+        v = z[:, :, :, 3].transpose(1, 2).repeat_interleave(2, 1)
+        o = F.scaled_dot_product_attention(q, k, v)
+        return self.out(o.transpose(1, 2).reshape(b, t, -1))
+
+
+def test_grouped_heads_packed_per_group() -> None:
+    """Query-key `GL(2)` per group (8), value-output (8), value shift (4), key shift (4):
+    complete; the group and head permutations move the packed rows."""
+    torch.manual_seed(0)
+    model = GroupedPacked().double()
+    x = torch.randn(32, 5, E, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    group = gaugenet.symmetries(model, x)
+    assert not [b for b in group.breakers if b.reason.startswith(INTERNAL_ERROR)]
+    perm = _factor(group, ".kv_groups")
+    assert perm.terms[0].entries.tolist() == [[0, 1, 2, 3], [8, 9, 10, 11]]
+    assert _factor(group, ".heads[1]").terms[0].entries.tolist() == [[8, 9], [10, 11]]
+    for seed in range(3):
+        g = group.sample(torch.Generator().manual_seed(seed))
+        with keep_float64():
+            assert gaugenet.invariance_error(model, group.act(model, g), x) < 1e-10
+    report = gaugenet.certify(model, x, group=group, method="exact")
+    assert report.unexplained == 0 and report.exact, report
+    assert report.symmetry_dim == report.n_params - report.functional_dimension == 24
+    # negative: swapping query heads of different groups (rows 2, 3 and 8, 9) is no symmetry
+    wrong = copy.deepcopy(model)
+    with torch.no_grad():
+        w, o = wrong.qkv.weight, wrong.out.weight
+        w[[2, 3, 8, 9]], o[:, [2, 3, 4, 5]] = w[[8, 9, 2, 3]].clone(), o[:, [4, 5, 2, 3]].clone()
+        wrong.qkv.bias[[2, 3, 8, 9]] = wrong.qkv.bias[[8, 9, 2, 3]].clone()
+    assert gaugenet.invariance_error(model, wrong, x) > 1e-3
