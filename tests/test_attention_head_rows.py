@@ -28,11 +28,11 @@ class PartitionedAttention(nn.Module):
     (`LOCAL` rows each); the heads are cut from the partitions' queries (values, keys) put
     back to back, so head `h` reads rows of two partitions."""
 
-    def __init__(self) -> None:
+    def __init__(self, out_bias: bool = False) -> None:
         super().__init__()
         self.ln = nn.LayerNorm(E)
         self.qkv = nn.Linear(E, 3 * E)
-        self.out = nn.Linear(E, E, bias=False)
+        self.out = nn.Linear(E, E, bias=out_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
@@ -53,16 +53,20 @@ def _rows(part: int) -> torch.Tensor:
     return ((i // LOCAL) * 3 * LOCAL + part * LOCAL + i % LOCAL).reshape(H, DH)
 
 
-@pytest.fixture(scope="module")
-def setup():
+def _setup(out_bias: bool = False):
     torch.manual_seed(0)
-    model = PartitionedAttention().double().eval()
+    model = PartitionedAttention(out_bias).double().eval()
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in model.parameters():  # LayerNorm and biases away from their initial values
             p.add_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
     x = torch.randn(16, 5, E, generator=gen, dtype=torch.float64)
     return model, x, gaugenet.symmetries(model, x)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    return _setup()
 
 
 def _factor(group, suffix: str):
@@ -229,3 +233,24 @@ def test_grouped_heads_packed_per_group() -> None:
         w[[2, 3, 8, 9]], o[:, [2, 3, 4, 5]] = w[[8, 9, 2, 3]].clone(), o[:, [4, 5, 2, 3]].clone()
         wrong.qkv.bias[[2, 3, 8, 9]] = wrong.qkv.bias[[8, 9, 2, 3]].clone()
     assert gaugenet.invariance_error(model, wrong, x) > 1e-3
+
+
+def test_value_shift_on_the_listed_rows() -> None:
+    """With an output bias, the value-bias shift (8) moves the spread value rows and the
+    output bias takes it back: complete (120); negative: the same shift on the query rows."""
+    model, x, group = _setup(out_bias=True)
+    shift = _factor(group, ".value_shift")
+    assert shift.dim == 8
+    state = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert torch.equal(shift.terms[0].entries(state, 8), state["qkv.bias"][_rows(1).reshape(-1)])
+    u = torch.linspace(-1.0, 2.0, 8, dtype=torch.float64)
+    with keep_float64():
+        assert gaugenet.invariance_error(model, group.act(model, {shift.name: u}), x) < 1e-10
+    wrong = copy.deepcopy(model)
+    with torch.no_grad():
+        wrong.qkv.bias[_rows(0).reshape(-1)] += u
+        wrong.out.bias -= wrong.out.weight @ u
+    assert gaugenet.invariance_error(model, wrong, x) > 1e-3
+    report = gaugenet.certify(model, x, group=group, method="exact")
+    assert report.unexplained == 0 and report.exact, report
+    assert report.symmetry_dim == report.n_params - report.functional_dimension == 112 + 8

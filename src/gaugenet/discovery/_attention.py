@@ -366,8 +366,9 @@ def _value_shift(
     leaves each head's output shifted by `u` (by its key-value head's `u` under grouped
     queries), which the output bias takes back (`b_o ↦ b_o − W_o u`). Needs both biases and
     values read as they are projected (checked by the caller)."""
-    if pv.lin.bias is None or po.bias is None or not pv.regular:
+    if pv.lin.bias is None or po.bias is None:
         return []
+    listed = None if pv.regular else tuple(pv.block_rows()[:hkv].reshape(-1).tolist())
     dv = pv.maps.shape[-1]
     term = ValueBiasShift(
         pv.lin.bias,
@@ -378,7 +379,8 @@ def _value_shift(
         po.bias,
         repeat=rep,
         block=dv,
-        stride=pv.stride,
+        stride=pv.stride or 1,
+        rows=listed,
     )
     return [
         ValueShiftFactor(
