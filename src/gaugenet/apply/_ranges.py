@@ -58,7 +58,7 @@ def _mat_ranges(
         .reshape(p.shape[t.axis], -1)
         .amax(1)
     )
-    return a[t.offset : t.offset + b * d]
+    return a[t.index(b, d).reshape(-1)]  # blocks strided or on listed rows too
 
 
 def factor_ranges(

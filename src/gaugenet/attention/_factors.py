@@ -122,9 +122,16 @@ class ValueBiasShift:
     #: value blocks (`block` entries each) stored `stride · block` apart in `param` (heads
     #: packed as `[q, k, v]` per head, as GPT-NeoX's `query_key_value`)
     stride: int = 1
+    #: the value-bias entries listed, in element order (heads spread over a projection
+    #: split into partitions, as CodeGen's); `offset` and `stride` then unused
+    rows: tuple[int, ...] | None = None
 
     def _index(self, n: int) -> Tensor:
         """The entries of `param` the `n` shift entries land on, in element order."""
+        if self.rows is not None:
+            if len(self.rows) != n:
+                raise ValueError(f"value shift on {self.param}: {len(self.rows)} rows for {n}")
+            return torch.tensor(self.rows, dtype=torch.long)
         if self.stride == 1:
             return torch.arange(self.offset, self.offset + n)
         step = self.stride * self.block
@@ -139,11 +146,8 @@ class ValueBiasShift:
         p = new[self.param]
         n = u.shape[0]
         u = u.to(p.dtype)
-        if self.stride != 1:
-            heads = n // self.block
-            step = self.stride * self.block
-            idx = self.offset + torch.arange(heads)[:, None] * step + torch.arange(self.block)
-            new[self.param] = p.index_add(0, idx.reshape(-1), u)
+        if self.stride != 1 or self.rows is not None:
+            new[self.param] = p.index_add(0, self._index(n), u)
         else:
             new[self.param] = torch.cat(
                 [p[: self.offset], p[self.offset : self.offset + n] + u, p[self.offset + n :]]

@@ -11,7 +11,8 @@ What lies between a projection and the core (head reshapes, transposes, rotary e
 a query scaling, the repetition of key-value heads) is measured, not assumed: the map from
 the projection's output to the core's input is probed with basis vectors (it must be linear
 and act token by token, which is checked on a random input). Per head and token it is a
-`(head_dim, head_dim)` matrix `M_t` on the head's block of projection outputs. The scores
+`(head_dim, head_dim)` matrix `M_t` on the projection outputs the head reads (one block, or
+rows spread over the projection, as CodeGen's model-parallel partitions). The scores
 read `z_qᵀ M_tᵀ N_s z_k`, so `W_q ↦ Gᵀ W_q`, `W_k ↦ G⁻¹ W_k` is a symmetry exactly when `G`
 commutes with every `P_ts = M_tᵀ N_s`: all of `GL(head_dim)` when they are multiples of the
 identity, a scaling-rotation per rotated plane (plus `GL` on the unrotated part) under
@@ -116,7 +117,7 @@ def attention_from_graph(
         # when the map to the core is the same at every token (not under rotary), and the
         # softmax removes it only when no nonlinear map of the scores comes first
         same = torch.allclose(pk.maps, pk.maps[:, :1].expand_as(pk.maps))
-        if pk.stride == 1 and same and not core.mapped:
+        if pk.regular and pk.stride == 1 and same and not core.mapped:
             width = pk.maps.shape[0] * pk.maps.shape[-1]
             keys.setdefault(pk.lin.weight, []).append((pk.offset, pk.offset + width))
         else:  # under rotary: the coordinates every score map treats alike (unrotated)
@@ -278,7 +279,7 @@ def _core_factors(
     P = P.reshape(H * T * T, dh, dh)
     basis = commutant_basis(P)
     axes = {p.lin.out_axis for p in (pq, pk, pv)} | {po.in_axis ^ 1}
-    plain = all(p.stride == 1 for p in (pq, pk, pv))
+    plain = all(p.regular and p.stride == 1 for p in (pq, pk, pv))
     if basis is None and hkv == H and len(axes) == 1 and plain:
 
         def slot(p: Proj) -> Slot:
@@ -312,9 +313,11 @@ def _core_factors(
     name = prefix or pq.name
 
     def terms(p: Proj, mode: str, times: int = 1) -> list:
-        out = [MatTerm(p.lin.weight, p.lin.out_axis, p.offset, mode, p.stride)]
+        # listed rows where the heads are not evenly spaced blocks (CodeGen's partitions)
+        where = {} if p.regular else {"rows": tuple(p.block_rows().reshape(-1).tolist())}
+        out = [MatTerm(p.lin.weight, p.lin.out_axis, p.offset, mode, p.stride or 1, **where)]
         if p.lin.bias is not None:
-            out.append(MatTerm(p.lin.bias, 0, p.offset, mode, p.stride))
+            out.append(MatTerm(p.lin.bias, 0, p.offset, mode, p.stride or 1, **where))
         return [Repeat(t, times) if times > 1 else t for t in out]
 
     # query-key: per key-value group, in the commutant of the score maps
@@ -328,8 +331,7 @@ def _core_factors(
     sel = None if core.mapped else _constant_key_coords(P.reshape(H, T, T, dh, dh))
     shifts += _key_shift(name, pk, sel, hkv, qk, modules)
     perms = []
-    plain_or_single = rep == 1 or all(p.stride == 1 for p in (pq, pk, pv))
-    if plain_or_single and not _per_head_scores(core, values, H, folded):
+    if not _per_head_scores(core, values, H, folded):
         perms = _group_permutations(
             name, pq, pk, pv, po, o_off, hkv, rep, (qk, vo), modules, shifts
         )
@@ -340,15 +342,12 @@ def _key_row_ranges(pk: Proj, sel: Tensor | None, hkv: int) -> list[tuple[int, i
     """The rows `sel` of each of the `hkv` key heads of `pk`, as contiguous ranges."""
     if sel is None:
         return []
-    dh = pk.maps.shape[-1]
     out: list[tuple[int, int]] = []
-    for h in range(hkv):
-        for j in sel.tolist():
-            r = pk.offset + h * pk.stride * dh + j
-            if out and out[-1][1] == r:
-                out[-1] = (out[-1][0], r + 1)
-            else:
-                out.append((r, r + 1))
+    for r in pk.block_rows()[:hkv, sel].reshape(-1).tolist():
+        if out and out[-1][1] == r:
+            out[-1] = (out[-1][0], r + 1)
+        else:
+            out.append((r, r + 1))
     return out
 
 
@@ -384,6 +383,7 @@ def _value_shift(
     values read as they are projected (checked by the caller)."""
     if pv.lin.bias is None or po.bias is None:
         return []
+    listed = None if pv.regular else tuple(pv.block_rows()[:hkv].reshape(-1).tolist())
     dv = pv.maps.shape[-1]
     term = ValueBiasShift(
         pv.lin.bias,
@@ -394,7 +394,8 @@ def _value_shift(
         po.bias,
         repeat=rep,
         block=dv,
-        stride=pv.stride,
+        stride=pv.stride or 1,
+        rows=listed,
     )
     return [
         ValueShiftFactor(
@@ -416,9 +417,8 @@ def _key_shift(
     the `sel` rows and columns of `G_k⁻¹` (`moved_by`)."""
     if pk.lin.bias is None or sel is None:
         return []
-    dh, m = pk.maps.shape[-1], int(sel.numel())
-    starts = pk.offset + torch.arange(hkv) * pk.stride * dh
-    rows = (starts[:, None] + sel[None, :]).reshape(-1)
+    m = int(sel.numel())
+    rows = pk.block_rows()[:hkv, sel].reshape(-1)
     return [
         KeyShiftFactor(
             f"{name}.key_shift",
@@ -445,25 +445,19 @@ def _group_permutations(
 ) -> list[PermutationFactor]:
     """Permutations of the key-value groups (each with its query heads), and of the query
     heads within each group (they share the group's key and value)."""
-    dh, dv = pq.maps.shape[-1], pv.maps.shape[-1]
+    dv = pv.maps.shape[-1]
 
-    def blocks(
-        weight: str, bias: str | None, axis: int, off: int, size: int, stride: int = 1
-    ) -> list[PermTerm]:
-        # group g's block of `size` entries starts at `off + g·stride·size` (strided: heads
-        # packed with the other projections, as GPT-NeoX's query-key-value rows)
-        idx = off + (torch.arange(hkv) * stride * size)[:, None] + torch.arange(size)[None, :]
-        out = [PermTerm(weight, axis, idx)]
-        if bias is not None:
-            out.append(PermTerm(bias, 0, idx))
+    def blocks(p: Proj) -> list[PermTerm]:
+        # group g's entries: the rows of its heads (strided: heads packed with the other
+        # projections, as GPT-NeoX's query-key-value rows; or spread, as CodeGen's)
+        idx = p.block_rows()[: hkv * (rep if p is pq else 1)].reshape(hkv, -1)
+        out = [PermTerm(p.lin.weight, p.lin.out_axis, idx)]
+        if p.lin.bias is not None:
+            out.append(PermTerm(p.lin.bias, 0, idx))
         return out
 
-    terms = [
-        *blocks(pq.lin.weight, pq.lin.bias, pq.lin.out_axis, pq.offset, rep * dh, pq.stride),
-        *blocks(pk.lin.weight, pk.lin.bias, pk.lin.out_axis, pk.offset, dh, pk.stride),
-        *blocks(pv.lin.weight, pv.lin.bias, pv.lin.out_axis, pv.offset, dv, pv.stride),
-        *blocks(po.weight, None, po.in_axis, o_off, rep * dv),
-    ]
+    o_idx = o_off + torch.arange(hkv * rep * dv).reshape(hkv, rep * dv)
+    terms = [*blocks(pq), *blocks(pk), *blocks(pv), PermTerm(po.weight, po.in_axis, o_idx)]
     conj = tuple((m.name, torch.arange(hkv)) for m in matrices)
     conj += tuple((f.name, torch.arange(f.dim).reshape(hkv, -1)) for f in shifts)
     out = [
@@ -474,9 +468,8 @@ def _group_permutations(
     if rep == 1:
         return out
     for g in range(hkv):
-        q0, o0 = pq.offset + g * rep * dh, o_off + g * rep * dv
-        qi = q0 + torch.arange(rep * dh).reshape(rep, dh)
-        oi = o0 + torch.arange(rep * dv).reshape(rep, dv)
+        qi = pq.block_rows()[g * rep : (g + 1) * rep]
+        oi = o_off + g * rep * dv + torch.arange(rep * dv).reshape(rep, dv)
         heads = [PermTerm(pq.lin.weight, pq.lin.out_axis, qi)]
         if pq.lin.bias is not None:
             heads.append(PermTerm(pq.lin.bias, 0, qi))

@@ -4,8 +4,10 @@ in between (see `_attention.py`).
 From a core input the graph is walked back to the one linear map producing it (`nn.Linear`,
 or `addmm`/`mm` on parameters, as GPT-2's Conv1D); the nodes in between are evaluated on
 basis vectors (vmapped) with every other input at its recorded value, and the result must
-be linear and token by token (checked on a random input). The core's output must reach the
-projection reading it as a plain reshape.
+be linear and token by token (checked on a random input). Each head reads `head_dim` rows of
+the projection: one block, blocks evenly spaced (other projections packed between), or rows
+listed one by one (a fused projection split into partitions). The core's output must reach
+the projection reading it as a plain reshape.
 """
 
 from __future__ import annotations
@@ -121,17 +123,39 @@ def _combine(resp: Tensor, z: Tensor) -> Tensor | None:
 @dataclass(frozen=True)
 class Proj:
     """A projection traced to a core input: its Linear, the feature offset of head 0, and the
-    per-head, per-token maps `M` (`(heads, tokens, dh, dh)`) onto the core's head vectors."""
+    per-head, per-token maps `M` (`(heads, tokens, dh, dh)`) onto the core's head vectors,
+    their input columns being the projection rows `rows[h]` (`(heads, dh)`, ascending)."""
 
     lin: Linear
     offset: int
     maps: Tensor
     source_head: Tensor  # (heads,) the projection's head block feeding each core head
-    stride: int = 1  # head blocks `stride` blocks apart (other projections packed between)
+    #: head blocks `stride` blocks apart (other projections packed between); 0: the heads'
+    #: rows are not evenly spaced blocks (only `rows` describes them)
+    stride: int = 1
+    rows: Tensor | None = None  # (heads, dh) the projection rows each core head reads
 
     @property
     def name(self) -> str:
         return self.lin.name
+
+    @property
+    def regular(self) -> bool:
+        """Every source head is one block of rows at `offset + k·stride·dh`."""
+        return self.stride > 0
+
+    def block_rows(self) -> Tensor:
+        """`(blocks, dh)`: the rows of each source head, in `source_head` order."""
+        dh = self.maps.shape[-1]
+        if self.rows is None:
+            starts = self.offset + torch.arange(int(self.source_head.max()) + 1) * self.stride * dh
+            return starts[:, None] + torch.arange(dh)[None, :]
+        first = [int((self.source_head == k).nonzero()[0]) for k in range(self.blocks)]
+        return self.rows[first]
+
+    @property
+    def blocks(self) -> int:
+        return int(self.source_head.max()) + 1
 
 
 def _linear_source(node: fx.Node, root: nn.Module) -> Linear:
@@ -172,26 +196,40 @@ def trace_input(node: fx.Node, root: nn.Module, values: dict, folded: bool = Fal
     if B > 1 and not torch.allclose(resp[:, -1], r):
         raise Skip("the projection's map to the heads depends on the batch entry")
     used = r.abs().amax(dim=(2, 3)) > 0  # (F, H)
-    starts = []
+    rows = []
     for h in range(H):
         idx = used[:, h].nonzero().flatten()
-        if len(idx) != dh or int(idx[-1] - idx[0]) != dh - 1:
-            raise Skip("a head does not read one contiguous block of the projection")
-        starts.append(int(idx[0]))
-    st = torch.tensor(starts)
-    if any(s % dh for s in starts):
-        raise Skip("head blocks are not aligned to the head size")
-    blocks = st // dh
-    offset = int(blocks.min()) * dh
-    rel = blocks - int(blocks.min())
-    used_blocks = sorted(set(rel.tolist()))
-    stride = used_blocks[1] - used_blocks[0] if len(used_blocks) > 1 else 1
-    if used_blocks != [i * stride for i in range(len(used_blocks))]:
-        raise Skip("the heads' blocks are not evenly spaced in the projection")
+        if len(idx) != dh:
+            raise Skip("a head does not read as many projection rows as its size")
+        rows.append(idx)
+    rows_t = torch.stack(rows)  # (H, dh), ascending
     maps = torch.stack(
-        [r[starts[h] : starts[h] + dh, h].permute(1, 2, 0) for h in range(H)]
+        [r[rows_t[h], h].permute(1, 2, 0) for h in range(H)]
     )  # (H, T, dh_out, dh_in)
-    return Proj(lin, offset, maps, rel // stride, stride)
+    return _layout(lin, maps, rows_t)
+
+
+def _layout(lin: Linear, maps: Tensor, rows: Tensor) -> Proj:
+    """The `Proj` of heads reading `rows` (`(H, dh)`): the source head of each core head
+    (heads reading the same rows share one, as repeated key-value heads), numbered in the
+    order of their first rows, and whether they are evenly spaced blocks (`offset`,
+    `stride`) or only described by `rows` (`stride = 0`)."""
+    H, dh = rows.shape
+    firsts, source = torch.unique(rows[:, 0], return_inverse=True)
+    for h in range(H):
+        k = int(source[h])
+        if not torch.equal(rows[h], rows[int((source == k).nonzero()[0])]):
+            raise Skip("two heads read overlapping but different projection rows")
+    blocks = rows[(source[:, None] == torch.arange(len(firsts))[None, :]).float().argmax(0)]
+    if len(set(blocks.reshape(-1).tolist())) != blocks.numel():
+        raise Skip("two heads read overlapping but different projection rows")
+    offset = int(firsts[0])
+    contiguous = bool((rows == rows[:, :1] + torch.arange(dh)[None, :]).all())
+    starts = firsts - offset
+    stride = int(starts[1]) // dh if len(starts) > 1 else 1
+    even = contiguous and offset % dh == 0 and stride > 0
+    even = even and torch.equal(starts, torch.arange(len(starts)) * stride * dh)
+    return Proj(lin, offset, maps, source, stride if even else 0, rows)
 
 
 def trace_output(

@@ -167,8 +167,8 @@ def _link_one(f: CenteredOutputFactor, factors: list) -> CenteredOutputFactor | 
                 if t.param == s.bias:
                     return None
                 if t.param == s.weight:
-                    if t.axis != s.in_axis:
-                        return None
+                    if t.axis != s.in_axis or getattr(t, "rows", None) is not None:
+                        return None  # explicit head columns: not followed here
                     stride = getattr(t, "stride", 1)  # heads interleaved with other columns
                     moved += block_moves(g.name, t.mode, t.offset, g.d, times, stride)
             continue

@@ -237,6 +237,12 @@ def _link_one(k: LayerNormKernelFactor, factors: list) -> LayerNormKernelFactor 
                     continue
                 if t.axis != mine[0][0].out_axis:
                     return None
+                if getattr(t, "rows", None) is not None:  # heads on listed rows
+                    listed = _listed_moves(f, t, times, mine)
+                    if listed is None:
+                        return None
+                    moved += listed
+                    continue
                 end = t.offset + ((f.b * times - 1) * stride + 1) * f.d
                 inside = [(s, off) for s, off in mine if s.start <= t.offset and end <= s.stop]
                 if not inside:
@@ -308,6 +314,45 @@ def _piece_move(
     ):
         return None
     return (f.name, t.mode, firsts[0], step, keep)
+
+
+def _listed_moves(
+    f: AbstractFactor, t: object, times: int, mine: list[tuple[ReaderSlot, int]]
+) -> list[tuple] | None:
+    """The `moved_by` declarations for the matrix term `t` whose blocks sit on listed rows
+    (`MatTerm.rows`): the kernel element's entries of each block's rows, one declaration
+    per repetition (`times`). Every block holds the same coordinates `sel` in the slots;
+    when only some (a key projection under rotary: the unrotated part of each head), the
+    factor's algebra must map `span(sel)` and its complement to themselves. `[]` when no
+    slot holds the rows; `None` when the blocks hold different coordinates or the algebra
+    mixes held and unheld ones."""
+    d = f.d
+    index = t.index(f.b * times, d)  # (b·times, d)
+    pos = torch.full((int(index.max()) + 1,), -1, dtype=torch.long)
+    for s, off in mine:
+        lo, hi = min(s.start, pos.numel()), min(s.stop, pos.numel())
+        if lo < hi:
+            pos[lo:hi] = torch.arange(off, off + hi - lo)
+    at = pos[index]  # (b·times, d) entries in the kernel's element, -1: not held
+    held = at >= 0
+    if not bool(held.any()):
+        return []
+    if not bool((held == held[:1]).all()):
+        return None
+    keep = held[0].nonzero().reshape(-1)
+    if int(keep.numel()) == d:
+        return [(f.name, t.mode, at[r::times]) for r in range(times)]
+    basis = getattr(f, "basis", None)
+    if not isinstance(f, AlgebraFactor) or basis is None:
+        return None  # all of gl(d) mixes every coordinate
+    rest = (~held[0]).nonzero().reshape(-1)
+    tol = 1e-12 * max(1.0, float(basis.abs().max()))
+    if (
+        float(basis[:, keep][:, :, rest].abs().max()) > tol
+        or float(basis[:, rest][:, :, keep].abs().max()) > tol
+    ):
+        return None
+    return [(f.name, t.mode, at[r::times][:, keep], None, keep) for r in range(times)]
 
 
 def _conjugate(p: PermutationFactor, kernels: list[LayerNormKernelFactor]) -> PermutationFactor:

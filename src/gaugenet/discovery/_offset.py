@@ -302,10 +302,8 @@ def _check_rows(f: Any, t: OffsetTerm, shapes: dict[str, tuple[int, ...]]) -> No
         axis = weights[0].out_axis if weights else 0
         if inner.axis != axis:
             raise _Drop
-        stride = getattr(inner, "stride", 1)
-        _blocks_keep(
-            f, inner.offset, f.b * times, stride, [(s.start, s.stop) for s in weights or biases]
-        )
+        held = [(s.start, s.stop) for s in weights or biases]
+        _blocks_keep(f, inner.index(f.b * times, f.d), held)
 
 
 def _held(ranges: list[tuple[int, int]], rows: torch.Tensor) -> torch.Tensor:
@@ -316,18 +314,15 @@ def _held(ranges: list[tuple[int, int]], rows: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _blocks_keep(
-    f: Any, offset: int, blocks: int, stride: int, ranges: list[tuple[int, int]]
-) -> None:
-    """The `d × d` blocks of `f` (from row `offset`, `stride·d` apart) map the rows the
+def _blocks_keep(f: Any, index: torch.Tensor, ranges: list[tuple[int, int]]) -> None:
+    """The `d × d` blocks of `f` (on the rows `index`, `(blocks, d)`) map the rows the
     slots hold to themselves: each block's rows all held, none held, or (an algebra whose
     basis keeps the held coordinates and the others apart, as the query-key commutant under
     partial rotary keeps the unrotated and the rotated ones) split compatibly; else
     `_Drop`."""
-    d = f.d
     basis = getattr(f, "basis", None) if isinstance(f, AlgebraFactor) else None
-    for k in range(blocks):
-        mask = _held(ranges, offset + k * stride * d + torch.arange(d))
+    for rows in index:
+        mask = _held(ranges, rows)
         if bool(mask.all()) or not bool(mask.any()):
             continue
         if basis is None:

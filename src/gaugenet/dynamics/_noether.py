@@ -111,9 +111,7 @@ def _algebra(f: AlgebraFactor, s: State) -> Tensor:
     for term in f.terms:
         t, times = (term.term, term.times) if isinstance(term, Repeat) else (term, 1)
         p = s[t.param].movedim(t.axis, 0)
-        stride = t.stride
-        starts = t.offset + torch.arange(f.b * times) * stride * f.d
-        idx = (starts[:, None] + torch.arange(f.d)[None, :]).reshape(-1)
+        idx = t.index(f.b * times, f.d).reshape(-1)
         W = p[idx].reshape(f.b, times, f.d, -1)
         sign = 1.0 if t.mode in ("G", "T") else -1.0
         q = q + sign * (W @ W.transpose(-1, -2)).sum(1)

@@ -73,8 +73,7 @@ def algebra_blocks(basis: Tensor | None, d: int) -> list[tuple[str, list[int]]]:
 def _blocks(term: MatTerm, state: State, j: int, d: int) -> Tensor:
     """Block `j` of `term`'s parameter `(d, rest)` (float64)."""
     p = state[term.param].detach().double().movedim(term.axis, 0)
-    start = term.offset + j * term.stride * d
-    return p[start : start + d].reshape(d, -1)
+    return p[term.index(j + 1, d)[j]].reshape(d, -1)
 
 
 def _sides(f: AlgebraFactor, state: State) -> tuple[list[Tensor], list[Tensor], bool] | None:

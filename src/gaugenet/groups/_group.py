@@ -235,8 +235,11 @@ class GaugeGroup:
                 mat = mat[:, sel][:, :, sel]
             b, d = mat.shape[0], mat.shape[-1]
             o = where[0] if where else 0
-            step = where[1] if len(where) > 1 else d  # blocks `step` apart (repeated heads)
-            idx = o + step * torch.arange(b)[:, None] + torch.arange(d)[None, :]
+            if isinstance(o, Tensor):  # explicit entries of every block: `(b, d)`
+                idx = o
+            else:
+                step = where[1] if len(where) > 1 else d  # blocks `step` apart (repeated heads)
+                idx = o + step * torch.arange(b)[:, None] + torch.arange(d)[None, :]
             moved = (mat @ v[idx].unsqueeze(-1)).squeeze(-1)
             v = v.clone()
             v[idx] = moved

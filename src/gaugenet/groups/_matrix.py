@@ -72,14 +72,28 @@ class MatTerm:
     #: block `k` starts at `offset + k·stride·d` (other blocks packed in between, as
     #: GPT-NeoX's per-head query-key-value layout); 1: consecutive blocks
     stride: int = 1
+    #: explicit entries, block after block (`b·d` indices along `axis`; `offset` and
+    #: `stride` then unused): heads whose entries are not one block each, as a fused
+    #: projection split into model-parallel partitions (CodeGen's)
+    rows: tuple[int, ...] | None = None
+
+    def index(self, b: int, d: int) -> Tensor:
+        """The entries along `axis` of the first `b` blocks of size `d`: `(b, d)` long."""
+        if self.rows is not None:
+            if len(self.rows) < b * d or len(self.rows) % d:
+                raise ValueError(f"MatTerm on {self.param}: {len(self.rows)} rows for {b}×{d}")
+            return torch.tensor(self.rows, dtype=torch.long).reshape(-1, d)[:b]
+        starts = self.offset + torch.arange(b) * self.stride * d
+        return starts[:, None] + torch.arange(d)[None, :]
 
     def __call__(self, new: State, g: Tensor) -> None:
         b, d = g.shape[0], g.shape[-1]
         p = new[self.param].movedim(self.axis, 0)
         m = _mode_matrix(g.to(p.dtype), self.mode)
-        if self.stride != 1:
-            starts = self.offset + torch.arange(b) * self.stride * d
-            idx = (starts[:, None] + torch.arange(d)[None, :]).reshape(-1)
+        if self.rows is not None and len(self.rows) != b * d:
+            raise ValueError(f"MatTerm on {self.param}: {len(self.rows)} rows for {b}×{d}")
+        if self.stride != 1 or self.rows is not None:
+            idx = self.index(b, d).reshape(-1)
             out = p.clone()
             out[idx] = (m @ p[idx].reshape(b, d, -1)).reshape(b * d, *p.shape[1:])
             new[self.param] = out.movedim(0, self.axis)

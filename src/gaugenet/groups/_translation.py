@@ -74,8 +74,11 @@ class TranslationFactor(AdditiveFactor):
     group, is one declaration per repetition), and a fifth, `sel`: the shift holds only the
     coordinates `sel` (`(m,)` long) of each block, which the element maps to themselves (the
     unrotated part of rotary heads): block `k` moves by the `sel` rows and columns of
-    `M(g_k)`, its `m` entries `step` apart. An `OrthogonalFactor`'s element `(d, d)` is
-    one block; mode `"Tc"` moves a shift written in coordinates of `1^⊥` (`Bᵀ Qᵀ B`).
+    `M(g_k)`, its `m` entries `step` apart. The `offset` may instead be a `(b, d)` (or
+    `(b, m)` with `sel`) long tensor: the entries of every block, listed (the `step` is
+    then unused, `None`), for heads whose rows are not evenly spaced blocks. An
+    `OrthogonalFactor`'s element `(d, d)` is one block; mode `"Tc"` moves a shift written
+    in coordinates of `1^⊥` (`Bᵀ Qᵀ B`).
     """
 
     n: int = 0
