@@ -3,23 +3,25 @@ redundancy?"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from .._errors import GaugeError
+from ..discovery._float64 import keep_float64
 from ..groups import GaugeGroup
 from ._causes import layernorm_causes, lookup_causes, relu_causes, tied_causes
 from ._checks import FactorChecks, check_act, check_tangents, flat_tangent, sparse_jvp
 from ._davidson import lanczos_max, power_max
 from ._functional_dimension import check_outputs, rank_of
 from ._gap import locate_gap
-from ._jacobian import as_tuple, first_samples, flat_model, jacobian_of
+from ._jacobian import as_tuple, first_samples, flat_model, flatten_out, jacobian_of
 from ._keywords import positional
 from ._matrix_free import gauss_newton, linear_jvp, matrix_free_certificate
 from ._memory import Sizes, activation_bytes, estimates
@@ -191,21 +193,88 @@ def certify(
             group = symmetries(model, inputs)
     # keyword inputs (a dict, as `symmetries` takes): the model as a function of them in order
     model, inputs = positional(model, inputs)
-    if params is not None:
-        if method not in ("auto", "exact"):
-            raise GaugeError(f"a slice (params=...) is certified exactly, not with {method!r}")
-        return certify_slice(
-            model,
-            inputs,
-            group,
-            params,
-            rtol=rtol,
-            budget=budget,
-            gen=gen,
-            stage=stage,
-            timings=timings,
-            progress=progress,
-        )
+    if params is not None and method not in ("auto", "exact"):
+        raise GaugeError(f"a slice (params=...) is certified exactly, not with {method!r}")
+    agree = _float64_throughout(model, inputs)
+    with keep_float64() if agree is not None else nullcontext():
+        if params is not None:
+            report = certify_slice(
+                model,
+                inputs,
+                group,
+                params,
+                rtol=rtol,
+                budget=budget,
+                gen=gen,
+                stage=stage,
+                timings=timings,
+                progress=progress,
+            )
+        else:
+            report = _certify_whole(
+                model,
+                inputs,
+                group,
+                method,
+                rtol,
+                max_iter,
+                tol,
+                budget,
+                gen,
+                stage,
+                timings,
+                progress,
+            )
+    if agree is None:
+        return report
+    note = (
+        "float64 model: its casts to a lower precision (a float32 softmax or norm "
+        f"variance, ...) are kept in float64 for every measurement (outputs moved by {agree:.0e})"
+    )
+    return dataclasses.replace(report, notes=(*report.notes, note))
+
+
+def _float64_throughout(model: nn.Module, inputs: Any) -> float | None:
+    """For a float64 model whose outputs move when its casts down are kept in float64
+    (`keep_float64`), by less than float32's `√ε` (relative), that change: the model then
+    computes the same function, without float32 rounding hiding exact identities. `None`
+    otherwise (another dtype, no cast down, or a model that fails or computes something
+    else in float64), and the model runs as it is."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    if dtype != torch.float64:
+        return None
+    try:
+        with torch.no_grad():
+            plain = flatten_out(model(*as_tuple(inputs)))
+            with keep_float64():
+                wide = flatten_out(model(*as_tuple(inputs)))
+    except Exception:  # the model does not run with its casts kept: as it is
+        return None
+    if plain.shape != wide.shape or plain.dtype != wide.dtype:
+        return None
+    diff = float((plain - wide).abs().max()) if plain.numel() else 0.0
+    scale = float(plain.abs().max()) if plain.numel() else 0.0
+    rel = diff / max(scale, 1e-300)
+    if diff == 0.0 or not rel < 1e-4:
+        return None
+    return rel
+
+
+def _certify_whole(
+    model: nn.Module,
+    inputs: Any,
+    group: GaugeGroup,
+    method: Method,
+    rtol: float,
+    max_iter: int,
+    tol: float,
+    budget: int,
+    gen: torch.Generator,
+    stage: Callable[[str], AbstractContextManager[None]],
+    timings: dict[str, float],
+    progress: Callable[[str], None] | None,
+) -> CertifyReport:
+    """`certify` of the whole model (its arguments, `stage` timing each step)."""
     with stage("estimating memory"):
         fm = flat_model(model, inputs)
         with torch.no_grad():

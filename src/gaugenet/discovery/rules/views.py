@@ -164,6 +164,19 @@ class _TypeAs(nn.Module):
         return self.out(torch.relu(self.a(x)).type_as(x))
 
 
+class _CastMethods(nn.Module):
+    """Casts and a copy written as tensor methods between two layers, as `torch.fx` records
+    them (`call_method` nodes: `.double()`, `.to(dtype)`, `.clone()`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.out = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.a(x)).double().to(x.dtype).clone()
+        return self.out(h)
+
+
 class _Cast(nn.Module):
     """A cast and a copy between two layers; `torch.fx` fails on the shape check, so the
     model is captured by `torch.export` (casts and copies as aten operations)."""
@@ -248,6 +261,13 @@ RULES = (
         passthrough,
         (Example(lambda: (seeded(_Cast), batch(64, 3)), 4, "one scale per hidden unit: 4"),),
         functions=tuple(CASTS),
+    ),
+    Rule(
+        "casts and copies written as methods",
+        "views",
+        passthrough,
+        (Example(lambda: (seeded(_CastMethods), batch(64, 3)), 4, "one scale per hidden unit: 4"),),
+        methods=("to", "float", "double", "half", "bfloat16", "clone", "cpu"),
     ),
     Rule(
         "cast to another tensor's dtype",
