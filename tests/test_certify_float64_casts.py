@@ -5,6 +5,8 @@ rank; a cast that changes the function (to half precision) is left as it is."""
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -65,3 +67,35 @@ def test_a_cast_that_changes_the_function_is_left_alone() -> None:
     model, x = _setup(half=True)
     rep = gaugenet.certify(model, x, group=gaugenet.symmetries(model, x), method="checks")
     assert not any(n.startswith("float64 model: its casts") for n in rep.notes)
+
+
+class _CastGain(nn.Module):
+    """`lin2((w.to(float32) * relu(lin1 x).to(float32)).to(float64))`: the gain read through
+    a cast method, as `torch.fx` records it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin1 = nn.Linear(4, 6)
+        self.w = nn.Parameter(1 + 0.3 * torch.randn(6))
+        self.lin2 = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.lin1(x))
+        return self.lin2((self.w.to(torch.float32) * h.to(torch.float32)).to(h.dtype))
+
+
+def test_a_gain_read_through_a_cast_is_a_gain() -> None:
+    """Before, `.to()` fixed every label (0 found) and then the cast gain was taken for an
+    unscaled tensor (6 found, the gain's scales missing); both casts now pass through."""
+    torch.manual_seed(0)
+    model = _CastGain().double().eval()
+    x = torch.randn(200, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    group = gaugenet.symmetries(model, x)
+    assert group.dim == 12
+    rep = gaugenet.certify(model, x, group=group)
+    assert rep.verdict is Verdict.COMPLETE and rep.unexplained == 0, rep
+    # negative: scaling the gain alone (without lin2's columns) changes the outputs
+    moved = copy.deepcopy(model)
+    with torch.no_grad():
+        moved.w.mul_(1.5)
+    assert gaugenet.invariance_error(model, moved, x) > 1e-2

@@ -42,6 +42,8 @@ CASTS = {
 #: Casts to another tensor's dtype (`x.type_as(other)`): the first argument's values pass
 #: through; the second is read for its dtype only.
 DTYPE_CASTS = {aten.type_as.default}
+#: The same casts and copies as `torch.fx` records them, tensor methods (`call_method`).
+CAST_METHODS = ("to", "float", "double", "half", "bfloat16", "clone", "cpu")
 #: Checks of a tensor's dtype and shape that `torch.export` inserts: they compute nothing.
 METADATA_OPS = {aten._assert_tensor_metadata.default}
 #: the sum of two tensors (without the in-place `iadd`)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from .._labels import ZERO
-from .._ops import CASTS, DTYPE_CASTS, METADATA_OPS, VIEW_FUNCS, VIEW_METHODS
+from .._ops import CAST_METHODS, CASTS, DTYPE_CASTS, METADATA_OPS, VIEW_FUNCS, VIEW_METHODS
 from ._common import Pair, Unsupported, fixed
 from ._examples import batch, seeded
 from ._rule import Example, Rule
@@ -267,7 +267,7 @@ RULES = (
         "views",
         passthrough,
         (Example(lambda: (seeded(_CastMethods), batch(64, 3)), 4, "one scale per hidden unit: 4"),),
-        methods=("to", "float", "double", "half", "bfloat16", "clone", "cpu"),
+        methods=CAST_METHODS,
     ),
     Rule(
         "cast to another tensor's dtype",
