@@ -17,11 +17,19 @@ from .._errors import GaugeError
 from ..discovery._float64 import keep_float64
 from ..groups import GaugeGroup
 from ._causes import layernorm_causes, lookup_causes, relu_causes, tied_causes
-from ._checks import FactorChecks, check_act, check_tangents, flat_tangent, sparse_jvp
+from ._checks import (
+    FactorChecks,
+    check_act,
+    check_tangents,
+    flat_tangent,
+    outputs_of,
+    relative_change,
+    sparse_jvp,
+)
 from ._davidson import lanczos_max, power_max
 from ._functional_dimension import check_outputs, rank_of
 from ._gap import locate_gap
-from ._jacobian import as_tuple, first_samples, flat_model, flatten_out, jacobian_of
+from ._jacobian import as_tuple, first_samples, flat_model, jacobian_of
 from ._keywords import positional
 from ._matrix_free import gauss_newton, linear_jvp, matrix_free_certificate
 from ._memory import Sizes, activation_bytes, estimates
@@ -244,18 +252,15 @@ def _float64_throughout(model: nn.Module, inputs: Any) -> float | None:
     if dtype != torch.float64:
         return None
     try:
-        with torch.no_grad():
-            plain = flatten_out(model(*as_tuple(inputs)))
-            with keep_float64():
-                wide = flatten_out(model(*as_tuple(inputs)))
+        plain = outputs_of(model, inputs)
+        with keep_float64():
+            wide = outputs_of(model, inputs)
     except Exception:  # the model does not run with its casts kept: as it is
         return None
-    if plain.shape != wide.shape or plain.dtype != wide.dtype:
+    if plain.dtype != wide.dtype:
         return None
-    diff = float((plain - wide).abs().max()) if plain.numel() else 0.0
-    scale = float(plain.abs().max()) if plain.numel() else 0.0
-    rel = diff / max(scale, 1e-300)
-    if diff == 0.0 or not rel < 1e-4:
+    rel = relative_change(plain, wide)
+    if rel == 0.0 or not rel < 1e-4:
         return None
     return rel
 

@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_map
 
+from .._invariance import cast_floats
 from ..groups import GaugeGroup, model_state
 from ..groups._base import AbstractFactor
 from ._jacobian import FlatModel, _composite_attention, as_tuple, flatten_out
@@ -23,6 +23,8 @@ __all__ = [
     "check_act",
     "check_tangents",
     "flat_tangent",
+    "outputs_of",
+    "relative_change",
     "sparse_jvp",
     "tangent_probes",
 ]
@@ -56,12 +58,15 @@ def act_tolerance(dtype: torch.dtype) -> float:
     return math.sqrt(torch.finfo(dtype).eps)
 
 
-def _outputs(model: nn.Module, inputs: Any) -> Tensor:
+def outputs_of(model: nn.Module, inputs: Any) -> Tensor:
+    """`model`'s outputs on `inputs`, flattened into one vector (no gradients; attention
+    run as its composite form, as the Jacobians are)."""
     with torch.no_grad(), _composite_attention():
         return flatten_out(model(*as_tuple(inputs)))
 
 
-def _rel_change(ref: Tensor, new: Tensor) -> float:
+def relative_change(ref: Tensor, new: Tensor) -> float:
+    """`max|new − ref| / max|ref|`; `inf` for another shape or a non-finite change."""
     if ref.shape != new.shape:
         return math.inf
     scale = float(ref.abs().max()) if ref.numel() else 0.0
@@ -80,11 +85,7 @@ def _float64(model: nn.Module, inputs: Any) -> tuple[nn.Module, Any] | None:
         wide = copy.deepcopy(model).to(torch.float64)
     except Exception:  # a model that does not deep-copy: no second opinion
         return None
-
-    def up(x: Any) -> Any:
-        return x.to(torch.float64) if isinstance(x, Tensor) and x.is_floating_point() else x
-
-    return wide, tree_map(up, inputs)
+    return wide, cast_floats(inputs, torch.float64)
 
 
 def check_act(
@@ -103,10 +104,10 @@ def check_act(
     with the error)."""
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float64)
     out.act_tol = act_tolerance(dtype)
-    ref = _outputs(model, inputs)
+    ref = outputs_of(model, inputs)
     g = group.sample(gen)
     try:
-        out.act_error = _rel_change(ref, _outputs(group.act(model, g), inputs))
+        out.act_error = relative_change(ref, outputs_of(group.act(model, g), inputs))
     except Exception:  # named below, factor by factor
         out.act_error = math.inf
     if out.act_error <= out.act_tol:
@@ -115,10 +116,10 @@ def check_act(
     wide = _float64(model, inputs) if dtype != torch.float64 else None
     if wide is not None and math.isfinite(out.act_error):
         model, inputs = wide
-        ref = _outputs(model, inputs)
+        ref = outputs_of(model, inputs)
         tol = act_tolerance(torch.float64)
         try:
-            err = _rel_change(ref, _outputs(group.act(model, g), inputs))
+            err = relative_change(ref, outputs_of(group.act(model, g), inputs))
         except Exception:
             err = math.inf
         if err <= tol:
@@ -132,8 +133,8 @@ def check_act(
     found = False
     for f in group.factors:
         try:
-            err = _rel_change(
-                ref, _outputs(_one_factor(group, f).act(model, {f.name: g[f.name]}), inputs)
+            err = relative_change(
+                ref, outputs_of(_one_factor(group, f).act(model, {f.name: g[f.name]}), inputs)
             )
         except Exception as exc:
             _flag(out, f.name, f"acting with it raises {type(exc).__name__}: {exc}")

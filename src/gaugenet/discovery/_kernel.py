@@ -248,10 +248,11 @@ def _link_one(k: LayerNormKernelFactor, factors: list) -> LayerNormKernelFactor 
                 if not inside:
                     if all(end <= s.start or s.stop <= t.offset for s, _ in mine):
                         continue  # rows no slot holds (a cross-attention's keys): untouched
-                    piece = _piece_move(f, t, times, stride, mine)
+                    # the unrotated rows of key heads under rotary: as for listed rows
+                    piece = _listed_moves(f, t, times, mine)
                     if piece is None:
                         return None
-                    moved.append(piece)
+                    moved += piece
                     continue
                 s, off = inside[0]
                 moved += block_moves(f.name, t.mode, off + t.offset - s.start, f.d, times, stride)
@@ -277,63 +278,32 @@ def _link_one(k: LayerNormKernelFactor, factors: list) -> LayerNormKernelFactor 
     return dataclasses.replace(k, scaled_by=tuple(scaled), moved_by=tuple(moved))
 
 
-def _piece_move(
-    f: AbstractFactor, t: object, times: int, stride: int, mine: list[tuple[ReaderSlot, int]]
-) -> tuple | None:
-    """The `moved_by` declaration for slots that hold the same coordinates `sel` of every
-    block of the matrix term `t` (a key projection under rotary: the unrotated part of each
-    head), or `None` unless the factor's algebra maps `span(sel)` and its complement to
-    themselves (then the block's `sel` rows and columns move the slots' entries) and the
-    blocks' entries sit evenly spaced in the kernel's element."""
-    basis = getattr(f, "basis", None)
-    if times != 1 or not isinstance(f, AlgebraFactor) or basis is None:
-        return None  # all of gl(d) mixes every coordinate
-    d = f.d
-    pos = {r: off + r - s.start for s, off in mine for r in range(s.start, s.stop)}
-    sel: list[int] | None = None
-    firsts = []
-    for b in range(f.b):
-        r0 = t.offset + b * stride * d
-        held = [j for j in range(d) if r0 + j in pos]
-        if not held or (sel is not None and held != sel):
-            return None
-        sel = held
-        at = [pos[r0 + j] for j in held]
-        if at != list(range(at[0], at[0] + len(at))):
-            return None
-        firsts.append(at[0])
-    step = firsts[1] - firsts[0] if len(firsts) > 1 else len(sel)
-    if any(x != firsts[0] + i * step for i, x in enumerate(firsts)):
-        return None
-    keep = torch.tensor(sel)
-    rest = torch.tensor([j for j in range(d) if j not in sel], dtype=torch.long)
-    tol = 1e-12 * max(1.0, float(basis.abs().max()))
-    if rest.numel() and (
-        float(basis[:, keep][:, :, rest].abs().max()) > tol
-        or float(basis[:, rest][:, :, keep].abs().max()) > tol
-    ):
-        return None
-    return (f.name, t.mode, firsts[0], step, keep)
+def _positions(mine: list[tuple[ReaderSlot, int]], size: int) -> Tensor:
+    """Per row `< size` of a reader, its entry in the kernel's element (`mine`: the slots on
+    that reader with their offsets in the element); `-1` where no slot holds the row."""
+    pos = torch.full((size,), -1, dtype=torch.long)
+    for s, off in mine:
+        lo, hi = min(s.start, size), min(s.stop, size)
+        if lo < hi:
+            pos[lo:hi] = torch.arange(off, off + hi - lo)
+    return pos
 
 
 def _listed_moves(
     f: AbstractFactor, t: object, times: int, mine: list[tuple[ReaderSlot, int]]
 ) -> list[tuple] | None:
     """The `moved_by` declarations for the matrix term `t` whose blocks sit on listed rows
-    (`MatTerm.rows`): the kernel element's entries of each block's rows, one declaration
-    per repetition (`times`). Every block holds the same coordinates `sel` in the slots;
+    (`MatTerm.rows`), or whose blocks the slots hold only in part (`MatTerm.index` either
+    way): the kernel element's entries of each block's rows, one declaration per
+    repetition (`times`). Every block holds the same coordinates `sel` in the slots;
     when only some (a key projection under rotary: the unrotated part of each head), the
     factor's algebra must map `span(sel)` and its complement to themselves. `[]` when no
     slot holds the rows; `None` when the blocks hold different coordinates or the algebra
     mixes held and unheld ones."""
     d = f.d
     index = t.index(f.b * times, d)  # (b·times, d)
-    pos = torch.full((int(index.max()) + 1,), -1, dtype=torch.long)
-    for s, off in mine:
-        lo, hi = min(s.start, pos.numel()), min(s.stop, pos.numel())
-        if lo < hi:
-            pos[lo:hi] = torch.arange(off, off + hi - lo)
-    at = pos[index]  # (b·times, d) entries in the kernel's element, -1: not held
+    # (b·times, d) entries in the kernel's element, -1: not held
+    at = _positions(mine, int(index.max()) + 1)[index]
     held = at >= 0
     if not bool(held.any()):
         return []
@@ -342,16 +312,8 @@ def _listed_moves(
     keep = held[0].nonzero().reshape(-1)
     if int(keep.numel()) == d:
         return [(f.name, t.mode, at[r::times]) for r in range(times)]
-    basis = getattr(f, "basis", None)
-    if not isinstance(f, AlgebraFactor) or basis is None:
-        return None  # all of gl(d) mixes every coordinate
-    rest = (~held[0]).nonzero().reshape(-1)
-    tol = 1e-12 * max(1.0, float(basis.abs().max()))
-    if (
-        float(basis[:, keep][:, :, rest].abs().max()) > tol
-        or float(basis[:, rest][:, :, keep].abs().max()) > tol
-    ):
-        return None
+    if not (isinstance(f, AlgebraFactor) and f.keeps_apart(held[0])):
+        return None  # all of gl(d), or an algebra mixing held and unheld coordinates
     return [(f.name, t.mode, at[r::times][:, keep], None, keep) for r in range(times)]
 
 
@@ -371,11 +333,7 @@ def _conjugate(p: PermutationFactor, kernels: list[LayerNormKernelFactor]) -> Pe
             if not mine:
                 continue
             e = t.entries
-            pos = torch.full((int(e.max()) + 1,), -1, dtype=torch.long)
-            for s, off in mine:
-                lo, hi = min(s.start, pos.numel()), min(s.stop, pos.numel())
-                pos[lo:hi] = torch.arange(off, off + hi - lo)
-            mapped = pos[e]
+            mapped = _positions(mine, int(e.max()) + 1)[e]
             held = mapped >= 0
             if bool(held.any()) and bool((held == held[:1]).all()):
                 parts.append(mapped[held].reshape(e.shape[0], -1))

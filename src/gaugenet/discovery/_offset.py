@@ -320,19 +320,11 @@ def _blocks_keep(f: Any, index: torch.Tensor, ranges: list[tuple[int, int]]) -> 
     basis keeps the held coordinates and the others apart, as the query-key commutant under
     partial rotary keeps the unrotated and the rotated ones) split compatibly; else
     `_Drop`."""
-    basis = getattr(f, "basis", None) if isinstance(f, AlgebraFactor) else None
     for rows in index:
         mask = _held(ranges, rows)
         if bool(mask.all()) or not bool(mask.any()):
             continue
-        if basis is None:
-            raise _Drop
-        keep, rest = mask.nonzero().reshape(-1), (~mask).nonzero().reshape(-1)
-        tol = 1e-12 * max(1.0, float(basis.abs().max()))
-        if (
-            float(basis[:, keep][:, :, rest].abs().max()) > tol
-            or float(basis[:, rest][:, :, keep].abs().max()) > tol
-        ):
+        if not (isinstance(f, AlgebraFactor) and f.keeps_apart(mask)):
             raise _Drop
 
 

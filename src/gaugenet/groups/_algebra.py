@@ -76,6 +76,22 @@ class AlgebraFactor(AbstractFactor):
     def m(self) -> int:
         return self.d * self.d if self.basis is None else int(self.basis.shape[0])
 
+    def keeps_apart(self, held: Tensor) -> bool:
+        """Whether every element maps the coordinates `held` (`(d,)` bool) to themselves and
+        the others to themselves (block-diagonal in that split, as the query-key commutant
+        under partial rotary keeps the unrotated and the rotated coordinates): always when
+        all or none are held; never for all of `gl(d)` otherwise."""
+        if bool(held.all()) or not bool(held.any()):
+            return True
+        if self.basis is None:
+            return False
+        keep, rest = held.nonzero().reshape(-1), (~held).nonzero().reshape(-1)
+        tol = 1e-12 * max(1.0, float(self.basis.abs().max()))
+        return (
+            float(self.basis[:, keep][:, :, rest].abs().max()) <= tol
+            and float(self.basis[:, rest][:, :, keep].abs().max()) <= tol
+        )
+
     @property
     def dim(self) -> int:
         return self.b * self.m
