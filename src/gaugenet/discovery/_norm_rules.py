@@ -25,14 +25,11 @@ from ._embeddings import (
 from ._kernel import ReaderSlot, ill_conditioned, kernel_factor
 from ._labels import Labels
 from ._linear import Linear, keeps_last_axis, linear_reading, linear_writing, param_name
-from ._ops import ADD_OPS, CASTS, expand_to, graph_users, slice_along
+from ._ops import ADD_OPS, CASTS, expand_to, graph_users, is_token_pick, picks_tokens
 from ._shifts import layernorm_shift
 from ._unread import Unread
 
 __all__ = ["NormRules"]
-
-#: picking tokens (not features): a reader of the picked rows still reads the LayerNorm
-_TOKEN_PICKS = {torch.ops.aten.select.int, slice_along}  # export's slices are renamed
 
 
 class NormRules:
@@ -183,9 +180,8 @@ class NormRules:
                 or (isinstance(mod, nn.Dropout) and not mod.training)
                 or (u.op == "call_function" and u.target in CASTS)
             )
-            if u.op == "call_function" and u.target in _TOKEN_PICKS and len(u.args) > 1:
-                dim = u.args[1]
-                passes = isinstance(dim, int) and ndim > 1 and dim % ndim != ndim - 1
+            if is_token_pick(u):
+                passes = picks_tokens(u, ndim)
             if passes and u.args[:1] == (n,):
                 out += self._readers(u)
             else:

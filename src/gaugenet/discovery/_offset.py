@@ -58,7 +58,7 @@ from ..groups._orthogonal import (
 from ._attention import _pieces
 from ._kernel import LayerNormKernelFactor, ill_conditioned
 from ._linear import Linear, keeps_last_axis, linear_reading
-from ._ops import CASTS, METADATA_OPS, graph_users, slice_along
+from ._ops import CASTS, METADATA_OPS, graph_users, is_token_pick, picks_tokens
 
 __all__ = ["SUM_RATIO", "layernorm_offset", "link_offsets", "offset_factor", "settle_offsets"]
 
@@ -66,8 +66,6 @@ __all__ = ["SUM_RATIO", "layernorm_offset", "link_offsets", "offset_factor", "se
 SUM_RATIO = 1e-6
 
 aten = torch.ops.aten
-#: picking tokens (not features): the picked rows are read as the LayerNorm's output
-_TOKEN_PICKS = {aten.select.int, slice_along}
 
 
 def offset_factor(name: str, ln: nn.LayerNorm, slots: list[OffsetSlot]) -> LayerNormOffsetFactor:
@@ -121,9 +119,8 @@ def _linear_users(prop: Any, node: fx.Node, ndim: int, E: int) -> list | None:
             shape = prop.values.get(u)
             k = shape.ndim if isinstance(shape, torch.Tensor) else len(u.args[1])
             more = _linear_users(prop, u, k, E)
-        elif u.op == "call_function" and u.target in _TOKEN_PICKS and len(u.args) > 1:
-            dim = u.args[1]
-            if not isinstance(dim, int) or ndim < 2 or dim % ndim == ndim - 1:
+        elif is_token_pick(u):
+            if not picks_tokens(u, ndim):
                 return None
             more = _linear_users(prop, u, ndim - (u.target is aten.select.int), E)
         else:

@@ -12,6 +12,7 @@ from torch import Tensor, fx, nn
 __all__ = [
     "ADDITIONS",
     "CASTS",
+    "CAST_METHODS",
     "DTYPE_CASTS",
     "HOMOGENEOUS_FUNCS",
     "HOMOGENEOUS_MODULES",
@@ -19,11 +20,14 @@ __all__ = [
     "NONHOMOGENEOUS",
     "POOL_FUNCS",
     "POOL_MODULES",
+    "TOKEN_PICKS",
     "VIEW_FUNCS",
     "VIEW_METHODS",
     "graph_users",
+    "is_token_pick",
     "nonhomogeneous_reason",
     "passes_input",
+    "picks_tokens",
 ]
 
 aten = torch.ops.aten
@@ -113,6 +117,23 @@ def expand_to(x: Tensor, size: list[int], *, implicit: bool = False) -> Tensor:
     """`aten.expand.default` as a function: `x.expand(size)` (the repeated entries are the
     same values, so they carry the same labels)."""
     return x.expand(size)
+
+
+#: picking tokens (not features): a reader of the picked rows still reads the whole
+#: feature vectors of the tensor picked from (export's slices are renamed `slice_along`)
+TOKEN_PICKS = {aten.select.int, slice_along}
+
+
+def is_token_pick(u: fx.Node) -> bool:
+    """`u` selects or slices a tensor along some axis (`TOKEN_PICKS`, with its axis given)."""
+    return u.op == "call_function" and u.target in TOKEN_PICKS and len(u.args) > 1
+
+
+def picks_tokens(u: fx.Node, ndim: int) -> bool:
+    """The pick `u` (`is_token_pick`) of an `ndim`-axis tensor is along an axis other than
+    the last (the features): tokens, not features."""
+    dim = u.args[1]
+    return isinstance(dim, int) and ndim > 1 and dim % ndim != ndim - 1
 
 
 VIEW_METHODS = {
