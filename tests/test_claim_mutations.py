@@ -108,3 +108,11 @@ def test_noop_pullback(monkeypatch, tmp_path):
 def test_unmutated_claims_pass(claim_id, tmp_path):
     passed, value, detail = _measure(claim_id, tmp_path)
     assert passed, f"{claim_id}: {value} ({detail})"
+
+
+def test_layernorm_offset_not_offered(monkeypatch, tmp_path):
+    # the offset group never offered (every Σβ/γ taken for negligible): d directions missing
+    import gaugenet.discovery._offset
+
+    monkeypatch.setattr(gaugenet.discovery._offset, "SUM_RATIO", 10.0)
+    _fails("disc.layernorm-offset", tmp_path)

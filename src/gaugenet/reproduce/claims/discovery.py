@@ -292,3 +292,53 @@ def _layernorm_rotation(ctx: Context) -> Measurement:
         f"{report.n_params} parameters, verdict {report.verdict}, tangent residual "
         f"{report.worst_residual:.1e}; without the rotation {missing} directions unexplained",
     )
+
+
+class _OffsetReaders(nn.Module):
+    """`LN(x)` (d = 5, with a bias) read by two linear maps without a bias and one with."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(5)
+        self.a = nn.Linear(5, 3, bias=False)
+        self.b = nn.Linear(5, 4, bias=False)
+        self.c = nn.Linear(5, 2)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        y = self.ln(x)
+        return self.a(y), self.b(y), self.c(y)
+
+
+@claim(
+    "disc.layernorm-offset",
+    reference="issue 13 (Falcon, GPT-2's untied head: LayerNorm readers without a bias)",
+    statement="a LayerNorm with a bias read only by linear maps, some without a bias, has the "
+    "d-dimensional offset group {I + c 1ᵀ} (β/γ ↦ g⁻¹ β/γ, bias-free readers W̃ ↦ W̃ g, "
+    "biased ones take W(β − β') back); with it the group explains every redundancy",
+    measured="unexplained directions of certify (exact), + 1 unless the offset has dim d = 5",
+    tolerance=0.5,
+)
+def _layernorm_offset(ctx: Context) -> Measurement:
+    from ...groups import LayerNormOffsetFactor
+
+    torch.manual_seed(ctx.seed)
+    model = _OffsetReaders().double().eval()
+    with torch.no_grad():
+        model.ln.weight.uniform_(0.5, 1.5)
+        model.ln.bias.normal_(0.3, 1.0)
+    x = torch.randn(200, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    group = symmetries(model, x)
+    dims = [f.dim for f in group.factors if isinstance(f, LayerNormOffsetFactor)]
+    report = certify(model, x, group=group)
+    without = GaugeGroup(
+        tuple(f for f in group.factors if not isinstance(f, LayerNormOffsetFactor)),
+        group.breakers,
+        group.param_names,
+    )
+    missing = certify(model, x, group=without).unexplained
+    return Measurement(
+        float(report.unexplained + (0 if dims == [5] else 1)),
+        f"offset dims {dims} (expected [5]); symmetry dim {report.symmetry_dim} of "
+        f"{report.n_params} parameters, verdict {report.verdict}, tangent residual "
+        f"{report.worst_residual:.1e}; without the offset {missing} directions unexplained",
+    )
