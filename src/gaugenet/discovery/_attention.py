@@ -49,6 +49,7 @@ from ._attention_folded import (
     scores_product,
     untranspose_last,
 )
+from ._attention_gain import Gain, gain_qk_factor
 from ._attention_trace import Linear, Proj, Skip, trace_input, trace_output
 from ._kernel import MeanKernel, ReaderSlot
 from ._ops import graph_users, passes_input
@@ -116,6 +117,8 @@ def attention_from_graph(
         # a constant on the projection's key rows stays one constant on every key only
         # when the map to the core is the same at every token (not under rotary), and the
         # softmax removes it only when no nonlinear map of the scores comes first
+        if isinstance(pk.lin, Gain):  # no key rows of a projection: nothing to settle
+            continue
         same = torch.allclose(pk.maps, pk.maps[:, :1].expand_as(pk.maps))
         if pk.regular and pk.stride == 1 and same and not core.mapped:
             width = pk.maps.shape[0] * pk.maps.shape[-1]
@@ -264,6 +267,9 @@ def _core_factors(
         kv_of, k_maps, v_src, v_maps = pk.source_head, pk.maps, pv.source_head, pv.maps
     if not torch.equal(v_src, kv_of):
         raise Skip("values and keys are grouped differently")
+    if isinstance(pv.lin, Gain):
+        raise Skip("values go through a gain (a normalization) before the attention")
+    gains = isinstance(pq.lin, Gain) or isinstance(pk.lin, Gain)
     hkv = int(kv_of.max()) + 1
     rep = H // hkv
     if not torch.equal(kv_of, torch.arange(hkv).repeat_interleave(rep)):
@@ -273,14 +279,14 @@ def _core_factors(
     names = [pq.name, pk.name, pv.name, po.name]
     prefix = _common_prefix(names)
     modules = tuple(dict.fromkeys(names))
-    covered = {pq.name, pk.name, pv.name}
+    covered = {p.name for p in (pq, pk, pv) if not isinstance(p.lin, Gain)}
     # the score matrices P_ts = M_tᵀ N_s, per head
     P = torch.einsum("htij,hsik->htsjk", pq.maps.double(), k_maps.double())
     P = P.reshape(H * T * T, dh, dh)
     basis = commutant_basis(P)
     axes = {p.lin.out_axis for p in (pq, pk, pv)} | {po.in_axis ^ 1}
     plain = all(p.regular and p.stride == 1 for p in (pq, pk, pv))
-    if basis is None and hkv == H and len(axes) == 1 and plain:
+    if basis is None and hkv == H and len(axes) == 1 and plain and not gains:
 
         def slot(p: Proj) -> Slot:
             return Slot(p.lin.weight, p.offset, p.lin.bias, p.offset)
@@ -320,14 +326,24 @@ def _core_factors(
             out.append(MatTerm(p.lin.bias, 0, p.offset, mode, p.stride or 1, **where))
         return [Repeat(t, times) if times > 1 else t for t in out]
 
-    # query-key: per key-value group, in the commutant of the score maps
-    qk_terms = terms(pq, "T", rep) + terms(pk, "inv")
-    qk = AlgebraFactor(f"{name}.qk", dh, hkv, basis=basis, terms=tuple(qk_terms), modules=modules)
+    # query-key: per key-value group, in the commutant of the score maps; only its diagonal
+    # part where a gain (a normalization) feeds the queries or keys (`_attention_gain.py`)
+    if gains:
+        k_rows = pk.rows.repeat_interleave(H // pk.rows.shape[0], 0)
+        sides = ((pq.lin, pq.rows), (pk.lin, k_rows))
+        qk = gain_qk_factor(name, sides, P, root, values, modules)
+    else:
+        qk_terms = terms(pq, "T", rep) + terms(pk, "inv")
+        qk = AlgebraFactor(
+            f"{name}.qk", dh, hkv, basis=basis, terms=tuple(qk_terms), modules=modules
+        )
     o_term = MatTerm(po.weight, po.in_axis, o_off, "inv")
     vo_terms = [*terms(pv, "T"), Repeat(o_term, rep) if rep > 1 else o_term]
     vo = AlgebraFactor(f"{name}.vo", dv, hkv, terms=tuple(vo_terms), modules=modules)
     shifts = _value_shift(name, pv, po, o_off, hkv, rep, vo, modules)
     # a nonlinear map of the scores before the softmax (soft-capping) keeps no constant
+    if gains:  # the key shift and head permutations are not derived through gains
+        return [qk, vo, *shifts], covered, pk, []
     sel = None if core.mapped else _constant_key_coords(P.reshape(H, T, T, dh, dh))
     shifts += _key_shift(name, pk, sel, hkv, qk, modules)
     perms = []

@@ -12,6 +12,7 @@ the projection reading it as a plain reshape.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from ._attention_folded import fold_batch
+from ._attention_gain import Gain, as_gain
 from ._linear import Linear, as_linear, param_name
 from ._ops import METADATA_OPS, graph_users
 
@@ -75,15 +77,18 @@ def _evaluate(nodes: list[fx.Node], root: nn.Module, values: dict, stop: fx.Node
     return last
 
 
-def _probe(nodes, root, values, stop: fx.Node, target: fx.Node, batch: int = 0) -> Tensor:
-    """Responses of `target` to each basis vector of `stop`'s last axis, set at every token:
-    `(features, *target.shape)`, with `target`'s leading axis unfolded into `(batch, -1)`
-    when `batch` is given (heads folded into the batch). Checks linearity and locality on a
-    random input."""
+def _probe(
+    nodes, root, values, stop: fx.Node, target: fx.Node, batch: int = 0, axes: int = 1
+) -> Tensor:
+    """Responses of `target` to each basis vector of `stop`'s last `axes` axes (flattened),
+    set at every token: `(features, *target.shape)`, with `target`'s leading axis unfolded
+    into `(batch, -1)` when `batch` is given (heads folded into the batch). Checks linearity
+    and locality on a random input."""
     z0 = values[stop]
-    feats = z0.shape[-1]
-    eye = torch.eye(feats, dtype=z0.dtype)
-    basis = eye.reshape(feats, *([1] * (z0.ndim - 1)), feats).expand(feats, *z0.shape)
+    trail = tuple(z0.shape[z0.ndim - axes :])
+    feats = math.prod(trail)
+    eye = torch.eye(feats, dtype=z0.dtype).reshape(feats, *trail)
+    basis = eye.reshape(feats, *([1] * (z0.ndim - axes)), *trail).expand(feats, *z0.shape)
 
     def f(z: Tensor) -> Tensor:
         out = _evaluate(nodes, root, values, stop, z)
@@ -101,7 +106,7 @@ def _probe(nodes, root, values, stop: fx.Node, target: fx.Node, batch: int = 0) 
     zr = torch.randn(z0.shape, generator=g, dtype=torch.float64).to(z0.dtype)
     got = f(zr)
     # predicted from token-local responses: the token axes are those of z before features
-    pred = _combine(resp, zr)
+    pred = _combine(resp, zr.flatten(-axes) if axes > 1 else zr)
     if pred is None or not torch.allclose(got, pred, rtol=1e-6, atol=1e-6 * got.abs().max()):
         raise Skip("the map from the projection to the attention is not linear token by token")
     return resp
@@ -117,7 +122,7 @@ def _combine(resp: Tensor, z: Tensor) -> Tensor | None:
         z = z.reshape(b, t, -1)
     if z.ndim != 3 or z.shape[:2] != (b, t):
         return None
-    return torch.einsum("fbhtd,btf->bhtd", resp, z)
+    return torch.einsum("fbhtd,btf->bhtd", resp, z.to(resp.dtype))
 
 
 @dataclass(frozen=True)
@@ -158,9 +163,16 @@ class Proj:
         return int(self.source_head.max()) + 1
 
 
-def _linear_source(node: fx.Node, root: nn.Module) -> Linear:
+def _sizes(v: Any) -> bool:
+    """`v` is a size, a number of elements or a tuple of them, not a tensor."""
+    if isinstance(v, (torch.Size, int)) and not isinstance(v, bool):
+        return True
+    return isinstance(v, tuple) and all(isinstance(e, int) for e in v)
+
+
+def _linear_source(node: fx.Node, root: nn.Module, values: dict) -> Linear:
     """The one linear map whose output reaches `node` without passing another module or
-    parameter."""
+    parameter: a projection, or a gain (`_attention_gain.py`)."""
     found, stack, seen = {}, [node], set()
     while stack:
         n = stack.pop()
@@ -168,6 +180,8 @@ def _linear_source(node: fx.Node, root: nn.Module) -> Linear:
             continue
         seen.add(n)
         lin = as_linear(n, root)
+        if lin is None and n.op == "call_function":
+            lin = as_gain(n, root, values)
         if lin is not None:
             found[n] = lin
             continue
@@ -176,7 +190,8 @@ def _linear_source(node: fx.Node, root: nn.Module) -> Linear:
             raise Skip(f"{type(m).__name__} {n.target} between a projection and the core")
         if param_name(n, root) is not None:
             raise Skip(f"parameter {n.target} enters between a projection and the core")
-        stack += list(n.all_input_nodes)
+        # sizes read for a reshape (`B, T, _ = y.shape`) carry no values
+        stack += [a for a in n.all_input_nodes if not _sizes(values.get(a))]
     if len(found) != 1:
         raise Skip(f"{len(found)} projections feed one attention input")
     return next(iter(found.values()))
@@ -185,12 +200,13 @@ def _linear_source(node: fx.Node, root: nn.Module) -> Linear:
 def trace_input(node: fx.Node, root: nn.Module, values: dict, folded: bool = False) -> Proj:
     """The projection producing the core input `node`, with its per-head maps. `folded`:
     `node` is `(batch·heads, tokens, dh)`, batch major (`_attention_folded.py`)."""
-    lin = _linear_source(node, root)
+    lin = _linear_source(node, root, values)
     nodes = _ancestors_to(node, lin.node)
     batch = fold_batch(values[lin.node], values[node]) if folded else 0
     if folded and not batch:
         raise Skip("the heads folded into the batch do not match the projection's batch")
-    resp = _probe(nodes, root, values, lin.node, node, batch)  # (F, B, H, T, dh)
+    axes = lin.feature_axes if isinstance(lin, Gain) else 1
+    resp = _probe(nodes, root, values, lin.node, node, batch, axes)  # (F, B, H, T, dh)
     B, H, T, dh = resp.shape[1:]
     r = resp[:, 0]  # (F, H, T, dh)
     if B > 1 and not torch.allclose(resp[:, -1], r):

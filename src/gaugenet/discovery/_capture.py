@@ -26,6 +26,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .._errors import UnsupportedModelError
 from ._functional_norms import as_layernorm
+from ._numeric_norms import numeric_layernorm
 from ._ops import expand_to, slice_along
 from ._trace import is_atomic
 
@@ -111,7 +112,7 @@ class _Flattener:
         self.graph = fx.Graph()
         self.attrs: dict[str, Any] = {}
         #: modules calling `F.layer_norm`, as the `nn.LayerNorm` they compute
-        self.norms: dict[str, nn.Module] = {}
+        self.norms: dict[str, nn.Module | None] = {}
 
     def attr(self, path: str) -> fx.Node:
         owner, _, name = path.rpartition(".")
@@ -156,6 +157,19 @@ class _Flattener:
         owner = self.model.get_submodule(prefix[:-1])
         return as_layernorm(n, owner, prefix[:-1], mod.graph)
 
+    def numeric_norm(self, n: fx.Node, mod: fx.GraphModule, path: str) -> nn.Module | None:
+        """The `nn.LayerNorm` standing for the call `n` of a module written in primitive
+        operations that computes one (`_numeric_norms.py`), called on one tensor."""
+        if len(n.args) != 1 or n.kwargs:
+            return None
+        if path not in self.norms:
+            sub = mod.get_submodule(str(n.target))
+            graph = getattr(sub, "graph", None)
+            owner = self.model.get_submodule(path)
+            ln = numeric_layernorm(owner, graph.nodes) if graph else None
+            self.norms.setdefault(path, ln)
+        return self.norms[path]
+
     def inline(self, mod: fx.GraphModule, prefix: str, args: list[Any]) -> Any:
         env: dict[fx.Node, Any] = {}
         inputs = iter(args)
@@ -175,6 +189,9 @@ class _Flattener:
                 if path in self.atoms:
                     self.attrs[path] = self.model.get_submodule(path)
                     env[n] = self.graph.call_module(path, look(n.args), look(n.kwargs))
+                elif (ln := self.numeric_norm(n, mod, path)) is not None:
+                    self.attrs[path] = self.norms[path] = ln
+                    env[n] = self.graph.call_module(path, (look(n.args[0]),))
                 else:
                     sub = mod.get_submodule(str(n.target))
                     env[n] = self.inline(sub, path + ".", list(look(n.args)))
@@ -248,7 +265,8 @@ def export_graph(
     gm = fx.GraphModule(_Root(model, fl.attrs), fl.graph)
     gm.graph.eliminate_dead_code()
     gm.recompile()
-    gm.layer_norms = fl.norms  # the view to analyze the graph in (`with_modules`)
+    # the view to analyze the graph in (`with_modules`)
+    gm.layer_norms = {k: v for k, v in fl.norms.items() if v is not None}
     return gm, tuple(flat)
 
 

@@ -37,7 +37,15 @@ from ..groups._orthogonal import (
 from ._embeddings import TableShiftFactor
 from ._linear import Linear, keeps_last_axis, linear_reading, linear_writing, param_name
 from ._offset_gain import offset_gain
-from ._ops import ADDITIONS, CASTS, DTYPE_CASTS, METADATA_OPS, graph_users, passes_input
+from ._ops import (
+    ADDITIONS,
+    CAST_METHODS,
+    CASTS,
+    DTYPE_CASTS,
+    METADATA_OPS,
+    graph_users,
+    passes_input,
+)
 from ._shifts import AbsorbedShiftFactor, GainIntoLinears, IntoLinears
 from .rules.recurrent import BiasDifferenceFactor
 
@@ -47,6 +55,11 @@ aten = torch.ops.aten
 _ADD = ADDITIONS
 _MUL = {torch.mul, operator.mul, aten.mul.Tensor}
 _NORM_OPS = {aten.pow.Tensor_Scalar, torch.mean, aten.mean.dim, aten.rsqrt.default, *_ADD}
+#: the same as `torch.fx` records them from a norm written out in a module (`x.pow(2)`,
+#: `.mean(-1, keepdim=True)`, `torch.rsqrt`, `x * x`)
+_POW = {aten.pow.Tensor_Scalar, torch.pow, operator.pow}
+_NORM_FUNCS = {*_POW, torch.rsqrt, *_MUL}
+_NORM_METHODS = {"pow", "mean", "rsqrt"}
 
 
 #: tensor attributes that say nothing about the values
@@ -150,9 +163,8 @@ def _follow(emb: fx.Node, root: nn.Module) -> OrthogonalFactor | None:
             ):
                 readers += _layernorm_readers(u, root, d)
                 centered = True
-            elif u.op == "call_function" and u.target is aten.pow.Tensor_Scalar:
-                if u.args[1] != 2:
-                    raise _NotAStream(u.name)
+            elif _square(u, n):
+                continue  # the square an RMS normalization averages (`_from_norm`)
             elif u.op == "call_function" and u.target in _MUL:
                 readers += _rms_readers(u, n, root, d)
             else:
@@ -342,6 +354,15 @@ def _cast_of(u: fx.Node, n: fx.Node) -> bool:
     return plain or (_cast_to(u) and u.args[0] is n)
 
 
+def _square(u: fx.Node, x: fx.Node) -> bool:
+    """`u` is `x²`: `x.pow(2)`, `torch.pow(x, 2)`, `x ** 2` or `x * x`."""
+    if u.op == "call_function" and u.target in _MUL:
+        return len(u.args) == 2 and u.args[0] is x and u.args[1] is x
+    pow_ = u.op == "call_method" and u.target == "pow"
+    pow_ = pow_ or (u.op == "call_function" and u.target in _POW)
+    return pow_ and len(u.args) == 2 and u.args[0] is x and u.args[1] == 2
+
+
 def _from_norm(r: Any, x: fx.Node) -> bool:
     """`r` is computed from `x` only, by the operations of an RMS normalization."""
     stack, seen = [r], set()
@@ -352,7 +373,10 @@ def _from_norm(r: Any, x: fx.Node) -> bool:
         seen.add(n)
         if n is x:
             continue
-        if n.op != "call_function" or n.target not in _NORM_OPS | CASTS:
+        if n.op == "call_method":
+            if n.target not in _NORM_METHODS and n.target not in CAST_METHODS:
+                return False
+        elif n.op != "call_function" or n.target not in _NORM_OPS | _NORM_FUNCS | CASTS:
             return False
         stack += list(n.all_input_nodes)
     return x in seen

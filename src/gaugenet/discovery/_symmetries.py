@@ -23,8 +23,10 @@ from ._inputs import Call, as_call, find_inputs, without_cache
 from ._kernel import link_kernels
 from ._linear_streams import StreamShiftFactor, fix_stream_labels, linear_streams, stream_factors
 from ._meta import is_meta, meta_call, unchecked
+from ._numeric_norms import traced_numeric_norms
 from ._offset import link_offsets, settle_offsets
 from ._propagate import Propagator
+from ._rms_norm import expand_rms_norms
 from ._score_shift import score_bias_shifts
 from ._selfcheck import self_check
 from ._stream import stream_rotations, with_rotations
@@ -149,7 +151,8 @@ def _discover(model: nn.Module, call: Call, rows: bool = True) -> GaugeGroup:
     try:
         flat = _positional(model, args, kwargs) if kwargs else args
         gm = trace(model, len(flat))
-        model = with_modules(model, traced_layer_norms(gm, model))
+        norms = {**traced_layer_norms(gm, model), **traced_numeric_norms(gm, model)}
+        model = with_modules(model, norms)
     except UnsupportedModelError as fx_exc:
         try:
             gm, flat = export_graph(model, args, kwargs)
@@ -158,6 +161,7 @@ def _discover(model: nn.Module, call: Call, rows: bool = True) -> GaugeGroup:
         # functional LayerNorms are analyzed as the `nn.LayerNorm`s they compute: through a
         # view of the model holding those (same parameters, same names)
         model = with_modules(model, gm.layer_norms)
+    expand_rms_norms(gm, model)  # `nn.RMSNorm`'s one call, as the operations it computes
     drop_dead(gm)  # results no output reads: they break nothing and read nothing
     unread = unread_entries(gm, model, rows=rows)
     prop = Propagator(gm, model)

@@ -39,6 +39,8 @@ class _Tracer(fx.Tracer):
         captures the model instead)."""
         if is_atomic(m):
             return True
+        if isinstance(m, nn.RMSNorm):  # its one `F.rms_norm` call is written out (`_rms_norm.py`)
+            return False
         return super().is_leaf_module(m, module_qualified_name) and next(m.children(), None) is None
 
 
