@@ -12,8 +12,8 @@ cross-layer equalization (`EqualizeGraph`), graph activation equalization
 `gaugenet.symmetries` discovers (no mapping table), aimed at each scheme, with its
 orthogonal factors learned for `--learn` steps (default 60) after the Hadamard candidates.
 
-Where a task has validation inputs (more of the training split, disjoint from the
-calibration inputs: the 477 windows of the decoder's training text that its training never
+Where a task has validation inputs (data disjoint from the calibration inputs and from the
+held-out data: the 364 windows of the decoder's validation topics, which its training never
 read, the digits CNN's other 1 181 training images), gaugenet chooses its element on them
 among its candidates, plain rounding included (`equalize(..., validation=...)`), by the
 next-token loss (decoder) or the KL to the float logits (CNN); the peers then get the

@@ -1,17 +1,25 @@
 """A small Llama decoder trained here on a real English corpus, for the quantization benchmark.
 
 Corpus: the Python Language Reference topics that ship with CPython's standard library
-(`pydoc_data.topics`, about 465 kB of English prose and code examples; present offline on
-every Python install). Byte-level tokens (vocabulary 256). The topics, sorted by name and
-joined, are split once: the last tenth of the bytes is held out, the rest trains the model.
+(`pydoc_data.topics`, 79 topics, about 465 kB of English prose and code examples; present
+offline on every Python install). Byte-level tokens (vocabulary 256). The corpus is split by
+whole topics, so that the three parts are drawn from the same distribution (`split_topics`):
+the topics, in the order of a permutation seeded with `SPLIT_SEED`, go first-fit to the
+held-out part, else to the validation part, while each stays within `EVAL_FRACTION` (10 %) of
+the corpus's bytes, and otherwise to training (about 80 / 10 / 10 by bytes). Each part is its
+topics, sorted by name, joined. Training reads only the training part; the validation part
+(for choosing among candidates) is never trained on and never scored as held out; the
+held-out part is only scored.
 
 The model is a `transformers.LlamaForCausalLM` built from a config (random init: 4 layers,
 hidden 128, 4 heads, MLP 384, untied head), trained with AdamW for a few CPU minutes and
-cached as safetensors under `$GAUGENET_CACHE` (default `~/.cache/gaugenet`).
+cached as safetensors under `$GAUGENET_CACHE` (default `~/.cache/gaugenet`), keyed by the
+model's depth and width, the steps and a digest of the three parts' bytes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -21,7 +29,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-CORPUS = "CPython pydoc_data.topics (Python Language Reference), bytes; last 10% held out"
+CORPUS = (
+    "CPython pydoc_data.topics (Python Language Reference), bytes; whole topics drawn "
+    "(seed 0) to train / validation / held out, about 80/10/10"
+)
 CONFIG = dict(
     vocab_size=256,
     hidden_size=128,
@@ -40,20 +51,47 @@ CONFIG = dict(
 )
 SEQ = 128
 STEPS, BATCH, LR = 500, 8, 3e-3
+SPLIT_SEED, EVAL_FRACTION = 0, 0.1
+PARTS = ("train", "validation", "held_out")
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("GAUGENET_CACHE", Path.home() / ".cache" / "gaugenet"))
 
 
-def corpus() -> tuple[Tensor, Tensor]:
-    """`(train, held_out)` byte tensors (int64) of the corpus."""
+def split_topics(seed: int = SPLIT_SEED) -> dict[str, list[str]]:
+    """The topic names of each part, `{"train", "validation", "held_out"}` (each sorted).
+
+    The topics are visited in the order of `torch.randperm` seeded with `seed`; each goes to
+    the held-out part if that part stays within `EVAL_FRACTION` of the corpus's bytes with it,
+    else to the validation part under the same bound, else to training. Deterministic."""
     import pydoc_data.topics as t
 
-    text = "\n\n".join(t.topics[k] for k in sorted(t.topics)).encode("utf-8")
-    tokens = torch.tensor(list(text), dtype=torch.long)
-    cut = len(tokens) * 9 // 10
-    return tokens[:cut], tokens[cut:]
+    names = sorted(t.topics)
+    size = {k: len(t.topics[k].encode("utf-8")) for k in names}
+    cap = EVAL_FRACTION * sum(size.values())
+    parts: dict[str, list[str]] = {p: [] for p in PARTS}
+    used = {"held_out": 0, "validation": 0}
+    order = torch.randperm(len(names), generator=torch.Generator().manual_seed(seed))
+    for k in (names[i] for i in order.tolist()):
+        part = next((p for p in ("held_out", "validation") if used[p] + size[k] <= cap), "train")
+        parts[part].append(k)
+        if part != "train":
+            used[part] += size[k]
+    return {p: sorted(v) for p, v in parts.items()}
+
+
+def corpus() -> tuple[Tensor, Tensor, Tensor]:
+    """`(train, validation, held_out)` byte tensors (int64): each part's topics (see
+    `split_topics`), sorted by name and joined by blank lines."""
+    import pydoc_data.topics as t
+
+    def part(names: list[str]) -> Tensor:
+        text = "\n\n".join(t.topics[k] for k in names).encode("utf-8")
+        return torch.tensor(list(text), dtype=torch.long)
+
+    split = split_topics()
+    return part(split["train"]), part(split["validation"]), part(split["held_out"])
 
 
 def windows(tokens: Tensor, n: int | None = None, seq: int = SEQ) -> Tensor:
@@ -63,34 +101,13 @@ def windows(tokens: Tensor, n: int | None = None, seq: int = SEQ) -> Tensor:
     return tokens[: k * seq].reshape(k, seq)
 
 
-def training_starts(steps: int = STEPS) -> Tensor:
-    """The start of every window `trained` drew, `(steps, BATCH)`: the same generator and
-    draws, replayed (nothing else consumes that generator)."""
-    n = len(corpus()[0])
-    g = torch.Generator().manual_seed(0)
-    return torch.stack([torch.randint(0, n - SEQ - 1, (BATCH,), generator=g) for _ in range(steps)])
-
-
-def unseen_windows(avoid: Tensor, steps: int = STEPS, seq: int = SEQ) -> Tensor:
-    """Windows `(n, seq)` of the training split that training never read (about 30 % of its
-    bytes fall in no drawn window) and that overlap none of the windows starting at `avoid`:
-    text from the training split that is new to the model, for choosing among candidates
-    without touching the held-out tenth. Non-overlapping, in order of position."""
-    train = corpus()[0]
-    seen = torch.zeros(len(train) + 1, dtype=torch.long)
-    for s in (*training_starts(steps).reshape(-1).tolist(), *avoid.tolist()):
-        seen[s] += 1
-        seen[s + seq] -= 1
-    covered = seen.cumsum(0)[: len(train)] > 0
-    out, s = [], 0
-    while s + seq <= len(train):
-        bad = covered[s : s + seq].nonzero()
-        if len(bad):
-            s += int(bad[-1]) + 1
-            continue
-        out.append(train[s : s + seq])
-        s += seq
-    return torch.stack(out)
+def corpus_digest() -> str:
+    """A short digest of the three parts' bytes (changes with the split or the corpus)."""
+    h = hashlib.sha256()
+    for tokens in corpus():
+        h.update(len(tokens).to_bytes(8, "little"))
+        h.update(bytes(tokens.tolist()))
+    return h.hexdigest()[:10]
 
 
 def build(config: dict | None = None) -> nn.Module:
@@ -116,16 +133,18 @@ def perplexity(model: nn.Module, batch: Tensor, chunk: int = 16) -> float:
 
 
 def trained(steps: int = STEPS, log=print) -> nn.Module:
-    """The trained decoder, from the cache when present (keyed by config and steps)."""
+    """The trained decoder, from the cache when present (keyed by depth × width, steps and
+    `corpus_digest`, so a model trained on another split is not reused)."""
     from safetensors.torch import load_file, save_file
 
-    key = f"llama-pydoc-{CONFIG['num_hidden_layers']}x{CONFIG['hidden_size']}-{steps}"
+    shape = f"{CONFIG['num_hidden_layers']}x{CONFIG['hidden_size']}"
+    key = f"llama-pydoc-topics-{corpus_digest()}-{shape}-{steps}"
     path = cache_dir() / f"{key}.safetensors"
     model = build()
     if path.exists():
         model.load_state_dict(load_file(str(path)))
         return model.eval()
-    train_tokens, held = corpus()
+    train_tokens, val, held = corpus()
     g = torch.Generator().manual_seed(0)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -150,8 +169,9 @@ def trained(steps: int = STEPS, log=print) -> nn.Module:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
     tmp.replace(path)
     (path.with_suffix(".json")).write_text(
-        json.dumps({"corpus": CORPUS, "config": CONFIG, "steps": steps,
-                    "held_out_ppl": perplexity(model, windows(held, 64))})
+        json.dumps({"corpus": CORPUS, "split": split_topics(), "config": CONFIG,
+                    "steps": steps, "validation_ppl": perplexity(model, windows(val)),
+                    "held_out_ppl": perplexity(model, windows(held))})
     )  # fmt: skip
     return model
 
@@ -159,4 +179,5 @@ def trained(steps: int = STEPS, log=print) -> nn.Module:
 if __name__ == "__main__":
     torch.set_num_threads(1)  # more threads only contend on a shared machine
     m = trained()
-    print("held-out perplexity", perplexity(m, windows(corpus()[1], 64)))
+    for name, tokens in zip(PARTS, corpus()):
+        print(f"{name}: {len(tokens)} bytes, perplexity {perplexity(m, windows(tokens)):.3f}")

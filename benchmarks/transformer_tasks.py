@@ -63,9 +63,10 @@ class Task:
     """A float model with its calibration inputs (`calib`, what equalizers may look at), its
     held-out `score` (name `metric`) and `outputs` (for the function-preservation check).
 
-    `validation` (optional): more inputs from the training split, disjoint from `calib`, on
-    which gaugenet chooses its element among candidates by `validation_distance`
-    (`(y_q, y) ↦` scalar, `None`: the calibration distance); never held-out data."""
+    `validation` (optional): more inputs, disjoint from `calib` and from the held-out data
+    (the decoder's validation topics, the CNN's other training images), on which gaugenet
+    chooses its element among candidates by `validation_distance` (`(y_q, y) ↦` scalar,
+    `None`: the calibration distance); never held-out data."""
 
     name: str
     label: str
@@ -80,16 +81,16 @@ class Task:
 
 def _decoder() -> Task:
     from gaugenet.apply import next_token_loss
-    from tiny_decoder import CORPUS, SEQ, corpus, perplexity, trained, unseen_windows, windows
+    from tiny_decoder import CORPUS, SEQ, corpus, perplexity, trained, windows
 
     model = trained()
-    train, held = corpus()
+    train, val, held = corpus()
     starts = torch.linspace(0, len(train) - SEQ - 1, 8).long()
     calib = {"input_ids": torch.stack([train[s : s + SEQ] for s in starts.tolist()])}
-    # validation: windows of the training split that training never read and that overlap
-    # no calibration window (text new to the model; the held-out tenth is only scored)
-    val_ids = unseen_windows(starts)
-    test = windows(held, 64)
+    # validation: every window of the validation topics (never trained on, never scored);
+    # the held-out topics are only scored, on all their windows
+    val_ids = windows(val)
+    test = windows(held)
 
     def outputs(m: nn.Module) -> Tensor:
         with torch.no_grad():
