@@ -37,6 +37,30 @@ MORE_ROWS: list[tuple[str, Build]] = [
     _row("OlmoForCausalLM", "OlmoForCausalLM", "OlmoConfig", **_DEC),
     _row("GemmaModel", "GemmaModel", "GemmaConfig", **_DEC, head_dim=4),
     _row("Gemma2Model", "Gemma2Model", "Gemma2Config", **_DEC, head_dim=4),
+    # normalized queries and keys: per head, one gain of 4 shared by the heads (Qwen3);
+    # over both heads' 8 features (OLMo 2, which also moves its norms after the blocks)
+    _row("Qwen3Model", "Qwen3Model", "Qwen3Config", **_DEC, head_dim=4),
+    _row("Olmo2Model", "Olmo2Model", "Olmo2Config", **_DEC),
+    # gains `1 + w`, normalized after the heads are moved forward
+    _row("Gemma3TextModel", "Gemma3TextModel", "Gemma3TextConfig", **_DEC, head_dim=4),
+    _row("Exaone4Model", "Exaone4Model", "Exaone4Config", **_DEC, head_dim=4),
+    # `nn.LayerNorm` of the head size on queries and keys, half the head rotary, fused
+    # projection, squared-ReLU MLP
+    _row(
+        "PersimmonModel",
+        "PersimmonModel",
+        "PersimmonConfig",
+        vocab_size=V,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=T,
+        use_cache=False,
+    ),
+    _row("ArceeModel", "ArceeModel", "ArceeConfig", **_DEC),  # squared-ReLU MLP
+    # LayerNorms without bias written as primitive operations (in float32), parallel block
+    _parallel("CohereModel", "CohereModel", "CohereConfig", **_DEC),
     _parallel("PhiForCausalLM", "PhiForCausalLM", "PhiConfig", **_DEC),
     _row("Phi3Model", "Phi3Model", "Phi3Config", **_DEC, pad_token_id=0),
     # half the head's 4 dimensions rotary (the default quarter, one dimension, makes

@@ -146,9 +146,12 @@ def _hf(cls: str, cfg: str, **kw) -> tuple[nn.Module, dict]:
     )
     torch.manual_seed(0)
     model = getattr(transformers, cls)(config).double().eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(0.5 * torch.randn_like(p))
+    with torch.no_grad():  # matrices of unit gain, vectors near 1 (gains) or 0 (biases)
+        for name, p in model.named_parameters():
+            if p.ndim >= 2:
+                p.copy_(torch.randn_like(p) / min(p.shape) ** 0.5)
+            else:
+                p.copy_((name.endswith("weight")) + 0.3 * torch.randn_like(p))
     return model, {"input_ids": token_ids(24, 40, 6)}
 
 
@@ -159,6 +162,9 @@ def _hf(cls: str, cfg: str, **kw) -> tuple[nn.Module, dict]:
         ("Qwen3Model", "Qwen3Config", {"head_dim": 4}, 2),
         # one norm over both heads' 8 features: one scale per plane and head
         ("Olmo2Model", "Olmo2Config", {}, 4),
+        # gains `1 + w`, the norm applied after the heads are moved forward
+        ("Gemma3TextModel", "Gemma3TextConfig", {"head_dim": 4}, 2),
+        ("Exaone4Model", "Exaone4Config", {"head_dim": 4}, 2),
     ],
 )
 def test_hugging_face_normalized_attention_is_complete(cls, cfg, kw, gains) -> None:
@@ -171,3 +177,33 @@ def test_hugging_face_normalized_attention_is_complete(cls, cfg, kw, gains) -> N
     assert report.verdict is Verdict.COMPLETE and report.unexplained == 0
     ref, gen = _out(model, x), torch.Generator().manual_seed(2)
     assert relative_error(_out(group.act(model, group.sample(gen)), x), ref) < 1e-6
+
+
+def test_layernorm_modules_on_queries_and_keys() -> None:
+    """`PersimmonModel`: an `nn.LayerNorm` of the head size on queries and keys (gain and
+    bias), half the head rotary: one scale for the rotated plane and one per unrotated
+    coordinate (3), moving `γ` and `β` together. What is left of `n − rank J` on the fused
+    projection (the kernel of the per-head norms on its rows) is not found yet; every factor
+    found holds (tangents in the Jacobian's kernel, random elements)."""
+    model, x = _hf("PersimmonModel", "PersimmonConfig")
+    group = gaugenet.symmetries(model, x)
+    assert not [b for b in group.breakers if b.reason.startswith(INTERNAL_ERROR)]
+    gains = _gains(group)
+    assert gains.dim == 3
+    names = {n.rpartition(".")[2] for n in gains.params()}
+    assert names == {"weight", "bias"}
+    report = gaugenet.certify(model, x, group=group)
+    assert report.worst_residual < 1e-10
+    ref, gen = _out(model, x), torch.Generator().manual_seed(3)
+    assert relative_error(_out(group.act(model, group.sample(gen)), x), ref) < 1e-10
+
+
+def test_squared_relu_mlp_is_complete() -> None:
+    """`ArceeModel`: its MLP is `down(relu(up(x))²)`, captured as `aten.square`: each unit's
+    row scales by `α`, its column by `α⁻²` (a power `2` in the exponent system)."""
+    model, x = _hf("ArceeModel", "ArceeConfig")
+    group = gaugenet.symmetries(model, x)
+    assert not [b for b in group.breakers if "square" in b.reason]
+    with keep_float64():
+        report = gaugenet.certify(model, x, group=group)
+    assert report.verdict is Verdict.COMPLETE and report.unexplained == 0

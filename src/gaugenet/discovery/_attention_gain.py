@@ -50,6 +50,9 @@ class Gain(Linear):
 
     offset: float = 0.0
     feature_axes: int = 1
+    #: the result is `(batch, heads, tokens, dh)` (a gain of one axis): its features are its
+    #: heads and `dh`
+    head_first: bool = False
 
 
 def _cast(n: fx.Node) -> bool:
@@ -102,9 +105,24 @@ def _product(n: fx.Node, root: nn.Module, values: dict) -> Gain | None:
     return None
 
 
+def _layernorm(n: fx.Node, root: nn.Module, values: dict) -> Gain | None:
+    """`n` calls an `nn.LayerNorm` (its own `forward`) with a gain: `γ ⊙ x̂ + β`."""
+    m = root.get_submodule(str(n.target))
+    if not isinstance(m, nn.LayerNorm) or type(m).forward is not nn.LayerNorm.forward:
+        return None
+    out = values.get(n)
+    if m.weight is None or not isinstance(out, Tensor):
+        return None
+    k = _features(out, m.weight)
+    bias = f"{n.target}.bias" if m.bias is not None else None
+    return Gain(n, f"{n.target}.weight", bias, 0, 0.0, k) if k else None
+
+
 def as_gain(n: fx.Node, root: nn.Module, values: dict) -> Gain | None:
     """The gain `n` computes: `x ⊙ γ`, or `(x ⊙ γ) + β` with `β` of `γ`'s shape (read only
-    there, the product read only by the sum); else `None`."""
+    there, the product read only by the sum), or an `nn.LayerNorm`'s; else `None`."""
+    if n.op == "call_module":
+        return _layernorm(n, root, values)
     if n.op == "call_function" and n.target in ADDITIONS and len(n.args) == 2 and not n.kwargs:
         for a, b in (n.args, n.args[::-1]):
             if not isinstance(a, fx.Node) or len(graph_users(a)) != 1:
@@ -123,7 +141,8 @@ def gain_entries(gain: Gain, root: nn.Module, values: dict) -> Tensor:
     """`(F,)`: the entry of `γ` (flat index) multiplying each of the gain's `F` features (its
     feature axes flattened)."""
     gamma = root.get_parameter(gain.weight)
-    feats = tuple(values[gain.node].shape[-gain.feature_axes :])
+    shape = values[gain.node].shape
+    feats = (shape[1], shape[3]) if gain.head_first else tuple(shape[-gain.feature_axes :])
     return torch.arange(gamma.numel()).reshape(gamma.shape).expand(feats).reshape(-1)
 
 

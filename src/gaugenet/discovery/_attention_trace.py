@@ -12,6 +12,7 @@ the projection reading it as a plain reshape.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +23,7 @@ from torch import Tensor, fx, nn
 from ._attention_folded import fold_batch
 from ._attention_gain import Gain, as_gain
 from ._linear import Linear, as_linear, param_name
-from ._ops import METADATA_OPS, graph_users
+from ._ops import DTYPE_CASTS, METADATA_OPS, graph_users
 
 __all__ = ["Linear", "Proj", "Skip", "trace_input", "trace_output"]
 
@@ -78,20 +79,28 @@ def _evaluate(nodes: list[fx.Node], root: nn.Module, values: dict, stop: fx.Node
 
 
 def _probe(
-    nodes, root, values, stop: fx.Node, target: fx.Node, batch: int = 0, axes: int = 1
+    nodes,
+    root,
+    values,
+    stop: fx.Node,
+    target: fx.Node,
+    batch: int = 0,
+    axes: int = 1,
+    head_first: bool = False,
 ) -> Tensor:
     """Responses of `target` to each basis vector of `stop`'s last `axes` axes (flattened),
     set at every token: `(features, *target.shape)`, with `target`'s leading axis unfolded
-    into `(batch, -1)` when `batch` is given (heads folded into the batch). Checks linearity
-    and locality on a random input."""
-    z0 = values[stop]
+    into `(batch, -1)` when `batch` is given (heads folded into the batch). `head_first`:
+    `stop` is `(batch, heads, tokens, dh)`, probed as its `(batch, tokens, heads, dh)` view.
+    Checks linearity and locality on a random input."""
+    z0 = values[stop].transpose(1, 2) if head_first else values[stop]
     trail = tuple(z0.shape[z0.ndim - axes :])
     feats = math.prod(trail)
     eye = torch.eye(feats, dtype=z0.dtype).reshape(feats, *trail)
     basis = eye.reshape(feats, *([1] * (z0.ndim - axes)), *trail).expand(feats, *z0.shape)
 
     def f(z: Tensor) -> Tensor:
-        out = _evaluate(nodes, root, values, stop, z)
+        out = _evaluate(nodes, root, values, stop, z.transpose(1, 2) if head_first else z)
         if not isinstance(out, Tensor):
             raise Skip("the path to the attention does not give one tensor")
         return out.unflatten(0, (batch, -1)) if batch else out
@@ -180,7 +189,7 @@ def _linear_source(node: fx.Node, root: nn.Module, values: dict) -> Linear:
             continue
         seen.add(n)
         lin = as_linear(n, root)
-        if lin is None and n.op == "call_function":
+        if lin is None and n.op in ("call_function", "call_module"):
             lin = as_gain(n, root, values)
         if lin is not None:
             found[n] = lin
@@ -190,11 +199,33 @@ def _linear_source(node: fx.Node, root: nn.Module, values: dict) -> Linear:
             raise Skip(f"{type(m).__name__} {n.target} between a projection and the core")
         if param_name(n, root) is not None:
             raise Skip(f"parameter {n.target} enters between a projection and the core")
+        if n.op == "call_function" and n.target in DTYPE_CASTS:  # `x.type_as(y)`: y's dtype
+            stack.append(n.args[0])
+            continue
         # sizes read for a reshape (`B, T, _ = y.shape`) carry no values
         stack += [a for a in n.all_input_nodes if not _sizes(values.get(a))]
     if len(found) != 1:
         raise Skip(f"{len(found)} projections feed one attention input")
     return next(iter(found.values()))
+
+
+def _probe_gain(nodes, root, values, gain: Gain, node: fx.Node, batch: int) -> tuple[Gain, Tensor]:
+    """`_probe` from a gain: its features after batch and tokens, or, for a gain of one axis
+    on a `(batch, heads, tokens, dh)` tensor shaped as the core's input (a norm after the
+    heads are moved forward, as Gemma 3's), its heads and `dh`. The first layout whose map
+    is linear token by token is taken (heads first tried first where the shapes allow)."""
+    v, core = values[gain.node], values[node]
+    gamma = root.get_parameter(gain.weight)
+    heads_first = v.ndim == 4 and gamma.ndim == 1 and v.shape == core.shape and not batch
+    for first in (True, False) if heads_first else (False,):
+        try:
+            resp = _probe(nodes, root, values, gain.node, node, batch, gain.feature_axes, first)
+        except Skip:
+            if first:
+                continue
+            raise
+        return dataclasses.replace(gain, head_first=first), resp
+    raise Skip("no layout of the gain's features maps to the heads")
 
 
 def trace_input(node: fx.Node, root: nn.Module, values: dict, folded: bool = False) -> Proj:
@@ -205,8 +236,10 @@ def trace_input(node: fx.Node, root: nn.Module, values: dict, folded: bool = Fal
     batch = fold_batch(values[lin.node], values[node]) if folded else 0
     if folded and not batch:
         raise Skip("the heads folded into the batch do not match the projection's batch")
-    axes = lin.feature_axes if isinstance(lin, Gain) else 1
-    resp = _probe(nodes, root, values, lin.node, node, batch, axes)  # (F, B, H, T, dh)
+    if isinstance(lin, Gain):
+        lin, resp = _probe_gain(nodes, root, values, lin, node, batch)
+    else:
+        resp = _probe(nodes, root, values, lin.node, node, batch)  # (F, B, H, T, dh)
     B, H, T, dh = resp.shape[1:]
     r = resp[:, 0]  # (F, H, T, dh)
     if B > 1 and not torch.allclose(resp[:, -1], r):
