@@ -59,6 +59,8 @@ MORE_ROWS: list[tuple[str, Build]] = [
         use_cache=False,
     ),
     _row("ArceeModel", "ArceeModel", "ArceeConfig", **_DEC),  # squared-ReLU MLP
+    # an `nn.Identity` norm in its first layer, which `torch.export.unflatten` loses
+    _row("ModernBertModel", "ModernBertModel", "ModernBertConfig", **_ENC, pad_token_id=0),
     # LayerNorms without bias written as primitive operations (in float32), parallel block
     _parallel("CohereModel", "CohereModel", "CohereConfig", **_DEC),
     _parallel("PhiForCausalLM", "PhiForCausalLM", "PhiConfig", **_DEC),

@@ -217,6 +217,17 @@ class _Flattener:
         raise UnsupportedModelError("exported graph has no output")
 
 
+def _export(model: nn.Module, args: tuple, kwargs: dict[str, Any], atoms: tuple[str, ...]):
+    ep = torch.export.export(
+        model, args, kwargs, strict=False, preserve_module_call_signature=atoms
+    )
+    return torch.export.unflatten(ep)
+
+
+def _holds_state(m: nn.Module) -> bool:
+    return next(m.parameters(), None) is not None or next(m.buffers(), None) is not None
+
+
 def export_graph(
     model: nn.Module, args: tuple, kwargs: dict[str, Any]
 ) -> tuple[fx.GraphModule, tuple]:
@@ -235,10 +246,17 @@ def export_graph(
         torch.backends.mha.set_fastpath_enabled(False)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ep = torch.export.export(
-                model, args, kwargs, strict=False, preserve_module_call_signature=atoms
-            )
-            unflat = torch.export.unflatten(ep)
+            try:
+                unflat = _export(model, args, kwargs, atoms)
+            except Exception:
+                # `unflatten` loses a preserved call that computes nothing (ModernBERT's
+                # `nn.Identity` norm of its first layer): atoms without parameters or
+                # buffers are inlined instead, as the operations they compute
+                held = tuple(a for a in atoms if _holds_state(model.get_submodule(a)))
+                if held == atoms:
+                    raise
+                atoms = held
+                unflat = _export(model, args, kwargs, atoms)
     except Exception as exc:  # export raises many types; all mean "cannot capture"
         raise UnsupportedModelError(
             f"cannot capture {type(model).__name__} with torch.export: {type(exc).__name__}: {exc}"
