@@ -110,7 +110,15 @@ def attention_from_graph(
         try:
             fs, names, pk, key_rows = _core_factors(core, root, values)
         except Skip as exc:
-            breakers.append(Breaker(core.out.name, f"attention pattern not analyzed: {exc}"))
+            why = f"attention pattern not analyzed: {exc}"
+            try:  # the values and output alone (the scores are whatever they are)
+                fs, names = _value_output_only(core, root, values)
+            except Skip:
+                breakers.append(Breaker(core.out.name, why))
+                continue
+            breakers.append(Breaker(core.out.name, f"query-key part of the {why}"))
+            factors += fs
+            covered |= names
             continue
         factors += fs
         covered |= names
@@ -352,6 +360,49 @@ def _core_factors(
             name, pq, pk, pv, po, o_off, hkv, rep, (qk, vo), modules, shifts
         )
     return [qk, vo, *shifts, *perms], covered, pk, _key_row_ranges(pk, sel, hkv)
+
+
+def _value_output_only(core: _Core, root: nn.Module, values: dict) -> tuple[list, set[str]]:
+    """The value-output `GL` (and the value-bias shift) of a core whose queries or keys the
+    analysis cannot trace: the softmax weights do not read the values, so `W_v ↦ Gᵀ W_v`,
+    `W_o ↦ W_o G⁻ᵀ` per key-value head keeps the output whatever computes the scores. No head
+    permutations (they would move the scores' heads too)."""
+    if _folded([values[n] for n in (core.q, core.k, core.v, core.out)]):
+        raise Skip("heads folded into the batch")
+    pv = trace_input(core.v, root, values)
+    if isinstance(pv.lin, Gain):
+        raise Skip("values go through a gain")
+    H = int(values[core.out].shape[1])
+    po, o_off = trace_output(core.out, root, values)
+    hv = pv.maps.shape[0]
+    if core.gqa or (hv == 1 and H > 1):
+        if H % hv:
+            raise Skip("query heads are not a multiple of value heads")
+        kv_of = pv.source_head.repeat_interleave(H // hv)
+        v_maps = pv.maps.repeat_interleave(H // hv, 0)
+    elif hv == H:
+        kv_of, v_maps = pv.source_head, pv.maps
+    else:
+        raise Skip("the values have another number of heads than the output")
+    hkv = int(kv_of.max()) + 1
+    rep = H // hkv
+    if H % hkv or not torch.equal(kv_of, torch.arange(hkv).repeat_interleave(rep)):
+        raise Skip("output heads are not grouped by consecutive value heads")
+    if not _scalar_maps(v_maps):
+        raise Skip("values are transformed (rotated) before the attention")
+    modules = tuple(dict.fromkeys([pv.name, po.name]))
+    name = _common_prefix([pv.name, po.name]) or pv.name
+    where = {} if pv.regular else {"rows": tuple(pv.block_rows().reshape(-1).tolist())}
+    stride = pv.stride or 1
+    v_terms = [MatTerm(pv.lin.weight, pv.lin.out_axis, pv.offset, "T", stride, **where)]
+    if pv.lin.bias is not None:
+        v_terms.append(MatTerm(pv.lin.bias, 0, pv.offset, "T", stride, **where))
+    o_term = MatTerm(po.weight, po.in_axis, o_off, "inv")
+    dv = pv.maps.shape[-1]
+    vo_terms = [*v_terms, Repeat(o_term, rep) if rep > 1 else o_term]
+    vo = AlgebraFactor(f"{name}.vo", dv, hkv, terms=tuple(vo_terms), modules=modules)
+    shifts = _value_shift(name, pv, po, o_off, hkv, rep, vo, modules)
+    return [vo, *shifts], {pv.name}
 
 
 def _key_row_ranges(pk: Proj, sel: Tensor | None, hkv: int) -> list[tuple[int, int]]:
