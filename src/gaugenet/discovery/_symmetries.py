@@ -18,6 +18,7 @@ from ._capture import export_graph
 from ._centering import link_centered, without_summed_ones
 from ._concat_gl import concat_gls
 from ._free_entries import with_free
+from ._functional_layers import traced_layers
 from ._functional_norms import traced_layer_norms, with_modules
 from ._inputs import Call, as_call, find_inputs, without_cache
 from ._kernel import link_kernels
@@ -28,8 +29,9 @@ from ._propagate import Propagator
 from ._score_shift import score_bias_shifts
 from ._selfcheck import self_check
 from ._stream import stream_rotations, with_rotations
+from ._subclass_atoms import checked_subclasses
 from ._summed_biases import summed_bias_factors
-from ._trace import is_atomic, trace
+from ._trace import atom_types, is_atomic, trace
 from ._unanalyzed import unanalyzed_breakers
 from ._unread import drop_dead, unread_entries
 from .rules.recurrent import recurrent_bias_factors
@@ -136,6 +138,13 @@ def _positional(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple:
 
 
 def _discover(model: nn.Module, call: Call, rows: bool = True) -> GaugeGroup:
+    """The group of `model` on `call`, with the subclasses of atomic types that compute
+    their base's function (shown on `call`, `_subclass_atoms.py`) kept whole."""
+    with checked_subclasses(model, without_cache(model, call), atom_types()):
+        return _discover_graph(model, call, rows)
+
+
+def _discover_graph(model: nn.Module, call: Call, rows: bool) -> GaugeGroup:
     names = tuple(n for n, _ in model.named_parameters())
     args, kwargs = without_cache(model, call)
     example = kwargs if kwargs else args
@@ -149,7 +158,8 @@ def _discover(model: nn.Module, call: Call, rows: bool = True) -> GaugeGroup:
     try:
         flat = _positional(model, args, kwargs) if kwargs else args
         gm = trace(model, len(flat))
-        model = with_modules(model, traced_layer_norms(gm, model))
+        functional = {**traced_layer_norms(gm, model), **traced_layers(gm, model)}
+        model = with_modules(model, functional)
     except UnsupportedModelError as fx_exc:
         try:
             gm, flat = export_graph(model, args, kwargs)

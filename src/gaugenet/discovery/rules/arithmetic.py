@@ -217,6 +217,7 @@ _POWERS: dict[Any, Fraction] = {
     aten.rsqrt.default: Fraction(-1, 2),
     aten.sqrt.default: Fraction(1, 2),
     aten.reciprocal.default: Fraction(-1),
+    aten.square.default: Fraction(2),
     "rsqrt": Fraction(-1, 2),
     "sqrt": Fraction(1, 2),
     "reciprocal": Fraction(-1),
