@@ -327,3 +327,48 @@ def test_stream_through_a_scaled_table(per_feature: bool) -> None:
     assert not _internal(group)
     assert any(f.kind == "orthogonal" for f in group.factors) is not per_feature
     assert gaugenet.invariance_error(model, group.act(model, group.sample()), ids) < TOL
+
+
+class SameAttention(nn.MultiheadAttention):
+    """Overrides `forward` with `nn.MultiheadAttention`'s own function."""
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, **kw: object) -> tuple:
+        return super().forward(q, k, v, **kw)
+
+
+class HalfAttention(nn.MultiheadAttention):
+    """Overrides `forward` with another function: half the attention's output."""
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, **kw: object) -> tuple:
+        out, weights = super().forward(q, k, v, **kw)
+        return 0.5 * out, weights
+
+
+class Attend(nn.Module):
+    def __init__(self, attn: type[nn.MultiheadAttention]) -> None:
+        super().__init__()
+        self.attn, self.head = attn(D, 2, batch_first=True), nn.Linear(D, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.relu(self.attn(x, x, x, need_weights=False)[0]))
+
+
+@pytest.mark.parametrize("attn", [SameAttention, HalfAttention], ids=["same", "half"])
+def test_analyzers_take_no_class_as_proof(attn: type[nn.MultiheadAttention]) -> None:
+    """A type's analyzer (`nn.MultiheadAttention`'s factors) describes a subclass only
+    where the subclass computes that type's function; otherwise it is traced into and the
+    group found there is checked (no internal error)."""
+    from gaugenet.discovery._symmetries import _analyzer
+
+    torch.manual_seed(0)
+    model = Attend(attn).to(F64).eval()
+    x = torch.randn(16, T, D, dtype=F64, generator=torch.Generator().manual_seed(1))
+    with checked_subclasses(model, ((x,), {}), (*atom_types(), nn.MultiheadAttention)):
+        assert (_analyzer(model.attn) is not None) is (attn is SameAttention)
+    group = gaugenet.symmetries(model, x)
+    assert not _internal(group)
+    assert gaugenet.invariance_error(model, group.act(model, group.sample()), x) < TOL
+    if attn is SameAttention:
+        plain = Attend(nn.MultiheadAttention).to(F64).eval()
+        plain.load_state_dict(model.state_dict())
+        assert group.dim == gaugenet.symmetries(plain, x).dim > 0

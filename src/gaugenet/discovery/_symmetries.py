@@ -29,7 +29,7 @@ from ._propagate import Propagator
 from ._score_shift import score_bias_shifts
 from ._selfcheck import self_check
 from ._stream import stream_rotations, with_rotations
-from ._subclass_atoms import checked_subclasses
+from ._subclass_atoms import checked_subclasses, computes_base
 from ._summed_biases import summed_bias_factors
 from ._trace import atom_types, is_atomic, trace
 from ._unanalyzed import unanalyzed_breakers
@@ -68,13 +68,22 @@ def _atom_factors(model: nn.Module) -> tuple[list, list]:
         if hasattr(m, "gauge_factors"):
             f, b = m.gauge_factors(name)
         else:
-            fn = next((fn for cls, fn in _ANALYZERS if isinstance(m, cls)), None)
+            fn = _analyzer(m)
             if fn is None:
                 continue
             f, b = fn(m, name)
         factors += f
         breakers += b
     return factors, breakers
+
+
+def _analyzer(m: nn.Module) -> Callable[[nn.Module, str], tuple[list, list]] | None:
+    """The analyzer of `m`'s type, or of a type it subclasses when the current discovery
+    has shown that `m` computes that type's function (`_subclass_atoms.py`)."""
+    for cls, fn in _ANALYZERS:
+        if type(m) is cls or (isinstance(m, cls) and computes_base(m)):
+            return fn
+    return None
 
 
 @bind_to_model
@@ -140,7 +149,8 @@ def _positional(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple:
 def _discover(model: nn.Module, call: Call, rows: bool = True) -> GaugeGroup:
     """The group of `model` on `call`, with the subclasses of atomic types that compute
     their base's function (shown on `call`, `_subclass_atoms.py`) kept whole."""
-    with checked_subclasses(model, without_cache(model, call), atom_types()):
+    types = (*atom_types(), *(cls for cls, _ in _ANALYZERS))
+    with checked_subclasses(model, without_cache(model, call), types):
         return _discover_graph(model, call, rows)
 
 
