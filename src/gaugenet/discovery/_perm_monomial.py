@@ -48,17 +48,15 @@ def monomial_conjugates(
     of `f`'s entries, `None` when it does not commute with `f` by re-indexing `z`.
     `shapes`: the parameters' shapes."""
     pairs = _indexed(f)
-    if pairs is None:
-        return None
     moved = {(t.param, t.axis): t for t in terms}
     permuted = {t.param for t in terms}
     if any(p in permuted for p in _unindexed_params(f)):
         return None
+    if any(param not in shapes for param, _ in pairs):
+        return None
     m = f.basis.shape[0]
     per_item: list[list[Tensor]] = [[] for _ in range(n)]
     fixed: list[Tensor] = []
-    if any(param not in shapes for param, _ in pairs):
-        return None
     for param, index in pairs:
         idx = index.expand(shapes[param])
         ts = [t for (p, _), t in moved.items() if p == param]
@@ -140,7 +138,7 @@ def _first_seen(x: Tensor) -> Tensor:
     return first[inv]
 
 
-def _indexed(f: MonomialScaleFactor) -> list[tuple[str, Tensor]] | None:
+def _indexed(f: MonomialScaleFactor) -> list[tuple[str, Tensor]]:
     """`(param, class index)` of every term of `f` that scales entries by class."""
     out = []
     for t in f.terms:
