@@ -159,4 +159,7 @@ MORE_ROWS: list[tuple[str, Build]] = [
         "DebertaV2Config",
         **{**_ENC, "type_vocab_size": 0},
     ),
+    # LayerNorm1P (an nn.LayerNorm subclass whose gain is `1 + w`), squared ReLU, half of
+    # each head rotary (the config's default)
+    _row("NemotronModel", "NemotronModel", "NemotronConfig", **_DEC, head_dim=4),
 ]

@@ -17,6 +17,7 @@ from ..groups import (
 )
 from ._labels import FIXED, Labels, terms_of
 from ._monomials import monomial_factors
+from ._perm_monomial import monomial_conjugates
 from ._shifts import IntoBatchNorm, IntoLinears
 from ._tied import tied_rescalings
 
@@ -103,7 +104,11 @@ def _scale_factors(
 
 
 def _perm_factors(
-    L: Labels, scale_factors: list[RescalingFactor], where: dict[int, tuple[str, int]]
+    L: Labels,
+    scale_factors: list[RescalingFactor],
+    where: dict[int, tuple[str, int]],
+    monomials: list[MonomialScaleFactor],
+    shapes: dict[str, torch.Size],
 ) -> list[PermutationFactor]:
     spaces = sorted({L.bfind(b) for b in range(len(L.blocks))})
     out = []
@@ -149,19 +154,13 @@ def _perm_factors(
         # scales in one tensor and free ones in another (a gate after a nonlinearity times
         # an up projection) are fine.
         maps: dict[int, dict[int, int]] = defaultdict(dict)
-        # a monomial factor's entries owned by channels, per linked tensor (classes whose
-        # scale is a product of entries follow from the others)
-        mono: dict[tuple[int, str], dict[int, int]] = defaultdict(dict)
-        for li, (sflat, roots_l, chans_l) in enumerate(linked):
+        for sflat, roots_l, chans_l in linked:
             sel = (roots_l == R).nonzero().reshape(-1)
             fixed_here = free_here = False
             for v, c in zip(sflat[sel].tolist(), chans_l[sel].tolist()):
                 if v in L.claimed:
-                    hit = L.mono_of.get(v)
-                    if hit is None:  # a tie's joint factor: its conjugation is not derived
+                    if v not in L.mono_of:  # a tie's joint factor: its conjugation is not derived
                         ok = False
-                    elif hit[1] is not None:
-                        mono[(li, hit[0])][c] = hit[1]
                     free_here = True
                     continue
                 root = L.find(v)
@@ -181,14 +180,15 @@ def _perm_factors(
                 ok = False
                 break
             conjugates.append((scale_factors[f].name, torch.tensor([mp[c] for c in range(n)])))
-        seen = set()
-        for (_, fname), mp in mono.items():
-            key = (fname, tuple(sorted(mp.items())))
-            if len(mp) != n or len(set(mp.values())) != n:
+        # the entries of `z` each item owns, from each exponent factor's basis (checked)
+        for f in monomials if ok else ():
+            if not set(f.params()) & {t.param for t in terms}:
+                continue
+            mc = monomial_conjugates(terms, n, f, shapes)
+            if mc is None:
                 ok = False
-            elif key not in seen:
-                seen.add(key)
-                conjugates.append((fname, torch.tensor([mp[c] for c in range(n)])))
+                break
+            conjugates += mc
         if not ok or not terms:
             continue
         modules = tuple(dict.fromkeys(_module_of(t.param) for t in terms))
@@ -246,7 +246,9 @@ def build_factors(L: Labels, model: nn.Module) -> tuple[list, list[Breaker]]:
     # classes linked by product and power equations (fixed afterwards), then the others
     joint += monomial_factors(L)
     scale, where = _scale_factors(L, model)
-    perms = _perm_factors(L, scale, where)
+    monomials = [f for f in joint if isinstance(f, MonomialScaleFactor)]
+    shapes = {name: p.shape for name, p in model.named_parameters(remove_duplicate=False)}
+    perms = _perm_factors(L, scale, where, monomials, shapes)
     shifts = [f for f in extra if f.kind == "translation" and isinstance(f.terms[0], _BIAS_SHIFTS)]
     _scale_shifts(shifts, [*scale, *(f for f in joint if isinstance(f, MonomialScaleFactor))])
     perms = _conjugate_shifts(perms, shifts)

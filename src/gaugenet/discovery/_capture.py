@@ -25,6 +25,7 @@ from torch.fx._pytree import tree_flatten_spec
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .._errors import UnsupportedModelError
+from ._functional_layers import as_layer, input_of
 from ._functional_norms import as_layernorm
 from ._numeric_norms import numeric_layernorm
 from ._ops import expand_to, slice_along
@@ -111,7 +112,9 @@ class _Flattener:
         self.model, self.unflat, self.atoms = model, unflat, atoms
         self.graph = fx.Graph()
         self.attrs: dict[str, Any] = {}
-        #: modules calling `F.layer_norm`, as the `nn.LayerNorm` they compute
+        #: modules calling `F.layer_norm`, `F.embedding` or `F.linear`, or written out as a
+        #: LayerNorm, as the module (`nn.LayerNorm`, `nn.Embedding`, `nn.Linear`) they
+        #: compute (`None`: a module found to compute no LayerNorm)
         self.norms: dict[str, nn.Module | None] = {}
 
     def attr(self, path: str) -> fx.Node:
@@ -170,6 +173,14 @@ class _Flattener:
             self.norms.setdefault(path, ln)
         return self.norms[path]
 
+    def layer(self, n: fx.Node, mod: fx.GraphModule, prefix: str) -> nn.Module | None:
+        """The `nn.Embedding` or `nn.Linear` standing for `n` when it is a functional lookup
+        or linear map that the module being inlined computes (see `_functional_layers.py`)."""
+        if not prefix or n.op != "call_function":
+            return None
+        owner = self.model.get_submodule(prefix[:-1])
+        return as_layer(n, owner, prefix[:-1], mod.graph)
+
     def inline(self, mod: fx.GraphModule, prefix: str, args: list[Any]) -> Any:
         env: dict[fx.Node, Any] = {}
         inputs = iter(args)
@@ -211,6 +222,10 @@ class _Flattener:
                 path = prefix[:-1]
                 self.attrs[path] = self.norms[path] = ln
                 env[n] = self.graph.call_module(path, (look(n.args[0]),))
+            elif (layer := self.layer(n, mod, prefix)) is not None:
+                path = prefix[:-1]
+                self.attrs[path] = self.norms[path] = layer
+                env[n] = self.graph.call_module(path, (look(input_of(n)),))
             else:
                 target = _RENAME.get(n.target, n.target)
                 env[n] = self.graph.call_function(target, look(n.args), look(n.kwargs))
@@ -233,7 +248,8 @@ def export_graph(
 ) -> tuple[fx.GraphModule, tuple]:
     """`(graph module, flat inputs)`: `model` captured with `torch.export` (non-strict) as
     one graph whose atomic modules are `call_module` nodes; run it on the flat inputs. The
-    graph module's `layer_norms` holds the modules whose `F.layer_norm` call became such a
+    graph module's `layer_norms` holds the modules whose `F.layer_norm` (or `F.embedding`,
+    `F.linear`: `_functional_layers.py`) call became such a
     node, as `nn.LayerNorm`s by path (`_functional_norms.py`).
 
     Raises `UnsupportedModelError` when the export fails.

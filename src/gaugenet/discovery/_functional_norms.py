@@ -5,7 +5,8 @@ The LayerNorm rules (`_norm_rules.py`, `_stream.py`, `rules/norms.py`) read `nn.
 modules. When a module has no submodules, its captured graph holds exactly one
 `aten.layer_norm` call (`torch.export`; with `torch.fx`, every call made inside the module,
 found from the nodes' module stack, computes the same LayerNorm), and the call's `γ` and
-`β` are `None` or the module's own `weight` and `bias` (its only parameters), the call
+`β` are `None` or the module's own `weight` and `bias` (its only parameters; `γ` may be
+`weight + c`, a gain stored with an offset, `_offset_layernorm.py`), the call
 becomes a `call_module` node on the module's path, and the analysis
 sees the model through a view (`with_modules`) in which that path holds an `nn.LayerNorm` of
 the same shape, `eps` and parameter objects: every parameter keeps its name, and the
@@ -20,6 +21,8 @@ import copy
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+
+from ._offset_layernorm import OffsetGainLayerNorm, gain_offset, offset_weight
 
 __all__ = ["as_layernorm", "traced_layer_norms", "with_modules"]
 
@@ -83,13 +86,14 @@ def _held(gm: nn.Module, path: str) -> nn.Module | None:
 
 
 def _spec(ln: nn.LayerNorm) -> tuple:
-    return (ln.normalized_shape, ln.eps, id(ln.weight), id(ln.bias))
+    return (ln.normalized_shape, ln.eps, id(ln.weight), id(ln.bias), gain_offset(ln))
 
 
 def _layernorm(n: fx.Node, owner: nn.Module, prefix: str) -> nn.LayerNorm | None:
     """The `nn.LayerNorm` of the call `n` (arguments as `F.layer_norm`'s) when `owner` has
     no submodules and its only parameters are the call's `weight` and `bias` (`get_attr`
-    nodes named `prefix + "weight"` and `prefix + "bias"`), or `None`."""
+    nodes named `prefix + "weight"` and `prefix + "bias"`; the weight may be read as
+    `weight + c`, then an `OffsetGainLayerNorm`, see `_offset_layernorm.py`), or `None`."""
     if next(owner.children(), None) is not None or len(n.args) < 2:
         return None
     names = ("input", "normalized_shape", "weight", "bias", "eps")
@@ -102,6 +106,7 @@ def _layernorm(n: fx.Node, owner: nn.Module, prefix: str) -> nn.LayerNorm | None
         return None
     if not isinstance(eps, (int, float)) or (bias is not None and weight is None):
         return None
+    weight, offset = offset_weight(weight)  # `w + c`: a gain stored with an offset
     used = set()
     for key, a in (("weight", weight), ("bias", bias)):
         if a is None:
@@ -113,9 +118,12 @@ def _layernorm(n: fx.Node, owner: nn.Module, prefix: str) -> nn.LayerNorm | None
         used.add(key)
     if {k for k, _ in owner.named_parameters()} != used:
         return None
-    ln = nn.LayerNorm(
+    kind = OffsetGainLayerNorm if offset else nn.LayerNorm
+    ln = kind(
         tuple(shape), eps=float(eps), elementwise_affine=weight is not None, bias=bias is not None
     )
+    if offset:
+        ln.gain_offset = offset
     if weight is not None:
         ln.weight = owner.weight
     if bias is not None:

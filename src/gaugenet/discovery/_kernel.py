@@ -29,6 +29,7 @@ from ..groups import AffineFactor, GLFactor, PermutationFactor, TranslationFacto
 from ..groups._algebra import AlgebraFactor, block_moves, unrepeated
 from ..groups._base import AbstractFactor, State
 from ._monomials import unscaled_index
+from ._offset_layernorm import gain_offset
 from ._relink import relink
 
 __all__ = [
@@ -104,11 +105,13 @@ class MeanKernel:
     weight: bool
     bias: bool
     slots: tuple[ReaderSlot, ...]
+    #: `γ` is read as `weight + gain_offset` (a gain stored with an offset)
+    gain_offset: float = 0.0
 
     def direction(self, state: State, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """`u = 1/γ` `(features,)` and `Σ β/γ` (a scalar tensor)."""
         gamma = (
-            state[f"{self.ln}.weight"].to(dtype)
+            state[f"{self.ln}.weight"].to(dtype) + self.gain_offset
             if self.weight
             else torch.ones(self.features, dtype=dtype)
         )
@@ -175,7 +178,8 @@ class LayerNormKernelFactor(TranslationFactor):
 def kernel_factor(name: str, ln: nn.LayerNorm, slots: list[ReaderSlot]) -> LayerNormKernelFactor:
     """The kernel factor of the LayerNorm `name` (`ln`) in the rows of `slots`."""
     E = ln.normalized_shape[0]
-    term = MeanKernel(name, E, ln.weight is not None, ln.bias is not None, tuple(slots))
+    w, b = ln.weight is not None, ln.bias is not None
+    term = MeanKernel(name, E, w, b, tuple(slots), gain_offset(ln))
     mods = tuple(dict.fromkeys((name, *(s.weight.rpartition(".")[0] for s in slots))))
     return LayerNormKernelFactor(
         f"ln_kernel:{name}", sum(s.size for s in slots), terms=(term,), modules=mods

@@ -60,9 +60,9 @@ class Labels:
     powers: list[int] = field(default_factory=list)
     #: ids whose classes a `MonomialScaleFactor` took over (then fixed, see `_monomials.py`)
     claimed: set[int] = field(default_factory=set)
-    #: claimed ids of a `MonomialScaleFactor`'s class -> (factor name, element index `j`
-    #: when the class scales by `exp(z_j)` alone, else `None`): how permutations conjugate it
-    mono_of: dict[int, tuple[str, int | None]] = field(default_factory=dict)
+    #: claimed ids of a `MonomialScaleFactor`'s class -> the factor's name (permutations
+    #: conjugate it by its basis, see `_perm_monomial.py`; other claimed ids are ties')
+    mono_of: dict[int, str] = field(default_factory=dict)
 
     # -- ids ----------------------------------------------------------------------------
     def fresh(self, n: int, node: str) -> Tensor:

@@ -161,17 +161,12 @@ def monomial_factors(L: Labels) -> list[MonomialScaleFactor]:
 def _record_elements(
     L: Labels, f: MonomialScaleFactor, cols: list[int], root_t: torch.Tensor
 ) -> None:
-    """`L.mono_of` for every id of `f`'s classes (`cols`, sorted as `f.basis`' rows): the
-    element entry a class owns where its row of `B` is a unit vector."""
-    nz = f.basis != 0
-    unit = (nz.sum(1) == 1) & ((f.basis * nz).sum(1) == 1)
-    entry = torch.where(unit, nz.to(torch.int64).argmax(1), -1)  # (m,)
+    """`L.mono_of` for every id of `f`'s classes (`cols`, sorted as `f.basis`' rows)."""
     row_of = torch.full((int(root_t.max()) + 1,), -1, dtype=torch.long)
     row_of[torch.tensor(cols)] = torch.arange(len(cols))
     rows = row_of[root_t[:-1]]
-    ids = (rows >= 0).nonzero().flatten()
-    for i, j in zip(ids.tolist(), entry[rows[ids]].tolist()):
-        L.mono_of[i] = (f.name, j if j >= 0 else None)
+    for i in (rows >= 0).nonzero().flatten().tolist():
+        L.mono_of[i] = f.name
 
 
 def _factor(

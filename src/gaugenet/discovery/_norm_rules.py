@@ -25,6 +25,7 @@ from ._embeddings import (
 from ._kernel import ReaderSlot, ill_conditioned, kernel_factor
 from ._labels import Labels
 from ._linear import Linear, keeps_last_axis, linear_reading, linear_writing, param_name
+from ._offset_layernorm import effective_gain
 from ._ops import ADD_OPS, CASTS, expand_to, graph_users, is_token_pick, picks_tokens
 from ._shifts import layernorm_shift
 from ._unread import Unread
@@ -118,7 +119,7 @@ class NormRules:
         packed `nn.MultiheadAttention` that it is, contributes its rows."""
         if len(ln.normalized_shape) != 1:
             return
-        reason = ill_conditioned(ln.weight)
+        reason = ill_conditioned(effective_gain(ln))
         if reason is not None:
             self.L.breakers.append(Breaker(str(n.target), reason))
             return

@@ -58,6 +58,7 @@ from ..groups._orthogonal import (
 from ._attention import _pieces
 from ._kernel import LayerNormKernelFactor, ill_conditioned
 from ._linear import Linear, keeps_last_axis, linear_reading
+from ._offset_layernorm import effective_gain, gain_offset
 from ._ops import CASTS, METADATA_OPS, graph_users, is_token_pick, picks_tokens
 
 __all__ = ["SUM_RATIO", "layernorm_offset", "link_offsets", "offset_factor", "settle_offsets"]
@@ -71,17 +72,18 @@ aten = torch.ops.aten
 def offset_factor(name: str, ln: nn.LayerNorm, slots: list[OffsetSlot]) -> LayerNormOffsetFactor:
     """The offset factor of the LayerNorm `name` (`ln`) with its reader `slots`."""
     E = ln.normalized_shape[0]
-    term = OffsetTerm(name, E, ln.weight is not None, tuple(slots))
+    term = OffsetTerm(name, E, ln.weight is not None, tuple(slots), gain_offset(ln))
     mods = tuple(dict.fromkeys((name, *(s.weight.rpartition(".")[0] for s in slots))))
     return LayerNormOffsetFactor(f"ln_offset:{name}", E, terms=(term,), modules=mods)
 
 
 def _degenerate(ln: nn.LayerNorm) -> bool:
     """No values (meta), an ill-conditioned `γ`, or `Σ β/γ` negligible."""
-    if ln.bias.is_meta or ill_conditioned(ln.weight) is not None:
+    gamma = effective_gain(ln)
+    if ln.bias.is_meta or ill_conditioned(gamma) is not None:
         return True
     beta = ln.bias.detach().double()
-    bt = beta / ln.weight.detach().double() if ln.weight is not None else beta
+    bt = beta / gamma.double() if gamma is not None else beta
     return not float(bt.sum().abs()) > SUM_RATIO * float(bt.abs().sum())
 
 

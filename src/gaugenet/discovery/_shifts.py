@@ -106,14 +106,19 @@ class IntoLinears:
 
 @dataclass(frozen=True)
 class GainIntoLinears(IntoLinears):
-    """`IntoLinears` of the shift `γ ⊙ u` (`γ = state[gain]`, the LayerNorm's weight): in
-    these coordinates the shift commutes with the LayerNorm's own rescaling and a rotation
-    of its stream moves `u` by `Qᵀ` alone, whatever `γ` is."""
+    """`IntoLinears` of the shift `γ ⊙ u` (`γ = state[gain] + gain_offset`, the LayerNorm's
+    gain): in these coordinates the shift commutes with the LayerNorm's own rescaling and a
+    rotation of its stream moves `u` by `Qᵀ` alone, whatever `γ` is."""
 
     gain: str = ""
+    #: `γ` is read as `state[gain] + gain_offset` (a gain stored with an offset)
+    gain_offset: float = 0.0
+
+    def effective_gain(self, state: State) -> Tensor:
+        return state[self.gain] + self.gain_offset
 
     def __call__(self, new: State, v: Tensor) -> None:
-        super().__call__(new, v.to(new[self.param].dtype) * new[self.gain])
+        super().__call__(new, v.to(new[self.param].dtype) * self.effective_gain(new))
 
 
 class AbsorbedShiftFactor(TranslationFactor):
@@ -131,7 +136,7 @@ class AbsorbedShiftFactor(TranslationFactor):
         """The shift that zeroes the bias (BatchNorm's `β` absorbs it): the canonical gauge."""
         t = self.terms[0]
         if isinstance(t, GainIntoLinears):
-            return -state[t.param] / state[t.gain]
+            return -state[t.param] / t.effective_gain(state)
         return -state[t.param]
 
 

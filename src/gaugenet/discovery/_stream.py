@@ -1,8 +1,9 @@
 """Residual streams found in the graph, and their orthogonal symmetry.
 
 Starting from each embedding lookup, the stream is followed through the graph: casts keep
-it, a residual sum with the output of a linear map (that nothing else reads) extends it and
-records that map as a writer (`nn.Linear`, or an `addmm` with an `(in, d)` weight as GPT-2's
+it, as does a product with one constant number (Gemma's `√d`); a residual sum with the
+output of a linear map (that nothing else reads) extends it and records that map as a
+writer (`nn.Linear`, or an `addmm` with an `(in, d)` weight as GPT-2's
 `Conv1D`, whose columns turn; or another embedding table, a position table added to the
 tokens'), and normalizations read it: an RMS normalization `x · rsqrt(mean(x²) + ε)` (the
 per-token factor computed from the stream alone), then a per-feature gain `γ`, whose product
@@ -19,6 +20,7 @@ claimed.
 from __future__ import annotations
 
 import dataclasses
+import math
 import operator
 from typing import Any
 
@@ -37,6 +39,7 @@ from ..groups._orthogonal import (
 from ._embeddings import TableShiftFactor
 from ._linear import Linear, keeps_last_axis, linear_reading, linear_writing, param_name
 from ._offset_gain import offset_gain
+from ._offset_layernorm import gain_offset
 from ._ops import (
     ADDITIONS,
     CAST_METHODS,
@@ -77,7 +80,7 @@ def stream_rotations(gm: fx.GraphModule, root: nn.Module, values: dict[fx.Node, 
         if n.op != "call_module" or not isinstance(root.get_submodule(str(n.target)), nn.Embedding):
             continue
         try:
-            f = _follow(n, root)
+            f = _follow(n, root, values)
         except _NotAStream:
             continue
         if f is not None:
@@ -118,7 +121,7 @@ def _module(root: nn.Module, n: Any) -> nn.Module | None:
     return None
 
 
-def _follow(emb: fx.Node, root: nn.Module) -> OrthogonalFactor | None:
+def _follow(emb: fx.Node, root: nn.Module, values: dict[fx.Node, Any]) -> OrthogonalFactor | None:
     table = f"{emb.target}.weight"
     d = root.get_submodule(str(emb.target)).embedding_dim
     stream, frontier = {emb}, [emb]
@@ -137,7 +140,7 @@ def _follow(emb: fx.Node, root: nn.Module) -> OrthogonalFactor | None:
                 continue  # `y.type_as(x)`: reads `x`'s dtype only
             if u.op == "output":
                 raise _NotAStream(u.name)
-            if _cast_of(u, n) or passes_input(u, root):
+            if _cast_of(u, n) or passes_input(u, root) or _scaled_by_constant(u, n, root, values):
                 stream.add(u)
                 frontier.append(u)
             elif u.op == "call_function" and u.target in _ADD:
@@ -193,6 +196,35 @@ def _follow(emb: fx.Node, root: nn.Module) -> OrthogonalFactor | None:
     )
 
 
+def _scaled_by_constant(u: fx.Node, n: fx.Node, root: nn.Module, values: dict) -> bool:
+    """`u` is `n · c` (either order) with `c` one constant number: a finite number, or a
+    one-entry tensor computed from no input and no parameter (Gemma's `√d` buffer, cast).
+    A rotation commutes with it."""
+    if not (u.op == "call_function" and u.target in _MUL and len(u.args) == 2 and not u.kwargs):
+        return False
+    if u.args[0] is n and u.args[1] is n:
+        return False
+    c = u.args[1] if u.args[0] is n else u.args[0]
+    if isinstance(c, (int, float)) and not isinstance(c, bool):
+        return math.isfinite(c)
+    v = values.get(c) if isinstance(c, fx.Node) else None
+    return isinstance(v, torch.Tensor) and v.numel() == 1 and _constant(c, root)
+
+
+def _constant(c: Any, root: nn.Module) -> bool:
+    """`c` depends on no input and no parameter (buffers, numbers, casts of them)."""
+    todo, seen = [c], set()
+    while todo:
+        x = todo.pop()
+        if not isinstance(x, fx.Node) or x in seen:
+            continue
+        seen.add(x)
+        if x.op == "placeholder" or param_name(x, root) is not None or x.op == "call_module":
+            return False
+        todo += list(x.all_input_nodes)
+    return True
+
+
 def _moved_by_rotation(f: Any, rotations: list[OrthogonalFactor], factors: list) -> Any:
     """`f` with the rotation declared in `moved_by` where it does not commute with it: a
     vector moved between two embedding tables that one rotation turns (a
@@ -216,12 +248,15 @@ def _moved_by_rotation(f: Any, rotations: list[OrthogonalFactor], factors: list)
     if type(t) is not IntoLinears or t.residual:
         return f
     for r in rotations:
-        gain = next(
-            (c.gain for c in r.terms if isinstance(c, ConjugatedRow) and c.param == t.param), None
+        row = next(
+            (c for c in r.terms if isinstance(c, ConjugatedRow) and c.param == t.param), None
         )
-        if gain is None:
+        if row is None:
             continue
-        term = GainIntoLinears(t.param, t.consumers, t.residual, t.transposed, t.pending, gain)
+        gain = row.gain
+        term = GainIntoLinears(
+            t.param, t.consumers, t.residual, t.transposed, t.pending, gain, row.offset
+        )
         scales_gain = {g.name for g in factors if gain in g.params()}
         return dataclasses.replace(
             f,
@@ -264,11 +299,13 @@ def _layernorm_readers(ln: fx.Node, root: nn.Module, d: int) -> list:
         raise _NotAStream(ln.name)
     name = str(ln.target)
     gain = f"{name}.weight" if m.weight is not None else None
+    off = gain_offset(m)  # `γ = w + c` for a gain stored with an offset
     out: list = []
     if m.bias is not None:
-        out.append(ConjugatedRow(f"{name}.bias", gain) if gain else RotateColumns(f"{name}.bias"))
+        bias = f"{name}.bias"
+        out.append(ConjugatedRow(bias, gain, off) if gain else RotateColumns(bias))
     y = _skip_casts(ln)
-    out += [_reader_term(lin, gain) for lin in _linear_readers(y, root, d)]
+    out += [_reader_term(lin, gain, off) for lin in _linear_readers(y, root, d)]
     return out
 
 

@@ -18,6 +18,7 @@ from ._capture import export_graph
 from ._centering import link_centered, without_summed_ones
 from ._concat_gl import concat_gls
 from ._free_entries import with_free
+from ._functional_layers import traced_layers
 from ._functional_norms import traced_layer_norms, with_modules
 from ._inputs import Call, as_call, find_inputs, without_cache
 from ._kernel import link_kernels
@@ -30,8 +31,9 @@ from ._rms_norm import expand_rms_norms
 from ._score_shift import score_bias_shifts
 from ._selfcheck import self_check
 from ._stream import stream_rotations, with_rotations
+from ._subclass_atoms import checked_subclasses, computes_base
 from ._summed_biases import summed_bias_factors
-from ._trace import is_atomic, trace
+from ._trace import atom_types, is_atomic, trace
 from ._unanalyzed import unanalyzed_breakers
 from ._unread import drop_dead, unread_entries
 from .rules.recurrent import recurrent_bias_factors
@@ -68,13 +70,22 @@ def _atom_factors(model: nn.Module) -> tuple[list, list]:
         if hasattr(m, "gauge_factors"):
             f, b = m.gauge_factors(name)
         else:
-            fn = next((fn for cls, fn in _ANALYZERS if isinstance(m, cls)), None)
+            fn = _analyzer(m)
             if fn is None:
                 continue
             f, b = fn(m, name)
         factors += f
         breakers += b
     return factors, breakers
+
+
+def _analyzer(m: nn.Module) -> Callable[[nn.Module, str], tuple[list, list]] | None:
+    """The analyzer of `m`'s type, or of a type it subclasses when the current discovery
+    has shown that `m` computes that type's function (`_subclass_atoms.py`)."""
+    for cls, fn in _ANALYZERS:
+        if type(m) is cls or (isinstance(m, cls) and computes_base(m)):
+            return fn
+    return None
 
 
 @bind_to_model
@@ -138,6 +149,14 @@ def _positional(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple:
 
 
 def _discover(model: nn.Module, call: Call, rows: bool = True) -> GaugeGroup:
+    """The group of `model` on `call`, with the subclasses of atomic types that compute
+    their base's function (shown on `call`, `_subclass_atoms.py`) kept whole."""
+    types = (*atom_types(), *(cls for cls, _ in _ANALYZERS))
+    with checked_subclasses(model, without_cache(model, call), types):
+        return _discover_graph(model, call, rows)
+
+
+def _discover_graph(model: nn.Module, call: Call, rows: bool) -> GaugeGroup:
     names = tuple(n for n, _ in model.named_parameters())
     args, kwargs = without_cache(model, call)
     example = kwargs if kwargs else args
@@ -151,8 +170,12 @@ def _discover(model: nn.Module, call: Call, rows: bool = True) -> GaugeGroup:
     try:
         flat = _positional(model, args, kwargs) if kwargs else args
         gm = trace(model, len(flat))
-        norms = {**traced_layer_norms(gm, model), **traced_numeric_norms(gm, model)}
-        model = with_modules(model, norms)
+        functional = {
+            **traced_layer_norms(gm, model),
+            **traced_numeric_norms(gm, model),
+            **traced_layers(gm, model),
+        }
+        model = with_modules(model, functional)
     except UnsupportedModelError as fx_exc:
         try:
             gm, flat = export_graph(model, args, kwargs)

@@ -9,9 +9,10 @@ import torch
 from torch import fx, nn
 
 from .._errors import UnsupportedModelError
+from ._subclass_atoms import atomic_base, computes_base
 from .rules import REGISTRY
 
-__all__ = ["ATOMIC_MODULES", "register_atomic", "trace"]
+__all__ = ["ATOMIC_MODULES", "atom_types", "is_atomic", "register_atomic", "trace"]
 
 #: Module types never traced into: those of the atomic rules in `rules/` (the rules know
 #: what they do).
@@ -27,8 +28,22 @@ def register_atomic(cls: type[nn.Module]) -> type[nn.Module]:
     return cls
 
 
+def atom_types() -> tuple[type[nn.Module], ...]:
+    """The atomic module types: the rules' and the registered ones."""
+    return (*ATOMIC_MODULES, *_EXTRA_ATOMS)
+
+
 def is_atomic(m: nn.Module) -> bool:
-    return isinstance(m, (*ATOMIC_MODULES, *_EXTRA_ATOMS)) or hasattr(m, "gauge_factors")
+    """`m` is analyzed whole: it describes its own factors (`gauge_factors`), its type is
+    atomic, or its type strictly subclasses an atomic one and the current discovery has
+    shown that it computes that type's function (`_subclass_atoms.py`; the class alone is
+    no proof: a subclass may override what it computes)."""
+    if hasattr(m, "gauge_factors"):
+        return True
+    atoms = atom_types()
+    if type(m) in atoms:
+        return True
+    return atomic_base(m, atoms) is not None and computes_base(m)
 
 
 class _Tracer(fx.Tracer):

@@ -17,14 +17,18 @@ _CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
 
 def unanalyzed_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """`(name, module)` for each module that `torch.fx` keeps whole (a leaf) although no
-    rule or analyzer knows it, and that holds parameters (its own or its children's)."""
-    tracer, found = _Tracer(), []
+    rule or analyzer knows it, and that holds parameters (its own or its children's). The
+    parts of an atomic module are its rule's (`nn.MultiheadAttention`'s `out_proj`, which
+    its own `forward` never calls)."""
+    tracer, found, atoms = _Tracer(), [], []
     for name, m in model.named_modules():
-        if not name or any(name.startswith(f"{p}.") for p, _ in found):
+        if not name or any(name.startswith(f"{p}.") for p in [*(p for p, _ in found), *atoms]):
+            continue
+        if is_atomic(m):
+            atoms.append(name)
             continue
         if (
             not isinstance(m, _CONTAINERS)
-            and not is_atomic(m)
             and tracer.is_leaf_module(m, name)
             and next(m.parameters(), None) is not None
         ):

@@ -79,10 +79,12 @@ class OffsetTerm:
     features: int
     weight: bool
     slots: tuple[OffsetSlot, ...]
+    #: `γ` is read as `weight + gain_offset` (a gain stored with an offset)
+    gain_offset: float = 0.0
 
     def gain(self, state: State, dtype: torch.dtype) -> Tensor:
         if self.weight:
-            return state[f"{self.ln}.weight"].to(dtype)
+            return state[f"{self.ln}.weight"].to(dtype) + self.gain_offset
         return torch.ones(self.features, dtype=dtype)
 
     def __call__(self, new: State, c: Tensor) -> None:

@@ -18,6 +18,7 @@ from torch import Tensor, fx, nn
 
 from .._labels import ZERO
 from .._offset import layernorm_offset
+from .._offset_layernorm import gain_offset
 from .._shifts import AbsorbedShiftFactor, GroupShiftFactor, IntoBatchNorm, RemovedByNorm
 from ._common import Pair, broadcast_channels, scale_reps
 from ._examples import batch, seeded
@@ -122,7 +123,8 @@ def _layernorm(
         return torch.zeros_like(s), p
     prop.use_param(f"{name}.weight", name)
     fresh = L.fresh(m.weight.numel(), name + ":out").reshape(m.weight.shape)
-    L.scale_terms.append((f"{name}.weight", fresh, 1))
+    off = gain_offset(m)  # a gain stored as `w + c` moves as `α (w + c) − c`
+    L.scale_terms.append((f"{name}.weight", fresh, 1, off) if off else (f"{name}.weight", fresh, 1))
     if m.bias is not None:
         prop.use_param(f"{name}.bias", name)
         L.scale_terms.append((f"{name}.bias", fresh, 1))
