@@ -24,6 +24,15 @@ def _row(name: str, cls: str, cfg: str, **kw) -> tuple[str, Build]:
     return name, _hf(cls, cfg, 40, None, **kw)
 
 
+def _hf_row(cls: str, cfg: str, **kw) -> tuple[str, Build]:
+    """An encoder-decoder model: the decoder reads the batch with its tokens reversed."""
+
+    def inputs(ids):
+        return {"input_ids": ids, "decoder_input_ids": ids.flip(1)}
+
+    return cls, _hf(cls, cfg, 40, inputs, **kw)
+
+
 def _parallel(name: str, cls: str, cfg: str, **kw) -> tuple[str, Build]:
     """A parallel block (attention and MLP both read the embedding's LayerNorm): its MLP
     sees one input row per token, so the vocabulary must outnumber what the MLP can fit
@@ -59,6 +68,33 @@ MORE_ROWS: list[tuple[str, Build]] = [
         use_cache=False,
     ),
     _row("ArceeModel", "ArceeModel", "ArceeConfig", **_DEC),  # squared-ReLU MLP
+    # encoder-decoder models, the decoder reading the batch reversed
+    _hf_row(
+        "T5Model",
+        "T5Config",
+        vocab_size=V,
+        d_model=8,
+        d_kv=4,
+        d_ff=16,
+        num_layers=1,
+        num_decoder_layers=1,
+        num_heads=2,
+        use_cache=False,
+    ),
+    _hf_row(
+        "BartModel",
+        "BartConfig",
+        vocab_size=V,
+        d_model=8,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=16,
+        decoder_ffn_dim=16,
+        max_position_embeddings=T,
+        use_cache=False,
+    ),
     # an `nn.Identity` norm in its first layer, which `torch.export.unflatten` loses
     _row("ModernBertModel", "ModernBertModel", "ModernBertConfig", **_ENC, pad_token_id=0),
     # LayerNorms without bias written as primitive operations (in float32), parallel block
