@@ -203,7 +203,10 @@ class NormRules:
             m = self.root.get_submodule(t)
             if t in self.centered_layers or m.max_norm is not None or m.embedding_dim != E:
                 continue
-            if self._shared(f"{t}.weight") or not self._removed(look, E, self.removed_memo):
+            if not self._removed(look, E, self.removed_memo):
+                continue
+            if self._shared(f"{t}.weight"):  # settled once every lookup is seen
+                self.tied_lookups.add(look)
                 continue
             self.centered_layers.add(t)
             tables.append((t, m))
@@ -217,6 +220,57 @@ class NormRules:
             self.L.extra += embedding_sum_factors(tables, [id(r) for r in sums], read)
         if self._removed(src, E, self.removed_memo):
             self._stream_sources(src, E)
+
+    def tied_table_factors(self) -> None:
+        """A table tied under several modules (an encoder's and a decoder's token table, as
+        BART's `shared`): its rows move along `1` when every lookup of it, under any module,
+        reaches only LayerNorms (`embedding_sum` records them) and nothing else reads the
+        parameter (a tied output head). The factor moves every name of the parameter alike
+        (the first, as `named_parameters()` names it, carries its tangents). Run after
+        propagation."""
+        graph = self.module.graph
+        held: dict[int, list[str]] = {}
+        for name, m in self.root.named_modules(remove_duplicate=False):
+            if isinstance(m, nn.Embedding):
+                held.setdefault(id(m.weight), []).append(name)
+        for name, p in self.root.named_parameters():
+            mods = held.get(id(p), [])
+            if len(mods) < 2 or any(m in self.centered_layers for m in mods):
+                continue
+            lookups = [n for n in graph.nodes if n.op == "call_module" and str(n.target) in mods]
+            elsewhere = [
+                n
+                for n in graph.nodes
+                if (n.op == "get_attr" and self._param(n) is p)
+                or (
+                    n.op == "call_module"
+                    and str(n.target) not in mods
+                    and any(q is p for q in self.root.get_submodule(str(n.target)).parameters())
+                )
+            ]
+            if not lookups or elsewhere or not all(n in self.tied_lookups for n in lookups):
+                continue
+            m = self.root.get_submodule(mods[0])
+            if m.max_norm is not None:
+                continue
+            self.centered_layers.update(mods)
+            rows = self.unread.read_rows(name, m.num_embeddings)
+            names = [k for k, q in self.root.named_parameters(remove_duplicate=False) if q is p]
+            names = [name] + [k for k in names if k != name]
+            self.L.extra.append(
+                CenteredRowsFactor(
+                    f"center:{name.rpartition('.')[0]}",
+                    m.num_embeddings if rows is None else len(rows),
+                    terms=tuple(RowsAlongOne(k, rows) for k in names),
+                    modules=tuple(mods),
+                )
+            )
+
+    def _param(self, n: fx.Node) -> Any:
+        try:
+            return self.root.get_parameter(str(n.target))
+        except (AttributeError, TypeError):
+            return None
 
     def _stream_sources(self, src: fx.Node, E: int) -> None:
         """Parameters added or concatenated into a stream that only LayerNorms read (a class

@@ -198,6 +198,7 @@ def _discover_graph(model: nn.Module, call: Call, rows: bool) -> GaugeGroup:
         raise UnsupportedModelError(
             f"running {type(model).__name__} on the example inputs failed: {exc}"
         ) from exc
+    prop.tied_table_factors()  # tables tied under several modules (`_norm_rules.py`)
     attn, attn_breakers, projections, keys = attention_from_graph(gm, model, prop.values)
     prop.L.drop_outputs_of(projections)
     streams = linear_streams(gm, model, prop.values)

@@ -1,0 +1,80 @@
+"""A token table tied under several modules (BART's `shared`, the encoder's and the
+decoder's lookups): its rows move along `1` when every lookup reaches only LayerNorms, the
+factor moving every name of the parameter alike. With a tied output head reading the same
+table (`BartForConditionalGeneration`) the move changes the logits, and is not offered."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import transformers
+
+import gaugenet
+from gaugenet._invariance import relative_error
+from gaugenet.discovery import INTERNAL_ERROR
+from gaugenet.discovery.rules._examples import token_ids
+
+
+def _bart(cls: str):
+    cfg = transformers.BartConfig(
+        vocab_size=24,
+        d_model=8,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=16,
+        decoder_ffn_dim=16,
+        max_position_embeddings=6,
+        use_cache=False,
+    )
+    torch.manual_seed(0)
+    model = getattr(transformers, cls)(cfg).double().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim >= 2:
+                p.copy_(torch.randn_like(p) / min(p.shape) ** 0.5)
+            else:
+                p.copy_((name.endswith("weight")) + 0.3 * torch.randn_like(p))
+    ids = token_ids(24, 40, 6)
+    return model, {"input_ids": ids, "decoder_input_ids": ids.flip(1)}
+
+
+def _out(model, x) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**x)[0]
+
+
+def test_tied_table_rows_move_along_one() -> None:
+    model, x = _bart("BartModel")
+    group = gaugenet.symmetries(model, x)
+    assert not [b for b in group.breakers if b.reason.startswith(INTERNAL_ERROR)]
+    f = next(f for f in group.factors if f.name == "center:shared")
+    assert f.dim == 24  # every token row
+    names = {t.weight for t in f.terms}
+    assert names == {"shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight"}
+    report = gaugenet.certify(model, x, group=group)
+    assert report.worst_residual < 1e-12
+    ref, gen = _out(model, x), torch.Generator().manual_seed(0)
+    moved = group.act(model, {f.name: f.sample(gen, torch.float64, 1.0)})
+    assert not torch.equal(moved.shared.weight, model.shared.weight)
+    assert moved.encoder.embed_tokens.weight is moved.shared.weight
+    assert relative_error(_out(moved, x), ref) < 1e-12
+
+
+def test_a_tied_head_keeps_the_table_fixed() -> None:
+    """Negative: the tied LM head reads the table, so moving its rows along `1` changes the
+    logits; discovery does not offer it."""
+    plain, x = _bart("BartModel")
+    f = next(f for f in gaugenet.symmetries(plain, x).factors if f.name == "center:shared")
+    model, _ = _bart("BartForConditionalGeneration")
+    assert model.lm_head.weight is model.model.shared.weight
+    group = gaugenet.symmetries(model, x)
+    assert not any(g.name.startswith("center:") and "shared" in g.name for g in group.factors)
+    moved = copy.deepcopy(model)
+    c = torch.randn(24, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with torch.no_grad():
+        moved.model.shared.weight.add_(c[:, None])
+    assert relative_error(_out(moved, x), _out(model, x)) > 1e-3
+    assert f.dim == 24
