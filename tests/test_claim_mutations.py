@@ -116,3 +116,12 @@ def test_layernorm_offset_not_offered(monkeypatch, tmp_path):
 
     monkeypatch.setattr(gaugenet.discovery._offset, "SUM_RATIO", 10.0)
     _fails("disc.layernorm-offset", tmp_path)
+
+
+def test_qk_gains_not_offered(monkeypatch, tmp_path):
+    # the gains after a query or key normalization taken for a parameter the pattern stops
+    # at (as before they were traced): the attention core is refused whole
+    import gaugenet.discovery._attention_trace
+
+    monkeypatch.setattr(gaugenet.discovery._attention_trace, "as_gain", lambda *a: None)
+    _fails("disc.qk-norm-gains", tmp_path)

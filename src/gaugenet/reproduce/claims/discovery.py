@@ -342,3 +342,66 @@ def _layernorm_offset(ctx: Context) -> Measurement:
         f"{report.n_params} parameters, verdict {report.verdict}, tangent residual "
         f"{report.worst_residual:.1e}; without the offset {missing} directions unexplained",
     )
+
+
+class _NormedAttention(nn.Module):
+    """8 features, 2 heads of 4: RMSNorm on queries and keys per head (one gain of 4 shared
+    by the heads, as Qwen3's), then a rotary embedding of planes `(i, i + 2)`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(8, 8, bias=False) for _ in range(4))
+        self.q_gain = nn.Parameter(torch.rand(4) + 0.5)
+        self.k_gain = nn.Parameter(torch.rand(4) + 0.5)
+        angle = torch.arange(6.0)[:, None] * torch.tensor([1.0, 0.1])[None, :]
+        self.register_buffer("cos", torch.cat([angle.cos(), angle.cos()], -1))
+        self.register_buffer("sin", torch.cat([angle.sin(), angle.sin()], -1))
+
+    def _heads(self, y: Tensor, gain: Tensor | None = None) -> Tensor:
+        B, T, _ = y.shape
+        y = y.view(B, T, 2, 4)
+        if gain is not None:
+            y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-6) * gain
+        y = y.transpose(1, 2)
+        if gain is not None:
+            half = torch.cat([-y[..., 2:], y[..., :2]], -1)
+            y = y * self.cos[:T] + half * self.sin[:T]
+        return y
+
+    def forward(self, x: Tensor) -> Tensor:
+        q, k = self._heads(self.q(x), self.q_gain), self._heads(self.k(x), self.k_gain)
+        a = torch.softmax(q @ k.transpose(-2, -1) / 2, dim=-1) @ self._heads(self.v(x))
+        return self.o(a.transpose(1, 2).reshape(x.shape))
+
+
+@claim(
+    "disc.qk-norm-gains",
+    reference="issue 13 (Qwen3, OLMo 2, Gemma 3: normalized queries and keys)",
+    statement="a normalization of queries and keys breaks the per-head query-key GL(d); what "
+    "is left is the diagonal part of the commutant of the score maps acting on the norms' "
+    "gains, one scale per rotary plane (q gain × s, k gain ÷ s); with it the group explains "
+    "every redundancy, and a scale splitting a rotary plane changes the outputs",
+    measured="unexplained directions of certify (exact), + 1 unless the gain scales have "
+    "dim 2, + 1 unless the plane-splitting scale moves the outputs by > 1e-3",
+    tolerance=0.5,
+)
+def _qk_norm_gains(ctx: Context) -> Measurement:
+    torch.manual_seed(ctx.seed)
+    model = _NormedAttention().double().eval()
+    x = torch.randn(32, 6, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    group = symmetries(model, x)
+    dims = [f.dim for f in group.factors if f.name.endswith("qk_gains")]
+    report = certify(model, x, group=group)
+    split = copy.deepcopy(model)
+    s = torch.tensor([2.0, 1.0, 1.0, 1.0], dtype=torch.float64)  # coordinate 0, not 2
+    with torch.no_grad():
+        split.q_gain.mul_(s)
+        split.k_gain.div_(s)
+        moved = float((split(x) - model(x)).abs().max() / model(x).abs().max())
+    return Measurement(
+        float(report.unexplained + (dims != [2]) + (not moved > 1e-3)),
+        f"gain scale dims {dims} (expected [2]); symmetry dim {report.symmetry_dim} of "
+        f"{report.n_params} parameters, verdict {report.verdict}, tangent residual "
+        f"{report.worst_residual:.1e}; a scale of one coordinate of a rotary plane moves the "
+        f"outputs by {moved:.1e}",
+    )
