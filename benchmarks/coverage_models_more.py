@@ -68,6 +68,34 @@ MORE_ROWS: list[tuple[str, Build]] = [
         use_cache=False,
     ),
     _row("ArceeModel", "ArceeModel", "ArceeConfig", **_DEC),  # squared-ReLU MLP
+    # queries and keys the attention pattern does not trace: L2-normalized without a gain
+    # (Llama 4, one routed expert beside the shared one), and multi-head latent attention
+    # (DeepSeek-V3, its first layer dense)
+    _row(
+        "Llama4TextModel",
+        "Llama4TextModel",
+        "Llama4TextConfig",
+        **_DEC,
+        head_dim=4,
+        num_local_experts=1,
+        num_experts_per_tok=1,
+        intermediate_size_mlp=16,
+    ),
+    _row(
+        "DeepseekV3Model",
+        "DeepseekV3Model",
+        "DeepseekV3Config",
+        **_DEC,
+        kv_lora_rank=4,
+        q_lora_rank=4,
+        qk_rope_head_dim=2,
+        qk_nope_head_dim=2,
+        v_head_dim=4,
+        n_routed_experts=2,
+        num_experts_per_tok=1,
+        moe_intermediate_size=8,
+        first_k_dense_replace=1,
+    ),
     # encoder-decoder models, the decoder reading the batch reversed
     _hf_row(
         "T5Model",

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 import gaugenet
 from gaugenet._invariance import relative_error
 from gaugenet.discovery import INTERNAL_ERROR
+from gaugenet.discovery._float64 import keep_float64
 from gaugenet.discovery.rules._examples import batch, seeded
 
 F64 = torch.float64
@@ -70,3 +71,52 @@ def test_value_rows_turned_alone_change_the_outputs() -> None:
     with torch.no_grad():  # with the output columns taken back, the same element holds
         moved.o.weight[:, :4] = model.o.weight[:, :4] @ torch.linalg.inv(g.T)
     assert relative_error(moved(x), model(x)) < 1e-12
+
+
+def test_multi_head_latent_attention_keeps_its_value_output_gl() -> None:
+    """`DeepseekV3Model` (multi-head latent attention): keys joined from two projections
+    (not traced), values read from `kv_b_proj`, whose output has an axis of one entry
+    beside batch and tokens; the value-output GL(4) per head is found and holds."""
+    import transformers
+
+    from gaugenet.discovery.rules._examples import token_ids
+
+    cfg = transformers.DeepseekV3Config(
+        vocab_size=24,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=6,
+        use_cache=False,
+        kv_lora_rank=4,
+        q_lora_rank=4,
+        qk_rope_head_dim=2,
+        qk_nope_head_dim=2,
+        v_head_dim=4,
+        n_routed_experts=2,
+        num_experts_per_tok=1,
+        moe_intermediate_size=8,
+        first_k_dense_replace=1,
+    )
+    torch.manual_seed(0)
+    model = transformers.DeepseekV3Model(cfg).double().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim >= 2:
+                p.copy_(torch.randn_like(p) / min(p.shape) ** 0.5)
+            else:
+                p.copy_((name.endswith("weight")) + 0.3 * torch.randn_like(p))
+    x = {"input_ids": token_ids(24, 40, 6)}
+    group = gaugenet.symmetries(model, x)
+    assert not [b for b in group.breakers if b.reason.startswith(INTERNAL_ERROR)]
+    vo = next(f for f in group.factors if f.name.endswith(".vo"))
+    assert vo.dim == 32
+    assert "layers.0.self_attn.kv_b_proj.weight" in vo.params()
+    report = gaugenet.certify(model, x, group=group)
+    assert report.worst_residual < 1e-10
+    with torch.no_grad(), keep_float64():  # its norms compute in float32 otherwise
+        ref = model(**x)[0]
+        moved = group.act(model, group.sample(torch.Generator().manual_seed(2)))(**x)[0]
+    assert relative_error(moved, ref) < 1e-12

@@ -129,6 +129,8 @@ def _combine(resp: Tensor, z: Tensor) -> Tensor | None:
     b, t = resp.shape[1], resp.shape[3]
     if z.ndim == 2 and z.shape[0] == b * t:
         z = z.reshape(b, t, -1)
+    if z.ndim > 3 and [s for s in z.shape[:-1] if s != 1] == [b, t]:
+        z = z.reshape(b, t, -1)  # axes of one entry beside them (DeepSeek's `(b, 1, t, f)`)
     if z.ndim != 3 or z.shape[:2] != (b, t):
         return None
     return torch.einsum("fbhtd,btf->bhtd", resp, z.to(resp.dtype))
