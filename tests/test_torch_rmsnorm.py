@@ -112,3 +112,33 @@ def test_expansion_computes_rms_norm(eps: float | None) -> None:
     assert expand_rms_norms(gm, model) == 1
     assert not any("rms_norm" in str(n.target) for n in gm.graph.nodes)
     assert torch.allclose(gm(x), model(x), rtol=1e-14, atol=1e-14)
+
+
+class MeanNorm(nn.Module):
+    """Not an RMS norm: `x · rsqrt(mean(x)² + 1) · γ` (the mean, not the square, of `x`),
+    which no rotation of `x` keeps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(8, dtype=F64))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.rsqrt(x.mean(-1, keepdim=True).pow(2) + 1.0) * self.weight
+
+
+def test_a_norm_of_the_mean_gets_no_rotation() -> None:
+    """Negative: a per-token factor computed from `mean(x)` rather than from `x²` is not an
+    RMS normalization; the stream gets no rotation, and a rotation of it changes the
+    outputs."""
+    model = _model(MeanNorm)
+    group = gaugenet.symmetries(model, IDS)
+    assert not [b for b in group.breakers if b.reason.startswith(INTERNAL_ERROR)]
+    assert not any(isinstance(f, OrthogonalFactor) for f in group.factors)
+    rotating = _model(lambda: WrittenOut(8, 1e-6))
+    rot = next(
+        f for f in gaugenet.symmetries(rotating, IDS).factors if isinstance(f, OrthogonalFactor)
+    )
+    q = rot.sample(torch.Generator().manual_seed(3))
+    moved = copy.deepcopy(model)
+    moved.load_state_dict(rot.apply(dict(model.state_dict()), q))
+    assert relative_error(moved(IDS), model(IDS)) > 1e-3

@@ -416,4 +416,22 @@ def _from_norm(r: Any, x: fx.Node) -> bool:
         elif n.op != "call_function" or n.target not in _NORM_OPS | _NORM_FUNCS | CASTS:
             return False
         stack += list(n.all_input_nodes)
-    return x in seen
+    if x not in seen:
+        return False
+    # `x` (or a cast of it) enters only squared: `r` is a function of `|x|²`, which a
+    # rotation keeps (`mean(x)` would not be)
+    xs = {x}
+    for n in x.graph.nodes:
+        if n in seen and n is not x and _plain_cast(n) and n.args[0] in xs:
+            xs.add(n)
+    for n in seen - xs:
+        for a in n.all_input_nodes:
+            if a in xs and not _square(n, a):
+                return False
+    return True
+
+
+def _plain_cast(n: fx.Node) -> bool:
+    if n.op == "call_method":
+        return n.target in CAST_METHODS
+    return n.op == "call_function" and n.target in CASTS
