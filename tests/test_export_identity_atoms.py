@@ -6,7 +6,6 @@ capture then inlines the atoms that hold no parameters or buffers and analyzes t
 from __future__ import annotations
 
 import torch
-import transformers
 from torch import nn
 
 import gaugenet
@@ -14,11 +13,13 @@ from gaugenet._invariance import relative_error
 from gaugenet.discovery import INTERNAL_ERROR
 from gaugenet.discovery._capture import export_graph
 from gaugenet.discovery._float64 import keep_float64
-from gaugenet.discovery.rules._examples import token_ids
+from tiny_hf import tiny_hf
 
 
 def _modernbert() -> tuple[nn.Module, dict]:
-    cfg = transformers.ModernBertConfig(
+    return tiny_hf(
+        "ModernBertModel",
+        "ModernBertConfig",
         vocab_size=24,
         hidden_size=8,
         intermediate_size=16,
@@ -27,15 +28,6 @@ def _modernbert() -> tuple[nn.Module, dict]:
         max_position_embeddings=6,
         pad_token_id=0,
     )
-    torch.manual_seed(0)
-    model = transformers.ModernBertModel(cfg).double().eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn_like(p) / min(p.shape) ** 0.5)
-            else:
-                p.copy_((name.endswith("weight")) + 0.3 * torch.randn_like(p))
-    return model, {"input_ids": token_ids(24, 40, 6)}
 
 
 def test_identity_atom_does_not_stop_the_export() -> None:

@@ -11,7 +11,6 @@ import copy
 
 import pytest
 import torch
-import transformers
 from torch import Tensor, nn
 
 import gaugenet
@@ -21,8 +20,8 @@ from gaugenet.discovery import INTERNAL_ERROR
 from gaugenet.discovery._float64 import keep_float64
 from gaugenet.discovery._numeric_norms import numeric_layernorm
 from gaugenet.discovery._trace import trace
-from gaugenet.discovery.rules._examples import token_ids
 from gaugenet.groups import model_state
+from tiny_hf import DECODER, tiny_hf
 
 F64 = torch.float64
 
@@ -121,22 +120,7 @@ def test_cohere_layernorm_written_out_is_complete() -> None:
     operations, in float32 inside a float64 model; captured by `torch.export`): the
     embedding rows' and writers' constants, the readers' offsets and the gains are all
     found: complete against `n − rank J`."""
-    cfg = transformers.CohereConfig(
-        vocab_size=128,
-        hidden_size=8,
-        intermediate_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=6,
-        use_cache=False,
-    )
-    torch.manual_seed(0)
-    model = transformers.CohereModel(cfg).double().eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(0.5 * torch.randn_like(p))
-    x = {"input_ids": token_ids(128, 96, 6)}
+    model, x = tiny_hf("CohereModel", "CohereConfig", batch=96, **{**DECODER, "vocab_size": 128})
     group = gaugenet.symmetries(model, x)
     assert not [b for b in group.breakers if b.reason.startswith(INTERNAL_ERROR)]
     with keep_float64():

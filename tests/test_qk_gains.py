@@ -10,7 +10,6 @@ import copy
 
 import pytest
 import torch
-import transformers
 from torch import Tensor, nn
 
 import gaugenet
@@ -18,8 +17,9 @@ from gaugenet._invariance import relative_error
 from gaugenet.certify import Verdict
 from gaugenet.discovery import INTERNAL_ERROR
 from gaugenet.discovery._float64 import keep_float64
-from gaugenet.discovery.rules._examples import batch, seeded, token_ids
+from gaugenet.discovery.rules._examples import batch, seeded
 from gaugenet.groups import RescalingFactor, model_state
+from tiny_hf import DECODER, tiny_hf
 
 F64 = torch.float64
 
@@ -133,26 +133,7 @@ def test_a_query_gain_scaled_alone_changes_the_outputs() -> None:
 
 
 def _hf(cls: str, cfg: str, **kw) -> tuple[nn.Module, dict]:
-    config = getattr(transformers, cfg)(
-        vocab_size=24,
-        hidden_size=8,
-        intermediate_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=6,
-        use_cache=False,
-        **kw,
-    )
-    torch.manual_seed(0)
-    model = getattr(transformers, cls)(config).double().eval()
-    with torch.no_grad():  # matrices of unit gain, vectors near 1 (gains) or 0 (biases)
-        for name, p in model.named_parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn_like(p) / min(p.shape) ** 0.5)
-            else:
-                p.copy_((name.endswith("weight")) + 0.3 * torch.randn_like(p))
-    return model, {"input_ids": token_ids(24, 40, 6)}
+    return tiny_hf(cls, cfg, **{**DECODER, **kw})
 
 
 @pytest.mark.parametrize(

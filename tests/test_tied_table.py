@@ -8,16 +8,18 @@ from __future__ import annotations
 import copy
 
 import torch
-import transformers
 
 import gaugenet
 from gaugenet._invariance import relative_error
 from gaugenet.discovery import INTERNAL_ERROR
-from gaugenet.discovery.rules._examples import token_ids
+from tiny_hf import tiny_hf
 
 
 def _bart(cls: str):
-    cfg = transformers.BartConfig(
+    return tiny_hf(
+        cls,
+        "BartConfig",
+        decoder=True,
         vocab_size=24,
         d_model=8,
         encoder_layers=1,
@@ -29,16 +31,6 @@ def _bart(cls: str):
         max_position_embeddings=6,
         use_cache=False,
     )
-    torch.manual_seed(0)
-    model = getattr(transformers, cls)(cfg).double().eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn_like(p) / min(p.shape) ** 0.5)
-            else:
-                p.copy_((name.endswith("weight")) + 0.3 * torch.randn_like(p))
-    ids = token_ids(24, 40, 6)
-    return model, {"input_ids": ids, "decoder_input_ids": ids.flip(1)}
 
 
 def _out(model, x) -> torch.Tensor:

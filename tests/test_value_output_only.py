@@ -18,6 +18,7 @@ from gaugenet._invariance import relative_error
 from gaugenet.discovery import INTERNAL_ERROR
 from gaugenet.discovery._float64 import keep_float64
 from gaugenet.discovery.rules._examples import batch, seeded
+from tiny_hf import DECODER, tiny_hf
 
 F64 = torch.float64
 
@@ -77,19 +78,10 @@ def test_multi_head_latent_attention_keeps_its_value_output_gl() -> None:
     """`DeepseekV3Model` (multi-head latent attention): keys joined from two projections
     (not traced), values read from `kv_b_proj`, whose output has an axis of one entry
     beside batch and tokens; the value-output GL(4) per head is found and holds."""
-    import transformers
-
-    from gaugenet.discovery.rules._examples import token_ids
-
-    cfg = transformers.DeepseekV3Config(
-        vocab_size=24,
-        hidden_size=8,
-        intermediate_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=6,
-        use_cache=False,
+    model, x = tiny_hf(
+        "DeepseekV3Model",
+        "DeepseekV3Config",
+        **DECODER,
         kv_lora_rank=4,
         q_lora_rank=4,
         qk_rope_head_dim=2,
@@ -100,15 +92,6 @@ def test_multi_head_latent_attention_keeps_its_value_output_gl() -> None:
         moe_intermediate_size=8,
         first_k_dense_replace=1,
     )
-    torch.manual_seed(0)
-    model = transformers.DeepseekV3Model(cfg).double().eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn_like(p) / min(p.shape) ** 0.5)
-            else:
-                p.copy_((name.endswith("weight")) + 0.3 * torch.randn_like(p))
-    x = {"input_ids": token_ids(24, 40, 6)}
     group = gaugenet.symmetries(model, x)
     assert not [b for b in group.breakers if b.reason.startswith(INTERNAL_ERROR)]
     vo = next(f for f in group.factors if f.name.endswith(".vo"))

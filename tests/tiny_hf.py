@@ -1,0 +1,52 @@
+"""Tiny Hugging Face models built from their configs for the discovery tests: float64, eval
+mode, matrices of unit gain, vectors near 1 (weights, gains) or near 0 (biases), and token
+batches that use every id."""
+
+from __future__ import annotations
+
+import torch
+import transformers
+from torch import Tensor, nn
+
+from gaugenet.discovery.rules._examples import token_ids
+
+#: a one-layer decoder block of hidden size 8, two heads of 4, MLP 16, six positions
+DECODER = dict(
+    vocab_size=24,
+    hidden_size=8,
+    intermediate_size=16,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    max_position_embeddings=6,
+    use_cache=False,
+)
+
+
+def unit_gain(model: nn.Module) -> nn.Module:
+    """Parameters redrawn in place (seeded by the caller): matrices `randn / sqrt(fan)`,
+    vectors named `*weight` `1 + 0.3 randn`, other vectors `0.3 randn`."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim >= 2:
+                p.copy_(torch.randn_like(p) / min(p.shape) ** 0.5)
+            else:
+                p.copy_(name.endswith("weight") + 0.3 * torch.randn_like(p))
+    return model
+
+
+def tiny_hf(
+    cls: str, cfg: str, *, batch: int = 40, decoder: bool = False, **config
+) -> tuple[nn.Module, dict[str, Tensor]]:
+    """`(model, inputs)`: `transformers.<cls>` from `transformers.<cfg>(**config)`, and
+    `batch` sequences of `max_position_embeddings` tokens (the decoder of an
+    encoder-decoder model, `decoder=True`, reads them reversed)."""
+    torch.manual_seed(0)
+    model = getattr(transformers, cls)(getattr(transformers, cfg)(**config)).double().eval()
+    unit_gain(model)
+    tokens = config.get("max_position_embeddings", 6)
+    ids = token_ids(config["vocab_size"], batch, tokens)
+    inputs = {"input_ids": ids}
+    if decoder:
+        inputs["decoder_input_ids"] = ids.flip(1)
+    return model, inputs
