@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ._functional_norms import _held
+from ._functional_norms import calls_by_module, install
 
 __all__ = ["as_layer", "input_of", "traced_layers"]
 
@@ -62,29 +62,15 @@ def traced_layers(gm: fx.GraphModule, model: nn.Module) -> dict[str, nn.Module]:
     """In a graph traced by `torch.fx` (parameters named from the model's root), the
     `F.embedding` and `F.linear` calls that their module stands for: each becomes a
     `call_module` node on that module's path, held by `gm`; returns them by path."""
-    calls: dict[str, list[fx.Node]] = {}
-    for n in gm.graph.nodes:
-        stack = n.meta.get("nn_module_stack") if n.op == "call_function" else None
-        if n.target in _FUNCTIONAL and stack:
-            calls.setdefault(list(stack.values())[-1][0], []).append(n)
+    calls = calls_by_module(gm, lambda n: n.op == "call_function" and n.target in _FUNCTIONAL)
     found: dict[str, nn.Module] = {}
     for path, nodes in calls.items():
-        if not path:
-            continue
-        parent = path.rpartition(".")[0]
         owner = model.get_submodule(path)
         layers = [_layer(n, owner, path + ".") for n in nodes]
         if any(m is None for m in layers) or len({_kind(n) for n in nodes}) != 1:
             continue
-        if _held(gm, parent) is (model.get_submodule(parent) if parent else model):
-            continue  # `gm` shares that module with the model: adding to it would change it
-        gm.add_submodule(path, layers[0])
-        for n in nodes:
-            with gm.graph.inserting_before(n):
-                new = gm.graph.call_module(path, (input_of(n),))
-            n.replace_all_uses_with(new)
-            gm.graph.erase_node(n)
-        found[path] = layers[0]
+        if install(gm, model, path, layers[0], [(n, input_of(n)) for n in nodes]):
+            found[path] = layers[0]
     if found:
         gm.recompile()
     return found

@@ -17,6 +17,8 @@ call) stays in the graph as it is. The model itself is never modified.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +26,7 @@ from torch import fx, nn
 
 from ._offset_layernorm import OffsetGainLayerNorm, gain_offset, offset_weight
 
-__all__ = ["as_layernorm", "traced_layer_norms", "with_modules"]
+__all__ = ["as_layernorm", "calls_by_module", "install", "traced_layer_norms", "with_modules"]
 
 aten = torch.ops.aten
 LAYER_NORM = aten.layer_norm.default
@@ -46,29 +48,15 @@ def traced_layer_norms(gm: fx.GraphModule, model: nn.Module) -> dict[str, nn.Mod
     `F.layer_norm` calls that their module stands for: each becomes a `call_module` node on
     that module's path, held by `gm` as an `nn.LayerNorm`; returns them by path. A module
     called several times stands for each call when all compute the same LayerNorm."""
-    calls: dict[str, list[fx.Node]] = {}
-    for n in gm.graph.nodes:
-        stack = n.meta.get("nn_module_stack") if n.op == "call_function" else None
-        if n.target in _FUNCTIONAL and stack:
-            calls.setdefault(list(stack.values())[-1][0], []).append(n)
+    calls = calls_by_module(gm, lambda n: n.op == "call_function" and n.target in _FUNCTIONAL)
     found: dict[str, nn.Module] = {}
     for path, nodes in calls.items():
-        if not path:
-            continue
-        parent = path.rpartition(".")[0]
         owner = model.get_submodule(path)
         lns = [_layernorm(n, owner, path + ".") for n in nodes]
         if any(ln is None for ln in lns) or len({_spec(ln) for ln in lns}) != 1:
             continue
-        if _held(gm, parent) is (model.get_submodule(parent) if parent else model):
-            continue  # `gm` shares that module with the model: adding to it would change it
-        gm.add_submodule(path, lns[0])
-        for n in nodes:
-            with gm.graph.inserting_before(n):
-                new = gm.graph.call_module(path, (n.args[0],))
-            n.replace_all_uses_with(new)
-            gm.graph.erase_node(n)
-        found[path] = lns[0]
+        if install(gm, model, path, lns[0], [(n, n.args[0]) for n in nodes]):
+            found[path] = lns[0]
     if found:
         gm.recompile()
     return found
@@ -83,6 +71,45 @@ def _held(gm: nn.Module, path: str) -> nn.Module | None:
         return gm.get_submodule(path)
     except AttributeError:
         return None
+
+
+def calls_by_module(
+    gm: fx.GraphModule, keep: Callable[[fx.Node], bool]
+) -> dict[str, list[fx.Node]]:
+    """The nodes `keep` accepts of a graph traced by `torch.fx`, by the path of the
+    innermost module that made them (`nn_module_stack`), in graph order; the root's
+    (empty path) left out."""
+    calls: dict[str, list[fx.Node]] = {}
+    for n in gm.graph.nodes:
+        stack = n.meta.get("nn_module_stack") if keep(n) else None
+        if stack:
+            path = list(stack.values())[-1][0]
+            if path:
+                calls.setdefault(path, []).append(n)
+    return calls
+
+
+def install(
+    gm: fx.GraphModule,
+    model: nn.Module,
+    path: str,
+    module: nn.Module,
+    calls: list[tuple[fx.Node, Any]],
+) -> bool:
+    """Put `module` at `path` in `gm` and make each `(node, input)` of `calls` a
+    `call_module` node on `path` reading `input`; `False`, and nothing changed, where `gm`
+    shares the module above `path` with `model` (adding to it would change the model).
+    The caller recompiles `gm`."""
+    parent = path.rpartition(".")[0]
+    if _held(gm, parent) is (model.get_submodule(parent) if parent else model):
+        return False
+    gm.add_submodule(path, module)
+    for n, x in calls:
+        with gm.graph.inserting_before(n):
+            new = gm.graph.call_module(path, (x,))
+        n.replace_all_uses_with(new)
+        gm.graph.erase_node(n)
+    return True
 
 
 def _spec(ln: nn.LayerNorm) -> tuple:

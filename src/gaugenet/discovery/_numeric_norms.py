@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from ._functional_norms import calls_by_module, install
+
 __all__ = ["numeric_layernorm", "traced_numeric_norms"]
 
 _TOL = 1e-5
@@ -90,16 +92,9 @@ def traced_numeric_norms(gm: fx.GraphModule, model: nn.Module) -> dict[str, nn.M
     written in primitive operations that compute a LayerNorm (`numeric_layernorm`): the
     operations of each, called once on one tensor, become one `call_module` node on its path,
     held by `gm` as an `nn.LayerNorm`; returns them by path."""
-    groups: dict[str, list[fx.Node]] = {}
-    for n in gm.graph.nodes:
-        stack = n.meta.get("nn_module_stack") if n.op in ("call_function", "call_method") else None
-        if stack:
-            groups.setdefault(list(stack.values())[-1][0], []).append(n)
+    groups = calls_by_module(gm, lambda n: n.op in ("call_function", "call_method"))
     found: dict[str, nn.Module] = {}
     for path, nodes in groups.items():
-        parent = path.rpartition(".")[0]
-        if not path or _held(gm, parent) is (model.get_submodule(parent) if parent else model):
-            continue  # `gm` shares that module with the model: adding to it would change it
         ends = _single_call(nodes, path)
         if ends is None:
             continue
@@ -107,25 +102,16 @@ def traced_numeric_norms(gm: fx.GraphModule, model: nn.Module) -> dict[str, nn.M
         if ln is None:
             continue
         x, out = ends
-        gm.add_submodule(path, ln)
-        with gm.graph.inserting_before(out):
-            new = gm.graph.call_module(path, (x,))
-        out.replace_all_uses_with(new)
-        for n in reversed(nodes):
-            if not n.users:
+        if not install(gm, model, path, ln, [(out, x)]):
+            continue
+        for n in reversed(nodes):  # the rest of its operations, now read by nothing
+            if n is not out and not n.users:
                 gm.graph.erase_node(n)
         found[path] = ln
     if found:
         gm.graph.lint()
         gm.recompile()
     return found
-
-
-def _held(gm: nn.Module, path: str) -> nn.Module | None:
-    try:
-        return gm.get_submodule(path)
-    except AttributeError:
-        return None
 
 
 def _single_call(nodes: list[fx.Node], path: str) -> tuple[fx.Node, fx.Node] | None:
