@@ -33,7 +33,7 @@ from torch import Tensor, fx, nn
 from ..groups import OffsetScale, RescalingFactor, Scale
 from ._linear import Linear, param_name
 from ._offset_gain import offset_gain
-from ._ops import ADDITIONS, CAST_METHODS, CASTS, graph_users
+from ._ops import ADDITIONS, graph_users, is_cast
 
 __all__ = ["Gain", "as_gain", "gain_entries", "gain_qk_factor"]
 
@@ -55,15 +55,9 @@ class Gain(Linear):
     head_first: bool = False
 
 
-def _cast(n: fx.Node) -> bool:
-    if n.op == "call_function":
-        return n.target in CASTS
-    return n.op == "call_method" and n.target in CAST_METHODS
-
-
 def _sole_param(a: Any, root: nn.Module) -> str | None:
     """The parameter `a` reads through casts, when nothing else reads it or the casts."""
-    while isinstance(a, fx.Node) and _cast(a) and len(graph_users(a)) == 1:
+    while isinstance(a, fx.Node) and is_cast(a) and len(graph_users(a)) == 1:
         a = a.args[0]
     name = param_name(a, root)
     if name is None or len(graph_users(a)) != 1:

@@ -24,6 +24,7 @@ __all__ = [
     "VIEW_FUNCS",
     "VIEW_METHODS",
     "graph_users",
+    "is_cast",
     "is_token_pick",
     "nonhomogeneous_reason",
     "passes_input",
@@ -224,6 +225,14 @@ def nonhomogeneous_reason(op) -> str | None:
             (r for k, r in _REASONS.items() if isinstance(k, type) and issubclass(op, k)), None
         )
     return _REASONS.get(op)
+
+
+def is_cast(n: fx.Node) -> bool:
+    """A cast or copy (`CASTS`, or one of `CAST_METHODS` as `torch.fx` records them): the
+    values of its first argument, in another dtype or storage."""
+    if n.op == "call_function":
+        return n.target in CASTS
+    return n.op == "call_method" and n.target in CAST_METHODS
 
 
 def graph_users(n: fx.Node) -> list[fx.Node]:

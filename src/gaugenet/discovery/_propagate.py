@@ -16,7 +16,7 @@ from torch import Tensor, fx, nn
 
 from ._labels import ZERO, Labels
 from ._norm_rules import NormRules
-from ._ops import CAST_METHODS, CASTS
+from ._ops import is_cast
 from ._unread import Unread
 from .rules import REGISTRY, Rule
 from .rules._common import Pair, Unsupported, fixed, is_float
@@ -174,7 +174,7 @@ class Propagator(NormRules, fx.Interpreter):
         """The parameter's name when `a` is a `get_attr` node reading one, directly or through
         casts and copies (`w.to(torch.float32)` is still the gain `w`)."""
         cast = False
-        while isinstance(a, fx.Node) and a.args and _is_cast(a):
+        while isinstance(a, fx.Node) and a.args and is_cast(a):
             a, cast = a.args[0], True
         if isinstance(a, fx.Node) and a.op == "get_attr":
             if a in self.env:
@@ -188,13 +188,6 @@ class Propagator(NormRules, fx.Interpreter):
 
     def env_or(self, a: Any) -> Any:
         return self.values.get(a) if isinstance(a, fx.Node) else a
-
-
-def _is_cast(n: fx.Node) -> bool:
-    """A cast or copy: the values of its first argument, in another dtype or storage."""
-    if n.op == "call_function":
-        return n.target in CASTS
-    return n.op == "call_method" and n.target in CAST_METHODS
 
 
 def _label_free(n: fx.Node, found: Rule | None) -> bool:

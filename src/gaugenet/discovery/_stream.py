@@ -47,6 +47,7 @@ from ._ops import (
     DTYPE_CASTS,
     METADATA_OPS,
     graph_users,
+    is_cast,
     passes_input,
 )
 from ._shifts import AbsorbedShiftFactor, GainIntoLinears, IntoLinears
@@ -422,16 +423,10 @@ def _from_norm(r: Any, x: fx.Node) -> bool:
     # rotation keeps (`mean(x)` would not be)
     xs = {x}
     for n in x.graph.nodes:
-        if n in seen and n is not x and _plain_cast(n) and n.args[0] in xs:
+        if n in seen and n is not x and is_cast(n) and n.args[0] in xs:
             xs.add(n)
     for n in seen - xs:
         for a in n.all_input_nodes:
             if a in xs and not _square(n, a):
                 return False
     return True
-
-
-def _plain_cast(n: fx.Node) -> bool:
-    if n.op == "call_method":
-        return n.target in CAST_METHODS
-    return n.op == "call_function" and n.target in CASTS
