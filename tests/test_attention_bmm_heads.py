@@ -25,6 +25,7 @@ from gaugenet.discovery import INTERNAL_ERROR
 from gaugenet.discovery._float64 import keep_float64
 from gaugenet.discovery.rules._examples import batch, seeded, token_ids
 from gaugenet.groups import PermutationFactor, model_state
+from tiny_hf import unit_gain
 
 D, H = 8, 2  # model width, heads (head size 4)
 F64 = torch.float64
@@ -164,16 +165,8 @@ def _bloom() -> nn.Module:
 
     cfg = transformers.BloomConfig(vocab_size=V, hidden_size=8, n_layer=1, n_head=2)
     model = transformers.BloomModel(cfg).double().eval()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 2:
-                p.copy_(torch.randn(p.shape, generator=g, dtype=F64) / min(p.shape) ** 0.5)
-            elif name.endswith("weight"):
-                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g, dtype=F64))
-            else:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g, dtype=F64))
-    return model
+    assert all(p.ndim <= 2 for p in model.parameters())
+    return unit_gain(model, torch.Generator().manual_seed(0), bias=0.1)
 
 
 def _kernel_dim(model: nn.Module, inputs: dict) -> tuple[int, torch.Tensor, FlatModel]:

@@ -16,6 +16,7 @@ from gaugenet.certify._keywords import positional
 from gaugenet.certify._orbit import orbit_projector
 from gaugenet.discovery import INTERNAL_ERROR
 from gaugenet.discovery._float64 import keep_float64
+from tiny_hf import unit_gain
 
 V, T, E = 128, 6, 8
 QKV = "h.0.attn.qkv_proj.weight"
@@ -40,14 +41,7 @@ def _codegen() -> tuple[torch.nn.Module, dict]:
     torch.manual_seed(0)
     model = transformers.CodeGenModel(cfg).double().eval()
     gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) / min(p.shape) ** 0.5)
-            elif name.endswith("weight"):
-                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-            else:
-                p.copy_(0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    unit_gain(model, gen, bias=0.1)
     ids = torch.randint(0, V, (96 * T,), generator=gen)
     ids[:V] = torch.arange(V)  # every token, several times
     return model, {"input_ids": ids[torch.randperm(ids.numel(), generator=gen)].reshape(96, T)}

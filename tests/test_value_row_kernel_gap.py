@@ -19,22 +19,13 @@ from gaugenet.certify._jacobian import flat_model, jacobian_of
 from gaugenet.certify._keywords import positional
 from gaugenet.certify._orbit import orbit_projector
 from gaugenet.discovery._float64 import keep_float64
+from tiny_hf import unit_gain
 
 T, E = 6, 8
 
 
 def _randomize(model: torch.nn.Module) -> torch.nn.Module:
-    gen = torch.Generator().manual_seed(0)
-    model = model.double().eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) / min(p.shape) ** 0.5)
-            elif name.endswith("weight"):
-                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-            else:
-                p.copy_(0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    return model
+    return unit_gain(model.double().eval(), torch.Generator().manual_seed(0), bias=0.1)
 
 
 def _ids(batch: int, vocab: int) -> dict:

@@ -23,15 +23,21 @@ DECODER = dict(
 )
 
 
-def unit_gain(model: nn.Module) -> nn.Module:
-    """Parameters redrawn in place (seeded by the caller): matrices `randn / sqrt(fan)`,
-    vectors named `*weight` `1 + 0.3 randn`, other vectors `0.3 randn`."""
+def unit_gain(
+    model: nn.Module, generator: torch.Generator | None = None, bias: float = 0.3
+) -> nn.Module:
+    """Parameters redrawn in place from `generator` (the global one, seeded by the caller,
+    when `None`): matrices `randn / sqrt(fan)`, vectors named `*weight` `1 + 0.3 randn`,
+    other vectors `bias · randn`."""
     with torch.no_grad():
         for name, p in model.named_parameters():
+            r = torch.randn(p.shape, generator=generator, dtype=p.dtype)
             if p.ndim >= 2:
-                p.copy_(torch.randn_like(p) / min(p.shape) ** 0.5)
+                p.copy_(r / min(p.shape) ** 0.5)
+            elif name.endswith("weight"):
+                p.copy_(1 + 0.3 * r)
             else:
-                p.copy_(name.endswith("weight") + 0.3 * torch.randn_like(p))
+                p.copy_(bias * r)
     return model
 
 
