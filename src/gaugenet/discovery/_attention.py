@@ -262,26 +262,15 @@ def _core_factors(
         raise Skip("query heads are not the projection's blocks in order")
     # key-value group of every query head; one key-value head broadcast over the query
     # heads (multi-query attention without `enable_gqa`, as Falcon's) is one group
-    one_kv = H > 1 and pk.maps.shape[0] == 1 and pv.maps.shape[0] == 1
-    if core.gqa or one_kv:
-        hk = pk.maps.shape[0]
-        if H % hk:
-            raise Skip("query heads are not a multiple of key-value heads")
-        kv_of = pk.source_head.repeat_interleave(H // hk)
-        k_maps = pk.maps.repeat_interleave(H // hk, 0)
-        v_src = pv.source_head.repeat_interleave(H // hk)
-        v_maps = pv.maps.repeat_interleave(H // hk, 0)
-    else:
-        kv_of, k_maps, v_src, v_maps = pk.source_head, pk.maps, pv.source_head, pv.maps
+    repeat = core.gqa or (H > 1 and pk.maps.shape[0] == 1 and pv.maps.shape[0] == 1)
+    kv_of, k_maps = _per_query_head(pk, H, repeat)
+    v_src, v_maps = _per_query_head(pv, H, repeat)
     if not torch.equal(v_src, kv_of):
         raise Skip("values and keys are grouped differently")
     if isinstance(pv.lin, Gain):
         raise Skip("values go through a gain (a normalization) before the attention")
     gains = isinstance(pq.lin, Gain) or isinstance(pk.lin, Gain)
-    hkv = int(kv_of.max()) + 1
-    rep = H // hkv
-    if not torch.equal(kv_of, torch.arange(hkv).repeat_interleave(rep)):
-        raise Skip("query heads are not grouped by consecutive key-value heads")
+    hkv, rep = _groups(kv_of, H)
     if not _scalar_maps(v_maps):
         raise Skip("values are transformed (rotated) before the attention")
     names = [pq.name, pk.name, pv.name, po.name]
@@ -326,14 +315,6 @@ def _core_factors(
         return fs, covered, pk, []
     name = prefix or pq.name
 
-    def terms(p: Proj, mode: str, times: int = 1) -> list:
-        # listed rows where the heads are not evenly spaced blocks (CodeGen's partitions)
-        where = {} if p.regular else {"rows": tuple(p.block_rows().reshape(-1).tolist())}
-        out = [MatTerm(p.lin.weight, p.lin.out_axis, p.offset, mode, p.stride or 1, **where)]
-        if p.lin.bias is not None:
-            out.append(MatTerm(p.lin.bias, 0, p.offset, mode, p.stride or 1, **where))
-        return [Repeat(t, times) if times > 1 else t for t in out]
-
     # query-key: per key-value group, in the commutant of the score maps; only its diagonal
     # part where a gain (a normalization) feeds the queries or keys (`_attention_gain.py`)
     if gains:
@@ -341,14 +322,11 @@ def _core_factors(
         sides = ((pq.lin, pq.rows), (pk.lin, k_rows))
         qk = gain_qk_factor(name, sides, P, root, values, modules)
     else:
-        qk_terms = terms(pq, "T", rep) + terms(pk, "inv")
+        qk_terms = _proj_terms(pq, "T", rep) + _proj_terms(pk, "inv")
         qk = AlgebraFactor(
             f"{name}.qk", dh, hkv, basis=basis, terms=tuple(qk_terms), modules=modules
         )
-    o_term = MatTerm(po.weight, po.in_axis, o_off, "inv")
-    vo_terms = [*terms(pv, "T"), Repeat(o_term, rep) if rep > 1 else o_term]
-    vo = AlgebraFactor(f"{name}.vo", dv, hkv, terms=tuple(vo_terms), modules=modules)
-    shifts = _value_shift(name, pv, po, o_off, hkv, rep, vo, modules)
+    vo, *shifts = _value_output(name, pv, po, o_off, hkv, rep, modules)
     # a nonlinear map of the scores before the softmax (soft-capping) keeps no constant
     if gains:  # the key shift and head permutations are not derived through gains
         return [qk, vo, *shifts], covered, pk, []
@@ -374,35 +352,63 @@ def _value_output_only(core: _Core, root: nn.Module, values: dict) -> tuple[list
         raise Skip("values go through a gain")
     H = int(values[core.out].shape[1])
     po, o_off = trace_output(core.out, root, values)
-    hv = pv.maps.shape[0]
-    if core.gqa or (hv == 1 and H > 1):
-        if H % hv:
-            raise Skip("query heads are not a multiple of value heads")
-        kv_of = pv.source_head.repeat_interleave(H // hv)
-        v_maps = pv.maps.repeat_interleave(H // hv, 0)
-    elif hv == H:
-        kv_of, v_maps = pv.source_head, pv.maps
-    else:
-        raise Skip("the values have another number of heads than the output")
-    hkv = int(kv_of.max()) + 1
-    rep = H // hkv
-    if H % hkv or not torch.equal(kv_of, torch.arange(hkv).repeat_interleave(rep)):
-        raise Skip("output heads are not grouped by consecutive value heads")
+    kv_of, v_maps = _per_query_head(pv, H, core.gqa or (pv.maps.shape[0] == 1 and H > 1))
+    hkv, rep = _groups(kv_of, H)
     if not _scalar_maps(v_maps):
         raise Skip("values are transformed (rotated) before the attention")
     modules = tuple(dict.fromkeys([pv.name, po.name]))
     name = _common_prefix([pv.name, po.name]) or pv.name
-    where = {} if pv.regular else {"rows": tuple(pv.block_rows().reshape(-1).tolist())}
-    stride = pv.stride or 1
-    v_terms = [MatTerm(pv.lin.weight, pv.lin.out_axis, pv.offset, "T", stride, **where)]
-    if pv.lin.bias is not None:
-        v_terms.append(MatTerm(pv.lin.bias, 0, pv.offset, "T", stride, **where))
+    return _value_output(name, pv, po, o_off, hkv, rep, modules), {pv.name}
+
+
+def _per_query_head(p: Proj, H: int, repeat: bool) -> tuple[Tensor, Tensor]:
+    """`p`'s source head and map for each of the `H` query heads: its own heads, or, when
+    `repeat`, each repeated for the query heads it serves (grouped- or multi-query
+    attention, the key-value heads not expanded before the core)."""
+    if not repeat:
+        return p.source_head, p.maps
+    h = p.maps.shape[0]
+    if H % h:
+        raise Skip("query heads are not a multiple of key-value heads")
+    return p.source_head.repeat_interleave(H // h), p.maps.repeat_interleave(H // h, 0)
+
+
+def _groups(kv_of: Tensor, H: int) -> tuple[int, int]:
+    """`(key-value groups, query heads per group)` from the group of each of the `H` query
+    heads, which must be consecutive."""
+    hkv = int(kv_of.max()) + 1
+    rep = H // hkv
+    if not torch.equal(kv_of, torch.arange(hkv).repeat_interleave(rep)):
+        raise Skip("query heads are not grouped by consecutive key-value heads")
+    return hkv, rep
+
+
+def _proj_terms(p: Proj, mode: str, times: int = 1) -> list:
+    """The matrix terms of a projection's head rows (weight and bias; listed rows where the
+    heads are not evenly spaced blocks, as CodeGen's partitions), repeated `times`."""
+    where = {} if p.regular else {"rows": tuple(p.block_rows().reshape(-1).tolist())}
+    out = [MatTerm(p.lin.weight, p.lin.out_axis, p.offset, mode, p.stride or 1, **where)]
+    if p.lin.bias is not None:
+        out.append(MatTerm(p.lin.bias, 0, p.offset, mode, p.stride or 1, **where))
+    return [Repeat(t, times) if times > 1 else t for t in out]
+
+
+def _value_output(
+    name: str,
+    pv: Proj,
+    po: Linear,
+    o_off: int,
+    hkv: int,
+    rep: int,
+    modules: tuple[str, ...],
+) -> list:
+    """The value-output `GL` per key-value head (`W_v ↦ Gᵀ W_v`, `W_o ↦ W_o G⁻ᵀ`) and the
+    value-bias shift."""
     o_term = MatTerm(po.weight, po.in_axis, o_off, "inv")
+    vo_terms = [*_proj_terms(pv, "T"), Repeat(o_term, rep) if rep > 1 else o_term]
     dv = pv.maps.shape[-1]
-    vo_terms = [*v_terms, Repeat(o_term, rep) if rep > 1 else o_term]
     vo = AlgebraFactor(f"{name}.vo", dv, hkv, terms=tuple(vo_terms), modules=modules)
-    shifts = _value_shift(name, pv, po, o_off, hkv, rep, vo, modules)
-    return [vo, *shifts], {pv.name}
+    return [vo, *_value_shift(name, pv, po, o_off, hkv, rep, vo, modules)]
 
 
 def _key_row_ranges(pk: Proj, sel: Tensor | None, hkv: int) -> list[tuple[int, int]]:
