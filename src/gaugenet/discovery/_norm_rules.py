@@ -241,7 +241,7 @@ class NormRules:
             elsewhere = [
                 n
                 for n in graph.nodes
-                if (n.op == "get_attr" and self._param(n) is p)
+                if ((a := param_name(n, self.root)) and self.root.get_parameter(a) is p)
                 or (
                     n.op == "call_module"
                     and str(n.target) not in mods
@@ -265,12 +265,6 @@ class NormRules:
                     modules=tuple(mods),
                 )
             )
-
-    def _param(self, n: fx.Node) -> Any:
-        try:
-            return self.root.get_parameter(str(n.target))
-        except (AttributeError, TypeError):
-            return None
 
     def _stream_sources(self, src: fx.Node, E: int) -> None:
         """Parameters added or concatenated into a stream that only LayerNorms read (a class
