@@ -35,6 +35,7 @@ from .groups import (
     AffineFactor,
     BatchNormShift,
     Element,
+    FreeFactor,
     GaugeGroup,
     PermutationFactor,
     RescalingFactor,
@@ -251,6 +252,24 @@ def _element(group: GaugeGroup, state: State, params: set[str], gauge: Gauge) ->
     for name in shifts:
         g[name] = group._rescale_shift(group.factor(name), g[name], g, scaled=False)
     g.update(_sort_permutations(group, current))
+    return _free_last(group, state, g)
+
+
+def _free_last(group: GaugeGroup, state: State, g: Element) -> Element:
+    """`g` with each free factor's element taken from the entries that every factor
+    acting before it left: its entries then come out exactly zero (`x + (−x)`), which the
+    shift passes above leave to rounding where another shift also moves those rows (a
+    vector moved between two tables moves their unread rows too)."""
+    order = group.continuous
+    for i, f in enumerate(order):
+        if not isinstance(f, FreeFactor):
+            continue
+        after = {p for h in order[i + 1 :] for p in h.params()}
+        if after & set(f.params()):
+            continue  # a later factor moves these entries again: no exact zero to keep
+        dtype = g[f.name].dtype
+        before = group.act_state(state, {**g, f.name: f.identity(dtype)}, validate=False)
+        g[f.name] = f.canonical(before).to(dtype)
     return g
 
 

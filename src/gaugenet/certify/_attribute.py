@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ._orbit import Orbit
+from ._svd import svd
 
 __all__ = ["ANGLE_TOL", "Attribution", "CauseSpace", "attribute", "span"]
 
@@ -55,7 +56,7 @@ def span(m: Tensor, floor: float) -> Tensor:
     `floor`)."""
     if m.shape[1] == 0:
         return m
-    u, s, _ = torch.linalg.svd(m, full_matrices=False)
+    u, s, _ = svd(m, full_matrices=False)
     return u[:, : int((s > floor).sum())]
 
 
@@ -65,7 +66,7 @@ def _explained(missing: Tensor, basis: Tensor, tol: float) -> tuple[int, Tensor]
     if basis.shape[1] == 0 or missing.shape[1] == 0:
         return 0, missing
     off = missing - basis @ (basis.T @ missing)
-    _, s, vh = torch.linalg.svd(off, full_matrices=False)  # s: sines of principal angles
+    _, s, vh = svd(off, full_matrices=False)  # s: sines of principal angles
     k = int((s <= tol).sum())
     return k, missing @ vh[: len(s) - k].T
 

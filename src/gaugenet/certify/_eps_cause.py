@@ -30,6 +30,7 @@ from ._attribute import CauseSpace, span
 from ._causes import small_eps_norms
 from ._hooked import hooked_jacobian, module_inputs
 from ._jacobian import FlatModel
+from ._svd import svd
 
 __all__ = ["eps_cause"]
 
@@ -71,10 +72,10 @@ def _scaling_tangents(fm: FlatModel, norm: nn.LayerNorm, kernel: Tensor) -> Tens
     system = torch.cat([a, -rhs], 1)
     if system.shape[0] > system.shape[1]:  # tall: the same singular values from R, cheaper
         system = torch.linalg.qr(system, mode="r").R
-    _, s, vh = torch.linalg.svd(system, full_matrices=True)
+    _, s, vh = svd(system, full_matrices=True)
     null = vh[int((s > _CUT * s[0]).sum()) :].T  # (k + r, m)
     k = kernel.shape[1]
-    _, s_alpha, vh_alpha = torch.linalg.svd(null[k:], full_matrices=False)
+    _, s_alpha, vh_alpha = svd(null[k:], full_matrices=False)
     scaling = null[:k] @ vh_alpha[: int((s_alpha > 1e-6).sum())].T  # α ≠ 0 combinations
     return span(kernel @ scaling, 1e-6)
 

@@ -25,6 +25,7 @@ from ._attribute import ANGLE_TOL, CauseSpace, attribute, span
 from ._eps_cause import eps_cause
 from ._jacobian import FlatModel
 from ._orbit import Orbit
+from ._svd import svd
 from ._table_cause import table_cause
 from ._together_cause import together_cause
 
@@ -113,7 +114,7 @@ def locate_gap(
     measured causes too (a few more Jacobians)."""
     # a tall Jacobian: the same singular values and right vectors from R of its QR, cheaper
     tall = jac.shape[0] > jac.shape[1]
-    _, s, vh = torch.linalg.svd(torch.linalg.qr(jac, mode="r").R if tall else jac)
+    _, s, vh = svd(torch.linalg.qr(jac, mode="r").R if tall else jac)
     kernel = vh[rank:].T
     missing_basis = span(orbit(kernel), 0.5)  # ker J off the orbit
     missing = missing_basis.shape[1]

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from .._errors import GaugeError
 from ..groups import GaugeGroup
+from ._svd import svd
 
 __all__ = ["Orbit", "orbit_projector"]
 
@@ -46,7 +47,7 @@ class Orbit:
         """`(n, rank)`: an orthonormal basis of the orbit tangents (dense)."""
         if self.rank == 0:
             return torch.zeros(self.n, 0, dtype=torch.float64)
-        u, s, _ = torch.linalg.svd(self._tt.to_dense(), full_matrices=False)
+        u, s, _ = svd(self._tt.to_dense(), full_matrices=False)
         return u[:, : self.rank]
 
     def __call__(self, v: Tensor) -> Tensor:

@@ -35,6 +35,7 @@ from ._orbit import Orbit
 from ._result import CertifyReport, Verdict
 from ._slice import slice_entries, slice_jacobian
 from ._slice_orbit import SliceOrbit, slice_orbit
+from ._svd import svd
 from ._together_cause import together_cause
 
 __all__ = ["SliceSummary", "certify_slice"]
@@ -68,7 +69,7 @@ def _gap_lines(
     """The missing directions of `ker J_S` off the discovered ones, attributed to entries
     with no effect and entries read only in a fixed sum; the rest located by parameter."""
     tall = jac.shape[0] > jac.shape[1]
-    _, s, vh = torch.linalg.svd(torch.linalg.qr(jac, mode="r").R if tall else jac)
+    _, s, vh = svd(torch.linalg.qr(jac, mode="r").R if tall else jac)
     orbit = Orbit(orb.basis.T.contiguous())
     missing = span(orbit(vh[rank:].T), 0.5)
     starts = torch.tensor([0, *sizes]).cumsum(0).tolist()

@@ -33,6 +33,7 @@ from ..groups import GaugeGroup, model_state
 from ..groups._base import AbstractFactor
 from ._jacobian import FlatModel
 from ._slice import Slice
+from ._svd import svd
 
 __all__ = ["SliceOrbit", "slice_orbit"]
 
@@ -109,7 +110,7 @@ def _inside(a_s: Tensor, gram: Tensor) -> tuple[int, Tensor]:
     v = null.T @ a_s  # (k, |S|)
     if v.numel() == 0:
         return 0, a_s.new_zeros(a_s.shape[1], 0)
-    _, s, vh = torch.linalg.svd(v, full_matrices=False)
+    _, s, vh = svd(v, full_matrices=False)
     k = int((s > _RANK).sum())
     return k, vh[:k].T.contiguous()
 

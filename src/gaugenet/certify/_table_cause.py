@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from ._attribute import CauseSpace, span
 from ._hooked import hooked, jacobian_on
 from ._jacobian import FlatModel
+from ._svd import svd
 
 __all__ = ["table_cause", "table_fed"]
 
@@ -116,7 +117,7 @@ def table_cause(fm: FlatModel, missing: Tensor, orbit: Tensor, floor: float) -> 
     both = torch.cat([missing, orbit.to(missing.dtype)], dim=1)
     with hooked(fm.model, dict.fromkeys(noise, spread)):
         moved = jacobian_on(fm.f, fm.theta, both)
-    _, s, vh = torch.linalg.svd(moved, full_matrices=False)
+    _, s, vh = svd(moved, full_matrices=False)
     stay = vh[int((s > floor).sum()) :, :k]  # missing parts of combinations still in ker J
     kept = span(stay.T, 1e-8)  # (k, j): the missing directions that stay
     leave = torch.eye(k, dtype=missing.dtype) - kept @ kept.T

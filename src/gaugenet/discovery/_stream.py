@@ -1,6 +1,8 @@
 """Residual streams found in the graph, and their orthogonal symmetry.
 
-Starting from each embedding lookup, the stream is followed through the graph: casts keep
+Starting from each embedding lookup, and from each linear map's output (a stream with no
+table: `Linear → norm → Linear`; or one part of such an output split along its features, whose
+block of rows alone turns), the stream is followed through the graph: casts keep
 it, as does a product with one constant number (Gemma's `√d`); a residual sum with the
 output of a linear map (that nothing else reads) extends it and records that map as a
 writer (`nn.Linear`, or an `addmm` with an `(in, d)` weight as GPT-2's
@@ -33,6 +35,7 @@ from ..groups._orthogonal import (
     ConjugatedRow,
     ConjugatedRows,
     OrthogonalFactor,
+    RotateBlock,
     RotateColumns,
     RotateRows,
 )
@@ -75,18 +78,96 @@ class _NotAStream(Exception):
 
 
 def stream_rotations(gm: fx.GraphModule, root: nn.Module, values: dict[fx.Node, Any]) -> list:
-    """One `OrthogonalFactor` per residual stream that admits it."""
+    """One `OrthogonalFactor` per residual stream that admits it: streams that start at an
+    embedding lookup, and streams that start at the output of a linear map (`Linear → norm →
+    Linear`, with no table at all)."""
     out = []
     for n in gm.graph.nodes:
-        if n.op != "call_module" or not isinstance(root.get_submodule(str(n.target)), nn.Embedding):
+        seed = _seed(n, root, values)
+        if seed is None:
             continue
         try:
-            f = _follow(n, root, values)
+            f = _follow(n, seed, root, values)
         except _NotAStream:
             continue
         if f is not None:
             out.append(f)
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _Seed:
+    """Where a stream starts: the parameter whose feature axis (`axis`, of size `d`) the
+    rotation turns first (an embedding table's columns, a linear map's output rows), and
+    its terms (with the map's bias)."""
+
+    name: str
+    param: str
+    axis: int
+    d: int
+    terms: tuple
+    #: the entries of `param` along `axis` that start the stream (`None`: all)
+    block: tuple[int, int] | None = None
+
+
+def _seed(n: fx.Node, root: nn.Module, values: dict) -> _Seed | None:
+    m = _module(root, n)
+    if isinstance(m, nn.Embedding):
+        table = f"{n.target}.weight"
+        return _Seed(str(n.target), table, 1, m.embedding_dim, (RotateColumns(table),))
+    matmul = n.op == "call_function" and n.target in (aten.addmm.default, aten.mm.default)
+    if matmul and any(linear_writing(u, root, values) is not None for u in n.users):
+        return None  # seeded at the reshape back to tokens
+    part = _split_part(n, root, values)
+    if part is not None:
+        return part
+    lin = linear_writing(n, root, values)
+    if lin is None:
+        return None
+    d = lin.shape(root)[0]
+    terms = [_writer_term(lin)]
+    if lin.bias is not None:
+        terms.append(RotateRows(lin.bias))
+    return _Seed(lin.name, lin.weight, lin.out_axis, d, tuple(terms))
+
+
+def _split_part(n: fx.Node, root: nn.Module, values: dict) -> _Seed | None:
+    """`n` is part `i` of a linear map's output split along its features (`torch.split`,
+    which alone reads the output; no other node takes part `i`): a stream starting at that
+    block of the map's output rows (DeepSeek's compressed keys and values, split from the
+    rotary key part)."""
+    if not (n.op == "call_function" and n.target is operator.getitem):
+        return None
+    split, i = n.args
+    if not (isinstance(split, fx.Node) and split.op == "call_function"):
+        return None
+    if split.target is not torch.split or not isinstance(i, int):
+        return None
+    src, size, *rest = split.args
+    dim = rest[0] if rest else split.kwargs.get("dim", 0)
+    lin = linear_writing(src, root, values)
+    v = values.get(src)
+    if lin is None or not isinstance(v, torch.Tensor) or graph_users(src) != [split]:
+        return None
+    if dim not in (-1, v.ndim - 1):
+        return None
+    total = v.shape[-1]
+    sizes = list(size) if isinstance(size, (list, tuple)) else [size] * -(-total // size)
+    sizes[-1] = total - sum(sizes[:-1])
+    if not 0 <= i < len(sizes) or [u.args[1] for u in split.users].count(i) != 1:
+        return None
+    start = sum(sizes[:i])
+    stop = start + sizes[i]
+    terms = [RotateBlock(lin.weight, lin.out_axis, start, stop)]
+    if lin.bias is not None:
+        terms.append(RotateBlock(lin.bias, 0, start, stop))
+    name = f"{lin.name}[{start}:{stop}]"
+    return _Seed(name, lin.weight, lin.out_axis, sizes[i], tuple(terms), (start, stop))
+
+
+def _writer_term(w: Linear) -> Any:
+    """`(d, in)` as `nn.Linear`'s: rows; `(in, d)` as an `addmm`'s: columns."""
+    return RotateRows(w.weight) if w.out_axis == 0 else RotateColumns(w.weight)
 
 
 def with_rotations(factors: list, rotations: list[OrthogonalFactor]) -> list:
@@ -104,13 +185,14 @@ def with_rotations(factors: list, rotations: list[OrthogonalFactor]) -> list:
     # a vector moved between two rotated tables turns with them (`v ↦ Bᵀ Qᵀ B v`), and a
     # LayerNorm's shift into its readers' biases, written as `γ ⊙ u`, by `u ↦ Qᵀ u`
     factors = [_moved_by_rotation(f, rotations, factors) for f in factors]
-    tables = {r.table for r in rotations}
+    # (a stream holding a block of its writer's outputs keeps the writer's permutations:
+    # they may move other entries too)
+    tables = {(r.table, r.table_axis) for r in rotations if r.table_block is None}
     kept = [
         f
         for f in factors
         if not (
-            isinstance(f, PermutationFactor)
-            and any(t.param in tables and t.axis == 1 for t in f.terms)
+            isinstance(f, PermutationFactor) and any((t.param, t.axis) in tables for t in f.terms)
         )
     ]
     return kept + rotations
@@ -122,12 +204,13 @@ def _module(root: nn.Module, n: Any) -> nn.Module | None:
     return None
 
 
-def _follow(emb: fx.Node, root: nn.Module, values: dict[fx.Node, Any]) -> OrthogonalFactor | None:
-    table = f"{emb.target}.weight"
-    d = root.get_submodule(str(emb.target)).embedding_dim
-    stream, frontier = {emb}, [emb]
+def _follow(
+    start: fx.Node, seed: _Seed, root: nn.Module, values: dict[fx.Node, Any]
+) -> OrthogonalFactor | None:
+    d = seed.d
+    stream, frontier = {start}, [start]
     writers: list[Linear] = []
-    tables = [table]
+    tables: list[str] = []
     readers: list = []  # reader terms
     centered = False  # read through a LayerNorm: the rotation must keep `1`
     while frontier:
@@ -175,9 +258,9 @@ def _follow(emb: fx.Node, root: nn.Module, values: dict[fx.Node, Any]) -> Orthog
                 raise _NotAStream(u.name)
     if not readers:
         return None
-    terms: list = [RotateColumns(t) for t in tables]
-    for w in writers:  # `(d, in)` as `nn.Linear`'s, or `(in, d)` as an `addmm`'s
-        terms.append(RotateRows(w.weight) if w.out_axis == 0 else RotateColumns(w.weight))
+    terms: list = [*seed.terms, *(RotateColumns(t) for t in tables)]
+    for w in writers:
+        terms.append(_writer_term(w))
         if w.bias is not None:
             terms.append(RotateRows(w.bias))
     terms += readers
@@ -188,11 +271,13 @@ def _follow(emb: fx.Node, root: nn.Module, values: dict[fx.Node, Any]) -> Orthog
         return None
     mods = tuple(dict.fromkeys(p.rpartition(".")[0] for p in touched))
     return OrthogonalFactor(
-        f"rotation:{emb.target}",
+        f"rotation:{seed.name}",
         d,
         terms=tuple(terms),
         modules=mods,
-        table=table,
+        table=seed.param,
+        table_axis=seed.axis,
+        table_block=seed.block,
         fixes_ones=centered,
     )
 

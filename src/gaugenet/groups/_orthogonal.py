@@ -8,7 +8,8 @@ take the rotation back with the gain conjugated: `W ↦ W diag(γ) Q diag(γ)⁻
 `γ` where it is (and so commutes with the rescalings of `γ`).
 
 Terms: `RotateRows` (writers, `W ↦ Qᵀ W`, `b ↦ Qᵀ b`), `RotateColumns` (embedding tables,
-`E ↦ E Q`, and writers stored `(in, d)` as GPT-2's `Conv1D`) and `ConjugatedColumns` (readers
+`E ↦ E Q`, and writers stored `(in, d)` as GPT-2's `Conv1D`), `RotateBlock` (the rows of a
+writer whose output is split, one part starting the stream) and `ConjugatedColumns` (readers
 after a gain; `ConjugatedRows` for readers stored `(d, out)`). Element: `(d, d)` orthogonal,
 either determinant. Algebra coordinates: the `d(d−1)/2` entries above the diagonal of a
 skew-symmetric matrix.
@@ -29,6 +30,7 @@ __all__ = [
     "ConjugatedRow",
     "ConjugatedRows",
     "OrthogonalFactor",
+    "RotateBlock",
     "RotateColumns",
     "RotateRows",
     "complement_basis",
@@ -70,6 +72,29 @@ class RotateColumns:
     def __call__(self, new: State, q: Tensor) -> None:
         p = new[self.param]
         new[self.param] = p @ q.to(p.dtype)
+
+
+@dataclass(frozen=True)
+class RotateBlock:
+    """`param[start:stop] ↦ Qᵀ param[start:stop]` along `axis`, the other entries kept: a
+    writer whose output is split, one part starting a stream (rows of a weight `(out, in)`
+    or a bias with `axis = 0`, columns of an `addmm` weight `(in, out)` with `axis = 1`)."""
+
+    param: str
+    axis: int
+    start: int
+    stop: int
+
+    def __call__(self, new: State, q: Tensor) -> None:
+        p = new[self.param]
+        block = p.narrow(self.axis, self.start, self.stop - self.start).movedim(self.axis, 0)
+        turned = torch.tensordot(q.to(p.dtype).T, block, dims=([1], [0])).movedim(0, self.axis)
+        parts = [
+            p.narrow(self.axis, 0, self.start),
+            turned,
+            p.narrow(self.axis, self.stop, p.shape[self.axis] - self.stop),
+        ]
+        new[self.param] = torch.cat(parts, self.axis)
 
 
 @dataclass(frozen=True)
@@ -127,8 +152,15 @@ class OrthogonalFactor(AbstractFactor):
 
     d: int = 0
     terms: tuple = field(default=(), kw_only=True)
-    #: the embedding table whose principal axes give the canonical form (or `None`)
+    #: the parameter whose principal axes give the canonical form (or `None`): the stream's
+    #: embedding table, or the linear map whose output starts it
     table: str | None = field(default=None, kw_only=True)
+    #: the axis of `table` over the stream's features (1 for a table `(vocab, d)`, 0 for a
+    #: linear map's weight `(d, in)`)
+    table_axis: int = field(default=1, kw_only=True)
+    #: the entries `[start, stop)` of `table` along `table_axis` that the stream holds (a
+    #: writer whose output is split), or `None` for all
+    table_block: tuple[int, int] | None = field(default=None, kw_only=True)
     fixes_ones: bool = field(default=False, kw_only=True)
 
     def __post_init__(self) -> None:
@@ -194,13 +226,18 @@ class OrthogonalFactor(AbstractFactor):
         return tuple(dict.fromkeys(out))
 
     def canonical_element(self, state: State) -> Tensor:
-        """The rotation to the principal axes of the embedding table `E` (eigenvectors of
-        `EᵀE` by decreasing eigenvalue, each signed so that its column of `E Q` has a
-        positive third moment): the same result from every point of the orbit, for tables
-        with distinct eigenvalues."""
+        """The rotation to the principal axes of the table `E` (eigenvectors of `EᵀE` by
+        decreasing eigenvalue, each signed so that its column of `E Q` has a positive third
+        moment; `E` is the embedding table `(vocab, d)`, or the transposed weight `(in, d)`
+        of the linear map that starts the stream): the same result from every point of the
+        orbit, for tables with distinct eigenvalues."""
         if self.table is None:
             return self.identity()
         e = state[self.table].double()
+        if self.table_block is not None:
+            start, stop = self.table_block
+            e = e.narrow(self.table_axis, start, stop - start)
+        e = e.T if self.table_axis == 0 else e
         if self.fixes_ones:  # the same within `1^⊥`: `E B R` for `Q = 11ᵀ/d + B R Bᵀ`
             e = e @ complement_basis(self.d)
         _, u = torch.linalg.eigh(e.T @ e)
