@@ -123,6 +123,22 @@ MORE_ROWS: list[tuple[str, Build]] = [
         max_position_embeddings=T,
         use_cache=False,
     ),
+    # pre-LN encoder and decoder, token lookups times `√d`, sinusoidal position tables
+    _hf_row(
+        "PegasusModel",
+        "PegasusConfig",
+        vocab_size=V,
+        d_model=8,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=16,
+        decoder_ffn_dim=16,
+        max_position_embeddings=T,
+        scale_embedding=True,
+        use_cache=False,
+    ),
     # an `nn.Identity` norm in its first layer, which `torch.export.unflatten` loses
     _row("ModernBertModel", "ModernBertModel", "ModernBertConfig", **_ENC, pad_token_id=0),
     # LayerNorms without bias written as primitive operations (in float32), parallel block

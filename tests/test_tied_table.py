@@ -6,6 +6,7 @@ table (`BartForConditionalGeneration`) the move changes the logits, and is not o
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 
@@ -70,3 +71,30 @@ def test_a_tied_head_keeps_the_table_fixed() -> None:
         moved.model.shared.weight.add_(c[:, None])
     assert relative_error(_out(moved, x), _out(model, x)) > 1e-3
     assert f.dim == 24
+
+
+def test_a_vector_moves_from_the_tied_table_into_both_position_tables() -> None:
+    """`shared −= v`, and each position table (encoder's, decoder's) `+= v` with `v ⊥ 1`:
+    both sums keep their value. The move completes BartModel (n − rank J)."""
+    model, x = _bart("BartModel")
+    group = gaugenet.symmetries(model, x)
+    (f,) = [f for f in group.factors if f.name.startswith("move:shared->")]
+    assert f.dim == 8 - 1
+    assert set(f.terms[0].to) == {
+        "encoder.embed_positions.weight",
+        "decoder.embed_positions.weight",
+    }
+    report = gaugenet.certify(model, x, group=group)
+    assert report.verdict == "complete", report
+    ref = _out(model, x)
+    moved = group.act(model, {f.name: f.sample(torch.Generator().manual_seed(2), scale=1.0)})
+    assert relative_error(_out(moved, x), ref) < 1e-12
+    assert (moved.shared.weight - model.shared.weight).abs().max() > 1e-2
+    # negative: the same vector into the encoder's positions only moves the decoder's sum
+    t = f.terms[0]
+    one_side = dataclasses.replace(t, to=t.to[:1], coef=t.coef[:1])
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    one_side(state, torch.ones(7, dtype=torch.float64))
+    wrong = copy.deepcopy(model)
+    wrong.load_state_dict(state)
+    assert relative_error(_out(wrong, x), ref) > 1e-3

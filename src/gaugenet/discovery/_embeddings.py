@@ -27,9 +27,11 @@ __all__ = [
     "CenteredRowsFactor",
     "IntoRows",
     "MoveBetweenTables",
+    "MoveFromTied",
     "RowMoveFactor",
     "RowsAlongOne",
     "TableShiftFactor",
+    "TiedTableShiftFactor",
     "embedding_sum_factors",
 ]
 
@@ -72,19 +74,23 @@ class CenteredRowsFactor(TranslationFactor):
 
 @dataclass(frozen=True, eq=False)
 class MoveBetweenTables:
-    """`to[:] += v`, `from_[:] −= v` for `v = B z` with `B` a basis of `1^⊥`. `to_rows`:
-    the rows of `to` the graph reads (`None`: all), over which its gauge is taken."""
+    """`to[:] += v / to_scale`, `from_[:] −= v / from_scale` for `v = B z` with `B` a basis
+    of `1^⊥`, where each table's rows enter the sum times its scale (a lookup times `√d`).
+    `to_rows`: the rows of `to` the graph reads (`None`: all), over which its gauge is
+    taken."""
 
     to: str
     from_: str
     features: int
     to_rows: Tensor | None = None
+    to_scale: float = 1.0
+    from_scale: float = 1.0
 
     def __call__(self, new: State, z: Tensor) -> None:
         W = new[self.to]
         v = complement_basis(self.features, W.dtype) @ z.to(W.dtype)
-        new[self.to] = W + v
-        new[self.from_] = new[self.from_] - v.to(new[self.from_].dtype)
+        new[self.to] = W + v / self.to_scale
+        new[self.from_] = new[self.from_] - (v / self.from_scale).to(new[self.from_].dtype)
 
 
 class TableShiftFactor(TranslationFactor):
@@ -101,19 +107,61 @@ class TableShiftFactor(TranslationFactor):
         t = self.terms[0]
         W = state[t.to] if t.to_rows is None else state[t.to][t.to_rows]
         B = complement_basis(t.features, W.dtype)
-        return -(B.T @ W.mean(0))
+        return -(B.T @ W.mean(0)) * t.to_scale
+
+
+@dataclass(frozen=True, eq=False)
+class MoveFromTied:
+    """`from_[:] −= v` under every name of a tied table, and `to[k][:] += coef[k] v` for the
+    table summed with each of its lookups (`coef[k]`: that lookup's scale over the table's),
+    for `v = B z` with `B` a basis of `1^⊥`. `to_rows`: the rows of `to[0]` the graph reads
+    (`None`: all), over which the gauge is taken."""
+
+    from_: tuple[str, ...]
+    to: tuple[str, ...]
+    coef: tuple[float, ...]
+    features: int
+    to_rows: Tensor | None = None
+
+    def __call__(self, new: State, z: Tensor) -> None:
+        v = complement_basis(self.features, torch.float64) @ z.to(torch.float64)
+        for name in self.from_:
+            new[name] = new[name] - v.to(new[name].dtype)
+        for name, c in zip(self.to, self.coef):
+            new[name] = new[name] + (c * v).to(new[name].dtype)
+
+
+class TiedTableShiftFactor(TranslationFactor):
+    """`R^(features − 1)`: a vector moved out of a table tied under several lookups (BART's
+    and Pegasus's `shared`, read by the encoder and the decoder) into the table each lookup
+    is summed with (their position tables), all at once."""
+
+    def params(self) -> tuple[str, ...]:
+        """The tied table under its first name (as `CenteredRowsFactor` for a tied table:
+        the other names move alike), then the target tables."""
+        t = self.terms[0]
+        return (t.from_[0], *t.to)
+
+    def canonical(self, state: State) -> Tensor:
+        """The move that leaves the first target table's mean row along `1` only."""
+        t = self.terms[0]
+        W = state[t.to[0]] if t.to_rows is None else state[t.to[0]][t.to_rows]
+        B = complement_basis(t.features, W.dtype)
+        return -(B.T @ W.mean(0)) / t.coef[0]
 
 
 def embedding_sum_factors(
     tables: list[tuple[str, nn.Embedding]],
     sums: list[int],
     read: dict[str, Tensor] | None = None,
+    scales: dict[str, float] | None = None,
 ) -> list:
     """The factors above for embedding tables (`(module name, module)`, each of the width the
     LayerNorms normalize) whose lookups reach only LayerNorms; `sums[i]` numbers the sum the
     `i`-th table's lookup enters (tables of one sum may exchange vectors). `read`: the rows
-    the graph reads of the tables it does not read whole (by module name)."""
-    read = read or {}
+    the graph reads of the tables it does not read whole (by module name); `scales`: the
+    number a table's rows are multiplied by in the sum (1 where not given)."""
+    read, scales = read or {}, scales or {}
     out: list = [
         CenteredRowsFactor(
             f"center:{t}",
@@ -137,7 +185,16 @@ def embedding_sum_factors(
                 TableShiftFactor(
                     f"move:{src}->{t}",
                     d - 1,
-                    terms=(MoveBetweenTables(f"{t}.weight", f"{src}.weight", d, read.get(t)),),
+                    terms=(
+                        MoveBetweenTables(
+                            f"{t}.weight",
+                            f"{src}.weight",
+                            d,
+                            read.get(t),
+                            scales.get(t, 1.0),
+                            scales.get(src, 1.0),
+                        ),
+                    ),
                     modules=(t, src),
                 )
             )

@@ -18,8 +18,10 @@ from ._centering import BiasAlongOne, CenteredBiasFactor, centered_output
 from ._embeddings import (
     CenteredRowsFactor,
     IntoRows,
+    MoveFromTied,
     RowMoveFactor,
     RowsAlongOne,
+    TiedTableShiftFactor,
     embedding_sum_factors,
 )
 from ._kernel import ReaderSlot, ill_conditioned, kernel_factor
@@ -27,6 +29,7 @@ from ._labels import Labels
 from ._linear import Linear, keeps_last_axis, linear_reading, linear_writing, param_name
 from ._offset_layernorm import effective_gain
 from ._ops import ADD_OPS, CASTS, expand_to, graph_users, is_token_pick, picks_tokens
+from ._scaled import constant_factor, scaled_by_constant
 from ._shifts import layernorm_shift
 from ._unread import Unread
 
@@ -197,8 +200,8 @@ class NormRules:
         if len(ln.normalized_shape) != 1 or not isinstance(src, fx.Node):
             return
         E = ln.normalized_shape[0]
-        tables, sums = [], []
-        for look in self._lookups(src):
+        tables, sums, scales, tied = [], [], {}, []
+        for look, scale in self._lookups(src):
             t = str(look.target)
             m = self.root.get_submodule(t)
             if t in self.centered_layers or m.max_norm is not None or m.embedding_dim != E:
@@ -206,18 +209,22 @@ class NormRules:
             if not self._removed(look, E, self.removed_memo):
                 continue
             if self._shared(f"{t}.weight"):  # settled once every lookup is seen
-                self.tied_lookups.add(look)
+                tied.append((look, scale, self._sum_root(look)))
                 continue
             self.centered_layers.add(t)
             tables.append((t, m))
             sums.append(self._sum_root(look))
+            scales[t] = scale
+        for look, scale, root in tied:
+            partners = [(t, scales[t]) for (t, _), r in zip(tables, sums) if r is root]
+            self.tied_lookups[look] = (scale, partners)
         if tables:
             read = {
                 t: rows
                 for t, m in tables
                 if (rows := self.unread.read_rows(f"{t}.weight", m.num_embeddings)) is not None
             }
-            self.L.extra += embedding_sum_factors(tables, [id(r) for r in sums], read)
+            self.L.extra += embedding_sum_factors(tables, [id(r) for r in sums], read, scales)
         if self._removed(src, E, self.removed_memo):
             self._stream_sources(src, E)
 
@@ -265,6 +272,30 @@ class NormRules:
                     modules=tuple(mods),
                 )
             )
+            move = self._tied_move(names, [self.tied_lookups[n] for n in lookups], m)
+            if move is not None:
+                self.L.extra.append(move)
+
+    def _tied_move(self, names: list[str], parts: list, m: nn.Embedding) -> Any:
+        """A vector `⊥ 1` moved out of a tied table into the table each of its lookups is
+        summed with (one each, all distinct), or `None`."""
+        if not all(len(partners) == 1 for _, partners in parts):
+            return None
+        to = [partners[0] for _, partners in parts]
+        if len({t for t, _ in to}) != len(to):
+            return None
+        coef = tuple(s / sp for (s, _), (_, sp) in zip(parts, to))
+        first = self.root.get_submodule(to[0][0])
+        rows = self.unread.read_rows(f"{to[0][0]}.weight", first.num_embeddings)
+        d = m.embedding_dim
+        term = MoveFromTied(tuple(names), tuple(f"{t}.weight" for t, _ in to), coef, d, rows)
+        tied = names[0].rpartition(".")[0]
+        return TiedTableShiftFactor(
+            f"move:{tied}->{','.join(t for t, _ in to)}",
+            d - 1,
+            terms=(term,),
+            modules=(tied, *(t for t, _ in to)),
+        )
 
     def _stream_sources(self, src: fx.Node, E: int) -> None:
         """Parameters added or concatenated into a stream that only LayerNorms read (a class
@@ -404,19 +435,25 @@ class NormRules:
         ok = isinstance(m, nn.Conv2d) and m.out_channels == E and m.groups == 1
         return conv if ok else None
 
-    def _lookups(self, node: Any) -> list[fx.Node]:
-        """The embedding lookups summed into `node` (through additions, casts and eval-mode
-        dropouts, whoever else reads the partial sums)."""
+    def _lookups(self, node: Any, scale: float = 1.0) -> list[tuple[fx.Node, float]]:
+        """The embedding lookups summed into `node` (through additions, casts, eval-mode
+        dropouts and products with one constant number, whoever else reads the partial
+        sums), each with the number its rows are multiplied by on the way."""
         if not isinstance(node, fx.Node):
             return []
         if node.op == "call_function" and node.target in (operator.add, torch.add):
-            return [t for a in node.args[:2] for t in self._lookups(a)]
+            return [t for a in node.args[:2] for t in self._lookups(a, scale)]
         if self._kept(node):
-            return self._lookups(node.args[0])
+            return self._lookups(node.args[0], scale)
+        inputs = [a for a in node.args if isinstance(a, fx.Node)]
+        if inputs and scaled_by_constant(node, inputs[0], self.root, self.values):
+            # a lookup times one number (Pegasus's `√d`): its rows still move along `1`
+            c = constant_factor(node, inputs[0], self.values)
+            return self._lookups(inputs[0], scale * c)
         if node.op == "call_module" and isinstance(
             self.root.get_submodule(str(node.target)), nn.Embedding
         ):
-            return [node]
+            return [(node, scale)]
         return []
 
     def _sum_root(self, node: fx.Node) -> fx.Node:
@@ -428,7 +465,8 @@ class NormRules:
                 return node
             (u,) = users
             added = u.op == "call_function" and u.target in (operator.add, torch.add)
-            if not (added or self._kept(u)):
+            scaled = scaled_by_constant(u, node, self.root, self.values)
+            if not (added or scaled or self._kept(u)):
                 return node
             node = u
 
@@ -510,6 +548,9 @@ class NormRules:
         ok = bool(users)
         for u in users:
             if self._kept(u) or (keeps_last_axis(u, E, self.values) and u.args[0] is node):
+                ok = ok and self._removed(u, E, memo)
+                continue
+            if scaled_by_constant(u, node, self.root, self.values):
                 ok = ok and self._removed(u, E, memo)
                 continue
             if u.op == "call_module":

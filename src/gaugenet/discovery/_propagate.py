@@ -35,8 +35,9 @@ class Propagator(NormRules, fx.Interpreter):
         self.param_ids = {id(p): n for n, p in root.named_parameters(remove_duplicate=False)}
         self.centered_layers: set[str] = set()
         self.removed_memo: dict[fx.Node, bool] = {}
-        #: lookups of tied tables whose values only LayerNorms read (`tied_table_factors`)
-        self.tied_lookups: set[fx.Node] = set()
+        #: lookups of tied tables whose values only LayerNorms read (`tied_table_factors`):
+        #: each lookup's scale, and the tables summed with it with their scales
+        self.tied_lookups: dict[fx.Node, tuple[float, list[tuple[str, float]]]] = {}
         #: every node's value on the example inputs (the attention pass probes paths with them)
         self.values: dict[fx.Node, Any] = {}
         #: the node being dispatched (its rules' parameter uses are recorded under it)

@@ -22,7 +22,6 @@ claimed.
 from __future__ import annotations
 
 import dataclasses
-import math
 import operator
 from typing import Any
 
@@ -53,6 +52,7 @@ from ._ops import (
     is_cast,
     passes_input,
 )
+from ._scaled import scaled_by_constant
 from ._shifts import AbsorbedShiftFactor, GainIntoLinears, IntoLinears
 from .rules.recurrent import BiasDifferenceFactor
 
@@ -224,7 +224,7 @@ def _follow(
                 continue  # `y.type_as(x)`: reads `x`'s dtype only
             if u.op == "output":
                 raise _NotAStream(u.name)
-            if _cast_of(u, n) or passes_input(u, root) or _scaled_by_constant(u, n, root, values):
+            if _cast_of(u, n) or passes_input(u, root) or scaled_by_constant(u, n, root, values):
                 stream.add(u)
                 frontier.append(u)
             elif u.op == "call_function" and u.target in _ADD:
@@ -280,35 +280,6 @@ def _follow(
         table_block=seed.block,
         fixes_ones=centered,
     )
-
-
-def _scaled_by_constant(u: fx.Node, n: fx.Node, root: nn.Module, values: dict) -> bool:
-    """`u` is `n · c` (either order) with `c` one constant number: a finite number, or a
-    one-entry tensor computed from no input and no parameter (Gemma's `√d` buffer, cast).
-    A rotation commutes with it."""
-    if not (u.op == "call_function" and u.target in _MUL and len(u.args) == 2 and not u.kwargs):
-        return False
-    if u.args[0] is n and u.args[1] is n:
-        return False
-    c = u.args[1] if u.args[0] is n else u.args[0]
-    if isinstance(c, (int, float)) and not isinstance(c, bool):
-        return math.isfinite(c)
-    v = values.get(c) if isinstance(c, fx.Node) else None
-    return isinstance(v, torch.Tensor) and v.numel() == 1 and _constant(c, root)
-
-
-def _constant(c: Any, root: nn.Module) -> bool:
-    """`c` depends on no input and no parameter (buffers, numbers, casts of them)."""
-    todo, seen = [c], set()
-    while todo:
-        x = todo.pop()
-        if not isinstance(x, fx.Node) or x in seen:
-            continue
-        seen.add(x)
-        if x.op == "placeholder" or param_name(x, root) is not None or x.op == "call_module":
-            return False
-        todo += list(x.all_input_nodes)
-    return True
 
 
 def _moved_by_rotation(f: Any, rotations: list[OrthogonalFactor], factors: list) -> Any:
