@@ -25,7 +25,16 @@ from ._attention_gain import Gain, as_gain
 from ._linear import Linear, as_linear, param_name
 from ._ops import DTYPE_CASTS, METADATA_OPS, graph_users
 
-__all__ = ["Linear", "Proj", "Skip", "trace_input", "trace_output"]
+__all__ = [
+    "Linear",
+    "Proj",
+    "Skip",
+    "ancestors_to",
+    "evaluate",
+    "linear_source",
+    "trace_input",
+    "trace_output",
+]
 
 aten = torch.ops.aten
 
@@ -34,7 +43,7 @@ class Skip(Exception):
     """The pattern is not one the analysis covers (the message says why)."""
 
 
-def _ancestors_to(target: fx.Node, stop: fx.Node) -> list[fx.Node]:
+def ancestors_to(target: fx.Node, stop: fx.Node) -> list[fx.Node]:
     """Nodes on paths from `stop` to `target` (excluding `stop`), in graph order."""
     down: set[fx.Node] = set()
     stack = [target]
@@ -54,8 +63,18 @@ def _ancestors_to(target: fx.Node, stop: fx.Node) -> list[fx.Node]:
     return [n for n in stop.graph.nodes if n in down]
 
 
-def _evaluate(nodes: list[fx.Node], root: nn.Module, values: dict, stop: fx.Node, z: Tensor):
-    env: dict[fx.Node, Any] = {stop: z}
+def evaluate(
+    nodes: list[fx.Node],
+    root: nn.Module,
+    values: dict,
+    stop: fx.Node,
+    z: Tensor,
+    env: dict[fx.Node, Any] | None = None,
+):
+    """`nodes` (in graph order) run with `stop`'s value replaced by `z`, every other input at
+    its recorded value; the last result. `env`, when given, receives every node's result."""
+    env = {} if env is None else env
+    env[stop] = z
 
     def look(a: Any) -> Any:
         return fx.node.map_arg(a, lambda x: env[x] if x in env else values[x])
@@ -100,7 +119,7 @@ def _probe(
     basis = eye.reshape(feats, *([1] * (z0.ndim - axes)), *trail).expand(feats, *z0.shape)
 
     def f(z: Tensor) -> Tensor:
-        out = _evaluate(nodes, root, values, stop, z.transpose(1, 2) if head_first else z)
+        out = evaluate(nodes, root, values, stop, z.transpose(1, 2) if head_first else z)
         if not isinstance(out, Tensor):
             raise Skip("the path to the attention does not give one tensor")
         return out.unflatten(0, (batch, -1)) if batch else out
@@ -181,7 +200,7 @@ def _sizes(v: Any) -> bool:
     return isinstance(v, tuple) and all(isinstance(e, int) for e in v)
 
 
-def _linear_source(node: fx.Node, root: nn.Module, values: dict) -> Linear:
+def linear_source(node: fx.Node, root: nn.Module, values: dict) -> Linear:
     """The one linear map whose output reaches `node` without passing another module or
     parameter: a projection, or a gain (`_attention_gain.py`)."""
     found, stack, seen = {}, [node], set()
@@ -233,8 +252,8 @@ def _probe_gain(nodes, root, values, gain: Gain, node: fx.Node, batch: int) -> t
 def trace_input(node: fx.Node, root: nn.Module, values: dict, folded: bool = False) -> Proj:
     """The projection producing the core input `node`, with its per-head maps. `folded`:
     `node` is `(batch·heads, tokens, dh)`, batch major (`_attention_folded.py`)."""
-    lin = _linear_source(node, root, values)
-    nodes = _ancestors_to(node, lin.node)
+    lin = linear_source(node, root, values)
+    nodes = ancestors_to(node, lin.node)
     batch = fold_batch(values[lin.node], values[node]) if folded else 0
     if folded and not batch:
         raise Skip("the heads folded into the batch do not match the projection's batch")
@@ -319,7 +338,7 @@ def trace_output(
         basis = basis.flatten(1, 2)
 
     def f(o: Tensor) -> Tensor:
-        return _evaluate(nodes, root, values, core, o) if nodes else o
+        return evaluate(nodes, root, values, core, o) if nodes else o
 
     try:
         resp = torch.vmap(f)(basis)

@@ -1,0 +1,90 @@
+"""Linking the kernels of query and key normalizations (`_head_norm_kernel.py`) with the rest
+of the group, once it is known.
+
+- Overlap: where the projection reads a LayerNorm whose own kernel factor (`_kernel.py`)
+  holds all of a block's rows, that factor already moves those rows along `1/γ'`, which is
+  the block's `a ∝ 1`: the block then takes `a` in `1^⊥`, so that no direction is counted
+  twice.
+- Commutation: the factor claims to commute with every other factor that touches its
+  parameters (the projection, and the LayerNorm it reads), which is checked, not assumed:
+  random elements of both, applied to the model's parameters in float64 in either order,
+  must give the same parameters (relative `1e-10`). A factor that fails is left out (the
+  group then misses its directions, which `certify` reports) rather than composed wrongly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor, nn
+
+from ..groups._base import State
+from ..groups._group import model_state
+from ._head_norm_kernel import HeadNormKernelFactor
+from ._kernel import LayerNormKernelFactor
+
+__all__ = ["link_head_norm_kernels"]
+
+#: relative parameter difference under the two orders below which factors commute
+_COMMUTE = 1e-10
+
+
+def link_head_norm_kernels(factors: list, model: nn.Module) -> list:
+    """`factors` with every `HeadNormKernelFactor` reduced where a LayerNorm kernel holds its
+    rows, and left out where it does not commute with a factor sharing its parameters."""
+    if not any(isinstance(f, HeadNormKernelFactor) for f in factors):
+        return factors
+    state = {k: v.double() if v.is_floating_point() else v for k, v in model_state(model).items()}
+    out = []
+    for f in factors:
+        if isinstance(f, HeadNormKernelFactor):
+            f = _reduced(f, factors)
+            if not _commutes(f, factors, state):
+                continue
+        out.append(f)
+    return out
+
+
+def _reduced(f: HeadNormKernelFactor, factors: list) -> HeadNormKernelFactor:
+    """`f` with `a ∈ 1^⊥` on the blocks whose rows a kernel factor of the same LayerNorm
+    holds (in one slot on the same weight, along the same axis)."""
+    t = f.kernel
+    if t.ln is None:
+        return f
+    slots = [
+        s
+        for g in factors
+        if isinstance(g, LayerNormKernelFactor) and g.kernel.ln == t.ln
+        for s in g.kernel.slots
+        if s.weight == t.weight and s.out_axis == t.out_axis
+    ]
+    held = torch.tensor(
+        [any(s.start <= int(r.min()) and int(r.max()) < s.stop for s in slots) for r in t.rows],
+        dtype=torch.bool,
+    )
+    term = dataclasses.replace(t, complement=held)
+    return dataclasses.replace(f, n=sum(term.sizes()), terms=(term,))
+
+
+def _commutes(f: HeadNormKernelFactor, factors: list, state: State) -> bool:
+    gen = torch.Generator().manual_seed(0)
+    mine = set(f.params())
+    a = f.sample(gen)
+    for g in factors:
+        if g is f or not mine & set(g.params()):
+            continue
+        b = g.sample(gen)
+        try:
+            one = g.apply(f.apply(state, a), b)
+            two = f.apply(g.apply(state, b), a)
+        except (KeyError, RuntimeError, IndexError):
+            return False
+        if not all(_close(one[k], two[k]) for k in one if one[k].is_floating_point()):
+            return False
+    return True
+
+
+def _close(x: Tensor, y: Tensor) -> bool:
+    ref = max(float(x.abs().max()) if x.numel() else 0.0, 1.0)
+    return x.shape == y.shape and float((x - y).abs().max()) <= _COMMUTE * ref
