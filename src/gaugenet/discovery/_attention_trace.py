@@ -23,7 +23,7 @@ from torch import Tensor, fx, nn
 from ._attention_folded import fold_batch
 from ._attention_gain import Gain, as_gain
 from ._linear import Linear, as_linear, param_name
-from ._ops import DTYPE_CASTS, METADATA_OPS, graph_users
+from ._ops import DTYPE_CASTS, METADATA_OPS, graph_users, is_cast
 
 __all__ = [
     "Linear",
@@ -70,9 +70,11 @@ def evaluate(
     stop: fx.Node,
     z: Tensor,
     env: dict[fx.Node, Any] | None = None,
+    keep64: bool = False,
 ):
     """`nodes` (in graph order) run with `stop`'s value replaced by `z`, every other input at
-    its recorded value; the last result. `env`, when given, receives every node's result."""
+    its recorded value; the last result. `env`, when given, receives every node's result.
+    `keep64`: casts and copies of a float64 value pass it on unchanged (no float32 inside)."""
     env = {} if env is None else env
     env[stop] = z
 
@@ -85,6 +87,9 @@ def evaluate(
             env[n] = None
             continue
         args, kwargs = look(n.args), look(n.kwargs)
+        if keep64 and is_cast(n) and args and _is64(args[0]):
+            env[n] = last = args[0]
+            continue
         if n.op == "call_function":
             env[n] = n.target(*args, **kwargs)
         elif n.op == "call_method":
@@ -95,6 +100,10 @@ def evaluate(
             raise Skip(f"{n.op} {n.name} between a projection and the attention")
         last = env[n]
     return last
+
+
+def _is64(x: Any) -> bool:
+    return isinstance(x, Tensor) and x.dtype == torch.float64
 
 
 def _probe(

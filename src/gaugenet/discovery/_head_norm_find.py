@@ -115,7 +115,7 @@ def _measure(nodes, root, values, stop, target, y0: Tensor) -> list[tuple[Tensor
     tokens = y0.shape[:-1]
 
     def f(z: Tensor) -> Tensor:
-        out = evaluate(nodes, root, values, stop, z)
+        out = evaluate(nodes, root, values, stop, z, keep64=True)
         if not isinstance(out, Tensor):
             raise Skip("the normalization does not give one tensor")
         return out.reshape(-1)
@@ -176,8 +176,8 @@ def _exact(nodes, root, values, stop, target, y0, blocks, gen) -> bool:
     order = [n for n in stop.graph.nodes if n in set(nodes) or n in set(frontier)]
     before: dict[fx.Node, Any] = {}
     after: dict[fx.Node, Any] = {}
-    evaluate(order, root, values, stop, y0, before)
-    evaluate(order, root, values, stop, y1, after)
+    evaluate(order, root, values, stop, y0, before, keep64=True)
+    evaluate(order, root, values, stop, y1, after, keep64=True)
     tol = _EXACT[y0.dtype]
     outs = [(before[w], after[w]) for w in dict.fromkeys([target, *frontier])]
     for b, a in outs:
