@@ -50,7 +50,7 @@ from ._attention_folded import (
     untranspose_last,
 )
 from ._attention_gain import Gain, gain_key_shift, gain_qk_factor
-from ._attention_trace import Linear, Proj, Skip, trace_input, trace_output
+from ._attention_trace import Linear, Proj, Skip, linear_sources, trace_input, trace_output
 from ._head_norm_find import head_norm_kernel
 from ._kernel import MeanKernel, ReaderSlot
 from ._ops import graph_users, passes_input
@@ -118,7 +118,7 @@ def attention_from_graph(
                 breakers.append(Breaker(core.out.name, why))
                 continue
             breakers.append(Breaker(core.out.name, f"query-key part of the {why}"))
-            factors += fs
+            factors += fs + _untraced_norm_kernels(core, root, values)
             covered |= names
             continue
         factors += fs
@@ -375,6 +375,24 @@ def _through_gains(
     sel = None if core.mapped else _constant_key_coords(P.reshape(H, T, T, dh, dh))
     if isinstance(pk.lin, Gain) and sel is not None:
         out += gain_key_shift(name, pk.lin, k_rows, sel, qk, root, values, modules)
+    return out
+
+
+def _untraced_norm_kernels(core: _Core, root: nn.Module, values: dict) -> list:
+    """The kernels of the normalizations (gains) feeding the queries and keys of a core whose
+    query-key part is not analyzed (several gains on one input, as a LayerNorm per head
+    whose results are joined): each normalization's kernel in its projection's rows holds
+    whatever the scores are, as it changes no normalized output (`_head_norm_find.py`)."""
+    out = []
+    for node in (core.q, core.k):
+        try:
+            sources = linear_sources(node, root, values)
+        except Skip:
+            continue
+        for g in sources:
+            if isinstance(g, Gain):
+                f = head_norm_kernel(f"{g.name}.norm_kernel", g, root, values)
+                out += [f] if f is not None else []
     return out
 
 

@@ -32,6 +32,7 @@ __all__ = [
     "ancestors_to",
     "evaluate",
     "linear_source",
+    "linear_sources",
     "trace_input",
     "trace_output",
 ]
@@ -212,6 +213,16 @@ def _sizes(v: Any) -> bool:
 def linear_source(node: fx.Node, root: nn.Module, values: dict) -> Linear:
     """The one linear map whose output reaches `node` without passing another module or
     parameter: a projection, or a gain (`_attention_gain.py`)."""
+    found = linear_sources(node, root, values)
+    if len(found) != 1:
+        raise Skip(f"{len(found)} projections feed one attention input")
+    return found[0]
+
+
+def linear_sources(node: fx.Node, root: nn.Module, values: dict) -> list[Linear]:
+    """The linear maps (projections or gains) whose outputs reach `node` without passing
+    another module or parameter, in the order found; `Skip` when a module or a parameter
+    enters on the way."""
     found, stack, seen = {}, [node], set()
     while stack:
         n = stack.pop()
@@ -234,9 +245,7 @@ def linear_source(node: fx.Node, root: nn.Module, values: dict) -> Linear:
             continue
         # sizes read for a reshape (`B, T, _ = y.shape`) carry no values
         stack += [a for a in n.all_input_nodes if not _sizes(values.get(a))]
-    if len(found) != 1:
-        raise Skip(f"{len(found)} projections feed one attention input")
-    return next(iter(found.values()))
+    return list(found.values())
 
 
 def _probe_gain(nodes, root, values, gain: Gain, node: fx.Node, batch: int) -> tuple[Gain, Tensor]:
