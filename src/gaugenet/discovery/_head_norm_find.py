@@ -78,6 +78,7 @@ def head_norm_kernel(
         getattr(m, "weight", None) is not None,
         getattr(m, "bias", None) is not None,
         gain_offset(m) if m is not None else 0.0,
+        offset=lin.bias is None and _offset_coordinates(m),
     )
     mods = tuple(dict.fromkeys([lin.name, *([ln] if ln else [])]))
     return HeadNormKernelFactor(name, sum(term.sizes()), terms=(term,), modules=mods)
@@ -188,6 +189,17 @@ def _exact(nodes, root, values, stop, target, y0, blocks, gen) -> bool:
         elif isinstance(b, Tensor) and not (isinstance(a, Tensor) and torch.equal(a, b)):
             return False
     return True
+
+
+def _offset_coordinates(ln: nn.Module | None) -> bool:
+    """The LayerNorm has a `β'` with `1ᵀ (β'/γ')` not negligible (`|Σ β̃| > 1e-6 Σ |β̃|`):
+    its offset group may turn a bias-free reader, and the kernel is written to commute with
+    it (`_head_norm_kernel.py`)."""
+    if ln is None or getattr(ln, "bias", None) is None:
+        return False
+    gamma = effective_gain(ln)
+    bt = ln.bias.detach() / gamma if gamma is not None else ln.bias.detach()
+    return float(bt.sum().abs()) > 1e-6 * float(bt.abs().sum())
 
 
 def _layernorm_read(lin: Linear, root: nn.Module, features: int) -> str | None:

@@ -18,6 +18,19 @@ coordinates the action commutes with that LayerNorm's rescalings (of `γ', β'` 
 projection's columns) and with the shift of `β'` into the readers' biases; and `a ∝ 1` is
 then the LayerNorm's own kernel `1/γ'` in these rows, which the LayerNorm's kernel factor
 already holds where it covers them: there `a` is taken in `1^⊥` (`complement`).
+
+A projection without a bias that reads a LayerNorm with `β'` may also be turned on the right
+by that LayerNorm's offset group (`W̃ ↦ W̃ g`, `β̃ ↦ g⁻¹ β̃` with `W̃ = W diag(γ')`,
+`β̃ = β'/γ'`, `g = I + c 1ᵀ`, `groups/_offset.py`). The row change is then written so that
+it commutes with `g` (`offset = True`): `W̃_h ↦ W̃_h + u φᵀ` with
+
+    φ = Pᵀ a + t 1 / (1ᵀ β̃),    P = I − β̃ 1ᵀ / (1ᵀ β̃),    a = B z ∈ 1^⊥,
+
+since `P(g⁻¹ β̃) = P(β̃) g` and `gᵀ 1 = (1 + 1ᵀc) 1` with `1ᵀ g⁻¹ β̃ = 1ᵀ β̃ / (1 + 1ᵀc)`;
+`φ` still spans `R^in` (`Pᵀ` maps `1^⊥` onto `β̃^⊥`, and `1 ∉ β̃^⊥` where `1ᵀ β̃ ≠ 0`). A
+rotation `Q` of the stream (`Q 1 = 1`, `W̃ ↦ W̃ Q`, `β̃ ↦ Qᵀ β̃`) moves `z` by `Bᵀ Qᵀ B` and
+keeps `t` (declared by `_head_norm_link.py`). The element of a block is `z` (`features − 1`)
+and `t` (left out where the LayerNorm's kernel holds the block).
 """
 
 from __future__ import annotations
@@ -61,12 +74,19 @@ class HeadNormKernel:
     ln_bias: bool = False
     ln_offset: float = 0.0
     complement: Tensor | None = None
+    #: written to commute with the LayerNorm's offset group (module docstring; no bias)
+    offset: bool = False
 
     def sizes(self) -> list[int]:
         """Entries of the element per block."""
         comp = self._complement()
         extra = 1 if self.bias is not None else 0
         return [self.features - int(c) + extra for c in comp.tolist()]
+
+    def starts(self) -> list[int]:
+        """Where each block's entries start in the element."""
+        sizes = self.sizes()
+        return [sum(sizes[:k]) for k in range(len(sizes))]
 
     def _complement(self) -> Tensor:
         k = int(self.rows.shape[0])
@@ -95,7 +115,12 @@ class HeadNormKernel:
             part = v[k0 : k0 + size]
             k0 += size
             n = self.features - int(comp)
-            a = basis @ part[:n] if comp else part[:n]
+            if self.offset:  # `φ = Pᵀ B z + t 1 / (1ᵀ β̃)`
+                z = basis @ part[: self.features - 1]
+                t = part.new_zeros(()) if comp else part[-1]
+                a = z - (shift @ z - t) / shift.sum()
+            else:
+                a = basis @ part[:n] if comp else part[:n]
             a0 = part[n] if self.bias is not None else part.new_zeros(())
             u = self.u[k].to(dtype)
             r = self.rows[k]

@@ -6,10 +6,12 @@ of the group, once it is known.
   the block's `a ∝ 1`: the block then takes `a` in `1^⊥`, so that no direction is counted
   twice.
 - Commutation: the factor claims to commute with every other factor that touches its
-  parameters (the projection, and the LayerNorm it reads), which is checked, not assumed:
-  random elements of both, applied to the model's parameters in float64 in either order,
-  must give the same parameters (relative `1e-10`). A factor that fails is left out (the
-  group then misses its directions, which `certify` reports) rather than composed wrongly.
+  parameters (the projection, and the LayerNorm it reads), except the stream rotations,
+  which move it as declared in `moved_by`; both are checked, not assumed: random elements
+  of both, applied to the model's parameters in float64 in either order (with the declared
+  move), must give the same parameters (relative `1e-10`). A factor that fails is left out
+  (the group then misses its directions, which `certify` reports) rather than composed
+  wrongly.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import dataclasses
 import torch
 from torch import Tensor, nn
 
+from ..groups import GaugeGroup, OrthogonalFactor
 from ..groups._base import State
 from ..groups._group import model_state
 from ._head_norm_kernel import HeadNormKernelFactor
@@ -39,8 +42,8 @@ def link_head_norm_kernels(factors: list, model: nn.Module) -> list:
     out = []
     for f in factors:
         if isinstance(f, HeadNormKernelFactor):
-            f = _reduced(f, factors)
-            if not _commutes(f, factors, state):
+            f = _linked(_reduced(f, factors), factors, state)
+            if f is None:
                 continue
         out.append(f)
     return out
@@ -67,7 +70,10 @@ def _reduced(f: HeadNormKernelFactor, factors: list) -> HeadNormKernelFactor:
     return dataclasses.replace(f, n=sum(term.sizes()), terms=(term,))
 
 
-def _commutes(f: HeadNormKernelFactor, factors: list, state: State) -> bool:
+def _linked(f: HeadNormKernelFactor, factors: list, state: State) -> HeadNormKernelFactor | None:
+    """`f` with the stream rotations it does not commute with declared in `moved_by` (the
+    `z` of every block turns by `Bᵀ Qᵀ B`, `_head_norm_kernel.py`), or `None` when some
+    factor sharing its parameters neither commutes with it nor moves it as declared."""
     gen = torch.Generator().manual_seed(0)
     mine = set(f.params())
     a = f.sample(gen)
@@ -75,14 +81,28 @@ def _commutes(f: HeadNormKernelFactor, factors: list, state: State) -> bool:
         if g is f or not mine & set(g.params()):
             continue
         b = g.sample(gen)
-        try:
-            one = g.apply(f.apply(state, a), b)
-            two = f.apply(g.apply(state, b), a)
-        except (KeyError, RuntimeError, IndexError):
-            return False
-        if not all(_close(one[k], two[k]) for k in one if one[k].is_floating_point()):
-            return False
-    return True
+        if _moves(f, g, a, b, state, a):
+            continue
+        if not (isinstance(g, OrthogonalFactor) and f.kernel.ln is not None):
+            return None
+        moved = tuple((g.name, "Tc", o) for o in f.kernel.starts())
+        trial = dataclasses.replace(f, moved_by=(*f.moved_by, *moved))
+        pair = GaugeGroup((g, trial), (), ())
+        after = pair._rescale_shift(trial, a, {g.name: b}, scaled=False)
+        if not _moves(trial, g, a, b, state, after):
+            return None
+        f = trial
+    return f
+
+
+def _moves(f, g, a: Tensor, b: Tensor, state: State, after: Tensor) -> bool:
+    """Acting by `f(a)` then `g(b)` equals `g(b)` then `f(after)` (relative `_COMMUTE`)."""
+    try:
+        one = g.apply(f.apply(state, a), b)
+        two = f.apply(g.apply(state, b), after)
+    except (KeyError, RuntimeError, IndexError):
+        return False
+    return all(_close(one[k], two[k]) for k in one if one[k].is_floating_point())
 
 
 def _close(x: Tensor, y: Tensor) -> bool:
