@@ -29,6 +29,7 @@ from gaugenet.certify._orbit import orbit_projector
 from gaugenet.discovery import INTERNAL_ERROR
 from gaugenet.discovery._float64 import keep_float64
 from gaugenet.discovery._head_norm_kernel import HeadNormKernelFactor
+from gaugenet.discovery._head_norm_link import _linked
 from gaugenet.discovery.rules._examples import batch, seeded
 from gaugenet.groups import GaugeGroup, model_state
 from tiny_hf import DECODER, tiny_hf
@@ -202,3 +203,46 @@ def test_kernels_of_norms_joined_per_head() -> None:
     assert report.worst_residual < 1e-10
     ref, gen = _out(model, x), torch.Generator().manual_seed(6)
     assert relative_error(_out(group.act(model, group.sample(gen)), x), ref) < 1e-12
+
+
+def _stablelm() -> tuple[nn.Module, dict]:
+    cfg = {**DECODER, "partial_rotary_factor": 0.5, "qk_layernorm": True}
+    return tiny_hf("StableLmForCausalLM", "StableLmConfig", **cfg)
+
+
+def test_stablelm_kernels_commute_with_the_offset_and_turn_with_the_stream() -> None:
+    """StableLM with `qk_layernorm`: bias-free projections read a LayerNorm with `β`, whose
+    offset group turns them and whose stream the embedding rotation turns; the kernels are
+    written to commute with the offset and declare the rotation. Of `n − rank J`, 7 are
+    left: the 6 query-key gain scales of its per-head norms, joined by `torch.cat` (two
+    gains feed one core input: not traced), and the value-row kernel of
+    `test_value_row_kernel_gap.py`."""
+    model, x = _stablelm()
+    group = gaugenet.symmetries(model, x)
+    assert not [b for b in group.breakers if b.reason.startswith(INTERNAL_ERROR)]
+    kernels = _kernels(group)
+    assert sum(f.dim for f in kernels) == 32
+    assert all(f.kernel.offset and f.moved_by for f in kernels)
+    assert any(f.kind == "offset" for f in group.factors)  # the offset is kept as well
+    assert group.dim == _nullity(model, x) - 7
+    ref, gen = _out(model, x), torch.Generator().manual_seed(7)
+    g, h = group.sample(gen), group.sample(gen)
+    assert relative_error(_out(group.act(model, g), x), ref) < 1e-12
+    twice = model_state(group.act(group.act(model, g), h))
+    once = model_state(group.act(model, group.compose(g, h)))
+    for k in twice:
+        assert torch.allclose(twice[k], once[k], rtol=1e-10, atol=1e-10)
+
+
+def test_plain_coordinates_do_not_commute_with_the_offset() -> None:
+    """Negative: the same kernels written as `W̃_h += u aᵀ` (without the offset's
+    coordinates) fail the commutation check against the offset, and are left out."""
+    model, x = _stablelm()
+    group = gaugenet.symmetries(model, x)
+    state = {k: v.double() for k, v in model_state(model).items()}
+    factors = list(group.factors)
+    for f in _kernels(group):
+        assert _linked(f, factors, state) is not None
+        plain = dataclasses.replace(f.kernel, offset=False)
+        mutated = dataclasses.replace(f, terms=(plain,), moved_by=())
+        assert _linked(mutated, factors, state) is None

@@ -74,6 +74,7 @@ def _linked(f: HeadNormKernelFactor, factors: list, state: State) -> HeadNormKer
     """`f` with the stream rotations it does not commute with declared in `moved_by` (the
     `z` of every block turns by `Bᵀ Qᵀ B`, `_head_norm_kernel.py`), or `None` when some
     factor sharing its parameters neither commutes with it nor moves it as declared."""
+    f = dataclasses.replace(f, moved_by=())  # declared afresh
     gen = torch.Generator().manual_seed(0)
     mine = set(f.params())
     a = f.sample(gen)
