@@ -22,6 +22,7 @@ eval-mode dropouts), names the coordinates the factor uses (see `_head_norm_kern
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -40,8 +41,8 @@ __all__ = ["head_norm_kernel", "measure_blocks"]
 
 #: relative tolerance of the exactness check, by the projection output's precision
 _EXACT = {torch.float64: 1e-9, torch.float32: 1e-4}
-#: relative size below which a derivative or a singular value counts as zero
-_ZERO = 1e-9
+#: relative size below which a derivative or a singular value counts as zero, by precision
+_ZERO = {torch.float64: 1e-9, torch.float32: 1e-5}
 
 
 def head_norm_kernel(
@@ -93,21 +94,13 @@ def measure_blocks(
     y0 = values[stop]
     if not isinstance(y0, Tensor) or not y0.is_floating_point() or y0.dtype not in _EXACT:
         return []
-    with torch.no_grad(), keep_float64() if y0.dtype == torch.float64 else _nothing():
+    with torch.no_grad(), keep_float64() if y0.dtype == torch.float64 else nullcontext():
         try:
             return _measure(nodes, root, values, stop, target, y0.detach())
         except Skip:
             return []
         except (RuntimeError, TypeError, ValueError, IndexError):
             return []
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _measure(nodes, root, values, stop, target, y0: Tensor) -> list[tuple[Tensor, Tensor]]:
@@ -127,11 +120,12 @@ def _measure(nodes, root, values, stop, target, y0: Tensor) -> list[tuple[Tensor
     top = float(D.abs().max())
     if top == 0:
         return []
-    reach = D.abs() > _ZERO * top  # (F, N)
+    zero = _ZERO[y0.dtype]
+    reach = D.abs() > zero * top  # (F, N)
     blocks = []
     for R in _components(reach):
         _, s, vh = torch.linalg.svd(D[R].T.double(), full_matrices=False)
-        null = s <= _ZERO * float(s[0])
+        null = s <= zero * float(s[0])
         if int(null.sum()) != 1 or len(R) < 2:
             continue
         u = vh[-1]

@@ -39,9 +39,13 @@ def link_head_norm_kernels(factors: list, model: nn.Module) -> list:
     if not any(isinstance(f, HeadNormKernelFactor) for f in factors):
         return factors
     state = {k: v.double() if v.is_floating_point() else v for k, v in model_state(model).items()}
-    out = []
+    out, seen = [], set()
     for f in factors:
         if isinstance(f, HeadNormKernelFactor):
+            key = (f.kernel.weight, tuple(f.kernel.rows.reshape(-1).tolist()))
+            if key in seen:  # one norm read by several cores: found once per core
+                continue
+            seen.add(key)
             f = _linked(_reduced(f, factors), factors, state)
             if f is None:
                 continue
