@@ -43,7 +43,7 @@ def link_head_norm_kernels(factors: list, model: nn.Module) -> list:
     for f in factors:
         if isinstance(f, HeadNormKernelFactor):
             key = (f.kernel.weight, tuple(f.kernel.rows.reshape(-1).tolist()))
-            if key in seen:  # one norm read by several cores: found once per core
+            if key in seen:  # one norm read by several cores: kept once
                 continue
             seen.add(key)
             f = _linked(_reduced(f, factors), factors, state)
