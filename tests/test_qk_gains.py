@@ -163,9 +163,9 @@ def test_hugging_face_normalized_attention_is_complete(cls, cfg, kw, gains) -> N
 def test_layernorm_modules_on_queries_and_keys() -> None:
     """`PersimmonModel`: an `nn.LayerNorm` of the head size on queries and keys (gain and
     bias), half the head rotary: one scale for the rotated plane and one per unrotated
-    coordinate (3), moving `γ` and `β` together. What is left of `n − rank J` on the fused
-    projection (the kernel of the per-head norms on its rows) is not found yet; every factor
-    found holds (tangents in the Jacobian's kernel, random elements)."""
+    coordinate (3), moving `γ` and `β` together; every factor found holds (tangents in the
+    Jacobian's kernel, random elements). The kernel of the per-head norms on the fused
+    projection's rows, and the count, are in `test_qk_layernorm_kernel.py`."""
     model, x = _hf("PersimmonModel", "PersimmonConfig")
     group = gaugenet.symmetries(model, x)
     assert not [b for b in group.breakers if b.reason.startswith(INTERNAL_ERROR)]

@@ -49,8 +49,9 @@ from ._attention_folded import (
     scores_product,
     untranspose_last,
 )
-from ._attention_gain import Gain, gain_qk_factor
-from ._attention_trace import Linear, Proj, Skip, trace_input, trace_output
+from ._attention_gain import Gain, gain_key_shift, gain_qk_factor
+from ._attention_trace import Linear, Proj, Skip, linear_sources, trace_input, trace_output
+from ._head_norm_find import head_norm_kernel
 from ._kernel import MeanKernel, ReaderSlot
 from ._ops import graph_users, passes_input
 from ._score_maps import SCORE_MAPS
@@ -117,7 +118,7 @@ def attention_from_graph(
                 breakers.append(Breaker(core.out.name, why))
                 continue
             breakers.append(Breaker(core.out.name, f"query-key part of the {why}"))
-            factors += fs
+            factors += fs + _untraced_norm_kernels(core, root, values)
             covered |= names
             continue
         factors += fs
@@ -328,8 +329,18 @@ def _core_factors(
         )
     vo, *shifts = _value_output(name, pv, po, o_off, hkv, rep, modules)
     # a nonlinear map of the scores before the softmax (soft-capping) keeps no constant
-    if gains:  # the key shift and head permutations are not derived through gains
-        return [qk, vo, *shifts], covered, pk, []
+    if gains:  # head permutations are not derived through gains
+        return (
+            [
+                qk,
+                vo,
+                *shifts,
+                *_through_gains(name, pq, pk, k_rows, P, core, qk, root, values, modules),
+            ],
+            covered,
+            pk,
+            [],
+        )
     sel = None if core.mapped else _constant_key_coords(P.reshape(H, T, T, dh, dh))
     shifts += _key_shift(name, pk, sel, hkv, qk, modules)
     perms = []
@@ -338,6 +349,51 @@ def _core_factors(
             name, pq, pk, pv, po, o_off, hkv, rep, (qk, vo), modules, shifts
         )
     return [qk, vo, *shifts, *perms], covered, pk, _key_row_ranges(pk, sel, hkv)
+
+
+def _through_gains(
+    name: str,
+    pq: Proj,
+    pk: Proj,
+    k_rows: Tensor,
+    P: Tensor,
+    core: _Core,
+    qk: Any,
+    root: nn.Module,
+    values: dict,
+    modules: tuple[str, ...],
+) -> list:
+    """Where a gain (a normalization) feeds the queries or keys: the kernel of the
+    normalization in its projection's rows (`_head_norm_find.py`), and the shift of the key
+    gain's `β` where softmax removes it (`gain_key_shift`)."""
+    out = []
+    for side, p in (("q", pq), ("k", pk)):
+        if isinstance(p.lin, Gain):
+            f = head_norm_kernel(f"{name}.{side}_norm_kernel", p.lin, root, values)
+            out += [f] if f is not None else []
+    H, T, dh = pq.maps.shape[0], pq.maps.shape[1], pq.maps.shape[-1]
+    sel = None if core.mapped else _constant_key_coords(P.reshape(H, T, T, dh, dh))
+    if isinstance(pk.lin, Gain) and sel is not None:
+        out += gain_key_shift(name, pk.lin, k_rows, sel, qk, root, values, modules)
+    return out
+
+
+def _untraced_norm_kernels(core: _Core, root: nn.Module, values: dict) -> list:
+    """The kernels of the normalizations (gains) feeding the queries and keys of a core whose
+    query-key part is not analyzed (several gains on one input, as a LayerNorm per head
+    whose results are joined): each normalization's kernel in its projection's rows holds
+    whatever the scores are, as it changes no normalized output (`_head_norm_find.py`)."""
+    out = []
+    for node in (core.q, core.k):
+        try:
+            sources = linear_sources(node, root, values)
+        except Skip:
+            continue
+        for g in sources:
+            if isinstance(g, Gain):
+                f = head_norm_kernel(f"{g.name}.norm_kernel", g, root, values)
+                out += [f] if f is not None else []
+    return out
 
 
 def _value_output_only(core: _Core, root: nn.Module, values: dict) -> tuple[list, set[str]]:

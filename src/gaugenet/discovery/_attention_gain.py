@@ -30,12 +30,14 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 
+from ..attention._factors import KeyShiftFactor
 from ..groups import OffsetScale, RescalingFactor, Scale
+from ..groups._base import State
 from ._linear import Linear, param_name
 from ._offset_gain import offset_gain
 from ._ops import ADDITIONS, graph_users, is_cast
 
-__all__ = ["Gain", "as_gain", "gain_entries", "gain_qk_factor"]
+__all__ = ["Gain", "as_gain", "gain_entries", "gain_key_shift", "gain_qk_factor"]
 
 aten = torch.ops.aten
 _MULS = {torch.mul, operator.mul, aten.mul.Tensor}
@@ -53,6 +55,8 @@ class Gain(Linear):
     #: the result is `(batch, heads, tokens, dh)` (a gain of one axis): its features are its
     #: heads and `dh`
     head_first: bool = False
+    #: the node the gain multiplies (`x` of `x ⊙ γ`; a LayerNorm module's input)
+    source: Any = None
 
 
 def _sole_param(a: Any, root: nn.Module) -> str | None:
@@ -95,7 +99,7 @@ def _product(n: fx.Node, root: nn.Module, values: dict) -> Gain | None:
             name, offset = og.param, og.offset
         k = _features(out, root.get_parameter(name))
         if k:
-            return Gain(n, name, None, 0, offset, k)
+            return Gain(n, name, None, 0, offset, k, source=x)
     return None
 
 
@@ -109,7 +113,8 @@ def _layernorm(n: fx.Node, root: nn.Module, values: dict) -> Gain | None:
         return None
     k = _features(out, m.weight)
     bias = f"{n.target}.bias" if m.bias is not None else None
-    return Gain(n, f"{n.target}.weight", bias, 0, 0.0, k) if k else None
+    src = n.args[0] if n.args else None
+    return Gain(n, f"{n.target}.weight", bias, 0, 0.0, k, source=src) if k else None
 
 
 def as_gain(n: fx.Node, root: nn.Module, values: dict) -> Gain | None:
@@ -126,7 +131,7 @@ def as_gain(n: fx.Node, root: nn.Module, values: dict) -> Gain | None:
             if g is None or beta is None:
                 continue
             if root.get_parameter(beta).shape == root.get_parameter(g.weight).shape:
-                return Gain(n, g.weight, beta, 0, g.offset, g.feature_axes)
+                return Gain(n, g.weight, beta, 0, g.offset, g.feature_axes, source=g.source)
         return None
     return _product(n, root, values)
 
@@ -227,3 +232,58 @@ def gain_qk_factor(
         if lin.bias is not None:
             terms.append(Scale(lin.bias, idx, power))
     return RescalingFactor(f"{name}.qk_gains", n, terms=tuple(terms), modules=modules)
+
+
+def gain_key_shift(
+    name: str,
+    key: Gain,
+    rows: Tensor,
+    sel: Tensor,
+    qk: RescalingFactor,
+    root: nn.Module,
+    values: dict,
+    modules: tuple[str, ...],
+) -> list[KeyShiftFactor]:
+    """The shift of the key gain's `β` on the coordinates `sel` of every key head, where a
+    constant on a key head moves each query's scores by one number, which softmax removes
+    (`_attention._constant_key_coords`: under rotary, the unrotated coordinates). `rows`:
+    `(H, d)` the gain features each query head's keys read. Only the entries of `β` that
+    no other coordinate reads are shifted; the query-key rescalings (`qk`, which scale `β`
+    by `1/s`) are declared in `scaled_by`."""
+    if key.bias is None or sel.numel() == 0:
+        return []
+    ent = gain_entries(key, root, values)
+    inside = torch.zeros(rows.shape[-1], dtype=torch.bool)
+    inside[sel] = True
+    moved = set(ent[rows[:, inside]].reshape(-1).tolist())
+    kept = set(ent[rows[:, ~inside]].reshape(-1).tolist())
+    entries = torch.tensor(sorted(moved - kept), dtype=torch.long)
+    if entries.numel() == 0:
+        return []
+    scale = next((t for t in qk.terms if getattr(t, "param", None) == key.bias), None)
+    scaled = ()
+    if scale is not None:
+        idx = torch.broadcast_to(scale.index, root.get_parameter(key.bias).shape).reshape(-1)
+        scaled = ((qk.name, idx[entries], -1),)
+    return [
+        KeyShiftFactor(
+            f"{name}.key_shift",
+            int(entries.numel()),
+            terms=(_FlatEntries(key.bias, entries),),
+            scaled_by=scaled,
+            modules=modules,
+        )
+    ]
+
+
+@dataclass(frozen=True)
+class _FlatEntries:
+    """`state[param].flatten()[entries] += v`."""
+
+    param: str
+    entries: Tensor
+
+    def __call__(self, new: State, v: Tensor) -> None:
+        p = new[self.param]
+        flat = p.reshape(-1).index_add(0, self.entries, v.to(p.dtype))
+        new[self.param] = flat.reshape(p.shape)

@@ -23,9 +23,19 @@ from torch import Tensor, fx, nn
 from ._attention_folded import fold_batch
 from ._attention_gain import Gain, as_gain
 from ._linear import Linear, as_linear, param_name
-from ._ops import DTYPE_CASTS, METADATA_OPS, graph_users
+from ._ops import DTYPE_CASTS, METADATA_OPS, graph_users, is_cast
 
-__all__ = ["Linear", "Proj", "Skip", "trace_input", "trace_output"]
+__all__ = [
+    "Linear",
+    "Proj",
+    "Skip",
+    "ancestors_to",
+    "evaluate",
+    "linear_source",
+    "linear_sources",
+    "trace_input",
+    "trace_output",
+]
 
 aten = torch.ops.aten
 
@@ -34,7 +44,7 @@ class Skip(Exception):
     """The pattern is not one the analysis covers (the message says why)."""
 
 
-def _ancestors_to(target: fx.Node, stop: fx.Node) -> list[fx.Node]:
+def ancestors_to(target: fx.Node, stop: fx.Node) -> list[fx.Node]:
     """Nodes on paths from `stop` to `target` (excluding `stop`), in graph order."""
     down: set[fx.Node] = set()
     stack = [target]
@@ -54,8 +64,20 @@ def _ancestors_to(target: fx.Node, stop: fx.Node) -> list[fx.Node]:
     return [n for n in stop.graph.nodes if n in down]
 
 
-def _evaluate(nodes: list[fx.Node], root: nn.Module, values: dict, stop: fx.Node, z: Tensor):
-    env: dict[fx.Node, Any] = {stop: z}
+def evaluate(
+    nodes: list[fx.Node],
+    root: nn.Module,
+    values: dict,
+    stop: fx.Node,
+    z: Tensor,
+    env: dict[fx.Node, Any] | None = None,
+    keep64: bool = False,
+):
+    """`nodes` (in graph order) run with `stop`'s value replaced by `z`, every other input at
+    its recorded value; the last result. `env`, when given, receives every node's result.
+    `keep64`: casts and copies of a float64 value pass it on unchanged (no float32 inside)."""
+    env = {} if env is None else env
+    env[stop] = z
 
     def look(a: Any) -> Any:
         return fx.node.map_arg(a, lambda x: env[x] if x in env else values[x])
@@ -66,6 +88,9 @@ def _evaluate(nodes: list[fx.Node], root: nn.Module, values: dict, stop: fx.Node
             env[n] = None
             continue
         args, kwargs = look(n.args), look(n.kwargs)
+        if keep64 and is_cast(n) and args and _is64(args[0]):
+            env[n] = last = args[0]
+            continue
         if n.op == "call_function":
             env[n] = n.target(*args, **kwargs)
         elif n.op == "call_method":
@@ -76,6 +101,10 @@ def _evaluate(nodes: list[fx.Node], root: nn.Module, values: dict, stop: fx.Node
             raise Skip(f"{n.op} {n.name} between a projection and the attention")
         last = env[n]
     return last
+
+
+def _is64(x: Any) -> bool:
+    return isinstance(x, Tensor) and x.dtype == torch.float64
 
 
 def _probe(
@@ -100,7 +129,7 @@ def _probe(
     basis = eye.reshape(feats, *([1] * (z0.ndim - axes)), *trail).expand(feats, *z0.shape)
 
     def f(z: Tensor) -> Tensor:
-        out = _evaluate(nodes, root, values, stop, z.transpose(1, 2) if head_first else z)
+        out = evaluate(nodes, root, values, stop, z.transpose(1, 2) if head_first else z)
         if not isinstance(out, Tensor):
             raise Skip("the path to the attention does not give one tensor")
         return out.unflatten(0, (batch, -1)) if batch else out
@@ -181,9 +210,19 @@ def _sizes(v: Any) -> bool:
     return isinstance(v, tuple) and all(isinstance(e, int) for e in v)
 
 
-def _linear_source(node: fx.Node, root: nn.Module, values: dict) -> Linear:
+def linear_source(node: fx.Node, root: nn.Module, values: dict) -> Linear:
     """The one linear map whose output reaches `node` without passing another module or
     parameter: a projection, or a gain (`_attention_gain.py`)."""
+    found = linear_sources(node, root, values)
+    if len(found) != 1:
+        raise Skip(f"{len(found)} projections feed one attention input")
+    return found[0]
+
+
+def linear_sources(node: fx.Node, root: nn.Module, values: dict) -> list[Linear]:
+    """The linear maps (projections or gains) whose outputs reach `node` without passing
+    another module or parameter, in the order found; `Skip` when a module or a parameter
+    enters on the way."""
     found, stack, seen = {}, [node], set()
     while stack:
         n = stack.pop()
@@ -206,9 +245,7 @@ def _linear_source(node: fx.Node, root: nn.Module, values: dict) -> Linear:
             continue
         # sizes read for a reshape (`B, T, _ = y.shape`) carry no values
         stack += [a for a in n.all_input_nodes if not _sizes(values.get(a))]
-    if len(found) != 1:
-        raise Skip(f"{len(found)} projections feed one attention input")
-    return next(iter(found.values()))
+    return list(found.values())
 
 
 def _probe_gain(nodes, root, values, gain: Gain, node: fx.Node, batch: int) -> tuple[Gain, Tensor]:
@@ -233,8 +270,8 @@ def _probe_gain(nodes, root, values, gain: Gain, node: fx.Node, batch: int) -> t
 def trace_input(node: fx.Node, root: nn.Module, values: dict, folded: bool = False) -> Proj:
     """The projection producing the core input `node`, with its per-head maps. `folded`:
     `node` is `(batch·heads, tokens, dh)`, batch major (`_attention_folded.py`)."""
-    lin = _linear_source(node, root, values)
-    nodes = _ancestors_to(node, lin.node)
+    lin = linear_source(node, root, values)
+    nodes = ancestors_to(node, lin.node)
     batch = fold_batch(values[lin.node], values[node]) if folded else 0
     if folded and not batch:
         raise Skip("the heads folded into the batch do not match the projection's batch")
@@ -319,7 +356,7 @@ def trace_output(
         basis = basis.flatten(1, 2)
 
     def f(o: Tensor) -> Tensor:
-        return _evaluate(nodes, root, values, core, o) if nodes else o
+        return evaluate(nodes, root, values, core, o) if nodes else o
 
     try:
         resp = torch.vmap(f)(basis)

@@ -56,6 +56,7 @@ from ..groups._orthogonal import (
     RotateRows,
 )
 from ._attention import _pieces
+from ._head_norm_kernel import HeadNormKernelFactor
 from ._kernel import LayerNormKernelFactor, ill_conditioned
 from ._linear import Linear, keeps_last_axis, linear_reading
 from ._offset_layernorm import effective_gain, gain_offset
@@ -388,6 +389,8 @@ def _link_one(
                 if g.kernel.ln != t.ln:
                     raise _Drop
                 continue
+            if isinstance(g, HeadNormKernelFactor):
+                continue  # checked to commute with every factor on its parameters
             if isinstance(g, TranslationFactor):
                 if not (mine & set(g.params())) <= biases:
                     raise _Drop

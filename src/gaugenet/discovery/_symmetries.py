@@ -20,6 +20,7 @@ from ._concat_gl import concat_gls
 from ._free_entries import with_free
 from ._functional_layers import traced_layers
 from ._functional_norms import traced_layer_norms, with_modules
+from ._head_norm_link import link_head_norm_kernels
 from ._inputs import Call, as_call, find_inputs, without_cache
 from ._kernel import link_kernels
 from ._linear_streams import StreamShiftFactor, fix_stream_labels, linear_streams, stream_factors
@@ -217,6 +218,7 @@ def _discover_graph(model: nn.Module, call: Call, rows: bool) -> GaugeGroup:
     breakers += attn_breakers
     f2, b2 = _atom_factors(model)
     factors = link_centered(without_summed_ones(link_kernels(factors + f2)))
+    factors = link_head_norm_kernels(factors, model)
     factors = link_offsets(factors, model)
     factors = with_free(factors, unread, model)
     b2 += unanalyzed_breakers(model)
