@@ -5,6 +5,11 @@ each value computes its two label maps (see `_labels.py`). Each node is dispatch
 rule that declares its operation (`rules/`, looked up in `rules.REGISTRY`): the rule says
 how that operation maps input labels to output labels and which parameters transform how.
 An operation no rule declares, or that its rule cannot follow, fixes every label reaching it.
+
+A node's maps are kept while a node still to run reads them; after their last reader only
+the distinct ids they carry are kept (`Propagator.carried`: what the passes after
+propagation fix), so that the maps of a large model (one per node, of the node's shape)
+are not all held at once.
 """
 
 from __future__ import annotations
@@ -31,7 +36,11 @@ class Propagator(NormRules, fx.Interpreter):
         super().__init__(gm)
         self.root = root
         self.L = Labels()
+        #: the label maps of the nodes that a node still to run reads
         self.env_labels: dict[fx.Node, Any] = {}
+        #: `(scale ids, perm ids)`, 1-D and distinct, of each node whose maps were read for
+        #: the last time and that carried one pair of maps (see `carried`)
+        self._carried: dict[fx.Node, Pair] = {}
         self.param_ids = {id(p): n for n, p in root.named_parameters(remove_duplicate=False)}
         self.centered_layers: set[str] = set()
         self.removed_memo: dict[fx.Node, bool] = {}
@@ -69,7 +78,21 @@ class Propagator(NormRules, fx.Interpreter):
             self._current = None
         for k in range(start, len(self.L.scale_terms)):
             self.L.term_node[k] = n.name
+        for a in self.user_to_last_uses.get(n, ()):
+            # read for the last time: what later passes need is the ids the maps carry
+            lab = self.env_labels.pop(a, None)
+            if isinstance(lab, tuple) and len(lab) == 2 and isinstance(lab[0], Tensor):
+                self._carried[a] = (torch.unique(lab[0]), torch.unique(lab[1]))
         return out
+
+    def carried(self, n: fx.Node) -> Pair | None:
+        """The distinct `(scale ids, perm ids)` of `n`'s labels when `n` carries one pair of
+        label maps (`None` for no labels or labels of several tensors): the ids the passes
+        after propagation fix (`Labels.fix_scales` and `fix_perms` read only those)."""
+        lab = self.env_labels.get(n)
+        if isinstance(lab, tuple) and len(lab) == 2 and isinstance(lab[0], Tensor):
+            return torch.unique(lab[0]), torch.unique(lab[1])
+        return self._carried.get(n)
 
     def _labeled_input(self, n: fx.Node) -> bool:
         return any(_pairs(self.env_labels.get(a)) for a in n.all_input_nodes)
