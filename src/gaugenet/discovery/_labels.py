@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ..groups import BatchNormShift, Breaker, OffsetScale, Scale
 
-__all__ = ["FIXED", "ZERO", "Labels", "terms_of", "unique_pairs"]
+__all__ = ["FIXED", "ZERO", "Labels", "terms_by_factor", "terms_of", "unique_pairs"]
 
 FIXED = 0
 ZERO = -1
@@ -82,6 +82,19 @@ class Labels:
         while self.parent[i] != root:
             self.parent[i], i = root, self.parent[i]
         return root
+
+    def roots(self) -> Tensor:
+        """`(ids + 1,)`: the union-find root of every scale id (what `find` returns), and
+        `FIXED` last, the entry the `ZERO` label (-1) indexes. Pointer jumping over all ids
+        at once: a `find` per id costs seconds and a list of millions of ints for a
+        7B-shaped model."""
+        p = torch.tensor(self.parent)
+        while True:
+            q = p[p]
+            if torch.equal(q, p):
+                break
+            p = q
+        return torch.cat([p, p.new_tensor([FIXED])])
 
     def union(self, a: int, b: int) -> None:
         if a == ZERO or b == ZERO:
@@ -247,19 +260,41 @@ def terms_of(records: list[tuple], lut: Tensor, n: int, skip: set[str] = frozens
     `skip` are left out (a tied weight written through another name)."""
     terms: list = []
     for rec in records:
-        if rec[0] == "bnshift":
-            _, bn, eps, ids = rec
-            idx = lut[ids]
-            if (idx < n).any():
-                names = (f"{bn}.{x}" for x in ("weight", "bias", "running_mean", "running_var"))
-                terms.append(BatchNormShift(*names, eps, idx))
+        if rec[0] != "bnshift" and rec[0] in skip:
             continue
-        param, ids, power, *offset = rec  # a fourth entry: the gain's offset (`OffsetScale`)
-        if param in skip:
-            continue
-        idx = lut[ids]
+        idx = lut[_record_ids(rec)]
         if (idx < n).any():
-            terms.append(
-                OffsetScale(param, idx, power, offset[0]) if offset else Scale(param, idx, power)
-            )
+            terms.append(_term(rec, idx))
     return terms
+
+
+def terms_by_factor(records: list[tuple], fac: Tensor, pos: Tensor, sizes: list[int]) -> list:
+    """The terms of several factors at once, per factor in the order of `records` (as
+    `terms_of` gives them for each factor): `fac` and `pos`, `(ids + 1,)`, map a label id
+    to its factor (`-1`: none; the last entry is the `ZERO` label's) and its scale index
+    there; factor `k` has `sizes[k]` scales. One pass over the records, with no look-up
+    table per factor (a table of every id per factor costs classes × ids)."""
+    out: list[list] = [[] for _ in sizes]
+    for rec in records:
+        ids = _record_ids(rec)
+        f = fac[ids]
+        for k in torch.unique(f).tolist():
+            if k >= 0:
+                out[k].append(_term(rec, torch.where(f == k, pos[ids], sizes[k])))
+    return out
+
+
+def _record_ids(rec: tuple) -> Tensor:
+    """The label ids of a recorded scale term (`("bnshift", bn, eps, ids)` or
+    `(param, ids, power, [offset])`)."""
+    return rec[3] if rec[0] == "bnshift" else rec[1]
+
+
+def _term(rec: tuple, idx: Tensor) -> Scale | OffsetScale | BatchNormShift:
+    """The term a recorded scale term gives, its ids mapped to the factor's indices `idx`."""
+    if rec[0] == "bnshift":
+        _, bn, eps, _ = rec
+        names = (f"{bn}.{x}" for x in ("weight", "bias", "running_mean", "running_var"))
+        return BatchNormShift(*names, eps, idx)
+    param, _, power, *offset = rec  # a fourth entry: the gain's offset (`OffsetScale`)
+    return OffsetScale(param, idx, power, offset[0]) if offset else Scale(param, idx, power)
