@@ -21,6 +21,7 @@ null-space solve per connected component).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 
@@ -106,7 +107,7 @@ class Labels:
             ra, rb = rb, ra
         self.parent[rb] = ra  # FIXED stays a root
 
-    def union_all(self, ids: Tensor | list[int]) -> int:
+    def union_all(self, ids: Tensor | Sequence[int]) -> int:
         """Merge all scale ids in `ids` (ignoring ZERO); return one representative or ZERO."""
         # a list, not `torch.unique`: called once per channel, small tensors dominate the time
         flat = ids.reshape(-1).tolist() if isinstance(ids, Tensor) else ids
@@ -116,7 +117,7 @@ class Labels:
         return vals[0] if vals else ZERO
 
     def fix_scales(self, ids: Tensor, node: str, reason: str, *, quiet: bool = False) -> None:
-        vals = [int(v) for v in torch.unique(ids) if int(v) > 0]
+        vals = [v for v in torch.unique(ids).tolist() if v > 0]
         free = [v for v in vals if self.find(v) != FIXED]
         for v in vals:
             self.union(FIXED, v)
@@ -192,7 +193,7 @@ class Labels:
         return self.bfind(b), pid - self.blocks[b][0]
 
     def fix_perms(self, ids: Tensor, node: str, reason: str, *, quiet: bool = False) -> None:
-        roots = {self.bfind(self.block_of[int(v)]) for v in torch.unique(ids) if int(v) > 0}
+        roots = {self.bfind(self.block_of[v]) for v in torch.unique(ids).tolist() if v > 0}
         newly = [r for r in roots if not self.block_fixed[r]]
         for r in roots:
             self.block_fixed[r] = True
@@ -203,9 +204,9 @@ class Labels:
         """Two perm label maps meet elementwise (an addition): their channel spaces must agree
         channel for channel, else both lose their permutation symmetry."""
         mask = (a > 0) & (b > 0)
-        pairs = unique_pairs(a[mask], b[mask]) if mask.any() else []
+        pairs = unique_pairs(a[mask], b[mask]).tolist() if mask.any() else []
         ok, merges = True, set()
-        for pa, pb in (tuple(int(v) for v in row) for row in pairs):
+        for pa, pb in pairs:
             (ra, ia), (rb, ib) = self.space(pa), self.space(pb)
             if ia != ib or self.blocks[ra][1] != self.blocks[rb][1]:
                 ok = False
@@ -225,7 +226,7 @@ class Labels:
                 self.block_parent[rb] = ra
                 self.block_fixed[ra] = self.block_fixed[ra] or self.block_fixed[rb]
 
-    def per_channel(self, ids: Tensor, axis: int) -> list[list[int]]:
+    def per_channel(self, ids: Tensor, axis: int) -> list[tuple[int, ...]]:
         """Distinct non-ZERO ids for each index along `axis` (sorted)."""
         moved = ids.movedim(axis, 0).reshape(ids.shape[axis], -1)
         # vectorized (one `unique` per channel costs minutes for a 7B model's 10⁶ channels);
@@ -237,10 +238,10 @@ class Labels:
         # as lists of ints: creating 10⁴ small tensors per layer costs more than the sort
         vals, counts = srt[new].tolist(), new.sum(1).tolist()
         if min(counts, default=1) == 1 == max(counts, default=1):  # one id per channel
-            return [[v] for v in vals]
+            return list(zip(vals))  # 1-tuples, built in C (10⁶ lists cost seconds)
         out, k = [], 0
         for c in counts:
-            out.append(vals[k : k + c])
+            out.append(tuple(vals[k : k + c]))
             k += c
         return out
 

@@ -7,7 +7,7 @@ how that operation maps input labels to output labels and which parameters trans
 An operation no rule declares, or that its rule cannot follow, fixes every label reaching it.
 
 A node's maps are kept while a node still to run reads them; after their last reader only
-the distinct ids they carry are kept (`Propagator.carried`: what the passes after
+the ids they carry are kept (`Propagator.carried`: what the passes after
 propagation fix), so that the maps of a large model (one per node, of the node's shape)
 are not all held at once.
 """
@@ -38,8 +38,8 @@ class Propagator(NormRules, fx.Interpreter):
         self.L = Labels()
         #: the label maps of the nodes that a node still to run reads
         self.env_labels: dict[fx.Node, Any] = {}
-        #: `(scale ids, perm ids)`, 1-D and distinct, of each node whose maps were read for
-        #: the last time and that carried one pair of maps (see `carried`)
+        #: `(scale ids, perm ids)`, 1-D, of each node whose maps were read for the last time
+        #: and that carried one pair of maps (see `carried`)
         self._carried: dict[fx.Node, Pair] = {}
         self.param_ids = {id(p): n for n, p in root.named_parameters(remove_duplicate=False)}
         self.centered_layers: set[str] = set()
@@ -82,16 +82,17 @@ class Propagator(NormRules, fx.Interpreter):
             # read for the last time: what later passes need is the ids the maps carry
             lab = self.env_labels.pop(a, None)
             if isinstance(lab, tuple) and len(lab) == 2 and isinstance(lab[0], Tensor):
-                self._carried[a] = (torch.unique(lab[0]), torch.unique(lab[1]))
+                self._carried[a] = (_ids_in(lab[0]), _ids_in(lab[1]))
         return out
 
     def carried(self, n: fx.Node) -> Pair | None:
-        """The distinct `(scale ids, perm ids)` of `n`'s labels when `n` carries one pair of
-        label maps (`None` for no labels or labels of several tensors): the ids the passes
-        after propagation fix (`Labels.fix_scales` and `fix_perms` read only those)."""
+        """`(scale ids, perm ids)`, 1-D, holding every id of `n`'s labels (each at least
+        once) when `n` carries one pair of label maps (`None` for no labels or labels of
+        several tensors): the ids the passes after propagation fix (`Labels.fix_scales` and
+        `fix_perms` read only the distinct ids)."""
         lab = self.env_labels.get(n)
         if isinstance(lab, tuple) and len(lab) == 2 and isinstance(lab[0], Tensor):
-            return torch.unique(lab[0]), torch.unique(lab[1])
+            return _ids_in(lab[0]), _ids_in(lab[1])
         return self._carried.get(n)
 
     def _labeled_input(self, n: fx.Node) -> bool:
@@ -211,6 +212,18 @@ class Propagator(NormRules, fx.Interpreter):
 
     def env_or(self, a: Any) -> Any:
         return self.values.get(a) if isinstance(a, fx.Node) else a
+
+
+def _ids_in(labels: Tensor) -> Tensor:
+    """`(k,)`: every id of a label map, each at least once, and a copy (not a view holding
+    the map): one row of the last axis when all rows are equal (labels per channel, the
+    common case: no sort), else the distinct ids."""
+    if labels.ndim == 0 or labels.numel() == 0:
+        return labels.reshape(-1).clone()
+    rows = labels.reshape(-1, labels.shape[-1])
+    if bool((rows == rows[:1]).all()):
+        return rows[0].clone()
+    return torch.unique(labels)
 
 
 def _label_free(n: fx.Node, found: Rule | None) -> bool:
