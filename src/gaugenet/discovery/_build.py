@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
@@ -135,6 +136,9 @@ def _perm_factors(
 
     located = [locate(ids) for _, _, ids in L.perm_terms]
     linked = [(sids.reshape(-1), *locate(pids)) for sids, pids in L.links]
+    # the terms and links of each space, in their order (not every one for every space)
+    terms_in, links_in = _by_space(r for r, _ in located), _by_space(r for _, r, _ in linked)
+    claimed, derived = _id_mask(L.claimed, len(fac)), _id_mask(L.mono_of, len(fac))
     for R in spaces:
         if L.block_fixed[R]:
             continue
@@ -143,10 +147,9 @@ def _perm_factors(
             dict.fromkeys(L.blocks[b][2] for b in range(len(L.blocks)) if L.bfind(b) == R)
         )
         terms, ok = [], True
-        for (param, axis, ids), (roots_t, chans_t) in zip(L.perm_terms, located):
+        for t in terms_in.get(R, ()):
+            (param, axis, ids), (roots_t, chans_t) = L.perm_terms[t], located[t]
             chan = torch.where(roots_t == R, chans_t, -1).reshape(ids.shape)
-            if (chan < 0).all():
-                continue
             counts = torch.bincount(chan[chan >= 0], minlength=n)
             if not (counts == counts[0]).all():
                 ok = False
@@ -161,35 +164,23 @@ def _perm_factors(
         # ones onto ones) or all free; each free factor must see every channel once, so a
         # permutation of the channels is a permutation of its scales. Channels with fixed
         # scales in one tensor and free ones in another (a gate after a nonlinearity times
-        # an up projection) are fine.
-        maps: dict[int, dict[int, int]] = defaultdict(dict)
-        for sflat, roots_l, chans_l in linked:
+        # an up projection) are fine. Ids a factor of `_monomials.py` or `_tied.py` took
+        # over count as free; a tie's (not derived) makes the conjugation unknown.
+        owned: list[tuple[Tensor, Tensor, Tensor]] = []  # (factor, channel, scale index)
+        for k in links_in.get(R, ()):
+            sflat, roots_l, chans_l = linked[k]
             sel = (roots_l == R).nonzero().reshape(-1)
-            fixed_here = free_here = False
-            vs = sflat[sel]
-            for v, c, f, k in zip(
-                vs.tolist(), chans_l[sel].tolist(), fac[vs].tolist(), pos[vs].tolist()
-            ):
-                if v in L.claimed:
-                    if v not in L.mono_of:  # a tie's joint factor: its conjugation is not derived
-                        ok = False
-                    free_here = True
-                    continue
-                if f < 0:  # a fixed scale
-                    fixed_here = True
-                    continue
-                free_here = True
-                if maps[f].get(c, k) != k:
-                    ok = False
-                maps[f][c] = k
-            if fixed_here and free_here:
+            vs, cs = sflat[sel], chans_l[sel]
+            taken, fs = claimed[vs], fac[vs]
+            free, fixed = ~taken & (fs >= 0), ~taken & (fs < 0)
+            if bool((taken & ~derived[vs]).any()):
                 ok = False
-        conjugates = []
-        for f, mp in maps.items():
-            if len(mp) != n or len(set(mp.values())) != n:
+            if bool(fixed.any()) and bool(taken.any() or free.any()):
                 ok = False
-                break
-            conjugates.append((scale_factors[f].name, torch.tensor([mp[c] for c in range(n)])))
+            owned.append((fs[free], cs[free], pos[vs][free]))
+        found = _conjugates(owned, n) if ok else None
+        ok = found is not None
+        conjugates = [(scale_factors[f].name, m) for f, m in found or ()]
         # the entries of `z` each item owns, from each exponent factor's basis (checked)
         for f in monomials if ok else ():
             if not set(f.params()) & {t.param for t in terms}:
@@ -207,6 +198,48 @@ def _perm_factors(
                 name, n, terms=tuple(terms), conjugates=tuple(conjugates), modules=modules
             )
         )
+    return out
+
+
+def _by_space(roots: Iterable[Tensor]) -> dict[int, list[int]]:
+    """For each space, the indices of the located id tensors (`roots`, `-1`: none) that
+    hold one of its channels, in order."""
+    out: dict[int, list[int]] = defaultdict(list)
+    for k, r in enumerate(roots):
+        for R in torch.unique(r[r >= 0]).tolist():
+            out[R].append(k)
+    return out
+
+
+def _id_mask(ids: Iterable[int], n: int) -> Tensor:
+    """`(n,)` booleans: which label ids are in `ids`."""
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[torch.tensor(list(ids), dtype=torch.long)] = True
+    return mask
+
+
+def _conjugates(
+    owned: list[tuple[Tensor, Tensor, Tensor]], n: int
+) -> list[tuple[int, Tensor]] | None:
+    """`(factor, m)` for each rescaling factor the channels of a space own entries of, in
+    the order they are first met: item `c` owns scale entry `m[c]`. `owned` holds `(factor,
+    channel, scale index)` per linked entry. `None` when a channel owns two entries of one
+    factor, or a factor's entries are not one per channel (a permutation of the channels
+    would not be one of its scales)."""
+    if not owned:
+        return []
+    f, c, k = (torch.cat(x) for x in zip(*owned))
+    factors, at = torch.unique(f, return_inverse=True)
+    first = torch.full((len(factors),), len(f)).scatter_reduce(0, at, torch.arange(len(f)), "amin")
+    out = []
+    for g in factors[torch.argsort(first)].tolist():
+        sel = f == g
+        pairs = unique_pairs(c[sel], k[sel])  # distinct (channel, entry), by channel
+        if len(pairs) != n or not torch.equal(pairs[:, 0], torch.arange(n)):
+            return None
+        if len(torch.unique(pairs[:, 1])) != n:
+            return None
+        out.append((g, pairs[:, 1].clone()))
     return out
 
 

@@ -174,11 +174,16 @@ class Labels:
     def drop_outputs_of(self, nodes: set[str]) -> None:
         """Fix the scale and perm labels of every block created by one of `nodes` (a larger
         factor found elsewhere contains their rescalings and permutations)."""
-        ids = [v for v, b in enumerate(self.block_of) if b >= 0 and self.blocks[b][2] in nodes]
-        if ids:
-            t = torch.tensor(ids)
+        t = self.ids_made_by(nodes)
+        if len(t):
             self.fix_scales(t, "", "", quiet=True)
             self.fix_perms(t, "", "", quiet=True)
+
+    def ids_made_by(self, nodes: set[str] | frozenset[str]) -> Tensor:
+        """`(k,)`, ascending: the ids of every block created by one of `nodes` (block by
+        block, not id by id: a large model has millions of ids and a few hundred blocks)."""
+        ranges = [torch.arange(base, base + n) for base, n, node in self.blocks if node in nodes]
+        return torch.cat(ranges) if ranges else torch.zeros(0, dtype=torch.long)
 
     # -- perm blocks --------------------------------------------------------------------
     def bfind(self, b: int) -> int:

@@ -216,14 +216,18 @@ class Propagator(NormRules, fx.Interpreter):
 
 def _ids_in(labels: Tensor) -> Tensor:
     """`(k,)`: every id of a label map, each at least once, and a copy (not a view holding
-    the map): one row of the last axis when all rows are equal (labels per channel, the
-    common case: no sort), else the distinct ids."""
-    if labels.ndim == 0 or labels.numel() == 0:
-        return labels.reshape(-1).clone()
-    rows = labels.reshape(-1, labels.shape[-1])
-    if bool((rows == rows[:1]).all()):
-        return rows[0].clone()
-    return torch.unique(labels)
+    the map). Axes along which the map is constant are dropped first (labels per channel
+    repeat over tokens, per head over queries: no sort); what varies along more than one
+    axis is reduced to its distinct ids."""
+    t = labels
+    for axis in range(t.ndim):
+        if t.shape[axis] > 1:
+            first = t.narrow(axis, 0, 1)
+            if bool((t == first).all()):
+                t = first
+    if t.numel() > max(t.shape, default=1):
+        return torch.unique(t)
+    return t.reshape(-1).clone()
 
 
 def _label_free(n: fx.Node, found: Rule | None) -> bool:
