@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..groups import (
     Breaker,
@@ -15,7 +16,7 @@ from ..groups import (
     RescalingFactor,
     Scale,
 )
-from ._labels import FIXED, Labels, terms_of
+from ._labels import FIXED, Labels, terms_by_factor, unique_pairs
 from ._monomials import monomial_factors
 from ._perm_monomial import monomial_conjugates
 from ._shifts import IntoBatchNorm, IntoLinears
@@ -51,12 +52,23 @@ def _fix_shared(L: Labels) -> None:
                 L.fix_perms(ids, nodes[0], reason)
 
 
-def _scale_factors(
-    L: Labels, model: nn.Module
-) -> tuple[list[RescalingFactor], dict[int, tuple[str, int]]]:
+def _scale_factors(L: Labels) -> tuple[list[RescalingFactor], Tensor, Tensor]:
+    """One `RescalingFactor` per component of blocks linked by a shared free scale class,
+    in the order of their smallest class root, with its classes (roots ascending) as its
+    scales; and `(fac, pos)`, `(ids + 1,)`: every id's factor (`-1`: fixed; the last entry
+    is the `ZERO` label's) and its scale index there.
+
+    Vectorized over ids: a 7B-shaped model has millions (a Python int, set or dict entry
+    per id costs hundreds of megabytes)."""
     n_ids = len(L.parent)
-    roots = [L.find(i) for i in range(n_ids)]
-    # components: blocks linked by a shared free scale class
+    root_t = L.roots()
+    ids = (root_t[1:n_ids] != FIXED).nonzero().reshape(-1) + 1  # the free ids
+    id_roots, id_blocks = root_t[ids], torch.tensor(L.block_of)[ids]
+    classes, class_of = torch.unique(id_roots, return_inverse=True)  # roots, ascending
+    # components: the block of a class's first id is linked to every block the class reaches
+    first = torch.full((len(classes),), len(ids)).scatter_reduce(
+        0, class_of, torch.arange(len(ids)), "amin"
+    )
     comp = list(range(len(L.blocks)))
 
     def cfind(b: int) -> int:
@@ -65,48 +77,46 @@ def _scale_factors(
             b = comp[b]
         return b
 
-    first_block: dict[int, int] = {}
-    for i in range(1, n_ids):
-        r = roots[i]
-        if r == FIXED:
-            continue
-        b = L.block_of[i]
-        if r in first_block:
-            comp[cfind(b)] = cfind(first_block[r])
-        else:
-            first_block[r] = b
-    classes: dict[int, list[int]] = defaultdict(list)  # component -> roots
-    for r in sorted(first_block):
-        classes[cfind(first_block[r])].append(r)
-    factors, where = [], {}
-    # computed once, not per class (both would cost classes × ids, hours for a 7B model)
-    root_t = torch.tensor([*roots, FIXED])
-    blocks_of: dict[int, set[int]] = defaultdict(set)
-    for i in range(1, n_ids):
-        blocks_of[roots[i]].add(L.block_of[i])
-    for class_roots in classes.values():
-        n = len(class_roots)
-        for k, r in enumerate(class_roots):
-            where[r] = (len(factors), k)
-        # id -> entry of this factor (n: not in it); the last index is ZERO (-1)
-        rank = torch.full((n_ids,), n, dtype=torch.long)
-        rank[torch.tensor(class_roots)] = torch.arange(n)
-        lut = rank[root_t]
-        terms = terms_of(L.scale_terms, lut, n)
-        blocks = sorted({b for r in class_roots for b in blocks_of[r]})
-        name = "scale:" + "+".join(dict.fromkeys(L.blocks[b][2] for b in blocks))
+    for a, b in unique_pairs(id_blocks[first][class_of], id_blocks).tolist():
+        comp[cfind(b)] = cfind(a)
+    comp_t = torch.tensor([cfind(b) for b in range(len(L.blocks))] or [0])
+    # factors in the order of their smallest root, each holding its classes ascending
+    comps, comp_of = torch.unique(comp_t[id_blocks[first]], return_inverse=True)
+    start = torch.full((len(comps),), len(classes)).scatter_reduce(
+        0, comp_of, torch.arange(len(classes)), "amin"
+    )
+    rank = torch.empty_like(start)
+    rank[torch.argsort(start)] = torch.arange(len(comps))
+    factor = rank[comp_of]  # (classes,)
+    order = torch.argsort(factor, stable=True)
+    sizes = torch.bincount(factor, minlength=len(comps))
+    index = torch.empty_like(factor)
+    index[order] = torch.arange(len(classes)) - (torch.cumsum(sizes, 0) - sizes)[factor[order]]
+    fac = torch.full((n_ids + 1,), -1)
+    pos = torch.full((n_ids + 1,), -1)
+    fac[classes], pos[classes] = factor, index
+    fac, pos = fac[root_t], pos[root_t]
+    n_of = sizes.tolist()
+    terms_of_factor = terms_by_factor(L.scale_terms, fac, pos, n_of)
+    blocks: list[list[int]] = [[] for _ in n_of]
+    for f, b in unique_pairs(factor[class_of], id_blocks).tolist():
+        blocks[f].append(b)
+    factors = []
+    for n, terms, bs in zip(n_of, terms_of_factor, blocks):
+        name = "scale:" + "+".join(dict.fromkeys(L.blocks[b][2] for b in bs))
         modules = tuple(
             dict.fromkeys(_module_of(t.param if isinstance(t, Scale) else t.weight) for t in terms)
         )
         labels = tuple(f"{name}[{k}]" for k in range(n))
         factors.append(RescalingFactor(name, n, terms=tuple(terms), modules=modules, labels=labels))
-    return factors, where
+    return factors, fac, pos
 
 
 def _perm_factors(
     L: Labels,
     scale_factors: list[RescalingFactor],
-    where: dict[int, tuple[str, int]],
+    fac: Tensor,
+    pos: Tensor,
     monomials: list[MonomialScaleFactor],
     shapes: dict[str, torch.Size],
 ) -> list[PermutationFactor]:
@@ -126,6 +136,9 @@ def _perm_factors(
 
     located = [locate(ids) for _, _, ids in L.perm_terms]
     linked = [(sids.reshape(-1), *locate(pids)) for sids, pids in L.links]
+    # the terms and links of each space, in their order (not every one for every space)
+    terms_in, links_in = _by_space(r for r, _ in located), _by_space(r for _, r, _ in linked)
+    claimed, derived = _id_mask(L.claimed, len(fac)), _id_mask(L.mono_of, len(fac))
     for R in spaces:
         if L.block_fixed[R]:
             continue
@@ -134,10 +147,9 @@ def _perm_factors(
             dict.fromkeys(L.blocks[b][2] for b in range(len(L.blocks)) if L.bfind(b) == R)
         )
         terms, ok = [], True
-        for (param, axis, ids), (roots_t, chans_t) in zip(L.perm_terms, located):
+        for t in terms_in.get(R, ()):
+            (param, axis, ids), (roots_t, chans_t) = L.perm_terms[t], located[t]
             chan = torch.where(roots_t == R, chans_t, -1).reshape(ids.shape)
-            if (chan < 0).all():
-                continue
             counts = torch.bincount(chan[chan >= 0], minlength=n)
             if not (counts == counts[0]).all():
                 ok = False
@@ -152,34 +164,23 @@ def _perm_factors(
         # ones onto ones) or all free; each free factor must see every channel once, so a
         # permutation of the channels is a permutation of its scales. Channels with fixed
         # scales in one tensor and free ones in another (a gate after a nonlinearity times
-        # an up projection) are fine.
-        maps: dict[int, dict[int, int]] = defaultdict(dict)
-        for sflat, roots_l, chans_l in linked:
+        # an up projection) are fine. Ids a factor of `_monomials.py` or `_tied.py` took
+        # over count as free; a tie's (not derived) makes the conjugation unknown.
+        owned: list[tuple[Tensor, Tensor, Tensor]] = []  # (factor, channel, scale index)
+        for k in links_in.get(R, ()):
+            sflat, roots_l, chans_l = linked[k]
             sel = (roots_l == R).nonzero().reshape(-1)
-            fixed_here = free_here = False
-            for v, c in zip(sflat[sel].tolist(), chans_l[sel].tolist()):
-                if v in L.claimed:
-                    if v not in L.mono_of:  # a tie's joint factor: its conjugation is not derived
-                        ok = False
-                    free_here = True
-                    continue
-                root = L.find(v)
-                if root == FIXED:
-                    fixed_here = True
-                    continue
-                free_here = True
-                f, k = where[root]
-                if maps[f].get(c, k) != k:
-                    ok = False
-                maps[f][c] = k
-            if fixed_here and free_here:
+            vs, cs = sflat[sel], chans_l[sel]
+            taken, fs = claimed[vs], fac[vs]
+            free, fixed = ~taken & (fs >= 0), ~taken & (fs < 0)
+            if bool((taken & ~derived[vs]).any()):
                 ok = False
-        conjugates = []
-        for f, mp in maps.items():
-            if len(mp) != n or len(set(mp.values())) != n:
+            if bool(fixed.any()) and bool(taken.any() or free.any()):
                 ok = False
-                break
-            conjugates.append((scale_factors[f].name, torch.tensor([mp[c] for c in range(n)])))
+            owned.append((fs[free], cs[free], pos[vs][free]))
+        found = _conjugates(owned, n) if ok else None
+        ok = found is not None
+        conjugates = [(scale_factors[f].name, m) for f, m in found or ()]
         # the entries of `z` each item owns, from each exponent factor's basis (checked)
         for f in monomials if ok else ():
             if not set(f.params()) & {t.param for t in terms}:
@@ -197,6 +198,48 @@ def _perm_factors(
                 name, n, terms=tuple(terms), conjugates=tuple(conjugates), modules=modules
             )
         )
+    return out
+
+
+def _by_space(roots: Iterable[Tensor]) -> dict[int, list[int]]:
+    """For each space, the indices of the located id tensors (`roots`, `-1`: none) that
+    hold one of its channels, in order."""
+    out: dict[int, list[int]] = defaultdict(list)
+    for k, r in enumerate(roots):
+        for R in torch.unique(r[r >= 0]).tolist():
+            out[R].append(k)
+    return out
+
+
+def _id_mask(ids: Iterable[int], n: int) -> Tensor:
+    """`(n,)` booleans: which label ids are in `ids`."""
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[torch.tensor(list(ids), dtype=torch.long)] = True
+    return mask
+
+
+def _conjugates(
+    owned: list[tuple[Tensor, Tensor, Tensor]], n: int
+) -> list[tuple[int, Tensor]] | None:
+    """`(factor, m)` for each rescaling factor the channels of a space own entries of, in
+    the order they are first met: item `c` owns scale entry `m[c]`. `owned` holds `(factor,
+    channel, scale index)` per linked entry. `None` when a channel owns two entries of one
+    factor, or a factor's entries are not one per channel (a permutation of the channels
+    would not be one of its scales)."""
+    if not owned:
+        return []
+    f, c, k = (torch.cat(x) for x in zip(*owned))
+    factors, at = torch.unique(f, return_inverse=True)
+    first = torch.full((len(factors),), len(f)).scatter_reduce(0, at, torch.arange(len(f)), "amin")
+    out = []
+    for g in factors[torch.argsort(first)].tolist():
+        sel = f == g
+        pairs = unique_pairs(c[sel], k[sel])  # distinct (channel, entry), by channel
+        if len(pairs) != n or not torch.equal(pairs[:, 0], torch.arange(n)):
+            return None
+        if len(torch.unique(pairs[:, 1])) != n:
+            return None
+        out.append((g, pairs[:, 1].clone()))
     return out
 
 
@@ -245,10 +288,10 @@ def build_factors(L: Labels, model: nn.Module) -> tuple[list, list[Breaker]]:
     extra = [f for f in L.extra if not tied & set(f.params())]
     # classes linked by product and power equations (fixed afterwards), then the others
     joint += monomial_factors(L)
-    scale, where = _scale_factors(L, model)
+    scale, fac, pos = _scale_factors(L)
     monomials = [f for f in joint if isinstance(f, MonomialScaleFactor)]
     shapes = {name: p.shape for name, p in model.named_parameters(remove_duplicate=False)}
-    perms = _perm_factors(L, scale, where, monomials, shapes)
+    perms = _perm_factors(L, scale, fac, pos, monomials, shapes)
     shifts = [f for f in extra if f.kind == "translation" and isinstance(f.terms[0], _BIAS_SHIFTS)]
     _scale_shifts(shifts, [*scale, *(f for f in joint if isinstance(f, MonomialScaleFactor))])
     perms = _conjugate_shifts(perms, shifts)

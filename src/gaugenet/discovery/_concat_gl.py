@@ -75,8 +75,8 @@ def concat_gls(gm: fx.GraphModule, root: nn.Module, prop) -> list[GLFactor]:
         terms.append(MatTerm(f"{rname}.weight", 1, offset, "T"))
         c = value.shape[1]
         out.append(GLFactor(f"gl:{name}+{rname}", c, 1, terms=tuple(terms), modules=(name, rname)))
-        lab = prop.env_labels.get(n)
-        if isinstance(lab, tuple) and isinstance(lab[0], Tensor):
+        lab = prop.carried(n)
+        if lab is not None:
             prop.L.fix_scales(lab[0], "", "", quiet=True)
             prop.L.fix_perms(lab[1], "", "", quiet=True)
     return out

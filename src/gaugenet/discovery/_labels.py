@@ -21,6 +21,7 @@ null-space solve per connected component).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 
@@ -29,7 +30,7 @@ from torch import Tensor
 
 from ..groups import BatchNormShift, Breaker, OffsetScale, Scale
 
-__all__ = ["FIXED", "ZERO", "Labels", "terms_of", "unique_pairs"]
+__all__ = ["FIXED", "ZERO", "Labels", "terms_by_factor", "terms_of", "unique_pairs"]
 
 FIXED = 0
 ZERO = -1
@@ -83,6 +84,19 @@ class Labels:
             self.parent[i], i = root, self.parent[i]
         return root
 
+    def roots(self) -> Tensor:
+        """`(ids + 1,)`: the union-find root of every scale id (what `find` returns), and
+        `FIXED` last, the entry the `ZERO` label (-1) indexes. Pointer jumping over all ids
+        at once: a `find` per id costs seconds and a list of millions of ints for a
+        7B-shaped model."""
+        p = torch.tensor(self.parent)
+        while True:
+            q = p[p]
+            if torch.equal(q, p):
+                break
+            p = q
+        return torch.cat([p, p.new_tensor([FIXED])])
+
     def union(self, a: int, b: int) -> None:
         if a == ZERO or b == ZERO:
             return
@@ -93,7 +107,7 @@ class Labels:
             ra, rb = rb, ra
         self.parent[rb] = ra  # FIXED stays a root
 
-    def union_all(self, ids: Tensor | list[int]) -> int:
+    def union_all(self, ids: Tensor | Sequence[int]) -> int:
         """Merge all scale ids in `ids` (ignoring ZERO); return one representative or ZERO."""
         # a list, not `torch.unique`: called once per channel, small tensors dominate the time
         flat = ids.reshape(-1).tolist() if isinstance(ids, Tensor) else ids
@@ -103,7 +117,7 @@ class Labels:
         return vals[0] if vals else ZERO
 
     def fix_scales(self, ids: Tensor, node: str, reason: str, *, quiet: bool = False) -> None:
-        vals = [int(v) for v in torch.unique(ids) if int(v) > 0]
+        vals = [v for v in torch.unique(ids).tolist() if v > 0]
         free = [v for v in vals if self.find(v) != FIXED]
         for v in vals:
             self.union(FIXED, v)
@@ -160,11 +174,16 @@ class Labels:
     def drop_outputs_of(self, nodes: set[str]) -> None:
         """Fix the scale and perm labels of every block created by one of `nodes` (a larger
         factor found elsewhere contains their rescalings and permutations)."""
-        ids = [v for v, b in enumerate(self.block_of) if b >= 0 and self.blocks[b][2] in nodes]
-        if ids:
-            t = torch.tensor(ids)
+        t = self.ids_made_by(nodes)
+        if len(t):
             self.fix_scales(t, "", "", quiet=True)
             self.fix_perms(t, "", "", quiet=True)
+
+    def ids_made_by(self, nodes: set[str] | frozenset[str]) -> Tensor:
+        """`(k,)`, ascending: the ids of every block created by one of `nodes` (block by
+        block, not id by id: a large model has millions of ids and a few hundred blocks)."""
+        ranges = [torch.arange(base, base + n) for base, n, node in self.blocks if node in nodes]
+        return torch.cat(ranges) if ranges else torch.zeros(0, dtype=torch.long)
 
     # -- perm blocks --------------------------------------------------------------------
     def bfind(self, b: int) -> int:
@@ -179,7 +198,7 @@ class Labels:
         return self.bfind(b), pid - self.blocks[b][0]
 
     def fix_perms(self, ids: Tensor, node: str, reason: str, *, quiet: bool = False) -> None:
-        roots = {self.bfind(self.block_of[int(v)]) for v in torch.unique(ids) if int(v) > 0}
+        roots = {self.bfind(self.block_of[v]) for v in torch.unique(ids).tolist() if v > 0}
         newly = [r for r in roots if not self.block_fixed[r]]
         for r in roots:
             self.block_fixed[r] = True
@@ -190,9 +209,9 @@ class Labels:
         """Two perm label maps meet elementwise (an addition): their channel spaces must agree
         channel for channel, else both lose their permutation symmetry."""
         mask = (a > 0) & (b > 0)
-        pairs = unique_pairs(a[mask], b[mask]) if mask.any() else []
+        pairs = unique_pairs(a[mask], b[mask]).tolist() if mask.any() else []
         ok, merges = True, set()
-        for pa, pb in (tuple(int(v) for v in row) for row in pairs):
+        for pa, pb in pairs:
             (ra, ia), (rb, ib) = self.space(pa), self.space(pb)
             if ia != ib or self.blocks[ra][1] != self.blocks[rb][1]:
                 ok = False
@@ -212,7 +231,7 @@ class Labels:
                 self.block_parent[rb] = ra
                 self.block_fixed[ra] = self.block_fixed[ra] or self.block_fixed[rb]
 
-    def per_channel(self, ids: Tensor, axis: int) -> list[list[int]]:
+    def per_channel(self, ids: Tensor, axis: int) -> list[tuple[int, ...]]:
         """Distinct non-ZERO ids for each index along `axis` (sorted)."""
         moved = ids.movedim(axis, 0).reshape(ids.shape[axis], -1)
         # vectorized (one `unique` per channel costs minutes for a 7B model's 10⁶ channels);
@@ -224,10 +243,10 @@ class Labels:
         # as lists of ints: creating 10⁴ small tensors per layer costs more than the sort
         vals, counts = srt[new].tolist(), new.sum(1).tolist()
         if min(counts, default=1) == 1 == max(counts, default=1):  # one id per channel
-            return [[v] for v in vals]
+            return list(zip(vals))  # 1-tuples, built in C (10⁶ lists cost seconds)
         out, k = [], 0
         for c in counts:
-            out.append(vals[k : k + c])
+            out.append(tuple(vals[k : k + c]))
             k += c
         return out
 
@@ -247,19 +266,41 @@ def terms_of(records: list[tuple], lut: Tensor, n: int, skip: set[str] = frozens
     `skip` are left out (a tied weight written through another name)."""
     terms: list = []
     for rec in records:
-        if rec[0] == "bnshift":
-            _, bn, eps, ids = rec
-            idx = lut[ids]
-            if (idx < n).any():
-                names = (f"{bn}.{x}" for x in ("weight", "bias", "running_mean", "running_var"))
-                terms.append(BatchNormShift(*names, eps, idx))
+        if rec[0] != "bnshift" and rec[0] in skip:
             continue
-        param, ids, power, *offset = rec  # a fourth entry: the gain's offset (`OffsetScale`)
-        if param in skip:
-            continue
-        idx = lut[ids]
+        idx = lut[_record_ids(rec)]
         if (idx < n).any():
-            terms.append(
-                OffsetScale(param, idx, power, offset[0]) if offset else Scale(param, idx, power)
-            )
+            terms.append(_term(rec, idx))
     return terms
+
+
+def terms_by_factor(records: list[tuple], fac: Tensor, pos: Tensor, sizes: list[int]) -> list:
+    """The terms of several factors at once, per factor in the order of `records` (as
+    `terms_of` gives them for each factor): `fac` and `pos`, `(ids + 1,)`, map a label id
+    to its factor (`-1`: none; the last entry is the `ZERO` label's) and its scale index
+    there; factor `k` has `sizes[k]` scales. One pass over the records, with no look-up
+    table per factor (a table of every id per factor costs classes × ids)."""
+    out: list[list] = [[] for _ in sizes]
+    for rec in records:
+        ids = _record_ids(rec)
+        f = fac[ids]
+        for k in torch.unique(f).tolist():
+            if k >= 0:
+                out[k].append(_term(rec, torch.where(f == k, pos[ids], sizes[k])))
+    return out
+
+
+def _record_ids(rec: tuple) -> Tensor:
+    """The label ids of a recorded scale term (`("bnshift", bn, eps, ids)` or
+    `(param, ids, power, [offset])`)."""
+    return rec[3] if rec[0] == "bnshift" else rec[1]
+
+
+def _term(rec: tuple, idx: Tensor) -> Scale | OffsetScale | BatchNormShift:
+    """The term a recorded scale term gives, its ids mapped to the factor's indices `idx`."""
+    if rec[0] == "bnshift":
+        _, bn, eps, _ = rec
+        names = (f"{bn}.{x}" for x in ("weight", "bias", "running_mean", "running_var"))
+        return BatchNormShift(*names, eps, idx)
+    param, _, power, *offset = rec  # a fourth entry: the gain's offset (`OffsetScale`)
+    return OffsetScale(param, idx, power, offset[0]) if offset else Scale(param, idx, power)

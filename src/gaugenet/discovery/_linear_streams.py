@@ -232,8 +232,8 @@ def fix_stream_labels(streams: list[LinearStream], prop) -> None:
         if not s.gl:
             continue
         for n in [*s.writers, *s.sums]:
-            lab = prop.env_labels.get(n)
-            if isinstance(lab, tuple) and isinstance(lab[0], Tensor):
+            lab = prop.carried(n)
+            if lab is not None:
                 prop.L.fix_scales(lab[0], "", "", quiet=True)
                 prop.L.fix_perms(lab[1], "", "", quiet=True)
 

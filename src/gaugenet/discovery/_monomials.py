@@ -141,7 +141,7 @@ def monomial_factors(L: Labels) -> list[MonomialScaleFactor]:
     parts: dict[int, list[int]] = defaultdict(list)
     for k in range(len(solved)):
         parts[mfind(k)].append(k)
-    root_t = torch.tensor([L.find(i) for i in range(len(L.parent))] + [FIXED])
+    root_t = L.roots()
     factors = []
     for ks in parts.values():
         cols = [c for k in ks for c in solved[k][0]]

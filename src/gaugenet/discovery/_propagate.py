@@ -5,6 +5,11 @@ each value computes its two label maps (see `_labels.py`). Each node is dispatch
 rule that declares its operation (`rules/`, looked up in `rules.REGISTRY`): the rule says
 how that operation maps input labels to output labels and which parameters transform how.
 An operation no rule declares, or that its rule cannot follow, fixes every label reaching it.
+
+A node's maps are kept while a node still to run reads them; after their last reader only
+the ids they carry are kept (`Propagator.carried`: what the passes after
+propagation fix), so that the maps of a large model (one per node, of the node's shape)
+are not all held at once.
 """
 
 from __future__ import annotations
@@ -31,7 +36,11 @@ class Propagator(NormRules, fx.Interpreter):
         super().__init__(gm)
         self.root = root
         self.L = Labels()
+        #: the label maps of the nodes that a node still to run reads
         self.env_labels: dict[fx.Node, Any] = {}
+        #: `(scale ids, perm ids)`, 1-D, of each node whose maps were read for the last time
+        #: and that carried one pair of maps (see `carried`)
+        self._carried: dict[fx.Node, Pair] = {}
         self.param_ids = {id(p): n for n, p in root.named_parameters(remove_duplicate=False)}
         self.centered_layers: set[str] = set()
         self.removed_memo: dict[fx.Node, bool] = {}
@@ -70,7 +79,22 @@ class Propagator(NormRules, fx.Interpreter):
             self._current = None
         for k in range(start, len(self.L.scale_terms)):
             self.L.term_node[k] = n.name
+        for a in self.user_to_last_uses.get(n, ()):
+            # read for the last time: what later passes need is the ids the maps carry
+            lab = self.env_labels.pop(a, None)
+            if isinstance(lab, tuple) and len(lab) == 2 and isinstance(lab[0], Tensor):
+                self._carried[a] = (_ids_in(lab[0]), _ids_in(lab[1]))
         return out
+
+    def carried(self, n: fx.Node) -> Pair | None:
+        """`(scale ids, perm ids)`, 1-D, holding every id of `n`'s labels (each at least
+        once) when `n` carries one pair of label maps (`None` for no labels or labels of
+        several tensors): the ids the passes after propagation fix (`Labels.fix_scales` and
+        `fix_perms` read only the distinct ids)."""
+        lab = self.env_labels.get(n)
+        if isinstance(lab, tuple) and len(lab) == 2 and isinstance(lab[0], Tensor):
+            return _ids_in(lab[0]), _ids_in(lab[1])
+        return self._carried.get(n)
 
     def _labeled_input(self, n: fx.Node) -> bool:
         return any(_pairs(self.env_labels.get(a)) for a in n.all_input_nodes)
@@ -189,6 +213,22 @@ class Propagator(NormRules, fx.Interpreter):
 
     def env_or(self, a: Any) -> Any:
         return self.values.get(a) if isinstance(a, fx.Node) else a
+
+
+def _ids_in(labels: Tensor) -> Tensor:
+    """`(k,)`: every id of a label map, each at least once, and a copy (not a view holding
+    the map). Axes along which the map is constant are dropped first (labels per channel
+    repeat over tokens, per head over queries: no sort); what varies along more than one
+    axis is reduced to its distinct ids."""
+    t = labels
+    for axis in range(t.ndim):
+        if t.shape[axis] > 1:
+            first = t.narrow(axis, 0, 1)
+            if bool((t == first).all()):
+                t = first
+    if t.numel() > max(t.shape, default=1):
+        return torch.unique(t)
+    return t.reshape(-1).clone()
 
 
 def _label_free(n: fx.Node, found: Rule | None) -> bool:

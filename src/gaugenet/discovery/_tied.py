@@ -76,12 +76,6 @@ def tied_rescalings(L: Labels, model: nn.Module) -> list[JointRescalingFactor]:
     aliases: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(p), []).append(name)
-    # the root of every label; the extra last entry is what the ZERO label (-1) indexes
-    find = torch.tensor([L.find(i) for i in range(len(L.parent))] + [FIXED])
-
-    def roots(ids: Tensor) -> Tensor:
-        return find[ids]
-
     ties = [
         names
         for pid, uses in L.param_users.items()
@@ -91,6 +85,12 @@ def tied_rescalings(L: Labels, model: nn.Module) -> list[JointRescalingFactor]:
     ]
     if not ties:
         return []
+    # the root of every label; the extra last entry is what the ZERO label (-1) indexes
+    find = L.roots()
+
+    def roots(ids: Tensor) -> Tensor:
+        return find[ids]
+
     # scale classes touched by the tied parameters (FIXED ones are constants)
     involved: set[int] = set()
     for rec in L.scale_terms:

@@ -45,4 +45,6 @@ def broadcast_channels(ids: Tensor, shape: torch.Size, axis: int) -> Tensor:
 def scale_reps(L: Labels, s: Tensor, axis: int) -> Tensor:
     """`(channels,)`: per channel along `axis`, its scale ids merged into one (`ZERO` for a
     channel that is zero everywhere)."""
-    return torch.tensor([L.union_all(c) if len(c) else ZERO for c in L.per_channel(s, axis)])
+    cols = L.per_channel(s, axis)
+    # one id: its own representative (no merge)
+    return torch.tensor([c[0] if len(c) == 1 else L.union_all(c) if c else ZERO for c in cols])

@@ -183,12 +183,21 @@ def combine(L: Labels, sa: Tensor, sb: Tensor, sign: int, node: str) -> Tensor:
     if not bool(live.any()):
         return out
     pairs = unique_pairs(sa[live], sb[live])
+    # a pair with a fixed factor (times a constant, or a constant over a scale) is the
+    # other factor's class: no exponent vector to reduce (the common case, by far)
+    found: list[int | None] = []
     vecs: list[dict[int, Fraction]] = []
     for x, y in pairs.tolist():
+        rx, ry = L.find(x), L.find(y)
+        if ry == FIXED or (rx == FIXED and sign == 1):
+            found.append(rx if ry == FIXED else ry)
+            continue
+        found.append(None)
         vec = {x: Fraction(1)}
         vec[y] = vec.get(y, Fraction(0)) + sign
         vecs.append(vec)
-    ids = torch.tensor(L.monomials(vecs, node))
+    solved = iter(L.monomials(vecs, node))
+    ids = torch.tensor([next(solved) if v is None else v for v in found], dtype=torch.long)
     keys = pairs[:, 0] * (1 << 31) + pairs[:, 1]
     at = torch.searchsorted(keys, sa[live] * (1 << 31) + sb[live])
     out[live] = ids[at]

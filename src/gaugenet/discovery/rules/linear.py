@@ -169,9 +169,9 @@ def consecutive_linear(prop: Propagator, n: fx.Node, m: nn.Linear) -> None:
     a_name, a = prod
     b_name = str(n.target)
     r = a.out_features
-    ids = [v for v, blk in enumerate(L.block_of) if blk >= 0 and L.blocks[blk][2] == a_name]
-    L.fix_scales(torch.tensor(ids), b_name, "", quiet=True)
-    L.fix_perms(torch.tensor(ids), b_name, "", quiet=True)
+    ids = L.ids_made_by({a_name})
+    L.fix_scales(ids, b_name, "", quiet=True)
+    L.fix_perms(ids, b_name, "", quiet=True)
     if a.bias is not None and m.bias is not None:
         # with both biases the states may also be shifted: the affine group GA(r)
         terms = (
