@@ -68,7 +68,8 @@ def test_a_per_feature_product_moves_them_off_ones() -> None:
 @pytest.mark.slow
 def test_pegasus_tied_table_scaled_by_sqrt_d() -> None:
     """Pegasus scales the encoder's and decoder's lookups of one tied table by `√d`: the
-    rows of `shared` move along `1` under every name (24 rows)."""
+    rows of `shared` move along `1` under every name (24 rows), and a vector moves out of
+    it into both position tables, times `√d`; the group is complete."""
     model, inputs = tiny_hf(
         "PegasusModel",
         "PegasusConfig",
@@ -86,8 +87,12 @@ def test_pegasus_tied_table_scaled_by_sqrt_d() -> None:
     )
     assert model.config.scale_embedding
     group = gaugenet.symmetries(model, inputs)
-    (f,) = [f for f in group.factors if any(p.endswith("shared.weight") for p in f.params())]
+    (f,) = [f for f in group.factors if f.name == "center:shared"]
     assert f.dim == 24
+    # pre-LN: every LayerNorm reaches the lookups; the first one lists the position tables
+    (move,) = [f for f in group.factors if f.name.startswith("move:shared->")]
+    assert move.terms[0].coef == pytest.approx((8**0.5, 8**0.5))  # √d over 1
+    assert gaugenet.certify(model, inputs, group=group).verdict == "complete"
     g = group.sample(torch.Generator().manual_seed(2))
     moved = group.act(model, g)
     assert gaugenet.invariance_error(model, moved, inputs) < 1e-12

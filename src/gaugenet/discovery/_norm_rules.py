@@ -216,8 +216,10 @@ class NormRules:
             sums.append(self._sum_root(look))
             scales[t] = scale
         for look, scale, root in tied:
+            # the first LayerNorm reached lists the partners (a pre-LN stream reaches more,
+            # once the partners are centered)
             partners = [(t, scales[t]) for (t, _), r in zip(tables, sums) if r is root]
-            self.tied_lookups[look] = (scale, partners)
+            self.tied_lookups.setdefault(look, (scale, partners))
         if tables:
             read = {
                 t: rows
