@@ -159,3 +159,18 @@ def test_the_canonical_rotation_is_the_same_along_the_orbit(build) -> None:
         forms.append(s["a.weight"])
     assert (forms[0] - forms[1]).abs().max() < 1e-10
     assert (other["a.weight"] - state["a.weight"]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize(
+    "build", [lambda: _Norm("layer"), lambda: _Norm("rms"), _Split], ids=["layer", "rms", "split"]
+)
+def test_canonicalize_gives_one_model_per_orbit(build) -> None:
+    """The whole group's canonical form, from two points of the orbit: the same model."""
+    model, x = _perturbed(build()), _inputs()
+    group = gaugenet.symmetries(model, x)
+    other = group.act(model, group.sample(torch.Generator().manual_seed(7)))
+    a = gaugenet.canonicalize(model, example_inputs=x, group=group)
+    b = gaugenet.canonicalize(other, example_inputs=x, group=group)
+    assert gaugenet.invariance_error(model, a, x) < 1e-12
+    assert max((p - q).abs().max() for p, q in zip(a.parameters(), b.parameters())) < 1e-12
+    assert max((p - q).abs().max() for p, q in zip(model.parameters(), other.parameters())) > 1e-2
