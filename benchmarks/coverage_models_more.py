@@ -17,6 +17,18 @@ _ENC = dict(
     max_position_embeddings=T,
     type_vocab_size=1,
 )
+_S2S = dict(
+    vocab_size=V,
+    d_model=8,
+    encoder_layers=1,
+    decoder_layers=1,
+    encoder_attention_heads=2,
+    decoder_attention_heads=2,
+    encoder_ffn_dim=16,
+    decoder_ffn_dim=16,
+    max_position_embeddings=T,
+    use_cache=False,
+)
 _GPT2 = dict(vocab_size=V, n_embd=8, n_layer=1, n_head=2, n_positions=T, use_cache=False)
 
 
@@ -242,4 +254,20 @@ MORE_ROWS: list[tuple[str, Build]] = [
     # LayerNorm1P (an nn.LayerNorm subclass whose gain is `1 + w`), squared ReLU, half of
     # each head rotary (the config's default)
     _row("NemotronModel", "NemotronModel", "NemotronConfig", **_DEC, head_dim=4),
+    # causal mask by `where(mask, scores, fill)`, scores in float32, no score scaling
+    _row(
+        "GPTNeoModel",
+        "GPTNeoModel",
+        "GPTNeoConfig",
+        vocab_size=V,
+        hidden_size=8,
+        num_layers=1,
+        num_heads=2,
+        attention_types=[[["global"], 1]],
+        max_position_embeddings=T,
+        use_cache=False,
+    ),
+    # BART's layout with pre-LN layers and a LayerNorm after each stack
+    _hf_row("MBartModel", "MBartConfig", **_S2S),
+    _hf_row("BlenderbotModel", "BlenderbotConfig", **_S2S),
 ]

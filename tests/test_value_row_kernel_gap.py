@@ -1,12 +1,13 @@
-"""The gap left in GPT-J (8) and StableLM (1), measured exactly: the kernel of the LayerNorm
-read by bias-free value rows. `W_v[i] += a_i / γ` adds `a_i Σ β/γ` to value `i` at every
-token; softmax weights sum to one, so each head's output moves by the same constant, and
-`out_proj` turns it into the constant `(Σ β/γ) W_o a` on the residual stream. GPT-J's MLP,
-read in parallel and summed there, takes it back in its output bias (any `a`: 8
-directions); in StableLM nothing does, unless `W_o a` lies along `1`, which the following
-LayerNorms remove (`a ∝ W_o⁻¹ 1`: 1 direction). The group does not hold them: the LayerNorm
-offset turns these value rows on the right (`groups/_offset.py`), which scales a kernel on
-the same rows by `1 + 1ᵀc`. These tests pin the gap down so that it is closed knowingly."""
+"""The gap left in GPT-J (8), GPT-Neo (8) and StableLM (1), measured exactly: the kernel
+of the LayerNorm read by bias-free value rows. `W_v[i] += a_i / γ` adds `a_i Σ β/γ` to value
+`i` at every token; softmax weights sum to one, so each head's output moves by the same
+constant, and `out_proj` turns it into the constant `(Σ β/γ) W_o a` on the residual stream.
+GPT-J's MLP, read in parallel and summed there, takes it back in its output bias (any `a`: 8
+directions), as GPT-Neo's `out_proj` does in its own bias; in StableLM nothing does, unless
+`W_o a` lies along `1`, which the following LayerNorms remove (`a ∝ W_o⁻¹ 1`: 1 direction).
+The group does not hold them: the LayerNorm offset turns these value rows on the right
+(`groups/_offset.py`), which scales a kernel on the same rows by `1 + 1ᵀc`. These tests pin
+the gap down so that it is closed knowingly."""
 
 from __future__ import annotations
 
@@ -61,6 +62,21 @@ def _stablelm():
     return _randomize(transformers.StableLmForCausalLM(cfg)), _ids(40, 24)
 
 
+def _gptneo():
+    import transformers
+
+    cfg = transformers.GPTNeoConfig(
+        vocab_size=24,
+        hidden_size=E,
+        num_layers=1,
+        num_heads=2,
+        attention_types=[[["global"], 1]],
+        max_position_embeddings=T,
+        use_cache=False,
+    )
+    return _randomize(transformers.GPTNeoModel(cfg)), _ids(40, 24)
+
+
 def _value_kernel(model, names, sizes, *, ln, value, out, bias) -> torch.Tensor:
     """`(n, k)`: the directions `W_v[i] += a_i / γ` (with `bias −= (Σ β/γ) W_o a` when
     `bias` is given, every `a = e_i`; else the one `a = W_o⁻¹ 1`)."""
@@ -90,6 +106,17 @@ CASES = {
             value="h.0.attn.v_proj.weight",
             out="h.0.attn.out_proj.weight",
             bias="h.0.mlp.fc_out.bias",
+        ),
+        8,
+    ),
+    # sequential block: the attention's own output bias takes the constant back
+    "gptneo": (
+        _gptneo,
+        dict(
+            ln="h.0.ln_1",
+            value="h.0.attn.attention.v_proj.weight",
+            out="h.0.attn.attention.out_proj.weight",
+            bias="h.0.attn.attention.out_proj.bias",
         ),
         8,
     ),

@@ -168,10 +168,12 @@ def _manual_core(sm: fx.Node, values: dict, root: nn.Module) -> _Core | None:
     s = sm.args[0]
     added, chain = [], []
     while isinstance(s, fx.Node) and (_score_op(s) or _score_map(s) or folds_leading(s, values)):
+        i = _scores_arg(s)
         if not folds_leading(s, values):
-            chain.append(s)
-            added += [a for a in s.args[1:] if isinstance(a, fx.Node)]
-        s = s.args[0]
+            others = [a for j, a in enumerate(s.args) if j != i and isinstance(a, fx.Node)]
+            chain.append((s, others))
+            added += others
+        s = s.args[i]
     product = scores_product(s)
     if product is None:
         return None
@@ -179,7 +181,7 @@ def _manual_core(sm: fx.Node, values: dict, root: nn.Module) -> _Core | None:
     added += bias
     # nonlinear in the scores: a map of them, or an operation whose other operand is
     # computed from them too (`s * s`)
-    mapped = [c.name for c in chain if _score_map(c) or any(_reads(a, s) for a in c.args[1:])]
+    mapped = [c.name for c, others in chain if _score_map(c) or any(_reads(a, s) for a in others)]
     k = _untranspose(kt) or untranspose_last(kt, values)
     if k is None:
         return None
@@ -213,7 +215,15 @@ def _reads(a: Any, s: fx.Node) -> bool:
 
 
 def _score_op(n: fx.Node) -> bool:
+    if n.op == "call_function" and n.target is aten.where.self:
+        return len(n.args) == 3 and not n.kwargs  # `where(mask, scores, fill)`
     return n.op == "call_function" and n.target in _SCORE_OPS
+
+
+def _scores_arg(n: fx.Node) -> int:
+    """Which argument of a score operation carries the scores: the second of `where(mask,
+    scores, fill)` (GPT-Neo's causal mask), else the first."""
+    return 1 if n.op == "call_function" and n.target is aten.where.self else 0
 
 
 def _score_map(n: fx.Node) -> bool:
