@@ -11,7 +11,7 @@ from torch import nn
 import gaugenet
 from gaugenet.discovery._embeddings import RowsAlongOne
 from gaugenet.discovery.rules._examples import token_ids
-from tiny_hf import tiny_hf
+from tiny_hf import SEQ2SEQ, tiny_hf
 
 F64 = torch.float64
 
@@ -71,19 +71,7 @@ def test_pegasus_tied_table_scaled_by_sqrt_d() -> None:
     rows of `shared` move along `1` under every name (24 rows), and a vector moves out of
     it into both position tables, times `√d`; the group is complete."""
     model, inputs = tiny_hf(
-        "PegasusModel",
-        "PegasusConfig",
-        decoder=True,
-        vocab_size=24,
-        d_model=8,
-        encoder_layers=1,
-        decoder_layers=1,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=16,
-        decoder_ffn_dim=16,
-        max_position_embeddings=6,
-        scale_embedding=True,
+        "PegasusModel", "PegasusConfig", decoder=True, **SEQ2SEQ, scale_embedding=True
     )
     assert model.config.scale_embedding
     group = gaugenet.symmetries(model, inputs)

@@ -13,25 +13,11 @@ import torch
 import gaugenet
 from gaugenet._invariance import relative_error
 from gaugenet.discovery import INTERNAL_ERROR
-from tiny_hf import tiny_hf
+from tiny_hf import SEQ2SEQ, tiny_hf
 
 
 def _bart(cls: str):
-    return tiny_hf(
-        cls,
-        "BartConfig",
-        decoder=True,
-        vocab_size=24,
-        d_model=8,
-        encoder_layers=1,
-        decoder_layers=1,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=16,
-        decoder_ffn_dim=16,
-        max_position_embeddings=6,
-        use_cache=False,
-    )
+    return tiny_hf(cls, "BartConfig", decoder=True, **SEQ2SEQ)
 
 
 def _out(model, x) -> torch.Tensor:

@@ -22,6 +22,21 @@ DECODER = dict(
     use_cache=False,
 )
 
+#: a one-layer encoder-decoder of width 8 (BART's layout: BART, Pegasus, mBART, ...), two
+#: heads, feed-forward 16, six positions
+SEQ2SEQ = dict(
+    vocab_size=24,
+    d_model=8,
+    encoder_layers=1,
+    decoder_layers=1,
+    encoder_attention_heads=2,
+    decoder_attention_heads=2,
+    encoder_ffn_dim=16,
+    decoder_ffn_dim=16,
+    max_position_embeddings=6,
+    use_cache=False,
+)
+
 
 def unit_gain(
     model: nn.Module, generator: torch.Generator | None = None, bias: float = 0.3
