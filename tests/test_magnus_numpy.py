@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gaugenet import GaugeError
-from gaugenet.ode import Magnus4, Magnus6, _magnus_numpy, _magnus_steps, wilson_line
+from gaugenet.ode import Magnus4, Magnus6, _magnus_numpy, _magnus_search, _magnus_steps, wilson_line
 from gaugenet.ode._expm import expm
 from wilson_fields import field, rel
 
@@ -111,3 +111,19 @@ def test_non_finite_field_raises(calls):
         wilson_line(w, t1, t0, steps=4)
     assert calls
     assert np.isnan(_magnus_numpy.numpy_expm(np.full((1, 2, 2), np.nan), None)).all()
+
+
+def test_extrapolation_and_pair_product_on_numpy():
+    gen = torch.Generator().manual_seed(6)
+    fine, prev = torch.randn(2, 1, 16, 16, dtype=F64, generator=gen)
+    out = _magnus_search.extrapolate(fine, prev, 63.0)
+    assert torch.equal(out, fine + (fine - prev) / 63.0)
+    assert not torch.equal(out, fine + (prev - fine) / 63.0)  # (negative: the sign matters)
+    graph = fine.clone().requires_grad_()
+    assert _magnus_search.extrapolate(graph, prev, 63.0).requires_grad
+    w = field(8, gen)
+    t1, t0 = torch.ones(1, dtype=F64), torch.zeros(1, dtype=F64)
+    coarse, paired = _magnus_steps.doubling_pair(w, t1, t0, 3, Magnus6(), None)
+    assert rel(paired, wilson_line(w, t1, t0, steps=6)) < 1e-13
+    assert rel(coarse, wilson_line(w, t1, t0, steps=3)) < 1e-13
+    assert rel(paired, coarse) > 1e-8

@@ -25,10 +25,35 @@ from ._products import ordered_product
 from ._rk_backend import NUMPY_DTYPES, TIMED_MAX_DIM, faster_backend
 from ._rk_numpy import as_numpy
 
-__all__ = ["NUMPY_MAX_INTERVALS", "numpy_expm", "numpy_steps", "numpy_steps_product"]
+__all__ = [
+    "NUMPY_MAX_INTERVALS",
+    "NUMPY_SMALL",
+    "numpy_expm",
+    "numpy_small",
+    "numpy_steps",
+    "numpy_steps_product",
+]
 
 #: batches of up to this many intervals (one line's refinement pair: three) may run on numpy
 NUMPY_MAX_INTERVALS = 3
+
+
+#: elementwise combinations and products of lines up to this many entries may run on numpy
+NUMPY_SMALL = 2**14
+
+
+def numpy_small(*xs: Tensor) -> bool:
+    """Whether tensors of lines are few and small enough for numpy (no kernels): on the CPU,
+    one float dtype, no graph, at most `NUMPY_SMALL` entries each."""
+    dtype = xs[0].dtype
+    return all(
+        x.device.type == "cpu"
+        and x.dtype == dtype
+        and dtype in NUMPY_DTYPES
+        and not x.requires_grad
+        and x.numel() <= NUMPY_SMALL
+        for x in xs
+    )
 
 
 def numpy_steps(A: Tensor, h: Tensor, method: MagnusMethod) -> bool:
