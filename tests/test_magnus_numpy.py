@@ -9,7 +9,15 @@ import pytest
 import torch
 
 from gaugenet import GaugeError
-from gaugenet.ode import Magnus4, Magnus6, _magnus_numpy, _magnus_search, _magnus_steps, wilson_line
+from gaugenet.ode import (
+    Magnus4,
+    Magnus6,
+    _expm,
+    _magnus_numpy,
+    _magnus_search,
+    _magnus_steps,
+    wilson_line,
+)
 from gaugenet.ode._expm import expm
 from wilson_fields import field, rel
 
@@ -127,3 +135,25 @@ def test_extrapolation_and_pair_product_on_numpy():
     assert rel(paired, wilson_line(w, t1, t0, steps=6)) < 1e-13
     assert rel(coarse, wilson_line(w, t1, t0, steps=3)) < 1e-13
     assert rel(paired, coarse) > 1e-8
+
+
+def test_expm_plan_is_the_cheapest():
+    """`expm_plan` (searched highest degree first, with pruning) equals the exhaustive pick:
+    fewest products `cost + s` with the Taylor remainder within `tol`, ties to the higher
+    degree, then fewer squarings."""
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        n1 = float(10 ** rng.uniform(-4, 2))
+        n2 = n1 * n1 * float(rng.uniform(0.05, 1.0))
+        for tol in (2**-53, 1e-10, 1e-6, 1e-3):
+            keys = [
+                (cost + s, -m, s)
+                for m, cost in _expm._COST.items()
+                for s in range(_expm._MAX_SQUARINGS)
+                if _expm._tail(m, n1, n2, 2.0**-s) <= tol
+            ]
+            best = min(keys)
+            assert _expm.expm_plan(n1, n2, tol) == (-best[1], best[2])
+    # Negative: a plan one squaring short of the pick leaves the remainder above tol.
+    m, s = _expm.expm_plan(20.0, 300.0, 1e-10)
+    assert s > 0 and _expm._tail(m, 20.0, 300.0, 2.0 ** -(s - 1)) > 1e-10
