@@ -25,7 +25,8 @@ within a round to last about 20 ms).
 
 The floor column is the arithmetic of `wilson_line`'s own run: the `d × d` products it
 performs (counted with a dispatch mode, in units of one `d × d` by `d × d` product; RK8's
-single-line stages on numpy's BLAS counted on the torch stages, which take the same steps)
+single-line stages and single-line Magnus steps on numpy's BLAS counted on the torch path,
+which takes the same steps)
 times the time of one product, the faster of one inside torch's batched product and numpy's
 single product; anything else it spends (elementwise kernels, the field, Python) only adds
 to it.
@@ -57,7 +58,7 @@ from scipy.integrate import solve_ivp
 from torch.utils._python_dispatch import TorchDispatchMode
 from torchdiffeq import odeint
 
-from gaugenet.ode import _rk, wilson_line
+from gaugenet.ode import _magnus_steps, _rk, wilson_line
 
 try:
     from torch_linode.solvers import odeint as linode_odeint
@@ -191,15 +192,17 @@ class ProductCount(TorchDispatchMode):
 
 
 def products(fn: Callable[[], object], d: int) -> float:
-    """`d × d` products of `fn`'s run. RK8's single-line stages on numpy's BLAS are counted
-    on the torch stages (the same steps: numpy's calls pass no dispatch mode)."""
-    original = _rk.numpy_stages
+    """`d × d` products of `fn`'s run. RK8's single-line stages and single-line Magnus steps
+    on numpy's BLAS are counted on the torch path (the same steps: numpy's calls pass no
+    dispatch mode)."""
+    original, original_steps = _rk.numpy_stages, _magnus_steps.numpy_steps
     _rk.numpy_stages = lambda K0: False
+    _magnus_steps.numpy_steps = lambda A, h, method: False
     try:
         with ProductCount(d) as counter:
             fn()
     finally:
-        _rk.numpy_stages = original
+        _rk.numpy_stages, _magnus_steps.numpy_steps = original, original_steps
     return counter.flops / d**3
 
 

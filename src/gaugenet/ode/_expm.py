@@ -75,7 +75,9 @@ def expm_plan(n1: float, n2: float, tol: float) -> tuple[int, int]:
     with `‖X‖ = n1`, `‖X²‖ = n2` is at most `tol` (ties: the higher degree)."""
     best: tuple[int, int, int] | None = None
     root = math.sqrt(n2) if math.isfinite(n2) else math.inf
-    for m, cost in _COST.items():
+    # Highest degree first: its few squarings bound the search of the lower degrees, which
+    # need many (the pick, the least key, does not depend on the order).
+    for m, cost in reversed(_COST.items()):
         # Squarings below `log2(√n2 / (m + 2))` leave a divergent bound: start above them.
         start = max(0, math.ceil(math.log2(root / (m + 2)))) if root > 0 else 0
         for s in range(min(start, _MAX_SQUARINGS), _MAX_SQUARINGS):

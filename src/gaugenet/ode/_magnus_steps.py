@@ -18,6 +18,7 @@ from torch import Tensor
 from .._errors import GaugeError
 from ._expm import expm
 from ._magnus import MagnusMethod
+from ._magnus_numpy import numpy_small, numpy_steps, numpy_steps_product
 from ._products import ordered_product
 from ._rk_numpy import as_numpy
 from ._wilson_checks import check_field, nonfinite_field
@@ -95,7 +96,10 @@ def node_values(w: MatrixField, t1: Tensor, t0: Tensor, n: int, method: MagnusMe
 
 def steps_product(A: Tensor, h: Tensor, method: MagnusMethod, exp_tol: float | None) -> Tensor:
     """The ordered product of the step exponentials from node values `A` `(B, n, s, ..., d,
-    d)` and step lengths `h` `(B,)`: all steps of the chunk in one batched call."""
+    d)` and step lengths `h` `(B,)`: all steps of the chunk in one batched call (a single
+    small line without a graph: in numpy, `_magnus_numpy`)."""
+    if numpy_steps(A, h, method):
+        return numpy_steps_product(A, h, method, exp_tol)
     extra = A.dim() - 5
     A = A.movedim(2, -3)
     hb = h.reshape(h.shape[0], 1, *([1] * extra), 1, 1)
@@ -187,4 +191,7 @@ def doubling_pair(
         mid = 0.5 * (t0 + t1)
         ends, starts = torch.cat([t1, mid, t1]), torch.cat([t0, t0, mid])
     W = fixed_steps(w, ends, starts, n, method, exp_tol, line_bytes)
+    if numpy_small(W):  # (one small line: numpy's product, no kernel)
+        Wn = as_numpy(W)
+        return W[:B], torch.from_numpy(Wn[2 * B :] @ Wn[B : 2 * B])
     return W[:B], W[2 * B :] @ W[B : 2 * B]
