@@ -50,7 +50,7 @@ CONFIG = dict(
     use_cache=False,  # logits only: no key/value cache in the outputs
 )
 SEQ = 128
-STEPS, BATCH, LR = 500, 8, 3e-3
+STEPS, BATCH, LR = 2000, 8, 3e-3
 SPLIT_SEED, EVAL_FRACTION = 0, 0.1
 PARTS = ("train", "validation", "held_out")
 
