@@ -56,6 +56,7 @@ from ._kernel import MeanKernel, ReaderSlot
 from ._ops import graph_users, passes_input
 from ._score_maps import SCORE_MAPS
 from ._shifts import AbsorbedShiftFactor, IntoLinears
+from ._value_row_one import AlongOne
 from ._value_row_shift import value_row_shift
 
 __all__ = ["attention_from_graph", "drop_key_compensation", "key_bias_rows"]
@@ -504,6 +505,8 @@ def _with_value_row_shift(
     if not extra:
         return fs
     (f,) = extra
+    if isinstance(f.terms[0], AlongOne):  # one number, which a permutation of heads keeps
+        return fs + extra
     conj = (f.name, torch.arange(f.dim).reshape(lay.heads, -1))
     out = [
         dataclasses.replace(g, conjugates=(*g.conjugates, conj))
@@ -635,7 +638,9 @@ def _group_permutations(
     o_idx = o_off + torch.arange(hkv * rep * dv).reshape(hkv, rep * dv)
     terms = [*blocks(pq), *blocks(pk), *blocks(pv), PermTerm(po.weight, po.in_axis, o_idx)]
     conj = tuple((m.name, torch.arange(hkv)) for m in matrices)
-    conj += tuple((f.name, torch.arange(f.dim).reshape(hkv, -1)) for f in shifts)
+    # the shift along `1` is one number, which a permutation of whole heads keeps
+    per_head = [f for f in shifts if not isinstance(f.terms[0], AlongOne)]
+    conj += tuple((f.name, torch.arange(f.dim).reshape(hkv, -1)) for f in per_head)
     out = [
         PermutationFactor(
             f"{name}.kv_groups", hkv, terms=tuple(terms), conjugates=conj, modules=modules

@@ -36,12 +36,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, fx, nn
 
-from ..groups import GaugeGroup, PermutationFactor, TranslationFactor
+from ..groups import GaugeGroup, GLFactor, OrthogonalFactor, PermutationFactor, TranslationFactor
+from ..groups._algebra import AlgebraFactor
 from ..groups._base import State
 from ..groups._group import model_state
+from ._centering import CenteredOutputFactor
 from ._linear import Linear, keeps_last_axis
 from ._offset_layernorm import effective_gain, gain_offset
 from ._ops import graph_users, passes_input
+from ._value_row_one import AlongOne, centered_columns, one_dimensional_kernel
 
 __all__ = [
     "ValueRowShift",
@@ -123,10 +126,12 @@ class ValueRowShift:
 
 @dataclass(eq=False)
 class ValueRowShiftFactor(TranslationFactor):
-    """`R^rows`: the value-bias shift of a bias-free value projection reading a LayerNorm."""
+    """`R^rows`: the value-bias shift of a bias-free value projection reading a LayerNorm
+    (`ValueRowShift`); or `R`: its one direction whose constant only LayerNorms see
+    (`AlongOne`, `_value_row_one.py`)."""
 
     @property
-    def shift(self) -> ValueRowShift:
+    def shift(self) -> ValueRowShift | AlongOne:
         return self.terms[0]
 
     def params(self) -> tuple[str, ...]:
@@ -230,11 +235,11 @@ def value_row_shift(
     m = root.get_submodule(ln)
     if not _offset_free(m):
         return []
-    bias = absorbing_bias(po, root, values)
-    if bias is None:
-        return []
     dv = pv.maps.shape[-1]
     rows = tuple(pv.block_rows()[:hkv].reshape(-1).tolist())
+    bias = absorbing_bias(po, root, values)
+    if bias is None:
+        return _along_one(name, lin, rows, ln, m, po, o_off, dv, rep, modules, root)
     term = ValueRowShift(
         lin.weight,
         lin.out_axis,
@@ -261,6 +266,45 @@ def value_row_shift(
     ]
 
 
+def _along_one(
+    name: str,
+    lin: Linear,
+    rows: tuple[int, ...],
+    ln: str,
+    m: nn.Module,
+    po: Linear,
+    o_off: int,
+    dv: int,
+    rep: int,
+    modules: tuple[str, ...],
+    root: nn.Module,
+) -> list[ValueRowShiftFactor]:
+    """The shift along the one `u` with `P W_o u = 0` (`_value_row_one.py`), where `P W_o`
+    has a one-dimensional kernel; kept by the link only where the output projection's output
+    is centered (a `CenteredOutputFactor` of it)."""
+    if dv % 2 and len(rows) > dv:
+        return []  # permuting two heads of odd size flips the orientation `σ`
+    W = root.get_parameter(po.weight).detach().double()
+    M = centered_columns(W, po.in_axis, o_off, len(rows), dv, rep)
+    if not one_dimensional_kernel(M):
+        return []
+    term = AlongOne(
+        lin.weight,
+        lin.out_axis,
+        rows,
+        ln,
+        getattr(m, "weight", None) is not None,
+        gain_offset(m),
+        po.weight,
+        po.in_axis,
+        o_off,
+        dv,
+        rep,
+    )
+    mods = tuple(dict.fromkeys([*modules, ln]))
+    return [ValueRowShiftFactor(f"{name}.value_row_shift", 1, terms=(term,), modules=mods)]
+
+
 # -- linking ------------------------------------------------------------------------------
 
 
@@ -273,9 +317,31 @@ def link_value_row_shifts(factors: list, model: nn.Module) -> list:
     if not any(isinstance(f, ValueRowShiftFactor) for f in factors):
         return factors
     state = {k: v.double() if v.is_floating_point() else v for k, v in model_state(model).items()}
-    return [
-        f for f in factors if not isinstance(f, ValueRowShiftFactor) or _composes(f, factors, state)
-    ]
+    centered = {f.shift.weight for f in factors if isinstance(f, CenteredOutputFactor)}
+    out = []
+    for f in factors:
+        if isinstance(f, ValueRowShiftFactor):
+            if isinstance(f.shift, AlongOne):
+                if f.shift.weight not in centered:
+                    continue
+                f = _oriented(f, factors)
+            if not _composes(f, factors, state):
+                continue
+        out.append(f)
+    return out
+
+
+def _oriented(f: ValueRowShiftFactor, factors: list) -> ValueRowShiftFactor:
+    """The shift along `1` with its orientation's sign declared for every matrix factor on
+    its parameters: the value-output `GL` and a rotation of the stream flip `V` with the sign
+    of their determinant (`_value_row_one.py`)."""
+    mine = set(f.params())
+    moved = tuple(
+        (g.name, "sign")
+        for g in factors
+        if isinstance(g, (GLFactor, AlgebraFactor, OrthogonalFactor)) and mine & set(g.params())
+    )
+    return dataclasses.replace(f, moved_by=moved)
 
 
 def _composes(f: ValueRowShiftFactor, factors: list, state: State) -> bool:
@@ -283,7 +349,7 @@ def _composes(f: ValueRowShiftFactor, factors: list, state: State) -> bool:
     mine = set(f.params())
     a = f.sample(gen)
     for g in factors:
-        if g is f or isinstance(g, PermutationFactor) or not mine & set(g.params()):
+        if g.name == f.name or isinstance(g, PermutationFactor) or not mine & set(g.params()):
             continue
         b = g.sample(gen)
         # the declarations about `g` alone (the others name factors not in the pair)
