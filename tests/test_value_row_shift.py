@@ -8,13 +8,15 @@ Float64 counts against `n − rank J` (GPT-J, CodeGen, GPT-Neo complete), invari
 group elements, the factor's tangents in `ker J`, group laws, the commutation with the
 LayerNorm's offset that the `1/s` coordinates buy, and negatives: without the compensation,
 along another direction than `1/γ`, or without the factor the outputs move or the count falls
-short; no factor where nothing takes the constant back or the LayerNorm has no `β`.
+short; no factor where nothing takes the constant back (and not only LayerNorms read it) or
+the LayerNorm has no `β`.
 
-StableLM and Nemotron (no bias downstream: only `u ∝ W_o⁻¹ 1`, whose constant `1` the
-following LayerNorms remove) keep a gap of one, pinned down here: that direction depends on
-`W_o`, which the centered-output factor of the output projection moves
-(`W_o ↦ W_o + 1 aᵀ` scales `W_o⁻¹ 1` by `1/(1 + aᵀ W_o⁻¹ 1)` and leaves no such `u` where
-that vanishes), so no translation with a fixed group law holds it."""
+StableLM and Nemotron have no bias downstream: only `u` with `P W_o u = 0` holds there (the
+constant `∝ 1`, which the following LayerNorms remove), one line, whose vector `V` is built
+from `P W_o` and the value rows in `1^⊥` so that the centered-output factor (`W_o ↦ W_o +
+1 aᵀ`) keeps it; the value-output `GL` and the stream rotations flip it with the sign of their
+determinant (`discovery/_value_row_one.py`). Both complete; negatives: another `u`, or the
+shift without its declared sign, is left out or moves the outputs."""
 
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ from gaugenet.discovery._float64 import keep_float64
 from gaugenet.discovery._value_row_shift import ValueRowShiftFactor, link_value_row_shifts
 from gaugenet.discovery.rules._examples import batch, seeded
 from gaugenet.groups import GaugeGroup, model_state
+from gaugenet.groups._algebra import AlgebraFactor
 from gaugenet.groups._offset import LayerNormOffsetFactor
 from tiny_hf import unit_gain
 
@@ -303,7 +306,8 @@ def _pre_ln(**kw) -> tuple[nn.Module, Tensor]:
     [
         (dict(o_bias=True, parallel=False), "o.bias"),
         (dict(o_bias=False, parallel=True), "fc.bias"),
-        (dict(o_bias=False, parallel=False), None),  # nothing takes the constant back
+        # nothing takes the constant back, and a linear readout sees it along `1` too
+        (dict(o_bias=False, parallel=False), None),
         (dict(o_bias=True, parallel=False, ln_bias=False), None),  # no `β`: no constant
     ],
 )
@@ -326,31 +330,72 @@ def test_found_from_the_graph(kw: dict, bias: str | None) -> None:
         assert relative_error(_out(bad, x), ref) > 1e-4
 
 
-def test_stablelm_keeps_the_direction_along_one() -> None:
-    """StableLM's one missing direction, measured: no bias takes the constant back, and
-    `u = W_o⁻¹ 1` (the constant `1` the following LayerNorms remove) lies in `ker J` outside
-    the orbit; another `u` does not lie in `ker J`."""
-    model, x = _stablelm()
+def _nemotron():
+    import transformers
+
+    cfg = transformers.NemotronConfig(
+        vocab_size=24,
+        hidden_size=E,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=4,
+        max_position_embeddings=T,
+        use_cache=False,
+    )
+    return _randomize(transformers.NemotronModel(cfg)), _ids(40, 24)
+
+
+@pytest.mark.parametrize("build", [_stablelm, _nemotron])
+def test_the_direction_along_one_is_complete(build) -> None:
+    """No bias takes the constant back: the one shift along `u ∝ V` (`P W_o V = 0`) closes
+    the count; its tangent lies in `ker J`, and the same rows moved along another `u` do
+    not (negative)."""
+    model, x = build()
     group = gaugenet.symmetries(model, x)
-    assert not _shifts(group)
+    assert not [b for b in group.breakers if b.reason.startswith(INTERNAL_ERROR)]
+    (f,) = _shifts(group)
+    assert f.dim == 1 and {m[1] for m in f.moved_by} == {"sign"}
     jac, names, starts, nullity = _jacobian(model, x)
-    assert nullity - group.dim == 1
-    p = _params(model)
-    ln, attn = "model.layers.0.input_layernorm", "model.layers.0.self_attn"
-    inv = 1 / p[f"{ln}.weight"]
-    w_o = p[f"{attn}.o_proj.weight"]
-    value = starts[f"{attn}.v_proj.weight"]
-
-    def direction(u: Tensor) -> Tensor:
-        x = torch.zeros(jac.shape[1], 1, dtype=torch.float64)
-        x[value : value + E * E, 0] = (u[:, None] * inv[None, :]).reshape(-1)
-        return x
-
-    one = direction(torch.linalg.solve(w_o, torch.ones(E, dtype=w_o.dtype)))
-    scale = float(jac.abs().max()) * float(one.abs().max())
-    assert float((jac @ one).abs().max()) < 1e-10 * scale
-    orbit = orbit_projector(model, group).basis()
-    both = torch.cat([orbit, one / one.norm()], 1)
-    assert int(torch.linalg.matrix_rank(both, rtol=1e-8)) == group.dim + 1
-    other = direction(torch.linalg.solve(w_o, torch.arange(E, dtype=w_o.dtype)))
-    assert float((jac @ other).abs().max()) > 1e-6 * float(jac.abs().max())
+    assert group.dim == nullity
+    rest = GaugeGroup(tuple(g for g in group.factors if g is not f), (), group.param_names)
+    assert orbit_projector(model, rest).rank == nullity - 1
+    state = {k: v.double() for k, v in _params(model).items()}
+    tan = _tangents(f, state, names, starts, jac.shape[1])
+    scale = float(jac.abs().max()) * float(tan.abs().max())
+    assert float((jac @ tan).abs().max()) < 1e-10 * scale
+    # `P W_o V = 0`: the constant reaches the stream along `1` only
+    t = f.shift
+    v = t.direction(state, torch.float64)
+    w_o = state[t.weight]
+    assert float((w_o @ v - (w_o @ v).mean()).abs().max()) < 1e-10 * float((w_o @ v).abs().max())
+    # negative: the rows moved along another `u` (the entries of `V` reversed)
+    moved = dict(state)
+    dataclasses.replace(t, rows=t.rows[::-1])(moved, torch.ones(1, dtype=torch.float64))
+    ref = _out(model, x)
+    assert relative_error(_out(_with(model, moved), x), ref) > 1e-4
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        assert relative_error(_out(group.act(model, group.sample(gen)), x), ref) < 1e-10
+    # group laws with the value-output `GL` and the stream rotation (the sign declared)
+    g, h = group.sample(gen), group.sample(gen)
+    twice = model_state(group.act(group.act(model, g), h))
+    once = model_state(group.act(model, group.compose(g, h)))
+    for k in twice:
+        assert torch.allclose(twice[k], once[k], rtol=1e-10, atol=1e-10)
+    # a value-output element of negative determinant flips `V`: `t` moves to `−t` past it
+    # (the declared sign); moved as it is, the two orders differ (negative)
+    declared = {m[0] for m in f.moved_by}
+    vo = next(g for g in group.factors if g.name in declared and isinstance(g, AlgebraFactor))
+    fv = dataclasses.replace(f, moved_by=tuple(m for m in f.moved_by if m[0] == vo.name))
+    flip = vo.identity(torch.float64).clone()
+    flip[0, 0] = -flip[0, 0]
+    u = torch.ones(1, dtype=torch.float64)
+    one = vo.apply(f.apply(state, u), flip)
+    after = GaugeGroup((vo, fv), (), ())._rescale_shift(fv, u, {vo.name: flip})
+    assert float(after) == -1.0
+    for v, same in ((after, True), (u, False)):
+        two = f.apply(vo.apply(state, flip), v)
+        diff = max(float((one[k] - two[k]).abs().max()) for k in one)
+        assert (diff < 1e-10) if same else (diff > 1e-3)
