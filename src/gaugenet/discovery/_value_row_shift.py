@@ -25,6 +25,10 @@ with the readers' columns) keep `W̃` and `β̃`, and a rotation `Q` of the stre
 `Q 1 = 1` keeps `1ᵀ` and `s`: both commute. The value-output `GL` moves `u` as it moves a
 value bias (`moved_by`, mode `"T"`), and the head permutations carry its blocks. All of this
 is checked, not assumed (`link_value_row_shifts`).
+
+Where no bias takes the constant back but only LayerNorms read the output projection's
+result (a `CenteredOutputFactor` of it), the shift holds on the one line `P W_o u = 0`
+(`P = I − 11ᵀ/d`): a factor of one dimension (`AlongOne`, `_value_row_one.py`).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from ..groups._algebra import AlgebraFactor
 from ..groups._base import State
 from ..groups._group import model_state
 from ._centering import CenteredOutputFactor
+from ._head_norm_find import _layernorm_read
 from ._linear import Linear, keeps_last_axis
 from ._offset_layernorm import effective_gain, gain_offset
 from ._ops import graph_users, passes_input
@@ -168,6 +173,7 @@ def absorbing_bias(po: Linear, root: nn.Module, values: dict) -> str | None:
     summed there whose output nothing else reads (`_summed_biases.py`); else `None`."""
     if po.bias is not None:
         return po.bias
+    # imported here: `_summed_biases` reaches the rules, which import `_attention`
     from ._summed_biases import _leaves, _writer
 
     out = values.get(po.node)
@@ -205,8 +211,6 @@ def absorbing_bias(po: Linear, root: nn.Module, values: dict) -> str | None:
 
 def _layernorm_of(lin: Linear, root: nn.Module) -> str | None:
     """The LayerNorm the projection reads (as `_head_norm_find._layernorm_read`)."""
-    from ._head_norm_find import _layernorm_read
-
     return _layernorm_read(lin, root, lin.shape(root)[1])
 
 
