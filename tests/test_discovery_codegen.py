@@ -1,8 +1,9 @@
 """CodeGen (a parallel block; its fused projection split into 4 model-parallel partitions of
 `[q | v | k]`, so that a head of size 4 reads rows of two partitions; partial rotary,
 rotating every two coordinates; no biases on the attention). Discovery finds the attention
-factors on the listed head rows and keeps the LayerNorm kernel and offset linked to them; the
-one gap left is the kernel of the LayerNorm on the value rows, measured here exactly."""
+factors on the listed head rows and keeps the LayerNorm kernel and offset linked to them, and
+the value-bias shift of the bias-free value rows written in the LayerNorm's coordinates, taken
+back by the MLP's output bias (`discovery/_value_row_shift.py`): the row is complete."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from gaugenet.certify._keywords import positional
 from gaugenet.certify._orbit import orbit_projector
 from gaugenet.discovery import INTERNAL_ERROR
 from gaugenet.discovery._float64 import keep_float64
+from gaugenet.discovery._value_row_shift import ValueRowShiftFactor
 from tiny_hf import unit_gain
 
 V, T, E = 128, 6, 8
@@ -86,11 +88,11 @@ def _value_kernel(model, names, sizes) -> torch.Tensor:
     return out
 
 
-def test_the_gap_is_the_value_rows_kernel(codegen) -> None:
-    """`n − rank J` exceeds the group by 8, exactly the LayerNorm kernel on the value rows
-    (no value bias; the compensation goes through `out_proj` into the MLP's output bias):
-    those 8 directions are in `ker J`, off the orbit, and with it span `ker J`. The same
-    directions on the query rows are not in `ker J` (negative)."""
+def test_the_value_rows_kernel_is_in_the_orbit(codegen) -> None:
+    """`n − rank J` equals the group's dimension; the LayerNorm kernel on the value rows (no
+    value bias; the compensation goes through `out_proj` into the MLP's output bias), built
+    here by hand, is in `ker J` and in the orbit (the value-row shift on the listed rows).
+    The same directions on the query rows are not in `ker J` (negative)."""
     model, ids, group = codegen
     fm_model, fm_in = positional(model, ids)
     with keep_float64():
@@ -98,12 +100,15 @@ def test_the_gap_is_the_value_rows_kernel(codegen) -> None:
         jac = jacobian_of(fm)
     n = sum(fm.sizes)
     rank = rank_of(jac, rtol=1e-9).rank
-    assert group.dim == 265 and n - rank == 273
+    assert group.dim == n - rank == 273
+    (shift,) = [f for f in group.factors if isinstance(f, ValueRowShiftFactor)]
+    assert shift.shift.rows == tuple(VALUE_ROWS.tolist())
     extra = _value_kernel(model, fm.names, fm.sizes)
     scale = float(jac.abs().max())
     assert float((jac @ extra).abs().max()) < 1e-10 * scale * float(extra.abs().max())
     orbit = orbit_projector(model, group).basis()
     both = torch.cat([orbit, extra / extra.norm(dim=0)], 1)
+    assert int(torch.linalg.matrix_rank(orbit, rtol=1e-8)) == n - rank
     assert int(torch.linalg.matrix_rank(both, rtol=1e-8)) == n - rank
     # negative: the query rows of the same partitions carry no such direction
     wrong = extra.clone()

@@ -260,12 +260,12 @@ def _nemotron() -> tuple[nn.Module, dict[str, Tensor]]:
     return model, {"input_ids": ids}
 
 
-def test_nemotron_gap_is_the_value_rows_kernel() -> None:
+def test_nemotron_value_rows_kernel_is_in_the_orbit() -> None:
     """NemotronModel (`LayerNorm1P`, squared ReLU, partial rotary): no internal error, and
-    of `n − rank J` the group misses one direction, the kernel `1/(1 + w)` of the input
-    LayerNorm on the bias-free value rows along `a = W_o⁻¹ 1` (the constant it adds leaves
-    `o_proj` along `1`, which the next LayerNorms remove), as in StableLM
-    (`test_value_row_kernel_gap.py`)."""
+    the group's dimension is `n − rank J`; the kernel `1/(1 + w)` of the input LayerNorm on
+    the bias-free value rows along `a = W_o⁻¹ 1` (the constant it adds leaves `o_proj` along
+    `1`, which the next LayerNorms remove), built here by hand, lies in the orbit (the
+    value-row shift along `1`, `test_value_row_shift.py`, read with the gain `1 + w`)."""
     from gaugenet.certify._functional_dimension import rank_of
     from gaugenet.certify._jacobian import flat_model, jacobian_of
     from gaugenet.certify._keywords import positional
@@ -281,7 +281,7 @@ def test_nemotron_gap_is_the_value_rows_kernel() -> None:
         jac = jacobian_of(fm)
     n = sum(fm.sizes)
     rank = rank_of(jac, rtol=1e-9).rank
-    assert n - rank - group.dim == 1
+    assert n - rank == group.dim
     p = dict(model.named_parameters())
     u = 1 / (1 + p["layers.0.input_layernorm.weight"].detach())  # the effective gain's kernel
     w_o = p["layers.0.self_attn.o_proj.weight"].detach()
@@ -294,6 +294,7 @@ def test_nemotron_gap_is_the_value_rows_kernel() -> None:
     assert float((jac @ extra).abs().max()) < 1e-10 * scale
     orbit = orbit_projector(model, group).basis()
     both = torch.cat([orbit, extra / extra.norm()], 1)
+    assert int(torch.linalg.matrix_rank(orbit, rtol=1e-8)) == n - rank
     assert int(torch.linalg.matrix_rank(both, rtol=1e-8)) == n - rank
     # negative: the stored `w` in place of `1 + w` is no kernel direction
     wrong = torch.zeros_like(extra)

@@ -56,6 +56,8 @@ from ._kernel import MeanKernel, ReaderSlot
 from ._ops import graph_users, passes_input
 from ._score_maps import SCORE_MAPS
 from ._shifts import AbsorbedShiftFactor, IntoLinears
+from ._value_row_one import AlongOne
+from ._value_row_shift import value_row_shift
 
 __all__ = ["attention_from_graph", "drop_key_compensation", "key_bias_rows"]
 
@@ -320,6 +322,7 @@ def _core_factors(
             modules=modules,
             key_shift=not core.mapped,
         )
+        fs = _with_value_row_shift(fs, lay, pv, po, o_off, modules, root, values)
         if _per_head_scores(core, values, H, folded):
             # a position bias that differs between heads: permuting heads would need it too
             fs = [f for f in fs if not isinstance(f, HeadPermFactor)]
@@ -337,7 +340,7 @@ def _core_factors(
         qk = AlgebraFactor(
             f"{name}.qk", dh, hkv, basis=basis, terms=tuple(qk_terms), modules=modules
         )
-    vo, *shifts = _value_output(name, pv, po, o_off, hkv, rep, modules)
+    vo, *shifts = _value_output(name, pv, po, o_off, hkv, rep, modules, root, values)
     # a nonlinear map of the scores before the softmax (soft-capping) keeps no constant
     if gains:  # head permutations are not derived through gains
         return (
@@ -424,7 +427,7 @@ def _value_output_only(core: _Core, root: nn.Module, values: dict) -> tuple[list
         raise Skip("values are transformed (rotated) before the attention")
     modules = tuple(dict.fromkeys([pv.name, po.name]))
     name = _common_prefix([pv.name, po.name]) or pv.name
-    return _value_output(name, pv, po, o_off, hkv, rep, modules), {pv.name}
+    return _value_output(name, pv, po, o_off, hkv, rep, modules, root, values), {pv.name}
 
 
 def _per_query_head(p: Proj, H: int, repeat: bool) -> tuple[Tensor, Tensor]:
@@ -467,14 +470,51 @@ def _value_output(
     hkv: int,
     rep: int,
     modules: tuple[str, ...],
+    root: nn.Module,
+    values: dict,
 ) -> list:
     """The value-output `GL` per key-value head (`W_v ↦ Gᵀ W_v`, `W_o ↦ W_o G⁻ᵀ`) and the
-    value-bias shift."""
+    value-bias shift (of a bias, or of bias-free rows reading a LayerNorm,
+    `_value_row_shift.py`)."""
     o_term = MatTerm(po.weight, po.in_axis, o_off, "inv")
     vo_terms = [*_proj_terms(pv, "T"), Repeat(o_term, rep) if rep > 1 else o_term]
     dv = pv.maps.shape[-1]
     vo = AlgebraFactor(f"{name}.vo", dv, hkv, terms=tuple(vo_terms), modules=modules)
-    return [vo, *_value_shift(name, pv, po, o_off, hkv, rep, vo, modules)]
+    shifts = _value_shift(name, pv, po, o_off, hkv, rep, vo, modules)
+    shifts += value_row_shift(name, pv, po, o_off, hkv, rep, vo, modules, root, values)
+    return [vo, *shifts]
+
+
+def _with_value_row_shift(
+    fs: list,
+    lay: HeadLayout,
+    pv: Proj,
+    po: Linear,
+    o_off: int,
+    modules: tuple[str, ...],
+    root: nn.Module,
+    values: dict,
+) -> list:
+    """`fs` (the factors of one plain layer, `attention_factors`) with the value-bias shift
+    of bias-free value rows reading a LayerNorm (`_value_row_shift.py`), carried by the
+    head permutations."""
+    vo = next(f for f in fs if f.name == lay.name("vo"))
+    extra = value_row_shift(
+        lay.prefix or pv.name, pv, po, o_off, lay.heads, 1, vo, modules, root, values
+    )
+    if not extra:
+        return fs
+    (f,) = extra
+    if isinstance(f.terms[0], AlongOne):  # one number, which a permutation of heads keeps
+        return fs + extra
+    conj = (f.name, torch.arange(f.dim).reshape(lay.heads, -1))
+    out = [
+        dataclasses.replace(g, conjugates=(*g.conjugates, conj))
+        if isinstance(g, HeadPermFactor)
+        else g
+        for g in fs
+    ]
+    return out + extra
 
 
 def _key_row_ranges(pk: Proj, sel: Tensor | None, hkv: int) -> list[tuple[int, int]]:
@@ -598,7 +638,9 @@ def _group_permutations(
     o_idx = o_off + torch.arange(hkv * rep * dv).reshape(hkv, rep * dv)
     terms = [*blocks(pq), *blocks(pk), *blocks(pv), PermTerm(po.weight, po.in_axis, o_idx)]
     conj = tuple((m.name, torch.arange(hkv)) for m in matrices)
-    conj += tuple((f.name, torch.arange(f.dim).reshape(hkv, -1)) for f in shifts)
+    # the shift along `1` is one number, which a permutation of whole heads keeps
+    per_head = [f for f in shifts if not isinstance(f.terms[0], AlongOne)]
+    conj += tuple((f.name, torch.arange(f.dim).reshape(hkv, -1)) for f in per_head)
     out = [
         PermutationFactor(
             f"{name}.kv_groups", hkv, terms=tuple(terms), conjugates=conj, modules=modules

@@ -61,6 +61,7 @@ from ._kernel import LayerNormKernelFactor, ill_conditioned
 from ._linear import Linear, keeps_last_axis, linear_reading
 from ._offset_layernorm import effective_gain, gain_offset
 from ._ops import CASTS, METADATA_OPS, graph_users, is_token_pick, picks_tokens
+from ._value_row_shift import ValueRowShiftFactor
 
 __all__ = ["SUM_RATIO", "layernorm_offset", "link_offsets", "offset_factor", "settle_offsets"]
 
@@ -389,7 +390,7 @@ def _link_one(
                 if g.kernel.ln != t.ln:
                     raise _Drop
                 continue
-            if isinstance(g, HeadNormKernelFactor):
+            if isinstance(g, (HeadNormKernelFactor, ValueRowShiftFactor)):
                 continue  # checked to commute with every factor on its parameters
             if isinstance(g, TranslationFactor):
                 if not (mine & set(g.params())) <= biases:

@@ -37,6 +37,7 @@ from ._summed_biases import summed_bias_factors
 from ._trace import atom_types, is_atomic, trace
 from ._unanalyzed import unanalyzed_breakers
 from ._unread import drop_dead, unread_entries
+from ._value_row_shift import link_value_row_shifts
 from .rules.recurrent import recurrent_bias_factors
 
 __all__ = ["register_analyzer", "symmetries"]
@@ -219,6 +220,7 @@ def _discover_graph(model: nn.Module, call: Call, rows: bool) -> GaugeGroup:
     f2, b2 = _atom_factors(model)
     factors = link_centered(without_summed_ones(link_kernels(factors + f2)))
     factors = link_head_norm_kernels(factors, model)
+    factors = link_value_row_shifts(factors, model)
     factors = link_offsets(factors, model)
     factors = with_free(factors, unread, model)
     b2 += unanalyzed_breakers(model)

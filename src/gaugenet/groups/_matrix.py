@@ -12,7 +12,8 @@ from ._base import AbstractFactor, State
 
 __all__ = ["AffineFactor", "AffineTerm", "BlockGL", "GLFactor", "MatTerm", "random_gl"]
 
-Mode = Literal["G", "inv", "T", "invT", "Tc"]
+#: `"sign"` only in `moved_by` declarations (`_mode_matrix`), never in a `MatTerm`
+Mode = Literal["G", "inv", "T", "invT", "Tc", "sign"]
 
 
 def random_gl(
@@ -45,6 +46,9 @@ def singular_block(a: Tensor) -> str | None:
 def _mode_matrix(g: Tensor, mode: Mode) -> Tensor:
     if mode == "G":
         return g
+    if mode == "sign":  # `(1, 1, 1)`: the sign of `Π_k det g_k` (a shift of one entry
+        # whose direction follows an orientation, `discovery/_value_row_one.py`)
+        return torch.linalg.det(g).sign().prod().reshape(1, 1, 1)
     if mode == "Tc":  # `Bᵀ Gᵀ B`: `Gᵀ` in coordinates of `1^⊥` (`G` keeps `1`)
         from ._orthogonal import complement_basis
 

@@ -78,7 +78,8 @@ class TranslationFactor(AdditiveFactor):
     `(b, m)` with `sel`) long tensor: the entries of every block, listed (the `step` is
     then unused, `None`), for heads whose rows are not evenly spaced blocks. An
     `OrthogonalFactor`'s element `(d, d)` is one block; mode `"Tc"` moves a shift written
-    in coordinates of `1^⊥` (`Bᵀ Qᵀ B`).
+    in coordinates of `1^⊥` (`Bᵀ Qᵀ B`); mode `"sign"` multiplies one entry by the sign of
+    the product of the element's block determinants (a shift along an oriented line).
     """
 
     n: int = 0
