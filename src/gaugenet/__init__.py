@@ -8,6 +8,7 @@ from ._errors import GaugeError as GaugeError
 from ._errors import NotLiftableError as NotLiftableError
 from ._errors import UnsupportedModelError as UnsupportedModelError
 from ._invariance import assert_invariant as assert_invariant
+from ._invariance import exact_invariance_error as exact_invariance_error
 from ._invariance import invariance_error as invariance_error
 from .certify import certify as certify
 from .certify import functional_dimension as functional_dimension

@@ -12,7 +12,17 @@ from torch import Tensor, nn
 from ._errors import GaugeError
 from ._tolerances import model_dtype
 
-__all__ = ["DEFAULT_TOLERANCES", "assert_invariant", "invariance_error", "relative_error"]
+__all__ = [
+    "DEFAULT_TOLERANCES",
+    "assert_invariant",
+    "exact_invariance_error",
+    "invariance_error",
+    "relative_error",
+]
+
+#: largest relative change of a model's float64 outputs when its casts down are kept in
+#: float64 for which it still counts as computing the same function (float32's `√ε`)
+SAME_FUNCTION = 1e-4
 
 #: Relative tolerances used by `assert_invariant` when none is given.
 DEFAULT_TOLERANCES: dict[torch.dtype, float] = {
@@ -94,6 +104,39 @@ def invariance_error(
     if not outs_a:
         raise GaugeError("the models returned no tensor outputs to compare")
     return max(relative_error(a, b) for a, b in zip(outs_a, outs_b))
+
+
+def exact_invariance_error(model_a: nn.Module, model_b: nn.Module, inputs: Any) -> float:
+    """`invariance_error` in float64, with the models' casts down kept in float64.
+
+    Many models compute part of their work in float32 whatever their dtype (GPT-Neo's
+    attention scores, a softmax with `dtype=torch.float32`, an RMSNorm variance): in float64
+    copies that rounding, about `1e-7`, hides whether two models compute the same function.
+    Here both run inside `keep_float64` (casts of float64 tensors to a lower precision are
+    dropped) when `model_a` then runs and its outputs move by less than `SAME_FUNCTION`
+    (relative); otherwise (the model fails, or computes something else) as they are.
+
+    **Returns:** `max over outputs of max|out_a - out_b| / max|out_b|`, float64.
+    """
+    from .discovery._float64 import keep_float64
+
+    args = _as_tuple(inputs)
+    plain = _run(model_a, args, torch.float64)
+    try:
+        with keep_float64():
+            wide = _run(model_a, args, torch.float64)
+    except Exception:  # the model does not run with its casts kept: as it is
+        wide = None
+    same = (
+        wide is not None
+        and len(wide) == len(plain)
+        and all(a.shape == b.shape and a.dtype == b.dtype for a, b in zip(wide, plain))
+        and max((relative_error(a, b) for a, b in zip(wide, plain)), default=0.0) < SAME_FUNCTION
+    )
+    if not same:
+        return invariance_error(model_a, model_b, inputs)
+    with keep_float64():
+        return invariance_error(model_a, model_b, inputs)
 
 
 def assert_invariant(

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .._errors import GaugeError
-from .._invariance import cast_floats, invariance_error
+from .._invariance import cast_floats, exact_invariance_error
 from .._tolerances import drift_tolerance, model_dtype
 from ..discovery import symmetries
 from ..groups import Element, GaugeGroup, GLFactor, OrthogonalFactor, RescalingFactor, model_state
@@ -377,7 +377,7 @@ def equalize(
     )
     new = group.act(model, elem)
     tol = drift_tolerance(model_dtype(model)) if tol is None else tol
-    moved = invariance_error(model, new, example_inputs)
+    moved = exact_invariance_error(model, new, example_inputs)
     if not moved <= tol:
         raise GaugeError(
             f"equalization changed the outputs of {type(model).__name__} by "
