@@ -231,9 +231,12 @@ def _element(group: GaugeGroup, state: State, params: set[str], gauge: Gauge) ->
     else:
         raise GaugeError(f"unknown gauge {gauge!r}; use 'balanced' or 'unit_in'")
     g.update(pinned)
-    # in the group's order (rescalings act first) a shift is rescaled, see `scaled_by`
+    # in the group's order (rescalings act first) a shift is rescaled, see `scaled_by`; the
+    # monomial scales (gated units) are fixed below, the identity until then
+    dtype = next(iter(state.values())).dtype
     for name, v in shifts.items():
-        g[name] = group._rescale_shift(group.factor(name), v, g, moved=False)
+        partial = {f.name: f.identity(dtype) for f in group.continuous} | g
+        g[name] = group._rescale_shift(group.factor(name), v, partial, moved=False)
     current = group.act_state(state, g)
     # stream rotations first: their gauge reads only the embedding table, while they mix
     # the columns that the head factors' balanced forms read (and commute with those, which
@@ -248,6 +251,10 @@ def _element(group: GaugeGroup, state: State, params: set[str], gauge: Gauge) ->
             continue
         g[f.name] = fn(f, current)
         current = f.apply(current, g[f.name])
+    # with every scale now fixed (monomials included), each shift once more as it acts
+    # after all of them: the state the loop ended in, where the monomials acted last
+    for name, v in shifts.items():
+        g[name] = group._rescale_shift(group.factor(name), v, g, moved=False)
     # the matrix factors were fixed after the shifts, but act before them in the group
     for name in shifts:
         g[name] = group._rescale_shift(group.factor(name), g[name], g, scaled=False)

@@ -278,12 +278,16 @@ def gain_key_shift(
 
 @dataclass(frozen=True)
 class _FlatEntries:
-    """`state[param].flatten()[entries] += v`."""
+    """`state[param].flatten()[index] += v`."""
 
     param: str
-    entries: Tensor
+    index: Tensor
 
     def __call__(self, new: State, v: Tensor) -> None:
         p = new[self.param]
-        flat = p.reshape(-1).index_add(0, self.entries, v.to(p.dtype))
+        flat = p.reshape(-1).index_add(0, self.index, v.to(p.dtype))
         new[self.param] = flat.reshape(p.shape)
+
+    def entries(self, state: State) -> Tensor:
+        """The shifted entries' values `(len(index),)` (a canonical form zeroes them)."""
+        return state[self.param].reshape(-1)[self.index]
