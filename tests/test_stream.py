@@ -174,7 +174,7 @@ def test_a_move_that_changes_the_function_is_not_written(ckpt, tmp_path, monkeyp
     """The local check is real: a bogus 'equalization' that scales up_proj without the
     compensating down_proj is caught on the MLP and left out."""
 
-    def bogus(comp, start, q, bits, gran):
+    def bogus(comp, start, q, bits, gran, transposed=frozenset()):
         return {k: v * 2 if "up_proj" in k else v for k, v in start.items()}
 
     monkeypatch.setattr(process, "_equalized", bogus)

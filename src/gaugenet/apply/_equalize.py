@@ -17,7 +17,7 @@ from ..groups import Element, GaugeGroup, GLFactor, OrthogonalFactor, RescalingF
 from ..groups._base import State
 from ._distance import OutputDistance, squared_error
 from ._learn import learn_element
-from ._quantize import GRANULARITIES, quantize_tensor, quantized_params
+from ._quantize import GRANULARITIES, quantize_tensor, quantized_params, transposed_params
 from ._ranges import balance, factor_ranges
 from ._schemes import QuantScheme, round_weight, with_activation_rounding
 from ._search import (
@@ -38,14 +38,20 @@ SMOOTHING = (0.25, 0.5, 0.75)
 
 
 def weight_quantization_error(
-    state: State, names: list[str], bits: int, granularity: str = "per-tensor"
+    state: State,
+    names: list[str],
+    bits: int,
+    granularity: str = "per-tensor",
+    transposed: set[str] | frozenset[str] = frozenset(),
 ) -> float:
-    """`Σ_P mean_o ‖Q(P)_o − P_o‖² / ‖P_o‖²` over the named tensors, `o` their output rows:
-    the relative rounding noise of each output channel. (A norm over the whole tensor would
-    be dominated by its largest rows and blind to small channels rounded away.)"""
+    """`Σ_P mean_o ‖Q(P)_o − P_o‖² / ‖P_o‖²` over the named tensors, `o` their output rows
+    (columns for the names in `transposed`, weights stored `(in, out)`): the relative
+    rounding noise of each output channel. (A norm over the whole tensor would be dominated
+    by its largest rows and blind to small channels rounded away.)"""
     total = 0.0
     for name in names:
         p = state[name].double()
+        p = p.transpose(0, 1) if name in transposed else p
         p = p.reshape(p.shape[0], -1) if p.dim() > 1 else p.reshape(-1, 1)
         err = ((quantize_tensor(p, bits, granularity) - p) ** 2).sum(1)
         norm = (p**2).sum(1)
@@ -81,10 +87,11 @@ def _output_noise(
         y = forward_fn(model, inputs)(model_state(model))
     noisy = with_activation_rounding(model, act_bits, copy_model=True) if act_bits else model
     run = forward_fn(noisy, inputs)
+    transposed = transposed_params(model)
 
     def noise(state: State) -> float:
         st = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-        st.update({n: round_weight(st[n], scheme) for n in names})
+        st.update({n: round_weight(st[n], scheme, n in transposed) for n in names})
         with torch.no_grad():
             return float(distance(run(st), y))
 
@@ -178,7 +185,7 @@ def equalizing_element(
     if granularity not in GRANULARITIES:
         raise GaugeError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     group = symmetries(model, example_inputs) if group is None else group
-    names = quantized_params(model)
+    names, transposed = quantized_params(model), transposed_params(model)
     q, per_channel = set(names), granularity == "per-channel"
     factors = [f for f in group.factors if isinstance(f, (RescalingFactor, GLFactor))]
     start = {k: v.double() if v.is_floating_point() else v for k, v in model_state(model).items()}
@@ -187,7 +194,7 @@ def equalizing_element(
     if objective == "range":
 
         def err(s: State) -> float:
-            return weight_quantization_error(s, names, bits, granularity)
+            return weight_quantization_error(s, names, bits, granularity, transposed)
 
     else:
         sch = scheme if scheme is not None else QuantScheme(bits, granularity, act_bits=act_bits)

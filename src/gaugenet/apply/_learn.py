@@ -34,16 +34,18 @@ from .._errors import GaugeError
 from ..groups import Element, GaugeGroup
 from ..groups._base import AbstractFactor, State
 from ._distance import OutputDistance, squared_error
+from ._quantize import transposed_params
 from ._schemes import QuantScheme, round_weight, with_activation_rounding
 from ._search import forward_fn
 
 __all__ = ["learn_element", "straight_through"]
 
 
-def straight_through(w: Tensor, scheme: QuantScheme) -> Tensor:
-    """`w` rounded as `scheme` rounds a weight, with the gradient of the identity (the
-    straight-through estimator): the value of `round_weight(w)`, the derivative of `w`."""
-    return w + (round_weight(w.detach(), scheme) - w).detach()
+def straight_through(w: Tensor, scheme: QuantScheme, transposed: bool = False) -> Tensor:
+    """`w` rounded as `scheme` rounds a weight (`transposed`: stored `(in, out)`), with the
+    gradient of the identity (the straight-through estimator): the value of
+    `round_weight(w)`, the derivative of `w`."""
+    return w + (round_weight(w.detach(), scheme, transposed) - w).detach()
 
 
 def learn_element(
@@ -93,6 +95,7 @@ def learn_element(
         else model
     )
     run = forward_fn(noisy, inputs)
+    transposed = transposed_params(model)
     with torch.no_grad():
         y = run_float(_cast(start, dtype)).detach()
     xis = [torch.zeros(f.dim, dtype=torch.float64, requires_grad=True) for f in factors]
@@ -106,7 +109,7 @@ def learn_element(
 
     def loss() -> Tensor:
         st = _cast(group.act_state(start, element(), validate=False), dtype)
-        st.update({n: straight_through(st[n], scheme) for n in names})
+        st.update({n: straight_through(st[n], scheme, n in transposed) for n in names})
         return distance(run(st), y)
 
     best_elem, best = dict(base), math.inf

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 
 import torch
 from torch import Tensor, nn
@@ -15,6 +16,7 @@ __all__ = [
     "quantize_tensor",
     "quantize_weights",
     "quantized_params",
+    "transposed_params",
 ]
 
 GRANULARITIES = ("per-tensor", "per-channel")
@@ -22,6 +24,35 @@ GRANULARITIES = ("per-tensor", "per-channel")
 # The layers whose weight matrices a deployment stores in low precision; biases, norms and
 # embeddings stay in float (as in the usual weight-only and int8 integer pipelines).
 _QUANTIZED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _transposed_layers() -> tuple[type, ...]:
+    """Linear layers that store their weight as `(in, out)` and compute `x W + b`:
+    `transformers`' `Conv1D` (GPT-2 and its relatives), when `transformers` is loaded (a
+    model built from it has loaded it)."""
+    mod = sys.modules.get("transformers.pytorch_utils")
+    conv1d = getattr(mod, "Conv1D", None)
+    return (conv1d,) if isinstance(conv1d, type) else ()
+
+
+def quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """`(name, module)` of the layers whose weights a deployment rounds: Linear and Conv,
+    and Linear layers stored transposed (`transposed_params`)."""
+    kinds = _QUANTIZED_LAYERS + _transposed_layers()
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, kinds)]
+
+
+def transposed_params(model: nn.Module) -> set[str]:
+    """Names of the quantized weights stored `(in, out)` (output channels on axis 1): they
+    are rounded per output channel and per group of inputs as their transposes are."""
+    kinds = _transposed_layers()
+    if not kinds:
+        return set()
+    return {
+        f"{name}.weight" if name else "weight"
+        for name, m in model.named_modules()
+        if isinstance(m, kinds)
+    }
 
 
 def _check(bits: int, granularity: str) -> None:
@@ -63,12 +94,9 @@ def quantize_tensor(w: Tensor, bits: int, granularity: str = "per-tensor") -> Te
 
 
 def quantized_params(model: nn.Module) -> list[str]:
-    """Names of the parameters `quantize_weights` rounds: the weights of Linear and Conv layers."""
-    return [
-        f"{name}.weight" if name else "weight"
-        for name, m in model.named_modules()
-        if isinstance(m, _QUANTIZED_LAYERS)
-    ]
+    """Names of the parameters `quantize_weights` rounds: the weights of Linear and Conv
+    layers (`transformers`' `Conv1D` included, `transposed_params`)."""
+    return [f"{name}.weight" if name else "weight" for name, _ in quantized_layers(model)]
 
 
 def quantize_weights(model: nn.Module, bits: int, granularity: str = "per-tensor") -> nn.Module:

@@ -11,7 +11,14 @@ import torch
 from torch import Tensor, nn
 
 from .._errors import GaugeError
-from ._quantize import _QUANTIZED_LAYERS, quantize_tensor, quantized_params, round_to_range
+from ._quantize import (
+    _QUANTIZED_LAYERS,
+    quantize_tensor,
+    quantized_layers,
+    quantized_params,
+    round_to_range,
+    transposed_params,
+)
 
 __all__ = [
     "QuantScheme",
@@ -95,8 +102,11 @@ def quantize_per_token(x: Tensor, bits: int, dim: int = -1) -> Tensor:
     return round_to_range(x, x.abs().amax(dim, keepdim=True), bits)
 
 
-def round_weight(w: Tensor, scheme: QuantScheme) -> Tensor:
-    """`w` rounded as `scheme` rounds a Linear/Conv weight (per tensor, channel or group)."""
+def round_weight(w: Tensor, scheme: QuantScheme, transposed: bool = False) -> Tensor:
+    """`w` rounded as `scheme` rounds a Linear/Conv weight (per tensor, channel or group);
+    `transposed`: `w` is stored `(in, out)` (`transposed_params`), rounded as `wᵀ` is."""
+    if transposed:
+        return round_weight(w.transpose(0, 1), scheme).transpose(0, 1)
     if scheme.granularity == "per-group":
         return quantize_grouped(w, scheme.weight_bits, scheme.group_size)
     return quantize_tensor(w, scheme.weight_bits, scheme.granularity)
@@ -113,13 +123,13 @@ def quantize(model: nn.Module, scheme: QuantScheme | str) -> nn.Module:
     """
     scheme = QuantScheme.parse(scheme) if isinstance(scheme, str) else scheme
     out = copy.deepcopy(model)
-    names = quantized_params(out)
+    names, transposed = quantized_params(out), transposed_params(out)
     if not names:
         raise GaugeError(f"{type(model).__name__} has no Linear or Conv layer to quantize")
     with torch.no_grad():
         for name in names:
             p = out.get_parameter(name)
-            p.copy_(round_weight(p, scheme))
+            p.copy_(round_weight(p, scheme, name in transposed))
     return with_activation_rounding(out, scheme.act_bits) if scheme.act_bits else out
 
 
@@ -132,14 +142,13 @@ def with_activation_rounding(
     the unrounded one (for learning through rounding). Modifies `model` in place unless
     `copy_model`; returns it."""
     out = copy.deepcopy(model) if copy_model else model
-    for m in out.modules():
-        if isinstance(m, _QUANTIZED_LAYERS):
-            dim = -1 if isinstance(m, nn.Linear) else 1
+    for _, m in quantized_layers(out):
+        dim = 1 if isinstance(m, _QUANTIZED_LAYERS[1:]) else -1  # Conv: channels on axis 1
 
-            def hook(_mod, args, dim=dim):
-                x = args[0]
-                q = quantize_per_token(x, bits, dim)
-                return (x + (q - x).detach() if straight_through else q, *args[1:])
+        def hook(_mod, args, dim=dim):
+            x = args[0]
+            q = quantize_per_token(x, bits, dim)
+            return (x + (q - x).detach() if straight_through else q, *args[1:])
 
-            m.register_forward_pre_hook(hook)
+        m.register_forward_pre_hook(hook)
     return out

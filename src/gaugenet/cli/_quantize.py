@@ -97,11 +97,12 @@ def quantize(
 
 def _check_on_grid(model: nn.Module, scheme) -> None:
     """Refuse to write weights that rounding again would move: they are not on the grid."""
-    from ..apply._quantize import quantized_params
+    from ..apply._quantize import quantized_params, transposed_params
     from ..apply._schemes import round_weight
 
+    transposed = transposed_params(model)
     for n in quantized_params(model):
         p = model.get_parameter(n).detach()
-        again = round_weight(p, scheme)
+        again = round_weight(p, scheme, n in transposed)
         if not bool(((again - p).abs() <= 1e-6 * p.abs().max().clamp_min(1e-30)).all()):
             raise GaugeError(f"internal error: {n} is not on the {scheme} grid after rounding")

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from .._errors import GaugeError
 from ..apply._equalize import _step, weight_quantization_error
-from ..apply._quantize import quantized_params, round_to_range
+from ..apply._quantize import quantized_params, round_to_range, transposed_params
 from ..apply._schemes import QuantScheme, round_weight
 from ..discovery import symmetries
 from ..groups import GLFactor, RescalingFactor
@@ -78,9 +78,12 @@ class StreamReport:
     seconds: float = 0.0
 
 
-def _rounded(w: Tensor, sch: QuantScheme, name: str) -> Tensor:
+def _rounded(w: Tensor, sch: QuantScheme, name: str, transposed: bool = False) -> Tensor:
     """`w` rounded under `sch` in float32 (exact for bfloat16 and float16 weights), a block
-    of rows at a time (the per-tensor range taken first), each block's grid checked."""
+    of rows at a time (the per-tensor range taken first), each block's grid checked;
+    `transposed`: `w` is stored `(in, out)`, rounded as its transpose is."""
+    if transposed:
+        return _rounded(w.transpose(0, 1).contiguous(), sch, name).transpose(0, 1).contiguous()
     out = torch.empty(w.shape, dtype=torch.float32)
     full = w.abs().max().float() if sch.granularity == "per-tensor" else None
     rows = max(1, _CHUNK // max(1, w[0].numel()))
@@ -94,7 +97,14 @@ def _rounded(w: Tensor, sch: QuantScheme, name: str) -> Tensor:
     return out
 
 
-def _equalized(comp: Component, start: State, q: set[str], bits: int, gran: str) -> State:
+def _equalized(
+    comp: Component,
+    start: State,
+    q: set[str],
+    bits: int,
+    gran: str,
+    transposed: set[str] | frozenset[str] = frozenset(),
+) -> State:
     """Closed-form range-balancing sweeps over the component's factors, each step kept
     only where it lowers the component's weight quantization error (float64)."""
     factors = [f for f in comp.factors if isinstance(f, (RescalingFactor, GLFactor))]
@@ -102,7 +112,7 @@ def _equalized(comp: Component, start: State, q: set[str], bits: int, gran: str)
     per_channel = gran == "per-channel"
 
     def err(s: State) -> float:
-        return weight_quantization_error(s, names, bits, gran)
+        return weight_quantization_error(s, names, bits, gran, transposed)
 
     best_e, best = err(start), start
     for normalize in (True, False):
@@ -131,6 +141,7 @@ class _Stream:
         check_output_folder(self.out, self.src, force=force)
         self.meta = self.ckpt.meta_model()
         self.q = set(quantized_params(self.meta))
+        self.transposed = transposed_params(self.meta)
         # tied names stored once: read through the stored name
         state = self.meta.state_dict(keep_vars=True)
         stored = {id(state[k]): k for k in self.ckpt.weight_map if k in state}
@@ -185,7 +196,7 @@ class _Stream:
         orig = {p: self.ckpt.tensor(p) for p in stored}
         start = {p: v.double() for p, v in orig.items()}
         names = [p for p in comp.params if p in self.q]
-        before = weight_quantization_error(start, names, self.bits, self.gran)
+        before = weight_quantization_error(start, names, self.bits, self.gran, self.transposed)
         new = move(comp, start)
         changed = {p: new[p] for p in stored if not torch.equal(new[p], start[p])}
         if not changed:
@@ -198,7 +209,7 @@ class _Stream:
             return self._skip(comp, f"not checked locally: {change}", report)
         if not change < LOCAL_TOL:
             return self._skip(comp, f"changes {comp.module}'s outputs by {change:.1e}", report)
-        after = weight_quantization_error(new, names, self.bits, self.gran)
+        after = weight_quantization_error(new, names, self.bits, self.gran, self.transposed)
         report.applied += len(comp.factors)
         report.local_change = max(report.local_change, change)
         report.error_before += before
@@ -229,7 +240,7 @@ def stream_equalize(
     report = StreamReport(s.out, len(s.ckpt.shards), 0)
 
     def move(comp: Component, start: State) -> State:
-        return _equalized(comp, start, s.q, s.bits, s.gran)
+        return _equalized(comp, start, s.q, s.bits, s.gran, s.transposed)
 
     return s.run(report, move, lambda name, v: v)
 
@@ -251,14 +262,15 @@ def stream_quantize(
     s = _Stream(Path(src), Path(out), force, sch.weight_bits, sch.granularity)
     report = StreamReport(s.out, len(s.ckpt.shards), 0)
     stored_q = {s.alias.get(n, n) for n in s.q}
+    stored_t = {s.alias.get(n, n) for n in s.transposed}
 
     def move(comp: Component, start: State) -> State:
-        return _equalized(comp, start, s.q, s.bits, s.gran)
+        return _equalized(comp, start, s.q, s.bits, s.gran, s.transposed)
 
     def finish(name: str, value: Tensor) -> Tensor:
         if name not in stored_q:
             return value
         report.rounded += 1
-        return _rounded(value, sch, name).to(value.dtype)
+        return _rounded(value, sch, name, name in stored_t).to(value.dtype)
 
     return s.run(report, move if equalize else None, finish)
