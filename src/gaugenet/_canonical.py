@@ -47,6 +47,7 @@ from .groups import (
     register_canonicalizer,
 )
 from .groups._base import State
+from .groups._offset import LayerNormOffsetFactor
 from .groups._orthogonal import OrthogonalFactor, RotateRows
 from .io import sample_inputs
 
@@ -213,6 +214,13 @@ def _float64(state: State) -> State:
     return {k: v.double() if v.is_floating_point() else v for k, v in state.items()}
 
 
+def _matrix_order(f: Any) -> int:
+    """Stream rotations, then LayerNorm offsets, then the other matrix factors."""
+    if isinstance(f, OrthogonalFactor):
+        return 0
+    return 1 if isinstance(f, LayerNormOffsetFactor) else 2
+
+
 def _element(group: GaugeGroup, state: State, params: set[str], gauge: Gauge) -> Element:
     """The canonicalizing element of `state` (computed in `state`'s dtype)."""
     # bias shifts first: the balanced norms depend on the biases they move
@@ -237,8 +245,10 @@ def _element(group: GaugeGroup, state: State, params: set[str], gauge: Gauge) ->
     current = group.act_state(state, g)
     # stream rotations first: their gauge reads only the embedding table, while they mix
     # the columns that the head factors' balanced forms read (and commute with those, which
-    # act on rows), so this order makes the head gauges orbit-independent too
-    ordered = sorted(group.continuous, key=lambda f: not isinstance(f, OrthogonalFactor))
+    # act on rows), so this order makes the head gauges orbit-independent too; then the
+    # LayerNorm offsets (their gauge `β̃ = ±1` reads only the LayerNorm, which rotations
+    # keep): they turn the readers' rows on the right, which the head factors' forms read
+    ordered = sorted(group.continuous, key=_matrix_order)
     for f in ordered:
         if isinstance(f, RescalingFactor) or f.name in shifts:
             continue
