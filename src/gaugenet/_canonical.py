@@ -74,8 +74,11 @@ def _unit_in(group: GaugeGroup, state: State) -> Element:
 
 
 def _sort_permutations(group: GaugeGroup, state: State) -> Element:
+    """Each permutation sorting its items by decreasing norm, computed on the state the
+    permutations acting before it left (the query heads of a key-value group are sorted
+    where the group's own permutation put them)."""
     out = {}
-    for f in group.factors:
+    for f in group.discrete:
         if not isinstance(f, PermutationFactor):
             continue
         key2 = torch.zeros(f.n, dtype=torch.float64)
@@ -88,6 +91,7 @@ def _sort_permutations(group: GaugeGroup, state: State) -> Element:
         # lexicographic: norm first, then the third moment for (measure-zero) ties
         order = sorted(range(f.n), key=lambda c: (-round(float(key2[c]), 10), -float(key3[c])))
         out[f.name] = torch.tensor(order)
+        state = f.apply(state, out[f.name])
     return out
 
 
