@@ -190,14 +190,17 @@ def _unit_anchor(f: RescalingFactor, state: State, kept: dict[str, int] | None =
     )
 
 
-def _canonical_shifts(group: GaugeGroup, state: State, passes: int = 4) -> tuple[Element, State]:
+def _canonical_shifts(group: GaugeGroup, state: State, passes: int = 200) -> tuple[Element, State]:
     """The shifts (translation factors with a `canonical` gauge) that bring `state` to every
     shift's gauge at once, and the shifted state.
 
     Shifts commute, but one shift's gauge condition can read what another moves (a
     LayerNorm shift changes the bias that a centering condition reads), so the gauges are
-    imposed in turn, each on the state the previous ones left, until none moves (the
-    dependencies run one way, so this takes a few passes)."""
+    imposed in turn, each on the state the previous ones left, until none moves. Where the
+    dependencies run one way this takes a few passes; where two conditions read each
+    other's entries (a table's columns centered over all rows, one of them an unread row
+    that the free factor zeroes) the passes converge geometrically, to the one state
+    meeting both. Raises `GaugeError` when they have not converged after `passes`."""
     factors = [f for f in group.continuous if hasattr(f, "canonical")]
     total = {f.name: f.identity(next(iter(state.values())).dtype) for f in factors}
     shifted = dict(state)
@@ -210,8 +213,11 @@ def _canonical_shifts(group: GaugeGroup, state: State, passes: int = 4) -> tuple
             scale = max(1.0, float(total[f.name].abs().max()))
             moved = max(moved, float(v.abs().max()) / scale)
         if moved <= 1e-13:
-            break
-    return total, shifted
+            return total, shifted
+    raise GaugeError(
+        f"the shift gauges did not converge in {passes} passes (last move {moved:.1e}): "
+        "no canonical form for the shifts of this model"
+    )
 
 
 def _float64(state: State) -> State:
