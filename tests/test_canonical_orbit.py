@@ -7,16 +7,21 @@ refuses two models that are not gauge-equivalent."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
 import gaugenet
 from gaugenet import GaugeError
+from gaugenet._canonical import unfixed_factors
 from gaugenet.attention._factors import KeyShiftFactor, ValueShiftFactor
 from gaugenet.discovery._summed_biases import SummedBiasFactor
 from gaugenet.discovery._value_row_shift import ValueRowShiftFactor
+from gaugenet.discovery.rules.patterns import _Bottleneck
 from gaugenet.groups import FreeFactor
+from gaugenet.groups._linear_stream import LinearStreamFactor
 from gaugenet.groups._offset import LayerNormOffsetFactor
 from tiny_hf import DECODER, tiny_hf
 
@@ -146,4 +151,26 @@ def test_align_refuses_models_that_are_not_gauge_equivalent() -> None:
         other.layers[0].mlp.dense_h_to_4h.bias[0] += 0.1
     assert gaugenet.exact_invariance_error(model, other, x) > 1e-6
     with pytest.raises(GaugeError, match="not gauge-equivalent"):
+        gaugenet.align(model, other, group=group)
+
+
+def test_align_names_the_factor_without_a_canonical_form() -> None:
+    """A linear stream's `GL` has no canonical form: two points of its orbit keep different
+    "canonical" forms, and `align` says which factor stops it from deciding, rather than
+    calling them not gauge-equivalent."""
+    torch.manual_seed(0)
+    model = _Bottleneck().double().eval()
+    x = torch.randn(24, 2, 5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    group = gaugenet.symmetries(model, x)
+    (gl,) = [f for f in group.factors if isinstance(f, LinearStreamFactor)]
+    assert unfixed_factors(group) == [gl.name]
+    moved = group.act(model, {gl.name: gl.sample(torch.Generator().manual_seed(1))})
+    assert gaugenet.exact_invariance_error(model, moved, x) < 1e-9
+    with pytest.raises(GaugeError, match=f"no canonical form.*{gl.name}"):
+        gaugenet.align(model, moved, group=group)
+    # not gauge-equivalent: the message still names the factor, never a wrong "no"
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.stem.weight.add_(0.1)
+    with pytest.raises(GaugeError, match=f"cannot decide.*{gl.name}"):
         gaugenet.align(model, other, group=group)

@@ -51,7 +51,7 @@ from .groups._offset import LayerNormOffsetFactor
 from .groups._orthogonal import OrthogonalFactor, RotateRows
 from .io import sample_inputs
 
-__all__ = ["align", "canonical_element", "canonicalize"]
+__all__ = ["align", "canonical_element", "canonicalize", "unfixed_factors"]
 
 Gauge = Literal["balanced", "unit_in"]
 
@@ -220,6 +220,20 @@ def _canonical_shifts(group: GaugeGroup, state: State, passes: int = 200) -> tup
     )
 
 
+def unfixed_factors(group: GaugeGroup) -> list[str]:
+    """The names of the continuous factors of `group` that have no canonical form (no
+    `canonical` gauge, no registered canonicalizer, not a rescaling): `canonical_element`
+    leaves them at the identity, so the "canonical" form is then one point of the orbit
+    per point of those factors' orbits, not one per orbit (a linear stream's `GL`)."""
+    return [
+        f.name
+        for f in group.continuous
+        if not isinstance(f, RescalingFactor)
+        and not hasattr(f, "canonical")
+        and canonicalizer_for(f) is None
+    ]
+
+
 def _float64(state: State) -> State:
     return {k: v.double() if v.is_floating_point() else v for k, v in state.items()}
 
@@ -263,7 +277,7 @@ def _element(group: GaugeGroup, state: State, params: set[str], gauge: Gauge) ->
         if isinstance(f, RescalingFactor) or f.name in shifts:
             continue
         fn = canonicalizer_for(f)
-        if fn is None:  # no canonical form (a linear stream's GL): left where it is
+        if fn is None:  # no canonical form (`unfixed_factors`): left where it is
             g[f.name] = f.identity(next(iter(current.values())).dtype)
             continue
         g[f.name] = fn(f, current)
@@ -371,6 +385,9 @@ def canonicalize(
     - `tol`: the largest allowed relative output change; default by the weights' dtype
       (`gaugenet._tolerances.DRIFT_TOLERANCES`: 1e-9 for float64, 1e-5 for float32).
 
+    Factors without a canonical form (`unfixed_factors(group)`, e.g. a linear stream's
+    `GL`) are left where they are: the result is then canonical only up to them.
+
     **Returns:** the new model, in `model`'s dtype. Raises `GaugeError` when its outputs
     moved by more than `tol`: in float64 (a factor is no symmetry of this model), or only
     after the cast (the model's dtype cannot hold the canonical weights; the message says
@@ -422,9 +439,11 @@ def align(
 
     Both models are brought to the canonical form (computed in float64); `g = g_a · g_b⁻¹`.
     Raises `GaugeError` with the residual when the canonical forms differ, i.e. the models
-    are not gauge-equivalent: relative tolerance `rtol`, by default following the least
-    precise dtype of the two (`gaugenet._tolerances.WEIGHT_TOLERANCES`: 1e-7 for float64,
-    1e-4 for float32, whose weights carry rounding errors of 6e-8 each).
+    are not gauge-equivalent; where factors have no canonical form (`unfixed_factors`) the
+    forms may differ along them too, and the error names them instead. Relative tolerance
+    `rtol`, by default following the least precise dtype of the two
+    (`gaugenet._tolerances.WEIGHT_TOLERANCES`: 1e-7 for float64, 1e-4 for float32, whose
+    weights carry rounding errors of 6e-8 each).
     """
     group = symmetries(model_a, example_inputs) if group is None else group
     group.check_model(model_a)
@@ -446,6 +465,13 @@ def align(
             # absorbed elsewhere) holds rounding noise that is no evidence of a difference
             diff, top = max(diff, float((a - b).abs().max())), max(top, float(b.abs().max()))
     residual = diff / top
+    unfixed = unfixed_factors(group)
+    if not residual <= rtol and unfixed:
+        raise GaugeError(
+            f"cannot decide whether the models are gauge-equivalent: their canonical forms "
+            f"differ by {residual:.3e} (relative, tolerance {rtol:.1e}), but these factors "
+            f"have no canonical form and were left where they are: {', '.join(unfixed)}"
+        )
     if not residual <= rtol:
         raise GaugeError(
             f"the models are not gauge-equivalent: canonical forms differ by {residual:.3e} "
