@@ -247,6 +247,41 @@ def _matrix_order(f: Any) -> int:
 
 def _element(group: GaugeGroup, state: State, params: set[str], gauge: Gauge) -> Element:
     """The canonicalizing element of `state` (computed in `state`'s dtype)."""
+    g, shifts = _scales_and_shifts(group, state, params, gauge)
+    g = _joint_scales_and_shifts(group, state, params, gauge, g)
+    return _matrices_and_permutations(group, state, g, shifts)
+
+
+def _joint_scales_and_shifts(
+    group: GaugeGroup, state: State, params: set[str], gauge: Gauge, g: Element, rounds: int = 50
+) -> Element:
+    """`g` (rescalings and shifts) refined until the shift gauges hold after the rescalings
+    too. They do at once where a zeroed bias stays zero under the rescalings; an eval
+    BatchNorm's `β` does not (`β ↦ β + (γμ/s)(1/α − 1)`), so a shift gauge on it and the
+    balanced scales are imposed in turn until neither moves. Raises `GaugeError` when they
+    do not meet within `rounds`."""
+    top = max(
+        (float(v.abs().max()) for v in state.values() if v.is_floating_point() and v.numel()),
+        default=1.0,
+    )
+    for _ in range(rounds):
+        current = group.act_state(state, g, validate=False)
+        extra, _ = _canonical_shifts(group, current)
+        if all(float(v.abs().max()) <= 1e-12 * max(1.0, top) for v in extra.values() if v.numel()):
+            return g
+        h, _ = _scales_and_shifts(group, current, params, gauge)
+        g = group.compose(g, h)
+    raise GaugeError(
+        f"the shift gauges and the {gauge!r} rescalings did not meet in {rounds} rounds: no "
+        "canonical form for this model's rescalings and shifts"
+    )
+
+
+def _scales_and_shifts(
+    group: GaugeGroup, state: State, params: set[str], gauge: Gauge
+) -> tuple[Element, Element]:
+    """The rescalings and shifts of the canonical element (the shifts' gauges imposed
+    first, in pre-rescaling coordinates), and the shifts alone."""
     # bias shifts first: the balanced norms depend on the biases they move
     shifts, shifted = _canonical_shifts(group, state)
     kept = _norm_kept(group)
@@ -266,7 +301,15 @@ def _element(group: GaugeGroup, state: State, params: set[str], gauge: Gauge) ->
     # in the group's order (rescalings act first) a shift is rescaled, see `scaled_by`
     for name, v in shifts.items():
         g[name] = group._rescale_shift(group.factor(name), v, g, moved=False)
-    current = group.act_state(state, g)
+    return g, shifts
+
+
+def _matrices_and_permutations(
+    group: GaugeGroup, state: State, g: Element, shifts: Element
+) -> Element:
+    """`g` (rescalings and shifts) completed by the matrix factors' canonical forms and the
+    sorting permutations."""
+    current = group.act_state(state, g, validate=False)
     # stream rotations first: their gauge reads only the embedding table, while they mix
     # the columns that the head factors' balanced forms read (and commute with those, which
     # act on rows), so this order makes the head gauges orbit-independent too; then the
