@@ -2,7 +2,9 @@
 
 Unknowns: `u`, the log-scales of every `RescalingFactor`, concatenated (`α = exp(u)`).
 Objective: `F(u) = Σ ‖p(u)‖²` over the model parameters the rescalings touch. `F` is
-convex in `u` and smooth, so Newton's method with a backtracking (Armijo) line search,
+smooth, and convex in `u` but for the BatchNorm terms below (where the Hessian is not
+positive definite the step falls back to the gradient), so Newton's method with a
+backtracking (Armijo) line search,
 started at the per-unit closed form `u = ¼ log(‖w_out‖² / ‖w_in‖²)` (exact when the units
 decouple), converges quadratically to machine precision in a handful of steps.
 
@@ -179,6 +181,11 @@ def balanced_scales(group: GaugeGroup, state: State, params: set[str]) -> Elemen
         H = H + 1e-12 * H.diagonal().abs().max().clamp_min(1e-300) * torch.eye(n, dtype=H.dtype)
         step = torch.linalg.solve(H, -g)
         slope = float(g @ step)
+        if not slope < 0:
+            # the BatchNorm terms are not convex in `u`: where the Hessian is not positive
+            # definite the Newton step may climb; descend along the gradient instead
+            step = -g
+            slope = float(g @ step)
         t = 1.0
         while t > 1e-10:
             trial = objective(u + t * step)

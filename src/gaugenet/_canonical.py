@@ -37,6 +37,7 @@ from .groups import (
     Element,
     FreeFactor,
     GaugeGroup,
+    MonomialScaleFactor,
     PermutationFactor,
     RescalingFactor,
     Scale,
@@ -47,10 +48,11 @@ from .groups import (
     register_canonicalizer,
 )
 from .groups._base import State
+from .groups._offset import LayerNormOffsetFactor
 from .groups._orthogonal import OrthogonalFactor, RotateRows
 from .io import sample_inputs
 
-__all__ = ["align", "canonical_element", "canonicalize"]
+__all__ = ["align", "canonical_element", "canonicalize", "unfixed_factors"]
 
 Gauge = Literal["balanced", "unit_in"]
 
@@ -73,8 +75,11 @@ def _unit_in(group: GaugeGroup, state: State) -> Element:
 
 
 def _sort_permutations(group: GaugeGroup, state: State) -> Element:
+    """Each permutation sorting its items by decreasing norm, computed on the state the
+    permutations acting before it left (the query heads of a key-value group are sorted
+    where the group's own permutation put them)."""
     out = {}
-    for f in group.factors:
+    for f in group.discrete:
         if not isinstance(f, PermutationFactor):
             continue
         key2 = torch.zeros(f.n, dtype=torch.float64)
@@ -87,6 +92,7 @@ def _sort_permutations(group: GaugeGroup, state: State) -> Element:
         # lexicographic: norm first, then the third moment for (measure-zero) ties
         order = sorted(range(f.n), key=lambda c: (-round(float(key2[c]), 10), -float(key3[c])))
         out[f.name] = torch.tensor(order)
+        state = f.apply(state, out[f.name])
     return out
 
 
@@ -185,14 +191,17 @@ def _unit_anchor(f: RescalingFactor, state: State, kept: dict[str, int] | None =
     )
 
 
-def _canonical_shifts(group: GaugeGroup, state: State, passes: int = 4) -> tuple[Element, State]:
+def _canonical_shifts(group: GaugeGroup, state: State, passes: int = 200) -> tuple[Element, State]:
     """The shifts (translation factors with a `canonical` gauge) that bring `state` to every
     shift's gauge at once, and the shifted state.
 
     Shifts commute, but one shift's gauge condition can read what another moves (a
     LayerNorm shift changes the bias that a centering condition reads), so the gauges are
-    imposed in turn, each on the state the previous ones left, until none moves (the
-    dependencies run one way, so this takes a few passes)."""
+    imposed in turn, each on the state the previous ones left, until none moves. Where the
+    dependencies run one way this takes a few passes; where two conditions read each
+    other's entries (a table's columns centered over all rows, one of them an unread row
+    that the free factor zeroes) the passes converge geometrically, to the one state
+    meeting both. Raises `GaugeError` when they have not converged after `passes`."""
     factors = [f for f in group.continuous if hasattr(f, "canonical")]
     total = {f.name: f.identity(next(iter(state.values())).dtype) for f in factors}
     shifted = dict(state)
@@ -205,16 +214,75 @@ def _canonical_shifts(group: GaugeGroup, state: State, passes: int = 4) -> tuple
             scale = max(1.0, float(total[f.name].abs().max()))
             moved = max(moved, float(v.abs().max()) / scale)
         if moved <= 1e-13:
-            break
-    return total, shifted
+            return total, shifted
+    raise GaugeError(
+        f"the shift gauges did not converge in {passes} passes (last move {moved:.1e}): "
+        "no canonical form for the shifts of this model"
+    )
+
+
+def unfixed_factors(group: GaugeGroup) -> list[str]:
+    """The names of the continuous factors of `group` that have no canonical form (no
+    `canonical` gauge, no registered canonicalizer, not a rescaling): `canonical_element`
+    leaves them at the identity, so the "canonical" form is then one point of the orbit
+    per point of those factors' orbits, not one per orbit (a linear stream's `GL`)."""
+    return [
+        f.name
+        for f in group.continuous
+        if not isinstance(f, RescalingFactor)
+        and not hasattr(f, "canonical")
+        and canonicalizer_for(f) is None
+    ]
 
 
 def _float64(state: State) -> State:
     return {k: v.double() if v.is_floating_point() else v for k, v in state.items()}
 
 
+def _matrix_order(f: Any) -> int:
+    """Stream rotations, then LayerNorm offsets, then the other matrix factors."""
+    if isinstance(f, OrthogonalFactor):
+        return 0
+    return 1 if isinstance(f, LayerNormOffsetFactor) else 2
+
+
 def _element(group: GaugeGroup, state: State, params: set[str], gauge: Gauge) -> Element:
     """The canonicalizing element of `state` (computed in `state`'s dtype)."""
+    g, shifts = _scales_and_shifts(group, state, params, gauge)
+    g = _joint_scales_and_shifts(group, state, params, gauge, g)
+    return _matrices_and_permutations(group, state, g, shifts)
+
+
+def _joint_scales_and_shifts(
+    group: GaugeGroup, state: State, params: set[str], gauge: Gauge, g: Element, rounds: int = 50
+) -> Element:
+    """`g` (rescalings and shifts) refined until the shift gauges hold after the rescalings
+    too. They do at once where a zeroed bias stays zero under the rescalings; an eval
+    BatchNorm's `β` does not (`β ↦ β + (γμ/s)(1/α − 1)`), so a shift gauge on it and the
+    balanced scales are imposed in turn until neither moves. Raises `GaugeError` when they
+    do not meet within `rounds`."""
+    top = max(
+        (float(v.abs().max()) for v in state.values() if v.is_floating_point() and v.numel()),
+        default=1.0,
+    )
+    for _ in range(rounds):
+        current = group.act_state(state, g, validate=False)
+        extra, _ = _canonical_shifts(group, current)
+        if all(float(v.abs().max()) <= 1e-12 * max(1.0, top) for v in extra.values() if v.numel()):
+            return g
+        h, _ = _scales_and_shifts(group, current, params, gauge)
+        g = group.compose(g, h)
+    raise GaugeError(
+        f"the shift gauges and the {gauge!r} rescalings did not meet in {rounds} rounds: no "
+        "canonical form for this model's rescalings and shifts"
+    )
+
+
+def _scales_and_shifts(
+    group: GaugeGroup, state: State, params: set[str], gauge: Gauge
+) -> tuple[Element, Element]:
+    """The rescalings and shifts of the canonical element (the shifts' gauges imposed
+    first, in pre-rescaling coordinates), and the shifts alone."""
     # bias shifts first: the balanced norms depend on the biases they move
     shifts, shifted = _canonical_shifts(group, state)
     kept = _norm_kept(group)
@@ -237,24 +305,38 @@ def _element(group: GaugeGroup, state: State, params: set[str], gauge: Gauge) ->
     for name, v in shifts.items():
         partial = {f.name: f.identity(dtype) for f in group.continuous} | g
         g[name] = group._rescale_shift(group.factor(name), v, partial, moved=False)
-    current = group.act_state(state, g)
+    return g, shifts
+
+
+def _matrices_and_permutations(
+    group: GaugeGroup, state: State, g: Element, shifts: Element
+) -> Element:
+    """`g` (rescalings and shifts) completed by the matrix factors' canonical forms and the
+    sorting permutations."""
+    current = group.act_state(state, g, validate=False)
     # stream rotations first: their gauge reads only the embedding table, while they mix
     # the columns that the head factors' balanced forms read (and commute with those, which
-    # act on rows), so this order makes the head gauges orbit-independent too
-    ordered = sorted(group.continuous, key=lambda f: not isinstance(f, OrthogonalFactor))
+    # act on rows), so this order makes the head gauges orbit-independent too; then the
+    # LayerNorm offsets (their gauge `β̃ = ±1` reads only the LayerNorm, which rotations
+    # keep): they turn the readers' rows on the right, which the head factors' forms read
+    ordered = sorted(group.continuous, key=_matrix_order)
     for f in ordered:
         if isinstance(f, RescalingFactor) or f.name in shifts:
             continue
         fn = canonicalizer_for(f)
-        if fn is None:  # no canonical form (a linear stream's GL): left where it is
+        if fn is None:  # no canonical form (`unfixed_factors`): left where it is
             g[f.name] = f.identity(next(iter(current.values())).dtype)
             continue
         g[f.name] = fn(f, current)
         current = f.apply(current, g[f.name])
-    # with every scale now fixed (monomials included), each shift once more as it acts
-    # after all of them: the state the loop ended in, where the monomials acted last
-    for name, v in shifts.items():
-        g[name] = group._rescale_shift(group.factor(name), v, g, moved=False)
+    # the monomial scales (gated units) were fixed in the loop, acting after the shifts
+    # there, but act before them in the group: each shift rescaled by them alone
+    dtype = next(iter(state.values())).dtype
+    monomials = {f.name: f.identity(dtype) for f in group.continuous} | {
+        f.name: g[f.name] for f in group.continuous if isinstance(f, MonomialScaleFactor)
+    }
+    for name in shifts:
+        g[name] = group._rescale_shift(group.factor(name), g[name], monomials, moved=False)
     # the matrix factors were fixed after the shifts, but act before them in the group
     for name in shifts:
         g[name] = group._rescale_shift(group.factor(name), g[name], g, scaled=False)
@@ -358,6 +440,9 @@ def canonicalize(
     - `tol`: the largest allowed relative output change; default by the weights' dtype
       (`gaugenet._tolerances.DRIFT_TOLERANCES`: 1e-9 for float64, 1e-5 for float32).
 
+    Factors without a canonical form (`unfixed_factors(group)`, e.g. a linear stream's
+    `GL`) are left where they are: the result is then canonical only up to them.
+
     **Returns:** the new model, in `model`'s dtype. Raises `GaugeError` when its outputs
     moved by more than `tol`: in float64 (a factor is no symmetry of this model), or only
     after the cast (the model's dtype cannot hold the canonical weights; the message says
@@ -409,9 +494,11 @@ def align(
 
     Both models are brought to the canonical form (computed in float64); `g = g_a · g_b⁻¹`.
     Raises `GaugeError` with the residual when the canonical forms differ, i.e. the models
-    are not gauge-equivalent: relative tolerance `rtol`, by default following the least
-    precise dtype of the two (`gaugenet._tolerances.WEIGHT_TOLERANCES`: 1e-7 for float64,
-    1e-4 for float32, whose weights carry rounding errors of 6e-8 each).
+    are not gauge-equivalent; where factors have no canonical form (`unfixed_factors`) the
+    forms may differ along them too, and the error names them instead. Relative tolerance
+    `rtol`, by default following the least precise dtype of the two
+    (`gaugenet._tolerances.WEIGHT_TOLERANCES`: 1e-7 for float64, 1e-4 for float32, whose
+    weights carry rounding errors of 6e-8 each).
     """
     group = symmetries(model_a, example_inputs) if group is None else group
     group.check_model(model_a)
@@ -433,6 +520,13 @@ def align(
             # absorbed elsewhere) holds rounding noise that is no evidence of a difference
             diff, top = max(diff, float((a - b).abs().max())), max(top, float(b.abs().max()))
     residual = diff / top
+    unfixed = unfixed_factors(group)
+    if not residual <= rtol and unfixed:
+        raise GaugeError(
+            f"cannot decide whether the models are gauge-equivalent: their canonical forms "
+            f"differ by {residual:.3e} (relative, tolerance {rtol:.1e}), but these factors "
+            f"have no canonical form and were left where they are: {', '.join(unfixed)}"
+        )
     if not residual <= rtol:
         raise GaugeError(
             f"the models are not gauge-equivalent: canonical forms differ by {residual:.3e} "

@@ -34,7 +34,9 @@ from ..groups import (
     Scale,
     Shift,
     TranslationFactor,
+    shifted_entries,
 )
+from ..groups._base import State
 from ._layout import HeadLayout, Slot
 
 __all__ = [
@@ -99,6 +101,13 @@ class KeyShiftFactor(TranslationFactor):
     """The key-bias shift of softmax attention."""
 
     layout: HeadLayout | None = field(default=None, kw_only=True)
+
+    def canonical(self, state: State) -> Tensor:
+        """The shift zeroing the key-bias entries it moves: `(n,)`. Every other factor
+        acting on those entries maps them linearly to themselves (the query-key `GL` on the
+        coordinates the scores do not see, rescalings, head permutations), so the zero
+        keeps, and the gauge is the same at every point of the orbit."""
+        return -shifted_entries(self.terms[0], state, self.n)
 
 
 @dataclass(frozen=True)
@@ -169,6 +178,12 @@ class ValueShiftFactor(TranslationFactor):
 
     def params(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(p for t in self.terms for p in (t.param, t.weight, t.bias)))
+
+    def canonical(self, state: State) -> Tensor:
+        """The shift zeroing the value bias (its image `W_o b_v` moved into the output
+        bias): `(n,)`. The value-output `GL` (`b_v ↦ b_v C`), the `α` rescaling and head
+        permutations all keep a zero value bias, so the gauge is orbit-independent."""
+        return -self.terms[0].entries(state, self.n)
 
 
 @dataclass(eq=False)

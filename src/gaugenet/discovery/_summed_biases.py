@@ -9,7 +9,8 @@ such layers (eval-mode affine BatchNorm, a convolution or linear layer with a bi
 through eval-mode dropout), each read by that addition only, of the sum's shape, and all
 adding their biases along one axis (a parallel transformer block's attention and MLP
 outputs, on the features). With `k` such layers, `k − 1` moves of
-one vector per channel (`BiasDifferenceFactor`, one per layer after the first).
+one vector per channel (`SummedBiasFactor`, one per layer after the first; its canonical
+form holds the whole sum in the first layer's bias).
 
 A move scales with the rescaling of the summed channels (shift then scale = scale then a
 scaled shift): the factor declares it in `scaled_by`, and each permutation of those
@@ -24,18 +25,31 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import fx, nn
+from torch import Tensor, fx, nn
 
 from ..groups import PermutationFactor, RescalingFactor
+from ..groups._base import State
 from ..groups._rescaling import Scale
 from ._ops import graph_users, passes_input
 from .rules.recurrent import BiasDifferenceFactor, BiasMove
 
-__all__ = ["summed_bias_factors", "with_moves"]
+__all__ = ["SummedBiasFactor", "summed_bias_factors", "with_moves"]
 
 _ADD = {torch.add, operator.add, operator.iadd, torch.ops.aten.add.Tensor}
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _CHANNELS_FIRST = (*_BN, nn.modules.conv._ConvNd)
+
+
+class SummedBiasFactor(BiasDifferenceFactor):
+    """`R^c`: a bias moved between two affine layers whose outputs are only summed."""
+
+    def canonical(self, state: State) -> Tensor:
+        """The shift zeroing the second layer's bias (the sum held by the first): `(c,)`.
+        A zero is kept by every linear map of those channels (rescalings, permutations)
+        and by the gauges other factors impose on the first layer's bias alone (centering
+        it along `1`, say), so the gauges meet in one pass, whatever the order."""
+        t = self.terms[0]
+        return -state[t.into][: self.n]
 
 
 def _is_add(n: fx.Node) -> bool:
@@ -88,7 +102,7 @@ def summed_bias_factors(
     whose biases are only summed (see the module docstring), scaled by the rescalings of
     `factors` and re-indexed by their permutations. Pairs with a bias in `shifted` (each
     shifted on its own already, see `_linear_streams.py`) are left out."""
-    moves: list[BiasDifferenceFactor] = []
+    moves: list[SummedBiasFactor] = []
     for n in gm.graph.nodes:
         if not _is_add(n):
             continue
@@ -107,7 +121,7 @@ def summed_bias_factors(
         for w in writers[1:]:
             c = root.get_submodule(w).bias.shape[0]
             moves.append(
-                BiasDifferenceFactor(
+                SummedBiasFactor(
                     f"summed_bias:{writers[0]}+{w}",
                     c,
                     terms=(BiasMove(f"{w}.bias", f"{writers[0]}.bias"),),

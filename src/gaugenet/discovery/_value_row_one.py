@@ -107,15 +107,23 @@ class AlongOne:
         n = torch.linalg.svd(M)[2][-1]  # a unit vector spanning ker P W
         B = complement_basis(d, dtype)
         sign = torch.linalg.slogdet(torch.cat([B.T @ M, n[None, :]]))[0]
+        nu = (n * self.metric(state, n)).sum()
+        return sign * n / nu.sqrt()
+
+    def metric(self, state: State, x: Tensor) -> Tensor:
+        """`G⁻¹ x` head by head, `(rows,)`: `G_h = W̃_h P W̃_hᵀ` (`(block, block)`), the Gram
+        matrix of key-value head `h`'s value rows centered over the features (`W̃ = W
+        diag(γ)`), which the shift, the LayerNorm's offsets and rescalings and stream
+        rotations keep, and the value-output `GL` maps to `C G Cᵀ`."""
+        dtype = x.dtype
         inv, _ = self.coordinates(state, dtype)
         W = state[self.value].to(dtype)
         rows = (W if self.value_axis == 0 else W.T)[torch.tensor(self.rows)]
         wt = rows / inv[None, :]  # W̃ = W diag(γ)
-        wt = (wt - wt.mean(1, keepdim=True)).reshape(r // self.block, self.block, d)
+        h = len(self.rows) // self.block
+        wt = (wt - wt.mean(1, keepdim=True)).reshape(h, self.block, -1)
         G = wt @ wt.transpose(1, 2)  # (heads, block, block)
-        nh = n.reshape(r // self.block, self.block, 1)
-        nu = (nh * torch.linalg.solve(G, nh)).sum()
-        return sign * n / nu.sqrt()
+        return torch.linalg.solve(G, x.reshape(h, self.block, 1)).reshape(-1)
 
     def __call__(self, new: State, t: Tensor) -> None:
         W = new[self.value]

@@ -142,6 +142,23 @@ class ValueRowShiftFactor(TranslationFactor):
     def params(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(p for t in self.terms for p in t.touched()))
 
+    def canonical(self, state: State) -> Tensor:
+        """The shift zeroing the value rows' constant `b = W_v[rows] β` (`(rows,)`, the
+        value bias the LayerNorm gives them, which the shift moves by `u`); for `AlongOne`,
+        its component along `V` in the metric `G⁻¹` of each head's centered rows (`(1,)`).
+
+        `b = W̃_v β̃` is kept by the LayerNorm's offsets and rescalings and by stream
+        rotations; the value-output `GL` maps `b` as it maps a value bias (`b ↦ C b`, and
+        `V ↦ C V`, `G ↦ C G Cᵀ` for `AlongOne`), so the gauge is orbit-independent."""
+        t = self.shift
+        W = state[t.value].double()
+        rows = (W if t.value_axis == 0 else W.T)[torch.tensor(t.rows, dtype=torch.long)]
+        b = rows @ state[f"{t.ln}.bias"].double()
+        if isinstance(t, ValueRowShift):
+            return (-b).to(W.dtype)
+        V = t.direction(state, torch.float64)
+        return (-(b * t.metric(state, V)).sum()).reshape(1).to(W.dtype)
+
 
 # -- finding it ---------------------------------------------------------------------------
 

@@ -33,3 +33,4 @@ from ._signature import check_model as check_model
 from ._signature import model_signature as model_signature
 from ._translation import Shift as Shift
 from ._translation import TranslationFactor as TranslationFactor
+from ._translation import shifted_entries as shifted_entries

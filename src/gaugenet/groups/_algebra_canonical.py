@@ -28,7 +28,7 @@ from torch import Tensor
 from ._algebra import AlgebraFactor, Repeat
 from ._base import State
 from ._canonical_hooks import register_canonicalizer
-from ._matrix import MatTerm
+from ._matrix import GLFactor, MatTerm
 
 __all__ = ["algebra_blocks", "canonical_algebra_element"]
 
@@ -76,7 +76,9 @@ def _blocks(term: MatTerm, state: State, j: int, d: int) -> Tensor:
     return p[term.index(j + 1, d)[j]].reshape(d, -1)
 
 
-def _sides(f: AlgebraFactor, state: State) -> tuple[list[Tensor], list[Tensor], bool] | None:
+def _sides(
+    f: AlgebraFactor | GLFactor, state: State
+) -> tuple[list[Tensor], list[Tensor], bool] | None:
     """Per element block, `X` and `Y` (`(d, n)`, `(d, m)`), and whether the terms use the
     transposed convention (`"G"`/`"invT"`); `None` when they mix conventions."""
     xs: list[list[Tensor]] = [[] for _ in range(f.b)]
@@ -137,14 +139,16 @@ def _scalar_block(x: Tensor, y: Tensor) -> Tensor:
 _SOLVERS = {"gl": _gl_block, "plane": _plane_block, "scalar": _scalar_block}
 
 
-def canonical_algebra_element(f: AlgebraFactor, state: State) -> Tensor:
-    """The element `(b, d, d)` bringing `state` to the balanced form of `f` (see above)."""
+def canonical_algebra_element(f: AlgebraFactor | GLFactor, state: State) -> Tensor:
+    """The element `(b, d, d)` bringing `state` to the balanced form of `f` (see above); a
+    `GLFactor` (the `GL` between two linear layers) is one `"gl"` block per copy."""
     sides = _sides(f, state)
     out = f.identity(torch.float64)
     if sides is None:
         return out
     xs, ys, transposed = sides
-    blocks = algebra_blocks(None if f.basis is None else f.basis.double(), f.d)
+    basis = getattr(f, "basis", None)  # a `GLFactor` is all of `gl(d)`
+    blocks = algebra_blocks(None if basis is None else basis.double(), f.d)
     for k in range(f.b):
         for kind, idx in blocks:
             solve = _SOLVERS.get(kind)
@@ -162,3 +166,5 @@ def canonical_algebra_element(f: AlgebraFactor, state: State) -> Tensor:
 
 
 register_canonicalizer(AlgebraFactor, canonical_algebra_element)
+# the attention factors (`GLFactor` subclasses) register their own forms after this one
+register_canonicalizer(GLFactor, canonical_algebra_element)

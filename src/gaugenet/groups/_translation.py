@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ._base import AbstractFactor, State
 
-__all__ = ["AdditiveFactor", "Shift", "TranslationFactor"]
+__all__ = ["AdditiveFactor", "Shift", "TranslationFactor", "shifted_entries"]
 
 
 @dataclass(frozen=True)
@@ -96,3 +96,23 @@ class TranslationFactor(AdditiveFactor):
 
     def params(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(t.param for t in self.terms))
+
+
+def shifted_entries(term, state: State, n: int) -> Tensor:
+    """The entries of `state[term.param]` that the additive term `term` moves, `(n,)` in
+    the order of the shift's coordinates (found by acting with `1, …, n` on zeros; each
+    coordinate must land on one entry of its own with coefficient 1).
+
+    Raises `ValueError` for a term that does not add each coordinate to one entry."""
+    p = state[term.param]
+    probe = {term.param: torch.zeros(p.shape, dtype=torch.float64)}
+    term(probe, torch.arange(1, n + 1, dtype=torch.float64))
+    flat = probe[term.param].reshape(-1)
+    pos = flat.nonzero().reshape(-1)
+    coord = flat[pos].round().long() - 1
+    whole = torch.equal(flat[pos], flat[pos].round())
+    if not whole or pos.numel() != n or sorted(coord.tolist()) != list(range(n)):
+        raise ValueError(f"shift on {term.param}: its {n} coordinates are not {n} entries")
+    idx = torch.empty(n, dtype=torch.long)
+    idx[coord] = pos
+    return p.reshape(-1)[idx]
