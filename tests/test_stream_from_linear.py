@@ -5,6 +5,8 @@ Linear`), rotates as one that starts at a lookup: `O(d)` through an RMS normaliz
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -174,3 +176,43 @@ def test_canonicalize_gives_one_model_per_orbit(build) -> None:
     assert gaugenet.invariance_error(model, a, x) < 1e-12
     assert max((p - q).abs().max() for p, q in zip(a.parameters(), b.parameters())) < 1e-12
     assert max((p - q).abs().max() for p, q in zip(model.parameters(), other.parameters())) > 1e-2
+
+
+@pytest.mark.parametrize(("b", "c"), [(3, 2), (2, 3)])
+def test_kernel_on_rows_a_stream_rotation_turns(b: int, c: int) -> None:
+    """`LN(b) → Linear(b, c) → LN(c)`: the first LayerNorm's kernel `W += u (1/γ)ᵀ` sits on
+    the rows that the stream rotation seeded at the second turns (`W ↦ Qᵀ W`), so `u ↦ Qᵀ u`
+    is declared (`moved_by`): `g` then `g⁻¹` gives the parameters back (it moved them by
+    about 1 when undeclared; found by `test_property_models`)."""
+    from gaugenet.discovery._kernel import LayerNormKernelFactor
+
+    model = nn.Sequential(
+        nn.Linear(1, b, bias=False), nn.GELU(), nn.LayerNorm(b), nn.Linear(b, c),
+        nn.LayerNorm(c), nn.Linear(c, 1, bias=False),
+    ).to(F64)  # fmt: skip
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=F64))
+    x = torch.randn(16, 1, generator=torch.Generator().manual_seed(0), dtype=F64)
+    group = gaugenet.symmetries(model, x)
+    assert not [r for r in group.breakers if "internal error" in r.reason]
+    rot = _rotation(group)
+    (kern,) = [f for f in group.factors if isinstance(f, LayerNormKernelFactor)]
+    assert [m[0] for m in kern.moved_by] == [rot.name]
+    g = group.sample(torch.Generator().manual_seed(1))
+    back = group.act(group.act(model, g), group.inverse(g))
+    for p, q in zip(model.parameters(), back.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
+    assert gaugenet.invariance_error(model, group.act(model, g), x) < 1e-9
+    # negative: without the declaration the inverse misses
+    bare = gaugenet.GaugeGroup(
+        tuple(dataclasses.replace(f, moved_by=()) if f is kern else f for f in group.factors),
+        group.breakers,
+        group.param_names,
+    )
+    back = bare.act(bare.act(model, g), bare.inverse(g))
+    assert (
+        max(float((p - q).abs().max()) for p, q in zip(model.parameters(), back.parameters()))
+        > 1e-3
+    )

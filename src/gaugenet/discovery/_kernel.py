@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from ..groups import AffineFactor, GLFactor, PermutationFactor, TranslationFactor
 from ..groups._algebra import AlgebraFactor, block_moves, unrepeated
 from ..groups._base import AbstractFactor, State
+from ..groups._orthogonal import OrthogonalFactor, RotateBlock, RotateRows
 from ._monomials import unscaled_index
 from ._offset_layernorm import gain_offset
 from ._relink import relink
@@ -261,6 +262,12 @@ def _link_one(k: LayerNormKernelFactor, factors: list) -> LayerNormKernelFactor 
                 s, off = inside[0]
                 moved += block_moves(f.name, t.mode, off + t.offset - s.start, f.d, times, stride)
             continue
+        if isinstance(f, OrthogonalFactor):  # a stream rotation turning the readers' rows
+            turned = _rotation_moves(f, kern.slots, offsets)
+            if turned is None:
+                return None
+            moved += turned
+            continue
         if not hasattr(f, "terms"):
             return None
         m = torch.full((k.n,), unscaled_index(f), dtype=torch.long)
@@ -280,6 +287,35 @@ def _link_one(k: LayerNormKernelFactor, factors: list) -> LayerNormKernelFactor 
         if power is not None:
             scaled.append((f.name, m, power))
     return dataclasses.replace(k, scaled_by=tuple(scaled), moved_by=tuple(moved))
+
+
+def _rotation_moves(f: OrthogonalFactor, slots: list, offsets: list) -> list[tuple] | None:
+    """The `moved_by` declarations of a stream rotation `Q` whose terms turn rows of the
+    kernel's readers (`W ↦ Qᵀ W` on rows `start:stop`): the kernel's vector `u` on those rows
+    becomes `Qᵀ u` (mode `"T"`). `None` when a turned block straddles a slot's rows or turns
+    another axis than the slot's output axis (the kernel is then left out). Turned columns
+    (`(1/γ)ᵀ` conjugated by a rotation that fixes `1`) commute with the kernel."""
+    moved = []
+    for term in f.terms:
+        mine = [(s, off) for s, off in zip(slots, offsets) if s.weight == term.param]
+        if not mine:
+            continue
+        if isinstance(term, RotateRows):
+            start, stop, axis = 0, f.d, 0
+        elif isinstance(term, RotateBlock):
+            start, stop, axis = term.start, term.stop, term.axis
+        else:  # the readers' columns: `1ᵀ` is kept by a rotation fixing it, as before
+            continue
+        inside = [(s, off) for s, off in mine if s.start <= start and stop <= s.stop]
+        if not inside:
+            if all(stop <= s.start or s.stop <= start for s, _ in mine):
+                continue  # rows no slot holds
+            return None
+        s, off = inside[0]
+        if axis != s.out_axis:
+            return None
+        moved.append((f.name, "T", off + start - s.start))
+    return moved
 
 
 def _positions(mine: list[tuple[ReaderSlot, int]], size: int) -> Tensor:
