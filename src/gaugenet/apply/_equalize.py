@@ -99,9 +99,14 @@ def _output_noise(
 
 
 def _step(
-    f: RescalingFactor | GLFactor, state: State, q: set[str], per_channel: bool, normalize: bool
+    f: RescalingFactor | GLFactor,
+    state: State,
+    q: set[str],
+    per_channel: bool,
+    normalize: bool,
+    transposed: set[str] | frozenset[str] = frozenset(),
 ) -> Tensor:
-    alpha = balance(*factor_ranges(f, state, q, per_channel, normalize))
+    alpha = balance(*factor_ranges(f, state, q, per_channel, normalize, transposed))
     if isinstance(f, RescalingFactor):
         return alpha
     return torch.diag_embed(alpha.reshape(f.b, f.d))
@@ -214,7 +219,7 @@ def equalizing_element(
         for _ in range(sweeps):
             improved = False
             for f in factors:
-                a = _step(f, state, q, per_channel, normalize)
+                a = _step(f, state, q, per_channel, normalize, transposed)
                 trial = f.apply(state, a)
                 e_trial = err(trial)
                 if e_trial < e * (1 - 1e-9):

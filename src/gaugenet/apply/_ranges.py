@@ -32,10 +32,12 @@ def _normalized(p: Tensor, per_channel: bool, normalize: bool = True) -> Tensor:
 
 
 def _scale_ranges(
-    t: Scale, state: State, n: int, per_channel: bool, normalize: bool
+    t: Scale, state: State, n: int, per_channel: bool, normalize: bool, transposed: bool
 ) -> Tensor | None:
     p = state[t.param]
     idx = t.index.expand(p.shape)
+    if transposed:  # stored `(in, out)`: its quantizer's rows are the columns
+        p, idx = p.transpose(0, 1), idx.transpose(0, 1)
     if per_channel and p.dim() > 1:
         rows = idx.reshape(p.shape[0], -1)
         # a channel that owns whole rows is absorbed by its row's own quantization step
@@ -47,17 +49,14 @@ def _scale_ranges(
 
 
 def _mat_ranges(
-    t, state: State, b: int, d: int, per_channel: bool, normalize: bool
+    t, state: State, b: int, d: int, per_channel: bool, normalize: bool, transposed: bool
 ) -> Tensor | None:
-    p = state[t.param]
-    if per_channel and t.axis == 0:
+    p, axis = state[t.param], t.axis
+    if transposed:  # stored `(in, out)`: its quantizer's rows are the columns
+        p, axis = p.transpose(0, 1), 1 - axis
+    if per_channel and axis == 0:
         return None
-    a = (
-        _normalized(p, per_channel, normalize)
-        .movedim(t.axis, 0)
-        .reshape(p.shape[t.axis], -1)
-        .amax(1)
-    )
+    a = _normalized(p, per_channel, normalize).movedim(axis, 0).reshape(p.shape[axis], -1).amax(1)
     return a[t.index(b, d).reshape(-1)]  # blocks strided or on listed rows too
 
 
@@ -67,9 +66,11 @@ def factor_ranges(
     quantized: set[str],
     per_channel: bool,
     normalize: bool = True,
+    transposed: set[str] | frozenset[str] = frozenset(),
 ) -> tuple[Tensor, Tensor]:
     """Largest normalized range of each channel over the quantized tensors the factor scales
-    up (`power > 0`) and down (`power < 0`).
+    up (`power > 0`) and down (`power < 0`). A weight named in `transposed` is stored
+    `(in, out)` (`transposed_params`): its quantizer's output channels are its columns.
 
     **Returns:** `(up, down)`, each `(n,)` (rescaling) or `(b·d,)` (GL, head-major); `0`
     where no quantized tensor is scaled that way.
@@ -81,10 +82,14 @@ def factor_ranges(
         if isinstance(t, BatchNormShift) or t.param not in quantized:
             continue  # norms and biases stay in float: they cost nothing to rescale
         if isinstance(t, Scale):
-            r, power = _scale_ranges(t, state, factor.n, per_channel, normalize), t.power
+            flip = t.param in transposed
+            r = _scale_ranges(t, state, factor.n, per_channel, normalize, flip)
+            power = t.power
         else:
             r, power = (
-                _mat_ranges(t, state, factor.b, factor.d, per_channel, normalize),
+                _mat_ranges(
+                    t, state, factor.b, factor.d, per_channel, normalize, t.param in transposed
+                ),
                 _GL_POWER[t.mode],
             )
         if r is None or power == 0:

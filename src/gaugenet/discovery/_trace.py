@@ -87,7 +87,21 @@ def trace(model: nn.Module, n_inputs: int) -> fx.GraphModule:
             f"cannot capture {type(model).__name__} as a graph with torch.fx: "
             f"{type(exc).__name__}: {exc}"
         ) from exc
+    _aten_products(graph)
     return fx.GraphModule(tracer.root, graph)
+
+
+def _aten_products(graph: fx.Graph) -> None:
+    """`torch.addmm` / `torch.mm` calls (GPT-2's `Conv1D` as fx records it) as the aten ops
+    `torch.export` records, which the rules and the linear-map queries read (`addmm` with
+    `beta` or `alpha` is left as it is: its rule would not see the factors)."""
+    products = ((torch.addmm, torch.ops.aten.addmm.default), (torch.mm, torch.ops.aten.mm.default))
+    for n in graph.nodes:
+        if n.op != "call_function" or n.kwargs:
+            continue
+        for fn, op in products:
+            if n.target is fn:
+                n.target = op
 
 
 def default_inputs(model: nn.Module) -> tuple[torch.Tensor, ...]:

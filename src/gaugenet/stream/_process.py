@@ -120,7 +120,7 @@ def _equalized(
         for _ in range(20):
             improved = False
             for f in factors:
-                trial = f.apply(state, _step(f, state, q, per_channel, normalize))
+                trial = f.apply(state, _step(f, state, q, per_channel, normalize, transposed))
                 e_trial = err(trial)
                 if e_trial < e * (1 - 1e-9):
                     state, e, improved = trial, e_trial, True
