@@ -27,6 +27,7 @@ from ._linear_streams import StreamShiftFactor, fix_stream_labels, linear_stream
 from ._meta import is_meta, meta_call, unchecked
 from ._numeric_norms import traced_numeric_norms
 from ._offset import link_offsets, settle_offsets
+from ._param_linear import param_linears
 from ._propagate import Propagator
 from ._rms_norm import expand_rms_norms
 from ._score_shift import score_bias_shifts
@@ -186,6 +187,7 @@ def _discover_graph(model: nn.Module, call: Call, rows: bool) -> GaugeGroup:
         # functional LayerNorms are analyzed as the `nn.LayerNorm`s they compute: through a
         # view of the model holding those (same parameters, same names)
         model = with_modules(model, gm.layer_norms)
+    param_linears(gm, model)  # `x @ W.T`, `F.linear(x, W)` on parameters: `aten.linear`
     expand_rms_norms(gm, model)  # `nn.RMSNorm`'s one call, as the operations it computes
     drop_dead(gm)  # results no output reads: they break nothing and read nothing
     unread = unread_entries(gm, model, rows=rows)

@@ -15,6 +15,7 @@ from torch import Tensor, fx, nn
 
 from ...groups import AffineFactor, AffineTerm, GLFactor, MatTerm
 from .._labels import ZERO
+from .._param_linear import right_product
 from ._common import Pair, Unsupported, broadcast_channels, fixed, scale_reps
 from ._examples import batch, seeded, token_ids
 from ._rule import Example, Rule
@@ -119,29 +120,56 @@ def affine_layer(
 def matmul_param(prop: Propagator, n: fx.Node, out: Tensor) -> Pair:
     """`addmm(b, x, W)` / `mm(x, W)` with parameters `W` (`(in, out)`, as GPT-2's Conv1D)
     and `b`: a linear layer in the paper's orientation."""
-    L = prop.L
     addmm = n.target is torch.ops.aten.addmm.default
     bias_node, x, w_node = n.args if addmm else (None, *n.args)
     wname = prop.param_name(w_node)
     bname = prop.param_name(bias_node) if addmm else None
     if n.kwargs or wname is None or (addmm and bname is None):
         raise Unsupported("matrix product with computed operands or coefficients")
+    return _param_product(prop, n, x, wname, bname, 1, out)
+
+
+def linear_param(prop: Propagator, n: fx.Node, out: Tensor) -> Pair:
+    """`aten.linear(x, W[, b])` on parameters `W` (`(out, in)`) and `b`, or
+    `right_product(x, W)` with `W` `(in, out)`: a linear map written in `forward` (`x @ W.T`,
+    `F.linear(x, W, b)`, `x @ W`; `_param_linear.py` rewrites the forms)."""
+    x, w_node, *rest = n.args
+    bias_node = rest[0] if rest else None
+    wname = prop.param_name(w_node)
+    bname = prop.param_name(bias_node) if bias_node is not None else None
+    if n.kwargs or wname is None or (bias_node is not None and bname is None):
+        raise Unsupported("linear map with computed weights or bias")
+    out_axis = 0 if n.target is torch.ops.aten.linear.default else 1
+    return _param_product(prop, n, x, wname, bname, out_axis, out)
+
+
+def _param_product(
+    prop: Propagator, n: fx.Node, x: Any, wname: str, bname: str | None, out_axis: int, out
+) -> Pair:
+    """A linear layer `x ↦ x W' + b` on the last axis of `x`, with the weight parameter
+    `wname` holding its outputs on `out_axis` (1 for `(in, out)`, 0 for `(out, in)`)."""
+    L = prop.L
     lab = prop.lab(x)
     if lab is None:
         raise Unsupported("matrix product of an unlabeled input")
     s, p = lab
     module = wname.rpartition(".")[0]
+    in_axis = 1 - out_axis
     prop.use_param(wname, n.name)
-    L.scale_terms.append((wname, scale_reps(L, s, -1).reshape(-1, 1), -1))
+
+    def along(v: Tensor, axis: int) -> Tensor:
+        return v.reshape(-1, 1) if axis == 0 else v.reshape(1, -1)
+
+    L.scale_terms.append((wname, along(scale_reps(L, s, -1), in_axis), -1))
     pcols = L.per_channel(p, -1)
     if all(len(c) <= 1 for c in pcols):
         ids = torch.tensor([int(c[0]) if len(c) else ZERO for c in pcols])
-        L.perm_terms.append((wname, 0, ids))
+        L.perm_terms.append((wname, in_axis, ids))
     else:
-        L.fix_perms(p, module, "mixed channels into a matrix product")
-    fresh = L.fresh(out.shape[-1], module)
-    L.scale_terms.append((wname, fresh.reshape(1, -1), 1))
-    L.perm_terms.append((wname, 1, fresh))
+        L.fix_perms(p, module or wname, "mixed channels into a matrix product")
+    fresh = L.fresh(out.shape[-1], module or wname)
+    L.scale_terms.append((wname, along(fresh, out_axis), 1))
+    L.perm_terms.append((wname, out_axis, fresh))
     L.links.append((fresh, fresh))
     if bname is not None:
         prop.use_param(bname, n.name)
@@ -224,6 +252,18 @@ class _Conv1D(nn.Module):
         return torch.mm(h, self.w2)
 
 
+class _ParamLinear(nn.Module):
+    """A ReLU MLP written in `forward` on raw parameters: `relu(x @ W1.T + b1) @ W2.T`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1, self.b1 = nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.randn(4))
+        self.w2 = nn.Parameter(torch.randn(2, 4))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.relu(x @ self.w1.T + self.b1) @ self.w2.T
+
+
 def _transposed() -> tuple[nn.Module, Any]:
     model = seeded(
         lambda: nn.Sequential(
@@ -279,6 +319,13 @@ RULES = (
         matmul_param,
         (Example(lambda: (seeded(_Conv1D), batch(64, 3)), 4, "one scale per hidden unit: 4"),),
         functions=(torch.ops.aten.addmm.default, torch.ops.aten.mm.default),
+    ),
+    Rule(
+        "parameter linear map",
+        "linear",
+        linear_param,
+        (Example(lambda: (seeded(_ParamLinear), batch(64, 3)), 4, "one scale per hidden unit: 4"),),
+        functions=(torch.ops.aten.linear.default, right_product),
     ),
     Rule(
         "embedding",
