@@ -35,6 +35,7 @@ from torch import Tensor
 
 from ..groups._base import State
 from ..groups._orthogonal import complement_basis
+from ._value_rows import ValueRows
 
 __all__ = ["AlongOne", "centered_columns", "one_dimensional_kernel"]
 
@@ -65,37 +66,18 @@ def one_dimensional_kernel(M: Tensor) -> bool:
 
 
 @dataclass(frozen=True)
-class AlongOne:
+class AlongOne(ValueRows):
     """`W_v[rows] += (t/s) V ⊗ (1/γ)` (module docstring); the element `t` is `(1,)`.
 
-    Fields as `ValueRowShift`'s, without a bias: `weight`, `axis`, `weight_offset` name the
+    Fields as `ValueRows`'s, with `block` rows per key-value head and `repeat` query heads
+    reading each; no bias takes anything back: `weight`, `axis`, `weight_offset` name the
     output projection's columns that `V` is built from."""
 
-    value: str
-    value_axis: int
-    rows: tuple[int, ...]
-    ln: str
-    ln_weight: bool
-    ln_offset: float
-    weight: str
-    axis: int
-    weight_offset: int
     block: int
     repeat: int = 1
     #: `V` is built from `P W`, the centered part of the output projection alone (so the
     #: centered-output factor of that projection keeps it, `_centering.py`)
     center: bool = True
-
-    def coordinates(self, state: State, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """`1/γ` `(features,)` and `s = Σ β/γ`."""
-        beta = state[f"{self.ln}.bias"].to(dtype)
-        gamma = (
-            state[f"{self.ln}.weight"].to(dtype) + self.ln_offset
-            if self.ln_weight
-            else torch.ones_like(beta)
-        )
-        inv = 1 / gamma
-        return inv, (beta * inv).sum()
 
     def direction(self, state: State, dtype: torch.dtype) -> Tensor:
         """`V`, `(rows,)`."""
@@ -126,16 +108,9 @@ class AlongOne:
         return torch.linalg.solve(G, x.reshape(h, self.block, 1)).reshape(-1)
 
     def __call__(self, new: State, t: Tensor) -> None:
-        W = new[self.value]
-        dtype = W.dtype
-        inv, s = self.coordinates(new, dtype)
-        u = t.to(dtype).reshape(()) * self.direction(new, dtype)
-        rows = W if self.value_axis == 0 else W.T
-        idx = torch.tensor(self.rows, dtype=torch.long)
-        rows = rows.index_add(0, idx, (u / s)[:, None] * inv[None, :])
-        new[self.value] = rows if self.value_axis == 0 else rows.T
+        dtype = new[self.value].dtype
+        self.add_to_values(new, t.to(dtype).reshape(()) * self.direction(new, dtype))
 
     def touched(self) -> tuple[str, ...]:
         """The parameters it writes (`value`) or reads (the others)."""
-        ln = [f"{self.ln}.weight"] * self.ln_weight + [f"{self.ln}.bias"]
-        return (self.value, self.weight, *ln)
+        return (self.value, self.weight, *self.ln_params())

@@ -50,6 +50,7 @@ from ._linear import Linear, keeps_last_axis
 from ._offset_layernorm import effective_gain, gain_offset
 from ._ops import graph_users, passes_input
 from ._value_row_one import AlongOne, centered_columns, one_dimensional_kernel
+from ._value_rows import ValueRows
 
 __all__ = [
     "ValueRowShift",
@@ -68,53 +69,22 @@ _ADD = {torch.add, operator.add, operator.iadd, torch.ops.aten.add.Tensor}
 
 
 @dataclass(frozen=True)
-class ValueRowShift:
+class ValueRowShift(ValueRows):
     """`W_v[rows] += (u/s) ⊗ (1/γ)` and `bias −= W_o u` (module docstring).
 
-    - `value`: the value projection's weight, `value_axis` its axis over outputs; `rows`:
-      the value rows in element order (key-value heads, `block` rows each).
-    - `ln`: the LayerNorm the projection reads; `ln_weight`: it has `γ` (read as
-      `weight + ln_offset`); its `β` is required.
-    - `weight`, `axis`, `weight_offset`: the output projection's weight, its input axis and
-      the first column the values reach; `bias`: the bias that takes `W_o u` back;
-      `center`: that compensation projected off `1` (`_centering.py`).
-    - `repeat`: query heads reading each key-value head (their columns of `W_o` in turn).
+    Fields as `ValueRows`'s, and `bias`: the bias that takes `W_o u` back; `block`: rows
+    per key-value head; `repeat`: query heads reading each key-value head (their columns
+    of `W_o` in turn); `center`: that compensation projected off `1` (`_centering.py`).
     """
 
-    value: str
-    value_axis: int
-    rows: tuple[int, ...]
-    ln: str
-    ln_weight: bool
-    ln_offset: float
-    weight: str
-    axis: int
-    weight_offset: int
     bias: str
     block: int
     repeat: int = 1
     center: bool = False
 
-    def coordinates(self, state: State, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """`1/γ` `(features,)` and `s = Σ β/γ` (a scalar tensor)."""
-        beta = state[f"{self.ln}.bias"].to(dtype)
-        gamma = (
-            state[f"{self.ln}.weight"].to(dtype) + self.ln_offset
-            if self.ln_weight
-            else torch.ones_like(beta)
-        )
-        inv = 1 / gamma
-        return inv, (beta * inv).sum()
-
     def __call__(self, new: State, u: Tensor) -> None:
-        W = new[self.value]
-        dtype = W.dtype
-        inv, s = self.coordinates(new, dtype)
-        u = u.to(dtype)
-        rows = W if self.value_axis == 0 else W.T
-        idx = torch.tensor(self.rows, dtype=torch.long)
-        rows = rows.index_add(0, idx, (u / s)[:, None] * inv[None, :])
-        new[self.value] = rows if self.value_axis == 0 else rows.T
+        self.add_to_values(new, u)
+        u = u.to(new[self.value].dtype)
         if self.repeat > 1:
             u = u.reshape(-1, self.block).repeat_interleave(self.repeat, 0).reshape(-1)
         w = new[self.weight].narrow(self.axis, self.weight_offset, u.shape[0])
@@ -125,8 +95,7 @@ class ValueRowShift:
         new[self.bias] = b - change.to(b.dtype)
 
     def touched(self) -> tuple[str, ...]:
-        ln = [f"{self.ln}.weight"] * self.ln_weight + [f"{self.ln}.bias"]
-        return (self.value, self.weight, self.bias, *ln)
+        return (self.value, self.weight, self.bias, *self.ln_params())
 
 
 @dataclass(eq=False)
@@ -261,20 +230,7 @@ def value_row_shift(
     bias = absorbing_bias(po, root, values)
     if bias is None:
         return _along_one(name, lin, rows, ln, m, po, o_off, dv, rep, modules, root)
-    term = ValueRowShift(
-        lin.weight,
-        lin.out_axis,
-        rows,
-        ln,
-        getattr(m, "weight", None) is not None,
-        gain_offset(m),
-        po.weight,
-        po.in_axis,
-        o_off,
-        bias,
-        dv,
-        rep,
-    )
+    term = ValueRowShift(*_rows_of(lin, rows, ln, m, po, o_off), bias, dv, rep)
     mods = tuple(dict.fromkeys([*modules, ln, bias.rpartition(".")[0]]))
     return [
         ValueRowShiftFactor(
@@ -285,6 +241,16 @@ def value_row_shift(
             modules=mods,
         )
     ]
+
+
+def _rows_of(
+    lin: Linear, rows: tuple[int, ...], ln: str, m: nn.Module, po: Linear, o_off: int
+) -> tuple:
+    """`ValueRows`' fields, in order: the value projection `lin`'s `rows`, the LayerNorm
+    `m` at `ln` they read, and the output projection `po`'s columns from `o_off`."""
+    has_gain = getattr(m, "weight", None) is not None
+    return (lin.weight, lin.out_axis, rows, ln, has_gain, gain_offset(m), po.weight,
+            po.in_axis, o_off)  # fmt: skip
 
 
 def _along_one(
@@ -309,19 +275,7 @@ def _along_one(
     M = centered_columns(W, po.in_axis, o_off, len(rows), dv, rep)
     if not one_dimensional_kernel(M):
         return []
-    term = AlongOne(
-        lin.weight,
-        lin.out_axis,
-        rows,
-        ln,
-        getattr(m, "weight", None) is not None,
-        gain_offset(m),
-        po.weight,
-        po.in_axis,
-        o_off,
-        dv,
-        rep,
-    )
+    term = AlongOne(*_rows_of(lin, rows, ln, m, po, o_off), dv, rep)
     mods = tuple(dict.fromkeys([*modules, ln]))
     return [ValueRowShiftFactor(f"{name}.value_row_shift", 1, terms=(term,), modules=mods)]
 
