@@ -289,7 +289,7 @@ def _core_factors(
     names = [pq.name, pk.name, pv.name, po.name]
     prefix = _common_prefix(names)
     modules = tuple(dict.fromkeys(names))
-    covered = {p.name for p in (pq, pk, pv) if not isinstance(p.lin, Gain)}
+    covered = {p.lin.tag for p in (pq, pk, pv) if not isinstance(p.lin, Gain)}
     # the score matrices P_ts = M_tᵀ N_s, per head
     P = torch.einsum("htij,hsik->htsjk", pq.maps.double(), k_maps.double())
     P = P.reshape(H * T * T, dh, dh)
@@ -302,7 +302,7 @@ def _core_factors(
             return Slot(p.lin.weight, p.offset, p.lin.bias, p.offset)
 
         lay = HeadLayout(
-            prefix,
+            prefix or _label(pq),
             H,
             dh,
             dv,
@@ -327,7 +327,7 @@ def _core_factors(
             # a position bias that differs between heads: permuting heads would need it too
             fs = [f for f in fs if not isinstance(f, HeadPermFactor)]
         return fs, covered, pk, []
-    name = prefix or pq.name
+    name = prefix or _label(pq)
 
     # query-key: per key-value group, in the commutant of the score maps; only its diagonal
     # part where a gain (a normalization) feeds the queries or keys (`_attention_gain.py`)
@@ -426,8 +426,8 @@ def _value_output_only(core: _Core, root: nn.Module, values: dict) -> tuple[list
     if not _scalar_maps(v_maps):
         raise Skip("values are transformed (rotated) before the attention")
     modules = tuple(dict.fromkeys([pv.name, po.name]))
-    name = _common_prefix([pv.name, po.name]) or pv.name
-    return _value_output(name, pv, po, o_off, hkv, rep, modules, root, values), {pv.name}
+    name = _common_prefix([pv.name, po.name]) or _label(pv)
+    return _value_output(name, pv, po, o_off, hkv, rep, modules, root, values), {pv.lin.tag}
 
 
 def _per_query_head(p: Proj, H: int, repeat: bool) -> tuple[Tensor, Tensor]:
@@ -500,7 +500,7 @@ def _with_value_row_shift(
     head permutations."""
     vo = next(f for f in fs if f.name == lay.name("vo"))
     extra = value_row_shift(
-        lay.prefix or pv.name, pv, po, o_off, lay.heads, 1, vo, modules, root, values
+        lay.prefix or _label(pv), pv, po, o_off, lay.heads, 1, vo, modules, root, values
     )
     if not extra:
         return fs
@@ -678,6 +678,12 @@ def _per_head_scores(core: _Core, values: dict, heads: int, folded: bool = False
     `folded`."""
     rows = int(values[core.q].shape[0]) if folded else 0
     return any(head_varying(values.get(a), heads, rows) for a in core.added)
+
+
+def _label(p: Proj) -> str:
+    """A projection's name for the factors of its core when the maps share no module: its
+    module, or its weight's name when the weight sits at the model's root (`x @ W_q`)."""
+    return getattr(p.lin, "tag", None) or p.name
 
 
 def _common_prefix(names: list[str]) -> str:

@@ -78,6 +78,8 @@ def evaluate(
     `keep64`: casts and copies of a float64 value pass it on unchanged (no float32 inside)."""
     env = {} if env is None else env
     env[stop] = z
+    if not nodes:  # the projection feeds the core directly
+        return z
 
     def look(a: Any) -> Any:
         return fx.node.map_arg(a, lambda x: env[x] if x in env else values[x])

@@ -16,6 +16,7 @@ import torch
 from torch import fx, nn
 
 from ._ops import graph_users
+from ._param_linear import right_product
 
 __all__ = [
     "Linear",
@@ -29,6 +30,7 @@ __all__ = [
 aten = torch.ops.aten
 _RESHAPES = {aten.reshape.default, aten.view.default, torch.reshape}
 _MATMULS = (aten.addmm.default, aten.mm.default)
+_PARAM_LINEARS = (aten.linear.default, right_product)
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,12 @@ class Linear:
         return self.weight.rpartition(".")[0]
 
     @property
+    def tag(self) -> str:
+        """What the rules tag its output channels with: its module, or the weight's own
+        name for a parameter of the model's root (`_labels.Labels.fresh`)."""
+        return self.name or self.weight
+
+    @property
     def in_axis(self) -> int:
         return 1 - self.out_axis
 
@@ -63,6 +71,8 @@ class Linear:
         """The node whose value the map multiplies (`x` of `x Wᵀ` or `addmm(b, x, W)`)."""
         if self.node.op == "call_module":
             return self.node.args[0] if self.node.args else None
+        if self.node.target in _PARAM_LINEARS:
+            return self.node.args[0]
         return self.node.args[-2]
 
 
@@ -85,6 +95,17 @@ def as_linear(n: fx.Node, root: nn.Module) -> Linear | None:
             return None
         b = f"{n.target}.bias" if m.bias is not None else None
         return Linear(n, f"{n.target}.weight", b, 0)
+    if n.op == "call_function" and n.target in _PARAM_LINEARS and not n.kwargs:
+        # `aten.linear(x, W[, b])` (`W` `(out, in)`) or `right_product(x, W)` (`(in, out)`)
+        # on parameters: the forms `_param_linear.py` rewrites
+        w, b = n.args[1], n.args[2] if len(n.args) > 2 else None
+        wname = param_name(w, root)
+        bname = param_name(b, root) if b is not None else None
+        if wname is None or (b is not None and bname is None):
+            return None
+        if root.get_parameter(wname).ndim != 2:
+            return None
+        return Linear(n, wname, bname, 0 if n.target is aten.linear.default else 1)
     if n.op == "call_function" and n.target in _MATMULS:
         if n.kwargs:
             return None
