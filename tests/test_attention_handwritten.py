@@ -92,3 +92,30 @@ def test_two_layers_on_raw_parameters_name_their_factors_apart():
     assert gaugenet.certify(model, x).unexplained == 0
     g = group.sample(torch.Generator().manual_seed(4))
     assert gaugenet.invariance_error(model, group.act(model, g), x) < 1e-12
+
+
+class _Eq35(nn.Module):
+    """Eq. (35) as printed: the attention's output is the model's (no `W_o` reads it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.wq, self.wk, self.wv = (
+            nn.Parameter(torch.randn(D, DH, generator=g, dtype=F64)) for _ in range(3)
+        )
+
+    def forward(self, x):
+        scores = (x @ self.wq) @ (x @ self.wk).transpose(-1, -2)
+        return torch.softmax(scores, -1) @ (x @ self.wv)
+
+
+def test_query_key_gl_without_an_output_projection():
+    """The core's output reaches no projection: the query-key `GL` alone is derived (the
+    value-output part is named as not analyzed) and nothing is left unexplained."""
+    model, x = _Eq35(), _x()
+    group = gaugenet.symmetries(model, x)
+    assert [(f.name, f.dim) for f in group.factors] == [("wq.qk", DH * DH)]
+    assert any("value-output part" in str(b) for b in group.breakers)
+    assert gaugenet.certify(model, x).unexplained == 0
+    g = group.sample(torch.Generator().manual_seed(5))
+    assert gaugenet.invariance_error(model, group.act(model, g), x) < 1e-12

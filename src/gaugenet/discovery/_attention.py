@@ -116,10 +116,15 @@ def attention_from_graph(
             why = f"attention pattern not analyzed: {exc}"
             try:  # the values and output alone (the scores are whatever they are)
                 fs, names = _value_output_only(core, root, values)
+                part = "query-key"
             except Skip:
-                breakers.append(Breaker(core.out.name, why))
-                continue
-            breakers.append(Breaker(core.out.name, f"query-key part of the {why}"))
+                try:  # the scores alone (whatever reads the values)
+                    fs, names = _query_key_only(core, root, values)
+                    part = "value-output"
+                except Skip:
+                    breakers.append(Breaker(core.out.name, why))
+                    continue
+            breakers.append(Breaker(core.out.name, f"{part} part of the {why}"))
             factors += fs + _untraced_norm_kernels(core, root, values)
             covered |= names
             continue
@@ -428,6 +433,32 @@ def _value_output_only(core: _Core, root: nn.Module, values: dict) -> tuple[list
     modules = tuple(dict.fromkeys([pv.name, po.name]))
     name = _common_prefix([pv.name, po.name]) or _label(pv)
     return _value_output(name, pv, po, o_off, hkv, rep, modules, root, values), {pv.lin.tag}
+
+
+def _query_key_only(core: _Core, root: nn.Module, values: dict) -> tuple[list, set[str]]:
+    """The query-key `GL` of a core whose output the analysis cannot trace to a projection
+    (eq. (35) as printed: the attention's output is the model's): the scores read only the
+    queries and keys, so `W_q ↦ W_q A`, `W_k ↦ W_k A⁻ᵀ` per key-value group, in the
+    commutant of the score maps, keeps them whatever reads the output. No head permutations
+    (they would move the output's heads too), no gains (`_attention_gain.py` needs the
+    whole core)."""
+    folded = _folded([values[n] for n in (core.q, core.k, core.v, core.out)])
+    pq = trace_input(core.q, root, values, folded=folded)
+    pk = trace_input(core.k, root, values, folded=folded)
+    if isinstance(pq.lin, Gain) or isinstance(pk.lin, Gain):
+        raise Skip("queries or keys go through a gain")
+    H, T, dh = pq.maps.shape[0], pq.maps.shape[1], pq.maps.shape[-1]
+    if not torch.equal(pq.source_head, torch.arange(H)):
+        raise Skip("query heads are not the projection's blocks in order")
+    kv_of, k_maps = _per_query_head(pk, H, core.gqa or (H > 1 and pk.maps.shape[0] == 1))
+    hkv, rep = _groups(kv_of, H)
+    P = torch.einsum("htij,hsik->htsjk", pq.maps.double(), k_maps.double())
+    basis = commutant_basis(P.reshape(H * T * T, dh, dh))
+    modules = tuple(dict.fromkeys([pq.name, pk.name]))
+    name = _common_prefix([pq.name, pk.name]) or _label(pq)
+    terms = _proj_terms(pq, "T", rep) + _proj_terms(pk, "inv")
+    qk = AlgebraFactor(f"{name}.qk", dh, hkv, basis=basis, terms=tuple(terms), modules=modules)
+    return [qk], {pq.lin.tag, pk.lin.tag}
 
 
 def _per_query_head(p: Proj, H: int, repeat: bool) -> tuple[Tensor, Tensor]:
