@@ -119,3 +119,61 @@ def test_query_key_gl_without_an_output_projection():
     assert gaugenet.certify(model, x).unexplained == 0
     g = group.sample(torch.Generator().manual_seed(5))
     assert gaugenet.invariance_error(model, group.act(model, g), x) < 1e-12
+
+
+class _Relu(nn.Module):
+    """ReLU attention (eq. (35) with a positively homogeneous `φ`), `heads` heads from one
+    fused projection with biases, or one head on separate `nn.Linear`s."""
+
+    def __init__(self, heads: int = 0, masked: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.heads, self.masked = heads, masked
+        if heads:
+            self.qkv = nn.Linear(D, 3 * D, dtype=F64)
+            self.o = nn.Linear(D, D, dtype=F64)
+        else:
+            self.q, self.k, self.v = (nn.Linear(D, DH, bias=False, dtype=F64) for _ in range(3))
+            self.o = nn.Linear(DH, D, bias=False, dtype=F64)
+
+    def forward(self, x):
+        if not self.heads:
+            s = self.q(x) @ self.k(x).transpose(-1, -2) / 2.0
+            if self.masked:  # a bias added to the scores: relu(α s + m) ≠ α relu(s + m)
+                s = s + torch.linspace(-1.0, 1.0, x.shape[1], dtype=F64)
+            return x + self.o(torch.relu(s) @ self.v(x))
+        B, T, _ = x.shape
+        q, k, v = (
+            t.reshape(B, T, self.heads, -1).transpose(1, 2) for t in self.qkv(x).split(D, -1)
+        )
+        a = torch.relu(q @ k.transpose(-1, -2))
+        return self.o((a @ v).transpose(1, 2).reshape(B, T, D))
+
+
+@pytest.mark.parametrize("heads", [0, 2], ids=["one head", "two heads, biases"])
+def test_relu_attention_has_the_alpha_of_eq37(heads):
+    model, x = _Relu(heads), _x()
+    group = gaugenet.symmetries(model, x)
+    kinds = {f.name.rsplit(".", 1)[-1]: f.dim for f in group.factors}
+    h, dh = max(heads, 1), (D // heads if heads else DH)
+    assert kinds["qk"] == kinds["vo"] == h * dh * dh
+    assert kinds["alpha"] == h
+    assert "key_shift" not in kinds and "value_shift" not in kinds  # rows do not sum to one
+    assert gaugenet.certify(model, x).unexplained == 0
+    g = group.sample(torch.Generator().manual_seed(6))
+    assert gaugenet.invariance_error(model, group.act(model, g), x) < 1e-12
+
+
+def test_relu_scores_with_an_added_bias_have_no_alpha():
+    """Negative: a bias added to the scores does not scale with them, so no `α` is offered
+    (the two `GL`s, which keep the scores, are); scaling `W_k` by 2 and `W_v` by 1/2
+    changes the output."""
+    model, x = _Relu(masked=True), _x()
+    group = gaugenet.symmetries(model, x)
+    assert sorted(f.name for f in group.factors) == ["q.heads", "q.qk", "q.vo"]
+    moved = _Relu(masked=True)
+    with torch.no_grad():
+        moved.k.weight.mul_(2.0)
+        moved.v.weight.div_(2.0)
+    assert gaugenet.invariance_error(model, moved, x) > 1e-3
+    assert gaugenet.certify(model, x).unexplained == 0

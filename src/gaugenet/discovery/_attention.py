@@ -39,7 +39,7 @@ from ..attention._factors import (
     attention_factors,
 )
 from ..attention._layout import HeadLayout, Slot
-from ..groups import Breaker, MatTerm, PermTerm, PermutationFactor
+from ..groups import Breaker, MatTerm, PermTerm, PermutationFactor, RescalingFactor, Scale
 from ..groups._algebra import AlgebraFactor, Repeat, commutant_basis
 from ..groups._free import FreeRows
 from ..groups._translation import Shift
@@ -64,6 +64,7 @@ __all__ = ["attention_from_graph", "drop_key_compensation", "key_bias_rows"]
 aten = torch.ops.aten
 _SDPA = {F.scaled_dot_product_attention, aten.scaled_dot_product_attention.default}
 _SOFTMAX = {torch.softmax, F.softmax, aten.softmax.int, aten._softmax.default}
+_RELU = {torch.relu, F.relu, aten.relu.default}
 _MATMUL = {torch.matmul, operator.matmul, aten.matmul.default, torch.bmm, aten.bmm.default}
 #: single-input operations allowed between the scores and the softmax (scaling, masking, casts)
 _SCORE_OPS = {
@@ -91,6 +92,10 @@ class _Core:
     #: elementwise nonlinear maps of the scores before the softmax (soft-capping's `tanh`,
     #: see `_score_maps.py`): no constant per query passes them, so no key shift
     mapped: tuple[str, ...] = ()
+    #: the map of the scores: `"softmax"` over keys; `"relu"` of a scaled product (eq. (35)
+    #: with a positively homogeneous `φ`: the `α` of eq. (37)); `"map"`: a ReLU of scores
+    #: with something added (no `α`). Neither ReLU has shifts: its rows do not sum to one.
+    phi: str = "softmax"
 
 
 def attention_from_graph(
@@ -133,8 +138,8 @@ def attention_from_graph(
         # a constant on the projection's key rows stays one constant on every key only
         # when the map to the core is the same at every token (not under rotary), and the
         # softmax removes it only when no nonlinear map of the scores comes first
-        if isinstance(pk.lin, Gain):  # no key rows of a projection: nothing to settle
-            continue
+        if isinstance(pk.lin, Gain) or core.phi != "softmax":
+            continue  # no key rows of a projection, or no softmax to remove a constant
         same = torch.allclose(pk.maps, pk.maps[:, :1].expand_as(pk.maps))
         if pk.regular and pk.stride == 1 and same and not core.mapped:
             width = pk.maps.shape[0] * pk.maps.shape[-1]
@@ -159,6 +164,13 @@ def _cores(gm: fx.GraphModule, values: dict[fx.Node, Any]) -> list[_Core]:
             core = _manual_core(n, values, gm)
             if core is not None:
                 out.append(core)
+        elif n.target in _RELU and len(n.args) == 1 and not n.kwargs:
+            core = _manual_core(n, values, gm)
+            # `relu(α s) = α relu(s)` only for scores that are a scaled product: a mask or
+            # bias added, or a map of the scores, does not scale with them (no `α` then)
+            if core is not None:
+                homogeneous = not core.added and not core.mapped
+                out.append(dataclasses.replace(core, phi="relu" if homogeneous else "map"))
     return out
 
 
@@ -301,7 +313,11 @@ def _core_factors(
     basis = commutant_basis(P)
     axes = {p.lin.out_axis for p in (pq, pk, pv)} | {po.in_axis ^ 1}
     plain = all(p.regular and p.stride == 1 for p in (pq, pk, pv))
-    if basis is None and hkv == H and len(axes) == 1 and plain and not gains:
+    layout = basis is None and hkv == H and len(axes) == 1 and plain and not gains
+    softmax = core.phi == "softmax"
+    if core.phi == "relu" and not layout:
+        raise Skip("ReLU scores outside one plain block per head (the α is written for that)")
+    if layout:
 
         def slot(p: Proj) -> Slot:
             return Slot(p.lin.weight, p.offset, p.lin.bias, p.offset)
@@ -322,17 +338,20 @@ def _core_factors(
         fs = attention_factors(
             lay,
             shapes,
-            softmax=True,
-            homogeneous=False,
+            softmax=softmax,
+            homogeneous=core.phi == "relu",
             modules=modules,
-            key_shift=not core.mapped,
+            key_shift=softmax and not core.mapped,
         )
-        fs = _with_value_row_shift(fs, lay, pv, po, o_off, modules, root, values)
+        if softmax:  # the value-row shift needs rows of weights that sum to one
+            fs = _with_value_row_shift(fs, lay, pv, po, o_off, modules, root, values)
         if _per_head_scores(core, values, H, folded):
             # a position bias that differs between heads: permuting heads would need it too
             fs = [f for f in fs if not isinstance(f, HeadPermFactor)]
         return fs, covered, pk, []
     name = prefix or _label(pq)
+    if gains and not softmax:
+        raise Skip("ReLU scores read through a gain (a normalization)")
 
     # query-key: per key-value group, in the commutant of the score maps; only its diagonal
     # part where a gain (a normalization) feeds the queries or keys (`_attention_gain.py`)
@@ -346,6 +365,8 @@ def _core_factors(
             f"{name}.qk", dh, hkv, basis=basis, terms=tuple(qk_terms), modules=modules
         )
     vo, *shifts = _value_output(name, pv, po, o_off, hkv, rep, modules, root, values)
+    if not softmax:  # value shifts need rows of weights that sum to one
+        shifts = []
     # a nonlinear map of the scores before the softmax (soft-capping) keeps no constant
     if gains:  # head permutations are not derived through gains
         return (
@@ -359,8 +380,9 @@ def _core_factors(
             pk,
             [],
         )
-    sel = None if core.mapped else _constant_key_coords(P.reshape(H, T, T, dh, dh))
-    shifts += _key_shift(name, pk, sel, hkv, qk, modules)
+    sel = None if core.mapped or not softmax else _constant_key_coords(P.reshape(H, T, T, dh, dh))
+    if softmax:
+        shifts += _key_shift(name, pk, sel, hkv, qk, modules)
     perms = []
     if not _per_head_scores(core, values, H, folded):
         perms = _group_permutations(
@@ -432,7 +454,10 @@ def _value_output_only(core: _Core, root: nn.Module, values: dict) -> tuple[list
         raise Skip("values are transformed (rotated) before the attention")
     modules = tuple(dict.fromkeys([pv.name, po.name]))
     name = _common_prefix([pv.name, po.name]) or _label(pv)
-    return _value_output(name, pv, po, o_off, hkv, rep, modules, root, values), {pv.lin.tag}
+    fs = _value_output(name, pv, po, o_off, hkv, rep, modules, root, values)
+    # the shifts move the values by one vector per head, which only rows of weights that
+    # sum to one (a softmax) pass on unchanged
+    return (fs if core.phi == "softmax" else fs[:1]), {pv.lin.tag}
 
 
 def _query_key_only(core: _Core, root: nn.Module, values: dict) -> tuple[list, set[str]]:
@@ -458,7 +483,32 @@ def _query_key_only(core: _Core, root: nn.Module, values: dict) -> tuple[list, s
     name = _common_prefix([pq.name, pk.name]) or _label(pq)
     terms = _proj_terms(pq, "T", rep) + _proj_terms(pk, "inv")
     qk = AlgebraFactor(f"{name}.qk", dh, hkv, basis=basis, terms=tuple(terms), modules=modules)
-    return [qk], {pq.lin.tag, pk.lin.tag}
+    if core.phi != "relu" or rep != 1:
+        return [qk], {pq.lin.tag, pk.lin.tag}
+    # ReLU scores: the `α` of eq. (37), `W_k ↦ α W_k`, `W_v ↦ α⁻¹ W_v` per head (no output
+    # projection: a plain rescaling of those rows, canonicalized by their norms)
+    pv = trace_input(core.v, root, values, folded=folded)
+    if isinstance(pv.lin, Gain) or pv.maps.shape[0] != H or not _scalar_maps(pv.maps):
+        return [qk], {pq.lin.tag, pk.lin.tag}
+    scales = [*_head_scales(pk, H, 1, root), *_head_scales(pv, H, -1, root)]
+    alpha = RescalingFactor(f"{name}.alpha", H, terms=tuple(scales), modules=modules)
+    return [qk, alpha], {pq.lin.tag, pk.lin.tag}
+
+
+def _head_scales(p: Proj, H: int, power: int, root: nn.Module) -> list[Scale]:
+    """`Scale` terms multiplying each head's rows of `p`'s weight (and bias) by `α_h^power`
+    (index `H`: not scaled)."""
+    rows = p.block_rows()  # (heads, dh), in source-head order
+    w = root.get_parameter(p.lin.weight)
+    idx = torch.full((w.shape[p.lin.out_axis],), H, dtype=torch.long)
+    for h in range(H):
+        idx[rows[int(p.source_head[h])]] = h
+    shape = [1, 1]
+    shape[p.lin.out_axis] = -1
+    out = [Scale(p.lin.weight, idx.reshape(shape), power)]
+    if p.lin.bias is not None:
+        out.append(Scale(p.lin.bias, idx, power))
+    return out
 
 
 def _per_query_head(p: Proj, H: int, repeat: bool) -> tuple[Tensor, Tensor]:

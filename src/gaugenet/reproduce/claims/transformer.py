@@ -96,13 +96,15 @@ def _alpha(ctx: Context) -> Measurement:
 
 
 class _Eq35(nn.Module):
-    """Eq. (35) as printed, on raw weight matrices: `h = softmax((x W_q)(x W_k)ᵀ) (x W_v)`,
-    tokens as rows; with `W_o`, `layers` of them with a residual (the multi-head form of one
-    head, `x + h W_o`)."""
+    """Eq. (35) as printed, on raw weight matrices: `h = φ((x W_q)(x W_k)ᵀ) (x W_v)`, tokens
+    as rows, `φ` a softmax over keys or a ReLU; with `W_o`, `layers` of them with a residual
+    (the multi-head form of one head, `x + h W_o`)."""
 
-    def __init__(self, gen: torch.Generator, layers: int = 0, d: int = 6, dk: int = 3) -> None:
+    def __init__(
+        self, gen: torch.Generator, phi: str, layers: int = 0, d: int = 6, dk: int = 3
+    ) -> None:
         super().__init__()
-        self.layers = layers
+        self.layers, self.phi = layers, phi
         for i in range(max(layers, 1)):
             for n, cols in (("q", dk), ("k", dk), ("v", dk)):
                 w = torch.randn(d, cols, generator=gen, dtype=F64) / 2
@@ -114,7 +116,8 @@ class _Eq35(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for i in range(max(self.layers, 1)):
             q, k, v = (x @ getattr(self, f"w{n}{i}") for n in "qkv")
-            h = torch.softmax(q @ k.transpose(-1, -2), -1) @ v
+            s = q @ k.transpose(-1, -2)
+            h = (torch.softmax(s, -1) if self.phi == "softmax" else torch.relu(s)) @ v
             if not self.layers:
                 return h
             x = x + h @ getattr(self, f"wo{i}")
@@ -124,10 +127,12 @@ class _Eq35(nn.Module):
 @claim(
     "attn.eq35-discovered",
     reference="eq. (35)-(37)",
-    statement="discovery derives the GL of W_q W_k^T (and of W_v W_o) from the traced graph of "
-    "attention written as eq. (35) on raw weight matrices, and leaves nothing unexplained",
+    statement="discovery derives the GL of W_q W_k^T (with the alpha of eq. (37) for ReLU, and "
+    "the GL of W_v W_o) from the traced graph of attention written as eq. (35) on raw weight "
+    "matrices, and leaves nothing unexplained",
     measured="unexplained directions (n_params - rank J - dim, float64) of eq. (35) and of two "
-    "residual layers with W_o; nan unless dropping the query-key GL leaves exactly d_k^2",
+    "residual layers with W_o, softmax and ReLU; nan unless dropping the query-key GL (softmax) "
+    "leaves exactly d_k^2 and dropping alpha (ReLU) exactly 1",
     tolerance=0.5,
     compare="near",
     target=0.0,
@@ -138,21 +143,25 @@ def _eq35(ctx: Context) -> Measurement:
     gen = torch.Generator().manual_seed(ctx.seed)
     x = torch.randn(64, 5, 6, generator=gen, dtype=F64)
     unexplained, dims, guard = 0, [], True
-    for layers in (0, 2):
-        model = _Eq35(gen, layers)
-        group = symmetries(model, x)
-        dims.append(group.dim)
-        unexplained += certify(model, x, group=group).unexplained
-        if not layers:
+    for phi in ("softmax", "relu"):
+        for layers in (0, 2):
+            model = _Eq35(gen, phi, layers)
+            group = symmetries(model, x)
+            dims.append(group.dim)
+            unexplained += certify(model, x, group=group).unexplained
+            if layers:
+                continue
+            drop, left = (".qk", 9) if phi == "softmax" else (".alpha", 1)
             partial = GaugeGroup(
-                tuple(f for f in group.factors if not f.name.endswith(".qk")),
+                tuple(f for f in group.factors if not f.name.endswith(drop)),
                 group.breakers,
                 group.param_names,
             )
-            guard = certify(model, x, group=partial).unexplained == 3 * 3
+            guard = guard and certify(model, x, group=partial).unexplained == left
     return Measurement(
         float(unexplained) if guard else math.nan,
-        f"group dims {dims} (eq. (35): GL(3) of W_q W_k^T; two layers: GL(3)^2 per layer)",
+        f"group dims {dims} (softmax, ReLU x eq. (35), two layers: GL(3) of W_q W_k^T, "
+        "alpha for ReLU, GL(3) of W_v W_o)",
     )
 
 
