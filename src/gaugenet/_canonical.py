@@ -106,6 +106,7 @@ def _matrix_coupled(group: GaugeGroup) -> list[RescalingFactor]:
         p
         for f in group.continuous
         if not isinstance(f, (RescalingFactor, TranslationFactor))
+        and not getattr(f, "canonical_first", False)
         for p in f.params()
     }
     return [
@@ -285,6 +286,13 @@ def _scales_and_shifts(
     first, in pre-rescaling coordinates), and the shifts alone."""
     # bias shifts first: the balanced norms depend on the biases they move
     shifts, shifted = _canonical_shifts(group, state)
+    # matrix factors whose canonical form reads nothing a rescaling moves (a stream's `GL`,
+    # from its table) are fixed first: the rescalings they share parameters with are then
+    # balanced at the same point whatever the point of the orbit
+    for f in group.continuous:
+        fn = canonicalizer_for(f) if getattr(f, "canonical_first", False) else None
+        if fn is not None:
+            shifted = f.apply(shifted, fn(f, shifted))
     kept = _norm_kept(group)
     pinned = {f.name: _unit_anchor(f, shifted, kept) for f in _matrix_coupled(group)}
     for name, a in pinned.items():

@@ -13,10 +13,13 @@ only linear maps read; or an `nn.LayerNorm` over the features whose output only 
 read. A LayerNorm subtracts the mean, so the rotation must keep `1` (the subgroup
 `O(d − 1)`); its readers take `γ` conjugated as after RMSNorm, and its `β` becomes
 `β diag(γ)⁻¹ Q diag(γ)`. Readers are found through casts and reshapes that keep the
-features last (an `addmm` reader's `(d, m)` weight turns by its rows). A tensor both turned
-as a table and read (a tied head, under any name) gets no rotation. Any other use (the
-model's output, a nonlinearity) means the stream's basis is seen, and no rotation is
-claimed.
+features last (an `addmm` reader's `(d, m)` weight turns by its rows). A linear map may
+also read the stream as it is, with no normalization between: it turns as an unnormalized
+reader. A stream from an embedding table that only such maps read (no normalization at all)
+keeps the whole `GL(d)` (`_stream_gl.py`), with the vectors moved between its tables. A
+tensor both turned as a table and read (a tied head, under any name) gets no rotation. Any
+other use (the model's output, a nonlinearity) means the stream's basis is seen, and no
+rotation is claimed.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ from ._ops import (
 )
 from ._scaled import scaled_by_constant
 from ._shifts import AbsorbedShiftFactor, GainIntoLinears, IntoLinears
+from ._stream_gl import StreamGLFactor, stream_gl
 from .rules.recurrent import BiasDifferenceFactor
 
 __all__ = ["stream_rotations", "with_rotations"]
@@ -195,7 +199,7 @@ def with_rotations(factors: list, rotations: list[OrthogonalFactor]) -> list:
             isinstance(f, PermutationFactor) and any((t.param, t.axis) in tables for t in f.terms)
         )
     ]
-    return kept + rotations
+    return kept + rotations + [m for r in rotations for m in getattr(r, "moves", ())]
 
 
 def _module(root: nn.Module, n: Any) -> nn.Module | None:
@@ -206,12 +210,13 @@ def _module(root: nn.Module, n: Any) -> nn.Module | None:
 
 def _follow(
     start: fx.Node, seed: _Seed, root: nn.Module, values: dict[fx.Node, Any]
-) -> OrthogonalFactor | None:
+) -> OrthogonalFactor | StreamGLFactor | None:
     d = seed.d
     stream, frontier = {start}, [start]
     writers: list[Linear] = []
     tables: list[str] = []
     readers: list = []  # reader terms
+    direct: list[Linear] = []  # linear maps reading the stream with no norm between
     centered = False  # read through a LayerNorm: the rotation must keep `1`
     while frontier:
         n = frontier.pop()
@@ -255,9 +260,15 @@ def _follow(
             elif u.op == "call_function" and u.target in _MUL:
                 readers += _rms_readers(u, n, root, d)
             else:
-                raise _NotAStream(u.name)
+                found = linear_reading(u, n, root, values)
+                if found is None or found[0].shape(root)[1] != d:
+                    raise _NotAStream(u.name)
+                direct.append(found[0])  # a linear map reading the stream as it is
     if not readers:
+        if direct and _table_seed(seed, root):  # no normalization: the whole `GL(d)`
+            return _gl(seed, tables, writers, direct, root)
         return None
+    readers += [_reader_term(lin, None) for lin in direct]  # turned as unnormalized readers
     terms: list = [*seed.terms, *(RotateColumns(t) for t in tables)]
     for w in writers:
         terms.append(_writer_term(w))
@@ -280,6 +291,25 @@ def _follow(
         table_block=seed.block,
         fixes_ones=centered,
     )
+
+
+def _table_seed(seed: _Seed, root: nn.Module) -> bool:
+    """The stream starts at a whole embedding table (not at a linear map's output, whose
+    `GL` with a reader is the linear layers' own)."""
+    owner = root.get_submodule(seed.param.rpartition(".")[0])
+    return isinstance(owner, nn.Embedding) and seed.block is None and seed.axis == 1
+
+
+def _gl(
+    seed: _Seed, tables: list[str], writers: list[Linear], readers: list[Linear], root: nn.Module
+) -> StreamGLFactor | None:
+    params = [seed.param, *tables]
+    params += [p for w in writers for p in (w.weight, w.bias) if p is not None]
+    params += [r.weight for r in readers]
+    if len({id(root.get_parameter(p)) for p in params}) != len(params):
+        return None  # a tied table read and written: the two actions disagree
+    mods = tuple(dict.fromkeys(p.rpartition(".")[0] or p for p in params))
+    return stream_gl(seed.name, seed.d, seed.param, tables, writers, readers, mods)
 
 
 def _moved_by_rotation(f: Any, rotations: list[OrthogonalFactor], factors: list) -> Any:

@@ -1,0 +1,108 @@
+"""The `GL(d)` of a residual stream that no normalization reads (`_stream_gl.py`).
+
+An embedding, residual ReLU blocks and an untied head, with no LayerNorm: `h ↦ h G` for any
+invertible `G` keeps the function (tables `E G`, writers `Gᵀ W`, readers `W G⁻ᵀ`). Before,
+nothing found it, and certify put its 64 directions down to "layers fed by a table"."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import gaugenet
+from gaugenet.discovery._stream_gl import StreamGLFactor
+
+F64 = torch.float64
+D, V, T = 8, 12, 6
+
+
+class _Stream(nn.Module):
+    def __init__(self, blocks: int = 1, bias: bool = False, tied: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(V, D, dtype=F64)
+        self.pos = nn.Embedding(T, D, dtype=F64)
+        self.up = nn.ModuleList(nn.Linear(D, 16, bias=bias, dtype=F64) for _ in range(blocks))
+        self.down = nn.ModuleList(nn.Linear(16, D, bias=bias, dtype=F64) for _ in range(blocks))
+        self.head = nn.Linear(D, V, bias=bias, dtype=F64)
+        if tied:
+            self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        h = self.emb(ids) + self.pos(torch.arange(ids.shape[1]))
+        for up, down in zip(self.up, self.down):
+            h = h + down(torch.relu(up(h)))
+        return self.head(h)
+
+
+def _ids() -> torch.Tensor:
+    return torch.randint(0, V, (64, T), generator=torch.Generator().manual_seed(1))
+
+
+def _stream_gl(group) -> StreamGLFactor:
+    (f,) = [f for f in group.factors if isinstance(f, StreamGLFactor)]
+    return f
+
+
+@pytest.mark.parametrize("blocks", [1, 2])
+def test_stream_gl_found_exact_and_canonical(blocks):
+    model, ids = _Stream(blocks), _ids()
+    group = gaugenet.symmetries(model, ids)
+    assert _stream_gl(group).dim == D * D
+    g = group.sample(torch.Generator().manual_seed(2))
+    moved = group.act(model, g)
+    assert gaugenet.invariance_error(model, moved, ids) < 1e-12
+    # the canonical form is the same from every point of the orbit
+    a = gaugenet.canonicalize(model, example_inputs=ids, group=group)
+    b = gaugenet.canonicalize(moved, example_inputs=ids, group=group)
+    top = max(float(p.abs().max()) for p in a.parameters())
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert float((p - q).abs().max()) < 1e-10 * top, name
+    assert gaugenet.invariance_error(model, a, ids) < 1e-12
+
+
+def test_one_block_is_complete():
+    """`GL(8)`, the vector moved between the token and position tables (`R^8`) and the
+    hidden units' rescalings: every redundancy of the Jacobian."""
+    model, ids = _Stream(1), _ids()
+    group = gaugenet.symmetries(model, ids)
+    assert sorted(f.dim for f in group.factors if f.dim) == [D, 16, D * D]
+    assert gaugenet.certify(model, ids).unexplained == 0
+
+
+def test_biases_leave_their_shifts_named():
+    """With biases, a vector moved from a table into a writer's bias (taken back by the
+    readers' biases between) and the stream's shift into the readers' biases are not
+    factors yet: certify counts them (16), and every factor found stays exact."""
+    model, ids = _Stream(1, bias=True), _ids()
+    group = gaugenet.symmetries(model, ids)
+    g = group.sample(torch.Generator().manual_seed(5))
+    assert gaugenet.invariance_error(model, group.act(model, g), ids) < 1e-12
+    assert gaugenet.certify(model, ids).unexplained == 2 * D
+
+
+def test_not_a_symmetry_without_the_readers_taking_it_back():
+    """Negative: the tables and writers turned by `G` with the readers left alone."""
+    model, ids = _Stream(1), _ids()
+    group = gaugenet.symmetries(model, ids)
+    f = _stream_gl(group)
+    G = torch.eye(D, dtype=F64) + 0.3 * torch.randn(
+        D, D, generator=torch.Generator().manual_seed(3), dtype=F64
+    )
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    moved = f.apply(state, G[None])
+    for name in ("up.0.weight", "head.weight"):
+        moved[name] = state[name]
+    bad = _Stream(1)
+    bad.load_state_dict(moved)
+    assert gaugenet.invariance_error(model, bad, ids) > 1e-3
+
+
+def test_tied_head_gets_no_stream_gl():
+    """The table is read as the head too: `E ↦ E G` and `E ↦ E G⁻ᵀ` disagree."""
+    model, ids = _Stream(1, tied=True), _ids()
+    group = gaugenet.symmetries(model, ids)
+    assert not any(isinstance(f, StreamGLFactor) for f in group.factors)
+    g = group.sample(torch.Generator().manual_seed(4))
+    assert gaugenet.invariance_error(model, group.act(model, g), ids) < 1e-12
