@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import gaugenet
-from gaugenet.discovery._stream_gl import StreamGLFactor
+from gaugenet.discovery._stream_gl import StreamGLFactor, TokenShiftFactor
 
 F64 = torch.float64
 D, V, T = 8, 12, 6
@@ -71,15 +71,35 @@ def test_one_block_is_complete():
     assert gaugenet.certify(model, ids).unexplained == 0
 
 
-def test_biases_leave_their_shifts_named():
-    """With biases, a vector moved from a table into a writer's bias (taken back by the
-    readers' biases between) and the stream's shift into the readers' biases are not
-    factors yet: certify counts them (16), and every factor found stays exact."""
+def test_biases_shift_with_the_readers_taking_it_back():
+    """With biases: what each contributor writes (the two tables' rows, the writer's bias)
+    shifts by `v`, the biased readers taking back what they see (3 × R^8); every redundancy
+    of the Jacobian is found, and the canonical form is one per orbit."""
     model, ids = _Stream(1, bias=True), _ids()
     group = gaugenet.symmetries(model, ids)
+    shifts = [f for f in group.factors if isinstance(f, TokenShiftFactor)]
+    assert sorted(f.name for f in shifts) == [
+        "token_shift:down.0.bias",
+        "token_shift:emb.weight",
+        "token_shift:pos.weight",
+    ]
+    assert gaugenet.certify(model, ids).unexplained == 0
     g = group.sample(torch.Generator().manual_seed(5))
-    assert gaugenet.invariance_error(model, group.act(model, g), ids) < 1e-12
-    assert gaugenet.certify(model, ids).unexplained == 2 * D
+    moved = group.act(model, g)
+    assert gaugenet.invariance_error(model, moved, ids) < 1e-12
+    a = gaugenet.canonicalize(model, example_inputs=ids, group=group)
+    b = gaugenet.canonicalize(moved, example_inputs=ids, group=group)
+    top = max(float(p.abs().max()) for p in a.parameters())
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert float((p - q).abs().max()) < 1e-10 * top
+    # negative: the shift of the writer's bias without the head taking it back
+    f = next(f for f in shifts if f.name.endswith("down.0.bias"))
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    moved_state = f.apply(state, torch.ones(D, dtype=F64))
+    moved_state["head.bias"] = state["head.bias"]
+    bad = _Stream(1, bias=True)
+    bad.load_state_dict(moved_state)
+    assert gaugenet.invariance_error(model, bad, ids) > 1e-3
 
 
 def test_not_a_symmetry_without_the_readers_taking_it_back():

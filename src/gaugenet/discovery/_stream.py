@@ -16,7 +16,8 @@ read. A LayerNorm subtracts the mean, so the rotation must keep `1` (the subgrou
 features last (an `addmm` reader's `(d, m)` weight turns by its rows). A linear map may
 also read the stream as it is, with no normalization between: it turns as an unnormalized
 reader. A stream from an embedding table that only such maps read (no normalization at all)
-keeps the whole `GL(d)` (`_stream_gl.py`), with the vectors moved between its tables. A
+keeps the whole `GL(d)` (`_stream_gl.py`), with the shifts of what its tables and writers
+write. A
 tensor both turned as a table and read (a tied head, under any name) gets no rotation. Any
 other use (the model's output, a nonlinearity) means the stream's basis is seen, and no
 rotation is claimed.
@@ -217,6 +218,8 @@ def _follow(
     tables: list[str] = []
     readers: list = []  # reader terms
     direct: list[Linear] = []  # linear maps reading the stream with no norm between
+    read_at: list[fx.Node] = []  # the stream node each of them reads
+    table_nodes: list[fx.Node] = []  # the lookups of the added tables
     centered = False  # read through a LayerNorm: the rotation must keep `1`
     while frontier:
         n = frontier.pop()
@@ -243,6 +246,7 @@ def _follow(
                     writers += found
                 elif _added_table(other, m, d):  # a position table added to the tokens'
                     tables.append(f"{other.target}.weight")
+                    table_nodes.append(other)
                     stream.add(other)
                 else:
                     raise _NotAStream(u.name)
@@ -264,9 +268,11 @@ def _follow(
                 if found is None or found[0].shape(root)[1] != d:
                     raise _NotAStream(u.name)
                 direct.append(found[0])  # a linear map reading the stream as it is
+                read_at.append(n)
     if not readers:
         if direct and _table_seed(seed, root):  # no normalization: the whole `GL(d)`
-            return _gl(seed, tables, writers, direct, root)
+            reach = _reaching(read_at, [start, *table_nodes], writers)
+            return _gl(seed, tables, writers, direct, root, reach)
         return None
     readers += [_reader_term(lin, None) for lin in direct]  # turned as unnormalized readers
     terms: list = [*seed.terms, *(RotateColumns(t) for t in tables)]
@@ -300,8 +306,32 @@ def _table_seed(seed: _Seed, root: nn.Module) -> bool:
     return isinstance(owner, nn.Embedding) and seed.block is None and seed.axis == 1
 
 
+def _reaching(
+    read_at: list[fx.Node], tables: list[fx.Node], writers: list[Linear]
+) -> list[tuple[bool, ...]]:
+    """For each reader (the stream node it reads), which contributors reach it: the tables
+    (the seed's lookup first), then the writers, in order; a contributor reaches a reader
+    when its node is that stream node or one of its ancestors."""
+    sources = [*tables, *(w.node for w in writers)]
+    out = []
+    for n in read_at:
+        seen, stack = set(), [n]
+        while stack:
+            m = stack.pop()
+            if m not in seen:
+                seen.add(m)
+                stack += m.all_input_nodes
+        out.append(tuple(src in seen for src in sources))
+    return out
+
+
 def _gl(
-    seed: _Seed, tables: list[str], writers: list[Linear], readers: list[Linear], root: nn.Module
+    seed: _Seed,
+    tables: list[str],
+    writers: list[Linear],
+    readers: list[Linear],
+    root: nn.Module,
+    reach: list[tuple[bool, ...]],
 ) -> StreamGLFactor | None:
     params = [seed.param, *tables]
     params += [p for w in writers for p in (w.weight, w.bias) if p is not None]
@@ -309,7 +339,7 @@ def _gl(
     if len({id(root.get_parameter(p)) for p in params}) != len(params):
         return None  # a tied table read and written: the two actions disagree
     mods = tuple(dict.fromkeys(p.rpartition(".")[0] or p for p in params))
-    return stream_gl(seed.name, seed.d, seed.param, tables, writers, readers, mods)
+    return stream_gl(seed.name, seed.d, seed.param, tables, writers, readers, mods, reach)
 
 
 def _moved_by_rotation(f: Any, rotations: list[OrthogonalFactor], factors: list) -> Any:

@@ -10,6 +10,11 @@ invertible `G`: with the tokens' features as rows, `h ↦ h G` when
   weight stored `(in, d)`);
 - every reader takes it back, `W ↦ W G⁻ᵀ` (`W` `(m, d)`; `W ↦ G⁻¹ W` for `(d, m)`).
 
+What the contributors write may also shift (`TokenShiftFactor`): `c_k v` added to every row
+of each table and to each writer's bias, where every reader without bias sees none of it
+(`Σ c_k = 0` over the contributors reaching it) and every reader with a bias takes back what
+it sees (`b_r ↦ b_r − s_r W_r v`); an exact basis of such `c`, each `R^d`.
+
 This is the residual network's version of the paper's gauge transformation at a constant
 `G` (the discrete `w̄ ↦ G⁻¹ w̄ G`), the group that the `O(d)` of a normalized stream is the
 remnant of. Its canonical form reads the table alone (no other factor moves it): `E G`
@@ -22,6 +27,7 @@ per orbit for tables of full column rank with distinct such eigenvalues.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import torch
 from torch import Tensor
@@ -31,8 +37,9 @@ from ..groups._base import State
 from ..groups._canonical_hooks import register_canonicalizer
 from ..groups._matrix import GLFactor, MatTerm
 from ._linear import Linear
+from ._monomials import null_space
 
-__all__ = ["StreamGLFactor", "StreamTableMove", "TableMove", "stream_gl"]
+__all__ = ["StreamGLFactor", "TokenShift", "TokenShiftFactor", "stream_gl"]
 
 
 @dataclass(eq=False)
@@ -44,7 +51,8 @@ class StreamGLFactor(GLFactor):
     table_axis: int = field(default=1, kw_only=True)
     table_block: tuple[int, int] | None = field(default=None, kw_only=True)
 
-    #: vectors moved between the stream's tables (`StreamTableMove`), added beside it
+    #: the shifts of what the stream's contributors write (`TokenShiftFactor`), added
+    #: beside it
     moves: tuple = field(default=(), kw_only=True)
     #: its canonical form reads only the tables, which no rescaling touches: it is fixed
     #: before the rescalings are balanced (`_canonical.py`), so their balance does not
@@ -69,31 +77,41 @@ class StreamGLFactor(GLFactor):
 
 
 @dataclass(frozen=True)
-class TableMove:
-    """`to[i] += v` for every row `i`, `from_[j] −= v` for every row `j`: two tables whose
-    rows are summed, one of each per token, keep every sum."""
+class TokenShift:
+    """Adds `c_k v` to what each contributor writes into the stream (every row of a table,
+    or a writer's bias) and takes the change each biased reader sees back from its bias:
+    `b_r ↦ b_r − s_r W_r v`, `s_r` the sum of the coefficients of the contributors reaching
+    it. `adds`: `(param, is_table, c_k)`; `absorbs`: `(weight, bias, in_axis, s_r)`."""
 
-    to: str
-    from_: str
+    adds: tuple[tuple[str, bool, float], ...]
+    absorbs: tuple[tuple[str, str, int, float], ...]
 
     def __call__(self, new: State, v: Tensor) -> None:
-        new[self.to] = new[self.to] + v.to(new[self.to].dtype)[None, :]
-        new[self.from_] = new[self.from_] - v.to(new[self.from_].dtype)[None, :]
+        for param, table, c in self.adds:
+            p = new[param]
+            new[param] = p + c * (v.to(p.dtype)[None, :] if table else v.to(p.dtype))
+        for weight, bias, in_axis, c in self.absorbs:
+            w = new[weight]
+            wv = w @ v.to(w.dtype) if in_axis == 1 else v.to(w.dtype) @ w
+            new[bias] = new[bias] - c * wv.to(new[bias].dtype)
 
 
 @dataclass(eq=False)
-class StreamTableMove(TranslationFactor):
-    """`R^d`: a vector moved between two tables summed into a stream with no normalization
-    (`TableMove`); the stream's `GL` moves it as it turns the tables' rows (`v ↦ Gᵀ v`)."""
+class TokenShiftFactor(TranslationFactor):
+    """`R^d`: one shift of what a normalization-free stream's contributors write
+    (`TokenShift`), as one vector of an exact basis of the shifts that the readers without
+    bias do not see; the stream's `GL` moves it as it turns the rows (`v ↦ Gᵀ v`)."""
 
     def params(self) -> tuple[str, ...]:
         t = self.terms[0]
-        return (t.to, t.from_)
+        return tuple(dict.fromkeys([*(a[0] for a in t.adds), *(a[1] for a in t.absorbs)]))
 
     def canonical(self, state: State) -> Tensor:
-        """The move that leaves the source table's mean row zero (a condition every `G`
-        keeps)."""
-        return state[self.terms[0].from_].double().mean(0)
+        """The shift that zeroes its own contributor (coefficient 1, which no other basis
+        vector moves): a writer's bias, or a table's first row (every `G` keeps zero)."""
+        param, table, c = self.terms[0].adds[0]
+        p = state[param].double()
+        return -(p[0] if table else p) / c
 
 
 def _canonical(f: StreamGLFactor, state: State) -> Tensor:
@@ -111,9 +129,12 @@ def stream_gl(
     writers: list[Linear],
     readers: list[Linear],
     mods: tuple[str, ...],
+    reach: list[tuple[bool, ...]],
 ) -> StreamGLFactor:
     """The factor of a stream starting at `table` `(vocab, d)`, with the added `tables`, the
-    `writers` and the `readers` (see the module)."""
+    `writers` and the `readers` (see the module), and its shifts (`TokenShiftFactor`):
+    `reach[r][k]` says whether contributor `k` (the tables, `table` first, then the writers)
+    reaches reader `r`."""
     terms = [MatTerm(t, 1, 0, "T") for t in (table, *tables)]
     for w in writers:
         terms.append(MatTerm(w.weight, w.out_axis, 0, "T"))
@@ -121,14 +142,53 @@ def stream_gl(
             terms.append(MatTerm(w.bias, 0, 0, "T"))
     terms += [MatTerm(r.weight, r.in_axis, 0, "inv") for r in readers]
     gl_name = f"stream_gl:{name}"
-    moves = tuple(
-        StreamTableMove(
-            f"table_move:{t}",
-            d,
-            terms=(TableMove(table, t),),
-            moved_by=((gl_name, "T"),),
-            modules=(table.rpartition(".")[0], t.rpartition(".")[0]),
-        )
-        for t in tables
+    shifts = _token_shifts(gl_name, d, [table, *tables], writers, readers, reach)
+    return StreamGLFactor(
+        gl_name, d, 1, terms=tuple(terms), modules=mods, table=table, moves=tuple(shifts)
     )
-    return StreamGLFactor(gl_name, d, 1, terms=tuple(terms), modules=mods, table=table, moves=moves)
+
+
+def _token_shifts(
+    gl_name: str,
+    d: int,
+    tables: list[str],
+    writers: list[Linear],
+    readers: list[Linear],
+    reach: list[tuple[bool, ...]],
+) -> list[TokenShiftFactor]:
+    """One factor per vector of an exact basis of the contributors' coefficients `c` with
+    `Σ_{k reaching r} c_k = 0` for every reader `r` without bias (writers without bias add
+    nothing); free coefficients in order, so that each vector's own contributor comes
+    first."""
+    contributors = [(t, True) for t in tables] + [(w.bias, False) for w in writers]
+    cols = [k for k, (p, _) in enumerate(contributors) if p is not None]
+    rows = [
+        {k: Fraction(1) for k in cols if reach[r][k]}
+        for r, lin in enumerate(readers)
+        if lin.bias is None
+    ]
+    out = []
+    basis = null_space([r for r in rows if r], cols)
+    for vec in basis:
+        # its free coefficient: 1 here, absent from every other basis vector
+        own = next(
+            k for k in cols if vec.get(k) == 1 and not any(k in o for o in basis if o is not vec)
+        )
+        order = [own, *(k for k in cols if k != own and vec.get(k))]
+        adds = tuple((contributors[k][0], contributors[k][1], float(vec[k])) for k in order)
+        absorbs = []
+        for r, lin in enumerate(readers):
+            total = float(sum(vec.get(k, 0) for k in cols if reach[r][k]))
+            if total:
+                absorbs.append((lin.weight, lin.bias, lin.in_axis, total))
+        name = contributors[own][0]
+        out.append(
+            TokenShiftFactor(
+                f"token_shift:{name}",
+                d,
+                terms=(TokenShift(adds, tuple(absorbs)),),
+                moved_by=((gl_name, "T"),),
+                modules=tuple(dict.fromkeys(p.rpartition(".")[0] for p, *_ in adds)),
+            )
+        )
+    return out
