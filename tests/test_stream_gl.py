@@ -126,3 +126,44 @@ def test_tied_head_gets_no_stream_gl():
     assert not any(isinstance(f, StreamGLFactor) for f in group.factors)
     g = group.sample(torch.Generator().manual_seed(4))
     assert gaugenet.invariance_error(model, group.act(model, g), ids) < 1e-12
+
+
+class _NoNormTransformer(nn.Module):
+    """One softmax attention block and one ReLU block on a stream with no normalization."""
+
+    def __init__(self, bias: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.pos = nn.Embedding(V, D, dtype=F64), nn.Embedding(T, D, dtype=F64)
+        self.qkv = nn.Linear(D, 3 * D, bias=bias, dtype=F64)
+        self.o = nn.Linear(D, D, bias=bias, dtype=F64)
+        self.up = nn.Linear(D, 16, bias=bias, dtype=F64)
+        self.down = nn.Linear(16, D, bias=bias, dtype=F64)
+        self.head = nn.Linear(D, V, bias=bias, dtype=F64)
+
+    def forward(self, ids):
+        B, n = ids.shape
+        h = self.emb(ids) + self.pos(torch.arange(n))
+        q, k, v = (t.reshape(B, n, 2, -1).transpose(1, 2) for t in self.qkv(h).split(D, -1))
+        a = torch.softmax(q @ k.transpose(-1, -2) / 2.0, -1)
+        h = h + self.o((a @ v).transpose(1, 2).reshape(B, n, D))
+        h = h + self.down(torch.relu(self.up(h)))
+        return self.head(h)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_attention_on_a_stream_with_no_normalization(bias):
+    """The stream's `GL`, its shifts (the key entries of the readers' biases left to the
+    softmax), the attention's `GL`s and the rescalings: complete, and one canonical form
+    per orbit (the stream's `GL` fixed before the head forms that read its readers)."""
+    model, ids = _NoNormTransformer(bias), _ids()
+    group = gaugenet.symmetries(model, ids)
+    assert any(isinstance(f, StreamGLFactor) for f in group.factors)
+    assert gaugenet.certify(model, ids).unexplained == 0
+    moved = group.act(model, group.sample(torch.Generator().manual_seed(6)))
+    assert gaugenet.invariance_error(model, moved, ids) < 1e-12
+    a = gaugenet.canonicalize(model, example_inputs=ids, group=group)
+    b = gaugenet.canonicalize(moved, example_inputs=ids, group=group)
+    top = max(float(p.abs().max()) for p in a.parameters())
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert float((p - q).abs().max()) < 1e-10 * top

@@ -242,7 +242,7 @@ def _float64(state: State) -> State:
 
 def _matrix_order(f: Any) -> int:
     """Stream rotations, then LayerNorm offsets, then the other matrix factors."""
-    if isinstance(f, OrthogonalFactor):
+    if isinstance(f, OrthogonalFactor) or getattr(f, "canonical_first", False):
         return 0
     return 1 if isinstance(f, LayerNormOffsetFactor) else 2
 

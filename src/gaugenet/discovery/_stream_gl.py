@@ -26,6 +26,7 @@ per orbit for tables of full column rank with distinct such eigenvalues.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from fractions import Fraction
 
@@ -39,7 +40,7 @@ from ..groups._matrix import GLFactor, MatTerm
 from ._linear import Linear
 from ._monomials import null_space
 
-__all__ = ["StreamGLFactor", "TokenShift", "TokenShiftFactor", "stream_gl"]
+__all__ = ["StreamGLFactor", "TokenShift", "TokenShiftFactor", "stream_gl", "with_key_rows"]
 
 
 @dataclass(eq=False)
@@ -81,18 +82,25 @@ class TokenShift:
     """Adds `c_k v` to what each contributor writes into the stream (every row of a table,
     or a writer's bias) and takes the change each biased reader sees back from its bias:
     `b_r ↦ b_r − s_r W_r v`, `s_r` the sum of the coefficients of the contributors reaching
-    it. `adds`: `(param, is_table, c_k)`; `absorbs`: `(weight, bias, in_axis, s_r)`."""
+    it. `adds`: `(param, is_table, c_k)`; `absorbs`: `(weight, bias, in_axis, s_r)`;
+    `keys`: per bias, the entry ranges that feed softmax keys, left alone (a constant on
+    every key moves each query's scores by one number, which softmax removes; leaving them
+    keeps the shift commuting with the query-key `GL`, which does not move the key bias)."""
 
     adds: tuple[tuple[str, bool, float], ...]
     absorbs: tuple[tuple[str, str, int, float], ...]
+    keys: tuple[tuple[str, tuple[tuple[int, int], ...]], ...] = ()
 
     def __call__(self, new: State, v: Tensor) -> None:
         for param, table, c in self.adds:
             p = new[param]
             new[param] = p + c * (v.to(p.dtype)[None, :] if table else v.to(p.dtype))
+        skip = dict(self.keys)
         for weight, bias, in_axis, c in self.absorbs:
             w = new[weight]
             wv = w @ v.to(w.dtype) if in_axis == 1 else v.to(w.dtype) @ w
+            for lo, hi in skip.get(bias, ()):
+                wv = torch.cat([wv[:lo], torch.zeros_like(wv[lo:hi]), wv[hi:]])
             new[bias] = new[bias] - c * wv.to(new[bias].dtype)
 
 
@@ -191,4 +199,17 @@ def _token_shifts(
                 modules=tuple(dict.fromkeys(p.rpartition(".")[0] for p, *_ in adds)),
             )
         )
+    return out
+
+
+def with_key_rows(factors: list, keys: dict[str, list[tuple[int, int]]]) -> list:
+    """`factors` with every `TokenShiftFactor` leaving the softmax key entries of the biases
+    it writes alone (`keys`: per bias, the entry ranges a key shift moves)."""
+    out = []
+    for f in factors:
+        t = f.terms[0] if isinstance(f, TokenShiftFactor) else None
+        hit = tuple((b, tuple(keys[b])) for _, b, _, _ in (t.absorbs if t else ()) if b in keys)
+        if hit:
+            f = dataclasses.replace(f, terms=(dataclasses.replace(t, keys=hit),))
+        out.append(f)
     return out

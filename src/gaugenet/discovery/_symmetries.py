@@ -33,6 +33,7 @@ from ._rms_norm import expand_rms_norms
 from ._score_shift import score_bias_shifts
 from ._selfcheck import self_check
 from ._stream import stream_rotations, with_rotations
+from ._stream_gl import with_key_rows
 from ._subclass_atoms import checked_subclasses, computes_base
 from ._summed_biases import summed_bias_factors
 from ._trace import atom_types, is_atomic, trace
@@ -218,6 +219,7 @@ def _discover_graph(model: nn.Module, call: Call, rows: bool) -> GaugeGroup:
     factors = settle_offsets(factors, keys, key_bias_rows(factors))
     factors += score_bias_shifts(gm, model, prop.values)
     factors = with_rotations(factors, stream_rotations(gm, model, prop.values))
+    factors = with_key_rows(factors, key_bias_rows(factors))
     breakers += attn_breakers
     f2, b2 = _atom_factors(model)
     factors = link_centered(without_summed_ones(link_kernels(factors + f2)))
