@@ -167,3 +167,41 @@ def test_attention_on_a_stream_with_no_normalization(bias):
     top = max(float(p.abs().max()) for p in a.parameters())
     for p, q in zip(a.parameters(), b.parameters()):
         assert float((p - q).abs().max()) < 1e-10 * top
+
+
+class _RawPositions(nn.Module):
+    """Positions as a parameter added as it is (`(T, d)`), or sliced to the length
+    (`(1, T + 2, d)[:, :n]`, the slice bound traced from `ids.shape[1]`), and MLP weights on
+    raw parameters."""
+
+    def __init__(self, sliced: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.sliced = sliced
+        self.emb = nn.Embedding(V, D, dtype=F64)
+        shape = (1, T + 2, D) if sliced else (T, D)
+        self.pos = nn.Parameter(torch.randn(*shape, dtype=F64))
+        self.up = nn.Parameter(torch.randn(16, D, dtype=F64) / 3)
+        self.down = nn.Parameter(torch.randn(D, 16, dtype=F64) / 4)
+        self.head = nn.Linear(D, V, dtype=F64)
+
+    def forward(self, ids):
+        n = ids.shape[1]
+        h = self.emb(ids) + (self.pos[:, :n] if self.sliced else self.pos)
+        h = h + torch.relu(h @ self.up.T) @ self.down.T
+        return self.head(h)
+
+
+@pytest.mark.parametrize("sliced", [False, True])
+def test_positions_as_a_raw_parameter(sliced):
+    model, ids = _RawPositions(sliced), _ids()
+    group = gaugenet.symmetries(model, ids)
+    assert sorted(f.name for f in group.factors if f.dim) == [
+        "scale:up",
+        "stream_gl:emb",
+        "token_shift:pos",
+    ]
+    moved = group.act(model, group.sample(torch.Generator().manual_seed(7)))
+    assert gaugenet.invariance_error(model, moved, ids) < 1e-12
+    # unsliced: complete; sliced: the two position rows no slice reads are left (16)
+    assert gaugenet.certify(model, ids).unexplained == (2 * D if sliced else 0)

@@ -76,6 +76,7 @@ _NORM_METHODS = {"pow", "mean", "rsqrt"}
 
 #: tensor attributes that say nothing about the values
 _META_ATTRS = {"dtype", "shape", "device", "ndim"}
+_SLICES = {operator.getitem, aten.slice.Tensor}
 
 
 class _NotAStream(Exception):
@@ -220,6 +221,7 @@ def _follow(
     direct: list[Linear] = []  # linear maps reading the stream with no norm between
     read_at: list[fx.Node] = []  # the stream node each of them reads
     table_nodes: list[fx.Node] = []  # the lookups of the added tables
+    raw_tables: set[str] = set()  # added tables that are parameters read as they are
     centered = False  # read through a LayerNorm: the rotation must keep `1`
     while frontier:
         n = frontier.pop()
@@ -248,6 +250,11 @@ def _follow(
                     tables.append(f"{other.target}.weight")
                     table_nodes.append(other)
                     stream.add(other)
+                elif (raw := _added_param(other, root, values, d)) is not None:
+                    tables.append(raw)  # a parameter added as it is (`+ self.pos[:n]`)
+                    raw_tables.add(raw)
+                    table_nodes.append(other)
+                    stream.add(other)
                 else:
                     raise _NotAStream(u.name)
                 stream.add(u)
@@ -274,6 +281,8 @@ def _follow(
             reach = _reaching(read_at, [start, *table_nodes], writers)
             return _gl(seed, tables, writers, direct, root, reach)
         return None
+    if raw_tables:
+        return None  # (the rotation's terms are written for `(rows, d)` tables)
     readers += [_reader_term(lin, None) for lin in direct]  # turned as unnormalized readers
     terms: list = [*seed.terms, *(RotateColumns(t) for t in tables)]
     for w in writers:
@@ -339,7 +348,8 @@ def _gl(
     if len({id(root.get_parameter(p)) for p in params}) != len(params):
         return None  # a tied table read and written: the two actions disagree
     mods = tuple(dict.fromkeys(p.rpartition(".")[0] or p for p in params))
-    return stream_gl(seed.name, seed.d, seed.param, tables, writers, readers, mods, reach)
+    axes = {t: root.get_parameter(t).ndim - 1 for t in tables}
+    return stream_gl(seed.name, seed.d, seed.param, tables, writers, readers, mods, reach, axes)
 
 
 def _moved_by_rotation(f: Any, rotations: list[OrthogonalFactor], factors: list) -> Any:
@@ -406,6 +416,38 @@ def _added_table(other: Any, m: nn.Module | None, d: int) -> bool:
     """`other` is the lookup of another embedding table of width `d` that only this sum
     reads (GPT-2's and OPT's positions)."""
     return isinstance(m, nn.Embedding) and m.embedding_dim == d and len(graph_users(other)) == 1
+
+
+def _added_param(other: Any, root: nn.Module, values: dict, d: int) -> str | None:
+    """The parameter `other` reads when it is a parameter with `d` features last, or a
+    slice of one that keeps them (`self.pos[:, :n]`), read only by this sum; else `None`."""
+    if not isinstance(other, fx.Node) or len(graph_users(other)) != 1:
+        return None
+    src = other
+    if other.op == "call_function" and other.target in _SLICES and other.args:
+        src = other.args[0]
+        if not (isinstance(src, fx.Node) and len(graph_users(src)) == 1):
+            return None
+    name = param_name(src, root)
+    if name is None:
+        return None
+    p, v = root.get_parameter(name), values.get(other)
+    if p.ndim < 2 or p.shape[-1] != d or not isinstance(v, torch.Tensor) or v.shape[-1] != d:
+        return None
+    if src is not other and not _keeps_last(other, p.ndim):
+        return None
+    return name
+
+
+def _keeps_last(n: fx.Node, ndim: int) -> bool:
+    """The slice `n` leaves the last axis whole."""
+    if n.target is operator.getitem:
+        idx = n.args[1] if isinstance(n.args[1], tuple) else (n.args[1],)
+        if any(i is Ellipsis or i is None for i in idx):
+            return False
+        return len(idx) < ndim or idx[-1] == slice(None)
+    dim = n.args[1] if len(n.args) > 1 else 0  # aten.slice.Tensor(p, dim, start, end)
+    return isinstance(dim, int) and dim % ndim != ndim - 1
 
 
 def _layernorm_readers(ln: fx.Node, root: nn.Module, d: int) -> list:

@@ -119,7 +119,7 @@ class TokenShiftFactor(TranslationFactor):
         vector moves): a writer's bias, or a table's first row (every `G` keeps zero)."""
         param, table, c = self.terms[0].adds[0]
         p = state[param].double()
-        return -(p[0] if table else p) / c
+        return -(p.reshape(-1, p.shape[-1])[0] if table else p) / c
 
 
 def _canonical(f: StreamGLFactor, state: State) -> Tensor:
@@ -138,12 +138,14 @@ def stream_gl(
     readers: list[Linear],
     mods: tuple[str, ...],
     reach: list[tuple[bool, ...]],
+    axes: dict[str, int] | None = None,
 ) -> StreamGLFactor:
     """The factor of a stream starting at `table` `(vocab, d)`, with the added `tables`, the
     `writers` and the `readers` (see the module), and its shifts (`TokenShiftFactor`):
     `reach[r][k]` says whether contributor `k` (the tables, `table` first, then the writers)
-    reaches reader `r`."""
-    terms = [MatTerm(t, 1, 0, "T") for t in (table, *tables)]
+    reaches reader `r`; `axes`: the feature axis of each added table (default 1)."""
+    axes = axes or {}
+    terms = [MatTerm(t, axes.get(t, 1), 0, "T") for t in (table, *tables)]
     for w in writers:
         terms.append(MatTerm(w.weight, w.out_axis, 0, "T"))
         if w.bias is not None:

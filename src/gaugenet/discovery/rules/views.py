@@ -49,8 +49,9 @@ def passthrough(prop: Propagator, n: fx.Node, out: Tensor) -> Pair:
 
 def getitem(prop: Propagator, n: fx.Node, out: Tensor) -> Pair:
     _, (s, p) = prop.first(n)
-    idx = n.args[1]
-    idx = prop.env[idx] if isinstance(idx, fx.Node) else idx
+    # the index as it was run: nodes inside it (a slice bound `x.shape[1]` that `torch.fx`
+    # records) replaced by their values
+    idx = fx.node.map_arg(n.args[1], lambda a: prop.env[a])
     return s[idx], p[idx]
 
 
