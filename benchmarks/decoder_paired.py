@@ -5,9 +5,10 @@ For each scheme, gaugenet's element (chosen as in `quantize_transformers.py --ta
 that preserves the function (relative output change at most 1e-3) are quantized by the same
 quantizer, and each window's summed next-byte loss (nats) is taken on the 364 validation
 windows and the 363 held-out windows. Per peer and part: `gaugenet − peer` summed over the
-windows, its bootstrap standard deviation over windows (2 000 resamples, seed 0) and the
-number of windows where gaugenet's loss is lower. A difference within about two standard
-deviations is not resolved by that text.
+windows, its bootstrap standard deviation over windows and over topics (2 000 resamples,
+seed 0; windows of one topic are correlated, so whole topics resampled give the honest
+spread) and the number of windows where gaugenet's loss is lower. A difference within
+about two standard deviations (over topics) is not resolved by that text.
 
     HF_HUB_OFFLINE=1 PYTHONPATH=src .venv/bin/python benchmarks/decoder_paired.py \\
         [--schemes w4 w4a8 ...] [--json paired.json]
@@ -32,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import gaugenet
 import quantize_transformers as qt
 from gaugenet.apply import QuantScheme, equalize, logit_kl, quantize
-from tiny_decoder import corpus, windows
+from tiny_decoder import SEQ, corpus, split_topics, windows
 from transformer_tasks import load_task
 
 
@@ -47,14 +48,32 @@ def window_nll(model: nn.Module, x: Tensor, chunk: int = 16) -> Tensor:
     return torch.cat(out)
 
 
-def paired(d: Tensor, resamples: int = 2000) -> dict:
-    """Sum of the per-window differences `d`, its bootstrap standard deviation, and how many
-    windows are below zero."""
+def window_topics(names: list[str], n_windows: int, seq: int = SEQ) -> Tensor:
+    """The topic (index into `names`) of each window of a part (`corpus`: the topics joined
+    by blank lines, cut into windows from the start): the topic holding its first byte."""
+    import pydoc_data.topics as t
+
+    ends = torch.tensor(
+        [len(t.topics[k].encode("utf-8")) + 2 for k in names], dtype=torch.long
+    ).cumsum(0)
+    starts = torch.arange(n_windows) * seq
+    return torch.searchsorted(ends, starts, right=True)
+
+
+def paired(d: Tensor, topics: Tensor, resamples: int = 2000) -> dict:
+    """Sum of the per-window differences `d`, its bootstrap standard deviations over windows
+    and over topics (windows of one topic are correlated: resampling whole topics is the
+    honest spread), and how many windows are below zero."""
     g = torch.Generator().manual_seed(0)
     idx = torch.randint(0, len(d), (resamples, len(d)), generator=g)
+    ids, inverse = torch.unique(topics, return_inverse=True)
+    per_topic = torch.zeros(len(ids), dtype=d.dtype).index_add_(0, inverse, d)
+    pick = torch.randint(0, len(ids), (resamples, len(ids)), generator=g)
     return {
         "difference": float(d.sum()),
         "sd": float(d[idx].sum(1).std()),
+        "sd_topics": float(per_topic[pick].sum(1).std()),
+        "topics": len(ids),
         "gaugenet_lower": int((d < 0).sum()),
         "windows": len(d),
     }
@@ -90,6 +109,11 @@ def main() -> None:
     task = load_task("decoder")
     _, val, held = corpus()
     parts = {"validation": windows(val), "held out": windows(held)}
+    split = split_topics()
+    topics = {
+        p: window_topics(split[k], len(parts[p]))
+        for p, k in (("validation", "validation"), ("held out", "held_out"))
+    }
     peers = peer_models(task, print)
     group = gaugenet.symmetries(task.model, task.calib)
     result = {}
@@ -105,10 +129,12 @@ def main() -> None:
         result[s] = {}
         for label, m in models.items():
             q = quantize(m, sch)
-            result[s][label] = {p: paired(ours[p] - window_nll(q, x)) for p, x in parts.items()}
+            result[s][label] = {
+                p: paired(ours[p] - window_nll(q, x), topics[p]) for p, x in parts.items()
+            }
             line = "  ".join(
-                f"{p} {r['difference']:+.1f} ± {r['sd']:.1f} nats, lower on "
-                f"{r['gaugenet_lower']}/{r['windows']}"
+                f"{p} {r['difference']:+.1f} ± {r['sd']:.1f} (± {r['sd_topics']:.1f} over "
+                f"{r['topics']} topics) nats, lower on {r['gaugenet_lower']}/{r['windows']}"
                 for p, r in result[s][label].items()
             )
             print(f"{s} gaugenet − {label}: {line}", flush=True)
