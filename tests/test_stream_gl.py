@@ -40,6 +40,17 @@ def _ids() -> torch.Tensor:
     return torch.randint(0, V, (64, T), generator=torch.Generator().manual_seed(1))
 
 
+def _same_canonical(model, moved, ids, group) -> nn.Module:
+    """The canonical forms of `model` and of `moved` (a point of its orbit) agree, entry by
+    entry, to `1e-10` of the largest weight; returns `model`'s."""
+    a = gaugenet.canonicalize(model, example_inputs=ids, group=group)
+    b = gaugenet.canonicalize(moved, example_inputs=ids, group=group)
+    top = max(float(p.abs().max()) for p in a.parameters())
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert float((p - q).abs().max()) < 1e-10 * top, name
+    return a
+
+
 def _stream_gl(group) -> StreamGLFactor:
     (f,) = [f for f in group.factors if isinstance(f, StreamGLFactor)]
     return f
@@ -54,11 +65,7 @@ def test_stream_gl_found_exact_and_canonical(blocks):
     moved = group.act(model, g)
     assert gaugenet.invariance_error(model, moved, ids) < 1e-12
     # the canonical form is the same from every point of the orbit
-    a = gaugenet.canonicalize(model, example_inputs=ids, group=group)
-    b = gaugenet.canonicalize(moved, example_inputs=ids, group=group)
-    top = max(float(p.abs().max()) for p in a.parameters())
-    for (name, p), q in zip(a.named_parameters(), b.parameters()):
-        assert float((p - q).abs().max()) < 1e-10 * top, name
+    a = _same_canonical(model, moved, ids, group)
     assert gaugenet.invariance_error(model, a, ids) < 1e-12
 
 
@@ -87,11 +94,7 @@ def test_biases_shift_with_the_readers_taking_it_back():
     g = group.sample(torch.Generator().manual_seed(5))
     moved = group.act(model, g)
     assert gaugenet.invariance_error(model, moved, ids) < 1e-12
-    a = gaugenet.canonicalize(model, example_inputs=ids, group=group)
-    b = gaugenet.canonicalize(moved, example_inputs=ids, group=group)
-    top = max(float(p.abs().max()) for p in a.parameters())
-    for p, q in zip(a.parameters(), b.parameters()):
-        assert float((p - q).abs().max()) < 1e-10 * top
+    _same_canonical(model, moved, ids, group)
     # negative: the shift of the writer's bias without the head taking it back
     f = next(f for f in shifts if f.name.endswith("down.0.bias"))
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -162,11 +165,7 @@ def test_attention_on_a_stream_with_no_normalization(bias):
     assert gaugenet.certify(model, ids).unexplained == 0
     moved = group.act(model, group.sample(torch.Generator().manual_seed(6)))
     assert gaugenet.invariance_error(model, moved, ids) < 1e-12
-    a = gaugenet.canonicalize(model, example_inputs=ids, group=group)
-    b = gaugenet.canonicalize(moved, example_inputs=ids, group=group)
-    top = max(float(p.abs().max()) for p in a.parameters())
-    for p, q in zip(a.parameters(), b.parameters()):
-        assert float((p - q).abs().max()) < 1e-10 * top
+    _same_canonical(model, moved, ids, group)
 
 
 class _RawPositions(nn.Module):

@@ -16,7 +16,6 @@ import torch
 from torch import fx, nn
 
 from ._ops import graph_users
-from ._param_linear import right_product
 
 __all__ = [
     "Linear",
@@ -25,11 +24,20 @@ __all__ = [
     "linear_reading",
     "linear_writing",
     "param_name",
+    "right_product",
 ]
 
 aten = torch.ops.aten
 _RESHAPES = {aten.reshape.default, aten.view.default, torch.reshape}
 _MATMULS = (aten.addmm.default, aten.mm.default)
+
+
+def right_product(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """`x @ w` for a weight `w` stored `(in, out)`: a linear map on the last axis of `x` (the
+    call `_param_linear.py` rewrites such products to)."""
+    return torch.matmul(x, w)
+
+
 _PARAM_LINEARS = (aten.linear.default, right_product)
 
 
@@ -95,32 +103,27 @@ def as_linear(n: fx.Node, root: nn.Module) -> Linear | None:
             return None
         b = f"{n.target}.bias" if m.bias is not None else None
         return Linear(n, f"{n.target}.weight", b, 0)
-    if n.op == "call_function" and n.target in _PARAM_LINEARS and not n.kwargs:
+    if n.op != "call_function" or n.kwargs:
+        return None
+    if n.target in _PARAM_LINEARS:
         # `aten.linear(x, W[, b])` (`W` `(out, in)`) or `right_product(x, W)` (`(in, out)`)
         # on parameters: the forms `_param_linear.py` rewrites
-        w, b = n.args[1], n.args[2] if len(n.args) > 2 else None
-        wname = param_name(w, root)
-        bname = param_name(b, root) if b is not None else None
-        if wname is None or (b is not None and bname is None):
-            return None
-        if root.get_parameter(wname).ndim != 2:
-            return None
-        return Linear(n, wname, bname, 0 if n.target is aten.linear.default else 1)
-    if n.op == "call_function" and n.target in _MATMULS:
-        if n.kwargs:
-            return None
-        args = n.args if n.target is aten.addmm.default else (None, *n.args)
-        bias, _, w = args
-        wname = param_name(w, root)
-        bname = param_name(bias, root) if bias is not None else None
-        if wname is None or (bias is not None and bname is None):
-            return None
-        if root.get_parameter(wname).ndim != 2:
-            return None
-        if bname is not None and root.get_parameter(bname).ndim != 1:
-            return None
-        return Linear(n, wname, bname, 1)
-    return None
+        w, bias = n.args[1], n.args[2] if len(n.args) > 2 else None
+        out_axis = 0 if n.target is aten.linear.default else 1
+    elif n.target in _MATMULS:
+        bias, _, w = n.args if n.target is aten.addmm.default else (None, *n.args)
+        out_axis = 1
+    else:
+        return None
+    wname = param_name(w, root)
+    bname = param_name(bias, root) if bias is not None else None
+    if wname is None or (bias is not None and bname is None):
+        return None
+    if root.get_parameter(wname).ndim != 2:
+        return None
+    if bname is not None and root.get_parameter(bname).ndim != 1:
+        return None
+    return Linear(n, wname, bname, out_axis)
 
 
 def _is_reshape(n: Any) -> bool:

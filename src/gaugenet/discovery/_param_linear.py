@@ -27,7 +27,9 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-__all__ = ["LINEAR", "param_linears", "right_product"]
+from ._linear import param_name, right_product
+
+__all__ = ["LINEAR", "param_linears"]
 
 aten = torch.ops.aten
 LINEAR = aten.linear.default
@@ -37,11 +39,6 @@ _LINEARS = (torch._C._nn.linear, LINEAR)
 _T_FUNCTIONS = (aten.t.default, aten.numpy_T.default, torch.t)
 _T_METHODS = ("t",)
 _EINSUM = (torch.einsum, aten.einsum.default)
-
-
-def right_product(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """`x @ w` for a weight `w` stored `(in, out)`: a linear map on the last axis of `x`."""
-    return torch.matmul(x, w)
 
 
 def _einsum_form(eq: Any) -> str | None:
@@ -67,13 +64,8 @@ def _einsum_form(eq: Any) -> str | None:
 
 def _param(n: Any, root: nn.Module, ndim: int) -> bool:
     """`n` reads a parameter of `root` with `ndim` axes."""
-    if not (isinstance(n, fx.Node) and n.op == "get_attr"):
-        return False
-    try:
-        p = root.get_parameter(str(n.target))
-    except (AttributeError, TypeError):
-        return False
-    return isinstance(p, nn.Parameter) and p.ndim == ndim
+    name = param_name(n, root)
+    return name is not None and root.get_parameter(name).ndim == ndim
 
 
 def _swaps_two_axes(dims: tuple[Any, ...]) -> bool:

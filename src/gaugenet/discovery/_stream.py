@@ -59,6 +59,7 @@ from ._ops import (
 from ._scaled import scaled_by_constant
 from ._shifts import AbsorbedShiftFactor, GainIntoLinears, IntoLinears
 from ._stream_gl import StreamGLFactor, stream_gl
+from ._unread import _ancestors
 from .rules.recurrent import BiasDifferenceFactor
 
 __all__ = ["stream_rotations", "with_rotations"]
@@ -291,9 +292,7 @@ def _follow(
             terms.append(RotateRows(w.bias))
     terms += readers
     touched = [t.param for t in terms]
-    if len({id(root.get_parameter(p)) for p in touched}) != len(touched):
-        # a tied table read and written (under one name or two, as a tied LM head): the
-        # two actions disagree
+    if _tied(touched, root):
         return None
     mods = tuple(dict.fromkeys(p.rpartition(".")[0] for p in touched))
     return OrthogonalFactor(
@@ -306,6 +305,12 @@ def _follow(
         table_block=seed.block,
         fixes_ones=centered,
     )
+
+
+def _tied(params: list[str], root: nn.Module) -> bool:
+    """Two of the parameters a stream factor acts on are one tensor: a tied table read and
+    written (under one name or two, as a tied LM head), where the two actions disagree."""
+    return len({id(root.get_parameter(p)) for p in params}) != len(params)
 
 
 def _table_seed(seed: _Seed, root: nn.Module) -> bool:
@@ -322,14 +327,10 @@ def _reaching(
     (the seed's lookup first), then the writers, in order; a contributor reaches a reader
     when its node is that stream node or one of its ancestors."""
     sources = [*tables, *(w.node for w in writers)]
+    graph = set(read_at[0].graph.nodes) if read_at else set()
     out = []
     for n in read_at:
-        seen, stack = set(), [n]
-        while stack:
-            m = stack.pop()
-            if m not in seen:
-                seen.add(m)
-                stack += m.all_input_nodes
+        seen = _ancestors(n, graph) | {n}
         out.append(tuple(src in seen for src in sources))
     return out
 
@@ -345,8 +346,8 @@ def _gl(
     params = [seed.param, *tables]
     params += [p for w in writers for p in (w.weight, w.bias) if p is not None]
     params += [r.weight for r in readers]
-    if len({id(root.get_parameter(p)) for p in params}) != len(params):
-        return None  # a tied table read and written: the two actions disagree
+    if _tied(params, root):
+        return None
     mods = tuple(dict.fromkeys(p.rpartition(".")[0] or p for p in params))
     axes = {t: root.get_parameter(t).ndim - 1 for t in tables}
     return stream_gl(seed.name, seed.d, seed.param, tables, writers, readers, mods, reach, axes)

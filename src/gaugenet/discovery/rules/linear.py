@@ -15,7 +15,7 @@ from torch import Tensor, fx, nn
 
 from ...groups import AffineFactor, AffineTerm, GLFactor, MatTerm
 from .._labels import ZERO
-from .._param_linear import right_product
+from .._linear import right_product
 from ._common import Pair, Unsupported, broadcast_channels, fixed, scale_reps
 from ._examples import batch, seeded, token_ids
 from ._rule import Example, Rule

@@ -453,10 +453,7 @@ def _stream_gl(ctx: Context) -> Measurement:
     moved = group.act(model, group.sample(gen))
     a = _canonical.canonicalize(model, example_inputs=ids, group=group)
     b = _canonical.canonicalize(moved, example_inputs=ids, group=group)
-    with torch.no_grad():
-        top = max(float(p.abs().max()) for p in a.parameters())
-        gap = max(float((p - q).abs().max()) for p, q in zip(a.parameters(), b.parameters()))
-    gap /= top
+    gap = _gap(a.state_dict(), b.state_dict())
     full = certify(model, ids, group=group).unexplained
     rest = GaugeGroup(
         tuple(f for f in group.factors if f is not gls[0]), group.breakers, group.param_names
