@@ -212,6 +212,14 @@ MORE_ROWS: list[tuple[str, Build]] = [
     ),
     _row("ElectraModel", "ElectraModel", "ElectraConfig", **_ENC, embedding_size=8),
     _row("AlbertModel", "AlbertModel", "AlbertConfig", **_ENC, embedding_size=4),
+    # ALBERT as released: one layer applied at every depth (here twice), its weights shared
+    _row(
+        "AlbertModel (shared, 2 layers)",
+        "AlbertModel",
+        "AlbertConfig",
+        **{**_ENC, "num_hidden_layers": 2},
+        embedding_size=4,
+    ),
     _row(
         "XLMRobertaModel",
         "XLMRobertaModel",
@@ -223,6 +231,21 @@ MORE_ROWS: list[tuple[str, Build]] = [
         "DebertaV2Model",
         "DebertaV2Config",
         **{**_ENC, "type_vocab_size": 0},
+    ),
+    # DeBERTa-v3's attention: relative terms `q · k_r` and `k · q_r` from the query and key
+    # maps applied to a LayerNorm-ed table of relative positions (log buckets)
+    _row(
+        "DebertaV2Model (relative)",
+        "DebertaV2Model",
+        "DebertaV2Config",
+        **{**_ENC, "type_vocab_size": 0},
+        relative_attention=True,
+        pos_att_type=["p2c", "c2p"],
+        position_buckets=4,
+        max_relative_positions=-1,
+        norm_rel_ebd="layer_norm",
+        share_att_key=True,
+        position_biased_input=False,
     ),
     # LayerNorm1P (an nn.LayerNorm subclass whose gain is `1 + w`), squared ReLU, half of
     # each head rotary (the config's default)

@@ -80,13 +80,17 @@ def _scaling_tangents(fm: FlatModel, norm: nn.LayerNorm, kernel: Tensor) -> Tens
     return span(kernel @ scaling, 1e-6)
 
 
-def eps_cause(fm: FlatModel, jac: Tensor, kernel: Tensor, floor: float, rtol: float) -> CauseSpace:
-    """The `CauseSpace` of the LayerNorms of `fm.model` whose `eps` is under `rtol` of their
-    inputs' variance: one scaling tangent per norm, sought in `ker J` (orthonormal `kernel`
-    `(n_params, k)` of `jac` `(n_outputs, n_params)`), kept when it is constructed and
-    `J t` is under `floor = rtol σ_max`."""
+def eps_cause(fm: FlatModel, jac: Tensor, kernel: Tensor, floor: float) -> CauseSpace:
+    """The `CauseSpace` of the LayerNorms of `fm.model` whose `eps` the Jacobian does not
+    see: the scaling tangents of each norm, sought in `ker J` (orthonormal `kernel`
+    `(n_params, k)` of `jac` `(n_outputs, n_params)`), kept when they are constructed and
+    `J t` is under `floor` (`rtol σ_max`). Every LayerNorm is tried, not only those whose
+    `eps` is under the rank tolerance times their inputs' variance: what the outputs see of
+    a scaling is `eps / σ²` times how much they depend on that norm's input, which can be
+    small (a table of relative positions read through a few score terms); the test on
+    `J t` decides."""
     dirs, where = [], []
-    for name in small_eps_norms(fm.model, fm.args, rtol):
+    for name in small_eps_norms(fm.model, fm.args, math.inf):
         t = _scaling_tangents(fm, fm.model.get_submodule(name), kernel)
         t = t[:, (jac @ t).norm(dim=0) <= floor]  # in ker J to the rank tolerance
         if t.shape[1]:

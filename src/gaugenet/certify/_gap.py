@@ -159,7 +159,7 @@ def _measured(
     builders: list[Callable[[], CauseSpace]] = [
         lambda: together_cause(jac, floor, fm.names, fm.sizes),
         lambda: table_cause(fm, missing, orbit.basis(), floor),
-        lambda: eps_cause(fm, jac, kernel, floor, rtol),
+        lambda: eps_cause(fm, jac, kernel, floor),
     ]
     out = []
     for build in builders:

@@ -54,6 +54,8 @@ from ._attention_trace import Linear, Proj, Skip, linear_sources, trace_input, t
 from ._head_norm_find import head_norm_kernel
 from ._kernel import MeanKernel, ReaderSlot
 from ._ops import graph_users, passes_input
+from ._same import shared_cores
+from ._scaled import unscaled_keys
 from ._score_maps import SCORE_MAPS
 from ._shifts import AbsorbedShiftFactor, IntoLinears
 from ._value_row_one import AlongOne
@@ -146,7 +148,8 @@ def attention_from_graph(
             keys.setdefault(pk.lin.weight, []).append((pk.offset, pk.offset + width))
         else:  # under rotary: the coordinates every score map treats alike (unrotated)
             keys.setdefault(pk.lin.weight, []).extend(key_rows)
-    return factors, breakers, covered, keys
+    factors, shared = shared_cores(factors)
+    return factors, breakers + shared, covered, keys
 
 
 # -- finding cores -------------------------------------------------------------------------
@@ -198,12 +201,23 @@ def _manual_core(sm: fx.Node, values: dict, root: nn.Module) -> _Core | None:
         return None
     q, kt, bias = product
     added += bias
-    # nonlinear in the scores: a map of them, or an operation whose other operand is
-    # computed from them too (`s * s`)
-    mapped = [c.name for c, others in chain if _score_map(c) or any(_reads(a, s) for a in others)]
+    kt = unscaled_keys(kt, values, root)
     k = _untranspose(kt) or untranspose_last(kt, values)
     if k is None:
         return None
+    # nonlinear in the scores: a map of them, or an operation whose other operand is
+    # computed from them too (`s * s`), or from the queries or keys themselves (DeBERTa's
+    # relative terms `q · k_r` and `k · q_r`, with `k_r`, `q_r` from the same projections):
+    # no constant per query passes them, so the key bias turns with the keys, unshifted
+    mapped = [
+        c.name
+        for c, others in chain
+        if _score_map(c)
+        or any(
+            _reads(a, s) or _reads_values(a, q, values) or _reads_values(a, k, values)
+            for a in others
+        )
+    ]
     # forward from the softmax to the values matmul
     p = sm
     while len(graph_users(p)) == 1:  # `torch.export`'s dtype checks on a cast read nothing
@@ -218,6 +232,20 @@ def _manual_core(sm: fx.Node, values: dict, root: nn.Module) -> _Core | None:
             continue
         return None
     return None
+
+
+def _reads_values(a: Any, x: Any, values: dict) -> bool:
+    """`a` is a tensor computed from the values of `x` (not only from its shape, as a
+    `1/√d_head` read off the queries: paths through numbers do not count)."""
+    stack, seen = [a], set()
+    while stack:
+        n = stack.pop()
+        if n is x:
+            return True
+        if isinstance(n, fx.Node) and n not in seen and isinstance(values.get(n), Tensor):
+            seen.add(n)
+            stack += n.all_input_nodes
+    return False
 
 
 def _reads(a: Any, s: fx.Node) -> bool:

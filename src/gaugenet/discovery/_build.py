@@ -16,9 +16,11 @@ from ..groups import (
     RescalingFactor,
     Scale,
 )
+from ._kernel import LayerNormKernelFactor, without_tied
 from ._labels import FIXED, Labels, terms_by_factor, unique_pairs
 from ._monomials import monomial_factors
 from ._perm_monomial import monomial_conjugates
+from ._same import same_factor
 from ._shifts import IntoBatchNorm, IntoLinears
 from ._tied import tied_rescalings
 
@@ -276,16 +278,42 @@ def _scale_shifts(shifts: list, scale: list[RescalingFactor | MonomialScaleFacto
                 sh.scaled_by = (*sh.scaled_by, (f.name, t.index.reshape(-1)))
 
 
+def _applied_alike(extra: list, tied: set[str], n_uses: dict[str, int]) -> list:
+    """The extra factors (shifts, LayerNorm kernels, centered outputs), one per name.
+
+    A factor derived once per application of a layer whose weights every application
+    shares (ALBERT's shared layer: its LayerNorm, called once per layer, gives one kernel
+    per call) is one transformation of those weights, derived for every application: it is
+    kept once when all its copies are the same and they are at least as many as the
+    operations that read each shared parameter it moves. Otherwise a factor that moves a
+    shared parameter is dropped (a LayerNorm kernel keeps the readers nothing else reads,
+    `without_tied`), as are copies that differ."""
+    by_name: dict[str, list] = {}
+    for f in extra:
+        by_name.setdefault(f.name, []).append(f)
+    out = []
+    for fs in by_name.values():
+        f = fs[0]
+        if not all(same_factor(f, g) for g in fs[1:]):
+            continue
+        shared = tied & set(f.params())
+        if shared and all(n_uses[p] <= len(fs) for p in shared) and len(fs) > 1:
+            out.append(f)
+            continue
+        g = without_tied(f, tied) if isinstance(f, LayerNormKernelFactor) else f
+        if g is not None and not tied & set(g.params()):
+            out.append(g)
+    return out
+
+
 def build_factors(L: Labels, model: nn.Module) -> tuple[list, list[Breaker]]:
     joint = tied_rescalings(L, model)  # before the ties fix their labels
     _fix_shared(L)
-    tied = {
-        name
-        for uses in L.param_users.values()
-        if len({nd for _, nd in uses}) > 1
-        for name, _ in uses
+    n_uses = {
+        name: len({nd for _, nd in uses}) for uses in L.param_users.values() for name, _ in uses
     }
-    extra = [f for f in L.extra if not tied & set(f.params())]
+    tied = {name for name, n in n_uses.items() if n > 1}
+    extra = _applied_alike(L.extra, tied, n_uses)
     # classes linked by product and power equations (fixed afterwards), then the others
     joint += monomial_factors(L)
     scale, fac, pos = _scale_factors(L)

@@ -40,6 +40,7 @@ __all__ = [
     "ill_conditioned",
     "kernel_factor",
     "link_kernels",
+    "without_tied",
 ]
 
 #: `min |γ| / max |γ|` below which the direction `1/γ` is not offered
@@ -185,6 +186,26 @@ def kernel_factor(name: str, ln: nn.LayerNorm, slots: list[ReaderSlot]) -> Layer
     return LayerNormKernelFactor(
         f"ln_kernel:{name}", sum(s.size for s in slots), terms=(term,), modules=mods
     )
+
+
+def without_tied(f: LayerNormKernelFactor, tied: set[str]) -> LayerNormKernelFactor | None:
+    """`f` in the rows of its readers whose weight and bias no other operation reads (each
+    reader's rows move alone, their bias taking back the constant they add: any subset of
+    readers is a symmetry): DeBERTa's query and key projections also read the relative
+    position table. `None` when no reader is left, or the LayerNorm's own `γ`, `β` are
+    shared."""
+    k = f.kernel
+    own = {f"{k.ln}.weight", f"{k.ln}.bias"}
+    if own & tied:
+        return None
+    slots = [s for s in k.slots if not {s.weight, s.bias} & tied]
+    if len(slots) == len(k.slots):
+        return f
+    if not slots:
+        return None
+    term = dataclasses.replace(k, slots=tuple(slots))
+    mods = tuple(dict.fromkeys((k.ln, *(s.weight.rpartition(".")[0] for s in slots))))
+    return LayerNormKernelFactor(f.name, sum(s.size for s in slots), terms=(term,), modules=mods)
 
 
 def _rows(W: Tensor, slot: ReaderSlot) -> Tensor:

@@ -29,7 +29,7 @@ from ._labels import Labels
 from ._linear import Linear, keeps_last_axis, linear_reading, linear_writing, param_name
 from ._offset_layernorm import effective_gain
 from ._ops import ADD_OPS, CASTS, expand_to, graph_users, is_token_pick, picks_tokens
-from ._scaled import constant_factor, scaled_by_constant
+from ._scaled import constant_factor, scaled_by_constant, times_one
 from ._shifts import layernorm_shift
 from ._unread import Unread
 
@@ -172,7 +172,8 @@ class NormRules:
 
     def _readers(self, n: fx.Node) -> list[tuple[fx.Node, fx.Node]]:
         """`(reader, node it reads)` for the users of `n`, looking through eval-mode dropouts,
-        identities and casts (which pass the LayerNorm's output on unchanged)."""
+        identities, casts and products with constant ones (which pass the LayerNorm's output
+        on unchanged)."""
         out = []
         # nodes after `n` have not run yet: a token pick is recognized right after `n` only
         ran = self.values.get(n)
@@ -183,10 +184,10 @@ class NormRules:
                 isinstance(mod, nn.Identity)
                 or (isinstance(mod, nn.Dropout) and not mod.training)
                 or (u.op == "call_function" and u.target in CASTS)
-            )
+            ) and u.args[:1] == (n,)
             if is_token_pick(u):
-                passes = picks_tokens(u, ndim)
-            if passes and u.args[:1] == (n,):
+                passes = picks_tokens(u, ndim) and u.args[:1] == (n,)
+            if passes or times_one(u, n, self.root, self.values):
                 out += self._readers(u)
             else:
                 out.append((u, n))
