@@ -22,7 +22,7 @@ import gaugenet
 from gaugenet._invariance import relative_error
 from gaugenet.certify import Verdict
 from gaugenet.discovery import INTERNAL_ERROR
-from gaugenet.groups import model_state
+from gaugenet.groups import GaugeGroup, model_state
 from tiny_hf import tiny_hf
 
 _ENC = dict(
@@ -246,3 +246,26 @@ def test_a_norm_is_read_through_constant_ones_but_not_through_a_mask() -> None:
         other = copy.deepcopy(model)
         other.load_state_dict(state)
         assert relative_error(other(x, mask), model(x, mask)) > 1e-3
+
+
+def test_relative_attention_has_one_canonical_form_per_orbit() -> None:
+    """Canonical forms from two points of one orbit agree; with the query-key factor left
+    out of the group, two points related by a query-key element do not (negative)."""
+    model, x = _deberta(relative=True)
+    group, names = _factors(model, x)
+    qk = names[f"{_LAYER}.qk"]
+    other = _moved(group, model, qk, seed=3)
+    a = gaugenet.canonicalize(model, example_inputs=x, group=group)
+    b = gaugenet.canonicalize(other, example_inputs=x, group=gaugenet.symmetries(other, x))
+    assert relative_error(_out(a, x), _out(model, x)) < 1e-12
+
+    def gap(m1, m2) -> float:
+        return max(float((p - q).abs().max()) for p, q in zip(m1.parameters(), m2.parameters()))
+
+    assert gap(a, b) < 1e-10
+    without = GaugeGroup(
+        tuple(f for f in group.factors if f.name != qk.name), group.breakers, group.param_names
+    )
+    a2 = gaugenet.canonicalize(model, example_inputs=x, group=without)
+    b2 = gaugenet.canonicalize(other, example_inputs=x, group=without)
+    assert gap(a2, b2) > 1e-3

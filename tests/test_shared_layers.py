@@ -79,14 +79,23 @@ def test_factors_of_one_name_that_differ_are_dropped() -> None:
     assert not kept and [b.node for b in breakers] == ["s"]
 
 
-def test_a_shared_layers_norm_kernel_is_kept_once() -> None:
+def test_a_shared_layers_norm_kernel_and_centered_outputs_are_kept_once() -> None:
     """The shared attention LayerNorm is called once per layer, each call giving the same
-    kernel in the same (shared) reader rows: kept once, and it keeps the outputs."""
+    kernel in the same (shared) reader rows; the output maps whose sums only LayerNorms
+    read are centered at every call: each kept once, and each keeps the outputs."""
     model, x = _albert(layers=3)
     group = gaugenet.symmetries(model, x)
-    kernel = group.factor(f"ln_kernel:{_LAYER}.LayerNorm")
-    moved = group.act(model, {kernel.name: kernel.sample(torch.Generator().manual_seed(0))})
-    assert relative_error(_out(moved, x), _out(model, x)) < 1e-12
+    layer = _LAYER.rpartition(".")[0]
+    ref, gen = _out(model, x), torch.Generator().manual_seed(0)
+    for name in (
+        f"ln_kernel:{_LAYER}.LayerNorm",
+        f"center:{_LAYER}.dense",
+        f"center:{layer}.ffn_output",
+    ):
+        f = group.factor(name)
+        assert relative_error(_out(group.act(model, {name: f.sample(gen)}), x), ref) < 1e-12
+    report = gaugenet.certify(model, x, group=group)
+    assert report.worst_residual < 1e-12
 
 
 def test_shared_parameters_need_a_copy_per_use() -> None:
@@ -102,3 +111,17 @@ def test_shared_parameters_need_a_copy_per_use() -> None:
     assert _applied_alike([scaling([0, 1])], {"w"}, uses) == []  # one copy, two uses
     assert _applied_alike([scaling([0, 1]), scaling([1, 0])], {"w"}, uses) == []
     assert [f.name for f in _applied_alike([scaling([0, 1])], set(), {"w": 1})] == ["s"]
+
+
+def test_a_shared_layer_has_one_canonical_form_per_orbit() -> None:
+    model, x = _albert(layers=3)
+    group = gaugenet.symmetries(model, x)
+    other = group.act(model, group.sample(torch.Generator().manual_seed(3)))
+    a = gaugenet.canonicalize(model, example_inputs=x, group=group)
+    b = gaugenet.canonicalize(other, example_inputs=x, group=gaugenet.symmetries(other, x))
+    assert relative_error(_out(a, x), _out(model, x)) < 1e-12
+    assert max(float((p - q).abs().max()) for p, q in zip(a.parameters(), b.parameters())) < 1e-10
+    assert (
+        max(float((p - q).abs().max()) for p, q in zip(model.parameters(), other.parameters()))
+        > 1e-2
+    )

@@ -287,7 +287,9 @@ def _applied_alike(extra: list, tied: set[str], n_uses: dict[str, int]) -> list:
     kept once when all its copies are the same and they are at least as many as the
     operations that read each shared parameter it moves. Otherwise a factor that moves a
     shared parameter is dropped (a LayerNorm kernel keeps the readers nothing else reads,
-    `without_tied`), as are copies that differ."""
+    `without_tied`), as are copies that differ (a kernel whose calls have different
+    readers keeps those of a call that nothing else reads: ALBERT's pooler reads the last
+    call of the shared layer's last LayerNorm)."""
     by_name: dict[str, list] = {}
     for f in extra:
         by_name.setdefault(f.name, []).append(f)
@@ -295,6 +297,10 @@ def _applied_alike(extra: list, tied: set[str], n_uses: dict[str, int]) -> list:
     for fs in by_name.values():
         f = fs[0]
         if not all(same_factor(f, g) for g in fs[1:]):
+            if isinstance(f, LayerNormKernelFactor):  # each call's unshared readers
+                left = [g for g in (without_tied(h, tied) for h in fs) if g is not None]
+                if left and all(same_factor(left[0], g) for g in left[1:]):
+                    out.append(left[0])
             continue
         shared = tied & set(f.params())
         if shared and all(n_uses[p] <= len(fs) for p in shared) and len(fs) > 1:

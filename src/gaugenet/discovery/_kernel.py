@@ -192,12 +192,10 @@ def without_tied(f: LayerNormKernelFactor, tied: set[str]) -> LayerNormKernelFac
     """`f` in the rows of its readers whose weight and bias no other operation reads (each
     reader's rows move alone, their bias taking back the constant they add: any subset of
     readers is a symmetry): DeBERTa's query and key projections also read the relative
-    position table. `None` when no reader is left, or the LayerNorm's own `γ`, `β` are
-    shared."""
+    position table. `None` when no reader is left. The LayerNorm's own `γ`, `β` are only
+    read (for `1/γ` and `Σ β/γ`), so a LayerNorm called several times (a shared layer)
+    keeps the kernel in the readers of this call."""
     k = f.kernel
-    own = {f"{k.ln}.weight", f"{k.ln}.bias"}
-    if own & tied:
-        return None
     slots = [s for s in k.slots if not {s.weight, s.bias} & tied]
     if len(slots) == len(k.slots):
         return f

@@ -43,6 +43,9 @@ class NormRules:
     L: Labels
     #: layers already given their centering factor (reachable from several LayerNorms)
     centered_layers: set[str]
+    #: the calls whose output `centered_inputs` centered, per layer (a shared layer is
+    #: called once per application, each gets its copy of the factor)
+    centered_calls: dict[str, set[fx.Node]]
     #: `_removed` results per node
     removed_memo: dict[fx.Node, bool]
     #: every node's value on the example inputs
@@ -607,8 +610,14 @@ class NormRules:
             )
         for s in self._upstream(src):
             found = self._output_layer(s, E)
-            if found is None or found.name in done or not self._removed(s, E, memo):
+            if found is None or not self._removed(s, E, memo):
                 continue
+            calls = self.centered_calls.get(found.name)
+            if found.name in done and (calls is None or s in calls):
+                continue  # centered by another rule, or at this call already
+            # a further call of a layer centered at another call (a shared layer): a copy,
+            # derived for this application too (`_build._applied_alike` keeps one)
+            self.centered_calls.setdefault(found.name, set()).add(s)
             done.add(found.name)
             self.L.extra.append(centered_output(found, self.root))
         if self._removed(src, E, memo):

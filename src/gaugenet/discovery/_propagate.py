@@ -43,6 +43,7 @@ class Propagator(NormRules, fx.Interpreter):
         self._carried: dict[fx.Node, Pair] = {}
         self.param_ids = {id(p): n for n, p in root.named_parameters(remove_duplicate=False)}
         self.centered_layers: set[str] = set()
+        self.centered_calls: dict[str, set[fx.Node]] = {}
         self.removed_memo: dict[fx.Node, bool] = {}
         #: lookups of tied tables whose values only LayerNorms read (`tied_table_factors`):
         #: each lookup's scale, and the tables summed with it with their scales
