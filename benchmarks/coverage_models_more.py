@@ -6,6 +6,7 @@ appears."""
 from __future__ import annotations
 
 from coverage_models import _LLAMA, Build, T, V, _hf
+from gaugenet.discovery.rules._examples import DEBERTA_V3_ATTENTION
 
 _DEC = _LLAMA  # a decoder block: the Llama rows' sizes
 _ENC = dict(
@@ -239,13 +240,7 @@ MORE_ROWS: list[tuple[str, Build]] = [
         "DebertaV2Model",
         "DebertaV2Config",
         **{**_ENC, "type_vocab_size": 0},
-        relative_attention=True,
-        pos_att_type=["p2c", "c2p"],
-        position_buckets=4,
-        max_relative_positions=-1,
-        norm_rel_ebd="layer_norm",
-        share_att_key=True,
-        position_biased_input=False,
+        **DEBERTA_V3_ATTENTION,
     ),
     # LayerNorm1P (an nn.LayerNorm subclass whose gain is `1 + w`), squared ReLU, half of
     # each head rotary (the config's default)

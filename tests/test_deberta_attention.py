@@ -22,6 +22,7 @@ import gaugenet
 from gaugenet._invariance import relative_error
 from gaugenet.certify import Verdict
 from gaugenet.discovery import INTERNAL_ERROR
+from gaugenet.discovery.rules._examples import DEBERTA_V3_ATTENTION
 from gaugenet.groups import GaugeGroup, model_state
 from tiny_hf import tiny_hf
 
@@ -34,15 +35,7 @@ _ENC = dict(
     max_position_embeddings=6,
     type_vocab_size=0,
 )
-_RELATIVE = dict(
-    relative_attention=True,
-    pos_att_type=["p2c", "c2p"],
-    position_buckets=4,
-    max_relative_positions=-1,
-    norm_rel_ebd="layer_norm",
-    share_att_key=True,
-    position_biased_input=False,
-)
+_RELATIVE = DEBERTA_V3_ATTENTION
 _LAYER = "encoder.layer.0.attention"
 
 

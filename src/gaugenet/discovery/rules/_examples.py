@@ -8,7 +8,20 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-__all__ = ["batch", "seeded", "token_ids"]
+__all__ = ["DEBERTA_V3_ATTENTION", "batch", "seeded", "token_ids"]
+
+#: the attention of DeBERTa-v3 as a `transformers.DebertaV2Config`'s settings: relative
+#: terms `c2p` and `p2c` from the query and key maps applied to a LayerNorm-ed table of log
+#: buckets (4 here, for models of a few positions; 256 as released), no absolute positions
+DEBERTA_V3_ATTENTION = dict(
+    relative_attention=True,
+    pos_att_type=["p2c", "c2p"],
+    position_buckets=4,
+    max_relative_positions=-1,
+    norm_rel_ebd="layer_norm",
+    share_att_key=True,
+    position_biased_input=False,
+)
 
 
 def seeded(make: Callable[[], nn.Module], seed: int = 0) -> nn.Module:

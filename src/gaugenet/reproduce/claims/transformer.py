@@ -171,7 +171,7 @@ def _deberta(seed: int) -> tuple[nn.Module, dict]:
     float64 weights of unit gain, and 40 sequences of 6 tokens using every id."""
     import transformers
 
-    from ...discovery.rules._examples import token_ids
+    from ...discovery.rules._examples import DEBERTA_V3_ATTENTION, token_ids
 
     config = transformers.DebertaV2Config(
         vocab_size=24,
@@ -181,13 +181,7 @@ def _deberta(seed: int) -> tuple[nn.Module, dict]:
         intermediate_size=16,
         max_position_embeddings=6,
         type_vocab_size=0,
-        relative_attention=True,
-        pos_att_type=["p2c", "c2p"],
-        position_buckets=4,
-        max_relative_positions=-1,
-        norm_rel_ebd="layer_norm",
-        share_att_key=True,
-        position_biased_input=False,
+        **DEBERTA_V3_ATTENTION,
     )
     gen = torch.Generator().manual_seed(seed)
     model = transformers.DebertaV2Model(config).double().eval()
