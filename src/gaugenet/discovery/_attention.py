@@ -213,10 +213,7 @@ def _manual_core(sm: fx.Node, values: dict, root: nn.Module) -> _Core | None:
         c.name
         for c, others in chain
         if _score_map(c)
-        or any(
-            _reads(a, s) or _reads_values(a, q, values) or _reads_values(a, k, values)
-            for a in others
-        )
+        or any(_reads(a, s) or _reads(a, q, values) or _reads(a, k, values) for a in others)
     ]
     # forward from the softmax to the values matmul
     p = sm
@@ -234,30 +231,21 @@ def _manual_core(sm: fx.Node, values: dict, root: nn.Module) -> _Core | None:
     return None
 
 
-def _reads_values(a: Any, x: Any, values: dict) -> bool:
-    """`a` is a tensor computed from the values of `x` (not only from its shape, as a
-    `1/√d_head` read off the queries: paths through numbers do not count)."""
-    stack, seen = [a], set()
-    while stack:
-        n = stack.pop()
-        if n is x:
-            return True
-        if isinstance(n, fx.Node) and n not in seen and isinstance(values.get(n), Tensor):
-            seen.add(n)
-            stack += n.all_input_nodes
-    return False
-
-
-def _reads(a: Any, s: fx.Node) -> bool:
-    """`a` is computed from `s` (or is `s`)."""
+def _reads(a: Any, s: Any, values: dict | None = None) -> bool:
+    """`a` is computed from `s` (or is `s`); with `values`, from the values of `s`: only
+    paths through tensors count, not those through numbers (a `1/√d_head` read off the
+    queries' shape)."""
     stack, seen = [a], set()
     while stack:
         n = stack.pop()
         if n is s:
             return True
-        if isinstance(n, fx.Node) and n not in seen:
-            seen.add(n)
-            stack += n.all_input_nodes
+        if not isinstance(n, fx.Node) or n in seen:
+            continue
+        if values is not None and not isinstance(values.get(n), Tensor):
+            continue
+        seen.add(n)
+        stack += n.all_input_nodes
     return False
 
 

@@ -20,7 +20,7 @@ from ._kernel import LayerNormKernelFactor, without_tied
 from ._labels import FIXED, Labels, terms_by_factor, unique_pairs
 from ._monomials import monomial_factors
 from ._perm_monomial import monomial_conjugates
-from ._same import same_factor
+from ._same import by_name, same_factor
 from ._shifts import IntoBatchNorm, IntoLinears
 from ._tied import tied_rescalings
 
@@ -290,11 +290,8 @@ def _applied_alike(extra: list, tied: set[str], n_uses: dict[str, int]) -> list:
     `without_tied`), as are copies that differ (a kernel whose calls have different
     readers keeps those of a call that nothing else reads: ALBERT's pooler reads the last
     call of the shared layer's last LayerNorm)."""
-    by_name: dict[str, list] = {}
-    for f in extra:
-        by_name.setdefault(f.name, []).append(f)
     out = []
-    for fs in by_name.values():
+    for fs in by_name(extra).values():
         f = fs[0]
         if not all(same_factor(f, g) for g in fs[1:]):
             if isinstance(f, LayerNormKernelFactor):  # each call's unshared readers
@@ -303,7 +300,8 @@ def _applied_alike(extra: list, tied: set[str], n_uses: dict[str, int]) -> list:
                     out.append(left[0])
             continue
         shared = tied & set(f.params())
-        if shared and all(n_uses[p] <= len(fs) for p in shared) and len(fs) > 1:
+        # (each shared parameter has two uses at least: so two copies at least)
+        if shared and all(n_uses[p] <= len(fs) for p in shared):
             out.append(f)
             continue
         g = without_tied(f, tied) if isinstance(f, LayerNormKernelFactor) else f

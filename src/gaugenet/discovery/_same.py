@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ..groups import Breaker
 
-__all__ = ["same_factor", "shared_cores"]
+__all__ = ["by_name", "same_factor", "shared_cores"]
 
 
 def same_factor(a: Any, b: Any) -> bool:
@@ -38,17 +38,22 @@ def same_factor(a: Any, b: Any) -> bool:
     return type(a) is type(b) and a == b
 
 
+def by_name(factors: list) -> dict[str, list]:
+    """The factors grouped by name, in order of first appearance."""
+    out: dict[str, list] = {}
+    for f in factors:
+        out.setdefault(f.name, []).append(f)
+    return out
+
+
 def shared_cores(factors: list) -> tuple[list, list[Breaker]]:
     """One factor per name: a layer applied several times (ALBERT's shared layers, a
     recurrent block) gives one core per application, all with the same projections, whose
     factors are then the same transformation of the same weights: a symmetry of every
     application at once, kept once. Factors of one name that differ (the same projections
     read through different maps) are all dropped, with a breaker."""
-    by_name: dict[str, list] = {}
-    for f in factors:
-        by_name.setdefault(f.name, []).append(f)
     out, breakers = [], []
-    for name, fs in by_name.items():
+    for name, fs in by_name(factors).items():
         if all(same_factor(fs[0], f) for f in fs[1:]):
             out.append(fs[0])
         else:

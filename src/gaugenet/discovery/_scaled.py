@@ -177,13 +177,4 @@ def _one_number(c: Any, values: dict, root: nn.Module) -> bool:
         return v != 0
     if not isinstance(v, Tensor) or v.numel() != 1 or not bool(v.ne(0).all()):
         return False
-    stack, seen = [c], set()
-    while stack:
-        n = stack.pop()
-        if n in seen or not isinstance(values.get(n), Tensor):
-            continue  # numbers (shapes) carry no values of the inputs
-        seen.add(n)
-        if n.op in ("placeholder", "call_module") or param_name(n, root) is not None:
-            return False
-        stack += n.all_input_nodes
-    return True
+    return _value_free(c, values, root)
