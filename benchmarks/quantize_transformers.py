@@ -16,7 +16,8 @@ Where a task has validation inputs (data disjoint from the calibration inputs an
 held-out data: the 364 windows of the decoder's validation topics, which its training never
 read, the digits CNN's other 1 181 training images), gaugenet chooses its element on them
 among its candidates, plain rounding included (`equalize(..., validation=...)`), by the
-next-token loss (decoder) or the KL to the float logits (CNN); the peers then get the
+KL of the rounded model's outputs to the float model's (next-byte distributions for the
+decoder, class probabilities for the CNN); the peers then get the
 calibration and validation inputs together as their calibration data, so every method sees
 the same training data (`--no-validation`: neither does). The held-out data is only scored.
 
@@ -233,7 +234,7 @@ def bench_task(
             continue
         for line in lines:
             log(f"    gaugenet {s} {line}")
-            chosen.append(f"{s}: {line.rsplit('chose ', 1)[1]}")
+            chosen.append(f"{s}: {line.rsplit('chose ', 1)[1].split(' (')[0]}")
         row.setdefault("validation", {})[s] = lines
         row["preserved"] = max(row["preserved"], relative_change(task.outputs(eq), y))
         row[s] = task.score(quantize(eq, sch))

@@ -13,7 +13,7 @@ from gaugenet import GaugeError, invariance_error
 from gaugenet.apply import QuantScheme, equalize, quantize, quantize_grouped, squared_error
 from gaugenet.apply._quantize import quantized_params
 from gaugenet.apply._search import _slices, input_ranges, noise_model_scales, smoothing_scales
-from gaugenet.apply._select import Candidate, select
+from gaugenet.apply._select import Candidate, fold_scores, select, select_simplest
 from gaugenet.discovery import symmetries
 from gaugenet.groups import RescalingFactor, model_state
 
@@ -56,6 +56,81 @@ def test_select_skips_non_finite_scores_and_refuses_bad_input() -> None:
         select(_cand("identity", math.nan), others, _value)
 
 
+def _sq(y_q: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return ((y_q - y) ** 2).sum()
+
+
+def _rows(label: str, values: list[float]) -> Candidate:
+    """A candidate whose rounded outputs are `values` (one row each, reference 0)."""
+    return Candidate(label, {}, {"y": torch.tensor(values, dtype=torch.float64)[:, None]})
+
+
+def _pick(cands: list[Candidate], distance=_sq, folds: int = 10):
+    ref = torch.zeros_like(cands[0].state["y"])
+    return select_simplest(cands[0], cands[1:], lambda c: c.state["y"], ref, distance, folds=folds)
+
+
+def test_fold_scores_differ_by_each_folds_rows_only(gen) -> None:
+    y, a, b = (torch.randn(23, 3, generator=gen, dtype=torch.float64) for _ in range(3))
+    fa, fb = fold_scores(a, y, _sq, 5), fold_scores(b, y, _sq, 5)
+    for j, rows in enumerate(torch.arange(23).tensor_split(5)):
+        torch.testing.assert_close(fa[j] - fb[j], _sq(a[rows], y[rows]) - _sq(b[rows], y[rows]))
+    torch.testing.assert_close((fa - fb).sum(), _sq(a, y) - _sq(b, y))
+
+
+def test_one_standard_error_rule_prefers_the_first_candidate_within_noise() -> None:
+    """Twenty rows, ten folds, squared outputs summed. `fitted` is lowest; `simple` is
+    above it by less than one standard error of their paired fold differences, so it is
+    chosen; `worse` (above the identity) and a candidate out of reach are not. The
+    standard error is checked against its definition, `sqrt(k) · sd_j(d_j)`."""
+    ident = _rows("identity", [1.0] * 20)
+    worse = _rows("worse", [1.01] * 20)
+    far = _rows("far", [0.99] * 20)  # above the lowest by far more than its noise
+    simple = _rows("simple", [1.0] * 10 + [0.3] * 10)
+    fitted = _rows("fitted", [0.3] * 10 + [0.9] * 10)
+    chosen, scores, why = _pick([ident, worse, far, simple, fitted])
+    assert chosen.label == "simple" and why.startswith("within one standard error")
+    pairs = (simple.state["y"] ** 2 - fitted.state["y"] ** 2).reshape(10, 2).sum(1)
+    se = math.sqrt(10) * float(pairs.std())
+    assert 0 < scores["simple"] - scores["fitted"] <= se
+    assert f"({se:.3g})" in why
+    assert scores["far"] - scores["fitted"] > math.sqrt(10) * 0.5  # beyond its own error
+    # negatives: without `simple` the noisy gap to `far` is too large, and the lowest wins
+    chosen, _, why = _pick([ident, worse, far, fitted])
+    assert chosen.label == "fitted" and why == "lowest"
+    # a candidate within noise of the lowest is taken below plain rounding, never above it
+    noisy = _rows("noisy", [1.2**0.5, 1.2**0.5, 0.0, 0.0] * 5)  # 12.0, within noise of 9.0
+    chosen, _, why = _pick([ident, noisy, fitted])
+    assert chosen.label == "noisy" and why.startswith("within one standard error")
+    chosen, scores, why = _pick([_rows("identity", [0.76] * 20), noisy, fitted])
+    assert scores["identity"] < scores["noisy"] and chosen.label == "fitted" and why == "lowest"
+    # every candidate above the identity: plain rounding
+    chosen, _, why = _pick([ident, worse])
+    assert chosen.label == "identity" and why == "lowest"
+
+
+def test_one_standard_error_rule_falls_back_and_refuses_as_it_says() -> None:
+    ident, simple = _rows("identity", [1.0] * 20), _rows("simple", [1.0] * 10 + [0.3] * 10)
+    fitted = _rows("fitted", [0.3] * 10 + [0.9] * 10)
+    # a distance that does not sum over rows: the fold differences do not add up, lowest
+    chosen, _, why = _pick([ident, simple, fitted], distance=lambda a, b: (a - b).abs().amax())
+    assert chosen.label == "fitted" and "does not sum over rows" in why
+    # two rows: no standard error, lowest
+    two = [_rows("identity", [1.0, 1.0]), _rows("s", [0.9, 0.9]), _rows("f", [0.5, 0.9])]
+    chosen, _, why = _pick(two)
+    assert chosen.label == "f" and "no standard error" in why
+    # a scalar output: one row, lowest
+    one = [Candidate(n, {}, {"y": torch.tensor(v, dtype=torch.float64)}) for n, v in
+           (("identity", 1.0), ("s", 0.5))]  # fmt: skip
+    chosen, _, why = _pick(one)
+    assert chosen.label == "s" and "1 rows: no standard error" in why
+    # a non-finite candidate is skipped, a non-finite identity refused
+    chosen, scores, _ = _pick([ident, _rows("nan", [math.nan] * 20), fitted])
+    assert chosen.label == "fitted" and math.isnan(scores["nan"])
+    with pytest.raises(GaugeError, match="nothing to compare with"):
+        _pick([_rows("identity", [math.inf] * 20), fitted])
+
+
 def _mlp(seed: int) -> nn.Sequential:
     g = torch.Generator().manual_seed(seed)
     m = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 4))
@@ -89,10 +164,15 @@ def test_equalize_on_validation_is_never_worse_than_plain_rounding() -> None:
             chosen = float(squared_error(quantize(eq, "w3")(val), y))
         assert chosen <= ident * (1 + 1e-9), (seed, chosen, ident)
         (line,) = lines
-        scores = {k: float(v) for k, v in re.findall(r"(\w[\w .]*?) ([-\d.e+]+)(?:,|;)", line)}
-        label = line.rsplit("chose ", 1)[1]
+        scores = {k: float(v) for k, v in re.findall(r"(\w[\w .-]*?) ([-\d.e+]+)(?:,|;)", line)}
+        label, why = re.fullmatch(r"(.+?) \((.+)\)", line.rsplit("chose ", 1)[1]).groups()
         assert scores[label] == pytest.approx(chosen, rel=1e-5)  # logged to 6 digits
-        assert scores[label] == min(scores.values())
+        assert scores[label] <= scores["identity"]
+        if why == "lowest":
+            assert scores[label] == min(scores.values())
+        else:  # the first candidate within one standard error of the lowest
+            se = float(re.fullmatch(r"within one standard error \((.+)\) of the lowest", why)[1])
+            assert min(scores.values()) < scores[label] <= min(scores.values()) + se * 1.0001
         guarded += any(v > scores["identity"] for v in scores.values())
     assert guarded, "no candidate was worse than plain rounding on validation: weak test"
 

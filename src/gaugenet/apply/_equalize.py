@@ -15,6 +15,7 @@ from .._tolerances import drift_tolerance, model_dtype
 from ..discovery import symmetries
 from ..groups import Element, GaugeGroup, GLFactor, OrthogonalFactor, RescalingFactor, model_state
 from ..groups._base import State
+from ._activation_aware import activation_aware_search, input_means
 from ._distance import OutputDistance, squared_error
 from ._learn import learn_element
 from ._quantize import GRANULARITIES, quantize_tensor, quantized_params, transposed_params
@@ -28,7 +29,7 @@ from ._search import (
     sensitivities,
     smoothing_scales,
 )
-from ._select import Candidate, select
+from ._select import Candidate, select_simplest
 
 __all__ = ["equalize", "equalizing_element", "weight_quantization_error"]
 
@@ -70,17 +71,12 @@ def _hadamard(d: int) -> Tensor | None:
     return h / math.sqrt(d)
 
 
-def _output_noise(
-    model: nn.Module,
-    inputs: Any,
-    names: list[str],
-    scheme: QuantScheme,
-    distance: OutputDistance = squared_error,
-) -> Callable[[State], float]:
-    """`state ↦ distance(y_q, y)` (default `Σ (y_q − y)²`): the output noise of `model` with
-    `state`'s weights rounded as `scheme` rounds them (and, with its `act_bits`, every
-    Linear/Conv input rounded per token), on `inputs` (the example inputs; the score that
-    picks among candidates)."""
+def _rounded_outputs(
+    model: nn.Module, inputs: Any, names: list[str], scheme: QuantScheme
+) -> tuple[Callable[[State], Tensor], Tensor]:
+    """`(state ↦ y_q, y)`: the outputs of `model` with `state`'s weights rounded as `scheme`
+    rounds them (and, with its `act_bits`, every Linear/Conv input rounded per token), and
+    the float model's outputs `y`, on `inputs`."""
     act_bits = scheme.act_bits
     dtype = next(p.dtype for p in model.parameters())
     with torch.no_grad():
@@ -89,11 +85,29 @@ def _output_noise(
     run = forward_fn(noisy, inputs)
     transposed = transposed_params(model)
 
-    def noise(state: State) -> float:
+    def rounded(state: State) -> Tensor:
         st = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         st.update({n: round_weight(st[n], scheme, n in transposed) for n in names})
         with torch.no_grad():
-            return float(distance(run(st), y))
+            return run(st)
+
+    return rounded, y
+
+
+def _output_noise(
+    model: nn.Module,
+    inputs: Any,
+    names: list[str],
+    scheme: QuantScheme,
+    distance: OutputDistance = squared_error,
+) -> Callable[[State], float]:
+    """`state ↦ distance(y_q, y)` (default `Σ (y_q − y)²`): the output noise of `model` with
+    `state`'s weights rounded as `scheme` rounds them (`_rounded_outputs`), on `inputs` (the
+    example inputs; the score that picks among candidates)."""
+    rounded, y = _rounded_outputs(model, inputs, names, scheme)
+
+    def noise(state: State) -> float:
+        return float(distance(rounded(state), y))
 
     return noise
 
@@ -165,13 +179,14 @@ def equalizing_element(
 
     With `validation` (inputs other than `example_inputs`, e.g. held back from the
     calibration split; `objective="output"` only), the element is then chosen on them
-    (`_select.select`) among the identity, the closed-form candidates (range balance, the
-    noise model, SmoothQuant's balance at each strength of `SMOOTHING`, now for every
-    scheme) and the element after each of search, rotations and learning, by
-    `validation_distance` (default `distance`) on the rounded model's outputs: the
-    calibration objective overfits a few inputs, and the identity among the candidates
-    makes the choice never worse than plain rounding on the validation inputs. `log`
-    receives one line with every candidate's validation score and the choice.
+    (`_select.select_simplest`) among the identity, the data-light candidates (range
+    balance, SmoothQuant's balance at each strength of `SMOOTHING`, AWQ's activation-aware
+    scales, the noise model) and the element after each of search, rotations and learning,
+    by `validation_distance` (default `distance`) on the rounded model's outputs: the
+    calibration objective overfits a few inputs, so of the candidates no worse than plain
+    rounding on the validation inputs, the first in that order whose score is within one
+    standard error of the lowest is taken. `log` receives one line with every candidate's
+    validation score, the choice and why.
 
     **Returns:** `(group, element)`.
     """
@@ -297,11 +312,13 @@ def equalizing_element(
             e_best, state, elem = e, trial, cand
             pool.append(Candidate("learned", dict(elem), state))
     if validation is not None:
-        val_err = _output_noise(model, validation, names, sch, validation_distance or distance)
-        chosen, scores = select(pool[0], pool[1:], val_err)
+        rounded, y_val = _rounded_outputs(model, validation, names, sch)
+        chosen, scores, why = select_simplest(
+            pool[0], pool[1:], lambda c: rounded(c.state), y_val, validation_distance or distance
+        )
         if log is not None:
             parts = ", ".join(f"{k} {v:.6g}" for k, v in scores.items())
-            log(f"validation: {parts}; chose {chosen.label}")
+            log(f"validation: {parts}; chose {chosen.label} ({why})")
         elem = chosen.element
     return group, elem
 
@@ -361,7 +378,8 @@ def equalize(
     - `validation`, `validation_distance`: with `objective="output"`, inputs other than
       `example_inputs` on which the element is chosen among the candidates, the identity
       included (so never worse than plain rounding there), by `validation_distance`
-      (default `distance`); `log` receives the candidates' scores and the choice.
+      (default `distance`; one that sums over rows, so that the one-standard-error rule
+      can use folds of the rows); `log` receives the candidates' scores and the choice.
     - `tol`: largest allowed relative output change on `example_inputs` (float64 evaluation);
       default by the weights' dtype (`1e-9` float64, `1e-5` float32, `1e-2` float16).
 
@@ -412,24 +430,31 @@ def _data_driven(
     strengths: tuple[float, ...],
     group_size: int | None,
 ) -> tuple[tuple[float, dict, State], list[Candidate]]:
-    """Closed-form candidates from `start`, the model's state in float64 (the
-    sensitivity-weighted noise-model optimum, with one step per group of `group_size` when
-    given; SmoothQuant's balance of input and weight ranges at each of `strengths`), each
-    kept where it beats `best`, then a local search on `err` from the best; returns the new
-    `(err, element, state)` and the closed-form candidates."""
+    """Data-driven candidates from `start`, the model's state in float64 (SmoothQuant's
+    balance of input and weight ranges at each of `strengths`; AWQ's activation-aware
+    scales, one exponent per factor picked on `err`; the sensitivity-weighted noise-model
+    optimum, with one step per group of `group_size` when given), each kept where it beats
+    `best`, then a local search on `err` from the best; returns the new `(err, element,
+    state)` and the candidates, in order of how much each fitted to the calibration data."""
     scales = [f for f in factors if isinstance(f, RescalingFactor)]
     if not scales:
         return best, []
     e_best, elem, state = best
     sens = sensitivities(model, cast_floats(inputs, torch.float64), start, names)
+    # in order of how much each fits to the calibration data (validation prefers the first
+    # of those within noise of the best): closed forms, one exponent per factor, per channel
+    act = input_ranges(model, inputs, names) if strengths else {}
+    candidates = [
+        (f"smoothing {s:g}", smoothing_scales(scales, start, act, strength=s)) for s in strengths
+    ]
+    ident = {f.name: f.identity(torch.float64) for f in factors}
+    # AWQ: one exponent per factor on the mean input magnitudes, picked on `err`
+    aware, _, _ = activation_aware_search(scales, start, input_means(model, inputs, names), err)
+    candidates.append(("activation-aware", aware))
     noise = noise_model_scales(
         scales, start, names, sens, bits=bits, per_channel=per_channel, group_size=group_size
     )
-    candidates = [("noise model", noise)]
-    act = input_ranges(model, inputs, names) if strengths else {}
-    for s in strengths:
-        candidates.append((f"smoothing {s:g}", smoothing_scales(scales, start, act, strength=s)))
-    ident = {f.name: f.identity(torch.float64) for f in factors}
+    candidates.append(("noise model", noise))
     closed = []
     for label, alphas in candidates:
         trial = start

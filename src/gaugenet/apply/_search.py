@@ -29,7 +29,9 @@ from ..groups import RescalingFactor, Scale
 from ..groups._base import State
 
 __all__ = [
+    "column_channels",
     "forward_fn",
+    "input_means",
     "input_ranges",
     "local_search",
     "noise_model_scales",
@@ -166,10 +168,12 @@ def local_search(
     return [torch.exp(log) for log in logs], state, best
 
 
-def input_ranges(model: nn.Module, inputs: Any, names: Sequence[str]) -> dict[str, Tensor]:
-    """`max |X_j|` over all tokens of the input features `j` of every layer whose weight is
-    named in `names` (features on the last axis for Linear, axis 1 for Conv), float64."""
-    out: dict[str, Tensor] = {}
+def _each_input(
+    model: nn.Module, inputs: Any, names: Sequence[str], take: Callable[[str, Tensor], None]
+) -> None:
+    """Run `model` on `inputs` and hand `take(name, |X|)` the input magnitudes of every layer
+    whose weight is named in `names`, as `(tokens, features)` float64 (features on the last
+    axis for Linear, axis 1 for Conv; a layer called twice is handed both)."""
     handles = []
     for n in names:
         layer = model.get_submodule(n.rsplit(".", 1)[0]) if "." in n else model
@@ -177,8 +181,7 @@ def input_ranges(model: nn.Module, inputs: Any, names: Sequence[str]) -> dict[st
 
         def hook(_m, args, n=n, dim=dim):
             x = args[0].detach().double().abs().movedim(dim, -1)
-            r = x.reshape(-1, x.shape[-1]).amax(0)
-            out[n] = torch.maximum(out[n], r) if n in out else r
+            take(n, x.reshape(-1, x.shape[-1]))
 
         handles.append(layer.register_forward_pre_hook(hook))
     try:
@@ -187,7 +190,33 @@ def input_ranges(model: nn.Module, inputs: Any, names: Sequence[str]) -> dict[st
     finally:
         for h in handles:
             h.remove()
+
+
+def input_ranges(model: nn.Module, inputs: Any, names: Sequence[str]) -> dict[str, Tensor]:
+    """`max |X_j|` over all tokens of the input features `j` of every layer whose weight is
+    named in `names` (features on the last axis for Linear, axis 1 for Conv), float64."""
+    out: dict[str, Tensor] = {}
+
+    def take(n: str, x: Tensor) -> None:
+        r = x.amax(0)
+        out[n] = torch.maximum(out[n], r) if n in out else r
+
+    _each_input(model, inputs, names, take)
     return out
+
+
+def input_means(model: nn.Module, inputs: Any, names: Sequence[str]) -> dict[str, Tensor]:
+    """`mean |X_j|` over all tokens (and positions) of the input features `j` of every layer
+    whose weight is named in `names`, float64, `(in_features,)` each."""
+    sums: dict[str, Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def take(n: str, x: Tensor) -> None:
+        sums[n] = sums[n] + x.sum(0) if n in sums else x.sum(0)
+        counts[n] = counts.get(n, 0) + x.shape[0]
+
+    _each_input(model, inputs, names, take)
+    return {n: v / counts[n] for n, v in sums.items()}
 
 
 def smoothing_scales(
@@ -212,27 +241,45 @@ def smoothing_scales(
         raise GaugeError(f"smoothing strength must be in [0, 1], got {strength}")
     out = []
     for f in factors:
-        ranges: dict[int, tuple[Tensor, Tensor]] = {}  # power -> (max |W|, max |X|) per channel
-        for term in getattr(f, "terms", ()):
-            if not isinstance(term, Scale) or term.param not in act or term.power == 0:
-                continue
-            w = state[term.param].double()
-            idx = term.index.expand(w.shape).movedim(1, -1).reshape(-1, w.shape[1])
-            if not bool((idx == idx[:1]).all()):
-                continue  # not a column scaling
-            live = idx[0] < f.n
-            k = idx[0][live]
-            wmax = w.abs().movedim(1, -1).reshape(-1, w.shape[1]).amax(0)[live]
-            zero = torch.zeros(f.n, dtype=torch.float64)
-            wk, xk = ranges.get(term.power, (zero, zero))
-            ranges[term.power] = (
-                wk.scatter_reduce(0, k, wmax, "amax"),
-                xk.scatter_reduce(0, k, act[term.param][live], "amax"),
-            )
         log_a = torch.zeros(f.n, dtype=torch.float64)
-        if ranges:  # the readers' power (all readers of a stream share it)
-            power, (wk, xk) = max(ranges.items(), key=lambda kv: int((kv[1][0] > 0).sum()))
+        found = column_channels(f, state, act)
+        if found is not None:
+            power, wk, xk = found
             ok = (wk > 0) & (xk > 0)
             log_a[ok] = (strength * xk[ok].log() - (1 - strength) * wk[ok].log()) / power
         out.append(torch.exp(log_a))
     return out
+
+
+def column_channels(
+    factor: RescalingFactor, state: State, act: dict[str, Tensor]
+) -> tuple[int, Tensor, Tensor] | None:
+    """The input columns of quantized layers that `factor` scales, per channel: channel `k`
+    scales columns `J_k` of a weight `W` by `α_k^p`. `act` holds a statistic of each
+    quantized layer's input features (`input_ranges`, `input_means`).
+
+    **Returns:** `(p, max_{J_k} |W|, max_{J_k} act)`, each `(factor.n,)` (0 where channel
+    `k` scales no column), for the power `p` that scales the most channels (all readers of
+    a stream share it); `None` when the factor scales no input column of a layer in `act`.
+    """
+    ranges: dict[int, tuple[Tensor, Tensor]] = {}  # power -> (max |W|, max act) per channel
+    for term in getattr(factor, "terms", ()):
+        if not isinstance(term, Scale) or term.param not in act or term.power == 0:
+            continue
+        w = state[term.param].double()
+        idx = term.index.expand(w.shape).movedim(1, -1).reshape(-1, w.shape[1])
+        if not bool((idx == idx[:1]).all()):
+            continue  # not a column scaling
+        live = idx[0] < factor.n
+        k = idx[0][live]
+        wmax = w.abs().movedim(1, -1).reshape(-1, w.shape[1]).amax(0)[live]
+        zero = torch.zeros(factor.n, dtype=torch.float64)
+        wk, xk = ranges.get(term.power, (zero, zero))
+        ranges[term.power] = (
+            wk.scatter_reduce(0, k, wmax, "amax"),
+            xk.scatter_reduce(0, k, act[term.param][live], "amax"),
+        )
+    if not ranges:
+        return None
+    power, (wk, xk) = max(ranges.items(), key=lambda kv: int((kv[1][0] > 0).sum()))
+    return power, wk, xk
