@@ -150,11 +150,39 @@ def test_sigint_during_save_removes_the_temporary_file(tmp_path, monkeypatch) ->
         os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of the write
 
     monkeypatch.setattr("safetensors.torch.save_file", interrupted)
-    before = signal.getsignal(signal.SIGINT)
-    with pytest.raises(KeyboardInterrupt):
-        save_safetensors_atomic({"w": torch.zeros(3)}, tmp_path / "out.safetensors")
-    assert seen == [True] and list(tmp_path.iterdir()) == []
-    assert signal.getsignal(signal.SIGINT) is before  # the handler is restored
+    # Python's own Ctrl-C handler, whatever this process inherited (a job started in the
+    # background without job control ignores SIGINT)
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            save_safetensors_atomic({"w": torch.zeros(3)}, tmp_path / "out.safetensors")
+        assert seen == [True] and list(tmp_path.iterdir()) == []
+        # the handler is restored
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, outer)
+
+
+def test_ignored_sigint_during_save_leaves_the_write_alone(tmp_path, monkeypatch) -> None:
+    """A process that ignores SIGINT keeps ignoring it while saving: the file is written.
+    (Removing the temporary file there turned an ignored Ctrl-C into a failed write.)"""
+    from safetensors.torch import save_file
+
+    from gaugenet.io import save_safetensors_atomic
+
+    def interrupted(tensors, filename, metadata=None):
+        save_file(tensors, filename, metadata)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr("safetensors.torch.save_file", interrupted)
+    outer = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        save_safetensors_atomic({"w": torch.ones(3)}, tmp_path / "out.safetensors")
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, outer)
+    assert torch.equal(load_file(str(tmp_path / "out.safetensors"))["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["out.safetensors"]
 
 
 def test_save_in_a_thread_and_errors_clean_up(tmp_path) -> None:

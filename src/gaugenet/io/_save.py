@@ -50,7 +50,8 @@ def check_writable(
 @contextlib.contextmanager
 def _removed_on_signal(tmp: Path) -> Iterator[None]:
     """While active, SIGTERM and SIGINT remove `tmp` before the process ends as it would
-    have (the previous handler runs; the default one re-raises the signal)."""
+    have (the previous handler runs; the default one re-raises the signal). A signal the
+    process ignores (a background job's SIGINT, say) stays ignored: the write goes on."""
     if threading.current_thread() is not threading.main_thread():
         yield  # handlers can only be installed from the main thread
         return
@@ -61,14 +62,15 @@ def _removed_on_signal(tmp: Path) -> Iterator[None]:
         old = previous[signum]
         if callable(old):
             old(signum, frame)
-        elif old == signal.SIG_IGN:
-            return
         else:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
-        previous[sig] = signal.getsignal(sig)
+        old = signal.getsignal(sig)
+        if old == signal.SIG_IGN:
+            continue  # removing the file would turn an ignored signal into a failed write
+        previous[sig] = old
         signal.signal(sig, handler)
     try:
         yield
