@@ -251,3 +251,23 @@ def test_noise_model_slices_are_the_grouped_quantizer_steps(gen: torch.Generator
                            group_size=2, iters=50)  # fmt: skip
     assert any(not torch.allclose(u, v) for u, v in zip(a, c))  # groups change the model
     assert QuantScheme.parse("w4g2").group_size == 2
+
+
+def test_output_objective_refuses_tied_weights_clearly() -> None:
+    """A GPT-2 language model shares its token embedding with its head. The output objective
+    evaluates rounded weights by name, so it refuses with a `GaugeError` that names the
+    pair (it failed inside `torch.func` with a raw `ValueError`); the range objective
+    works and keeps the tie, and untied, the output objective runs."""
+    from tiny_hf import tiny_hf
+
+    cfg = dict(vocab_size=24, n_embd=16, n_layer=1, n_head=2, n_positions=6, use_cache=False)
+    m, x = tiny_hf("GPT2LMHeadModel", "GPT2Config", **cfg)
+    with pytest.raises(GaugeError, match="lm_head.weight and transformer.wte.weight|"
+                       "transformer.wte.weight and lm_head.weight"):  # fmt: skip
+        equalize(m, x, bits=4, objective="output", search=0)
+    eq = equalize(m, x, bits=4)
+    assert eq.lm_head.weight is eq.transformer.wte.weight
+    assert invariance_error(m, eq, x) < 1e-9
+    m.lm_head.weight = nn.Parameter(m.lm_head.weight.detach().clone())
+    eq = equalize(m, x, bits=4, objective="output", search=0)
+    assert invariance_error(m, eq, x) < 1e-9

@@ -112,6 +112,14 @@ def _output_noise(
     return noise
 
 
+def _tied_parameters(model: nn.Module) -> list[tuple[str, ...]]:
+    """The names of each parameter that the model holds under more than one name."""
+    by_id: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(name)
+    return [tuple(n) for n in by_id.values() if len(n) > 1]
+
+
 def _step(
     f: RescalingFactor | GLFactor,
     state: State,
@@ -204,6 +212,13 @@ def equalizing_element(
         raise GaugeError("validation needs objective='output': it scores the rounded outputs")
     if granularity not in GRANULARITIES:
         raise GaugeError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    if objective == "output" and (tied := _tied_parameters(model)):
+        raise GaugeError(
+            f"{type(model).__name__} shares one tensor between {' and '.join(tied[0])}: "
+            "objective='output' evaluates rounded weights by name and cannot round a tied "
+            "pair as one yet; use objective='range', or untie them first (e.g. "
+            "`model.lm_head.weight = nn.Parameter(model.lm_head.weight.clone())`)"
+        )
     group = symmetries(model, example_inputs) if group is None else group
     names, transposed = quantized_params(model), transposed_params(model)
     q, per_channel = set(names), granularity == "per-channel"
