@@ -9,14 +9,10 @@ from torch import nn
 
 from gaugenet import GaugeError, invariance_error
 from gaugenet.apply import QuantScheme
-from gaugenet.apply._activation_aware import (
-    GRID,
-    activation_aware_scales,
-    activation_aware_search,
-    input_means,
-)
+from gaugenet.apply._activation_aware import GRID, activation_aware_scales, activation_aware_search
 from gaugenet.apply._equalize import _output_noise
 from gaugenet.apply._quantize import quantized_params
+from gaugenet.apply._search import input_means
 from gaugenet.discovery import symmetries
 from gaugenet.groups import RescalingFactor, model_state
 

@@ -22,25 +22,16 @@ import gaugenet
 from gaugenet._invariance import relative_error
 from gaugenet.certify import Verdict
 from gaugenet.discovery import INTERNAL_ERROR
-from gaugenet.discovery.rules._examples import DEBERTA_V3_ATTENTION
+from gaugenet.discovery.rules._examples import DEBERTA_TINY, DEBERTA_V3_ATTENTION
 from gaugenet.groups import GaugeGroup, model_state
 from tiny_hf import tiny_hf
 
-_ENC = dict(
-    vocab_size=24,
-    hidden_size=8,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    intermediate_size=16,
-    max_position_embeddings=6,
-    type_vocab_size=0,
-)
-_RELATIVE = DEBERTA_V3_ATTENTION
 _LAYER = "encoder.layer.0.attention"
 
 
 def _deberta(relative: bool):
-    return tiny_hf("DebertaV2Model", "DebertaV2Config", **_ENC, **(_RELATIVE if relative else {}))
+    relative_attention = DEBERTA_V3_ATTENTION if relative else {}
+    return tiny_hf("DebertaV2Model", "DebertaV2Config", **DEBERTA_TINY, **relative_attention)
 
 
 def _out(model, x) -> torch.Tensor:

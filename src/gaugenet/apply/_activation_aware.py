@@ -21,9 +21,9 @@ from torch import Tensor
 from .._errors import GaugeError
 from ..groups import RescalingFactor
 from ..groups._base import State
-from ._search import column_channels, input_means
+from ._search import column_channels
 
-__all__ = ["GRID", "activation_aware_scales", "activation_aware_search", "input_means"]
+__all__ = ["GRID", "activation_aware_scales", "activation_aware_search"]
 
 #: the exponents `a` tried per factor (AWQ's grid of 20 ratios in `[0, 1)`, every other one)
 GRID = tuple(i / 10 for i in range(10))
@@ -36,10 +36,14 @@ def activation_aware_scales(
     layers the factor reads into by `s_k = x̄_k^a / sqrt(max x̄^a · min x̄^a)` (AWQ's scales,
     normalized so that their geometric range is centered on 1), `x̄_k` the largest mean input
     magnitude over those columns; channels that scale no such column keep 1."""
+    return _scales(factor.n, column_channels(factor, state, means), exponent)
+
+
+def _scales(n: int, found: tuple[int, Tensor, Tensor] | None, exponent: float) -> Tensor:
+    """`activation_aware_scales` from a factor's `column_channels` (`found`), `(n,)`."""
     if not 0 <= exponent <= 1:
         raise GaugeError(f"activation-aware exponent must be in [0, 1], got {exponent}")
-    log_a = torch.zeros(factor.n, dtype=torch.float64)
-    found = column_channels(factor, state, means)
+    log_a = torch.zeros(n, dtype=torch.float64)
     if found is None:
         return torch.exp(log_a)
     power, _, xk = found
@@ -67,16 +71,17 @@ def activation_aware_search(
     out = []
     for f in factors:
         choice = torch.ones(f.n, dtype=torch.float64)
-        if column_channels(f, state, means) is not None:
+        found = column_channels(f, state, means)
+        if found is not None:
+            chosen_state = state
             for a in grid:
                 if a == 0:
                     continue
-                alpha = activation_aware_scales(f, state, means, a)
+                alpha = _scales(f.n, found, a)
                 trial = f.apply(state, alpha)
                 e = err(trial)
                 if e < best:
                     best, choice, chosen_state = e, alpha, trial
-            if not torch.equal(choice, torch.ones_like(choice)):
-                state = chosen_state
+            state = chosen_state
         out.append(choice)
     return out, state, best

@@ -15,7 +15,8 @@ from .._tolerances import drift_tolerance, model_dtype
 from ..discovery import symmetries
 from ..groups import Element, GaugeGroup, GLFactor, OrthogonalFactor, RescalingFactor, model_state
 from ..groups._base import State
-from ._activation_aware import activation_aware_search, input_means
+from ..groups._group import parameter_aliases
+from ._activation_aware import activation_aware_search
 from ._distance import OutputDistance, squared_error
 from ._learn import learn_element
 from ._quantize import GRANULARITIES, quantize_tensor, quantized_params, transposed_params
@@ -23,6 +24,7 @@ from ._ranges import balance, factor_ranges
 from ._schemes import QuantScheme, round_weight, with_activation_rounding
 from ._search import (
     forward_fn,
+    input_means,
     input_ranges,
     local_search,
     noise_model_scales,
@@ -110,14 +112,6 @@ def _output_noise(
         return float(distance(rounded(state), y))
 
     return noise
-
-
-def _tied_parameters(model: nn.Module) -> list[tuple[str, ...]]:
-    """The names of each parameter that the model holds under more than one name."""
-    by_id: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        by_id.setdefault(id(p), []).append(name)
-    return [tuple(n) for n in by_id.values() if len(n) > 1]
 
 
 def _step(
@@ -212,7 +206,8 @@ def equalizing_element(
         raise GaugeError("validation needs objective='output': it scores the rounded outputs")
     if granularity not in GRANULARITIES:
         raise GaugeError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
-    if objective == "output" and (tied := _tied_parameters(model)):
+    tied = [names for names in parameter_aliases(model).values() if len(names) > 1]
+    if objective == "output" and tied:
         raise GaugeError(
             f"{type(model).__name__} shares one tensor between {' and '.join(tied[0])}: "
             "objective='output' evaluates rounded weights by name and cannot round a tied "
@@ -455,7 +450,6 @@ def _data_driven(
     if not scales:
         return best, []
     e_best, elem, state = best
-    sens = sensitivities(model, cast_floats(inputs, torch.float64), start, names)
     # in order of how much each fits to the calibration data (validation prefers the first
     # of those within noise of the best): closed forms, one exponent per factor, per channel
     act = input_ranges(model, inputs, names) if strengths else {}
@@ -466,6 +460,7 @@ def _data_driven(
     # AWQ: one exponent per factor on the mean input magnitudes, picked on `err`
     aware, _, _ = activation_aware_search(scales, start, input_means(model, inputs, names), err)
     candidates.append(("activation-aware", aware))
+    sens = sensitivities(model, cast_floats(inputs, torch.float64), start, names)
     noise = noise_model_scales(
         scales, start, names, sens, bits=bits, per_channel=per_channel, group_size=group_size
     )

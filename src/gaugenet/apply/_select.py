@@ -68,19 +68,36 @@ def select(
     """
     if not callable(objective):
         raise GaugeError(f"the validation objective must be callable, got {type(objective)}")
-    best = identity
-    e_best = float(objective(identity.state))
-    if not math.isfinite(e_best):
+    cands = [identity, *others]
+    totals = [float(objective(identity.state))]
+    _check_identity(totals[0])
+    totals += [float(objective(c.state)) for c in others]
+    return cands[_lowest(totals)], _scores(cands, totals)
+
+
+def _check_identity(total: float) -> None:
+    if not math.isfinite(total):
         raise GaugeError(
-            f"the validation objective of the identity is {e_best}: nothing to compare with"
+            f"the validation objective of the identity is {total}: nothing to compare with"
         )
-    scores = {identity.label: e_best}
-    for c in others:
-        e = float(objective(c.state))
-        scores.setdefault(c.label, e)
-        if math.isfinite(e) and e < e_best:
-            best, e_best = c, e
-    return best, scores
+
+
+def _lowest(totals: Sequence[float]) -> int:
+    """The index of the lowest finite total; `0` (the identity) unless one is strictly
+    lower, the first of equal ones otherwise."""
+    best = 0
+    for i, t in enumerate(totals):
+        if math.isfinite(t) and t < totals[best]:
+            best = i
+    return best
+
+
+def _scores(cands: Sequence[Candidate], totals: Sequence[float]) -> dict[str, float]:
+    """Each label's total (the first of a repeated label)."""
+    scores: dict[str, float] = {}
+    for c, t in zip(cands, totals):
+        scores.setdefault(c.label, t)
+    return scores
 
 
 def fold_scores(
@@ -137,21 +154,15 @@ def select_simplest(
         y_q = outputs(c)
         totals.append(float(distance(y_q, reference)))
         per_fold.append(fold_scores(y_q, reference, distance, k) if k >= 3 else None)
-    scores: dict[str, float] = {}
-    for c, t in zip(cands, totals):
-        scores.setdefault(c.label, t)
-    if not math.isfinite(totals[0]):
-        raise GaugeError(
-            f"the validation objective of the identity is {totals[0]}: nothing to compare with"
-        )
-    finite = [i for i, t in enumerate(totals) if math.isfinite(t)]
-    low = min(finite, key=lambda i: (totals[i], i))
-    if totals[low] >= totals[0]:
+    _check_identity(totals[0])
+    scores = _scores(cands, totals)
+    low = _lowest(totals)
+    if low == 0:
         return identity, scores, "lowest"
     if k < 3:
         return cands[low], scores, f"lowest ({rows} rows: no standard error)"
-    for i in finite:
-        if totals[i] > totals[0]:
+    for i, total in enumerate(totals):
+        if not math.isfinite(total) or total > totals[0]:
             continue
         d = per_fold[i] - per_fold[low]
         gap = totals[i] - totals[low]

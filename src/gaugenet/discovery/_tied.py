@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from ..groups import MonomialScaleFactor, Scale
 from ..groups._base import State
+from ..groups._group import parameter_aliases
 from ._labels import FIXED, Labels, terms_of
 from ._monomials import equations
 
@@ -73,9 +74,7 @@ MAX_CONSTRAINTS = 20_000_000
 def tied_rescalings(L: Labels, model: nn.Module) -> list[JointRescalingFactor]:
     """The joint rescalings compatible with every tie of `model` (see the module doc).
     Call before the ties fix their labels."""
-    aliases: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        aliases.setdefault(id(p), []).append(name)
+    aliases = parameter_aliases(model)
     ties = [
         names
         for pid, uses in L.param_users.items()

@@ -25,7 +25,7 @@ from ._rescaling import RescalingFactor
 from ._signature import ModelSignature, model_signature
 from ._translation import TranslationFactor
 
-__all__ = ["Element", "GaugeGroup", "model_state"]
+__all__ = ["Element", "GaugeGroup", "model_state", "parameter_aliases"]
 
 Element = dict[str, Tensor]
 
@@ -35,6 +35,15 @@ def model_state(model: nn.Module) -> State:
     state = {k: v.detach() for k, v in model.named_parameters(remove_duplicate=False)}
     state.update({k: v.detach() for k, v in model.named_buffers(remove_duplicate=False)})
     return state
+
+
+def parameter_aliases(model: nn.Module) -> dict[int, list[str]]:
+    """Every name of each parameter of `model`, by the parameter's `id` (a tied parameter,
+    a language model's head that is its token embedding, has several)."""
+    aliases: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(name)
+    return aliases
 
 
 def load_state(model: nn.Module, state: Mapping[str, Tensor]) -> None:

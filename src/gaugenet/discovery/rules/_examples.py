@@ -8,7 +8,19 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-__all__ = ["DEBERTA_V3_ATTENTION", "batch", "seeded", "token_ids"]
+__all__ = ["DEBERTA_TINY", "DEBERTA_V3_ATTENTION", "batch", "seeded", "token_ids"]
+
+#: a one-layer DeBERTa-v2 of width 8 (two heads of 4, MLP 16, six positions, no token
+#: types) as `transformers.DebertaV2Config` settings: the claim's model and its tests'
+DEBERTA_TINY = dict(
+    vocab_size=24,
+    hidden_size=8,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    intermediate_size=16,
+    max_position_embeddings=6,
+    type_vocab_size=0,
+)
 
 #: the attention of DeBERTa-v3 as a `transformers.DebertaV2Config`'s settings: relative
 #: terms `c2p` and `p2c` from the query and key maps applied to a LayerNorm-ed table of log

@@ -171,18 +171,9 @@ def _deberta(seed: int) -> tuple[nn.Module, dict]:
     float64 weights of unit gain, and 40 sequences of 6 tokens using every id."""
     import transformers
 
-    from ...discovery.rules._examples import DEBERTA_V3_ATTENTION, token_ids
+    from ...discovery.rules._examples import DEBERTA_TINY, DEBERTA_V3_ATTENTION, token_ids
 
-    config = transformers.DebertaV2Config(
-        vocab_size=24,
-        hidden_size=8,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=16,
-        max_position_embeddings=6,
-        type_vocab_size=0,
-        **DEBERTA_V3_ATTENTION,
-    )
+    config = transformers.DebertaV2Config(**DEBERTA_TINY, **DEBERTA_V3_ATTENTION)
     gen = torch.Generator().manual_seed(seed)
     model = transformers.DebertaV2Model(config).double().eval()
     with torch.no_grad():
