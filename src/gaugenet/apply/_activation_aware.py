@@ -13,7 +13,7 @@ per channel, is what keeps the choice from fitting the calibration inputs.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import torch
 from torch import Tensor
@@ -30,13 +30,18 @@ GRID = tuple(i / 10 for i in range(10))
 
 
 def activation_aware_scales(
-    factor: RescalingFactor, state: State, means: dict[str, Tensor], exponent: float
+    factor: RescalingFactor,
+    state: State,
+    means: dict[str, Tensor],
+    exponent: float,
+    transposed: Collection[str] = frozenset(),
 ) -> Tensor:
     """The scales `α` `(factor.n,)` that multiply the input columns `J_k` of the quantized
     layers the factor reads into by `s_k = x̄_k^a / sqrt(max x̄^a · min x̄^a)` (AWQ's scales,
     normalized so that their geometric range is centered on 1), `x̄_k` the largest mean input
-    magnitude over those columns; channels that scale no such column keep 1."""
-    return _scales(factor.n, column_channels(factor, state, means), exponent)
+    magnitude over those columns; channels that scale no such column keep 1 (`transposed`:
+    the weights stored `(in, out)`, as in `column_channels`)."""
+    return _scales(factor.n, column_channels(factor, state, means, transposed), exponent)
 
 
 def _scales(n: int, found: tuple[int, Tensor, Tensor] | None, exponent: float) -> Tensor:
@@ -61,6 +66,7 @@ def activation_aware_search(
     means: dict[str, Tensor],
     err: Callable[[State], float],
     grid: Sequence[float] = GRID,
+    transposed: Collection[str] = frozenset(),
 ) -> tuple[list[Tensor], State, float]:
     """One pass over `factors`: each takes the exponent of `grid` whose scales give the
     lowest `err` with the factors before it at their choice (`a = 0`, the identity, is
@@ -71,7 +77,7 @@ def activation_aware_search(
     out = []
     for f in factors:
         choice = torch.ones(f.n, dtype=torch.float64)
-        found = column_channels(f, state, means)
+        found = column_channels(f, state, means, transposed)
         if found is not None:
             chosen_state = state
             for a in grid:

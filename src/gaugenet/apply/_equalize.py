@@ -15,7 +15,6 @@ from .._tolerances import drift_tolerance, model_dtype
 from ..discovery import symmetries
 from ..groups import Element, GaugeGroup, GLFactor, OrthogonalFactor, RescalingFactor, model_state
 from ..groups._base import State
-from ..groups._group import parameter_aliases
 from ._activation_aware import activation_aware_search
 from ._distance import OutputDistance, squared_error
 from ._learn import learn_element
@@ -84,7 +83,7 @@ def _rounded_outputs(
     with torch.no_grad():
         y = forward_fn(model, inputs)(model_state(model))
     noisy = with_activation_rounding(model, act_bits, copy_model=True) if act_bits else model
-    run = forward_fn(noisy, inputs)
+    run = forward_fn(noisy, inputs, prefer=names)  # a tied weight rounded under all names
     transposed = transposed_params(model)
 
     def rounded(state: State) -> Tensor:
@@ -206,14 +205,6 @@ def equalizing_element(
         raise GaugeError("validation needs objective='output': it scores the rounded outputs")
     if granularity not in GRANULARITIES:
         raise GaugeError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
-    tied = [names for names in parameter_aliases(model).values() if len(names) > 1]
-    if objective == "output" and tied:
-        raise GaugeError(
-            f"{type(model).__name__} shares one tensor between {' and '.join(tied[0])}: "
-            "objective='output' evaluates rounded weights by name and cannot round a tied "
-            "pair as one yet; use objective='range', or untie them first (e.g. "
-            "`model.lm_head.weight = nn.Parameter(model.lm_head.weight.clone())`)"
-        )
     group = symmetries(model, example_inputs) if group is None else group
     names, transposed = quantized_params(model), transposed_params(model)
     q, per_channel = set(names), granularity == "per-channel"
@@ -453,12 +444,15 @@ def _data_driven(
     # in order of how much each fits to the calibration data (validation prefers the first
     # of those within noise of the best): closed forms, one exponent per factor, per channel
     act = input_ranges(model, inputs, names) if strengths else {}
+    tr = transposed_params(model)
     candidates = [
-        (f"smoothing {s:g}", smoothing_scales(scales, start, act, strength=s)) for s in strengths
+        (f"smoothing {s:g}", smoothing_scales(scales, start, act, strength=s, transposed=tr))
+        for s in strengths
     ]
     ident = {f.name: f.identity(torch.float64) for f in factors}
     # AWQ: one exponent per factor on the mean input magnitudes, picked on `err`
-    aware, _, _ = activation_aware_search(scales, start, input_means(model, inputs, names), err)
+    means = input_means(model, inputs, names)
+    aware, _, _ = activation_aware_search(scales, start, means, err, transposed=tr)
     candidates.append(("activation-aware", aware))
     sens = sensitivities(model, cast_floats(inputs, torch.float64), start, names)
     noise = noise_model_scales(

@@ -94,7 +94,7 @@ def learn_element(
         if scheme.act_bits
         else model
     )
-    run = forward_fn(noisy, inputs)
+    run = forward_fn(noisy, inputs, prefer=names)
     transposed = transposed_params(model)
     with torch.no_grad():
         y = run_float(_cast(start, dtype)).detach()

@@ -16,7 +16,7 @@ data complement it:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import torch
@@ -27,6 +27,8 @@ from .._errors import GaugeError
 from .._invariance import _as_tuple
 from ..groups import RescalingFactor, Scale
 from ..groups._base import State
+from ..groups._group import parameter_aliases
+from ._quantize import _transposed_layers
 
 __all__ = [
     "column_channels",
@@ -40,11 +42,27 @@ __all__ = [
 ]
 
 
-def forward_fn(model: nn.Module, inputs: Any) -> Callable[[State], Tensor]:
-    """`state ↦ y`: `model`'s first tensor output under `state` (a functional call), float64."""
+def forward_fn(
+    model: nn.Module, inputs: Any, prefer: Collection[str] = ()
+) -> Callable[[State], Tensor]:
+    """`state ↦ y`: `model`'s first tensor output under `state` (a functional call), float64.
+
+    A tensor that `model` holds under several names (a language model's head tied to its
+    token embedding) stays one tensor: `state`'s value under one of its names is used for
+    all of them, the first of its names in `prefer` (the weights a caller rounds or
+    differentiates), else the first name the model gives it; the values under its other
+    names are not read."""
     args, kwargs = ((), inputs) if isinstance(inputs, dict) else (_as_tuple(inputs), {})
+    wanted = set(prefer)
+    unread: set[str] = set()
+    for names in parameter_aliases(model).values():
+        if len(names) > 1:
+            keep = next((n for n in names if n in wanted), names[0])
+            unread.update(n for n in names if n != keep)
 
     def run(state: State) -> Tensor:
+        if unread:  # `functional_call` ties the kept value to the other names
+            state = {k: v for k, v in state.items() if k not in unread}
         out = functional_call(model, state, args, kwargs)
         while not isinstance(out, Tensor):
             out = out[0] if isinstance(out, (tuple, list)) else next(iter(out.values()))
@@ -65,7 +83,7 @@ def sensitivities(
 
     **Returns:** a dict name → tensor of that parameter's shape, float64, `>= 0`.
     """
-    run = forward_fn(model, inputs)
+    run = forward_fn(model, inputs, prefer=names)  # a tied tensor: its uses together
     params = {n: state[n].detach() for n in names}
     y, pullback = vjp(lambda p: run({**state, **p}), params)
     g = torch.Generator().manual_seed(0)
@@ -173,11 +191,13 @@ def _each_input(
 ) -> None:
     """Run `model` on `inputs` and hand `take(name, |X|)` the input magnitudes of every layer
     whose weight is named in `names`, as `(tokens, features)` float64 (features on the last
-    axis for Linear, axis 1 for Conv; a layer called twice is handed both)."""
+    axis for Linear and for Linear layers stored `(in, out)`, GPT-2's `Conv1D`; axis 1 for
+    Conv; a layer called twice is handed both)."""
     handles = []
+    last_axis = (nn.Linear, *_transposed_layers())
     for n in names:
         layer = model.get_submodule(n.rsplit(".", 1)[0]) if "." in n else model
-        dim = -1 if isinstance(layer, nn.Linear) else 1
+        dim = -1 if isinstance(layer, last_axis) else 1
 
         def hook(_m, args, n=n, dim=dim):
             x = args[0].detach().double().abs().movedim(dim, -1)
@@ -194,7 +214,8 @@ def _each_input(
 
 def input_ranges(model: nn.Module, inputs: Any, names: Sequence[str]) -> dict[str, Tensor]:
     """`max |X_j|` over all tokens of the input features `j` of every layer whose weight is
-    named in `names` (features on the last axis for Linear, axis 1 for Conv), float64."""
+    named in `names` (features on the last axis for Linear, axis 1 for Conv), float64,
+    `(in_features,)` each."""
     out: dict[str, Tensor] = {}
 
     def take(n: str, x: Tensor) -> None:
@@ -225,6 +246,7 @@ def smoothing_scales(
     act: dict[str, Tensor],
     *,
     strength: float = 0.5,
+    transposed: Collection[str] = frozenset(),
 ) -> list[Tensor]:
     """SmoothQuant's balance for every rescaling factor that scales the input columns of a
     quantized layer: channel `k` acting on columns `J_k` of weight `W` by `α_k^p` scales
@@ -233,7 +255,8 @@ def smoothing_scales(
     gives both the same range. Channels that scale no such column keep 1.
 
     **Arguments:** `act` the input ranges of the quantized layers (`input_ranges`);
-    `strength` the migration strength `s` in `[0, 1]` (SmoothQuant's α).
+    `strength` the migration strength `s` in `[0, 1]` (SmoothQuant's α); `transposed` the
+    weights stored `(in, out)` (`transposed_params`), whose input columns are on axis 0.
 
     **Returns:** one `(factor.n,)` positive tensor per factor, float64.
     """
@@ -242,7 +265,7 @@ def smoothing_scales(
     out = []
     for f in factors:
         log_a = torch.zeros(f.n, dtype=torch.float64)
-        found = column_channels(f, state, act)
+        found = column_channels(f, state, act, transposed)
         if found is not None:
             power, wk, xk = found
             ok = (wk > 0) & (xk > 0)
@@ -252,11 +275,16 @@ def smoothing_scales(
 
 
 def column_channels(
-    factor: RescalingFactor, state: State, act: dict[str, Tensor]
+    factor: RescalingFactor,
+    state: State,
+    act: dict[str, Tensor],
+    transposed: Collection[str] = frozenset(),
 ) -> tuple[int, Tensor, Tensor] | None:
     """The input columns of quantized layers that `factor` scales, per channel: channel `k`
     scales columns `J_k` of a weight `W` by `α_k^p`. `act` holds a statistic of each
-    quantized layer's input features (`input_ranges`, `input_means`).
+    quantized layer's input features (`input_ranges`, `input_means`). A weight's inputs are
+    on its axis 1 (Linear `(out, in)`, Conv `(out, in, ...)`), on axis 0 for the names in
+    `transposed` (stored `(in, out)`, `transposed_params`).
 
     **Returns:** `(p, max_{J_k} |W|, max_{J_k} act)`, each `(factor.n,)` (0 where channel
     `k` scales no column), for the power `p` that scales the most channels (all readers of
@@ -267,12 +295,15 @@ def column_channels(
         if not isinstance(term, Scale) or term.param not in act or term.power == 0:
             continue
         w = state[term.param].double()
-        idx = term.index.expand(w.shape).movedim(1, -1).reshape(-1, w.shape[1])
+        axis = 0 if term.param in transposed else 1
+        if w.dim() < 2 or w.shape[axis] != act[term.param].numel():
+            continue
+        idx = term.index.expand(w.shape).movedim(axis, -1).reshape(-1, w.shape[axis])
         if not bool((idx == idx[:1]).all()):
             continue  # not a column scaling
         live = idx[0] < factor.n
         k = idx[0][live]
-        wmax = w.abs().movedim(1, -1).reshape(-1, w.shape[1]).amax(0)[live]
+        wmax = w.abs().movedim(axis, -1).reshape(-1, w.shape[axis]).amax(0)[live]
         zero = torch.zeros(factor.n, dtype=torch.float64)
         wk, xk = ranges.get(term.power, (zero, zero))
         ranges[term.power] = (
