@@ -57,6 +57,53 @@ def test_sensitivities_match_the_jacobian(gen: torch.Generator) -> None:
     torch.testing.assert_close(s1["0.weight"], e1["0.weight"], rtol=1e-12, atol=1e-15)
 
 
+
+class _OldStyleTanh(torch.autograd.Function):
+    """An `autograd.Function` without `setup_context`, as BLOOM's GELU is written: it
+    cannot run under `torch.func` transforms."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return grad * (1 - y * y)
+
+
+class _Act(nn.Module):
+    def __init__(self, old_style: bool) -> None:
+        super().__init__()
+        self.old_style = old_style
+
+    def forward(self, x):
+        return _OldStyleTanh.apply(x) if self.old_style else torch.tanh(x)
+
+
+@pytest.mark.parametrize("probes", [1, 7])
+def test_sensitivities_without_torch_func(gen: torch.Generator, probes: int) -> None:
+    """A model whose code `torch.func` cannot transform (BLOOM's GELU) gets the same
+    sensitivities, probe for probe, from plain autograd (it raised a raw `RuntimeError`,
+    and `equalize(objective="output")` with it)."""
+    x = torch.randn(12, 5, generator=gen, dtype=torch.float64)
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(5, 8), _Act(False), nn.Linear(8, 3)).double()
+    old = nn.Sequential(nn.Linear(5, 8), _Act(True), nn.Linear(8, 3)).double()
+    old.load_state_dict(plain.state_dict())
+    with pytest.raises(RuntimeError, match="setup_context"):
+        torch.func.vjp(lambda z: old(z), x)
+    names = quantized_params(plain)
+    state = dict(model_state(plain))
+    want = sensitivities(plain, x, state, names, probes=probes)
+    got = sensitivities(old, x, state, names, probes=probes)
+    for n in names:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-12, atol=1e-15)
+    eq = equalize(old, x, bits=4, objective="output", search=10)
+    assert gaugenet.invariance_error(old, eq, x) < 1e-12
+
 def _first_order_noise(state, names, sens, bits):
     qmax = 2 ** (bits - 1) - 1
     return sum(float((state[n].abs().max() / qmax) ** 2 / 12 * sens[n].sum()) for n in names)

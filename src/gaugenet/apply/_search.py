@@ -85,9 +85,15 @@ def sensitivities(
     """
     run = forward_fn(model, inputs, prefer=names)  # a tied tensor: its uses together
     params = {n: state[n].detach() for n in names}
-    y, pullback = vjp(lambda p: run({**state, **p}), params)
-    g = torch.Generator().manual_seed(0)
-    v = torch.randint(0, 2, (probes, *y.shape), generator=g).to(y.dtype) * 2 - 1
+    try:
+        y, pullback = vjp(lambda p: run({**state, **p}), params)
+    except RuntimeError as e:
+        if "setup_context" not in str(e):
+            raise
+        # an `autograd.Function` without `setup_context` (BLOOM's GELU) cannot run under
+        # `torch.func`: the same probes, one backward pass each
+        return _sensitivities_by_autograd(run, state, params, probes)
+    v = _probes(probes, y)
     # probes in chunks whose gradients take at most about 256 MB
     chunk = max(1, min(probes, 2**25 // max(1, sum(p.numel() for p in params.values()))))
     out = {n: torch.zeros_like(p) for n, p in params.items()}
@@ -95,6 +101,30 @@ def sensitivities(
         (grads,) = vmap(pullback)(part)
         for n in names:
             out[n] += (grads[n].detach() ** 2).sum(0) / probes
+    return out
+
+
+def _probes(probes: int, y: Tensor) -> Tensor:
+    """The Rademacher probes of `sensitivities`: `(probes, *y.shape)`, ±1, seeded."""
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 2, (probes, *y.shape), generator=g).to(y.dtype) * 2 - 1
+
+
+def _sensitivities_by_autograd(
+    run: Callable[[State], Tensor], state: State, params: dict[str, Tensor], probes: int
+) -> dict[str, Tensor]:
+    """`sensitivities` with `torch.autograd`: one forward pass, one backward pass per probe."""
+    leaves = {n: p.clone().requires_grad_(True) for n, p in params.items()}
+    with torch.enable_grad():
+        y = run({**state, **leaves})
+    out = {n: torch.zeros_like(p) for n, p in params.items()}
+    for k, v in enumerate(_probes(probes, y.detach())):
+        grads = torch.autograd.grad(
+            y, list(leaves.values()), v, retain_graph=k < probes - 1, allow_unused=True
+        )
+        for n, gr in zip(leaves, grads):
+            if gr is not None:  # a tensor the outputs do not read: no sensitivity
+                out[n] += gr.detach() ** 2 / probes
     return out
 
 
