@@ -52,8 +52,9 @@ def ill_conditioned(gamma: Tensor | None) -> str | None:
 
     With a (near-)zero `γ_j` the direction is dominated by `1/γ_j` and acting along it
     moves weights by `a/γ_j`, which rounding destroys. Such a feature is (nearly) the
-    constant `β_j`, a redundancy of its own that no factor here describes."""
-    if gamma is None:
+    constant `β_j`, a redundancy of its own that no factor here describes. A gain on the
+    meta device (discovery for a streamed checkpoint) has no values to judge: offered."""
+    if gamma is None or gamma.is_meta:
         return None
     g = gamma.detach().abs()
     if float(g.min()) < GAMMA_RATIO * float(g.max()):

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from .._errors import GaugeError
+from ..discovery._inputs import without_cache
 from ..groups import AbstractFactor
 from ..groups._base import State
 
@@ -78,7 +79,9 @@ def record_inputs(model: nn.Module, call: dict[str, Any]) -> dict[str, tuple[tup
     """The inputs (as meta tensors: shapes and dtypes) every submodule receives when
     `model(**call)` runs. The model is run by `torch.export` (non-strict), which traces
     with fake tensors: a plain meta-device forward fails where a model reads a value (a
-    mask's `.all()`, say)."""
+    mask's `.all()`, say), without the key-value cache a Hugging Face decoder would return
+    (`use_cache=False` where `forward` takes it, as discovery runs it)."""
+    _, call = without_cache(model, ((), dict(call)))
     seen: dict[str, tuple[tuple, dict]] = {}
     hooks = []
     for name, m in model.named_modules():
