@@ -54,11 +54,34 @@ def times_one(u: fx.Node, n: fx.Node, root: nn.Module, values: dict) -> bool:
     v = env.get(c) if env is not None else None
     if not isinstance(v, torch.Tensor) or v.ndim > x.ndim or not _value_free(c, env, root):
         return False
+    if v.is_meta:  # shapes only (a model on the meta device): `c` reads no value, so the
+        # computed values it starts from may as well be zeros of their shapes
+        env = _evaluate(c, root, _materialized(c, values))
+        v = env.get(c) if env is not None else None
+        if not isinstance(v, torch.Tensor) or v.is_meta:
+            return False
     try:
         same = torch.broadcast_shapes(x.shape, v.shape) == x.shape
     except RuntimeError:
         return False
     return same and bool((v == 1).all())
+
+
+def _materialized(c: fx.Node, values: dict) -> dict:
+    """`values` with the meta tensors among the computed values `c` starts from replaced
+    by zeros of their shapes and dtypes on the CPU."""
+    out, todo, seen = dict(values), [c], set()
+    while todo:
+        x = todo.pop()
+        if x in seen:
+            continue
+        seen.add(x)
+        v = values.get(x)
+        if isinstance(v, torch.Tensor) and v.is_meta:
+            out[x] = torch.zeros(v.shape, dtype=v.dtype)
+        elif x not in values:
+            todo += list(x.all_input_nodes)
+    return out
 
 
 def _evaluate(c: fx.Node, root: nn.Module, values: dict) -> dict[fx.Node, Any] | None:

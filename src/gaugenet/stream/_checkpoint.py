@@ -93,19 +93,26 @@ class ShardedCheckpoint:
             return f.get_tensor(name)
 
     def meta_model(self) -> nn.Module:
-        """The architecture of `config.json` (a causal LM) on the meta device, in eval mode;
-        its state-dict names must be those of the checkpoint (tied weights may be stored
-        once)."""
+        """The architecture of `config.json` on the meta device, in eval mode: the class
+        its `architectures` names when `transformers` has it (a base model, an encoder, a
+        causal LM, ...), else the causal LM of its model type; no remote code. Its
+        state-dict names must be those of the checkpoint (tied weights may be stored once)."""
         try:
-            from transformers import AutoConfig, AutoModelForCausalLM
+            import transformers
+            from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
         except ImportError as exc:
             raise GaugeError("reading a Hugging Face checkpoint needs transformers") from exc
         try:
             config = AutoConfig.from_pretrained(
                 str(self.folder), trust_remote_code=False, local_files_only=True
             )
+            named = (getattr(config, "architectures", None) or [None])[0]
+            cls = getattr(transformers, named, None) if isinstance(named, str) else None
             with torch.device("meta"):
-                model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+                if isinstance(cls, type) and issubclass(cls, PreTrainedModel):
+                    model = cls(config)
+                else:
+                    model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
         except Exception as exc:
             raise GaugeError(f"cannot build the model of {self.folder}/config.json: {exc}") from exc
         model.eval()

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .._errors import GaugeError
 from ..apply._equalize import _step, weight_quantization_error
@@ -76,6 +76,23 @@ class StreamReport:
     error_after: float = 0.0
     rounded: int = 0
     seconds: float = 0.0
+
+
+def _meta_call(model: nn.Module) -> dict[str, Tensor]:
+    """The meta-device example input of a Hugging Face model: `_TOKENS` token ids, fewer
+    where its config allows fewer positions, and as many decoder tokens for an
+    encoder-decoder model."""
+    cfg = getattr(model, "config", None)
+    n = _TOKENS
+    for attr in ("max_position_embeddings", "n_positions", "max_seq_len"):
+        limit = getattr(cfg, attr, None)
+        if isinstance(limit, int) and limit > 0:
+            n = min(n, limit)
+    ids = torch.zeros(1, n, dtype=torch.long, device="meta")
+    call = {"input_ids": ids}
+    if getattr(cfg, "is_encoder_decoder", False):
+        call["decoder_input_ids"] = ids
+    return call
 
 
 def _rounded(w: Tensor, sch: QuantScheme, name: str, transposed: bool = False) -> Tensor:
@@ -159,9 +176,9 @@ class _Stream:
         start = time.perf_counter()
         comps = []
         if move is not None:  # discovery on meta, and each layer's input shapes
-            ids = torch.zeros(1, _TOKENS, dtype=torch.long, device="meta")
-            group = symmetries(self.meta, {"input_ids": ids})
-            self.inputs = record_inputs(self.meta, {"input_ids": ids})
+            call = _meta_call(self.meta)
+            group = symmetries(self.meta, call)
+            self.inputs = record_inputs(self.meta, call)
             report.factors = len(group.factors)
             # only the kinds that move: an orthogonal factor of the residual stream touches
             # nearly every tensor and would make one component of the whole model

@@ -1,0 +1,84 @@
+"""Streaming checkpoints of other architectures than a causal LM: the meta model is the class
+that `config.json` names (a base model, an encoder, an encoder-decoder), its example input
+has no more tokens than the config's positions and decoder tokens for an encoder-decoder,
+and the graph rule that looks through DeBERTa's mask of ones evaluates it from shapes.
+
+Before, every checkpoint was built as `AutoModelForCausalLM` (a saved `LlamaModel` did not
+match its names), 8 tokens overran 6 positions, `T5Model` had no decoder input, and
+DeBERTa's discovery called `.item()` on a meta tensor."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from gaugenet.stream import ShardedCheckpoint, stream_equalize
+
+transformers = pytest.importorskip("transformers")
+
+T = 6  # positions of every config below (fewer than the 8 tokens streaming would use)
+
+CASES = {
+    "LlamaModel": (
+        "LlamaConfig",
+        dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=2,
+             max_position_embeddings=T),
+        True,
+    ),
+    "T5Model": (
+        "T5Config",
+        dict(d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2, n_positions=T),
+        True,
+    ),
+    "GPTNeoModel": (
+        "GPTNeoConfig",
+        dict(hidden_size=16, num_layers=1, num_heads=2, attention_types=[[["global"], 1]],
+             max_position_embeddings=T),
+        False,
+    ),
+    "DebertaV2Model": (
+        "DebertaV2Config",
+        dict(hidden_size=16, num_attention_heads=2, intermediate_size=32,
+             max_position_embeddings=T),
+        False,
+    ),
+}  # fmt: skip
+
+
+def _build(cls: str, cfg: str, kw: dict) -> torch.nn.Module:
+    config = getattr(transformers, cfg)(vocab_size=32, num_hidden_layers=1, **kw)
+    torch.manual_seed(0)
+    model = getattr(transformers, cls)(config).float().eval()
+    with torch.no_grad():  # uneven ranges, so that a rescaling has work to do
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and name.endswith("weight"):
+                p.mul_(torch.logspace(-1, 1, p.numel()))
+    return model
+
+
+def _outputs(model: torch.nn.Module) -> torch.Tensor:
+    ids = torch.randint(0, 32, (2, T), generator=torch.Generator().manual_seed(1))
+    call = {"input_ids": ids}
+    if model.config.is_encoder_decoder:
+        call["decoder_input_ids"] = ids
+    with torch.no_grad():
+        return model(**call).last_hidden_state
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cls", sorted(CASES))
+def test_streams_the_named_architecture(cls: str, tmp_path: Path) -> None:
+    cfg, kw, moves = CASES[cls]
+    model = _build(cls, cfg, kw)
+    model.save_pretrained(tmp_path / "in", max_shard_size="4KB")
+    assert len(ShardedCheckpoint(tmp_path / "in").shards) > 1
+    meta = ShardedCheckpoint(tmp_path / "in").meta_model()
+    assert type(meta).__name__ == cls
+    report = stream_equalize(tmp_path / "in", tmp_path / "eq", bits=4)
+    if moves:  # RMSNorm / T5's norm gains reach the next Linear layers: moved
+        assert report.applied > 0 and report.error_after < report.error_before
+    out = getattr(transformers, cls).from_pretrained(tmp_path / "eq").float().eval()
+    y, y2 = _outputs(model), _outputs(out)
+    assert float((y2 - y).abs().max() / y.abs().max()) < 1e-5  # float32 storage
