@@ -60,7 +60,13 @@ def quantize(
         task = bar.add_task("loading the model", total=None)
         net = load_model(model, arch).eval()
         x = sample_inputs(net, 16, shape=parse_shape(input_shape))
-        y = first_tensor(net, x)
+        try:
+            y = first_tensor(net, x)
+        except Exception as exc:  # the model's own error, whatever its type: said as ours
+            raise GaugeError(
+                f"running {type(net).__name__} on 16 sample inputs failed ({exc}); pass "
+                "--input-shape"
+            ) from exc
         bar.update(task, description=f"quantizing ({sch})")
         q = quant(net, sch)
         before = after = sqnr_db(y, first_tensor(q, x))

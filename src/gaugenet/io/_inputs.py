@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .._errors import GaugeError
+from ._hf import token_call, token_lengths
 
 __all__ = ["MAX_INPUT_NUMBERS", "sample_inputs"]
 
@@ -29,7 +30,8 @@ def sample_inputs(
 ) -> Any:
     """A batch of `n` inputs for `model`: of the given per-sample `shape` when there is one,
     from the model's `example_inputs(n)` method or attribute when it has one, token ids for
-    Hugging Face models, else inferred from the first layer."""
+    Hugging Face language models (`_tokens`), images of the config's size for its vision
+    models, else inferred from the first layer."""
     g = torch.Generator().manual_seed(seed)
     if n < 1:
         raise GaugeError(f"the number of sample inputs must be at least 1, got {n}")
@@ -49,7 +51,12 @@ def sample_inputs(
         return ex(n) if callable(ex) else ex
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "vocab_size"):
-        return torch.randint(0, config.vocab_size, (n, 8), generator=g)
+        return _tokens(model, config, n, g)
+    size, channels = getattr(config, "image_size", None), getattr(config, "num_channels", None)
+    if isinstance(channels, int) and isinstance(size, (int, tuple, list)):  # ViT and kin
+        hw = (size, size) if isinstance(size, int) else tuple(size)[:2]
+        _check_size(n, (channels, *hw), "--inputs")
+        return torch.randn(n, channels, *hw, generator=g, dtype=dtype)
     for m in model.modules():
         if isinstance(m, nn.Linear):
             return torch.randn(n, m.in_features, generator=g, dtype=dtype)
@@ -61,3 +68,21 @@ def sample_inputs(
         f"cannot infer inputs for {type(model).__name__}: pass --input-shape (one input "
         "without the batch, e.g. 1,28,28), or give the model an `example_inputs(n)` method"
     )
+
+
+def _tokens(model: nn.Module, config: Any, n: int, g: torch.Generator) -> Any:
+    """`n` token sequences for a Hugging Face model: of the longest length of `token_lengths`
+    that the model runs (one sequence tried per length), with decoder tokens for an
+    encoder-decoder (`token_call`)."""
+    lengths = token_lengths(config)
+    for length in lengths:
+        ids = torch.randint(0, config.vocab_size, (n, length), generator=g)
+        try:
+            with torch.no_grad():
+                call = token_call(config, ids[:1])
+                model(**call) if isinstance(call, dict) else model(call)
+        except Exception:  # any failure means: not this length; try a shorter one
+            continue
+        return token_call(config, ids)
+    ids = torch.randint(0, config.vocab_size, (n, lengths[0]), generator=g)
+    return token_call(config, ids)  # none runs: the caller's own check says why

@@ -2,7 +2,8 @@
 
 `spec` forms:
 
-- a folder with `config.json`: a Hugging Face model, loaded with `transformers.AutoModel`;
+- a folder with `config.json`: a Hugging Face model, loaded as the class its config names
+  (`architectures`), else with `transformers.AutoModel`;
 - a `.safetensors` file, or a `.pt` / `.pth` / `.bin` file holding a state dict (read with
   `weights_only=True`, never by unrestricted unpickling), plus `arch="module:factory"`;
 - `"module:factory"` alone (the factory is called without arguments).
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 
 from .._errors import GaugeError
 from ..groups import check_model
+from ._hf import named_class
 
 __all__ = ["load_model", "load_state_dict", "resolve_factory"]
 
@@ -113,12 +115,17 @@ def load_state_dict(path: str | Path) -> dict[str, Tensor]:
 
 
 def _load_hf(path: Path) -> nn.Module:
+    """The model of a Hugging Face folder as the class its `config.json` names (its head
+    included: a language model's head is a layer to equalize and round too), else as
+    `AutoModel` would load it."""
     try:
-        from transformers import AutoModel
+        from transformers import AutoConfig, AutoModel
     except ImportError as exc:
         raise GaugeError(f"{path} is a Hugging Face folder but transformers is missing") from exc
     try:
-        model = AutoModel.from_pretrained(str(path), local_files_only=True)
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+        cls = named_class(config) or AutoModel
+        model = cls.from_pretrained(str(path), local_files_only=True)
     except Exception as exc:
         raise GaugeError(f"cannot load the Hugging Face model in {path}: {exc}") from exc
     return model.eval()

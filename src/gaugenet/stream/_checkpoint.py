@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .._errors import GaugeError
+from ..io._hf import named_class
 
 __all__ = ["INDEX", "ShardedCheckpoint", "is_sharded"]
 
@@ -98,18 +99,16 @@ class ShardedCheckpoint:
         causal LM, ...), else the causal LM of its model type; no remote code. Its
         state-dict names must be those of the checkpoint (tied weights may be stored once)."""
         try:
-            import transformers
-            from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+            from transformers import AutoConfig, AutoModelForCausalLM
         except ImportError as exc:
             raise GaugeError("reading a Hugging Face checkpoint needs transformers") from exc
         try:
             config = AutoConfig.from_pretrained(
                 str(self.folder), trust_remote_code=False, local_files_only=True
             )
-            named = (getattr(config, "architectures", None) or [None])[0]
-            cls = getattr(transformers, named, None) if isinstance(named, str) else None
+            cls = named_class(config)
             with torch.device("meta"):
-                if isinstance(cls, type) and issubclass(cls, PreTrainedModel):
+                if cls is not None:
                     model = cls(config)
                 else:
                     model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)

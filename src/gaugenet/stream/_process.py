@@ -38,6 +38,7 @@ from ..apply._schemes import QuantScheme, round_weight
 from ..discovery import symmetries
 from ..groups import GLFactor, RescalingFactor
 from ..groups._base import State
+from ..io._hf import token_call, token_lengths
 from ._checkpoint import ShardedCheckpoint
 from ._local import LOCAL_TOL, Component, components, local_change, record_inputs
 from ._write import ShardWriter, atomic_folder, check_output_folder
@@ -46,8 +47,6 @@ __all__ = ["StreamReport", "stream_equalize", "stream_quantize"]
 
 _MOVED = (RescalingFactor, GLFactor)
 
-#: tokens of the meta-device example input
-_TOKENS = 8
 #: entries rounded at a time
 _CHUNK = 1 << 22
 #: most entries of one module built in float64 for a local check
@@ -79,20 +78,13 @@ class StreamReport:
 
 
 def _meta_call(model: nn.Module) -> dict[str, Tensor]:
-    """The meta-device example input of a Hugging Face model: `_TOKENS` token ids, fewer
-    where its config allows fewer positions, and as many decoder tokens for an
-    encoder-decoder model."""
+    """The meta-device example input of a Hugging Face model: as many token ids as its
+    config allows up to `TOKENS` (`token_lengths`), and as many decoder tokens for an
+    encoder-decoder model (`token_call`)."""
     cfg = getattr(model, "config", None)
-    n = _TOKENS
-    for attr in ("max_position_embeddings", "n_positions", "max_seq_len"):
-        limit = getattr(cfg, attr, None)
-        if isinstance(limit, int) and limit > 0:
-            n = min(n, limit)
-    ids = torch.zeros(1, n, dtype=torch.long, device="meta")
-    call = {"input_ids": ids}
-    if getattr(cfg, "is_encoder_decoder", False):
-        call["decoder_input_ids"] = ids
-    return call
+    ids = torch.zeros(1, token_lengths(cfg)[0], dtype=torch.long, device="meta")
+    call = token_call(cfg, ids)
+    return call if isinstance(call, dict) else {"input_ids": call}
 
 
 def _rounded(w: Tensor, sch: QuantScheme, name: str, transposed: bool = False) -> Tensor:
