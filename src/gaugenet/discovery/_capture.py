@@ -202,9 +202,14 @@ class _Flattener:
                 if path in self.atoms:
                     self.attrs[path] = self.model.get_submodule(path)
                     env[n] = self.graph.call_module(path, look(n.args), look(n.kwargs))
-                elif (ln := self.numeric_norm(n, mod, path)) is not None:
+                elif (ln := self.numeric_norm(n, mod, path)) is not None and (
+                    outs := _norm_outputs(mod.get_submodule(str(n.target)))
+                ):
                     self.attrs[path] = self.norms[path] = ln
-                    env[n] = self.graph.call_module(path, (look(n.args[0]),))
+                    x = look(n.args[0])
+                    normed = self.graph.call_module(path, (x,))
+                    found = [normed if o == "norm" else x for o in outs]
+                    env[n] = normed if outs == ("norm",) else tuple(found)
                 else:
                     sub = mod.get_submodule(str(n.target))
                     env[n] = self.inline(sub, path + ".", list(look(n.args)))
@@ -232,6 +237,34 @@ class _Flattener:
                 target = _RENAME.get(n.target, n.target)
                 env[n] = self.graph.call_function(target, look(n.args), look(n.kwargs))
         raise UnsupportedModelError("exported graph has no output")
+
+
+def _norm_outputs(sub: nn.Module) -> tuple[str, ...] | None:
+    """What each output of a module found to compute a LayerNorm is: `("norm",)` for its one
+    output; for a tuple, `"norm"` for the normalized one and `"input"` for an output that
+    is its input passed through casts to its own dtype (export hands the parent such an
+    alias when the parent reads the input again: Cohere's LayerNorm in float32 casts its
+    input to float32 and the residual reads it). `None` for any other output."""
+    graph = getattr(sub, "graph", None)
+    out = next((n for n in graph.nodes if n.op == "output"), None) if graph else None
+    if out is None or not isinstance(out.args[0], (tuple, list)):
+        return ("norm",)
+    kinds = []
+    for o in out.args[0]:
+        kinds.append("input" if _passed_through(o) else "norm")
+    return tuple(kinds) if kinds.count("norm") == 1 else None
+
+
+def _passed_through(n: Any) -> bool:
+    """`n` is a placeholder, or casts of one to its own dtype (no-ops)."""
+    while isinstance(n, fx.Node) and n.op == "call_function" and n.target is aten.to.dtype:
+        src, val, src_val = n.args[0], n.meta.get("val"), getattr(n.args[0], "meta", {}).get("val")
+        if not (isinstance(val, torch.Tensor) and isinstance(src_val, torch.Tensor)):
+            return False
+        if val.dtype != src_val.dtype:
+            return False
+        n = src
+    return isinstance(n, fx.Node) and n.op == "placeholder"
 
 
 def _export(model: nn.Module, args: tuple, kwargs: dict[str, Any], atoms: tuple[str, ...]):
