@@ -164,7 +164,8 @@ class ValueBiasShift:
         if self.repeat > 1:
             u = u.reshape(-1, self.block).repeat_interleave(self.repeat, 0).reshape(-1)
         w = new[self.weight].narrow(self.axis, self.weight_offset, u.shape[0])
-        change = torch.tensordot(w, u, dims=([self.axis], [0]))
+        dt = torch.promote_types(w.dtype, u.dtype)  # factors before may have promoted `w`
+        change = torch.tensordot(w.to(dt), u.to(dt), dims=([self.axis], [0]))
         if self.center:
             change = change - change.mean()
         new[self.bias] = new[self.bias] - change
