@@ -57,7 +57,6 @@ def test_sensitivities_match_the_jacobian(gen: torch.Generator) -> None:
     torch.testing.assert_close(s1["0.weight"], e1["0.weight"], rtol=1e-12, atol=1e-15)
 
 
-
 class _OldStyleTanh(torch.autograd.Function):
     """An `autograd.Function` without `setup_context`, as BLOOM's GELU is written: it
     cannot run under `torch.func` transforms."""
@@ -103,6 +102,7 @@ def test_sensitivities_without_torch_func(gen: torch.Generator, probes: int) -> 
         torch.testing.assert_close(got[n], want[n], rtol=1e-12, atol=1e-15)
     eq = equalize(old, x, bits=4, objective="output", search=10)
     assert gaugenet.invariance_error(old, eq, x) < 1e-12
+
 
 def _first_order_noise(state, names, sens, bits):
     qmax = 2 ** (bits - 1) - 1
