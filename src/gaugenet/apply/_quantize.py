@@ -42,6 +42,12 @@ def quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, kinds)]
 
 
+def feature_axis(layer: nn.Module) -> int:
+    """The axis of a quantized layer's input that holds its features: 1 for a convolution
+    (`(batch, channels, ...)`), the last for Linear layers, stored transposed or not."""
+    return 1 if isinstance(layer, _QUANTIZED_LAYERS[1:]) else -1
+
+
 def transposed_params(model: nn.Module) -> set[str]:
     """Names of the quantized weights stored `(in, out)` (output channels on axis 1): they
     are rounded per output channel and per group of inputs as their transposes are."""

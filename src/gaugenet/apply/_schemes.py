@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from .._errors import GaugeError
 from ._quantize import (
-    _QUANTIZED_LAYERS,
+    feature_axis,
     quantize_tensor,
     quantized_layers,
     quantized_params,
@@ -143,7 +143,7 @@ def with_activation_rounding(
     `copy_model`; returns it."""
     out = copy.deepcopy(model) if copy_model else model
     for _, m in quantized_layers(out):
-        dim = 1 if isinstance(m, _QUANTIZED_LAYERS[1:]) else -1  # Conv: channels on axis 1
+        dim = feature_axis(m)
 
         def hook(_mod, args, dim=dim):
             x = args[0]

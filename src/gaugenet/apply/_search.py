@@ -24,11 +24,12 @@ from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 
 from .._errors import GaugeError
+from .._func import untransformable
 from .._invariance import _as_tuple
 from ..groups import RescalingFactor, Scale
 from ..groups._base import State
 from ..groups._group import parameter_aliases
-from ._quantize import _transposed_layers
+from ._quantize import feature_axis
 
 __all__ = [
     "column_channels",
@@ -88,7 +89,7 @@ def sensitivities(
     try:
         y, pullback = vjp(lambda p: run({**state, **p}), params)
     except RuntimeError as e:
-        if "setup_context" not in str(e):
+        if not untransformable(e):
             raise
         # an `autograd.Function` without `setup_context` (BLOOM's GELU) cannot run under
         # `torch.func`: the same probes, one backward pass each
@@ -224,10 +225,9 @@ def _each_input(
     axis for Linear and for Linear layers stored `(in, out)`, GPT-2's `Conv1D`; axis 1 for
     Conv; a layer called twice is handed both)."""
     handles = []
-    last_axis = (nn.Linear, *_transposed_layers())
     for n in names:
         layer = model.get_submodule(n.rsplit(".", 1)[0]) if "." in n else model
-        dim = -1 if isinstance(layer, last_axis) else 1
+        dim = feature_axis(layer)
 
         def hook(_m, args, n=n, dim=dim):
             x = args[0].detach().double().abs().movedim(dim, -1)

@@ -14,6 +14,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .._func import untransformable
+
 __all__ = [
     "FlatModel",
     "as_flat_function",
@@ -207,7 +209,7 @@ def jacobian_of(fm: FlatModel) -> Tensor:
         except NotImplementedError:  # an operation without forward-mode derivative
             continue
         except RuntimeError as exc:  # an operation torch.func cannot transform
-            if "functorch" not in str(exc) and "setup_context" not in str(exc):
+            if not untransformable(exc):
                 raise
             break
     return _looped_jacobian(fm)

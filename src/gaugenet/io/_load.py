@@ -125,7 +125,7 @@ def _load_hf(path: Path) -> nn.Module:
     try:
         config = AutoConfig.from_pretrained(str(path), local_files_only=True)
         cls = named_class(config) or AutoModel
-        model = cls.from_pretrained(str(path), local_files_only=True)
+        model = cls.from_pretrained(str(path), config=config, local_files_only=True)
     except Exception as exc:
         raise GaugeError(f"cannot load the Hugging Face model in {path}: {exc}") from exc
     return model.eval()
