@@ -29,7 +29,7 @@ from ._checks import (
 from ._davidson import lanczos_max, power_max
 from ._functional_dimension import check_outputs, rank_of
 from ._gap import locate_gap
-from ._jacobian import as_tuple, first_samples, flat_model, jacobian_of
+from ._jacobian import as_tuple, first_samples, flat_model, float64_throughout, jacobian_of
 from ._keywords import positional
 from ._matrix_free import gauss_newton, linear_jvp, matrix_free_certificate
 from ._memory import Sizes, activation_bytes, estimates
@@ -204,7 +204,13 @@ def certify(
     if params is not None and method not in ("auto", "exact"):
         raise GaugeError(f"a slice (params=...) is certified exactly, not with {method!r}")
     agree = _float64_throughout(model, inputs)
-    with keep_float64() if agree is not None else nullcontext():
+    if agree is None:
+        wide = nullcontext()
+    elif _dtype_of(model) == torch.float64:
+        wide = keep_float64()  # the model itself, and every measurement
+    else:
+        wide = float64_throughout()  # its float64 copy only: the act check keeps its dtype
+    with wide:
         if params is not None:
             report = certify_slice(
                 model,
@@ -235,22 +241,30 @@ def certify(
             )
     if agree is None:
         return report
+    dtype = _dtype_of(model)
+    which = "float64 model" if dtype == torch.float64 else f"float64 copy of this {dtype} model"
     note = (
-        "float64 model: its casts to a lower precision (a float32 softmax or norm "
+        f"{which}: its casts to a lower precision (a float32 softmax or norm "
         f"variance, ...) are kept in float64 for every measurement (outputs moved by {agree:.0e})"
     )
     return dataclasses.replace(report, notes=(*report.notes, note))
 
 
+def _dtype_of(model: nn.Module) -> torch.dtype | None:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+
+
 def _float64_throughout(model: nn.Module, inputs: Any) -> float | None:
-    """For a float64 model whose outputs move when its casts down are kept in float64
-    (`keep_float64`), by less than float32's `√ε` (relative), that change: the model then
-    computes the same function, without float32 rounding hiding exact identities. `None`
-    otherwise (another dtype, no cast down, or a model that fails or computes something
-    else in float64), and the model runs as it is."""
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
-    if dtype != torch.float64:
+    """For a model whose float64 copy (the model itself when float64) moves its outputs when
+    its casts down are kept in float64 (`keep_float64`), by less than float32's `√ε`
+    (relative), that change: the float64 copy then computes the same function, without
+    float32 rounding hiding exact identities. `None` otherwise (no cast down, or a model
+    that fails or computes something else so), and the measurements run as the model is."""
+    dtype = _dtype_of(model)
+    if dtype is None:
         return None
+    if dtype != torch.float64:
+        model, inputs = _float64_copy(model, inputs)
     try:
         plain = outputs_of(model, inputs)
         with keep_float64():
@@ -263,6 +277,12 @@ def _float64_throughout(model: nn.Module, inputs: Any) -> float | None:
     if rel == 0.0 or not rel < 1e-4:
         return None
     return rel
+
+
+def _float64_copy(model: nn.Module, inputs: Any) -> tuple[nn.Module, Any]:
+    """A float64 copy of `model`, and `inputs` with floating tensors in float64 (a tuple)."""
+    fm = flat_model(model, inputs)
+    return fm.model, fm.args
 
 
 def _certify_whole(

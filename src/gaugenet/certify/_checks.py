@@ -15,7 +15,8 @@ from torch import Tensor, nn
 from .._invariance import cast_floats
 from ..groups import GaugeGroup, model_state
 from ..groups._base import AbstractFactor
-from ._jacobian import FlatModel, _composite_attention, as_tuple, flatten_out
+from ._autograd import AutogradProducts, or_autograd
+from ._jacobian import FlatModel, as_tuple, flatten_out, measuring
 
 __all__ = [
     "FactorChecks",
@@ -61,7 +62,7 @@ def act_tolerance(dtype: torch.dtype) -> float:
 def outputs_of(model: nn.Module, inputs: Any) -> Tensor:
     """`model`'s outputs on `inputs`, flattened into one vector (no gradients; attention
     run as its composite form, as the Jacobians are)."""
-    with torch.no_grad(), _composite_attention():
+    with torch.no_grad(), measuring():
         return flatten_out(model(*as_tuple(inputs)))
 
 
@@ -190,7 +191,8 @@ def flat_tangent(fm: FlatModel, t: dict[str, Tensor]) -> Tensor:
 
 def sparse_jvp(fm: FlatModel) -> Callable[[dict[str, Tensor]], Tensor]:
     """`t ↦ J t` for a tangent given on a few parameters (`{name: tangent}`): forward mode
-    through those parameters only, so its cost does not grow with the others."""
+    through those parameters only, so its cost does not grow with the others (plain
+    autograd on every parameter where `torch.func` cannot transform the model)."""
     base = fm.params(fm.theta)
     buffers = dict(fm.model.named_buffers())
 
@@ -199,13 +201,17 @@ def sparse_jvp(fm: FlatModel) -> Callable[[dict[str, Tensor]], Tensor]:
 
         def f(*ps: Tensor) -> Tensor:
             params = {**base, **dict(zip(names, ps)), **buffers}
-            with _composite_attention():
+            with measuring():
                 return flatten_out(torch.func.functional_call(fm.model, params, fm.args))
 
         primals = tuple(base[n] for n in names)
         return torch.func.jvp(f, primals, tuple(t[n] for n in names))[1]
 
-    return apply
+    def by_autograd() -> Callable[[dict[str, Tensor]], Tensor]:
+        jvp = AutogradProducts(fm).jvp
+        return lambda t: jvp(flat_tangent(fm, t))
+
+    return or_autograd(apply, by_autograd)
 
 
 def check_tangents(

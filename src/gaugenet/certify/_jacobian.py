@@ -6,7 +6,8 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .._func import untransformable
+from ..discovery._float64 import keep_float64
 
 __all__ = [
     "FlatModel",
@@ -22,8 +24,10 @@ __all__ = [
     "as_tuple",
     "flat_model",
     "flatten_out",
+    "float64_throughout",
     "jacobian",
     "jacobian_of",
+    "measuring",
 ]
 
 
@@ -52,13 +56,31 @@ def flatten_out(out: Any) -> Tensor:
     return torch.cat(parts) if parts else torch.zeros(0)
 
 
+_WIDE: ContextVar[bool] = ContextVar("gaugenet_float64_throughout", default=False)
+
+
 @contextmanager
-def _composite_attention() -> Iterator[None]:
-    """The fused attention kernels have no forward-mode derivative: use the composite path."""
+def float64_throughout() -> Iterator[None]:
+    """Inside, every float64 measurement (`measuring`) also keeps the model's casts to a
+    lower precision in float64 (`keep_float64`): for a model whose float64 copy computes the
+    same function with them kept, so that float32 rounding (a float32 softmax, ...) does
+    not hide exact identities. The model in its own dtype is not affected."""
+    token = _WIDE.set(True)
+    try:
+        yield
+    finally:
+        _WIDE.reset(token)
+
+
+@contextmanager
+def measuring() -> Iterator[None]:
+    """How the float64 copy is evaluated for every measurement: the fused attention kernels
+    have no forward-mode derivative, so the composite path; and, inside
+    `float64_throughout`, the model's casts down kept in float64."""
     fast = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
-        with sdpa_kernel(SDPBackend.MATH):
+        with sdpa_kernel(SDPBackend.MATH), keep_float64() if _WIDE.get() else nullcontext():
             yield
     finally:
         torch.backends.mha.set_fastpath_enabled(fast)
@@ -87,7 +109,7 @@ class FlatModel:
     def call(self, th: Tensor, args: tuple) -> Tensor:
         """Every output of the model with parameters `th` on `args`, flattened."""
         buffers = dict(self.model.named_buffers())
-        with _composite_attention():
+        with measuring():
             out = torch.func.functional_call(self.model, {**self.params(th), **buffers}, args)
         return flatten_out(out)
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ._jacobian import FlatModel, _composite_attention, flatten_out
+from ._jacobian import FlatModel, flatten_out, measuring
 
 __all__ = ["preconditioner"]
 
@@ -72,7 +72,7 @@ def _probe_gradients(
     for p in fm.model.parameters():
         p.requires_grad_(True)
     try:
-        with torch.enable_grad(), _composite_attention():
+        with torch.enable_grad(), measuring():
             y = flatten_out(fm.model(*fm.args))
     finally:
         for h in hooks:

@@ -30,9 +30,11 @@ import torch
 from torch import Tensor, nn
 
 from .._errors import GaugeError
+from .._func import untransformable
 from ..groups import GaugeGroup
+from ._autograd import AutogradProducts, or_autograd
 from ._davidson import lanczos_max, smallest
-from ._jacobian import FlatModel, _composite_attention, flat_model
+from ._jacobian import FlatModel, flat_model, measuring
 from ._kfac import preconditioner
 from ._orbit import Orbit, orbit_projector
 
@@ -76,34 +78,50 @@ class MatrixFreeResult:
 def linear_jvp(fm: FlatModel, *, trace: bool = True) -> Operator:
     """`v ↦ J v` for `v` `(n,)`: a linearized forward-mode product (traced once, replayed)
     or, where tracing fails or `trace` is false (a few products only: no tape kept),
-    `torch.func.jvp`."""
+    `torch.func.jvp`; plain autograd (`AutogradProducts`) where `torch.func` cannot
+    transform the model."""
     try:
         if not trace:
             raise NotImplementedError
-        with warnings.catch_warnings(), _composite_attention():
+        with warnings.catch_warnings(), measuring():
             warnings.simplefilter("ignore")
             _, jvp_fn = torch.func.linearize(fm.f, fm.theta)
             jvp_fn(torch.zeros_like(fm.theta))
     except Exception:  # data-dependent control flow and other untraceable models
 
-        def jvp_fn(v: Tensor) -> Tensor:
-            with _composite_attention():
+        def func_jvp(v: Tensor) -> Tensor:
+            with measuring():
                 return torch.func.jvp(fm.f, (fm.theta,), (v,))[1]
+
+        jvp_fn = or_autograd(func_jvp, lambda: AutogradProducts(fm).jvp)
 
     return jvp_fn
 
 
 def gauss_newton(fm: FlatModel, proj: Orbit, jvp_fn: Operator | None = None) -> Operator:
     """`v ↦ P Jᵀ J P v` for `v` `(n,)`: `linear_jvp` (or the given `jvp_fn`), then one
-    reverse-mode product."""
-    with _composite_attention():
-        _, vjp_fn = torch.func.vjp(fm.f, fm.theta)
-    jvp_fn = jvp_fn if jvp_fn is not None else linear_jvp(fm)
+    reverse-mode product (plain autograd, both, where `torch.func` cannot transform the
+    model)."""
+    try:
+        with measuring():
+            _, func_vjp = torch.func.vjp(fm.f, fm.theta)
+    except RuntimeError as exc:
+        if not untransformable(exc):
+            raise
+        auto = AutogradProducts(fm)
+        vjp_fn: Operator = auto.vjp
+        jvp_fn = jvp_fn if jvp_fn is not None else auto.jvp
+    else:
+
+        def vjp_fn(u: Tensor) -> Tensor:
+            with measuring():
+                return func_vjp(u)[0]
+
+        jvp_fn = jvp_fn if jvp_fn is not None else linear_jvp(fm)
 
     def op(v: Tensor) -> Tensor:
         v = proj(v)
-        with _composite_attention():
-            return proj(vjp_fn(jvp_fn(v))[0])
+        return proj(vjp_fn(jvp_fn(v)))
 
     return op
 

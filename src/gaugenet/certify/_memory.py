@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ._jacobian import FlatModel, _composite_attention
+from ._jacobian import FlatModel, measuring
 
 __all__ = ["Sizes", "activation_bytes", "estimates"]
 
@@ -49,7 +49,7 @@ def activation_bytes(fm: FlatModel) -> int:
 
     hooks = [m.register_forward_hook(hook) for m in fm.model.modules()]
     try:
-        with torch.no_grad(), _composite_attention():
+        with torch.no_grad(), measuring():
             fm.model(*fm.args)
     finally:
         for h in hooks:

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .._errors import GaugeError
-from ._jacobian import FlatModel, _composite_attention, as_tuple, flatten_out
+from ._jacobian import FlatModel, as_tuple, flatten_out, measuring
 
 __all__ = ["Slice", "slice_entries", "slice_jacobian"]
 
@@ -134,7 +134,7 @@ def slice_function(
         for name, idx, v in zip(sl.names, sl.index, values):
             flat = base[name].reshape(-1).index_put((idx,), v)
             params[name] = flat.reshape(base[name].shape)
-        with _composite_attention():
+        with measuring():
             out = torch.func.functional_call(fm.model, {**params, **buffers}, args)
         return out if parts else flatten_out(out)
 
