@@ -22,6 +22,7 @@ eval-mode dropouts), names the coordinates the factor uses (see `_head_norm_kern
 
 from __future__ import annotations
 
+import copy
 from contextlib import nullcontext
 from typing import Any
 
@@ -105,22 +106,22 @@ def measure_blocks(
 
 def _measure(nodes, root, values, stop, target, y0: Tensor) -> list[tuple[Tensor, Tensor]]:
     gen = torch.Generator().manual_seed(0)
-    F = int(y0.shape[-1])
-    tokens = y0.shape[:-1]
-
-    def f(z: Tensor) -> Tensor:
-        out = evaluate(nodes, root, values, stop, z, keep64=True)
-        if not isinstance(out, Tensor):
-            raise Skip("the normalization does not give one tensor")
-        return out.reshape(-1)
-
-    c = torch.randn(*tokens, 1, generator=gen, dtype=torch.float64).to(y0.dtype)
-    eye = torch.eye(F, dtype=y0.dtype)
-    D = torch.stack([torch.func.jvp(f, (y0,), (c * e,))[1] for e in eye]).detach()
+    c = torch.randn(*y0.shape[:-1], 1, generator=gen, dtype=torch.float64)
+    D = None
+    if y0.dtype != torch.float64:  # in float64 where the path runs so: `u` to float64's ε
+        try:
+            with keep_float64():
+                wide = _Wide(root, nodes)
+                D = _derivatives(nodes, wide, _WideValues(values), stop, y0.double(), c)
+        except (Skip, RuntimeError, TypeError, ValueError, IndexError):
+            D = None
+    exact = D is not None or y0.dtype == torch.float64
+    if D is None:
+        D = _derivatives(nodes, root, values, stop, y0, c.to(y0.dtype))
     top = float(D.abs().max())
     if top == 0:
         return []
-    zero = _ZERO[y0.dtype]
+    zero = _ZERO[torch.float64 if exact else y0.dtype]
     reach = D.abs() > zero * top  # (F, N)
     blocks = []
     for R in _components(reach):
@@ -130,10 +131,50 @@ def _measure(nodes, root, values, stop, target, y0: Tensor) -> list[tuple[Tensor
             continue
         u = vh[-1]
         u = u / u[u.abs().argmax()]
-        blocks.append((R, u.to(y0.dtype)))
+        blocks.append((R, u if exact else u.to(y0.dtype)))
     if not blocks or not _exact(nodes, root, values, stop, target, y0, blocks, gen):
         return []
     return blocks
+
+
+def _derivatives(nodes, root, values, stop, y0: Tensor, c: Tensor) -> Tensor:
+    """`(F, N)`: the derivative of the map from `stop`'s output to the last node's, flattened,
+    along each output row `i` (`c ⊗ e_i`, `c` `(*tokens, 1)` one coefficient per token)."""
+
+    def f(z: Tensor) -> Tensor:
+        out = evaluate(nodes, root, values, stop, z, keep64=True)
+        if not isinstance(out, Tensor):
+            raise Skip("the normalization does not give one tensor")
+        return out.reshape(-1)
+
+    eye = torch.eye(int(y0.shape[-1]), dtype=y0.dtype)
+    return torch.stack([torch.func.jvp(f, (y0,), (c * e,))[1] for e in eye]).detach()
+
+
+class _Wide:
+    """`root` as `evaluate` reads it on `nodes`: each submodule they call, a float64 copy
+    (made here: not under a `torch.func` transform)."""
+
+    def __init__(self, root: nn.Module, nodes: list[fx.Node]) -> None:
+        names = {str(n.target) for n in nodes if n.op == "call_module"}
+        self._copies = {m: copy.deepcopy(root.get_submodule(m)).double() for m in names}
+
+    def get_submodule(self, name: str) -> nn.Module:
+        return self._copies[name]
+
+
+class _WideValues:
+    """The recorded values, floating tensors read in float64."""
+
+    def __init__(self, values: dict) -> None:
+        self._values = values
+
+    def __getitem__(self, node: fx.Node) -> Any:
+        v = self._values[node]
+        return v.double() if isinstance(v, Tensor) and v.is_floating_point() else v
+
+    def __contains__(self, node: object) -> bool:
+        return node in self._values
 
 
 def _components(reach: Tensor) -> list[Tensor]:
@@ -163,7 +204,7 @@ def _exact(nodes, root, values, stop, target, y0, blocks, gen) -> bool:
     y1 = y0.clone()
     for R, u in blocks:
         c = torch.randn(*y0.shape[:-1], 1, generator=gen, dtype=torch.float64).to(y0.dtype)
-        y1[..., R] = y1[..., R] + scale * c * u
+        y1[..., R] = y1[..., R] + (scale * c * u).to(y0.dtype)
     inside = set(nodes) | {stop}
     frontier = [
         w for n in [stop, *nodes] if n is not target for w in graph_users(n) if w not in inside

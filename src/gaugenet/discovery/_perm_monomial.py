@@ -104,14 +104,14 @@ def _conjugates(
     own = [[r for r in dict.fromkeys(x.tolist()) if r < m and r not in shared] for x in lists]
     owner_of = {r: c for c, rows in enumerate(own) for r in rows}
     B = f.basis
+    hits = _owners_hit(B, owner_of, n)
+    if hits is None:
+        return None
     cols: list[list[int]] = [[] for _ in range(n)]
     free_cols = []
-    for j in range(B.shape[1]):
-        hit = {owner_of[r] for r in B[:, j].nonzero().reshape(-1).tolist() if r in owner_of}
-        if 1 < len(hit) < n:
-            return None
-        if len(hit) == 1 and n > 1:
-            cols[hit.pop()].append(j)
+    for j, c in enumerate(hits.tolist()):
+        if c >= 0 and n > 1:
+            cols[c].append(j)
         else:  # touching no item's classes, or every item's (checked alike below)
             free_cols.append(j)
     if any(len(c) != len(cols[0]) for c in cols):
@@ -128,6 +128,29 @@ def _conjugates(
         ):
             return None
     return [(f.name, torch.tensor([cols[c][i] for c in range(n)])) for i in range(len(cols[0]))]
+
+
+def _owners_hit(B: Tensor, owner_of: dict[int, int], n: int) -> Tensor | None:
+    """Per column of `B` `(m, dim)`, the one item whose own classes it touches, `-1` for
+    none or all `n` of them; `None` when a column touches some items but not all. A block of
+    columns at a time (one `nonzero` each: `B` may have tens of thousands of columns)."""
+    owner = torch.full((B.shape[0],), -1, dtype=torch.long)
+    if owner_of:
+        owner[torch.tensor(list(owner_of))] = torch.tensor(list(owner_of.values()))
+    out = torch.full((B.shape[1],), -1, dtype=torch.long)
+    step = max(1, (1 << 24) // max(B.shape[0], 1))
+    for a in range(0, B.shape[1], step):
+        rows, cols = B[:, a : a + step].nonzero(as_tuple=True)
+        who = owner[rows]
+        keep = who >= 0
+        pairs = torch.unique(cols[keep] * n + who[keep])
+        col, item = pairs // n, pairs % n
+        count = torch.bincount(col, minlength=min(step, B.shape[1] - a))
+        if bool(((count > 1) & (count < n)).any()):
+            return None
+        one = count[col] == 1
+        out[a + col[one]] = item[one]
+    return out
 
 
 def _first_seen(x: Tensor) -> Tensor:
