@@ -82,3 +82,29 @@ def test_streams_the_named_architecture(cls: str, tmp_path: Path) -> None:
     out = getattr(transformers, cls).from_pretrained(tmp_path / "eq").float().eval()
     y, y2 = _outputs(model), _outputs(out)
     assert float((y2 - y).abs().max() / y.abs().max()) < 1e-5  # float32 storage
+
+
+def test_streams_a_vision_checkpoint_with_image_inputs(tmp_path: Path) -> None:
+    """A vision model has no token vocabulary: its meta example input is one image of the
+    config's size (before, token ids, and ConvNext's discovery failed on them). Its
+    LayerNorm gains reach the next layers and are moved; the function is kept."""
+    config = transformers.ConvNextConfig(
+        image_size=8, num_channels=2, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2
+    )
+    torch.manual_seed(0)
+    model = transformers.ConvNextModel(config).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and name.endswith("weight"):
+                p.mul_(torch.logspace(-1, 1, p.numel()))
+    model.save_pretrained(tmp_path / "in", max_shard_size="4KB")
+    report = stream_equalize(tmp_path / "in", tmp_path / "eq", bits=4)
+    assert report.applied > 0 and report.error_after < report.error_before
+    out = transformers.ConvNextModel.from_pretrained(tmp_path / "eq").float().eval()
+    x = torch.randn(3, 2, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y, y2 = model(pixel_values=x).last_hidden_state, out(pixel_values=x).last_hidden_state
+    assert float((y2 - y).abs().max() / y.abs().max()) < 1e-5  # float32 storage
+    # negative: the written weights are not the input's
+    moved = [k for k, v in out.state_dict().items() if not torch.equal(v, model.state_dict()[k])]
+    assert moved

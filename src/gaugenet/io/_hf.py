@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["TOKENS", "named_class", "token_call", "token_lengths"]
+__all__ = ["TOKENS", "image_shape", "named_class", "token_call", "token_lengths"]
 
 
 def named_class(config: Any) -> type | None:
@@ -46,3 +46,15 @@ def token_call(config: Any, ids: Any) -> Any:
     if getattr(config, "is_encoder_decoder", False):
         return {"input_ids": ids, "decoder_input_ids": ids}
     return ids
+
+
+def image_shape(config: Any) -> tuple[int, int, int] | None:
+    """`(channels, height, width)` of one image for a vision model's config (ViT and kin:
+    `num_channels` and `image_size`) that has no token vocabulary; else `None`."""
+    if config is None or hasattr(config, "vocab_size"):
+        return None
+    size, channels = getattr(config, "image_size", None), getattr(config, "num_channels", None)
+    if not isinstance(channels, int) or not isinstance(size, (int, tuple, list)):
+        return None
+    hw = (size, size) if isinstance(size, int) else tuple(size)[:2]
+    return (channels, int(hw[0]), int(hw[1]))

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .._errors import GaugeError
-from ._hf import token_call, token_lengths
+from ._hf import image_shape, token_call, token_lengths
 
 __all__ = ["MAX_INPUT_NUMBERS", "sample_inputs"]
 
@@ -52,11 +52,10 @@ def sample_inputs(
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "vocab_size"):
         return _tokens(model, config, n, g)
-    size, channels = getattr(config, "image_size", None), getattr(config, "num_channels", None)
-    if isinstance(channels, int) and isinstance(size, (int, tuple, list)):  # ViT and kin
-        hw = (size, size) if isinstance(size, int) else tuple(size)[:2]
-        _check_size(n, (channels, *hw), "--inputs")
-        return torch.randn(n, channels, *hw, generator=g, dtype=dtype)
+    image = image_shape(config)
+    if image is not None:  # ViT and kin
+        _check_size(n, image, "--inputs")
+        return torch.randn(n, *image, generator=g, dtype=dtype)
     for m in model.modules():
         if isinstance(m, nn.Linear):
             return torch.randn(n, m.in_features, generator=g, dtype=dtype)

@@ -38,7 +38,7 @@ from ..apply._schemes import QuantScheme, round_weight
 from ..discovery import symmetries
 from ..groups import GLFactor, RescalingFactor
 from ..groups._base import State
-from ..io._hf import token_call, token_lengths
+from ..io._hf import image_shape, token_call, token_lengths
 from ._checkpoint import ShardedCheckpoint
 from ._local import LOCAL_TOL, Component, components, local_change, record_inputs
 from ._write import ShardWriter, atomic_folder, check_output_folder
@@ -78,10 +78,15 @@ class StreamReport:
 
 
 def _meta_call(model: nn.Module) -> dict[str, Tensor]:
-    """The meta-device example input of a Hugging Face model: as many token ids as its
-    config allows up to `TOKENS` (`token_lengths`), and as many decoder tokens for an
-    encoder-decoder model (`token_call`)."""
+    """The meta-device example input of a Hugging Face model: one image of the config's size
+    for a vision model (`image_shape`); else as many token ids as its config allows up to
+    `TOKENS` (`token_lengths`), and as many decoder tokens for an encoder-decoder model
+    (`token_call`)."""
     cfg = getattr(model, "config", None)
+    image = image_shape(cfg)
+    if image is not None:
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+        return {"pixel_values": torch.zeros(1, *image, dtype=dtype, device="meta")}
     ids = torch.zeros(1, token_lengths(cfg)[0], dtype=torch.long, device="meta")
     call = token_call(cfg, ids)
     return call if isinstance(call, dict) else {"input_ids": call}
