@@ -167,3 +167,35 @@ def test_float32_head_norm_kernel_is_measured_in_float64():
     worse = gaugenet.certify(model, inputs, group=group)
     assert worse.verdict == "wrong"
     assert worse.tangent_residuals[kernels[0].name] > 1e-9
+
+
+class _Coupled(nn.Module):
+    """The samples are not independent: each output is centred over the batch."""
+
+    def __init__(self, act=None) -> None:
+        super().__init__()
+        self.net = _Net(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.net(x)
+        return y - y.mean(0)
+
+
+def test_looped_jacobian_goes_sample_by_sample_only_where_samples_are_independent():
+    """Without `torch.func`, the Jacobian is assembled one backward pass per output, on one
+    sample's graph at a time where the samples are independent (checked), else on the whole
+    batch; both equal the transformable twin's Jacobian."""
+    from gaugenet.certify._jacobian import _looped_per_sample
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, dtype=torch.float64)
+    for coupled in (False, True):
+        plain = (_Coupled() if coupled else _Net()).double()
+        custom = (_Coupled(_OldStyleSoftplus) if coupled else _Net(_OldStyleSoftplus)).double()
+        custom.load_state_dict(plain.state_dict())
+        fm = flat_model(custom, x)
+        per_sample = _looped_per_sample(fm)
+        assert (per_sample is None) == coupled
+        ref = jacobian_of(flat_model(plain, x))
+        got = jacobian_of(fm)
+        assert (got - ref).abs().max() <= 1e-13 * ref.abs().max()

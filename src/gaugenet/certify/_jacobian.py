@@ -240,12 +240,51 @@ def jacobian_of(fm: FlatModel) -> Tensor:
 def _looped_jacobian(fm: FlatModel) -> Tensor:
     """The Jacobian one output at a time by plain reverse mode: for models that `torch.func`
     cannot transform (an `autograd.Function` without `setup_context`, as in BLOOM's GELU).
-    One backward pass per output, so slower, but the same matrix."""
+    One backward pass per output, so slower, but the same matrix. Sample by sample where the
+    model treats the samples independently (checked as `_per_sample_jacobian` checks): each
+    pass then runs through one sample's graph, not the whole batch's."""
+    jac = _looped_per_sample(fm)
+    return jac if jac is not None else _looped_rows(fm, fm.args)
+
+
+def _looped_rows(fm: FlatModel, args: tuple) -> Tensor:
+    """`(n_outputs, n_params)`: every output on `args`, one backward pass each."""
     theta = fm.theta.detach().requires_grad_(True)
     with torch.enable_grad():
-        out = fm.f(theta).reshape(-1)
+        out = fm.call(theta, args).reshape(-1)
         rows = [
             torch.autograd.grad(out[i], theta, retain_graph=True, allow_unused=True)[0]
             for i in range(out.numel())
         ]
-    return torch.stack([torch.zeros_like(theta) if r is None else r for r in rows])
+    if not rows:
+        return torch.zeros(0, theta.numel(), dtype=theta.dtype)
+    return torch.stack([torch.zeros_like(theta) if r is None else r for r in rows]).detach()
+
+
+def _looped_per_sample(fm: FlatModel) -> Tensor | None:
+    """`_looped_rows` of each sample alone, stacked; `None` where the samples are not
+    independent (a random vector-Jacobian product of the whole batch disagrees) or the
+    model does not run on one sample. A loop over samples: this is the fallback for models
+    that cannot be vectorized."""
+    n_batch = _batch_size(fm.args)
+    if n_batch is None or n_batch < 2:
+        return None
+    try:
+        blocks = [
+            _looped_rows(fm, tuple(a[i : i + 1] if isinstance(a, Tensor) else a for a in fm.args))
+            for i in range(n_batch)
+        ]
+    except Exception:  # the model does not run on one sample: the whole batch instead
+        return None
+    jac = torch.cat(blocks)
+    theta = fm.theta.detach().requires_grad_(True)
+    with torch.enable_grad():
+        out = fm.f(theta)
+        if out.numel() != jac.shape[0]:
+            return None
+        u = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=out.dtype)
+        (ref,) = torch.autograd.grad(out, theta, u, allow_unused=True)
+    ref = torch.zeros_like(fm.theta) if ref is None else ref
+    err = float((jac.T @ u - ref).norm())
+    scale = max(float(ref.norm()), float(jac.abs().max()), 1e-300)
+    return jac if err <= 1e-8 * scale else None
