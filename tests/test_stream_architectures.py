@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from gaugenet import GaugeError
 from gaugenet.stream import ShardedCheckpoint, stream_equalize
 
 transformers = pytest.importorskip("transformers")
@@ -108,3 +109,56 @@ def test_streams_a_vision_checkpoint_with_image_inputs(tmp_path: Path) -> None:
     # negative: the written weights are not the input's
     moved = [k for k, v in out.state_dict().items() if not torch.equal(v, model.state_dict()[k])]
     assert moved
+
+
+def _vision(cls: str, cfg: str, **kw) -> torch.nn.Module:
+    config = getattr(transformers, cfg)(
+        image_size=8, patch_size=4, num_channels=2, hidden_size=8, num_hidden_layers=1,
+        num_attention_heads=2, intermediate_size=16, **kw,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = getattr(transformers, cls)(config).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and name.endswith("weight"):
+                p.mul_(torch.logspace(-1, 1, p.numel()))
+    return model
+
+
+@pytest.mark.parametrize("cls", ["DeiTModel", "BeitModel"])
+def test_streams_a_checkpoint_that_transformers_renames(cls: str, tmp_path: Path) -> None:
+    """`transformers` 5 renames DeiT's and BEiT's stored tensors when it loads them
+    (`encoder.layer.0.attention.attention.query` is `layers.0.attention.q_proj`), so the
+    meta model's names were not the checkpoint's and streaming refused it. Now the checkpoint
+    is read under the model's names and written under the stored ones: the output has the
+    input's names, loads, and computes the same function. BEiT also has a vocabulary (masked
+    image modelling): its example input is still an image, since its forward takes pixels."""
+    model = _vision(cls, cls.replace("Model", "Config"))
+    model.save_pretrained(tmp_path / "in", max_shard_size="1KB")
+    ckpt = ShardedCheckpoint(tmp_path / "in")
+    stored = set(ckpt.weight_map)
+    assert stored - set(model.state_dict())  # names the model does not have
+    report = stream_equalize(tmp_path / "in", tmp_path / "eq", bits=4)
+    assert report.applied > 0 and report.error_after < report.error_before
+    assert set(ShardedCheckpoint(tmp_path / "eq").weight_map) == stored
+    out = getattr(transformers, cls).from_pretrained(tmp_path / "eq").float().eval()
+    x = torch.randn(3, 2, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y, y2 = model(pixel_values=x).last_hidden_state, out(pixel_values=x).last_hidden_state
+    assert float((y2 - y).abs().max() / y.abs().max()) < 1e-5  # float32 storage
+    moved = [k for k, v in out.state_dict().items() if not torch.equal(v, model.state_dict()[k])]
+    assert moved
+
+
+def test_a_checkpoint_whose_tensors_transformers_converts_is_refused(tmp_path: Path) -> None:
+    """Mixtral's experts are stored one by one and merged into one tensor on loading: not a
+    renaming, so streaming says so (a `GaugeError` naming the tensor), never a wrong map."""
+    config = transformers.MixtralConfig(
+        vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, num_local_experts=2,
+        max_position_embeddings=8,
+    )  # fmt: skip
+    transformers.MixtralModel(config).save_pretrained(tmp_path / "in", max_shard_size="4KB")
+    with pytest.raises(GaugeError, match=r"converts the stored tensor '.*experts.*"):
+        stream_equalize(tmp_path / "in", tmp_path / "eq", bits=4)
+    assert not (tmp_path / "eq").exists()

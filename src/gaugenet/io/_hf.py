@@ -3,9 +3,17 @@ allows."""
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
-__all__ = ["TOKENS", "image_shape", "named_class", "token_call", "token_lengths"]
+__all__ = [
+    "TOKENS",
+    "checkpoint_renaming",
+    "image_shape",
+    "named_class",
+    "token_call",
+    "token_lengths",
+]
 
 
 def named_class(config: Any) -> type | None:
@@ -48,13 +56,51 @@ def token_call(config: Any, ids: Any) -> Any:
     return ids
 
 
-def image_shape(config: Any) -> tuple[int, int, int] | None:
-    """`(channels, height, width)` of one image for a vision model's config (ViT and kin:
-    `num_channels` and `image_size`) that has no token vocabulary; else `None`."""
-    if config is None or hasattr(config, "vocab_size"):
+def image_shape(config: Any, model: Any = None) -> tuple[int, int, int] | None:
+    """`(channels, height, width)` of one image for a vision model (ViT and kin: its config
+    has `num_channels` and `image_size`), else `None`. A vision model is one whose forward
+    takes `pixel_values` first (BEiT has a vocabulary too, for masked image modelling) or,
+    without `model`, a config with no token vocabulary."""
+    if config is None:
         return None
     size, channels = getattr(config, "image_size", None), getattr(config, "num_channels", None)
     if not isinstance(channels, int) or not isinstance(size, (int, tuple, list)):
         return None
+    if model is not None:
+        params = list(inspect.signature(model.forward).parameters)
+        if not params or params[0] != "pixel_values":
+            return None
+    elif hasattr(config, "vocab_size"):
+        return None
     hw = (size, size) if isinstance(size, int) else tuple(size)[:2]
     return (channels, int(hw[0]), int(hw[1]))
+
+
+def checkpoint_renaming(model: Any, stored: list[str]) -> dict[str, str] | None:
+    """`{stored name: model name}` for a checkpoint whose tensors `transformers` renames when
+    it loads them into `model` (its conversion mapping, `transformers` 5: ViT's
+    `encoder.layer.0.attention.attention.query` is `layers.0.attention.q_proj`), `None`
+    where it renames none (or has no conversion mapping). Raises `GaugeError` where the
+    mapping also converts tensors (splits or merges them, as fused experts), which a name
+    map cannot follow."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+    except ImportError:  # an older transformers: checkpoints hold the model's own names
+        return None
+    from .._errors import GaugeError
+
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if not isinstance(t, WeightRenaming)]
+    out: dict[str, str] = {}
+    for key in stored:
+        new, converted = rename_source_key(key, renamings, converters)
+        if converted is not None:
+            raise GaugeError(
+                f"transformers converts the stored tensor {key!r} when it loads this "
+                f"{type(model).__name__} (pattern {converted!r}: tensors split or merged), "
+                "which streaming does not follow: load the model and use the in-memory commands"
+            )
+        out[key] = new
+    return out if any(k != v for k, v in out.items()) else None

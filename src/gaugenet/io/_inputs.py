@@ -50,9 +50,9 @@ def sample_inputs(
         ex = model.example_inputs
         return ex(n) if callable(ex) else ex
     config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "vocab_size"):
+    image = image_shape(config, model)
+    if image is None and config is not None and hasattr(config, "vocab_size"):
         return _tokens(model, config, n, g)
-    image = image_shape(config)
     if image is not None:  # ViT and kin
         _check_size(n, image, "--inputs")
         return torch.randn(n, *image, generator=g, dtype=dtype)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .._errors import GaugeError
-from ..io._hf import named_class
+from ..io._hf import checkpoint_renaming, named_class
 
 __all__ = ["INDEX", "ShardedCheckpoint", "is_sharded"]
 
@@ -35,6 +35,10 @@ class ShardedCheckpoint:
     - `shards`: shard file names in index order, each with its tensor names (as the
       shard's header lists them).
     - `dtypes`, `shapes`: per tensor name, from the headers.
+    - `stored`: model name → stored name, for a checkpoint whose names `transformers`
+      renames on loading (`meta_model` sets it; empty otherwise). `weight_map`, `shards`,
+      `dtypes` and `shapes` then use the model's names; `tensor` reads, and `ShardWriter`
+      writes, the stored ones.
 
     Raises `GaugeError` for a missing or unreadable `config.json` or index, a `weight_map`
     that is not a mapping of names to shard files, a missing or unreadable shard, or an
@@ -58,6 +62,7 @@ class ShardedCheckpoint:
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in wmap.items()):
             raise GaugeError(f"{index}: weight_map must map tensor names to shard file names")
         self.weight_map: dict[str, str] = dict(wmap)
+        self.stored: dict[str, str] = {}
         self.shards: dict[str, list[str]] = {}
         self.dtypes: dict[str, torch.dtype] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
@@ -91,7 +96,11 @@ class ShardedCheckpoint:
         if name not in self.weight_map:
             raise GaugeError(f"the checkpoint in {self.folder} has no tensor {name!r}")
         with safe_open(str(self.folder / self.weight_map[name]), framework="pt") as f:
-            return f.get_tensor(name)
+            return f.get_tensor(self.stored.get(name, name))
+
+    def stored_name(self, name: str) -> str:
+        """The name the checkpoint stores the model's tensor `name` under."""
+        return self.stored.get(name, name)
 
     def meta_model(self) -> nn.Module:
         """The architecture of `config.json` on the meta device, in eval mode: the class
@@ -115,8 +124,26 @@ class ShardedCheckpoint:
         except Exception as exc:
             raise GaugeError(f"cannot build the model of {self.folder}/config.json: {exc}") from exc
         model.eval()
+        self._follow_renaming(model)
         self._check_names(model)
         return model
+
+    def _follow_renaming(self, model: nn.Module) -> None:
+        """Where the stored names are not the model's and `transformers` renames them on
+        loading (`checkpoint_renaming`), read the checkpoint under the model's names."""
+        if self.stored:
+            return
+        state = model.state_dict(keep_vars=True)
+        if all(k in state for k in self.weight_map):
+            return
+        rename = checkpoint_renaming(model, list(self.weight_map))
+        if rename is None or len(set(rename.values())) != len(rename):
+            return
+        self.stored = {v: k for k, v in rename.items()}
+        self.weight_map = {rename[k]: v for k, v in self.weight_map.items()}
+        self.shards = {s: [rename[k] for k in names] for s, names in self.shards.items()}
+        self.shapes = {rename[k]: v for k, v in self.shapes.items()}
+        self.dtypes = {rename[k]: v for k, v in self.dtypes.items()}
 
     def _check_names(self, model: nn.Module) -> None:
         state = model.state_dict(keep_vars=True)

@@ -83,7 +83,7 @@ def _meta_call(model: nn.Module) -> dict[str, Tensor]:
     `TOKENS` (`token_lengths`), and as many decoder tokens for an encoder-decoder model
     (`token_call`)."""
     cfg = getattr(model, "config", None)
-    image = image_shape(cfg)
+    image = image_shape(cfg, model)
     if image is not None:
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
         return {"pixel_values": torch.zeros(1, *image, dtype=dtype, device="meta")}

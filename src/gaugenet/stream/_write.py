@@ -80,7 +80,7 @@ class ShardWriter:
         expected = self.ckpt.shards[shard]
         if sorted(tensors) != sorted(expected):
             raise GaugeError(f"internal error: shard {shard} is incomplete")
-        tensors = {k: tensors[k].contiguous() for k in expected}
+        tensors = {self.ckpt.stored_name(k): tensors[k].contiguous() for k in expected}
         save_file(tensors, str(self.folder / shard), metadata={"format": "pt"})
         self.sizes[shard] = sum(t.numel() * t.element_size() for t in tensors.values())
 
@@ -88,7 +88,7 @@ class ShardWriter:
         """The index (same weight map, total size) and the small files of the input."""
         index = {
             "metadata": {"total_size": sum(self.sizes.values())},
-            "weight_map": self.ckpt.weight_map,
+            "weight_map": {self.ckpt.stored_name(k): v for k, v in self.ckpt.weight_map.items()},
         }
         (self.folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
         for p in self.ckpt.folder.iterdir():
