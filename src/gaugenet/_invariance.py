@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ._errors import GaugeError
+from ._float64_kernels import float64_kernels
 from ._tolerances import model_dtype
 
 __all__ = [
@@ -72,7 +73,7 @@ def _run(model: nn.Module, inputs: Sequence[Any], dtype: torch.dtype | None) -> 
     if dtype is not None:
         model = copy.deepcopy(model).to(dtype)
     args = [cast_floats(x, dtype) for x in inputs]
-    with torch.no_grad():
+    with torch.no_grad(), float64_kernels():
         if len(args) == 1 and isinstance(args[0], dict):
             out = model(**args[0])
         else:

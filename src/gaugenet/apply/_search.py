@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 
 from .._errors import GaugeError
+from .._float64_kernels import float64_kernels
 from .._func import untransformable
 from .._invariance import _as_tuple
 from ..groups import RescalingFactor, Scale
@@ -64,7 +65,8 @@ def forward_fn(
     def run(state: State) -> Tensor:
         if unread:  # `functional_call` ties the kept value to the other names
             state = {k: v for k, v in state.items() if k not in unread}
-        out = functional_call(model, state, args, kwargs)
+        with float64_kernels():
+            out = functional_call(model, state, args, kwargs)
         while not isinstance(out, Tensor):
             out = out[0] if isinstance(out, (tuple, list)) else next(iter(out.values()))
         return out.double()

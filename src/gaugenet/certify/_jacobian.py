@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .._float64_kernels import float64_kernels
 from .._func import untransformable
 from ..discovery._float64 import keep_float64
 
@@ -75,12 +76,17 @@ def float64_throughout() -> Iterator[None]:
 @contextmanager
 def measuring() -> Iterator[None]:
     """How the float64 copy is evaluated for every measurement: the fused attention kernels
-    have no forward-mode derivative, so the composite path; and, inside
+    have no forward-mode derivative, so the composite path; float64 stand-ins where an
+    operation has no float64 kernel (`float64_kernels`); and, inside
     `float64_throughout`, the model's casts down kept in float64."""
     fast = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
-        with sdpa_kernel(SDPBackend.MATH), keep_float64() if _WIDE.get() else nullcontext():
+        with (
+            sdpa_kernel(SDPBackend.MATH),
+            float64_kernels(),
+            keep_float64() if _WIDE.get() else nullcontext(),
+        ):
             yield
     finally:
         torch.backends.mha.set_fastpath_enabled(fast)

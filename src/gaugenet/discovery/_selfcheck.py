@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from .._float64_kernels import float64_kernels
 from .._invariance import _flat_outputs, cast_floats
 from ..groups import AbstractFactor, Breaker, GaugeGroup, PermutationFactor, TranslationFactor
 from ..groups._base import State
@@ -151,7 +152,11 @@ class _Checker:
         for names in self.ties:
             for k in names[1:]:
                 del state[k]
-        with torch.no_grad(), keep_float64() if self.force64 else contextlib.nullcontext():
+        with (
+            torch.no_grad(),
+            float64_kernels(),
+            keep_float64() if self.force64 else contextlib.nullcontext(),
+        ):
             out = torch.func.functional_call(self.model, state, self.args, self.kwargs)
         return _outputs(out)
 
