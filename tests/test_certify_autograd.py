@@ -10,7 +10,7 @@ from torch.autograd.function import once_differentiable
 
 import gaugenet
 from gaugenet.certify._autograd import AutogradProducts, or_autograd
-from gaugenet.certify._jacobian import flat_model, jacobian_of
+from gaugenet.certify._jacobian import flat_model, jacobian, jacobian_of
 from gaugenet.certify._matrix_free import gauss_newton, linear_jvp
 from gaugenet.certify._orbit import Orbit
 
@@ -60,6 +60,22 @@ def _pair(act) -> tuple[nn.Module, nn.Module, torch.Tensor]:
     custom = _Net(act).double()
     custom.load_state_dict(plain.state_dict())
     return plain, custom, torch.randn(7, 3, dtype=torch.float64)
+
+
+def test_jacobian_of_an_untransformable_function_is_computed_by_reverse_mode():
+    """Where `torch.func` cannot transform the model, the Jacobian is assembled one output
+    at a time, and it equals that of the same function written in transformable ops."""
+    plain, custom, _ = _pair(_OldStyleSoftplus)
+    x = torch.randn(40, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    with pytest.raises(RuntimeError, match="setup_context"):
+        torch.func.jacrev(lambda t: custom(t))(x)
+    j_plain, j_custom = jacobian(plain, x), jacobian(custom, x)
+    assert j_custom.shape == (80, 32)
+    assert torch.allclose(j_custom, j_plain, rtol=0, atol=1e-14)
+    # negative: a different weight gives a different Jacobian
+    with torch.no_grad():
+        custom.b.weight.mul_(1.5)
+    assert (jacobian(custom, x) - j_plain).abs().max() > 1e-2
 
 
 def test_autograd_products_equal_the_jacobian():

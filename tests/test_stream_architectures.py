@@ -52,7 +52,12 @@ def _build(cls: str, cfg: str, kw: dict) -> torch.nn.Module:
     config = getattr(transformers, cfg)(vocab_size=32, num_hidden_layers=1, **kw)
     torch.manual_seed(0)
     model = getattr(transformers, cls)(config).float().eval()
-    with torch.no_grad():  # uneven ranges, so that a rescaling has work to do
+    return _uneven(model)
+
+
+def _uneven(model: torch.nn.Module) -> torch.nn.Module:
+    """Uneven gains (every 1-D weight times a log ramp), so that a rescaling has work to do."""
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 1 and name.endswith("weight"):
                 p.mul_(torch.logspace(-1, 1, p.numel()))
@@ -93,19 +98,20 @@ def test_streams_a_vision_checkpoint_with_image_inputs(tmp_path: Path) -> None:
         image_size=8, num_channels=2, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2
     )
     torch.manual_seed(0)
-    model = transformers.ConvNextModel(config).float().eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1 and name.endswith("weight"):
-                p.mul_(torch.logspace(-1, 1, p.numel()))
+    model = _uneven(transformers.ConvNextModel(config).float().eval())
     model.save_pretrained(tmp_path / "in", max_shard_size="4KB")
     report = stream_equalize(tmp_path / "in", tmp_path / "eq", bits=4)
     assert report.applied > 0 and report.error_after < report.error_before
-    out = transformers.ConvNextModel.from_pretrained(tmp_path / "eq").float().eval()
+    _same_on_images(model, transformers.ConvNextModel.from_pretrained(tmp_path / "eq"))
+
+
+def _same_on_images(model: torch.nn.Module, out: torch.nn.Module) -> None:
+    """`out` computes `model`'s function on images (float32 storage), with moved weights."""
+    out = out.float().eval()
     x = torch.randn(3, 2, 8, 8, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         y, y2 = model(pixel_values=x).last_hidden_state, out(pixel_values=x).last_hidden_state
-    assert float((y2 - y).abs().max() / y.abs().max()) < 1e-5  # float32 storage
+    assert float((y2 - y).abs().max() / y.abs().max()) < 1e-5
     # negative: the written weights are not the input's
     moved = [k for k, v in out.state_dict().items() if not torch.equal(v, model.state_dict()[k])]
     assert moved
@@ -117,12 +123,7 @@ def _vision(cls: str, cfg: str, **kw) -> torch.nn.Module:
         num_attention_heads=2, intermediate_size=16, **kw,
     )  # fmt: skip
     torch.manual_seed(0)
-    model = getattr(transformers, cls)(config).float().eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1 and name.endswith("weight"):
-                p.mul_(torch.logspace(-1, 1, p.numel()))
-    return model
+    return _uneven(getattr(transformers, cls)(config).float().eval())
 
 
 @pytest.mark.parametrize("cls", ["DeiTModel", "BeitModel"])
@@ -141,13 +142,7 @@ def test_streams_a_checkpoint_that_transformers_renames(cls: str, tmp_path: Path
     report = stream_equalize(tmp_path / "in", tmp_path / "eq", bits=4)
     assert report.applied > 0 and report.error_after < report.error_before
     assert set(ShardedCheckpoint(tmp_path / "eq").weight_map) == stored
-    out = getattr(transformers, cls).from_pretrained(tmp_path / "eq").float().eval()
-    x = torch.randn(3, 2, 8, 8, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        y, y2 = model(pixel_values=x).last_hidden_state, out(pixel_values=x).last_hidden_state
-    assert float((y2 - y).abs().max() / y.abs().max()) < 1e-5  # float32 storage
-    moved = [k for k, v in out.state_dict().items() if not torch.equal(v, model.state_dict()[k])]
-    assert moved
+    _same_on_images(model, getattr(transformers, cls).from_pretrained(tmp_path / "eq"))
 
 
 def test_a_checkpoint_whose_tensors_transformers_converts_is_refused(tmp_path: Path) -> None:
