@@ -56,7 +56,7 @@ def test_float64_kernels_stand_in_only_for_float64():
     assert (y32.double() - y).abs().max() < 1e-5
 
 
-def _moe(name: str, **kw) -> tuple[torch.nn.Module, dict]:
+def _moe(name: str, n: int = 12, **kw) -> tuple[torch.nn.Module, dict]:
     config = getattr(transformers, f"{name}Config")(
         vocab_size=24, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=8, **kw,
@@ -66,7 +66,7 @@ def _moe(name: str, **kw) -> tuple[torch.nn.Module, dict]:
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * 0.5)
-    ids = torch.randint(0, 24, (12, 6), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, 24, (n, 6), generator=torch.Generator().manual_seed(1))
     return model, {"input_ids": ids}
 
 
@@ -97,3 +97,72 @@ def test_mixture_of_experts_is_discovered_certified_and_equalized(name, kw):
     assert float((y2 - y).abs().max() / y.abs().max()) < 1e-5  # float32 model
     # negative: the equalized weights are not the input's
     assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), moved.parameters()))
+
+
+def _experts_factor(group) -> gaugenet.groups.RescalingFactor:
+    (f,) = [f for f in group.factors if f.name.startswith("experts:")]
+    return f
+
+
+@pytest.mark.parametrize(
+    "name, kw, units",
+    [
+        ("Mixtral", dict(num_local_experts=2, num_experts_per_tok=2), 2 * 16),
+        (
+            "Qwen3Moe",
+            dict(num_experts=2, num_experts_per_tok=2, moe_intermediate_size=8, head_dim=4),
+            2 * 8,
+        ),
+        (
+            "Llama4Text",
+            dict(num_local_experts=2, head_dim=4, interleave_moe_layer_step=1, use_cache=False),
+            2 * 16,
+        ),
+    ],
+)
+def test_stacked_experts_hidden_units_rescale(name, kw, units):
+    """Each expert's up column `j` times `α`, its down row `j` times `1/α`: one factor of
+    dimension experts × hidden units, read off the graph for grouped (Mixtral, Qwen3-MoE)
+    and batched (Llama 4) products alike. Its tangents lie in `ker J`, and certify's
+    unexplained count drops by exactly its dimension (before: 48, 24 and 28)."""
+    model, inputs = _moe(name, n=40, **kw)
+    group = gaugenet.symmetries(model, inputs)
+    f = _experts_factor(group)
+    assert f.dim == units
+    report = gaugenet.certify(model, inputs, group=group)
+    assert report.tangent_residuals[f.name] < 1e-13
+    without = gaugenet.GaugeGroup(
+        tuple(g for g in group.factors if g is not f), group.breakers, group.param_names
+    )
+    assert gaugenet.certify(model, inputs, group=without).unexplained == (
+        report.unexplained + units
+    )
+    # an element acts: up columns and down rows move, the outputs do not
+    alpha = torch.exp(torch.randn(f.dim, generator=torch.Generator().manual_seed(2)))
+    moved = group.act(model, {f.name: alpha})
+    with torch.no_grad():
+        y, y2 = model(**inputs).last_hidden_state, moved(**inputs).last_hidden_state
+    assert float((y2 - y).abs().max() / y.abs().max()) < 1e-5
+    # negative: scaling the gate half instead changes the outputs (SiLU is not homogeneous)
+    up, down = f.terms
+    axis = next(d for d in (1, 2) if up.index.shape[d] > 1)
+    gate = up.index.roll(up.index.shape[axis] // 2, dims=axis)
+    wrong = gaugenet.groups.RescalingFactor("gate", f.n, terms=(type(up)(up.param, gate, 1), down))
+    bad = group.act(model, {f.name: torch.ones(f.dim)})
+    bad.load_state_dict(wrong.apply(gaugenet.groups.model_state(model), alpha), strict=False)
+    with torch.no_grad():
+        y3 = bad(**inputs).last_hidden_state
+    assert float((y3 - y).abs().max() / y.abs().max()) > 1e-2
+
+
+def test_a_float64_mixture_of_experts_is_certified():
+    """A float64 Mixtral (as `gaugenet inspect --certify` loads a folder) does not run by
+    itself on the CPU: every call certify makes of it, its cause finders' too, computes
+    `grouped_mm` in float64 (before: torch's raw error, exit 1)."""
+    model, inputs = _moe("Mixtral", n=40, num_local_experts=2, num_experts_per_tok=2)
+    model = model.double()
+    with pytest.raises(RuntimeError, match="Float32"), torch.no_grad():
+        model(**inputs)
+    report = gaugenet.certify(model, inputs)
+    assert report.verdict == "incomplete" and report.exact, report  # the router's rows, ...
+    assert report.worst_residual < 1e-13

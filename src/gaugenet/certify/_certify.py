@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .._errors import GaugeError
+from .._float64_kernels import float64_kernels
 from ..discovery._float64 import keep_float64
 from ..groups import GaugeGroup
 from ._causes import layernorm_causes, lookup_causes, relu_causes, tied_causes
@@ -210,7 +211,7 @@ def certify(
         wide = keep_float64()  # the model itself, and every measurement
     else:
         wide = float64_throughout()  # its float64 copy only: the act check keeps its dtype
-    with wide:
+    with wide, float64_kernels():  # its own calls of the model too (float64 grouped_mm)
         if params is not None:
             report = certify_slice(
                 model,

@@ -17,6 +17,7 @@ from ._build import build_factors
 from ._capture import export_graph
 from ._centering import link_centered, without_summed_ones
 from ._concat_gl import concat_gls
+from ._experts import expert_unit_factors
 from ._free_entries import with_free
 from ._functional_layers import traced_layers
 from ._functional_norms import traced_layer_norms, with_modules
@@ -218,6 +219,7 @@ def _discover_graph(model: nn.Module, call: Call, rows: bool) -> GaugeGroup:
     factors = drop_key_compensation(factors + attn, model, keys)
     factors = settle_offsets(factors, keys, key_bias_rows(factors))
     factors += score_bias_shifts(gm, model, prop.values)
+    factors += expert_unit_factors(gm, model)  # hidden units of stacked experts
     factors = with_rotations(factors, stream_rotations(gm, model, prop.values))
     factors = with_key_rows(factors, key_bias_rows(factors))
     breakers += attn_breakers
