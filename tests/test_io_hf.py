@@ -135,3 +135,28 @@ def test_quantize_command_says_why_the_model_does_not_run(tmp_path: Path) -> Non
     assert r.exit_code == 2, r.output
     assert "needs another input" in r.output and "--input-shape" in r.output
     assert not out.exists()
+
+
+def test_a_class_only_its_modeling_module_exports_is_loaded(tmp_path: Path) -> None:
+    """A saved `WhisperEncoder` names a class that `transformers` exports from its
+    modeling module only. Before, the folder was built as `WhisperModel` (encoder and
+    decoder), which failed on the tiny config's token ids; now it loads as the encoder it
+    is, and computes the saved model's function. A name that is no model class is refused
+    as before (`None`: the `Auto` fallback)."""
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    cfg = transformers.WhisperConfig(
+        d_model=8, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=16,
+        num_mel_bins=4, max_source_positions=4, vocab_size=24,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = WhisperEncoder(cfg).eval()
+    loaded = load_model(_save(model, tmp_path / "m"))
+    assert type(loaded) is WhisperEncoder
+    x = torch.randn(2, 4, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).last_hidden_state, model(x).last_hidden_state)
+    loaded.config.architectures = ["WhisperEncoderLayer"]  # in that module, not a model
+    assert named_class(loaded.config) is None
+    loaded.config.model_type = "not-a-model"
+    assert named_class(loaded.config) is None

@@ -3,6 +3,7 @@ allows."""
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from typing import Any
 
@@ -18,14 +19,30 @@ __all__ = [
 
 def named_class(config: Any) -> type | None:
     """The class `config.architectures` names (`GPT2LMHeadModel`, `LlamaModel`, ...) when
-    `transformers` has it and it is a model class, else `None` (the caller falls back to an
-    `Auto` class). Nothing is imported from the folder: no remote code."""
+    `transformers` has it (at its top level, or in the modeling module of the config's
+    `model_type`, as `WhisperEncoder`) and it is a model class, else `None` (the caller
+    falls back to an `Auto` class). Nothing is imported from the folder: no remote code."""
     import transformers
 
     named = (getattr(config, "architectures", None) or [None])[0]
-    cls = getattr(transformers, named, None) if isinstance(named, str) else None
+    if not isinstance(named, str):
+        return None
+    cls = getattr(transformers, named, None)
+    if cls is None:  # a class only its model's module exports (`WhisperEncoder`)
+        cls = getattr(_modeling(getattr(config, "model_type", None)), named, None)
     ok = isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)
     return cls if ok else None
+
+
+def _modeling(model_type: Any) -> Any:
+    """`transformers.models.<type>.modeling_<type>` of `transformers` itself, or `None`."""
+    if not isinstance(model_type, str) or not model_type.replace("-", "_").isidentifier():
+        return None
+    name = model_type.replace("-", "_")
+    try:
+        return importlib.import_module(f"transformers.models.{name}.modeling_{name}")
+    except ImportError:
+        return None
 
 
 #: tokens per sample input of a Hugging Face model, at most
