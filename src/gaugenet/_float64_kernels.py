@@ -9,8 +9,6 @@ definition with ordinary products, one group at a time; every other call runs as
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
@@ -55,14 +53,10 @@ class float64_kernels(TorchFunctionMode):
         kwargs = dict(kwargs or {})
         if func in _GROUPED:
             a, b = [*args, kwargs.get("mat_a"), kwargs.get("mat_b")][:2]
-            if isinstance(a, Tensor) and a.dtype == torch.float64:
-                out_dtype = kwargs.get("out_dtype")
-                if out_dtype in (None, torch.float64) and _dims_ok(a, b, kwargs.get("offs")):
+            wide = isinstance(a, Tensor) and isinstance(b, Tensor) and a.dtype == torch.float64
+            if wide and kwargs.get("out_dtype") in (None, torch.float64):
+                try:
                     return grouped_mm_reference(a, b, kwargs.get("offs"), kwargs.get("bias"))
+                except NotImplementedError:  # another layout: torch's own call decides
+                    pass
         return func(*args, **kwargs)
-
-
-def _dims_ok(a: Any, b: Any, offs: Any) -> bool:
-    if not isinstance(b, Tensor) or b.dim() != 3:
-        return False
-    return (a.dim() == 2 and offs is not None) or (a.dim() == 3 and offs is None)

@@ -18,6 +18,7 @@ __all__ = [
     "WEIGHT_TOLERANCES",
     "drift_tolerance",
     "model_dtype",
+    "param_dtype",
     "weight_tolerance",
 ]
 
@@ -44,6 +45,11 @@ def model_dtype(model: nn.Module) -> torch.dtype:
     """The least precise floating dtype among `model`'s parameters (float64 if none)."""
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
     return max(dtypes, key=lambda d: torch.finfo(d).eps, default=torch.float64)
+
+
+def param_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype of `model`'s first floating parameter (`None` if it has none)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
 
 
 def _lookup(table: dict[torch.dtype, float], dtype: torch.dtype, what: str) -> float:

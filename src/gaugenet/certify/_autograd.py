@@ -31,6 +31,11 @@ __all__ = ["AutogradProducts", "or_autograd"]
 Operator = Callable[[Tensor], Tensor]
 X = TypeVar("X")
 
+_UNDIFFERENTIABLE = (
+    "the model cannot be differentiated here: torch.func cannot transform it and its "
+    "backward is not differentiable (a custom autograd.Function without setup_context)"
+)
+
 
 class AutogradProducts:
     """`J v` and `J^T u` of `fm.f` at `fm.theta`, `(n_params,)` ↔ `(n_outputs,)`, by plain
@@ -63,30 +68,26 @@ class AutogradProducts:
         scale = float(u.norm() * jv.norm() + jtu.norm() * v.norm())
         if not abs(left - right) <= 1e-10 * max(scale, 1e-300):
             raise GaugeError(
-                "the model cannot be differentiated here: torch.func cannot transform it and "
-                "its backward is not differentiable (a custom autograd.Function without "
-                "setup_context, its backward once_differentiable?): the products J v and "
-                f"Jᵀ u disagree (uᵀ(J v) = {left:.6e}, (Jᵀ u)ᵀ v = {right:.6e})"
+                f"{_UNDIFFERENTIABLE} (its backward once_differentiable?): the products J v "
+                f"and Jᵀ u disagree (uᵀ(J v) = {left:.6e}, (Jᵀ u)ᵀ v = {right:.6e})"
             )
 
     def vjp(self, u: Tensor) -> Tensor:
         """`J^T u`, `u` `(n_outputs,)` → `(n_params,)`."""
-        theta, out, _, _ = self._graph if self._graph is not None else self._record()
+        theta, out, _, _ = self._record()
         (g,) = torch.autograd.grad(out, theta, u, retain_graph=True, allow_unused=True)
         return torch.zeros_like(theta) if g is None else g.detach()
 
     def jvp(self, v: Tensor) -> Tensor:
         """`J v`, `v` `(n_params,)` → `(n_outputs,)`."""
-        _, out, u, g = self._graph if self._graph is not None else self._record()
+        _, out, u, g = self._record()
         if not g.requires_grad:  # the outputs do not depend on the parameters
             return torch.zeros_like(out).detach()
         try:
             (jv,) = torch.autograd.grad(g, u, v, retain_graph=True, allow_unused=True)
         except RuntimeError as exc:
             raise GaugeError(
-                "the model cannot be differentiated here: torch.func cannot transform it "
-                "and its backward is not differentiable (a custom autograd.Function "
-                f"without setup_context whose backward is not written with torch ops): {exc}"
+                f"{_UNDIFFERENTIABLE} (its backward not written with torch ops?): {exc}"
             ) from exc
         return torch.zeros_like(out).detach() if jv is None else jv.detach()
 

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from .._errors import GaugeError
 from .._float64_kernels import float64_kernels
+from .._tolerances import param_dtype
 from ..discovery._float64 import keep_float64
 from ..groups import GaugeGroup
 from ._causes import layernorm_causes, lookup_causes, relu_causes, tied_causes
@@ -204,10 +205,11 @@ def certify(
     model, inputs = positional(model, inputs)
     if params is not None and method not in ("auto", "exact"):
         raise GaugeError(f"a slice (params=...) is certified exactly, not with {method!r}")
+    dtype = param_dtype(model)
     agree = _float64_throughout(model, inputs)
     if agree is None:
         wide = nullcontext()
-    elif _dtype_of(model) == torch.float64:
+    elif dtype == torch.float64:
         wide = keep_float64()  # the model itself, and every measurement
     else:
         wide = float64_throughout()  # its float64 copy only: the act check keeps its dtype
@@ -242,7 +244,6 @@ def certify(
             )
     if agree is None:
         return report
-    dtype = _dtype_of(model)
     which = "float64 model" if dtype == torch.float64 else f"float64 copy of this {dtype} model"
     note = (
         f"{which}: its casts to a lower precision (a float32 softmax or norm "
@@ -251,17 +252,13 @@ def certify(
     return dataclasses.replace(report, notes=(*report.notes, note))
 
 
-def _dtype_of(model: nn.Module) -> torch.dtype | None:
-    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
-
-
 def _float64_throughout(model: nn.Module, inputs: Any) -> float | None:
     """For a model whose float64 copy (the model itself when float64) moves its outputs when
     its casts down are kept in float64 (`keep_float64`), by less than float32's `√ε`
     (relative), that change: the float64 copy then computes the same function, without
     float32 rounding hiding exact identities. `None` otherwise (no cast down, or a model
     that fails or computes something else so), and the measurements run as the model is."""
-    dtype = _dtype_of(model)
+    dtype = param_dtype(model)
     if dtype is None:
         return None
     if dtype != torch.float64:

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .._invariance import cast_floats
+from .._tolerances import param_dtype
 from ..groups import GaugeGroup, model_state
 from ..groups._base import AbstractFactor
 from ._autograd import AutogradProducts, or_autograd
@@ -103,7 +104,7 @@ def check_act(
     it), said in `notes`, not a broken symmetry. Otherwise each factor alone is tried (in
     float64 when a copy was made), to name the culprits (a factor that raises is wrong,
     with the error)."""
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float64)
+    dtype = param_dtype(model) or torch.float64
     out.act_tol = act_tolerance(dtype)
     ref = outputs_of(model, inputs)
     g = group.sample(gen)

@@ -204,11 +204,21 @@ def _per_sample_jacobian(fm: FlatModel) -> Tensor | None:
         return None
     if jac.shape[0] != out.numel():
         return None
-    u = torch.randn(out.numel(), generator=torch.Generator().manual_seed(0), dtype=out.dtype)
-    ref = vjp_fn(u)[0]
-    err = float((jac.T @ u - ref).norm())
+    u = _probe(out)
+    return jac if _agrees(jac, u, vjp_fn(u)[0]) else None
+
+
+def _probe(out: Tensor) -> Tensor:
+    """The seeded random cotangent that checks a Jacobian assembled in pieces."""
+    return torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=out.dtype)
+
+
+def _agrees(jac: Tensor, u: Tensor, ref: Tensor) -> bool:
+    """Whether `jac` `(n_outputs, n_params)`, assembled in pieces, gives the whole batch's
+    vector-Jacobian product `ref = Jᵀ u` (flattened `u`) to `1e-8` relative."""
+    err = float((jac.T @ u.reshape(-1) - ref).norm())
     scale = max(float(ref.norm()), float(jac.abs().max()), 1e-300)
-    return jac if err <= 1e-8 * scale else None
+    return err <= 1e-8 * scale
 
 
 def jacobian(model: nn.Module, inputs: Any) -> Tensor:
@@ -288,9 +298,7 @@ def _looped_per_sample(fm: FlatModel) -> Tensor | None:
         out = fm.f(theta)
         if out.numel() != jac.shape[0]:
             return None
-        u = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=out.dtype)
+        u = _probe(out)
         (ref,) = torch.autograd.grad(out, theta, u, allow_unused=True)
     ref = torch.zeros_like(fm.theta) if ref is None else ref
-    err = float((jac.T @ u - ref).norm())
-    scale = max(float(ref.norm()), float(jac.abs().max()), 1e-300)
-    return jac if err <= 1e-8 * scale else None
+    return jac if _agrees(jac, u, ref) else None

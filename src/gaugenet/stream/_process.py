@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from .._errors import GaugeError
+from .._tolerances import param_dtype
 from ..apply._equalize import _step, weight_quantization_error
 from ..apply._quantize import quantized_params, round_to_range, transposed_params
 from ..apply._schemes import QuantScheme, round_weight
@@ -85,7 +86,7 @@ def _meta_call(model: nn.Module) -> dict[str, Tensor]:
     cfg = getattr(model, "config", None)
     image = image_shape(cfg, model)
     if image is not None:
-        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+        dtype = param_dtype(model)
         return {"pixel_values": torch.zeros(1, *image, dtype=dtype, device="meta")}
     ids = torch.zeros(1, token_lengths(cfg)[0], dtype=torch.long, device="meta")
     call = token_call(cfg, ids)
