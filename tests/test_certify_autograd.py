@@ -29,19 +29,13 @@ class _OldStyleSoftplus(torch.autograd.Function):
         return g * torch.sigmoid(x)
 
 
-class _OnceSoftplus(torch.autograd.Function):
+class _OnceSoftplus(_OldStyleSoftplus):
     """The same, with a backward that cannot itself be differentiated."""
-
-    @staticmethod
-    def forward(ctx, x):  # type: ignore[override]
-        ctx.save_for_backward(x)
-        return nn.functional.softplus(x)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g):  # type: ignore[override]
-        (x,) = ctx.saved_tensors
-        return g * torch.sigmoid(x)
+        return _OldStyleSoftplus.backward(ctx, g)
 
 
 class _Net(nn.Module):
