@@ -11,7 +11,11 @@ spread) and the number of windows where gaugenet's loss is lower. A difference w
 about two standard deviations (over topics) is not resolved by that text.
 
     HF_HUB_OFFLINE=1 PYTHONPATH=src .venv/bin/python benchmarks/decoder_paired.py \\
-        [--schemes w4 w4a8 ...] [--json paired.json]
+        [--schemes w4 w4a8 ...] [--json paired.json] [--online]
+
+With `--online`, gaugenet's element is the one chosen with online input rotations
+(`equalize(..., online=True)`), compared with every peer (brevitas' rotation with its own
+online rotations included) and with gaugenet's element without them.
 """
 
 from __future__ import annotations
@@ -94,7 +98,7 @@ def peer_models(task, log) -> dict[str, nn.Module]:
             for r, label in recipes.items():
                 if not res[r].get("ok"):
                     continue
-                m = qt._with_state(task.model, res[r]["state"])
+                m = qt._with_state(task.model, res[r]["state"], res[r].get("online"))
                 if qt.relative_change(task.outputs(m), y) <= 1e-3:
                     out[label] = m
     return out
@@ -105,6 +109,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--schemes", nargs="+", default=list(qt.SCHEMES))
     ap.add_argument("--json", default=None)
+    ap.add_argument(
+        "--online",
+        action="store_true",
+        help="gaugenet's element with online input rotations (equalize(..., online=True)), "
+        "also compared with its element without them",
+    )
     a = ap.parse_args()
     task = load_task("decoder")
     _, val, held = corpus()
@@ -125,6 +135,13 @@ def main() -> None:
                       validation=task.validation,
                       validation_distance=task.validation_distance)  # fmt: skip
         models = {"round-to-nearest": task.model, **peers}
+        if a.online:  # the same choice with online rotations; without them, a row of its own
+            models["gaugenet equalize"] = eq
+            eq = equalize(task.model, task.calib, bits=sch.weight_bits, objective="output",
+                          scheme=sch, group=group, search=60, learn=60, distance=logit_kl,
+                          validation=task.validation,
+                          validation_distance=task.validation_distance,
+                          online=True)  # fmt: skip
         ours = {p: window_nll(quantize(eq, sch), x) for p, x in parts.items()}
         result[s] = {}
         for label, m in models.items():

@@ -92,9 +92,13 @@ def brevitas_smoothquant(model, args, kwargs) -> str:
     return f"{len(eq.graph_act_eq.regions)} regions"
 
 
-def brevitas_rotation(model, args, kwargs) -> str:
+def brevitas_rotation(model, args, kwargs, orphan_sink: bool = False) -> str:
     """GraphRotationEqualization (Hadamard) as brevitas' LLM example runs it without FX
-    (`fused_rotation_no_fx`): the rewriters found on the graph are applied to the model."""
+    (`fused_rotation_no_fx`): the rewriters found on the graph are applied to the model.
+    With `orphan_sink`, also its online rotations (a Hadamard before each layer whose input
+    no merged rotation reaches, e.g. a down projection): each `RotatedModule` is unwrapped
+    and its rotation returned as a dense matrix `M` (the layer computes `layer(x @ M)`) in
+    `model._online_rotations`, for the caller to put back."""
     from brevitas.graph.equalize import GraphRotationEqualization, apply_rewriters
     from brevitas_examples.llm.llm_quant.ln_affine_merge import (
         apply_layernorm_affine_merge,
@@ -109,7 +113,7 @@ def brevitas_rotation(model, args, kwargs) -> str:
         for r in fix_rewriter(rewriters, model, "weight"):
             r.apply(model)
         eq = GraphRotationEqualization(
-            orphan_sink=False,
+            orphan_sink=orphan_sink,
             full_rotation_method="had",
             return_rewriters=True,
             delay_rewriters=True,
@@ -118,7 +122,24 @@ def brevitas_rotation(model, args, kwargs) -> str:
         gm, rewriters = eq.apply(gm)
         rewriters = fix_rewriter(rewriters, model, "weight")
         apply_rewriters(model, rewriters, delay_rewriters=False)
-    return f"{len(rewriters)} rewriters"
+    if not orphan_sink:
+        return f"{len(rewriters)} rewriters"
+    from brevitas.nn.equalized_layer import RotatedModule
+
+    online = {}
+    for name, m in list(model.named_modules()):
+        if isinstance(m, RotatedModule):
+            n = m.layer.in_features
+            with torch.no_grad():
+                online[name] = m.rotation_forward(torch.eye(n, dtype=m.layer.weight.dtype))
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attr, m.layer)
+    model._online_rotations = online
+    return f"{len(rewriters)} rewriters, {len(online)} online rotations"
+
+
+def brevitas_rotation_online(model, args, kwargs) -> str:
+    return brevitas_rotation(model, args, kwargs, orphan_sink=True)
 
 
 # --- llm-compressor -----------------------------------------------------------------------
@@ -186,6 +207,7 @@ RECIPES = {
         "cle": brevitas_cle,
         "smoothquant": brevitas_smoothquant,
         "rotation": brevitas_rotation,
+        "rotation_online": brevitas_rotation_online,
     },
     "llmcompressor": {
         "smoothquant": llmc_smoothquant,
@@ -214,6 +236,12 @@ def main() -> None:
             status["note"] = fn(model, args, kwargs, *extra)
             state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
             save_file(state, str(workdir / f"{peer}-{name}.safetensors"))
+            online = getattr(model, "_online_rotations", None)
+            if online:  # rotations applied to inputs at run time, `layer(x @ M)`
+                save_file(
+                    {k: v.contiguous() for k, v in online.items()},
+                    str(workdir / f"{peer}-{name}-online.safetensors"),
+                )
             status["ok"] = True
         except Exception as e:  # a recipe that cannot run here is reported, not hidden
             status["error"] = f"{type(e).__name__}: {e}"[:300]

@@ -65,6 +65,7 @@ from gaugenet.apply import (
     logit_kl,
     next_token_loss,
     quantize,
+    rotated_layers,
     squared_error,
 )
 from transformer_tasks import TASKS, Task, load_task
@@ -75,6 +76,7 @@ PEER_METHODS = {
         "cle": "brevitas EqualizeGraph (CLE)",
         "smoothquant": "brevitas GraphActivationEqualization",
         "rotation": "brevitas GraphRotationEqualization",
+        "rotation_online": "brevitas GraphRotationEqualization, online",
     },
     "llmcompressor": {
         "smoothquant": "llm-compressor SmoothQuantModifier",
@@ -149,15 +151,36 @@ def run_peer(peer: str, task: Task, workdir: Path, peers_dir: Path, log) -> dict
         st = json.loads(status_file.read_text())
         if st.get("ok"):
             st["state"] = load_file(str(workdir / f"{peer}-{r}.safetensors"))
+            online = workdir / f"{peer}-{r}-online.safetensors"
+            st["online"] = load_file(str(online)) if online.exists() else {}
         out[r] = st
     return out
 
 
-def _with_state(model: nn.Module, state: dict[str, Tensor]) -> nn.Module:
+class DenseRotatedInput(nn.Module):
+    """A peer's online rotation put back around its layer: `layer(x @ M)`, `M` `(n, n)` the
+    peer's own rotation (so the quantizer rounds the rotated input, as deployed)."""
+
+    def __init__(self, layer: nn.Module, m: Tensor) -> None:
+        super().__init__()
+        self.layer = layer
+        self.register_buffer("m", m.to(layer.weight.dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layer(x @ self.m)
+
+
+def _with_state(
+    model: nn.Module, state: dict[str, Tensor], online: dict[str, Tensor] | None = None
+) -> nn.Module:
     import copy
 
     m = copy.deepcopy(model)
     m.load_state_dict(state, strict=True)
+    for name, rot in (online or {}).items():
+        parent, _, attr = name.rpartition(".")
+        host = m.get_submodule(parent) if parent else m
+        setattr(host, attr, DenseRotatedInput(getattr(host, attr), rot))
     return m.eval()
 
 
@@ -170,6 +193,7 @@ def bench_task(
     distance: str,
     log,
     validation: bool = True,
+    online: bool = False,
 ) -> list[dict]:
     t0 = time.time()
     task = load_task(name)
@@ -190,12 +214,14 @@ def bench_task(
                 st = res[r]
                 if st.get("ok"):
                     try:
-                        m = _with_state(task.model, st["state"])
+                        m = _with_state(task.model, st["state"], st.get("online"))
                     except RuntimeError as e:
                         msg = " ".join(str(e).split())
                         methods.append((label, None, f"changes the architecture: {msg}"[:160]))
                         continue
-                    same = all(torch.equal(v, st["state"][k]) for k, v in float_state.items())
+                    same = not st.get("online") and all(
+                        torch.equal(v, st["state"][k]) for k, v in float_state.items()
+                    )
                     note = st.get("note", "")
                     if same:  # the recipe found nothing to transform: not an anchor here
                         note = f"found nothing to transform ({note}): not applicable"
@@ -213,36 +239,47 @@ def bench_task(
     # gaugenet: the discovered group, no table; one element per scheme
     t1 = time.time()
     group = gaugenet.symmetries(task.model, task.calib)
+    t_group = time.time() - t1
     dist = {"squared": squared_error, "kl": logit_kl}.get(distance)
     if distance == "next-token":  # needs token inputs: a language model's calibration text
         dist = next_token_loss(task.calib["input_ids"])
-    row = {"model": task.label, "method": "gaugenet equalize", "preserved": 0.0}
-    row["note"] = f"{len(group.factors)} factors, dim {group.dim}"
     val = task.validation if validation else None
-    chosen = []
-    for s in schemes:
-        sch = QuantScheme.parse(s)
-        lines: list[str] = []
-        try:
-            eq = equalize(task.model, task.calib, bits=sch.weight_bits, objective="output",
-                          scheme=sch, group=group, search=search, learn=learn,
-                          distance=dist, validation=val,
-                          validation_distance=task.validation_distance,
-                          log=lines.append)  # fmt: skip
-        except gaugenet.GaugeError as e:
-            row["note"] += f"; {s}: {e}"[:160]
-            continue
-        for line in lines:
-            log(f"    gaugenet {s} {line}")
-            chosen.append(f"{s}: {line.rsplit('chose ', 1)[1].split(' (')[0]}")
-        row.setdefault("validation", {})[s] = lines
-        row["preserved"] = max(row["preserved"], relative_change(task.outputs(eq), y))
-        row[s] = task.score(quantize(eq, sch))
-    if chosen:
-        row["note"] += "; chose " + ", ".join(chosen)
-    row["note"] += f"; {time.time() - t1:.0f} s"
-    rows.append(row)
-    log(f"    gaugenet: {_fmt_row(row, schemes)}")
+    for label, rotate in [("gaugenet equalize", False)] + (
+        [("gaugenet equalize, online", True)] if online else []
+    ):
+        t1 = time.time() - t_group
+        row = {"model": task.label, "method": label, "preserved": 0.0}
+        row["note"] = f"{len(group.factors)} factors, dim {group.dim}"
+        chosen = []
+        for s in schemes:
+            sch = QuantScheme.parse(s)
+            if rotate and not sch.act_bits:  # they target the rounding of activations
+                continue
+            lines: list[str] = []
+            try:
+                eq = equalize(task.model, task.calib, bits=sch.weight_bits, objective="output",
+                              scheme=sch, group=group, search=search, learn=learn,
+                              distance=dist, validation=val,
+                              validation_distance=task.validation_distance,
+                              log=lines.append, online=rotate)  # fmt: skip
+            except gaugenet.GaugeError as e:
+                row["note"] += f"; {s}: {e}"[:160]
+                continue
+            for line in lines:
+                log(f"    {label} {s} {line}")
+                if "chose " in line:
+                    chosen.append(f"{s}: {line.rsplit('chose ', 1)[1].split(' (')[0]}")
+            if rotate:
+                n_rot = len(rotated_layers(eq))
+                chosen.append(f"{s}: {n_rot} online")
+            row.setdefault("validation", {})[s] = lines
+            row["preserved"] = max(row["preserved"], relative_change(task.outputs(eq), y))
+            row[s] = task.score(quantize(eq, sch))
+        if chosen:
+            row["note"] += "; chose " + ", ".join(chosen)
+        row["note"] += f"; {time.time() - t1:.0f} s"
+        rows.append(row)
+        log(f"    {label}: {_fmt_row(row, schemes)}")
     return rows
 
 
@@ -266,14 +303,17 @@ def _preserved(row: dict) -> str:
 
 
 def verdicts(rows: list[dict], schemes: list[str]) -> list[str]:
-    """Per model × scheme: is gaugenet at least as good as the best peer that ran and
-    preserved the function (relative output change at most 1e-3)?"""
+    """Per model × scheme: is gaugenet's best row (weights only, or with online rotations)
+    at least as good as the best peer row that ran and preserved the function (relative
+    output change at most 1e-3; peers' online rotations included)?"""
     out = []
     for label in dict.fromkeys(r["model"] for r in rows):
         rs = [r for r in rows if r["model"] == label]
         lower = "perplexity" in rs[0]["metric"]
-        g = next(r for r in rs if r["method"] == "gaugenet equalize")
-        peers = [r for r in rs if r["method"] not in ("float", "round-to-nearest", g["method"])]
+        ours = [r for r in rs if r["method"].startswith("gaugenet equalize")]
+        g = ours[0]
+        peers = [r for r in rs if r["method"] not in ("float", "round-to-nearest")]
+        peers = [r for r in peers if r not in ours]
         f = next(r for r in rs if r["method"] == "float")
         if lower and "w4a8" in g:
             ratio = primary(g["w4a8"]) / primary(f["float"])
@@ -284,6 +324,9 @@ def verdicts(rows: list[dict], schemes: list[str]) -> list[str]:
         parts = []
         for s in schemes:
             done = [r for r in peers if s in r and r.get("preserved", 1.0) <= 1e-3]
+            ran = [r for r in ours if s in r]
+            if ran:  # gaugenet's best row at this scheme (weights only, or with online)
+                g = (min if lower else max)(ran, key=lambda r: primary(r[s]))
             if s not in g:
                 parts.append(f"{s} gaugenet did not run")
             elif not done:
@@ -292,7 +335,7 @@ def verdicts(rows: list[dict], schemes: list[str]) -> list[str]:
                 best = (min if lower else max)(done, key=lambda r: primary(r[s]))
                 ok = better(primary(g[s]), primary(best[s]), lower)
                 parts.append(
-                    f"{s} **{'met' if ok else 'missed'}** ({_fmt(g[s])} vs "
+                    f"{s} **{'met' if ok else 'missed'}** ({_fmt(g[s])}, {g['method']} vs "
                     f"{_fmt(best[s])}, {best['method']})"
                 )
         out.append(f"{label}: " + "; ".join(parts))
@@ -338,6 +381,11 @@ def main() -> None:
         help="gaugenet's output objective (next-token: decoder only)",
     )
     ap.add_argument(
+        "--online",
+        action="store_true",
+        help="also a gaugenet row with online input rotations (equalize(..., online=True))",
+    )
+    ap.add_argument(
         "--no-validation",
         action="store_true",
         help="gaugenet keeps its calibration choice; peers get the calibration inputs only",
@@ -364,6 +412,7 @@ def main() -> None:
         rows += bench_task(
             name, schemes, Path(a.peers), search, learn, a.distance,
             lambda s: print(s, flush=True), validation=not a.no_validation,
+            online=a.online,
         )  # fmt: skip
     md = table(rows, schemes)
     v = verdicts(rows, schemes)

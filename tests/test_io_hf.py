@@ -156,6 +156,16 @@ def test_a_class_only_its_modeling_module_exports_is_loaded(tmp_path: Path) -> N
     x = torch.randn(2, 4, 8)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x).last_hidden_state, model(x).last_hidden_state)
+    # its sample inputs are log-mel features of the one length it accepts (before: token
+    # ids, and the commands needed --input-shape 4,8)
+    from typer.testing import CliRunner
+
+    from gaugenet.cli._app import _register, app
+
+    _register()
+    out = tmp_path / "eq.safetensors"
+    r = CliRunner().invoke(app, ["equalize", str(tmp_path / "m"), "--out", str(out)])
+    assert r.exit_code == 0, r.output
     loaded.config.architectures = ["WhisperEncoderLayer"]  # in that module, not a model
     assert named_class(loaded.config) is None
     loaded.config.model_type = "not-a-model"

@@ -157,3 +157,32 @@ def test_a_checkpoint_whose_tensors_transformers_converts_is_refused(tmp_path: P
     with pytest.raises(GaugeError, match=r"converts the stored tensor '.*experts.*"):
         stream_equalize(tmp_path / "in", tmp_path / "eq", bits=4)
     assert not (tmp_path / "eq").exists()
+
+
+def test_streams_a_speech_encoder_with_audio_features(tmp_path: Path) -> None:
+    """Whisper's encoder takes log-mel features first, of exactly `2 · max_source_positions`
+    frames. Before, streaming fed it token ids and its example forward failed; now its meta
+    input is one spectrogram of the config's size. The output computes the input's
+    function, with moved weights."""
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    from gaugenet.io import sample_inputs
+
+    cfg = transformers.WhisperConfig(
+        d_model=8, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=16,
+        num_mel_bins=4, max_source_positions=4, vocab_size=32,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = _uneven(WhisperEncoder(cfg).float().eval())
+    x = sample_inputs(model, 3)
+    assert x.shape == (3, 4, 8) and x.is_floating_point()
+    model.save_pretrained(tmp_path / "in", max_shard_size="1KB")
+    assert len(ShardedCheckpoint(tmp_path / "in").shards) > 1
+    report = stream_equalize(tmp_path / "in", tmp_path / "eq", bits=4)
+    assert report.applied > 0 and report.error_after < report.error_before
+    out = WhisperEncoder.from_pretrained(tmp_path / "eq").float().eval()
+    with torch.no_grad():
+        y, y2 = model(x).last_hidden_state, out(x).last_hidden_state
+    assert float((y2 - y).abs().max() / y.abs().max()) < 1e-5
+    moved = [k for k, v in out.state_dict().items() if not torch.equal(v, model.state_dict()[k])]
+    assert moved

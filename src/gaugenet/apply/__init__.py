@@ -14,6 +14,10 @@ from ._merge import merge as merge
 from ._metrics import accuracy as accuracy
 from ._metrics import cosine_similarity as cosine_similarity
 from ._metrics import sqnr_db as sqnr_db
+from ._online import RotatedInput as RotatedInput
+from ._online import online_layers as online_layers
+from ._online import rotate_inputs_online as rotate_inputs_online
+from ._online import rotated_layers as rotated_layers
 from ._quantize import quantize_dynamic_int8 as quantize_dynamic_int8
 from ._quantize import quantize_tensor as quantize_tensor
 from ._quantize import quantize_weights as quantize_weights

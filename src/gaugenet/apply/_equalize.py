@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import torch
@@ -18,6 +18,7 @@ from ..groups._base import State
 from ._activation_aware import activation_aware_search
 from ._distance import OutputDistance, squared_error
 from ._learn import learn_element
+from ._online import online_layers, rotate_inputs_online
 from ._quantize import GRANULARITIES, quantize_tensor, quantized_params, transposed_params
 from ._ranges import balance, factor_ranges
 from ._schemes import QuantScheme, round_weight, with_activation_rounding
@@ -73,22 +74,32 @@ def _hadamard(d: int) -> Tensor | None:
 
 
 def _rounded_outputs(
-    model: nn.Module, inputs: Any, names: list[str], scheme: QuantScheme
+    model: nn.Module,
+    inputs: Any,
+    names: list[str],
+    scheme: QuantScheme,
+    online: Collection[str] = (),
 ) -> tuple[Callable[[State], Tensor], Tensor]:
     """`(state ↦ y_q, y)`: the outputs of `model` with `state`'s weights rounded as `scheme`
     rounds them (and, with its `act_bits`, every Linear/Conv input rounded per token), and
-    the float model's outputs `y`, on `inputs`."""
+    the float model's outputs `y`, on `inputs`. The Linear layers named in `online` are
+    rounded as their online rotation deploys them (`round_weight(..., rotated=True)`)."""
     act_bits = scheme.act_bits
     dtype = next(p.dtype for p in model.parameters())
     with torch.no_grad():
         y = forward_fn(model, inputs)(model_state(model))
-    noisy = with_activation_rounding(model, act_bits, copy_model=True) if act_bits else model
+    noisy = (
+        with_activation_rounding(model, act_bits, copy_model=True, online=online)
+        if act_bits
+        else model
+    )
     run = forward_fn(noisy, inputs, prefer=names)  # a tied weight rounded under all names
     transposed = transposed_params(model)
+    rotated = {f"{n}.weight" for n in online}
 
     def rounded(state: State) -> Tensor:
         st = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-        st.update({n: round_weight(st[n], scheme, n in transposed) for n in names})
+        st.update({n: round_weight(st[n], scheme, n in transposed, n in rotated) for n in names})
         with torch.no_grad():
             return run(st)
 
@@ -101,11 +112,12 @@ def _output_noise(
     names: list[str],
     scheme: QuantScheme,
     distance: OutputDistance = squared_error,
+    online: Collection[str] = (),
 ) -> Callable[[State], float]:
     """`state ↦ distance(y_q, y)` (default `Σ (y_q − y)²`): the output noise of `model` with
     `state`'s weights rounded as `scheme` rounds them (`_rounded_outputs`), on `inputs` (the
     example inputs; the score that picks among candidates)."""
-    rounded, y = _rounded_outputs(model, inputs, names, scheme)
+    rounded, y = _rounded_outputs(model, inputs, names, scheme, online)
 
     def noise(state: State) -> float:
         return float(distance(rounded(state), y))
@@ -146,6 +158,7 @@ def equalizing_element(
     validation: Any = None,
     validation_distance: OutputDistance | None = None,
     log: Callable[[str], None] | None = None,
+    online: Collection[str] = (),
 ) -> tuple[GaugeGroup, Element]:
     """The element of `model`'s gauge group that `equalize` applies.
 
@@ -178,6 +191,10 @@ def equalizing_element(
     straight-through estimator (`_learn.learn_element`, as SpinQuant learns its rotation);
     the learned element is kept only where it lowers the objective.
 
+    With `online` (names of Linear layers; `objective="output"` only), those layers are
+    rounded everywhere as their online input rotation deploys them (`_online`): the element
+    is chosen for the model that `rotate_inputs_online` then builds.
+
     With `validation` (inputs other than `example_inputs`, e.g. held back from the
     calibration split; `objective="output"` only), the element is then chosen on them
     (`_select.select_simplest`) among the identity, the data-light candidates (range
@@ -205,6 +222,8 @@ def equalizing_element(
         raise GaugeError("validation needs objective='output': it scores the rounded outputs")
     if granularity not in GRANULARITIES:
         raise GaugeError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    if online and objective != "output":
+        raise GaugeError("online rotations need objective='output': they round activations")
     group = symmetries(model, example_inputs) if group is None else group
     names, transposed = quantized_params(model), transposed_params(model)
     q, per_channel = set(names), granularity == "per-channel"
@@ -219,7 +238,7 @@ def equalizing_element(
 
     else:
         sch = scheme if scheme is not None else QuantScheme(bits, granularity, act_bits=act_bits)
-        err = _output_noise(model, example_inputs, names, sch, distance)
+        err = _output_noise(model, example_inputs, names, sch, distance, online)
         for_learning = [f for f in group.factors if isinstance(f, OrthogonalFactor)]
         if learn_scales:
             for_learning += [f for f in group.factors if isinstance(f, RescalingFactor)]
@@ -305,7 +324,7 @@ def equalizing_element(
         base = {f.name: elem.get(f.name, f.identity(torch.float64)) for f in group.continuous}
         cand, _ = learn_element(
             group, model, example_inputs, start, base, for_learning, names, sch,
-            steps=learn, distance=distance,
+            steps=learn, distance=distance, online=online,
         )  # fmt: skip
         trial = group.act_state(start, cand, validate=False)
         e = err(trial)
@@ -313,7 +332,7 @@ def equalizing_element(
             e_best, state, elem = e, trial, cand
             pool.append(Candidate("learned", dict(elem), state))
     if validation is not None:
-        rounded, y_val = _rounded_outputs(model, validation, names, sch)
+        rounded, y_val = _rounded_outputs(model, validation, names, sch, online)
         chosen, scores, why = select_simplest(
             pool[0], pool[1:], lambda c: rounded(c.state), y_val, validation_distance or distance
         )
@@ -344,6 +363,7 @@ def equalize(
     validation: Any = None,
     validation_distance: OutputDistance | None = None,
     log: Callable[[str], None] | None = None,
+    online: bool = False,
 ) -> nn.Module:
     """A copy of `model`, moved within its gauge group to where round-to-nearest weight
     quantization loses least; it computes the same function.
@@ -381,12 +401,24 @@ def equalize(
       included (so never worse than plain rounding there), by `validation_distance`
       (default `distance`; one that sums over rows, so that the one-standard-error rule
       can use folds of the rows); `log` receives the candidates' scores and the choice.
+    - `online`: with `objective="output"`, also rotate the inputs of the Linear layers whose
+      rounding error a fixed Hadamard-type rotation cuts at least in half
+      (`online_layers`, measured on `example_inputs`), the rotation applied online at run
+      time (QuaRot's `R4` before a down projection, found without names). Not a gauge
+      transformation: the returned model has a different structure (those layers become
+      `RotatedInput`), it costs an `O(n log n)` transform per token and layer, and it is kept
+      only where it lowers the objective on `example_inputs` (and on `validation`, when
+      given). `log` names the rotated layers.
     - `tol`: largest allowed relative output change on `example_inputs` (float64 evaluation);
       default by the weights' dtype (`1e-9` float64, `1e-5` float32, `1e-2` float16).
 
     **Returns:** the equalized model. Raises `GaugeError` if its outputs moved by more than
     `tol` (which would mean a factor does not describe a symmetry of this model).
     """
+    rotate = _online_choice(
+        model, example_inputs, validation, scheme, bits, granularity, act_bits, objective,
+        distance, validation_distance, log,
+    ) if online else ()  # fmt: skip
     group, elem = equalizing_element(
         model,
         example_inputs,
@@ -405,6 +437,7 @@ def equalize(
         validation=validation,
         validation_distance=validation_distance,
         log=log,
+        online=rotate,
     )
     new = group.act(model, elem)
     tol = drift_tolerance(model_dtype(model)) if tol is None else tol
@@ -414,7 +447,54 @@ def equalize(
             f"equalization changed the outputs of {type(model).__name__} by "
             f"{moved:.2e} (> {tol:.0e}); a gauge factor does not hold for it"
         )
+    if rotate:
+        new = rotate_inputs_online(new, rotate)
+        moved = exact_invariance_error(model, new, example_inputs)
+        if not moved <= tol:
+            raise GaugeError(
+                f"online rotations changed the outputs of {type(model).__name__} by "
+                f"{moved:.2e} (> {tol:.0e})"
+            )
     return new
+
+
+def _online_choice(
+    model: nn.Module,
+    inputs: Any,
+    validation: Any,
+    scheme: QuantScheme | str | None,
+    bits: int,
+    granularity: str,
+    act_bits: int | None,
+    objective: str,
+    distance: OutputDistance,
+    validation_distance: OutputDistance | None,
+    log: Callable[[str], None] | None,
+) -> tuple[str, ...]:
+    """The Linear layers that `equalize(..., online=True)` rotates online: those that
+    `online_layers` proposes, all of them or none, kept only where together they lower the
+    rounded model's output distance on `inputs` (and on `validation`, when given) at the
+    identity element."""
+    if objective != "output":
+        raise GaugeError("online rotations need objective='output': they are judged on outputs")
+    if scheme is not None:
+        sch = QuantScheme.parse(scheme) if isinstance(scheme, str) else scheme
+    else:
+        sch = QuantScheme(bits, granularity, act_bits=act_bits)
+    proposed = tuple(online_layers(model, inputs, sch))
+    names, start = quantized_params(model), model_state(model)
+    checks = [(inputs, distance)]
+    if validation is not None:
+        checks.append((validation, validation_distance or distance))
+    kept = bool(proposed)
+    for data, dist in checks if kept else ():
+        without = _output_noise(model, data, names, sch, dist)(start)
+        with_ = _output_noise(model, data, names, sch, dist, proposed)(start)
+        kept = kept and with_ < without
+    if log is not None:
+        what = ", ".join(proposed) if proposed else "none proposed"
+        log(f"online rotations: {'kept' if kept else 'not kept'} ({len(proposed)}: {what})")
+    return proposed if kept else ()
 
 
 def _data_driven(

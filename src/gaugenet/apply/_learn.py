@@ -15,16 +15,16 @@ rounded as the scheme rounds them, against the float model on the calibration in
 Rounding has zero derivative almost everywhere; the straight-through estimator passes the
 gradient of the rounded value to the unrounded one (`w + (round(w) − w).detach()`).
 
-Every learned factor is merged into the weights; no rotation has to stay online. Rotations
-that would (a Hadamard before a down projection or on the key-value cache, SpinQuant's
-`R3`/`R4`) are not symmetries of the weights alone, are not in the discovered group and are
-not used.
+Every learned factor is merged into the weights. Rotations that must stay online (a
+Hadamard before a down projection, SpinQuant's `R4`) are not symmetries of the weights
+alone and are not learned; where the caller asks for them (`equalize(..., online=True)`,
+`_online`), the loss rounds those layers as the rotation deploys them.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import torch
@@ -41,11 +41,13 @@ from ._search import forward_fn
 __all__ = ["learn_element", "straight_through"]
 
 
-def straight_through(w: Tensor, scheme: QuantScheme, transposed: bool = False) -> Tensor:
-    """`w` rounded as `scheme` rounds a weight (`transposed`: stored `(in, out)`), with the
-    gradient of the identity (the straight-through estimator): the value of
-    `round_weight(w)`, the derivative of `w`."""
-    return w + (round_weight(w.detach(), scheme, transposed) - w).detach()
+def straight_through(
+    w: Tensor, scheme: QuantScheme, transposed: bool = False, rotated: bool = False
+) -> Tensor:
+    """`w` rounded as `scheme` rounds a weight (`transposed`: stored `(in, out)`; `rotated`:
+    its input rotated online), with the gradient of the identity (the straight-through
+    estimator): the value of `round_weight(w)`, the derivative of `w`."""
+    return w + (round_weight(w.detach(), scheme, transposed, rotated) - w).detach()
 
 
 def learn_element(
@@ -61,6 +63,7 @@ def learn_element(
     steps: int,
     lr: float = 2e-3,
     distance: OutputDistance = squared_error,
+    online: Collection[str] = (),
 ) -> tuple[Element, float]:
     """`steps` of Adam on the algebra coordinates of `factors`, from `base`, against the
     rounded model's output error on `inputs`.
@@ -80,6 +83,7 @@ def learn_element(
     - `names`: the weights the scheme rounds; `scheme`: how they (and inputs) are rounded.
     - `steps`, `lr`: Adam iterations and the norm of one step in the algebra.
     - `distance`: the loss `(y_q, y) ↦` scalar (`squared_error` by default).
+    - `online`: Linear layers rounded as their online input rotation deploys them.
 
     **Returns:** `(element, loss)`: the best element (in the group: `base` composed with
     exponentials) and its loss in the model's dtype.
@@ -90,12 +94,15 @@ def learn_element(
     dtype = next(p.dtype for p in model.parameters())
     run_float = forward_fn(model, inputs)
     noisy = (
-        with_activation_rounding(model, scheme.act_bits, copy_model=True, straight_through=True)
+        with_activation_rounding(
+            model, scheme.act_bits, copy_model=True, straight_through=True, online=online
+        )
         if scheme.act_bits
         else model
     )
     run = forward_fn(noisy, inputs, prefer=names)
     transposed = transposed_params(model)
+    rotated = {f"{n}.weight" for n in online}
     with torch.no_grad():
         y = run_float(_cast(start, dtype)).detach()
     xis = [torch.zeros(f.dim, dtype=torch.float64, requires_grad=True) for f in factors]
@@ -109,7 +116,9 @@ def learn_element(
 
     def loss() -> Tensor:
         st = _cast(group.act_state(start, element(), validate=False), dtype)
-        st.update({n: straight_through(st[n], scheme, n in transposed) for n in names})
+        st.update(
+            {n: straight_through(st[n], scheme, n in transposed, n in rotated) for n in names}
+        )
         return distance(run(st), y)
 
     best_elem, best = dict(base), math.inf

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -102,9 +103,19 @@ def quantize_per_token(x: Tensor, bits: int, dim: int = -1) -> Tensor:
     return round_to_range(x, x.abs().amax(dim, keepdim=True), bits)
 
 
-def round_weight(w: Tensor, scheme: QuantScheme, transposed: bool = False) -> Tensor:
+def round_weight(
+    w: Tensor, scheme: QuantScheme, transposed: bool = False, rotated: bool = False
+) -> Tensor:
     """`w` rounded as `scheme` rounds a Linear/Conv weight (per tensor, channel or group);
-    `transposed`: `w` is stored `(in, out)` (`transposed_params`), rounded as `wᵀ` is."""
+    `transposed`: `w` is stored `(in, out)` (`transposed_params`), rounded as `wᵀ` is;
+    `rotated`: a Linear weight whose input is rotated online (`rotate_inputs_online`),
+    rounded as `W Rᵀ` is and expressed in the original basis, `round(W Rᵀ) R`."""
+    if rotated:
+        from ._online import rotate_weight, unrotate_weight
+
+        if transposed or w.dim() != 2:
+            raise GaugeError("online rotations apply to nn.Linear weights `(out, in)` only")
+        return unrotate_weight(round_weight(rotate_weight(w, w.shape[1]), scheme), w.shape[1])
     if transposed:
         return round_weight(w.transpose(0, 1), scheme).transpose(0, 1)
     if scheme.granularity == "per-group":
@@ -134,20 +145,40 @@ def quantize(model: nn.Module, scheme: QuantScheme | str) -> nn.Module:
 
 
 def with_activation_rounding(
-    model: nn.Module, bits: int, *, copy_model: bool = False, straight_through: bool = False
+    model: nn.Module,
+    bits: int,
+    *,
+    copy_model: bool = False,
+    straight_through: bool = False,
+    online: Collection[str] = (),
 ) -> nn.Module:
     """`model` with a forward pre-hook on every Linear/Conv layer that rounds the layer's
     input per token to `bits` (`quantize_per_token`; features on the last axis for Linear,
     on axis 1 for Conv). With `straight_through`, the rounded input passes the gradient of
-    the unrounded one (for learning through rounding). Modifies `model` in place unless
-    `copy_model`; returns it."""
-    out = copy.deepcopy(model) if copy_model else model
-    for _, m in quantized_layers(out):
-        dim = feature_axis(m)
+    the unrounded one (for learning through rounding). The Linear layers named in `online`
+    round their input in the basis of their online rotation, `Rᵀ round(R x)` (what
+    `rotate_inputs_online` deploys, in the original basis). Modifies `model` in place
+    unless `copy_model`; returns it."""
+    from ._online import rotated_rounding
 
-        def hook(_mod, args, dim=dim):
+    out = copy.deepcopy(model) if copy_model else model
+    layers = quantized_layers(out)
+    missing = set(online) - {name for name, _ in layers}
+    if missing:
+        raise GaugeError(f"online rotations name layers that are not quantized: {sorted(missing)}")
+    for name, m in layers:
+        dim = feature_axis(m)
+        if name in online and type(m) is not nn.Linear:
+            raise GaugeError(f"online rotations apply to nn.Linear; {name!r} is {type(m).__name__}")
+        rnd = (
+            rotated_rounding(bits, m.in_features)
+            if name in online
+            else lambda x, dim=dim: quantize_per_token(x, bits, dim)
+        )
+
+        def hook(_mod, args, rnd=rnd):
             x = args[0]
-            q = quantize_per_token(x, bits, dim)
+            q = rnd(x)
             return (x + (q - x).detach() if straight_through else q, *args[1:])
 
         m.register_forward_pre_hook(hook)

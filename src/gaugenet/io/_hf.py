@@ -9,6 +9,7 @@ from typing import Any
 
 __all__ = [
     "TOKENS",
+    "audio_shape",
     "checkpoint_renaming",
     "image_shape",
     "named_class",
@@ -91,6 +92,25 @@ def image_shape(config: Any, model: Any = None) -> tuple[int, int, int] | None:
         return None
     hw = (size, size) if isinstance(size, int) else tuple(size)[:2]
     return (channels, int(hw[0]), int(hw[1]))
+
+
+def audio_shape(config: Any, model: Any) -> tuple[int, int] | None:
+    """`(mel bins, frames)` of one log-mel spectrogram for a speech encoder whose forward
+    takes `input_features` first (Whisper's encoder: `num_mel_bins` features and twice
+    `max_source_positions` frames, which its convolutions, the second of stride 2, turn into
+    that many positions, the only length it accepts), else `None`."""
+    if config is None or model is None:
+        return None
+    params = list(inspect.signature(model.forward).parameters)
+    if not params or params[0] != "input_features":
+        return None
+    bins, positions = (
+        getattr(config, "num_mel_bins", None),
+        getattr(config, "max_source_positions", None),
+    )
+    if not isinstance(bins, int) or not isinstance(positions, int):
+        return None
+    return (bins, 2 * positions)
 
 
 def checkpoint_renaming(model: Any, stored: list[str]) -> dict[str, str] | None:

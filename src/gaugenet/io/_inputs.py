@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .._errors import GaugeError
-from ._hf import image_shape, token_call, token_lengths
+from ._hf import audio_shape, image_shape, token_call, token_lengths
 
 __all__ = ["MAX_INPUT_NUMBERS", "sample_inputs"]
 
@@ -31,7 +31,8 @@ def sample_inputs(
     """A batch of `n` inputs for `model`: of the given per-sample `shape` when there is one,
     from the model's `example_inputs(n)` method or attribute when it has one, token ids for
     Hugging Face language models (`_tokens`), images of the config's size for its vision
-    models, else inferred from the first layer."""
+    models, log-mel features for its speech encoders (`audio_shape`), else inferred from the
+    first layer."""
     g = torch.Generator().manual_seed(seed)
     if n < 1:
         raise GaugeError(f"the number of sample inputs must be at least 1, got {n}")
@@ -50,6 +51,10 @@ def sample_inputs(
         ex = model.example_inputs
         return ex(n) if callable(ex) else ex
     config = getattr(model, "config", None)
+    audio = audio_shape(config, model)
+    if audio is not None:  # a speech encoder (Whisper's): log-mel features
+        _check_size(n, audio, "--inputs")
+        return torch.randn(n, *audio, generator=g, dtype=dtype)
     image = image_shape(config, model)
     if image is None and config is not None and hasattr(config, "vocab_size"):
         return _tokens(model, config, n, g)

@@ -39,7 +39,7 @@ from ..apply._schemes import QuantScheme, round_weight
 from ..discovery import symmetries
 from ..groups import GLFactor, RescalingFactor
 from ..groups._base import State
-from ..io._hf import image_shape, token_call, token_lengths
+from ..io._hf import audio_shape, image_shape, token_call, token_lengths
 from ._checkpoint import ShardedCheckpoint
 from ._local import LOCAL_TOL, Component, components, local_change, record_inputs
 from ._write import ShardWriter, atomic_folder, check_output_folder
@@ -80,10 +80,15 @@ class StreamReport:
 
 def _meta_call(model: nn.Module) -> dict[str, Tensor]:
     """The meta-device example input of a Hugging Face model: one image of the config's size
-    for a vision model (`image_shape`); else as many token ids as its config allows up to
+    for a vision model (`image_shape`), one log-mel spectrogram for a speech encoder
+    (`audio_shape`); else as many token ids as its config allows up to
     `TOKENS` (`token_lengths`), and as many decoder tokens for an encoder-decoder model
     (`token_call`)."""
     cfg = getattr(model, "config", None)
+    audio = audio_shape(cfg, model)
+    if audio is not None:
+        dtype = param_dtype(model)
+        return {"input_features": torch.zeros(1, *audio, dtype=dtype, device="meta")}
     image = image_shape(cfg, model)
     if image is not None:
         dtype = param_dtype(model)

@@ -1,0 +1,187 @@
+"""Online input rotations (`gaugenet.apply._online`): exact algebra, the deployed model equals
+its emulation in the original basis, and they are proposed only where they pay."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from gaugenet import GaugeError
+from gaugenet.apply import (
+    RotatedInput,
+    equalize,
+    online_layers,
+    quantize,
+    rotate_inputs_online,
+    rotated_layers,
+)
+from gaugenet.apply._equalize import _rounded_outputs
+from gaugenet.apply._online import _paley, online_factor, rotation_matrix
+from gaugenet.apply._quantize import quantized_params
+from gaugenet.groups import model_state
+
+torch.set_default_dtype(torch.float64)
+
+
+class GatedMLP(nn.Module):
+    """`x + down(silu(gate x) * up x)` then a head: the down projection's input is a product
+    that nothing before it can rotate; `loud` hidden units are made large (outliers)."""
+
+    def __init__(self, d: int = 16, h: int = 48, loud: int = 2, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.gate, self.up = nn.Linear(d, h), nn.Linear(d, h)
+        self.down, self.head = nn.Linear(h, d), nn.Linear(d, 8)
+        with torch.no_grad():
+            for lin in (self.gate, self.up, self.down, self.head):
+                lin.weight.copy_(
+                    torch.randn(lin.weight.shape, generator=g) / math.sqrt(lin.in_features)
+                )
+                lin.bias.copy_(0.1 * torch.randn(lin.bias.shape, generator=g))
+            self.up.weight[:loud] *= 40.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x + self.down(nn.functional.silu(self.gate(x)) * self.up(x)))
+
+
+def _x(n: int = 64, d: int = 16, seed: int = 1) -> torch.Tensor:
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 12, 20, 24, 44, 48, 96, 128, 384, 100, 7])
+def test_rotation_is_orthogonal(n):
+    r = rotation_matrix(n)
+    assert r.shape == (n, n)
+    assert torch.allclose(r @ r.T, torch.eye(n), atol=1e-13, rtol=0)
+
+
+@pytest.mark.parametrize("n", [4, 12, 20, 24, 48, 96, 384])
+def test_hadamard_widths_are_flat(n):
+    """Where a Hadamard matrix is built (powers of two times a Paley order), every entry has
+    magnitude `1/√n`: a single loud feature is spread evenly over all of them."""
+    assert torch.allclose(rotation_matrix(n).abs(), torch.full((n, n), n**-0.5), atol=1e-13)
+
+
+@pytest.mark.parametrize("m", [4, 8, 12, 20, 24, 32, 44, 48, 60])
+def test_paley_is_hadamard(m):
+    h = _paley(m)
+    assert set(h.unique().tolist()) == {-1.0, 1.0}
+    assert torch.equal(h @ h.T, m * torch.eye(m))
+
+
+def test_online_factor_rejects_bad_width():
+    with pytest.raises(GaugeError, match="positive width"):
+        online_factor(0)
+    p, small = online_factor(384)
+    assert p * small.shape[0] == 384 and small.shape[0] == 12
+
+
+def test_rotated_model_computes_the_same_function():
+    model, x = GatedMLP(), _x()
+    rot = rotate_inputs_online(model, ["down", "head"])
+    assert rotated_layers(rot) == ["down", "head"] and isinstance(rot.down, RotatedInput)
+    assert (rot(x) - model(x)).abs().max() <= 1e-13 * model(x).abs().max()
+    assert isinstance(model.down, nn.Linear)  # the input model is not modified
+    # negative: the rotated input without the rotated weight is a different function
+    wrong = RotatedInput(nn.Linear(48, 16), *online_factor(48))
+    wrong.linear.load_state_dict(model.down.state_dict())
+    h = torch.randn(5, 48)
+    assert (wrong(h) - model.down(h)).abs().max() > 0.1
+
+
+def test_rotate_rejects_what_it_cannot_rotate():
+    model = GatedMLP()
+    with pytest.raises(GaugeError, match="no layer 'nope'"):
+        rotate_inputs_online(model, ["nope"])
+    conv = nn.Sequential(nn.Conv1d(4, 4, 3))
+    with pytest.raises(GaugeError, match="online rotations apply to nn.Linear"):
+        rotate_inputs_online(conv, ["0"])
+
+
+@pytest.mark.parametrize("scheme", ["w8a8", "w4a8", "w4g16"])
+def test_emulation_equals_the_deployed_rotated_model(scheme):
+    """What the objective scores (rounding `round(W Rᵀ) R` and `Rᵀ round(R x)` in the original
+    basis) is exactly what `quantize` computes on the model with `RotatedInput` layers."""
+    model, x = GatedMLP(), _x()
+    names = quantized_params(model)
+    rounded, _ = _rounded_outputs(model, x, names, _scheme(scheme), online=("down",))
+    deployed = quantize(rotate_inputs_online(model, ["down"]), scheme)(x)
+    assert (rounded(model_state(model)) - deployed).abs().max() <= 1e-12
+    plain, _ = _rounded_outputs(model, x, names, _scheme(scheme))
+    assert (plain(model_state(model)) - deployed).abs().max() > 1e-4  # the rotation matters
+
+
+def _quiet() -> nn.Module:
+    """One Linear layer on Gaussian inputs: nothing for a rotation to spread."""
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Linear(16, 8))
+
+
+def _scheme(s):
+    from gaugenet.apply import QuantScheme
+
+    return QuantScheme.parse(s)
+
+
+def test_online_layers_finds_the_loud_product_only():
+    """The down projection's input holds two loud hidden units: rotating it cuts its
+    per-token rounding error many times. The head's input (the residual sum, no outlier
+    planted) is not proposed, nor is a Gaussian input, which a rotation leaves Gaussian."""
+    model, x = GatedMLP(), _x()
+    found = online_layers(model, x, "w8a8")
+    assert list(found) == ["down"]
+    before, after = found["down"]
+    assert after * 4 < before
+    assert online_layers(_quiet(), x, "w8a8") == {}
+    with pytest.raises(GaugeError, match="gain must be at least 1"):
+        online_layers(model, x, "w8a8", gain=0.5)
+
+
+def test_equalize_online_pays_and_keeps_the_function():
+    """A wide gated product is heavy-tailed token by token (no fixed loud channel that a
+    rescaling could tame): the online rotation lowers the held-out rounding error well
+    below the best in-group element's."""
+    model, x, held = GatedMLP(h=128, loud=0), _x(128), _x(128, seed=2)
+    lines: list[str] = []
+    kw = dict(bits=8, objective="output", scheme="w8a8", search=0)
+    plain = equalize(model, x, **kw)
+    rot = equalize(model, x, **kw, online=True, log=lines.append)
+    assert rotated_layers(rot) == ["down"] and rotated_layers(plain) == []
+    assert any(line.startswith("online rotations: kept (1: down)") for line in lines)
+    y = model(held).detach()
+    assert (rot(held) - y).abs().max() <= 1e-9 * y.abs().max()
+
+    def err(m):
+        return float(((quantize(m, "w8a8")(held) - y) ** 2).sum().detach())
+
+    assert err(rot) < 0.85 * err(plain) < 0.85 * err(model)
+
+
+def test_equalize_online_needs_the_output_objective():
+    with pytest.raises(GaugeError, match="online rotations need objective='output'"):
+        equalize(GatedMLP(), _x(), bits=8, online=True)
+
+
+def test_equalize_online_not_kept_where_nothing_pays():
+    lines: list[str] = []
+    out = equalize(
+        _quiet(), _x(), bits=8, objective="output", scheme="w8a8", search=0,
+        online=True, log=lines.append,
+    )  # fmt: skip
+    assert rotated_layers(out) == []
+    assert any("online rotations: not kept" in line for line in lines)
+
+
+def test_rounding_online_rejects_bad_layers():
+    from gaugenet.apply._schemes import round_weight, with_activation_rounding
+
+    with pytest.raises(GaugeError, match="not quantized: \\['nope'\\]"):
+        with_activation_rounding(GatedMLP(), 8, copy_model=True, online=("nope",))
+    conv = nn.Sequential(nn.Conv1d(4, 4, 3))
+    with pytest.raises(GaugeError, match="'0' is Conv1d"):
+        with_activation_rounding(conv, 8, copy_model=True, online=("0",))
+    with pytest.raises(GaugeError, match="nn.Linear weights"):
+        round_weight(torch.randn(4, 4), _scheme("w8"), transposed=True, rotated=True)
