@@ -18,6 +18,7 @@ from ._online import RotatedInput as RotatedInput
 from ._online import online_layers as online_layers
 from ._online import rotate_inputs_online as rotate_inputs_online
 from ._online import rotated_layers as rotated_layers
+from ._online import rotation_matrix as rotation_matrix
 from ._quantize import quantize_dynamic_int8 as quantize_dynamic_int8
 from ._quantize import quantize_tensor as quantize_tensor
 from ._quantize import quantize_weights as quantize_weights

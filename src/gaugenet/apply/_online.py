@@ -31,6 +31,7 @@ __all__ = [
     "RotatedInput",
     "online_factor",
     "online_layers",
+    "rotatable",
     "rotate_inputs_online",
     "rotated_layers",
     "rotation_matrix",
@@ -80,6 +81,25 @@ def online_factor(n: int) -> tuple[int, Tensor]:
     return p, _dct(m) if m > 1 else torch.ones(1, 1, dtype=torch.float64)
 
 
+def rotatable(layer: nn.Module) -> int | None:
+    """The input width of a layer whose input can be rotated online: an `nn.Linear`
+    (weight `(out, in)`), or a Linear layer stored transposed (`transformers`' `Conv1D`,
+    weight `(in, out)`); `None` for anything else (a convolution mixes positions too)."""
+    from ._quantize import _transposed_layers
+
+    if type(layer) is nn.Linear:
+        return layer.in_features
+    if isinstance(layer, _transposed_layers()):
+        return layer.weight.shape[0]
+    return None
+
+
+def _as_out_in(layer: nn.Module) -> Tensor:
+    """A rotatable layer's weight as `(out, in)` (a view; `Conv1D` stores its transpose)."""
+    w = layer.weight
+    return w if type(layer) is nn.Linear else w.transpose(0, 1)
+
+
 def _fwht(x: Tensor, axis: int) -> Tensor:
     """The normalized Walsh–Hadamard transform of `x` along `axis` (a power-of-two length),
     by `log₂ p` butterfly stages (no `p × p` matrix)."""
@@ -114,18 +134,23 @@ def rotation_matrix(n: int) -> Tensor:
 
 class RotatedInput(nn.Module):
     """`linear` applied to its input rotated online: `forward(x) = linear(R x)`, with
-    `linear.weight` already `W Rᵀ`, so the pair computes `W x` (`rotate_inputs_online`).
+    `linear`'s weight already `W Rᵀ`, so the pair computes `W x` (`rotate_inputs_online`).
 
-    The rotation `R = H_p ⊗ M` is applied by the fast Walsh–Hadamard transform and a small
-    dense `M` (buffer `small`, `(m, m)`); `linear` is the layer that quantization rounds, its
-    input the rotated one."""
+    `linear` is an `nn.Linear` or a Linear layer stored transposed (`transformers`'
+    `Conv1D`, its weight then `R Wᵀ`). The rotation `R = H_p ⊗ M` is applied by the fast
+    Walsh–Hadamard transform and a small dense `M` (buffer `small`, `(m, m)`); `linear` is
+    the layer that quantization rounds, its input the rotated one."""
 
-    def __init__(self, linear: nn.Linear, p: int, small: Tensor) -> None:
+    def __init__(self, linear: nn.Module, p: int, small: Tensor) -> None:
         super().__init__()
-        if p * small.shape[0] != linear.in_features:
+        n = rotatable(linear)
+        if n is None:
             raise GaugeError(
-                f"rotation of width {p}×{small.shape[0]} does not fit a Linear of "
-                f"{linear.in_features} inputs"
+                f"online rotations apply to Linear layers, not {type(linear).__name__}"
+            )
+        if p * small.shape[0] != n:
+            raise GaugeError(
+                f"rotation of width {p}×{small.shape[0]} does not fit a layer of {n} inputs"
             )
         self.linear, self.p = linear, p
         self.register_buffer("small", small.to(linear.weight.dtype))
@@ -148,17 +173,21 @@ def rotate_inputs_online(model: nn.Module, layers: Sequence[str]) -> nn.Module:
     a different structure. Raises `GaugeError` for a name that is not a Linear layer."""
     out = copy.deepcopy(model)
     for name in layers:
+        if not name:
+            raise GaugeError("the model itself is the Linear layer: rotate it inside a container")
         try:
             layer = out.get_submodule(name)
         except AttributeError:
             raise GaugeError(f"no layer {name!r} to rotate online") from None
-        if type(layer) is not nn.Linear:
+        n = rotatable(layer)
+        if n is None:
             raise GaugeError(
-                f"{name!r} is a {type(layer).__name__}: online rotations apply to nn.Linear"
+                f"{name!r} is a {type(layer).__name__}: online rotations apply to Linear layers"
             )
-        p, small = online_factor(layer.in_features)
+        p, small = online_factor(n)
         with torch.no_grad():
-            layer.weight.copy_(_rotate(layer.weight.double(), p, small).to(layer.weight.dtype))
+            w = _as_out_in(layer)
+            w.copy_(_rotate(w.double(), p, small).to(w.dtype))
         parent, _, attr = name.rpartition(".")
         setattr(out.get_submodule(parent) if parent else out, attr, RotatedInput(layer, p, small))
     return out
@@ -217,40 +246,31 @@ def online_layers(
     several times sums over its calls), in the model's order.
     """
     from ._schemes import QuantScheme, quantize_per_token, round_weight
+    from ._search import _each_input
 
     sch = QuantScheme.parse(scheme) if isinstance(scheme, str) else scheme
     if not gain >= 1:
         raise GaugeError(f"gain must be at least 1, got {gain}")
+    layers = {f"{n}.weight": m for n, m in model.named_modules() if rotatable(m)}
+    if not layers:
+        raise GaugeError(f"{type(model).__name__} has no Linear layer to rotate online")
+    rounded: dict[str, tuple[Tensor, Tensor, Tensor, int, Tensor]] = {}
+    for key, layer in layers.items():
+        p, small = online_factor(rotatable(layer))
+        w = _as_out_in(layer).detach().double()
+        rounded[key] = (w, round_weight(w, sch), round_weight(_rotate(w, p, small), sch), p, small)
     errors: dict[str, list[float]] = {}
-    handles = []
 
     def rounded_input(x: Tensor) -> Tensor:
         return quantize_per_token(x, sch.act_bits, -1) if sch.act_bits else x
 
-    for name, layer in model.named_modules():
-        if type(layer) is not nn.Linear:
-            continue
-        p, small = online_factor(layer.in_features)
-        w = layer.weight.detach().double()
-        wq, wr = round_weight(w, sch), round_weight(_rotate(w, p, small), sch)
+    def take(key: str, x: Tensor) -> None:
+        w, wq, wr, p, small = rounded[key]
+        y = x @ w.T
+        plain = float(((rounded_input(x) @ wq.T - y) ** 2).sum())
+        rot = float(((rounded_input(_rotate(x, p, small)) @ wr.T - y) ** 2).sum())
+        acc = errors.setdefault(key.removesuffix(".weight"), [0.0, 0.0])
+        acc[0], acc[1] = acc[0] + plain, acc[1] + rot
 
-        def hook(_m, args, name=name, w=w, wq=wq, wr=wr, p=p, small=small):
-            x = args[0].detach().double().reshape(-1, w.shape[1])
-            y = x @ w.T
-            plain = float(((rounded_input(x) @ wq.T - y) ** 2).sum())
-            rot = float(((rounded_input(_rotate(x, p, small)) @ wr.T - y) ** 2).sum())
-            acc = errors.setdefault(name, [0.0, 0.0])
-            acc[0], acc[1] = acc[0] + plain, acc[1] + rot
-
-        handles.append(layer.register_forward_pre_hook(hook))
-    if not handles:
-        raise GaugeError(f"{type(model).__name__} has no nn.Linear layer to rotate online")
-    from ._search import forward_fn
-
-    try:
-        with torch.no_grad():
-            forward_fn(model, inputs)(dict(model.state_dict()))
-    finally:
-        for h in handles:
-            h.remove()
+    _each_input(model, inputs, list(layers), take, magnitude=False)
     return {n: (e, r) for n, (e, r) in errors.items() if r * gain <= e and e > 0}

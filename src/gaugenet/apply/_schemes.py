@@ -109,12 +109,17 @@ def round_weight(
     """`w` rounded as `scheme` rounds a Linear/Conv weight (per tensor, channel or group);
     `transposed`: `w` is stored `(in, out)` (`transposed_params`), rounded as `wᵀ` is;
     `rotated`: a Linear weight whose input is rotated online (`rotate_inputs_online`),
-    rounded as `W Rᵀ` is and expressed in the original basis, `round(W Rᵀ) R`."""
+    rounded as `W Rᵀ` is and expressed in the original basis, `round(W Rᵀ) R` (stored
+    transposed too)."""
     if rotated:
         from ._online import rotate_weight, unrotate_weight
 
-        if transposed or w.dim() != 2:
-            raise GaugeError("online rotations apply to nn.Linear weights `(out, in)` only")
+        if w.dim() != 2:
+            raise GaugeError(
+                f"online rotations apply to Linear weights, not shape {tuple(w.shape)}"
+            )
+        if transposed:  # stored `(in, out)`: rounded as its transpose is
+            return round_weight(w.transpose(0, 1), scheme, rotated=True).transpose(0, 1)
         return unrotate_weight(round_weight(rotate_weight(w, w.shape[1]), scheme), w.shape[1])
     if transposed:
         return round_weight(w.transpose(0, 1), scheme).transpose(0, 1)
@@ -159,7 +164,7 @@ def with_activation_rounding(
     round their input in the basis of their online rotation, `Rᵀ round(R x)` (what
     `rotate_inputs_online` deploys, in the original basis). Modifies `model` in place
     unless `copy_model`; returns it."""
-    from ._online import rotated_rounding
+    from ._online import rotatable, rotated_rounding
 
     out = copy.deepcopy(model) if copy_model else model
     layers = quantized_layers(out)
@@ -168,10 +173,12 @@ def with_activation_rounding(
         raise GaugeError(f"online rotations name layers that are not quantized: {sorted(missing)}")
     for name, m in layers:
         dim = feature_axis(m)
-        if name in online and type(m) is not nn.Linear:
-            raise GaugeError(f"online rotations apply to nn.Linear; {name!r} is {type(m).__name__}")
+        if name in online and rotatable(m) is None:
+            raise GaugeError(
+                f"online rotations apply to Linear layers; {name!r} is {type(m).__name__}"
+            )
         rnd = (
-            rotated_rounding(bits, m.in_features)
+            rotated_rounding(bits, rotatable(m))
             if name in online
             else lambda x, dim=dim: quantize_per_token(x, bits, dim)
         )

@@ -220,19 +220,24 @@ def local_search(
 
 
 def _each_input(
-    model: nn.Module, inputs: Any, names: Sequence[str], take: Callable[[str, Tensor], None]
+    model: nn.Module,
+    inputs: Any,
+    names: Sequence[str],
+    take: Callable[[str, Tensor], None],
+    magnitude: bool = True,
 ) -> None:
     """Run `model` on `inputs` and hand `take(name, |X|)` the input magnitudes of every layer
     whose weight is named in `names`, as `(tokens, features)` float64 (features on the last
     axis for Linear and for Linear layers stored `(in, out)`, GPT-2's `Conv1D`; axis 1 for
-    Conv; a layer called twice is handed both)."""
+    Conv; a layer called twice is handed both); `magnitude=False`: the signed inputs `X`."""
     handles = []
     for n in names:
         layer = model.get_submodule(n.rsplit(".", 1)[0]) if "." in n else model
         dim = feature_axis(layer)
 
         def hook(_m, args, n=n, dim=dim):
-            x = args[0].detach().double().abs().movedim(dim, -1)
+            x = args[0].detach().double().movedim(dim, -1)
+            x = x.abs() if magnitude else x
             take(n, x.reshape(-1, x.shape[-1]))
 
         handles.append(layer.register_forward_pre_hook(hook))
