@@ -209,7 +209,7 @@ def equalizing_element(
     **Returns:** `(group, element)`.
     """
     if scheme is not None:
-        scheme = QuantScheme.parse(scheme) if isinstance(scheme, str) else scheme
+        scheme = QuantScheme.of(scheme)
         bits, act_bits = scheme.weight_bits, scheme.act_bits
         granularity = "per-tensor" if scheme.granularity == "per-tensor" else "per-channel"
     if objective not in OBJECTIVES:
@@ -223,7 +223,7 @@ def equalizing_element(
     if granularity not in GRANULARITIES:
         raise GaugeError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     if online and objective != "output":
-        raise GaugeError("online rotations need objective='output': they round activations")
+        raise GaugeError(_ONLINE_NEEDS_OUTPUT)
     group = symmetries(model, example_inputs) if group is None else group
     names, transposed = quantized_params(model), transposed_params(model)
     q, per_channel = set(names), granularity == "per-channel"
@@ -237,7 +237,7 @@ def equalizing_element(
             return weight_quantization_error(s, names, bits, granularity, transposed)
 
     else:
-        sch = scheme if scheme is not None else QuantScheme(bits, granularity, act_bits=act_bits)
+        sch = _aimed(scheme, bits, granularity, act_bits)
         err = _output_noise(model, example_inputs, names, sch, distance, online)
         for_learning = [f for f in group.factors if isinstance(f, OrthogonalFactor)]
         if learn_scales:
@@ -458,6 +458,19 @@ def equalize(
     return new
 
 
+_ONLINE_NEEDS_OUTPUT = "online rotations need objective='output': they are judged on outputs"
+
+
+def _aimed(
+    scheme: QuantScheme | str | None, bits: int, granularity: str, act_bits: int | None
+) -> QuantScheme:
+    """The scheme the output objective rounds as: `scheme`, else the one that `bits`,
+    `granularity` and `act_bits` describe."""
+    if scheme is not None:
+        return QuantScheme.of(scheme)
+    return QuantScheme(bits, granularity, act_bits=act_bits)
+
+
 def _online_choice(
     model: nn.Module,
     inputs: Any,
@@ -476,11 +489,8 @@ def _online_choice(
     rounded model's output distance on `inputs` (and on `validation`, when given) at the
     identity element."""
     if objective != "output":
-        raise GaugeError("online rotations need objective='output': they are judged on outputs")
-    if scheme is not None:
-        sch = QuantScheme.parse(scheme) if isinstance(scheme, str) else scheme
-    else:
-        sch = QuantScheme(bits, granularity, act_bits=act_bits)
+        raise GaugeError(_ONLINE_NEEDS_OUTPUT)
+    sch = _aimed(scheme, bits, granularity, act_bits)
     proposed = tuple(online_layers(model, inputs, sch))
     names, start = quantized_params(model), model_state(model)
     checks = [(inputs, distance)]

@@ -18,6 +18,7 @@ the orthonormal DCT-II matrix; both normalized to be orthogonal.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -68,9 +69,16 @@ def online_factor(n: int) -> tuple[int, Tensor]:
     """`(p, M)` with `n = p · m`, `p` the largest power of two dividing `n` and `M` `(m, m)`
     float64 orthogonal: Paley's Hadamard matrix over `√m` where `m − 1` is a prime
     `≡ 3 (mod 4)`, else the DCT-II matrix (`M = [[1]]` for `m = 1`). The rotation is
-    `H_p ⊗ M`, `H_p` the normalized Walsh–Hadamard matrix."""
+    `H_p ⊗ M`, `H_p` the normalized Walsh–Hadamard matrix. Built once per width (the
+    objective rounds rotated weights at every evaluation); `M` is a fresh copy."""
     if not isinstance(n, int) or n < 1:
         raise GaugeError(f"a rotation needs a positive width, got {n!r}")
+    p, small = _factor(n)
+    return p, small.clone()
+
+
+@functools.lru_cache(maxsize=64)
+def _factor(n: int) -> tuple[int, Tensor]:
     p = n & -n
     m = n // p
     for k in range(p.bit_length()):  # move powers of two back from p if m·2^k is a Paley order
@@ -200,20 +208,9 @@ def rotate_weight(w: Tensor, n_in: int) -> Tensor:
 
 
 def unrotate_weight(w: Tensor, n_in: int) -> Tensor:
-    """`W' R`: the inverse of `rotate_weight`."""
+    """`W' R`: the inverse of `rotate_weight` (`Rᵀ = H_p ⊗ Mᵀ`, `H_p` symmetric)."""
     p, small = online_factor(n_in)
-    return _unrotate(w, p, small)
-
-
-def _unrotate(x: Tensor, p: int, small: Tensor) -> Tensor:
-    """`(H_p ⊗ M)ᵀ x` along the last axis (`H_p` is symmetric)."""
-    m = small.shape[0]
-    y = x.reshape(*x.shape[:-1], p, m)
-    if p > 1:
-        y = _fwht(y, -2)
-    if m > 1:
-        y = y @ small.to(x.dtype)
-    return y.reshape(x.shape)
+    return _rotate(w, p, small.T)
 
 
 def rotated_rounding(bits: int, n_in: int) -> Callable[[Tensor], Tensor]:
@@ -224,7 +221,7 @@ def rotated_rounding(bits: int, n_in: int) -> Callable[[Tensor], Tensor]:
     p, small = online_factor(n_in)
 
     def fn(x: Tensor) -> Tensor:
-        return _unrotate(quantize_per_token(_rotate(x, p, small), bits, -1), p, small)
+        return _rotate(quantize_per_token(_rotate(x, p, small), bits, -1), p, small.T)
 
     return fn
 
@@ -248,7 +245,7 @@ def online_layers(
     from ._schemes import QuantScheme, quantize_per_token, round_weight
     from ._search import _each_input
 
-    sch = QuantScheme.parse(scheme) if isinstance(scheme, str) else scheme
+    sch = QuantScheme.of(scheme)
     if not gain >= 1:
         raise GaugeError(f"gain must be at least 1, got {gain}")
     layers = {f"{n}.weight": m for n, m in model.named_modules() if rotatable(m)}

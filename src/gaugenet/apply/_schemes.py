@@ -64,6 +64,11 @@ class QuantScheme:
             raise GaugeError(f"group size must be positive, got {self.group_size}")
 
     @classmethod
+    def of(cls, scheme: QuantScheme | str) -> QuantScheme:
+        """`scheme` itself, or parsed from its string form (`parse`)."""
+        return cls.parse(scheme) if isinstance(scheme, str) else scheme
+
+    @classmethod
     def parse(cls, text: str) -> QuantScheme:
         m = _SCHEME.match(text.strip().lower())
         if m is None:
@@ -111,6 +116,8 @@ def round_weight(
     `rotated`: a Linear weight whose input is rotated online (`rotate_inputs_online`),
     rounded as `W Rᵀ` is and expressed in the original basis, `round(W Rᵀ) R` (stored
     transposed too)."""
+    if transposed:
+        return round_weight(w.transpose(0, 1), scheme, rotated=rotated).transpose(0, 1)
     if rotated:
         from ._online import rotate_weight, unrotate_weight
 
@@ -118,11 +125,7 @@ def round_weight(
             raise GaugeError(
                 f"online rotations apply to Linear weights, not shape {tuple(w.shape)}"
             )
-        if transposed:  # stored `(in, out)`: rounded as its transpose is
-            return round_weight(w.transpose(0, 1), scheme, rotated=True).transpose(0, 1)
         return unrotate_weight(round_weight(rotate_weight(w, w.shape[1]), scheme), w.shape[1])
-    if transposed:
-        return round_weight(w.transpose(0, 1), scheme).transpose(0, 1)
     if scheme.granularity == "per-group":
         return quantize_grouped(w, scheme.weight_bits, scheme.group_size)
     return quantize_tensor(w, scheme.weight_bits, scheme.granularity)
@@ -137,7 +140,7 @@ def quantize(model: nn.Module, scheme: QuantScheme | str) -> nn.Module:
 
     **Returns:** the quantized copy (hooks included), in the model's own dtype.
     """
-    scheme = QuantScheme.parse(scheme) if isinstance(scheme, str) else scheme
+    scheme = QuantScheme.of(scheme)
     out = copy.deepcopy(model)
     names, transposed = quantized_params(out), transposed_params(out)
     if not names:

@@ -11,6 +11,7 @@ __all__ = [
     "TOKENS",
     "audio_shape",
     "checkpoint_renaming",
+    "feature_input",
     "image_shape",
     "named_class",
     "token_call",
@@ -85,8 +86,7 @@ def image_shape(config: Any, model: Any = None) -> tuple[int, int, int] | None:
     if not isinstance(channels, int) or not isinstance(size, (int, tuple, list)):
         return None
     if model is not None:
-        params = list(inspect.signature(model.forward).parameters)
-        if not params or params[0] != "pixel_values":
+        if _first_input(model) != "pixel_values":
             return None
     elif hasattr(config, "vocab_size"):
         return None
@@ -99,10 +99,7 @@ def audio_shape(config: Any, model: Any) -> tuple[int, int] | None:
     takes `input_features` first (Whisper's encoder: `num_mel_bins` features and twice
     `max_source_positions` frames, which its convolutions, the second of stride 2, turn into
     that many positions, the only length it accepts), else `None`."""
-    if config is None or model is None:
-        return None
-    params = list(inspect.signature(model.forward).parameters)
-    if not params or params[0] != "input_features":
+    if config is None or model is None or _first_input(model) != "input_features":
         return None
     bins, positions = (
         getattr(config, "num_mel_bins", None),
@@ -111,6 +108,23 @@ def audio_shape(config: Any, model: Any) -> tuple[int, int] | None:
     if not isinstance(bins, int) or not isinstance(positions, int):
         return None
     return (bins, 2 * positions)
+
+
+def feature_input(config: Any, model: Any) -> tuple[str, tuple[int, ...]] | None:
+    """`(argument, shape of one sample)` of the float input a Hugging Face model takes first:
+    `input_features` for a speech encoder (`audio_shape`), `pixel_values` for a vision
+    model (`image_shape`); `None` for a model that takes token ids."""
+    audio = audio_shape(config, model)
+    if audio is not None:
+        return "input_features", audio
+    image = image_shape(config, model)
+    return None if image is None else ("pixel_values", image)
+
+
+def _first_input(model: Any) -> str | None:
+    """The name of the first argument of `model.forward`, `None` if it takes none."""
+    params = list(inspect.signature(model.forward).parameters)
+    return params[0] if params else None
 
 
 def checkpoint_renaming(model: Any, stored: list[str]) -> dict[str, str] | None:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .._errors import GaugeError
-from ._hf import audio_shape, image_shape, token_call, token_lengths
+from ._hf import feature_input, token_call, token_lengths
 
 __all__ = ["MAX_INPUT_NUMBERS", "sample_inputs"]
 
@@ -31,7 +31,7 @@ def sample_inputs(
     """A batch of `n` inputs for `model`: of the given per-sample `shape` when there is one,
     from the model's `example_inputs(n)` method or attribute when it has one, token ids for
     Hugging Face language models (`_tokens`), images of the config's size for its vision
-    models, log-mel features for its speech encoders (`audio_shape`), else inferred from the
+    models, log-mel features for its speech encoders (`feature_input`), else inferred from the
     first layer."""
     g = torch.Generator().manual_seed(seed)
     if n < 1:
@@ -51,16 +51,12 @@ def sample_inputs(
         ex = model.example_inputs
         return ex(n) if callable(ex) else ex
     config = getattr(model, "config", None)
-    audio = audio_shape(config, model)
-    if audio is not None:  # a speech encoder (Whisper's): log-mel features
-        _check_size(n, audio, "--inputs")
-        return torch.randn(n, *audio, generator=g, dtype=dtype)
-    image = image_shape(config, model)
-    if image is None and config is not None and hasattr(config, "vocab_size"):
+    feature = feature_input(config, model)
+    if feature is None and config is not None and hasattr(config, "vocab_size"):
         return _tokens(model, config, n, g)
-    if image is not None:  # ViT and kin
-        _check_size(n, image, "--inputs")
-        return torch.randn(n, *image, generator=g, dtype=dtype)
+    if feature is not None:  # images (ViT and kin), log-mel features (Whisper's encoder)
+        _check_size(n, feature[1], "--inputs")
+        return torch.randn(n, *feature[1], generator=g, dtype=dtype)
     for m in model.modules():
         if isinstance(m, nn.Linear):
             return torch.randn(n, m.in_features, generator=g, dtype=dtype)

@@ -39,7 +39,7 @@ from ..apply._schemes import QuantScheme, round_weight
 from ..discovery import symmetries
 from ..groups import GLFactor, RescalingFactor
 from ..groups._base import State
-from ..io._hf import audio_shape, image_shape, token_call, token_lengths
+from ..io._hf import feature_input, token_call, token_lengths
 from ._checkpoint import ShardedCheckpoint
 from ._local import LOCAL_TOL, Component, components, local_change, record_inputs
 from ._write import ShardWriter, atomic_folder, check_output_folder
@@ -80,19 +80,14 @@ class StreamReport:
 
 def _meta_call(model: nn.Module) -> dict[str, Tensor]:
     """The meta-device example input of a Hugging Face model: one image of the config's size
-    for a vision model (`image_shape`), one log-mel spectrogram for a speech encoder
-    (`audio_shape`); else as many token ids as its config allows up to
-    `TOKENS` (`token_lengths`), and as many decoder tokens for an encoder-decoder model
-    (`token_call`)."""
+    for a vision model, one log-mel spectrogram for a speech encoder (`feature_input`); else
+    as many token ids as its config allows up to `TOKENS` (`token_lengths`), and as many
+    decoder tokens for an encoder-decoder model (`token_call`)."""
     cfg = getattr(model, "config", None)
-    audio = audio_shape(cfg, model)
-    if audio is not None:
-        dtype = param_dtype(model)
-        return {"input_features": torch.zeros(1, *audio, dtype=dtype, device="meta")}
-    image = image_shape(cfg, model)
-    if image is not None:
-        dtype = param_dtype(model)
-        return {"pixel_values": torch.zeros(1, *image, dtype=dtype, device="meta")}
+    feature = feature_input(cfg, model)
+    if feature is not None:
+        name, shape = feature
+        return {name: torch.zeros(1, *shape, dtype=param_dtype(model), device="meta")}
     ids = torch.zeros(1, token_lengths(cfg)[0], dtype=torch.long, device="meta")
     call = token_call(cfg, ids)
     return call if isinstance(call, dict) else {"input_ids": call}
@@ -276,7 +271,7 @@ def stream_quantize(
     """Round every Linear/Conv weight of the sharded checkpoint in `src` under `scheme`
     (after streamed equalization with `equalize`, per-tensor or per-channel schemes only),
     writing the folder `out` (atomically; never over `src`)."""
-    sch = QuantScheme.parse(scheme) if isinstance(scheme, str) else scheme
+    sch = QuantScheme.of(scheme)
     if equalize and sch.granularity == "per-group":
         raise GaugeError("--equalize aims at per-tensor or per-channel weights")
     s = _Stream(Path(src), Path(out), force, sch.weight_bits, sch.granularity)
