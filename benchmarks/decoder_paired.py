@@ -13,9 +13,10 @@ about two standard deviations (over topics) is not resolved by that text.
     HF_HUB_OFFLINE=1 PYTHONPATH=src .venv/bin/python benchmarks/decoder_paired.py \\
         [--schemes w4 w4a8 ...] [--json paired.json] [--online]
 
-With `--online`, gaugenet's element is the one chosen with online input rotations
-(`equalize(..., online=True)`), compared with every peer (brevitas' rotation with its own
-online rotations included) and with gaugenet's element without them.
+With `--online`, gaugenet's element chosen with online input rotations
+(`equalize(..., online=True)`) is compared too (JSON key `"<scheme>, online"`), with every
+peer (brevitas' rotation with its own online rotations included) and with gaugenet's element
+without them.
 """
 
 from __future__ import annotations
@@ -135,26 +136,32 @@ def main() -> None:
                       validation=task.validation,
                       validation_distance=task.validation_distance)  # fmt: skip
         models = {"round-to-nearest": task.model, **peers}
-        if a.online:  # the same choice with online rotations; without them, a row of its own
-            models["gaugenet equalize"] = eq
-            eq = equalize(task.model, task.calib, bits=sch.weight_bits, objective="output",
-                          scheme=sch, group=group, search=60, learn=60, distance=logit_kl,
-                          validation=task.validation,
-                          validation_distance=task.validation_distance,
-                          online=True)  # fmt: skip
-        ours = {p: window_nll(quantize(eq, sch), x) for p, x in parts.items()}
-        result[s] = {}
-        for label, m in models.items():
-            q = quantize(m, sch)
-            result[s][label] = {
-                p: paired(ours[p] - window_nll(q, x), topics[p]) for p, x in parts.items()
-            }
-            line = "  ".join(
-                f"{p} {r['difference']:+.1f} ± {r['sd']:.1f} (± {r['sd_topics']:.1f} over "
-                f"{r['topics']} topics) nats, lower on {r['gaugenet_lower']}/{r['windows']}"
-                for p, r in result[s][label].items()
-            )
-            print(f"{s} gaugenet − {label}: {line}", flush=True)
+        ours = {"gaugenet equalize": eq}
+        if a.online:  # the same choice with online rotations, compared with all, ours too
+            ours["gaugenet equalize, online"] = equalize(
+                task.model, task.calib, bits=sch.weight_bits, objective="output", scheme=sch,
+                group=group, search=60, learn=60, distance=logit_kl, validation=task.validation,
+                validation_distance=task.validation_distance, online=True,
+            )  # fmt: skip
+        loss = {
+            label: {p: window_nll(quantize(m, sch), x) for p, x in parts.items()}
+            for label, m in {**models, **ours}.items()
+        }
+        for mine in ours:
+            key = s if mine == "gaugenet equalize" else f"{s}, online"
+            result[key] = {}
+            for label in loss:
+                if label == mine or (label in ours and mine == "gaugenet equalize"):
+                    continue
+                result[key][label] = {
+                    p: paired(loss[mine][p] - loss[label][p], topics[p]) for p in parts
+                }
+                line = "  ".join(
+                    f"{p} {r['difference']:+.1f} ± {r['sd']:.1f} (± {r['sd_topics']:.1f} over "
+                    f"{r['topics']} topics) nats, lower on {r['gaugenet_lower']}/{r['windows']}"
+                    for p, r in result[key][label].items()
+                )
+                print(f"{key} {mine} − {label}: {line}", flush=True)
         print(f"{s}: {time.time() - t0:.0f} s", flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=1))

@@ -253,8 +253,6 @@ def bench_task(
         chosen = []
         for s in schemes:
             sch = QuantScheme.parse(s)
-            if rotate and not sch.act_bits:  # they target the rounding of activations
-                continue
             lines: list[str] = []
             try:
                 eq = equalize(task.model, task.calib, bits=sch.weight_bits, objective="output",
@@ -267,7 +265,7 @@ def bench_task(
                 continue
             for line in lines:
                 log(f"    {label} {s} {line}")
-                if "chose " in line:
+                if "chose " in line and not line.startswith("weights only:"):
                     chosen.append(f"{s}: {line.rsplit('chose ', 1)[1].split(' (')[0]}")
             if rotate:
                 n_rot = len(rotated_layers(eq))
@@ -303,15 +301,17 @@ def _preserved(row: dict) -> str:
 
 
 def verdicts(rows: list[dict], schemes: list[str]) -> list[str]:
-    """Per model × scheme: is gaugenet's best row (weights only, or with online rotations)
-    at least as good as the best peer row that ran and preserved the function (relative
-    output change at most 1e-3; peers' online rotations included)?"""
+    """Per model × scheme: is gaugenet's row at least as good as the best peer row that ran
+    and preserved the function (relative output change at most 1e-3; peers' online rotations
+    included)? gaugenet's row is the one with online rotations where it ran: that
+    `equalize(..., online=True)` already chose between its elements with and without them
+    (on validation inputs where the task has them), so no row is picked by its score here."""
     out = []
     for label in dict.fromkeys(r["model"] for r in rows):
         rs = [r for r in rows if r["model"] == label]
         lower = "perplexity" in rs[0]["metric"]
         ours = [r for r in rs if r["method"].startswith("gaugenet equalize")]
-        g = ours[0]
+        g = [r for r in ours if "w4a8" in r or r is ours[0]][-1]
         peers = [r for r in rs if r["method"] not in ("float", "round-to-nearest")]
         peers = [r for r in peers if r not in ours]
         f = next(r for r in rs if r["method"] == "float")
@@ -325,8 +325,8 @@ def verdicts(rows: list[dict], schemes: list[str]) -> list[str]:
         for s in schemes:
             done = [r for r in peers if s in r and r.get("preserved", 1.0) <= 1e-3]
             ran = [r for r in ours if s in r]
-            if ran:  # gaugenet's best row at this scheme (weights only, or with online)
-                g = (min if lower else max)(ran, key=lambda r: primary(r[s]))
+            if ran:  # the last that ran: with online rotations, else weights only
+                g = ran[-1]
             if s not in g:
                 parts.append(f"{s} gaugenet did not run")
             elif not done:

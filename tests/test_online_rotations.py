@@ -154,6 +154,11 @@ def test_equalize_online_pays_and_keeps_the_function():
     rot = equalize(model, x, **kw, online=True, log=lines.append)
     assert rotated_layers(rot) == ["down"] and rotated_layers(plain) == []
     assert any(line.startswith("online rotations: kept (1: down)") for line in lines)
+    assert any(
+        line.startswith("online rotations against the weights-only element on calibration")
+        and line.endswith(", kept")
+        for line in lines
+    )
     y = model(held).detach()
     assert (rot(held) - y).abs().max() <= 1e-9 * y.abs().max()
 
@@ -176,6 +181,33 @@ def test_equalize_online_not_kept_where_nothing_pays():
     )  # fmt: skip
     assert rotated_layers(out) == []
     assert any("online rotations: not kept" in line for line in lines)
+
+
+def test_equalize_online_loses_to_the_weights_only_element():
+    """One loud ReLU channel (×40): a rotation of the second layer's input pays at the
+    identity, so it is proposed, but a rescaling of that channel (in the group) does better
+    on validation than the element chosen with the rotation, so `online=True` returns the
+    weights-only element itself."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).double()
+    with torch.no_grad():
+        model[0].weight[:1] *= 40.0
+        model[0].bias[:1] *= 40.0
+    x, val, lines = _x(128), _x(128, seed=2), []
+    kw = dict(bits=8, objective="output", scheme="w8a8", search=0, validation=val)
+    out = equalize(model, x, **kw, online=True, log=lines.append)
+    assert any(line.startswith("online rotations: kept (1: 2)") for line in lines)
+    assert any(
+        line.startswith("online rotations against the weights-only element on validation")
+        and line.endswith(", not kept")
+        for line in lines
+    )
+    assert rotated_layers(out) == []
+    plain = equalize(model, x, **kw)
+    held = _x(64, seed=5)
+    assert torch.equal(quantize(out, "w8a8")(held), quantize(plain, "w8a8")(held))
+    rot = rotate_inputs_online(plain, ["2"])  # the rotation does change the rounded model
+    assert (quantize(rot, "w8a8")(held) - quantize(plain, "w8a8")(held)).abs().max() > 1e-4
 
 
 def test_rounding_online_rejects_bad_layers():

@@ -228,7 +228,7 @@ def equalizing_element(
     names, transposed = quantized_params(model), transposed_params(model)
     q, per_channel = set(names), granularity == "per-channel"
     factors = [f for f in group.factors if isinstance(f, (RescalingFactor, GLFactor))]
-    start = {k: v.double() if v.is_floating_point() else v for k, v in model_state(model).items()}
+    start = _double_state(model)
     identity = {f.name: f.identity(torch.float64) for f in factors}
 
     if objective == "range":
@@ -406,39 +406,56 @@ def equalize(
       (`online_layers`, measured on `example_inputs`), the rotation applied online at run
       time (QuaRot's `R4` before a down projection, found without names). Not a gauge
       transformation: the returned model has a different structure (those layers become
-      `RotatedInput`), it costs an `O(n log n)` transform per token and layer, and it is kept
-      only where it lowers the objective on `example_inputs` (and on `validation`, when
-      given). `log` names the rotated layers.
+      `RotatedInput`), it costs an `O(n log n)` transform per token and layer. The rotations
+      are proposed only where they lower the objective at the identity on `example_inputs`
+      (and on `validation`, when given), and kept only where the element chosen with them
+      then beats the element chosen without them (`online=False`), on `validation` when
+      given, else on `example_inputs`; so `online=True` costs two searches. `log` names the
+      rotated layers and states that comparison.
     - `tol`: largest allowed relative output change on `example_inputs` (float64 evaluation);
       default by the weights' dtype (`1e-9` float64, `1e-5` float32, `1e-2` float16).
 
     **Returns:** the equalized model. Raises `GaugeError` if its outputs moved by more than
     `tol` (which would mean a factor does not describe a symmetry of this model).
     """
+    kw = dict(
+        bits=bits, granularity=granularity, objective=objective, sweeps=sweeps,
+        rotations=rotations, search=search, act_bits=act_bits, scheme=scheme, learn=learn,
+        learn_scales=learn_scales, distance=distance, validation=validation,
+        validation_distance=validation_distance,
+    )  # fmt: skip
     rotate = _online_choice(
         model, example_inputs, validation, scheme, bits, granularity, act_bits, objective,
         distance, validation_distance, log,
     ) if online else ()  # fmt: skip
+    plain = None
+    if rotate:  # the weights-only element too: the online one must beat it, not the identity
+        wlog = None if log is None else (lambda line: log(f"weights only: {line}"))
+        group, plain = equalizing_element(model, example_inputs, group=group, log=wlog, **kw)
     group, elem = equalizing_element(
-        model,
-        example_inputs,
-        bits=bits,
-        granularity=granularity,
-        objective=objective,
-        sweeps=sweeps,
-        rotations=rotations,
-        group=group,
-        search=search,
-        act_bits=act_bits,
-        scheme=scheme,
-        learn=learn,
-        learn_scales=learn_scales,
-        distance=distance,
-        validation=validation,
-        validation_distance=validation_distance,
-        log=log,
-        online=rotate,
+        model, example_inputs, group=group, log=log, online=rotate, **kw
     )
+    if plain is not None:
+        data, dist = (example_inputs, distance)
+        if validation is not None:
+            data, dist = validation, validation_distance or distance
+        sch = _aimed(scheme, bits, granularity, act_bits)
+        names, start = quantized_params(model), _double_state(model)
+        with_ = _output_noise(model, data, names, sch, dist, rotate)(
+            group.act_state(start, elem, validate=False)
+        )
+        without = _output_noise(model, data, names, sch, dist)(
+            group.act_state(start, plain, validate=False)
+        )
+        if log is not None:
+            where = "validation" if validation is not None else "calibration"
+            verdict = "kept" if with_ < without else "not kept"
+            log(
+                f"online rotations against the weights-only element on {where}: {with_:.6g} "
+                f"vs {without:.6g}, {verdict}"
+            )
+        if not with_ < without:
+            rotate, elem = (), plain
     new = group.act(model, elem)
     tol = drift_tolerance(model_dtype(model)) if tol is None else tol
     moved = exact_invariance_error(model, new, example_inputs)
@@ -456,6 +473,11 @@ def equalize(
                 f"{moved:.2e} (> {tol:.0e})"
             )
     return new
+
+
+def _double_state(model: nn.Module) -> State:
+    """`model`'s state with its floating-point tensors in float64."""
+    return {k: v.double() if v.is_floating_point() else v for k, v in model_state(model).items()}
 
 
 _ONLINE_NEEDS_OUTPUT = "online rotations need objective='output': they are judged on outputs"
