@@ -16,7 +16,7 @@ about two standard deviations (over topics) is not resolved by that text.
 With `--online`, gaugenet's element chosen with online input rotations
 (`equalize(..., online=True)`) is compared too (JSON key `"<scheme>, online"`), with every
 peer (brevitas' rotation with its own online rotations included) and with gaugenet's element
-without them.
+without them; where it keeps no online rotation it is that element, and the key says so.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import gaugenet
 import quantize_transformers as qt
-from gaugenet.apply import QuantScheme, equalize, logit_kl, quantize
+from gaugenet.apply import QuantScheme, equalize, logit_kl, quantize, rotated_layers
 from tiny_decoder import SEQ, corpus, split_topics, windows
 from transformer_tasks import load_task
 
@@ -131,18 +131,22 @@ def main() -> None:
     for s in a.schemes:
         t0 = time.time()
         sch = QuantScheme.parse(s)
-        eq = equalize(task.model, task.calib, bits=sch.weight_bits, objective="output",
-                      scheme=sch, group=group, search=60, learn=60, distance=logit_kl,
-                      validation=task.validation,
-                      validation_distance=task.validation_distance)  # fmt: skip
+        kw = dict(bits=sch.weight_bits, objective="output", scheme=sch, group=group, search=60,
+                  learn=60, distance=logit_kl, validation=task.validation,
+                  validation_distance=task.validation_distance)  # fmt: skip
         models = {"round-to-nearest": task.model, **peers}
-        ours = {"gaugenet equalize": eq}
-        if a.online:  # the same choice with online rotations, compared with all, ours too
-            ours["gaugenet equalize, online"] = equalize(
-                task.model, task.calib, bits=sch.weight_bits, objective="output", scheme=sch,
-                group=group, search=60, learn=60, distance=logit_kl, validation=task.validation,
-                validation_distance=task.validation_distance, online=True,
-            )  # fmt: skip
+        # equalize is deterministic: where no online rotation is kept, the element chosen
+        # with online=True is the weights-only one, so it is searched again only where kept
+        rot = equalize(task.model, task.calib, **kw, online=True) if a.online else None
+        if rot is not None and rotated_layers(rot):
+            ours = {"gaugenet equalize": equalize(task.model, task.calib, **kw)}
+            ours["gaugenet equalize, online"] = rot
+        else:
+            ours = {
+                "gaugenet equalize": equalize(task.model, task.calib, **kw) if rot is None else rot
+            }
+            if a.online:
+                result[f"{s}, online"] = "no online rotation kept: the weights-only element"
         loss = {
             label: {p: window_nll(quantize(m, sch), x) for p, x in parts.items()}
             for label, m in {**models, **ours}.items()

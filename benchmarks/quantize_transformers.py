@@ -14,7 +14,7 @@ orthogonal factors learned for `--learn` steps (default 60) after the Hadamard c
 
 Where a task has validation inputs (data disjoint from the calibration inputs and from the
 held-out data: the 364 windows of the decoder's validation topics, which its training never
-read, the digits CNN's other 1 181 training images), gaugenet chooses its element on them
+read, and the 360 digits held back from the CNN's training), gaugenet chooses its element on them
 among its candidates, plain rounding included (`equalize(..., validation=...)`), by the
 KL of the rounded model's outputs to the float model's (next-byte distributions for the
 decoder, class probabilities for the CNN); the peers then get the
