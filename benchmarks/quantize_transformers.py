@@ -233,7 +233,7 @@ def bench_task(
         if model is not None:
             row["preserved"] = relative_change(task.outputs(model), y)
             for s in schemes:
-                row[s] = task.score(quantize(model, s))
+                _score(row, task, quantize(model, s), s)
         rows.append(row)
         log(f"    {label}: {_fmt_row(row, schemes)}")
     # gaugenet: the discovered group, no table; one element per scheme
@@ -272,13 +272,39 @@ def bench_task(
                 chosen.append(f"{s}: {n_rot} online")
             row.setdefault("validation", {})[s] = lines
             row["preserved"] = max(row["preserved"], relative_change(task.outputs(eq), y))
-            row[s] = task.score(quantize(eq, sch))
+            _score(row, task, quantize(eq, sch), s)
         if chosen:
             row["note"] += "; chose " + ", ".join(chosen)
         row["note"] += f"; {time.time() - t1:.0f} s"
         rows.append(row)
         log(f"    {label}: {_fmt_row(row, schemes)}")
     return rows
+
+
+def _score(row: dict, task: Task, q: nn.Module, s: str) -> None:
+    """`row[s]`: the task's score of the quantized model `q`; with the task's `hits`, also
+    the held-out examples it does not count (`row["misses"][s]`, indices) for the paired test."""
+    row[s] = task.score(q)
+    if task.hits is not None:
+        row.setdefault("misses", {})[s] = (~task.hits(q)).nonzero().flatten().tolist()
+
+
+def sign_test(b: int, c: int) -> float:
+    """Two-sided exact sign test (McNemar's, exact): the probability of a split at least as
+    uneven as `b : c` of the discordant examples if either method were as likely to win."""
+    n, k = b + c, min(b, c)
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n) if n else 1.0
+
+
+def _paired(ours: dict, peer: dict, s: str) -> str:
+    """The paired comparison of two rows at scheme `s` on the examples they count
+    differently, where both rows have them."""
+    if s not in ours.get("misses", {}) or s not in peer.get("misses", {}):
+        return ""
+    mine, theirs = set(ours["misses"][s]), set(peer["misses"][s])
+    b, c = len(theirs - mine), len(mine - theirs)
+    p = sign_test(b, c)
+    return f"; paired: {b} only gaugenet counts, {c} only the peer, sign test p = {p:.2g}"
 
 
 def _fmt(v) -> str:
@@ -336,7 +362,7 @@ def verdicts(rows: list[dict], schemes: list[str]) -> list[str]:
                 ok = better(primary(g[s]), primary(best[s]), lower)
                 parts.append(
                     f"{s} **{'met' if ok else 'missed'}** ({_fmt(g[s])}, {g['method']} vs "
-                    f"{_fmt(best[s])}, {best['method']})"
+                    f"{_fmt(best[s])}, {best['method']}{_paired(g, best, s)})"
                 )
         out.append(f"{label}: " + "; ".join(parts))
     return out

