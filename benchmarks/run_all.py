@@ -7,8 +7,9 @@ summary of exit codes and wall times.
 Each benchmark's output goes to `DIR/NAME.log` (default `bench-logs/`) as well as the
 terminal. Without `--readme` no benchmark rewrites the README (`coverage.py` and
 `coverage_real.py` get `--no-readme`). The quantization benchmark against brevitas and
-llm-compressor needs their environments (`bash benchmarks/peers_setup.sh`); it is skipped,
-with the reason in the summary, where they are missing. Altogether the runs take hours on a
+llm-compressor and its paired analysis need their environments (`bash
+benchmarks/peers_setup.sh`); they are skipped, with the reason in the summary, where those
+are missing. Altogether the runs take hours on a
 two-core machine; `--only` picks some.
 """
 
@@ -29,6 +30,7 @@ BENCHMARKS: dict[str, tuple[list[str], str]] = {
     "discovery": ([], "discovery and certification speed"),
     "quantize": ([], "equalization before quantization against anchors"),
     "quantize_transformers": ([], "against brevitas and llm-compressor, four models"),
+    "decoder_paired": (["--online"], "the decoder's rows paired window by window"),
     "merge": ([], "gauge-aware merging against permutation matching"),
     "merge_transformers": ([], "ViT merging: the full group against permutations"),
     "teleport": ([], "symmetry teleportation against plain SGD"),
@@ -41,6 +43,13 @@ BENCHMARKS: dict[str, tuple[list[str], str]] = {
     "stream_1b": ([], "equalize and quantize a 1.1 B sharded checkpoint"),
 }
 WRITES_README = {"coverage", "coverage_real"}
+NEEDS_PEERS = {"quantize_transformers", "decoder_paired"}
+# scripts with a command line that are not benchmarks of their own
+HELPERS = {
+    "peer_run": "one peer's recipes in its own environment, called by quantize_transformers",
+    "tiny_decoder": "trains and caches the decoder that quantize_transformers scores",
+    "run_all": "this runner",
+}
 
 
 def _peers_missing() -> str | None:
@@ -88,7 +97,7 @@ def main() -> None:
         args = list(BENCHMARKS[name][0])
         if a.readme and name in WRITES_README:
             args.remove("--no-readme")
-        why = _peers_missing() if name == "quantize_transformers" else None
+        why = _peers_missing() if name in NEEDS_PEERS else None
         if why:
             summary.append((name, f"skipped: {why}"))
             continue
