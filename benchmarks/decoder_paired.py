@@ -138,15 +138,13 @@ def main() -> None:
         # equalize is deterministic: where no online rotation is kept, the element chosen
         # with online=True is the weights-only one, so it is searched again only where kept
         rot = equalize(task.model, task.calib, **kw, online=True) if a.online else None
-        if rot is not None and rotated_layers(rot):
-            ours = {"gaugenet equalize": equalize(task.model, task.calib, **kw)}
+        kept = rot is not None and bool(rotated_layers(rot))
+        plain = rot if rot is not None and not kept else equalize(task.model, task.calib, **kw)
+        ours = {"gaugenet equalize": plain}
+        if kept:
             ours["gaugenet equalize, online"] = rot
-        else:
-            ours = {
-                "gaugenet equalize": equalize(task.model, task.calib, **kw) if rot is None else rot
-            }
-            if a.online:
-                result[f"{s}, online"] = "no online rotation kept: the weights-only element"
+        elif a.online:
+            result[f"{s}, online"] = "no online rotation kept: the weights-only element"
         loss = {
             label: {p: window_nll(quantize(m, sch), x) for p, x in parts.items()}
             for label, m in {**models, **ours}.items()

@@ -337,7 +337,7 @@ def verdicts(rows: list[dict], schemes: list[str]) -> list[str]:
         rs = [r for r in rows if r["model"] == label]
         lower = "perplexity" in rs[0]["metric"]
         ours = [r for r in rs if r["method"].startswith("gaugenet equalize")]
-        g = [r for r in ours if "w4a8" in r or r is ours[0]][-1]
+        g = next((r for r in reversed(ours) if "w4a8" in r), ours[0])  # online row first
         peers = [r for r in rs if r["method"] not in ("float", "round-to-nearest")]
         peers = [r for r in peers if r not in ours]
         f = next(r for r in rs if r["method"] == "float")

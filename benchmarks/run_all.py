@@ -9,8 +9,7 @@ terminal. Without `--readme` no benchmark rewrites the README (`coverage.py` and
 `coverage_real.py` get `--no-readme`). The quantization benchmark against brevitas and
 llm-compressor and its paired analysis need their environments (`bash
 benchmarks/peers_setup.sh`); they are skipped, with the reason in the summary, where those
-are missing. Altogether the runs take hours on a
-two-core machine; `--only` picks some.
+are missing. Altogether the runs take hours on a two-core machine; `--only` picks some.
 """
 
 from __future__ import annotations

@@ -435,18 +435,14 @@ def equalize(
     group, elem = equalizing_element(
         model, example_inputs, group=group, log=log, online=rotate, **kw
     )
-    if plain is not None:
-        data, dist = (example_inputs, distance)
-        if validation is not None:
-            data, dist = validation, validation_distance or distance
-        sch = _aimed(scheme, bits, granularity, act_bits)
-        names, start = quantized_params(model), _double_state(model)
-        with_ = _output_noise(model, data, names, sch, dist, rotate)(
-            group.act_state(start, elem, validate=False)
-        )
-        without = _output_noise(model, data, names, sch, dist)(
-            group.act_state(start, plain, validate=False)
-        )
+    if plain is not None:  # judged where the choice is made: validation, else calibration
+        data, dist = _online_checks(example_inputs, validation, distance, validation_distance)[-1]
+        start = _double_state(model)
+        with_, without = _noise_with_and_without(
+            model, data, dist, _aimed(scheme, bits, granularity, act_bits), rotate,
+            group.act_state(start, elem, validate=False),
+            group.act_state(start, plain, validate=False),
+        )  # fmt: skip
         if log is not None:
             where = "validation" if validation is not None else "calibration"
             verdict = "kept" if with_ < without else "not kept"
@@ -514,19 +510,49 @@ def _online_choice(
         raise GaugeError(_ONLINE_NEEDS_OUTPUT)
     sch = _aimed(scheme, bits, granularity, act_bits)
     proposed = tuple(online_layers(model, inputs, sch))
-    names, start = quantized_params(model), model_state(model)
-    checks = [(inputs, distance)]
-    if validation is not None:
-        checks.append((validation, validation_distance or distance))
+    start = model_state(model)
     kept = bool(proposed)
-    for data, dist in checks if kept else ():
-        without = _output_noise(model, data, names, sch, dist)(start)
-        with_ = _output_noise(model, data, names, sch, dist, proposed)(start)
-        kept = kept and with_ < without
+    for data, dist in _online_checks(inputs, validation, distance, validation_distance):
+        if not kept:
+            break
+        with_, without = _noise_with_and_without(model, data, dist, sch, proposed, start, start)
+        kept = with_ < without
     if log is not None:
         what = ", ".join(proposed) if proposed else "none proposed"
         log(f"online rotations: {'kept' if kept else 'not kept'} ({len(proposed)}: {what})")
     return proposed if kept else ()
+
+
+def _online_checks(
+    inputs: Any,
+    validation: Any,
+    distance: OutputDistance,
+    validation_distance: OutputDistance | None,
+) -> list[tuple[Any, OutputDistance]]:
+    """Where online rotations are judged, as `(data, distance)`: the calibration inputs,
+    then `validation` when given (the last one is where the element is chosen)."""
+    checks = [(inputs, distance)]
+    if validation is not None:
+        checks.append((validation, validation_distance or distance))
+    return checks
+
+
+def _noise_with_and_without(
+    model: nn.Module,
+    data: Any,
+    dist: OutputDistance,
+    scheme: QuantScheme,
+    rotate: Collection[str],
+    with_state: State,
+    without_state: State,
+) -> tuple[float, float]:
+    """The rounded model's output distance on `data` with the layers `rotate` rotated online
+    (weights `with_state`) and without online rotations (weights `without_state`)."""
+    names = quantized_params(model)
+    return (
+        _output_noise(model, data, names, scheme, dist, rotate)(with_state),
+        _output_noise(model, data, names, scheme, dist)(without_state),
+    )
 
 
 def _data_driven(
