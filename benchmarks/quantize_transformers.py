@@ -15,10 +15,10 @@ orthogonal factors learned for `--learn` steps (default 60) after the Hadamard c
 
 Where a task has validation inputs (data disjoint from the calibration inputs and from the
 held-out data: the 364 windows of the decoder's validation topics, which its training never
-read, and per fold the 360 digits held back from the CNN's training), gaugenet chooses its element on them
-among its candidates, plain rounding included (`equalize(..., validation=...)`), by the
-KL of the rounded model's outputs to the float model's (next-byte distributions for the
-decoder, class probabilities for the CNN); the peers then get the
+read, and per fold the 360 digits held back from the CNN's training), gaugenet chooses its
+element on them among its candidates, plain rounding included (`equalize(...,
+validation=...)`), by the KL of the rounded model's outputs to the float model's (next-byte
+distributions for the decoder, class probabilities for the CNN); the peers then get the
 calibration and validation inputs together as their calibration data, so every method sees
 the same training data (`--no-validation`: neither does). The held-out data is only scored.
 
@@ -404,8 +404,9 @@ def verdicts(rows: list[dict], schemes: list[str]) -> list[str]:
         if lower and "w4a8" in g:
             ratio = primary(g["w4a8"]) / primary(f["float"])
             out.append(
-                f"{label}, w4a8: gaugenet perplexity {_fmt(g['w4a8'])} = {ratio:.3f} × float "
-                f"{_fmt(f['float'])}: {'met' if ratio <= 1.1 else 'missed'} (target ≤ 1.1)"
+                f"{label}, w4a8: gaugenet perplexity {_fmt(primary(g['w4a8']))} = {ratio:.3f} × "
+                f"float {_fmt(primary(f['float']))}: {'met' if ratio <= 1.1 else 'missed'} "
+                "(target ≤ 1.1)"
             )
         parts = []
         for s in schemes:
