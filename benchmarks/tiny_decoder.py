@@ -121,15 +121,32 @@ def build(config: dict | None = None) -> nn.Module:
 
 def perplexity(model: nn.Module, batch: Tensor, chunk: int = 16) -> float:
     """`exp` of the mean next-byte cross-entropy over the windows `batch` `(n, seq)`."""
-    total, count = 0.0, 0
+    return perplexity_and_kl(model, batch, chunk=chunk)[0]
+
+
+def perplexity_and_kl(
+    model: nn.Module, batch: Tensor, reference: list[Tensor] | None = None, chunk: int = 16
+) -> tuple[float, float]:
+    """`perplexity(model, batch)` and, from the same forward passes, `Σ KL(ref ‖ model)` of
+    the next-byte distributions over every token of `batch` (nats; `0` without
+    `reference`). `reference`: the float model's logits of each `chunk` of windows, filled
+    here when empty (so a caller keeps them for the next model)."""
+    from gaugenet.apply import logit_kl
+
+    total, count, kl = 0.0, 0, 0.0
     with torch.no_grad():
-        for part in batch.split(chunk):
-            logits = model(input_ids=part).logits[:, :-1].double()
+        for k, part in enumerate(batch.split(chunk)):
+            out = model(input_ids=part).logits
+            logits = out[:, :-1].double()
             nll = nn.functional.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]), part[:, 1:].reshape(-1), reduction="sum"
             )
             total, count = total + float(nll), count + part[:, 1:].numel()
-    return math.exp(total / count)
+            if reference is not None:
+                if len(reference) == k:
+                    reference.append(out)
+                kl += float(logit_kl(out.double(), reference[k].double()))
+    return math.exp(total / count), kl
 
 
 def trained(steps: int = STEPS, log=print) -> nn.Module:

@@ -99,7 +99,7 @@ class Task:
 
 def _decoder() -> Task:
     from gaugenet.apply import logit_kl
-    from tiny_decoder import CORPUS, SEQ, corpus, perplexity, trained, windows
+    from tiny_decoder import CORPUS, SEQ, corpus, perplexity_and_kl, trained, windows
 
     model = trained()
     train, val, held = corpus()
@@ -121,19 +121,16 @@ def _decoder() -> Task:
         with torch.no_grad():
             return m(input_ids=test[:8]).logits
 
-    def kl_to_float(m: nn.Module, chunk: int = 32) -> float:
-        """`Σ KL(float ‖ m)` of the next-byte distributions over every held-out token
-        (nats): how far `m` is from the float model where perplexity is measured, the
-        quantity gaugenet's choice minimizes on the validation windows."""
-        total = 0.0
-        with torch.no_grad():
-            if not ref:  # the float model's logits, once (47 MB)
-                ref.extend(model(input_ids=part).logits for part in test.split(chunk))
-            for part, y in zip(test.split(chunk), ref, strict=True):
-                total += float(logit_kl(m(input_ids=part).logits.double(), y.double()))
-        return total
-
+    # the float model's logits on the held-out windows, kept from its own score (47 MB)
     ref: list[Tensor] = []
+
+    def score(m: nn.Module) -> tuple[float, float]:
+        """Held-out perplexity and `Σ KL(float ‖ m)` of the next-byte distributions over
+        every held-out token (nats): how far `m` is from the float model where perplexity is
+        measured, the quantity gaugenet's choice minimizes on the validation windows."""
+        if not ref:
+            perplexity_and_kl(model, test, ref)
+        return perplexity_and_kl(m, test, ref)
 
     return Task(
         "decoder",
@@ -141,7 +138,7 @@ def _decoder() -> Task:
         model,
         calib,
         "held-out perplexity / held-out KL to float (nats)",
-        lambda m: (perplexity(m, test), kl_to_float(m)),
+        score,
         outputs,
         {"input_ids": val_ids},
         logit_kl,
