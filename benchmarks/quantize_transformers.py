@@ -269,11 +269,10 @@ def bench_task(
                 continue
             for line in lines:
                 log(f"    {label} {s} {line}")
-                if "chose " in line and not line.startswith("weights only:"):
-                    chosen.append(f"{s}: {line.rsplit('chose ', 1)[1].split(' (')[0]}")
+            if element := chosen_element(lines):
+                chosen.append(f"{s}: {element}")
             if rotate:
-                n_rot = len(rotated_layers(eq))
-                chosen.append(f"{s}: {n_rot} online")
+                chosen.append(f"{s}: {len(rotated_layers(eq))} online")
             row.setdefault("validation", {})[s] = lines
             row["preserved"] = max(row["preserved"], relative_change(task.outputs(eq), y))
             _score(row, task, quantize(eq, sch), s)
@@ -283,6 +282,26 @@ def bench_task(
         rows.append(row)
         log(f"    {label}: {_fmt_row(row, schemes)}")
     return rows
+
+
+def chosen_element(lines: list[str]) -> str:
+    """The label of the element `equalize` returned, from its `log` lines: the validation
+    choice of the search whose element was kept (with `online=True`, the weights-only
+    search logs with the prefix `"weights only: "` when a second search, with the proposed
+    online rotations, follows; the last line says which element was kept). `""` where no
+    validation choice was logged."""
+
+    def pick(line: str) -> str:
+        return line.rsplit("chose ", 1)[1].split(" (")[0]
+
+    plain = [pick(x) for x in lines if "chose " in x and x.startswith("weights only: ")]
+    other = [pick(x) for x in lines if "chose " in x and not x.startswith("weights only: ")]
+    final = [x for x in lines if x.startswith("online rotations on ")]
+    if final and final[-1].rsplit("; kept ", 1)[1].startswith("online element"):
+        return other[-1] if other else ""
+    if final and plain:
+        return plain[-1]
+    return other[-1] if other else ""  # one search (or no validation choice logged)
 
 
 def _score(row: dict, task: Task, q: nn.Module, s: str) -> None:

@@ -85,3 +85,24 @@ def test_sign_test_is_the_exact_two_sided_binomial() -> None:
     assert qt.sign_test(3, 8) == pytest.approx(2 * sum(math.comb(11, i) for i in range(4)) / 2**11)
     assert qt.sign_test(8, 3) == qt.sign_test(3, 8)
     assert qt.sign_test(0, 10) < 0.01
+
+
+def test_chosen_element_names_the_element_equalize_returned() -> None:
+    one = ["validation: identity 3, searched 2; chose searched (lowest)"]
+    assert qt.chosen_element(one) == "searched"
+    assert qt.chosen_element(["online rotations: not kept (0: none proposed)"]) == ""
+    # nothing proposed: one search, then the finalists
+    last = "online rotations on validation: weights only 2, weights-only element + all 4 online 1"
+    lines = [*one, f"{last}; kept weights-only element + all 4 online (lowest)"]
+    assert qt.chosen_element(lines) == "searched"
+    two = [
+        "online rotations: kept (1: down)",
+        "weights only: validation: identity 3, learned 2; chose learned (lowest)",
+        "validation: identity 3, activation-aware 1; chose activation-aware (lowest)",
+    ]
+    final = "online rotations on validation: weights only 2, ...; kept {} (lowest)"
+    assert qt.chosen_element([*two, final.format("online element + 1 proposed online")]) == (
+        "activation-aware"
+    )
+    for kept in ("weights-only element + all 9 online", "weights only"):
+        assert qt.chosen_element([*two, final.format(kept)]) == "learned"

@@ -18,7 +18,7 @@ from ..groups._base import State
 from ._activation_aware import activation_aware_search
 from ._distance import OutputDistance, squared_error
 from ._learn import learn_element
-from ._online import online_layers, rotate_inputs_online
+from ._online import online_layers, rotatable_layers, rotate_inputs_online
 from ._quantize import GRANULARITIES, quantize_tensor, quantized_params, transposed_params
 from ._ranges import balance, factor_ranges
 from ._schemes import QuantScheme, round_weight, with_activation_rounding
@@ -401,17 +401,20 @@ def equalize(
       included (so never worse than plain rounding there), by `validation_distance`
       (default `distance`; one that sums over rows, so that the one-standard-error rule
       can use folds of the rows); `log` receives the candidates' scores and the choice.
-    - `online`: with `objective="output"`, also rotate the inputs of the Linear layers whose
-      rounding error a fixed Hadamard-type rotation cuts at least in half
-      (`online_layers`, measured on `example_inputs`), the rotation applied online at run
-      time (QuaRot's `R4` before a down projection, found without names). Not a gauge
-      transformation: the returned model has a different structure (those layers become
-      `RotatedInput`), it costs an `O(n log n)` transform per token and layer. The rotations
-      are proposed only where they lower the objective at the identity on `example_inputs`
-      (and on `validation`, when given), and kept only where the element chosen with them
-      then beats the element chosen without them (`online=False`), on `validation` when
-      given, else on `example_inputs`; so `online=True` costs two searches. `log` names the
-      rotated layers and states that comparison.
+    - `online`: with `objective="output"`, also rotate the inputs of Linear layers online,
+      the rotation applied at run time (QuaRot's `R4` before a down projection, found
+      without names). Not a gauge transformation: the returned model has a different
+      structure (those layers become `RotatedInput`), it costs an `O(n log n)` transform per
+      token and layer. Proposed are the layers whose rounding error a fixed Hadamard-type
+      rotation cuts at least in half (`online_layers`, measured on `example_inputs`), kept
+      for a second search only where together they lower the objective at the identity on
+      `example_inputs` (and on `validation`, when given). Then the finalists are judged on
+      `validation` when given, else on `example_inputs`: the weights-only element
+      (`online=False`) without rotations, the searched elements with the proposed
+      rotations, and with every rotatable Linear input rotated (`_online_element`); the
+      lowest is returned, so `online=True` never returns a model worse there than
+      `online=False`, and costs one search more where rotations are proposed. `log` names
+      the rotated layers and every finalist's score.
     - `tol`: largest allowed relative output change on `example_inputs` (float64 evaluation);
       default by the weights' dtype (`1e-9` float64, `1e-5` float32, `1e-2` float16).
 
@@ -424,34 +427,11 @@ def equalize(
         learn_scales=learn_scales, distance=distance, validation=validation,
         validation_distance=validation_distance,
     )  # fmt: skip
-    rotate = _online_choice(
-        model, example_inputs, validation, scheme, bits, granularity, act_bits, objective,
-        distance, validation_distance, log,
-    ) if online else ()  # fmt: skip
-    plain = None
-    if rotate:  # the weights-only element too: the online one must beat it, not the identity
-        wlog = None if log is None else (lambda line: log(f"weights only: {line}"))
-        group, plain = equalizing_element(model, example_inputs, group=group, log=wlog, **kw)
-    group, elem = equalizing_element(
-        model, example_inputs, group=group, log=log, online=rotate, **kw
-    )
-    if plain is not None:  # judged where the choice is made: validation, else calibration
-        data, dist = _online_checks(example_inputs, validation, distance, validation_distance)[-1]
-        start = _double_state(model)
-        with_, without = _noise_with_and_without(
-            model, data, dist, _aimed(scheme, bits, granularity, act_bits), rotate,
-            group.act_state(start, elem, validate=False),
-            group.act_state(start, plain, validate=False),
-        )  # fmt: skip
-        if log is not None:
-            where = "validation" if validation is not None else "calibration"
-            verdict = "kept" if with_ < without else "not kept"
-            log(
-                f"online rotations against the weights-only element on {where}: {with_:.6g} "
-                f"vs {without:.6g}, {verdict}"
-            )
-        if not with_ < without:
-            rotate, elem = (), plain
+    rotate: tuple[str, ...] = ()
+    if online:
+        group, elem, rotate = _online_element(model, example_inputs, group, log, kw)
+    else:
+        group, elem = equalizing_element(model, example_inputs, group=group, log=log, **kw)
     new = group.act(model, elem)
     tol = drift_tolerance(model_dtype(model)) if tol is None else tol
     moved = exact_invariance_error(model, new, example_inputs)
@@ -509,7 +489,9 @@ def _online_choice(
     if objective != "output":
         raise GaugeError(_ONLINE_NEEDS_OUTPUT)
     sch = _aimed(scheme, bits, granularity, act_bits)
-    proposed = tuple(online_layers(model, inputs, sch))
+    # a model with no Linear input to rotate (untied) gets none: `online=True` asks where
+    # rotations pay, and on such a model nowhere does
+    proposed = tuple(online_layers(model, inputs, sch)) if rotatable_layers(model) else ()
     start = model_state(model)
     kept = bool(proposed)
     for data, dist in _online_checks(inputs, validation, distance, validation_distance):
@@ -521,6 +503,99 @@ def _online_choice(
         what = ", ".join(proposed) if proposed else "none proposed"
         log(f"online rotations: {'kept' if kept else 'not kept'} ({len(proposed)}: {what})")
     return proposed if kept else ()
+
+
+def _online_element(
+    model: nn.Module, inputs: Any, group: GaugeGroup | None, log, kw: dict
+) -> tuple[GaugeGroup, Element, tuple[str, ...]]:
+    """`equalize(..., online=True)`'s element and the layers it rotates online.
+
+    Searched: the weights-only element, and, where `_online_choice` keeps the rotations
+    that `online_layers` proposes, the element searched with them. Three sets of layers to
+    rotate, each read off the model and its group: the proposed ones; the unreached ones,
+    every rotatable Linear whose input no orthogonal factor of the group rotates (after a
+    gated product, after the heads' values: QuaRot's online places, found without names;
+    the readers of a residual stream get a rotation merged into the weights for free); and
+    all of them (QuaRot rotating everything, which the per-layer gain of `online_layers`
+    does not see: rotations that each cut their layer's error less than in half can lower
+    the output's together). Judged where the element is chosen (validation, else
+    calibration) by the one-standard-error rule (`select_simplest`), cheapest first: the
+    weights-only element without online rotations (the reference: the result is never
+    worse there than `online=False`'s), then each searched element with each set, smaller
+    sets first. More rotations are kept only where they beat the cheaper finalists by more
+    than the validation noise."""
+    validation, scheme = kw["validation"], kw["scheme"]
+    bits, granularity, act_bits = kw["bits"], kw["granularity"], kw["act_bits"]
+    proposed = _online_choice(
+        model, inputs, validation, scheme, bits, granularity, act_bits, kw["objective"],
+        kw["distance"], kw["validation_distance"], log,
+    )  # fmt: skip
+    # the weights-only search logs as the element of `online=False` when nothing is proposed
+    wlog = log if log is None or not proposed else (lambda line: log(f"weights only: {line}"))
+    group, plain = equalizing_element(model, inputs, group=group, log=wlog, **kw)
+    every = rotatable_layers(model)
+    searched = [("weights-only element", plain)]
+    if proposed:
+        _, elem = equalizing_element(model, inputs, group=group, log=log, online=proposed, **kw)
+        searched.append(("online element", elem))
+    unreached = tuple(n for n in every if n not in _group_rotated_inputs(group, model))
+    sets: list[tuple[str, tuple[str, ...]]] = []
+    for label, rot in (
+        (f"{len(proposed)} proposed", proposed),
+        (f"all {len(every)}", every),
+        (f"{len(unreached)} unreached", unreached),
+    ):
+        if rot and all(set(rot) != set(r) for _, r in sets):
+            sets.append((label, rot))
+    if not sets:
+        return group, plain, ()
+    data, dist = _online_checks(inputs, validation, kw["distance"], kw["validation_distance"])[-1]
+    start = _double_state(model)
+    names = quantized_params(model)
+    aim = _aimed(scheme, bits, granularity, act_bits)
+    rotations: dict[str, tuple[str, ...]] = {"weights only": ()}
+    finalists = [Candidate("weights only", plain, group.act_state(start, plain, validate=False))]
+    for which, rot in sorted(sets, key=lambda s: len(s[1])):  # cheapest first
+        for lab, e in searched:
+            label = f"{lab} + {which} online"
+            rotations[label] = rot
+            finalists.append(Candidate(label, e, group.act_state(start, e, validate=False)))
+    rounded = {r: _rounded_outputs(model, data, names, aim, r)[0] for r in rotations.values()}
+    y = _rounded_outputs(model, data, names, aim)[1]
+    chosen, scores, why = select_simplest(
+        finalists[0], finalists[1:], lambda c: rounded[rotations[c.label]](c.state), y, dist
+    )
+    if log is not None:
+        where = "validation" if validation is not None else "calibration"
+        listed = ", ".join(f"{k} {v:.6g}" for k, v in scores.items())
+        log(f"online rotations on {where}: {listed}; kept {chosen.label} ({why})")
+    return group, chosen.element, rotations[chosen.label]
+
+
+def _group_rotated_inputs(group: GaugeGroup, model: nn.Module) -> set[str]:
+    """The Linear layers whose input an orthogonal factor of `group` rotates (the readers
+    of a residual stream, through its norm's gain or not): a rotation merged into the
+    weights reaches them for free, where an online one costs a transform per token."""
+    from ..groups._orthogonal import (
+        ConjugatedColumns,
+        ConjugatedRows,
+        RotateBlock,
+        RotateColumns,
+        RotateRows,
+    )
+
+    transposed = transposed_params(model)
+    axis = {ConjugatedColumns: 1, RotateColumns: 1, ConjugatedRows: 0, RotateRows: 0}
+    out = set()
+    for f in group.factors:
+        if not isinstance(f, OrthogonalFactor):
+            continue
+        for t in f.terms:
+            ax = t.axis if isinstance(t, RotateBlock) else axis.get(type(t))
+            name, _, leaf = t.param.rpartition(".")
+            if leaf == "weight" and ax == (0 if t.param in transposed else 1):
+                out.add(name)
+    return out
 
 
 def _online_checks(

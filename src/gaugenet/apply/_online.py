@@ -33,6 +33,7 @@ __all__ = [
     "online_factor",
     "online_layers",
     "rotatable",
+    "rotatable_layers",
     "rotate_inputs_online",
     "rotated_layers",
     "rotation_matrix",
@@ -100,6 +101,17 @@ def rotatable(layer: nn.Module) -> int | None:
     if isinstance(layer, _transposed_layers()):
         return layer.weight.shape[0]
     return None
+
+
+def rotatable_layers(model: nn.Module) -> tuple[str, ...]:
+    """The names of `model`'s layers whose input can be rotated online (`rotatable`), in
+    the model's order, but those whose weight another module shares (a language model's
+    head tied to its token table: `W Rᵀ` there would rotate the table's rows too)."""
+    holders: dict[int, int] = {}
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            holders[id(p)] = holders.get(id(p), 0) + 1
+    return tuple(n for n, m in model.named_modules() if rotatable(m) and holders[id(m.weight)] == 1)
 
 
 def _as_out_in(layer: nn.Module) -> Tensor:
@@ -178,8 +190,10 @@ def rotated_layers(model: nn.Module) -> list[str]:
 def rotate_inputs_online(model: nn.Module, layers: Sequence[str]) -> nn.Module:
     """A copy of `model` in which each Linear named in `layers` is replaced by
     `RotatedInput` (its weight `W Rᵀ`, its input rotated online by `R`): the same function,
-    a different structure. Raises `GaugeError` for a name that is not a Linear layer."""
+    a different structure. Raises `GaugeError` for a name that is not a Linear layer or
+    whose weight another layer shares (`rotatable_layers`)."""
     out = copy.deepcopy(model)
+    free = set(rotatable_layers(out))
     for name in layers:
         if not name:
             raise GaugeError("the model itself is the Linear layer: rotate it inside a container")
@@ -191,6 +205,11 @@ def rotate_inputs_online(model: nn.Module, layers: Sequence[str]) -> nn.Module:
         if n is None:
             raise GaugeError(
                 f"{name!r} is a {type(layer).__name__}: online rotations apply to Linear layers"
+            )
+        if name not in free:
+            raise GaugeError(
+                f"{name!r} shares its weight with another layer (tied): rotating it online "
+                "would change that layer too"
             )
         p, small = online_factor(n)
         with torch.no_grad():
@@ -248,7 +267,7 @@ def online_layers(
     sch = QuantScheme.of(scheme)
     if not gain >= 1:
         raise GaugeError(f"gain must be at least 1, got {gain}")
-    layers = {f"{n}.weight": m for n, m in model.named_modules() if rotatable(m)}
+    layers = {f"{n}.weight": model.get_submodule(n) for n in rotatable_layers(model)}
     if not layers:
         raise GaugeError(f"{type(model).__name__} has no Linear layer to rotate online")
     rounded: dict[str, tuple[Tensor, Tensor, Tensor, int, Tensor]] = {}
