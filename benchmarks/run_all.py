@@ -30,6 +30,7 @@ BENCHMARKS: dict[str, tuple[list[str], str]] = {
     "quantize": ([], "equalization before quantization against anchors"),
     "quantize_transformers": ([], "against brevitas and llm-compressor, four models"),
     "decoder_paired": (["--online"], "the decoder's rows paired window by window"),
+    "decoder_candidates": ([], "can validation see which decoder element rounds best?"),
     "merge": ([], "gauge-aware merging against permutation matching"),
     "merge_transformers": ([], "ViT merging: the full group against permutations"),
     "teleport": ([], "symmetry teleportation against plain SGD"),
@@ -42,7 +43,7 @@ BENCHMARKS: dict[str, tuple[list[str], str]] = {
     "stream_1b": ([], "equalize and quantize a 1.1 B sharded checkpoint"),
 }
 WRITES_README = {"coverage", "coverage_real"}
-NEEDS_PEERS = {"quantize_transformers", "decoder_paired"}
+NEEDS_PEERS = {"quantize_transformers", "decoder_paired", "decoder_candidates"}
 # scripts with a command line that are not benchmarks of their own
 HELPERS = {
     "peer_run": "one peer's recipes in its own environment, called by quantize_transformers",
