@@ -124,12 +124,13 @@ def main() -> None:
         ident = {f.name: f.identity(torch.float64) for f in group.continuous}
         chosen = equalize(model, task.calib, **kw, online=True)
         models = {"round-to-nearest": model, **peers, "gaugenet equalize, online": chosen}
+        sets = online_sets(model, task.calib, sch, group)
         for label, el in (("identity", ident), ("gaugenet element", element)):
             for rl, r in residual.items():
                 o = el.get(orth.name, orth.identity(torch.float64))
                 e = dict(el) if r is None else {**el, orth.name: r @ o}
                 moved = group.act(model, e)
-                for ol, names in online_sets(model, task.calib, sch, group).items():
+                for ol, names in sets.items():
                     if ol == "proposed online" and not names:
                         continue
                     models[f"{label}{rl}, {ol}"] = rotate_inputs_online(moved, names)

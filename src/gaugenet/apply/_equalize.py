@@ -15,6 +15,13 @@ from .._tolerances import drift_tolerance, model_dtype
 from ..discovery import symmetries
 from ..groups import Element, GaugeGroup, GLFactor, OrthogonalFactor, RescalingFactor, model_state
 from ..groups._base import State
+from ..groups._orthogonal import (
+    ConjugatedColumns,
+    ConjugatedRows,
+    RotateBlock,
+    RotateColumns,
+    RotateRows,
+)
 from ._activation_aware import activation_aware_search
 from ._distance import OutputDistance, squared_error
 from ._learn import learn_element
@@ -409,12 +416,13 @@ def equalize(
       rotation cuts at least in half (`online_layers`, measured on `example_inputs`), kept
       for a second search only where together they lower the objective at the identity on
       `example_inputs` (and on `validation`, when given). Then the finalists are judged on
-      `validation` when given, else on `example_inputs`: the weights-only element
-      (`online=False`) without rotations, the searched elements with the proposed
-      rotations, and with every rotatable Linear input rotated (`_online_element`); the
-      lowest is returned, so `online=True` never returns a model worse there than
-      `online=False`, and costs one search more where rotations are proposed. `log` names
-      the rotated layers and every finalist's score.
+      `validation` when given, else on `example_inputs` (`_online_element`): the
+      weights-only element (`online=False`) without rotations, and each searched element
+      with the proposed layers, with the unreached ones (whose input no orthogonal factor
+      of the group rotates) and with every rotatable Linear layer, chosen by the
+      one-standard-error rule, cheapest first; so `online=True` never returns a model worse
+      there than `online=False`, and costs one search more where rotations are proposed.
+      `log` names the rotated layers and every finalist's score.
     - `tol`: largest allowed relative output change on `example_inputs` (float64 evaluation);
       default by the weights' dtype (`1e-9` float64, `1e-5` float32, `1e-2` float16).
 
@@ -560,10 +568,13 @@ def _online_element(
             label = f"{lab} + {which} online"
             rotations[label] = rot
             finalists.append(Candidate(label, e, group.act_state(start, e, validate=False)))
-    rounded = {r: _rounded_outputs(model, data, names, aim, r)[0] for r in rotations.values()}
-    y = _rounded_outputs(model, data, names, aim)[1]
+    rounded = {r: _rounded_outputs(model, data, names, aim, r) for r in rotations.values()}
     chosen, scores, why = select_simplest(
-        finalists[0], finalists[1:], lambda c: rounded[rotations[c.label]](c.state), y, dist
+        finalists[0],
+        finalists[1:],
+        lambda c: rounded[rotations[c.label]][0](c.state),
+        rounded[()][1],  # the float model's outputs, the same for every set
+        dist,
     )
     if log is not None:
         where = "validation" if validation is not None else "calibration"
@@ -576,14 +587,6 @@ def _group_rotated_inputs(group: GaugeGroup, model: nn.Module) -> set[str]:
     """The Linear layers whose input an orthogonal factor of `group` rotates (the readers
     of a residual stream, through its norm's gain or not): a rotation merged into the
     weights reaches them for free, where an online one costs a transform per token."""
-    from ..groups._orthogonal import (
-        ConjugatedColumns,
-        ConjugatedRows,
-        RotateBlock,
-        RotateColumns,
-        RotateRows,
-    )
-
     transposed = transposed_params(model)
     axis = {ConjugatedColumns: 1, RotateColumns: 1, ConjugatedRows: 0, RotateRows: 0}
     out = set()

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from .._errors import GaugeError
+from ..groups._group import parameter_aliases
 
 __all__ = [
     "RotatedInput",
@@ -107,11 +108,10 @@ def rotatable_layers(model: nn.Module) -> tuple[str, ...]:
     """The names of `model`'s layers whose input can be rotated online (`rotatable`), in
     the model's order, but those whose weight another module shares (a language model's
     head tied to its token table: `W Rᵀ` there would rotate the table's rows too)."""
-    holders: dict[int, int] = {}
-    for m in model.modules():
-        for p in m.parameters(recurse=False):
-            holders[id(p)] = holders.get(id(p), 0) + 1
-    return tuple(n for n, m in model.named_modules() if rotatable(m) and holders[id(m.weight)] == 1)
+    aliases = parameter_aliases(model)
+    return tuple(
+        n for n, m in model.named_modules() if rotatable(m) and len(aliases[id(m.weight)]) == 1
+    )
 
 
 def _as_out_in(layer: nn.Module) -> Tensor:
